@@ -1,0 +1,135 @@
+//! Emulated devices of hopvm's legacy PC.
+//!
+//! Every device lives in a file of its own and is split in two: the live struct, which may hold
+//! handles (an output sink, an interrupt line), and a plain `…State` struct of serde data that
+//! captures everything the guest can observe. `state()` takes a snapshot and `restore()` applies
+//! one; the migration stream carries the state structs, so a device's state type *is* its wire
+//! format. Each file has a save → restore round-trip test.
+//!
+//! Devices know nothing of KVM: the VMM dispatches port and MMIO accesses to them through
+//! [`BusDevice`], hands them an [`IrqLine`] for their interrupt, and acts on the [`VmRequest`]s
+//! their writes return.
+
+use std::sync::Arc;
+
+pub mod cmos;
+pub mod debug_exit;
+pub mod fw_cfg;
+pub mod i8042;
+pub mod pc_testdev;
+pub mod pci_host;
+pub mod pm_timer;
+pub mod reset_ports;
+pub mod serial;
+
+pub use cmos::{Cmos, CmosState};
+pub use debug_exit::{DebugExit, DebugExitState};
+pub use fw_cfg::{FwCfg, FwCfgError, FwCfgState};
+pub use i8042::{I8042State, I8042};
+pub use pc_testdev::{
+    PcTestdevIrq, PcTestdevIrqState, PcTestdevMmio, PcTestdevMmioState, PcTestdevPorts,
+    PcTestdevPortsState,
+};
+pub use pci_host::{PciHost, PciHostState};
+pub use pm_timer::{PmTimer, PmTimerState};
+pub use reset_ports::{Port92, Port92State, ResetControl, ResetControlState};
+pub use serial::{Serial, SerialState};
+
+/// A device on the I/O port or MMIO bus.
+///
+/// `offset` is relative to the base address the device was registered at; `data` has the
+/// access width (1, 2, 4 or 8 bytes). Calls are serialised by the VMM's big lock.
+pub trait BusDevice: Send {
+    /// Reads `data.len()` bytes at `offset`.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+
+    /// Writes `data` at `offset`; the device may ask something of the VM in return.
+    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest>;
+}
+
+/// Something a device asks of the whole VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VmRequest {
+    /// Reset the machine (the VMM ends instead under `--no-reboot`).
+    Reset,
+    /// End hopvm with this process exit status.
+    Exit(i32),
+    /// Flush the host's mapping of the guest-physical page at this page-aligned address, so
+    /// that the next guest access to it faults in the host again (pc-testdev's port 0xe4; QEMU
+    /// does `mprotect(PROT_NONE)` and back). The VM goes on running.
+    FlushPage(u64),
+}
+
+/// A device's interrupt line into the interrupt controllers.
+pub trait IrqLine: Send + Sync {
+    /// Drives the line high (`true`) or low (`false`).
+    fn set_level(&self, high: bool);
+}
+
+/// A shared interrupt line.
+pub type SharedIrq = Arc<dyn IrqLine>;
+
+/// The little-endian value of an access's bytes (only the first 8 count).
+pub(crate) fn le_value(data: &[u8]) -> u64 {
+    data.iter()
+        .take(8)
+        .enumerate()
+        .fold(0, |v, (i, b)| v | u64::from(*b) << (8 * i))
+}
+
+/// Stores `value` little-endian into an access's bytes (bytes past the 8th read 0).
+pub(crate) fn fill_le(data: &mut [u8], value: u64) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = if i < 8 { (value >> (8 * i)) as u8 } else { 0 };
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! Helpers shared by the device tests.
+
+    use std::sync::{Arc, Mutex};
+
+    use crate::{IrqLine, SharedIrq};
+
+    /// An interrupt line that records every level it is driven to.
+    #[derive(Default)]
+    pub struct RecordingIrq {
+        /// Every `set_level` call, in order.
+        pub levels: Mutex<Vec<bool>>,
+    }
+
+    impl RecordingIrq {
+        /// A new line and the same line as a [`SharedIrq`].
+        pub fn new() -> (Arc<Self>, SharedIrq) {
+            let irq = Arc::new(Self::default());
+            let shared: SharedIrq = irq.clone();
+            (irq, shared)
+        }
+
+        /// The level last driven (low if never driven).
+        pub fn level(&self) -> bool {
+            self.levels.lock().unwrap().last().copied().unwrap_or(false)
+        }
+
+        /// How many low → high transitions happened (edges an ISA PIC would see).
+        pub fn rising_edges(&self) -> usize {
+            let levels = self.levels.lock().unwrap();
+            let mut prev = false;
+            let mut edges = 0;
+            for &l in levels.iter() {
+                if l && !prev {
+                    edges += 1;
+                }
+                prev = l;
+            }
+            edges
+        }
+    }
+
+    impl IrqLine for RecordingIrq {
+        fn set_level(&self, high: bool) {
+            self.levels.lock().unwrap().push(high);
+        }
+    }
+}

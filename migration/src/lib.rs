@@ -1,0 +1,77 @@
+//! hopvm's live migration, after QEMU's classic `migration.c`.
+//!
+//! A migration is a stream of *sections* in QEMU's savevm format ([`stream`]); each migratable
+//! component of the VM registers one section ([`registry`]). Components that hold a lot of state
+//! that changes while the guest runs (RAM) are *live*: they implement [`LiveSection`] and are
+//! sent in rounds while the guest keeps running. Everything else (vCPU registers, devices)
+//! implements [`Snapshot`] and is sent once, with the guest stopped, at the end.
+//!
+//! The contract is a pair of small traits whose methods all have defaults, as Cloud
+//! Hypervisor's `Pausable` / `Snapshottable` / `Migratable` do, so a component implements only
+//! what it needs.
+
+use std::io::{Read, Write};
+
+/// Errors of a migration section.
+#[derive(Debug, thiserror::Error)]
+pub enum SectionError {
+    /// Reading or writing the stream failed.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The incoming data is not what this section expects.
+    #[error("invalid {section} data: {reason}")]
+    Invalid {
+        /// The section's id string.
+        section: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The component cannot take part in migration right now.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// A component whose state is sent once, while the guest is stopped (QEMU's `vmsd` devices).
+///
+/// The state is an opaque byte buffer on the wire; hopvm's devices use the JSON encoding of
+/// their plain `…State` structs, so the section *is* the device's state type.
+pub trait Snapshot: Send {
+    /// The component's state.
+    fn save(&mut self) -> Result<Vec<u8>, SectionError>;
+
+    /// Restores state produced by `save` of section version `version`.
+    fn restore(&mut self, data: &[u8], version: u32) -> Result<(), SectionError>;
+}
+
+/// A component sent in rounds while the guest runs (QEMU's `SaveVMHandlers` with the
+/// `save_live_*` hooks). Every method has a no-op default.
+pub trait LiveSection: Send {
+    /// Starts the migration: switch on dirty tracking, write the section's set-up data.
+    fn begin(&mut self, _out: &mut dyn Write) -> Result<(), SectionError> {
+        Ok(())
+    }
+
+    /// Bytes still to send (an estimate); `max_size` is what could be sent within the
+    /// downtime limit, so a component may stop counting past it.
+    fn pending(&mut self, _max_size: u64) -> u64 {
+        0
+    }
+
+    /// Sends a bounded batch; returns true when nothing is left for this round.
+    fn iterate(&mut self, _out: &mut dyn Write) -> Result<bool, SectionError> {
+        Ok(true)
+    }
+
+    /// With the guest stopped: sends everything that is left.
+    fn complete(&mut self, _out: &mut dyn Write) -> Result<(), SectionError> {
+        Ok(())
+    }
+
+    /// The migration failed or was cancelled: undo what `begin` set up.
+    fn cancel(&mut self) {}
+
+    /// Destination side: reads one part of this section (a START, PART or END body).
+    fn load(&mut self, _input: &mut dyn Read, _version: u32) -> Result<(), SectionError> {
+        Ok(())
+    }
+}

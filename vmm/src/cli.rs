@@ -1,0 +1,162 @@
+//! The `hopvm` command line.
+//!
+//! Errors in arguments are reported on one line (`hopvm: …`) with exit status 2, so scripts and
+//! test runners can tell a usage mistake from a guest failure.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, DebugExitConfig, SerialConfig, VmConfig};
+use crate::run::{self, EXIT_ERROR, EXIT_USAGE};
+
+/// hopvm — a small x86-64 virtual machine monitor on Linux KVM.
+#[derive(Debug, Parser)]
+#[command(name = "hopvm", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// hopvm's subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a kernel and run it until it exits.
+    Run(RunArgs),
+}
+
+/// `hopvm run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Kernel image: Linux bzImage or vmlinux, Multiboot v1 ELF (e.g. kvm-unit-tests), or PVH ELF.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: PathBuf,
+    /// Initial ramdisk for Linux, or module 0 for Multiboot / PVH kernels.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (Multiboot kernels see "<kernel path> <cmdline>").
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+    /// Guest RAM: a number with a K, M, G or T suffix; RAM beyond 3G is placed above 4G.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
+    pub memory: u64,
+    /// Number of vCPUs; the first boots, the others wait for INIT/SIPI.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
+    pub cpus: u8,
+    /// Where COM1 goes: stdio (input too, when stdin is a terminal; Ctrl-A x quits), file:PATH or null.
+    #[arg(long, value_name = "BACKEND", default_value = "stdio")]
+    pub serial: SerialConfig,
+    /// isa-debug-exit port range; a guest write of v ends hopvm with status (v << 1) | 1.
+    #[arg(long, value_name = "iobase=0xf4,iosize=4", default_value = "iobase=0xf4,iosize=4")]
+    pub debug_exit: DebugExitConfig,
+    /// End hopvm with status 0 when the guest resets or triple-faults, instead of rebooting.
+    #[arg(long)]
+    pub no_reboot: bool,
+}
+
+fn parse_memory(s: &str) -> Result<u64, config::ConfigError> {
+    config::check_memory(config::parse_size(s)?)
+}
+
+impl From<RunArgs> for VmConfig {
+    fn from(a: RunArgs) -> Self {
+        VmConfig {
+            kernel: a.kernel,
+            initrd: a.initrd,
+            cmdline: a.cmdline,
+            memory: a.memory,
+            cpus: a.cpus,
+            serial: a.serial,
+            debug_exit: a.debug_exit,
+            no_reboot: a.no_reboot,
+        }
+    }
+}
+
+/// Reduces a clap error to its first line, without clap's "error: " prefix.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+    first.trim_start_matches("error: ").to_string()
+}
+
+/// Runs hopvm with `args` (including argv[0]); returns the process exit status.
+pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("hopvm: {}", one_line(&e));
+            return EXIT_USAGE;
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error"))
+        .format_timestamp_micros()
+        .init();
+    match cli.command {
+        Command::Run(args) => match run::run(&args.into()) {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("hopvm: {e}");
+                EXIT_ERROR
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("hopvm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_defaults_and_options() {
+        let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;
+        let c = VmConfig::from(a);
+        assert_eq!(c, VmConfig::new("k"));
+        let Command::Run(a) = parse(&[
+            "run", "--kernel", "k", "--memory", "4G", "--cpus", "4", "--serial", "null",
+            "--debug-exit", "iobase=0x501,iosize=2", "--no-reboot", "--cmdline", "a b",
+            "--initrd", "i",
+        ])
+        .unwrap()
+        .command;
+        assert_eq!(a.memory, 4 << 30);
+        assert_eq!(a.cpus, 4);
+        assert_eq!(a.serial, SerialConfig::Null);
+        assert_eq!(a.debug_exit.iobase, 0x501);
+        assert!(a.no_reboot);
+        assert_eq!(a.cmdline, "a b");
+    }
+
+    #[test]
+    fn bad_arguments_are_one_line() {
+        for args in [
+            &["run"][..],
+            &["run", "--kernel", "k", "--memory", "lots"],
+            &["run", "--kernel", "k", "--memory", "512K"],
+            &["run", "--kernel", "k", "--cpus", "0"],
+            &["run", "--kernel", "k", "--serial", "tcp:1"],
+            &["run", "--kernel", "k", "--bogus"],
+            &["fly"],
+        ] {
+            let e = parse(args).unwrap_err();
+            let line = one_line(&e);
+            assert!(!line.contains('\n') && !line.is_empty(), "{args:?}: {line}");
+        }
+        let e = parse(&["run", "--kernel", "k", "--memory", "lots"]).unwrap_err();
+        assert!(one_line(&e).contains("invalid size 'lots'"), "{}", one_line(&e));
+    }
+}

@@ -1,0 +1,259 @@
+//! What a VM is built from: the parsed, validated form of `hopvm run`'s options.
+//!
+//! Parsing lives here rather than in the CLI so that tests and other front ends (the QEMU-style
+//! command line, the migration destination) build the same [`VmConfig`] with the same checks.
+
+use std::path::PathBuf;
+
+/// Errors in a VM configuration value.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A size such as `256M` could not be parsed.
+    #[error("invalid size '{0}': expected a number with an optional K, M, G or T suffix")]
+    InvalidSize(String),
+    /// The memory size is outside what hopvm supports.
+    #[error("memory size {0} is out of range: from 1M up to {1}")]
+    MemoryRange(String, String),
+    /// A serial backend other than `stdio`, `file:PATH` or `null`.
+    #[error("invalid serial backend '{0}': expected stdio, file:PATH or null")]
+    InvalidSerial(String),
+    /// A malformed `--debug-exit` value.
+    #[error("invalid debug-exit '{0}': expected iobase=0x…,iosize=…")]
+    InvalidDebugExit(String),
+}
+
+/// The smallest guest RAM hopvm accepts.
+pub const MIN_MEMORY: u64 = 1 << 20;
+/// The largest guest RAM hopvm accepts (1 TiB); the host's own limit is checked at mmap time.
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Default guest RAM size.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+
+/// Where the guest's COM1 output goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum SerialConfig {
+    /// hopvm's standard output (and input from standard input when it is a terminal).
+    #[default]
+    Stdio,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// Discarded.
+    Null,
+}
+
+impl std::str::FromStr for SerialConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdio" => Ok(Self::Stdio),
+            "null" => Ok(Self::Null),
+            _ => match s.strip_prefix("file:") {
+                Some(path) if !path.is_empty() => Ok(Self::File(PathBuf::from(path))),
+                _ => Err(ConfigError::InvalidSerial(s.to_string())),
+            },
+        }
+    }
+}
+
+/// The isa-debug-exit port range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DebugExitConfig {
+    /// First I/O port.
+    pub iobase: u16,
+    /// Number of ports.
+    pub iosize: u16,
+}
+
+impl Default for DebugExitConfig {
+    fn default() -> Self {
+        Self {
+            iobase: 0xf4,
+            iosize: 4,
+        }
+    }
+}
+
+impl std::str::FromStr for DebugExitConfig {
+    type Err = ConfigError;
+
+    /// Parses QEMU's spelling, `iobase=0xf4,iosize=0x4` (either key may be left out).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ConfigError::InvalidDebugExit(s.to_string());
+        let mut config = Self::default();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (key, value) = part.split_once('=').ok_or_else(bad)?;
+            let value = parse_int(value).ok_or_else(bad)?;
+            let value = u16::try_from(value).map_err(|_| bad())?;
+            match key {
+                "iobase" => config.iobase = value,
+                "iosize" => config.iosize = value,
+                _ => return Err(bad()),
+            }
+        }
+        if config.iosize == 0 || u32::from(config.iobase) + u32::from(config.iosize) > 0x1_0000 {
+            return Err(bad());
+        }
+        Ok(config)
+    }
+}
+
+/// Parses a decimal or `0x` hexadecimal integer.
+pub fn parse_int(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+/// Parses a size like `256M`, `1G`, `512k` or a plain byte count.
+///
+/// A bare number is bytes; QEMU-style callers, whose bare numbers are MiB, use
+/// [`parse_size_with_unit`].
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    parse_size_with_unit(s, 1)
+}
+
+/// Parses a size whose bare numbers are in `unit` bytes (QEMU's `-m 256` means MiB).
+pub fn parse_size_with_unit(s: &str, unit: u64) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::InvalidSize(s.to_string());
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'B' => 0,
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], Some(shift))
+        }
+        _ => (t, None),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    match shift {
+        Some(shift) => n.checked_mul(1 << shift),
+        None => n.checked_mul(unit),
+    }
+    .ok_or_else(bad)
+}
+
+/// Formats a byte count the way users write it (`256M`, `4G`, `1536K`).
+pub fn format_size(bytes: u64) -> String {
+    for (shift, suffix) in [(40, 'T'), (30, 'G'), (20, 'M'), (10, 'K')] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{}", bytes >> shift, suffix);
+        }
+    }
+    bytes.to_string()
+}
+
+/// Checks that a guest RAM size is within hopvm's range.
+pub fn check_memory(bytes: u64) -> Result<u64, ConfigError> {
+    if (MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
+        Ok(bytes)
+    } else {
+        Err(ConfigError::MemoryRange(
+            format_size(bytes),
+            format_size(MAX_MEMORY),
+        ))
+    }
+}
+
+/// Everything needed to build and boot a VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    /// The kernel image (bzImage, vmlinux, Multiboot ELF or PVH ELF).
+    pub kernel: PathBuf,
+    /// An initial ramdisk (Linux) or module 0 (Multiboot).
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// Where COM1 goes.
+    pub serial: SerialConfig,
+    /// The isa-debug-exit port range.
+    pub debug_exit: DebugExitConfig,
+    /// End hopvm instead of resetting the VM.
+    pub no_reboot: bool,
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: String::new(),
+            memory: DEFAULT_MEMORY,
+            cpus: 1,
+            serial: SerialConfig::Stdio,
+            debug_exit: DebugExitConfig::default(),
+            no_reboot: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("4g"), Ok(4 << 30));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size_with_unit("64", 1 << 20), Ok(64 << 20));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("-1M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+        assert_eq!(format_size(256 << 20), "256M");
+        assert_eq!(format_size(3 << 30), "3G");
+        assert_eq!(format_size(1000), "1000");
+    }
+
+    #[test]
+    fn memory_range() {
+        assert!(check_memory(1 << 20).is_ok());
+        assert!(check_memory((1 << 20) - 1).is_err());
+        assert!(check_memory(MAX_MEMORY + 1).is_err());
+    }
+
+    #[test]
+    fn serial() {
+        assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
+        assert_eq!("null".parse(), Ok(SerialConfig::Null));
+        assert_eq!(
+            "file:/tmp/x".parse(),
+            Ok(SerialConfig::File(PathBuf::from("/tmp/x")))
+        );
+        assert!("file:".parse::<SerialConfig>().is_err());
+        assert!("tcp:1".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn debug_exit() {
+        assert_eq!(
+            "iobase=0x501,iosize=2".parse(),
+            Ok(DebugExitConfig {
+                iobase: 0x501,
+                iosize: 2
+            })
+        );
+        assert_eq!("iosize=0x4".parse(), Ok(DebugExitConfig::default()));
+        assert!("iobase=0x10000".parse::<DebugExitConfig>().is_err());
+        assert!("iobase=0xffff,iosize=2".parse::<DebugExitConfig>().is_err());
+        assert!("iosize=0".parse::<DebugExitConfig>().is_err());
+        assert!("port=1".parse::<DebugExitConfig>().is_err());
+        assert!("iobase".parse::<DebugExitConfig>().is_err());
+    }
+}

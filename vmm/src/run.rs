@@ -1,0 +1,159 @@
+//! Running a VM to the end: resets, the terminal, and hopvm's exit status.
+//!
+//! A reset (i8042 command 0xFE, triple fault, KVM reset event) rebuilds the VM from its
+//! configuration, as a PC's firmware reloads the kernel — unless `--no-reboot` asks hopvm to end
+//! instead, with status 0 as QEMU does. Exit statuses follow QEMU where QEMU has one:
+//!
+//! | status | meaning |
+//! |---|---|
+//! | `(v << 1) \| 1` | the guest wrote `v` to isa-debug-exit |
+//! | 0 | powered off, or reset / triple fault under `--no-reboot`, or Ctrl-A x |
+//! | 1 | hopvm could not build or boot the VM |
+//! | 2 | bad command line |
+//! | 3 | a vCPU failed: emulation failure, entry failure, unexpected exit |
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use crate::bus::lock;
+use crate::config::{SerialConfig, VmConfig};
+use crate::vcpu::VmEvent;
+use crate::vm::{SharedWriter, Vm, VmError};
+
+/// Exit status when hopvm cannot build or boot the VM.
+pub const EXIT_ERROR: i32 = 1;
+/// Exit status for a bad command line.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit status when a vCPU cannot continue.
+pub const EXIT_VCPU_FAILURE: i32 = 3;
+
+/// Puts a terminal in raw mode and restores it when dropped.
+struct RawTerminal {
+    fd: i32,
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    fn enter(fd: i32) -> Option<Self> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; zeroed is a valid value to be overwritten.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is a terminal and `saved` is a valid termios to fill.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw edits the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        raw.c_oflag |= libc::OPOST | libc::ONLCR; // keep "\n" → "\r\n" for hopvm's own lines
+        // SAFETY: fd is a terminal; raw is a valid termios.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(Self { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the settings read from the same terminal.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+/// Where terminal input currently goes; a reset rebuilds the VM and swaps it.
+type InputTarget = Arc<Mutex<Option<InputSink>>>;
+
+/// The serial port of the running VM and the way to end it.
+struct InputSink {
+    machine: Arc<Mutex<crate::vcpu::Machine>>,
+    serial: Arc<Mutex<devices::serial::Serial>>,
+    events: std::sync::mpsc::Sender<VmEvent>,
+}
+
+/// Forwards terminal input to COM1; Ctrl-A x ends hopvm like QEMU's `-serial mon:stdio`, and
+/// Ctrl-A Ctrl-A sends a literal Ctrl-A.
+fn spawn_input_thread(target: InputTarget) {
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 64];
+        let mut escape = false;
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut bytes = Vec::with_capacity(n);
+            let mut quit = false;
+            for &b in &buf[..n] {
+                match (escape, b) {
+                    (true, b'x') => quit = true,
+                    (false, 0x01) => escape = true,
+                    (_, other) => {
+                        escape = false;
+                        bytes.push(other);
+                    }
+                }
+            }
+            if let Some(sink) = lock(&target).as_ref() {
+                if quit {
+                    let _ = sink.events.send(VmEvent::PowerOff);
+                    return;
+                }
+                let _machine = lock(&sink.machine);
+                lock(&sink.serial).enqueue_input(&bytes);
+            }
+        }
+    });
+}
+
+/// Boots `config` and runs it until it ends; returns hopvm's exit status.
+pub fn run(config: &VmConfig) -> Result<i32, VmError> {
+    let out = SharedWriter::open(&config.serial)?;
+    let stdin_fd = std::io::stdin().as_raw_fd();
+    let terminal = match config.serial {
+        SerialConfig::Stdio => RawTerminal::enter(stdin_fd),
+        _ => None,
+    };
+    let current: InputTarget = Arc::new(Mutex::new(None));
+    if terminal.is_some() {
+        spawn_input_thread(current.clone());
+    }
+    loop {
+        let vm = Vm::build(config, out.clone())?;
+        *lock(&current) = Some(InputSink {
+            machine: vm.machine.clone(),
+            serial: vm.devices.serial.clone(),
+            events: vm.event_sender(),
+        });
+        vm.resume();
+        let status = match vm.wait_event() {
+            VmEvent::Exit(code) => Some(code),
+            VmEvent::PowerOff => Some(0),
+            event @ (VmEvent::Reset | VmEvent::TripleFault) if config.no_reboot => {
+                log::info!("guest {event:?} with --no-reboot: exiting");
+                Some(0)
+            }
+            event @ (VmEvent::Reset | VmEvent::TripleFault) => {
+                log::info!("guest {event:?}: rebooting");
+                None
+            }
+            VmEvent::Fatal(msg) => {
+                drop(vm);
+                drop(terminal);
+                eprintln!("hopvm: {msg}");
+                return Ok(EXIT_VCPU_FAILURE);
+            }
+        };
+        *lock(&current) = None;
+        drop(vm);
+        if let Some(status) = status {
+            let mut out = out;
+            let _ = std::io::Write::flush(&mut out);
+            return Ok(status);
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! vCPU threads: the `KVM_RUN` loop, exit handling, and pause / resume.
+//!
+//! Each vCPU runs on its own thread and calls `KVM_RUN` *without* the big lock; it takes the lock
+//! only to hand a port or MMIO access to the bus. So a migration thread holding the lock for a
+//! long time never stops a guest that is merely computing.
+//!
+//! Pausing must get every vCPU out of `KVM_RUN` quickly and reliably, even one halted with
+//! interrupts off. The controller sets the request and sends each thread a real-time signal.
+//! The signal handler sets `kvm_run.immediate_exit`, so a signal that lands just *before* the
+//! thread re-enters `KVM_RUN` still makes that `KVM_RUN` return at once with `EINTR` instead of
+//! being lost. Before parking, a vCPU runs `KVM_RUN` once more with `immediate_exit` set: KVM
+//! then finishes any port or MMIO instruction it was in the middle of, so the saved state never
+//! holds half an instruction.
+
+use std::cell::Cell;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use devices::VmRequest;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::bus::{lock, Bus};
+use crate::memory::GuestMemoryMmap;
+
+/// Errors setting up vCPU threads.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vcpu kick signal handler: {0}")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+    /// The thread could not be started.
+    #[error("cannot start a vcpu thread: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// The signal that kicks a vCPU out of `KVM_RUN`.
+pub fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn handle_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer was set by this thread to its own vCPU's kvm_run mapping, which
+        // stays mapped while the thread runs; a volatile byte store is async-signal-safe.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// Installs the kick signal handler (once per process).
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALLED: std::sync::OnceLock<Result<(), i32>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| register_signal_handler(kick_signal(), handle_kick).map_err(|e| e.errno()))
+        .map_err(|e| VcpuError::Signal(vmm_sys_util::errno::Error::new(e)))
+}
+
+/// What the vCPUs are asked to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    Run,
+    Pause,
+    Stop,
+}
+
+struct ControlState {
+    request: Request,
+    parked: usize,
+}
+
+/// Shared between the controller and all vCPU threads of a VM.
+pub struct VcpuControl {
+    state: Mutex<ControlState>,
+    cv: Condvar,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Something a vCPU reports to the VM's owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// A device asked for the process to end with this status.
+    Exit(i32),
+    /// The guest reset the machine (i8042, triple fault, KVM system event).
+    Reset,
+    /// The guest triple-faulted.
+    TripleFault,
+    /// The guest asked to power off.
+    PowerOff,
+    /// A vCPU cannot go on; the message says why.
+    Fatal(String),
+}
+
+/// What every vCPU thread shares.
+#[derive(Clone)]
+pub struct VcpuShared {
+    /// The big lock: the buses and through them every device.
+    pub machine: Arc<Mutex<Machine>>,
+    /// Pause / resume / stop.
+    pub control: Arc<VcpuControl>,
+    /// Where events go.
+    pub events: Sender<VmEvent>,
+    /// Guest memory, to read the instruction bytes of a failed emulation.
+    pub memory: GuestMemoryMmap,
+}
+
+/// What the big lock protects: the port and MMIO buses.
+pub struct Machine {
+    /// Port I/O.
+    pub pio: Bus,
+    /// MMIO outside RAM.
+    pub mmio: Bus,
+}
+
+impl VcpuControl {
+    /// A control in the paused state: threads park until [`VcpuControl::resume`].
+    pub fn new() -> Self {
+        Self {
+            state: Mutex::new(ControlState {
+                request: Request::Pause,
+                parked: 0,
+            }),
+            cv: Condvar::new(),
+            threads: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Starts a vCPU thread.
+    pub fn spawn(
+        &self,
+        name: String,
+        vcpu: VcpuFd,
+        id: usize,
+        shared: VcpuShared,
+    ) -> Result<(), VcpuError> {
+        let handle = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run_loop(vcpu, id, shared))
+            .map_err(VcpuError::Spawn)?;
+        lock(&self.threads).push(handle);
+        Ok(())
+    }
+
+    fn kick_all(&self) {
+        for t in lock(&self.threads).iter() {
+            // A thread that already ended cannot be signalled; nothing to do then.
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    fn thread_count(&self) -> usize {
+        lock(&self.threads).iter().filter(|t| !t.is_finished()).count()
+    }
+
+    /// Stops every vCPU and waits until all are parked outside `KVM_RUN`.
+    pub fn pause(&self) {
+        let mut st = lock(&self.state);
+        if st.request == Request::Stop {
+            return;
+        }
+        st.request = Request::Pause;
+        drop(st);
+        self.kick_all();
+        let mut st = lock(&self.state);
+        while st.parked < self.thread_count() && st.request == Request::Pause {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Lets every vCPU run again.
+    pub fn resume(&self) {
+        let mut st = lock(&self.state);
+        if st.request != Request::Stop {
+            st.request = Request::Run;
+        }
+        self.cv.notify_all();
+    }
+
+    /// Ends every vCPU thread and joins them.
+    pub fn stop(&self) {
+        lock(&self.state).request = Request::Stop;
+        self.cv.notify_all();
+        self.kick_all();
+        let threads = std::mem::take(&mut *lock(&self.threads));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    /// True while the vCPUs are asked to run.
+    pub fn is_running(&self) -> bool {
+        lock(&self.state).request == Request::Run
+    }
+
+    /// Parks the calling vCPU while paused; returns false when it must stop.
+    fn park_if_needed(&self, vcpu: &mut VcpuFd) -> bool {
+        let mut st = lock(&self.state);
+        if st.request == Request::Run {
+            return true;
+        }
+        drop(st);
+        complete_pending_io(vcpu);
+        st = lock(&self.state);
+        st.parked += 1;
+        self.cv.notify_all();
+        while st.request == Request::Pause {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked -= 1;
+        st.request == Request::Run
+    }
+
+    /// Parks the calling vCPU until the VM stops it (after it reported a final event).
+    fn park_until_stopped(&self) {
+        let mut st = lock(&self.state);
+        st.parked += 1;
+        self.cv.notify_all();
+        while st.request != Request::Stop {
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked -= 1;
+    }
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Runs `KVM_RUN` with `immediate_exit` set so KVM completes an in-flight port / MMIO access.
+fn complete_pending_io(vcpu: &mut VcpuFd) {
+    vcpu.set_kvm_immediate_exit(1);
+    // EINTR is the expected answer; anything else shows up again on the next real run.
+    let _ = vcpu.run();
+    vcpu.set_kvm_immediate_exit(0);
+}
+
+/// The result of handling one exit.
+enum Next {
+    Continue,
+    Report(VmEvent),
+}
+
+fn request_event(req: Option<VmRequest>, shared: &VcpuShared) -> Next {
+    match req {
+        None => Next::Continue,
+        Some(VmRequest::Reset) => Next::Report(VmEvent::Reset),
+        Some(VmRequest::Exit(code)) => Next::Report(VmEvent::Exit(code)),
+        Some(VmRequest::FlushPage(gpa)) => {
+            flush_page(&shared.memory, gpa);
+            Next::Continue
+        }
+    }
+}
+
+/// Makes the host mapping of one guest page inaccessible and accessible again, as QEMU's
+/// pc-testdev does: the kernel's MMU notifier then drops KVM's mapping of the page, and the
+/// guest's next access faults it back in.
+fn flush_page(mem: &GuestMemoryMmap, gpa: u64) {
+    use vm_memory::GuestMemoryBackend;
+    let page = gpa & !(crate::memory::PAGE_SIZE - 1);
+    let Ok(host) = mem.get_host_address(GuestAddress(page)) else {
+        log::info!("flush of page {page:#x} outside guest ram ignored");
+        return;
+    };
+    let len = crate::memory::PAGE_SIZE as usize;
+    // SAFETY: `host` is the page-aligned start of a page of the guest RAM mapping; the mapping
+    // is restored to read/write right after, and no Rust reference into guest RAM exists.
+    unsafe {
+        libc::mprotect(host.cast(), len, libc::PROT_NONE);
+        libc::mprotect(host.cast(), len, libc::PROT_READ | libc::PROT_WRITE);
+    }
+}
+
+fn run_loop(mut vcpu: VcpuFd, id: usize, shared: VcpuShared) {
+    let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
+    KVM_RUN.with(|c| c.set(run_ptr));
+    loop {
+        if !shared.control.park_if_needed(&mut vcpu) {
+            break;
+        }
+        let next = match vcpu.run() {
+            Ok(exit) => handle_exit(exit, &shared),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => Next::Report(VmEvent::Fatal(format!("KVM_RUN failed: {e}"))),
+        };
+        if let Next::Report(event) = next {
+            let event = match event {
+                VmEvent::Fatal(msg) => VmEvent::Fatal(describe_failure(&mut vcpu, id, &msg, &shared)),
+                other => other,
+            };
+            let _ = shared.events.send(event);
+            shared.control.park_until_stopped();
+            break;
+        }
+    }
+    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+}
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+
+fn handle_exit(exit: VcpuExit, shared: &VcpuShared) -> Next {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            lock(&shared.machine).pio.read(u64::from(port), data);
+            Next::Continue
+        }
+        VcpuExit::IoOut(port, data) => request_event(lock(&shared.machine).pio.write(u64::from(port), data), shared),
+        VcpuExit::MmioRead(addr, data) => {
+            lock(&shared.machine).mmio.read(addr, data);
+            Next::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => request_event(lock(&shared.machine).mmio.write(addr, data), shared),
+        VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Next::Continue,
+        VcpuExit::Shutdown => Next::Report(VmEvent::TripleFault),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Next::Report(VmEvent::Reset),
+        VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => Next::Report(VmEvent::PowerOff),
+        VcpuExit::InternalError => Next::Report(VmEvent::Fatal(String::from("emulation failure"))),
+        VcpuExit::FailEntry(reason, cpu) => Next::Report(VmEvent::Fatal(format!(
+            "kvm entry failure (hardware reason {reason:#x}, cpu {cpu})"
+        ))),
+        other => Next::Report(VmEvent::Fatal(format!("unexpected kvm exit {other:?}"))),
+    }
+}
+
+/// KVM's `internal.suberror` for a failed instruction emulation.
+const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
+/// `emulation_failure.flags`: instruction bytes are present.
+const FLAG_INSTRUCTION_BYTES: u64 = 1;
+
+/// Builds the report for a vCPU that cannot go on: what happened, where (RIP and CPU mode) and
+/// the instruction bytes — from KVM when it gives them, else read from guest memory.
+fn describe_failure(vcpu: &mut VcpuFd, id: usize, what: &str, shared: &VcpuShared) -> String {
+    let (suberror, data) = {
+        let run = vcpu.get_kvm_run();
+        if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+            // SAFETY: exit_reason says the `internal` member of the union is the valid one.
+            let internal = unsafe { run.__bindgen_anon_1.internal };
+            let n = (internal.ndata as usize).min(internal.data.len());
+            (Some(internal.suberror), internal.data[..n].to_vec())
+        } else {
+            (None, Vec::new())
+        }
+    };
+    let regs = vcpu.get_regs().ok();
+    let sregs = vcpu.get_sregs().ok();
+    let rip = regs.map(|r| r.rip);
+    let mode = sregs.map(|s| {
+        if s.cr0 & 1 == 0 {
+            "real mode"
+        } else if s.efer & (1 << 10) != 0 && s.cs.l == 1 {
+            "64-bit"
+        } else if s.cs.db == 1 {
+            "32-bit protected"
+        } else {
+            "16-bit protected"
+        }
+    });
+    // `emulation_failure`: data[0] = flags; then a u8 instruction size and up to 15 bytes.
+    let mut bytes: Vec<u8> = Vec::new();
+    if suberror == Some(KVM_INTERNAL_ERROR_EMULATION)
+        && data.len() >= 3
+        && data[0] & FLAG_INSTRUCTION_BYTES != 0
+    {
+        let raw: Vec<u8> = data[1..3].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let size = usize::from(raw[0]).min(15);
+        bytes = raw[1..=size].to_vec();
+    }
+    if bytes.is_empty() {
+        if let (Some(rip), Some(s)) = (rip, sregs) {
+            let linear = s.cs.base.wrapping_add(rip);
+            let phys = vcpu
+                .translate_gva(linear)
+                .ok()
+                .filter(|t| t.valid != 0)
+                .map(|t| t.physical_address)
+                .unwrap_or(linear);
+            let mut buf = [0u8; 15];
+            if shared.memory.read_slice(&mut buf, GuestAddress(phys)).is_ok() {
+                bytes = buf.to_vec();
+            }
+        }
+    }
+    let mut msg = format!("vcpu {id}: {what}");
+    if let Some(s) = suberror {
+        msg.push_str(&format!(" (kvm internal error, suberror {s})"));
+    }
+    match (rip, mode) {
+        (Some(rip), Some(mode)) => msg.push_str(&format!(" at rip {rip:#x} ({mode})")),
+        _ => msg.push_str(" at an unknown rip"),
+    }
+    if !bytes.is_empty() {
+        let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        msg.push_str(&format!(": instruction bytes {}", hex.join(" ")));
+    } else if !data.is_empty() {
+        let words: Vec<String> = data.iter().map(|w| format!("{w:#x}")).collect();
+        msg.push_str(&format!(": data {}", words.join(" ")));
+    }
+    msg
+}

@@ -1,0 +1,437 @@
+//! Building a VM: KVM, guest memory, interrupt controllers, devices, the kernel, and the vCPUs.
+//!
+//! [`Vm::build`] does everything in the order KVM requires: the TSS and identity-map pages and
+//! the in-kernel irqchip must exist before any vCPU is created; guest memory and the kernel are
+//! in place before the boot vCPU's registers point into them; the vCPU threads start parked and
+//! only run when [`Vm::resume`] is called.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+
+use devices::{IrqLine, SharedIrq};
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
+    kvm_pit_config, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::arch::cpuid::{vcpu_cpuid, CpuidOptions};
+use crate::arch::mptable::{self, isa_irq_to_ioapic_pin, IOAPIC_PINS};
+use crate::arch::regs;
+use crate::bus::{lock, Bus, Sink};
+use crate::config::VmConfig;
+use crate::loader::{self, BootRequest, KernelFormat};
+use crate::memory::{self, GuestMemoryMmap, Layout};
+use crate::vcpu::{self, Machine, VcpuControl, VcpuShared, VmEvent};
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened.
+    #[error("cannot open /dev/kvm: {0}")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// A KVM ioctl failed while building the VM.
+    #[error("kvm {0} failed: {1}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// A file given on the command line could not be read.
+    #[error("cannot read {0}: {1}")]
+    ReadFile(String, #[source] std::io::Error),
+    /// The kernel could not be loaded.
+    #[error("cannot load kernel {0}: {1}")]
+    Load(String, #[source] loader::LoaderError),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// More vCPUs than KVM (or the MP table) allows.
+    #[error("{0} vcpus requested, but this host allows 1 to {1}")]
+    TooManyCpus(u8, usize),
+    /// More memory than the host has.
+    #[error("{0} of guest memory requested, but this host has only {1}")]
+    TooMuchMemory(String, String),
+    /// The boot tables could not be written.
+    #[error(transparent)]
+    Regs(#[from] regs::RegsError),
+    /// The MP table could not be written.
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
+    /// Device ranges clash.
+    #[error("cannot place a device: {0}")]
+    Bus(#[from] crate::bus::BusError),
+    /// vCPU threads could not be started.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// The serial output file could not be created.
+    #[error("cannot open serial output {0}: {1}")]
+    SerialFile(String, #[source] std::io::Error),
+}
+
+/// Addresses KVM needs for its real-mode emulation helpers on Intel; below the test-device
+/// window at 0xff000000 and clear of the LAPIC and IOAPIC.
+const TSS_ADDR: usize = 0xfffb_d000;
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// The RTC interrupt.
+const RTC_IRQ: u32 = 8;
+/// COM1's port base and IRQ.
+const COM1_BASE: u64 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+/// i8042 interrupts.
+const KBD_IRQ: u32 = 1;
+const AUX_IRQ: u32 = 12;
+
+/// A GSI raised and lowered with `KVM_IRQ_LINE`.
+pub struct KvmIrq {
+    vm: Arc<VmFd>,
+    gsi: u32,
+}
+
+impl IrqLine for KvmIrq {
+    fn set_level(&self, high: bool) {
+        if let Err(e) = self.vm.set_irq_line(self.gsi, high) {
+            log::warn!("cannot set irq {}: {e}", self.gsi);
+        }
+    }
+}
+
+/// A clonable output sink shared by the serial ports of successive VM incarnations (reset
+/// rebuilds the VM but keeps writing to the same terminal or file).
+#[derive(Clone)]
+pub struct SharedWriter(Arc<Mutex<Box<dyn Write + Send>>>);
+
+impl SharedWriter {
+    /// Wraps a writer.
+    pub fn new(w: Box<dyn Write + Send>) -> Self {
+        Self(Arc::new(Mutex::new(w)))
+    }
+
+    /// Opens the sink a [`crate::config::SerialConfig`] names.
+    pub fn open(config: &crate::config::SerialConfig) -> Result<Self, VmError> {
+        use crate::config::SerialConfig;
+        Ok(match config {
+            SerialConfig::Stdio => Self::new(Box::new(std::io::stdout())),
+            SerialConfig::Null => Self::new(Box::new(std::io::sink())),
+            SerialConfig::File(path) => Self::new(Box::new(
+                File::create(path)
+                    .map_err(|e| VmError::SerialFile(path.display().to_string(), e))?,
+            )),
+        })
+    }
+}
+
+impl Write for SharedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        lock(&self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        lock(&self.0).flush()
+    }
+}
+
+/// Typed handles to the devices whose state the VMM needs to reach directly.
+pub struct Devices {
+    /// COM1.
+    pub serial: Arc<Mutex<devices::serial::Serial>>,
+    /// The PS/2 controller.
+    pub i8042: Arc<Mutex<devices::i8042::I8042>>,
+    /// The RTC and CMOS memory.
+    pub cmos: Arc<Mutex<devices::cmos::Cmos>>,
+}
+
+/// A built VM.
+pub struct Vm {
+    /// The VM file descriptor.
+    pub fd: Arc<VmFd>,
+    /// Guest RAM.
+    pub memory: GuestMemoryMmap,
+    /// Where RAM sits.
+    pub layout: Layout,
+    /// The big lock.
+    pub machine: Arc<Mutex<Machine>>,
+    /// Typed device handles.
+    pub devices: Devices,
+    /// The detected kernel format.
+    pub format: KernelFormat,
+    control: Arc<VcpuControl>,
+    events: Receiver<VmEvent>,
+    event_tx: std::sync::mpsc::Sender<VmEvent>,
+    _kvm: Kvm,
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |e| VmError::Kvm(what, e)
+}
+
+/// The GSI routing QEMU's `pc` machine programs: ISA IRQs to both PICs (except the cascade) and
+/// to the IOAPIC, IRQ 0 to IOAPIC pin 2, and the remaining IOAPIC pins 16–23 one to one.
+fn gsi_routing() -> KvmIrqRouting {
+    let entry = |gsi: u32, chip: u32, pin: u32| kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            irqchip: kvm_irq_routing_irqchip { irqchip: chip, pin },
+        },
+        ..Default::default()
+    };
+    let mut entries = Vec::new();
+    for gsi in 0..16u32 {
+        if gsi != 2 {
+            let (chip, pin) = if gsi < 8 {
+                (KVM_IRQCHIP_PIC_MASTER, gsi)
+            } else {
+                (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+            };
+            entries.push(entry(gsi, chip, pin));
+        }
+    }
+    for gsi in 0..u32::from(IOAPIC_PINS) {
+        let pin = if gsi < 16 {
+            u32::from(isa_irq_to_ioapic_pin(gsi as u8))
+        } else {
+            gsi
+        };
+        if gsi != 2 {
+            entries.push(entry(gsi, KVM_IRQCHIP_IOAPIC, pin));
+        }
+    }
+    KvmIrqRouting::from_entries(&entries).expect("routing table within KVM's limit")
+}
+
+/// Physical memory of the host, in bytes.
+fn host_memory() -> u64 {
+    // SAFETY: sysconf only reads system information.
+    let pages = unsafe { libc::sysconf(libc::_SC_PHYS_PAGES) };
+    // SAFETY: as above.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    (pages.max(0) as u64).saturating_mul(page.max(0) as u64)
+}
+
+impl Vm {
+    /// Builds a VM for `config`, writing COM1 to `serial_out`. The vCPUs start paused.
+    pub fn build(config: &VmConfig, serial_out: SharedWriter) -> Result<Self, VmError> {
+        let kernel_name = config.kernel.display().to_string();
+        let image =
+            std::fs::read(&config.kernel).map_err(|e| VmError::ReadFile(kernel_name.clone(), e))?;
+        let initrd = match &config.initrd {
+            Some(p) => Some((
+                std::fs::read(p).map_err(|e| VmError::ReadFile(p.display().to_string(), e))?,
+                p.display().to_string(),
+            )),
+            None => None,
+        };
+        // Fail on a bad image before touching KVM.
+        loader::detect(&image).map_err(|e| VmError::Load(kernel_name.clone(), e))?;
+
+        let host_mem = host_memory();
+        if config.memory > host_mem {
+            return Err(VmError::TooMuchMemory(
+                crate::config::format_size(config.memory),
+                crate::config::format_size(host_mem),
+            ));
+        }
+
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::IOAPIC_ID) - 1);
+        if config.cpus == 0 || usize::from(config.cpus) > max_cpus {
+            return Err(VmError::TooManyCpus(config.cpus, max_cpus));
+        }
+        let fd = Arc::new(kvm.create_vm().map_err(kvm_err("create vm"))?);
+        // Both must be set before the first vCPU is created.
+        fd.set_tss_address(TSS_ADDR)
+            .map_err(kvm_err("set tss address"))?;
+        fd.set_identity_map_address(IDENTITY_MAP_ADDR)
+            .map_err(kvm_err("set identity map address"))?;
+        fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("create pit"))?;
+        fd.set_gsi_routing(&gsi_routing())
+            .map_err(kvm_err("set gsi routing"))?;
+
+        let layout = Layout::new(config.memory);
+        let memory = memory::create_guest_memory(&layout)?;
+        memory::set_kvm_slots(&fd, &memory, false)?;
+
+        let (format, entry) = loader::load(
+            &memory,
+            &layout,
+            &BootRequest {
+                kernel_path: &kernel_name,
+                image: &image,
+                cmdline: &config.cmdline,
+                initrd: initrd.as_ref().map(|(d, n)| (d.as_slice(), n.as_str())),
+            },
+        )
+        .map_err(|e| VmError::Load(kernel_name.clone(), e))?;
+        regs::write_boot_tables(&memory, entry.mode)?;
+        mptable::write(&memory, usize::from(config.cpus))?;
+
+        let irq = |gsi| -> SharedIrq {
+            Arc::new(KvmIrq {
+                vm: fd.clone(),
+                gsi,
+            })
+        };
+        let serial = Arc::new(Mutex::new(devices::serial::Serial::new(
+            irq(COM1_IRQ),
+            Box::new(serial_out),
+        )));
+        let i8042 = Arc::new(Mutex::new(devices::i8042::I8042::new(
+            irq(KBD_IRQ),
+            irq(AUX_IRQ),
+        )));
+        let cmos = Arc::new(Mutex::new(devices::cmos::Cmos::new(
+            layout.below_4g(),
+            layout.above_4g(),
+            config.cpus,
+            irq(RTC_IRQ),
+        )));
+        let mut pio = Bus::new("pio");
+        pio.insert(COM1_BASE, 8, serial.clone())?;
+        pio.insert(0x60, 5, i8042.clone())?;
+        pio.insert(0x70, 2, cmos.clone())?;
+        pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
+        pio.insert(
+            0xcf8,
+            8,
+            Arc::new(Mutex::new(devices::pci_host::PciHost::new())),
+        )?;
+        pio.insert(
+            u64::from(config.debug_exit.iobase),
+            u64::from(config.debug_exit.iosize),
+            Arc::new(Mutex::new(devices::debug_exit::DebugExit::new())),
+        )?;
+        let machine = Arc::new(Mutex::new(Machine {
+            pio,
+            mmio: Bus::new("mmio"),
+        }));
+
+        vcpu::install_kick_handler()?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported cpuid"))?;
+        let opts = CpuidOptions {
+            cpus: config.cpus,
+            hide_arch_capabilities: false,
+        };
+        let control = Arc::new(VcpuControl::new());
+        let (tx, events) = channel();
+        let shared = VcpuShared {
+            machine: machine.clone(),
+            control: control.clone(),
+            events: tx.clone(),
+            memory: memory.clone(),
+        };
+        for id in 0..config.cpus {
+            let vcpu = fd
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create vcpu"))?;
+            vcpu.set_cpuid2(&vcpu_cpuid(&supported, id, &opts))
+                .map_err(kvm_err("set cpuid"))?;
+            let msrs = regs::boot_msrs();
+            let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set msrs"))?;
+            if set != msrs.as_slice().len() {
+                log::warn!("vcpu {id}: kvm accepted only {set} boot msrs");
+            }
+            vcpu.set_fpu(&regs::entry_fpu())
+                .map_err(kvm_err("set fpu"))?;
+            if id == 0 {
+                // The boot vCPU starts at the loader's entry; the others stay in KVM's
+                // INIT-wait state until the guest sends INIT + SIPI.
+                let sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
+                vcpu.set_sregs(&regs::entry_sregs(sregs, entry.mode))
+                    .map_err(kvm_err("set sregs"))?;
+                vcpu.set_regs(&regs::entry_regs(&entry))
+                    .map_err(kvm_err("set regs"))?;
+            }
+            control.spawn(format!("vcpu{id}"), vcpu, usize::from(id), shared.clone())?;
+        }
+
+        Ok(Self {
+            fd,
+            memory,
+            layout,
+            machine,
+            devices: Devices {
+                serial,
+                i8042,
+                cmos,
+            },
+            format,
+            control,
+            events,
+            event_tx: tx,
+            _kvm: kvm,
+        })
+    }
+
+    /// Lets the vCPUs run.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Stops every vCPU outside `KVM_RUN` and waits until they are.
+    pub fn pause(&self) {
+        self.control.pause();
+    }
+
+    /// True while the vCPUs are running.
+    pub fn is_running(&self) -> bool {
+        self.control.is_running()
+    }
+
+    /// Waits for the next event from a vCPU.
+    pub fn wait_event(&self) -> VmEvent {
+        self.events
+            .recv()
+            .unwrap_or_else(|_| VmEvent::Fatal(String::from("all vcpu threads ended")))
+    }
+
+    /// Waits up to `timeout` for the next event from a vCPU.
+    pub fn wait_event_timeout(&self, timeout: std::time::Duration) -> Option<VmEvent> {
+        self.events.recv_timeout(timeout).ok()
+    }
+
+    /// A sender that injects events as if a vCPU had reported them (terminal quit, QMP `quit`).
+    pub fn event_sender(&self) -> std::sync::mpsc::Sender<VmEvent> {
+        self.event_tx.clone()
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.control.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_matches_a_pc() {
+        let r = gsi_routing();
+        let entries = r.as_slice();
+        let ioapic_pin = |gsi: u32| {
+            entries
+                .iter()
+                .find(|e| {
+                    // SAFETY: every entry is an irqchip route.
+                    let chip = unsafe { e.u.irqchip.irqchip };
+                    e.gsi == gsi && chip == KVM_IRQCHIP_IOAPIC
+                })
+                // SAFETY: as above.
+                .map(|e| unsafe { e.u.irqchip.pin })
+        };
+        assert_eq!(ioapic_pin(0), Some(2));
+        assert_eq!(ioapic_pin(2), None);
+        assert_eq!(ioapic_pin(4), Some(4));
+        assert_eq!(ioapic_pin(23), Some(23));
+        assert_eq!(entries.len(), 15 + 23);
+    }
+}
