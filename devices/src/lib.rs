@@ -9,6 +9,20 @@
 //! Devices know nothing of KVM: the VMM dispatches port and MMIO accesses to them through
 //! [`BusDevice`], hands them an [`IrqLine`] for their interrupt, and acts on the [`VmRequest`]s
 //! their writes return.
+//!
+//! | device | bus | base | length | interrupt lines |
+//! |---|---|---|---|---|
+//! | [`Serial`] (16550A) | pio | 0x3f8 | 8 | IRQ 4 |
+//! | [`I8042`] (PS/2) | pio | 0x60 | 5 (0x60 data, 0x64 status/command) | IRQ 1, IRQ 12 |
+//! | [`Cmos`] (RTC + CMOS RAM) | pio | 0x70 | 2 | IRQ 8 |
+//! | [`DebugExit`] | pio | VMM's choice (0xf4) | VMM's choice (4) | — |
+//! | [`PciHost`] (+ 0xcf9 reset control) | pio | 0xcf8 | 8 | — |
+//! | [`FwCfg`] | pio | 0x510 | 2 | — |
+//! | [`PcTestdevPorts`] | pio | 0xe0 | 12 | — |
+//! | [`PcTestdevIrq`] | pio | 0x2000 | 24 | lines 0–23 |
+//! | [`PcTestdevMmio`] | mmio | 0xff00_0000 | 0x10000 | — |
+//! | [`PmTimer`] (ACPI PM timer) | pio | 0x608 | 4 | — |
+//! | [`Port92`] (System Control Port A) | pio | 0x92 | 1 | — |
 
 use std::sync::Arc;
 

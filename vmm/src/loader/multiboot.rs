@@ -171,6 +171,7 @@ mod tests {
     use super::*;
     use crate::loader::elf::tests::elf32;
     use crate::memory::create_guest_memory;
+    use vm_memory::Address;
 
     fn header(flags: u32) -> Vec<u8> {
         let mut h = Vec::new();
