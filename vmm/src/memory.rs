@@ -36,6 +36,9 @@ pub enum MemoryError {
     /// KVM refused a memory slot.
     #[error("cannot register guest memory with kvm: {0}")]
     SetSlot(#[source] kvm_ioctls::Error),
+    /// The thread registering memory slots died.
+    #[error("memory slot registration thread panicked")]
+    SlotThread,
 }
 
 /// Guest page size.

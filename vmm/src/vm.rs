@@ -244,6 +244,17 @@ impl Vm {
             .map_err(kvm_err("set tss address"))?;
         fd.set_identity_map_address(IDENTITY_MAP_ADDR)
             .map_err(kvm_err("set identity map address"))?;
+        let layout = Layout::new(config.memory);
+        let memory = memory::create_guest_memory(&layout)?;
+        // Registering the first memory slot costs a few milliseconds of kernel time whatever
+        // its size (an SRCU grace period); do it while the rest of the VM is put together.
+        let slots = {
+            let (fd, memory) = (fd.clone(), memory.clone());
+            std::thread::Builder::new()
+                .name(String::from("memslots"))
+                .spawn(move || memory::set_kvm_slots(&fd, &memory, false))
+                .map_err(|e| VmError::Vcpu(vcpu::VcpuError::Spawn(e)))?
+        };
         fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
         fd.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
@@ -253,9 +264,6 @@ impl Vm {
         fd.set_gsi_routing(&gsi_routing())
             .map_err(kvm_err("set gsi routing"))?;
 
-        let layout = Layout::new(config.memory);
-        let memory = memory::create_guest_memory(&layout)?;
-        memory::set_kvm_slots(&fd, &memory, false)?;
 
         let (format, entry) = loader::load(
             &memory,
@@ -312,6 +320,9 @@ impl Vm {
         }));
 
         vcpu::install_kick_handler()?;
+        slots
+            .join()
+            .unwrap_or_else(|_| Err(memory::MemoryError::SlotThread))?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get supported cpuid"))?;

@@ -10,7 +10,7 @@ pub mod multiboot;
 mod payload;
 pub mod pvh;
 
-pub use payload::PayloadError;
+pub use payload::{decompress_bzimage, PayloadError};
 
 use crate::arch::regs::EntryState;
 use crate::memory::{GuestMemoryMmap, Layout};
