@@ -14,7 +14,8 @@
 
 use std::cell::Cell;
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use devices::VmRequest;
@@ -72,16 +73,37 @@ enum Request {
     Stop,
 }
 
-struct ControlState {
+/// The vCPUs' run state. It lives in [`Machine`], under the big lock, so that a thread holding
+/// the big lock (the migration thread, a QMP command) can pause the vCPUs and wait for them with
+/// the lock *released* while it waits — as QEMU's `pause_all_vcpus` waits on the BQL — and a vCPU
+/// blocked on the big lock for a port access can finish it and park.
+#[derive(Debug)]
+pub struct VcpuRunState {
     request: Request,
     parked: usize,
+    alive: usize,
+}
+
+impl Default for VcpuRunState {
+    fn default() -> Self {
+        Self {
+            request: Request::Pause,
+            parked: 0,
+            alive: 0,
+        }
+    }
 }
 
 /// Shared between the controller and all vCPU threads of a VM.
 pub struct VcpuControl {
-    state: Mutex<ControlState>,
-    cv: Condvar,
+    /// Fast path for the vCPU loop: true whenever the request is not `Run`.
+    not_running: AtomicBool,
+    /// Signalled when a vCPU parks.
+    parked_cv: Condvar,
+    /// Signalled when the request changes.
+    request_cv: Condvar,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    vcpus: Mutex<Vec<Arc<Mutex<VcpuFd>>>>,
 }
 
 /// Something a vCPU reports to the VM's owner.
@@ -102,7 +124,7 @@ pub enum VmEvent {
 /// What every vCPU thread shares.
 #[derive(Clone)]
 pub struct VcpuShared {
-    /// The big lock: the buses and through them every device.
+    /// The big lock: the buses and through them every device, and the vCPUs' run state.
     pub machine: Arc<Mutex<Machine>>,
     /// Pause / resume / stop.
     pub control: Arc<VcpuControl>,
@@ -112,28 +134,45 @@ pub struct VcpuShared {
     pub memory: GuestMemoryMmap,
 }
 
-/// What the big lock protects: the port and MMIO buses.
+/// What the big lock protects: the port and MMIO buses and the vCPUs' run state.
 pub struct Machine {
     /// Port I/O.
     pub pio: Bus,
     /// MMIO outside RAM.
     pub mmio: Bus,
+    /// Whether the vCPUs run.
+    pub vcpus: VcpuRunState,
+}
+
+impl Machine {
+    /// A machine with these buses and its vCPUs (none yet) paused.
+    pub fn new(pio: Bus, mmio: Bus) -> Self {
+        Self {
+            pio,
+            mmio,
+            vcpus: VcpuRunState::default(),
+        }
+    }
+
+    /// True while the vCPUs are asked to run.
+    pub fn vcpus_running(&self) -> bool {
+        self.vcpus.request == Request::Run
+    }
 }
 
 impl VcpuControl {
     /// A control in the paused state: threads park until [`VcpuControl::resume`].
     pub fn new() -> Self {
         Self {
-            state: Mutex::new(ControlState {
-                request: Request::Pause,
-                parked: 0,
-            }),
-            cv: Condvar::new(),
+            not_running: AtomicBool::new(true),
+            parked_cv: Condvar::new(),
+            request_cv: Condvar::new(),
             threads: Mutex::new(Vec::new()),
+            vcpus: Mutex::new(Vec::new()),
         }
     }
 
-    /// Starts a vCPU thread.
+    /// Starts a vCPU thread (parked until the vCPUs are resumed).
     pub fn spawn(
         &self,
         name: String,
@@ -141,12 +180,26 @@ impl VcpuControl {
         id: usize,
         shared: VcpuShared,
     ) -> Result<(), VcpuError> {
+        let vcpu = Arc::new(Mutex::new(vcpu));
+        lock(&shared.machine).vcpus.alive += 1;
+        let thread_vcpu = vcpu.clone();
+        let thread_shared = shared.clone();
         let handle = std::thread::Builder::new()
             .name(name)
-            .spawn(move || run_loop(vcpu, id, shared))
-            .map_err(VcpuError::Spawn)?;
+            .spawn(move || run_loop(thread_vcpu, id, thread_shared))
+            .map_err(|e| {
+                lock(&shared.machine).vcpus.alive -= 1;
+                VcpuError::Spawn(e)
+            })?;
         lock(&self.threads).push(handle);
+        lock(&self.vcpus).push(vcpu);
         Ok(())
+    }
+
+    /// The vCPU file descriptors, in vCPU order. Only touch them while the vCPUs are paused:
+    /// a running vCPU holds its lock for the whole of `KVM_RUN`.
+    pub fn vcpus(&self) -> Vec<Arc<Mutex<VcpuFd>>> {
+        lock(&self.vcpus).clone()
     }
 
     fn kick_all(&self) {
@@ -156,38 +209,35 @@ impl VcpuControl {
         }
     }
 
-    fn thread_count(&self) -> usize {
-        lock(&self.threads).iter().filter(|t| !t.is_finished()).count()
-    }
-
-    /// Stops every vCPU and waits until all are parked outside `KVM_RUN`.
-    pub fn pause(&self) {
-        let mut st = lock(&self.state);
-        if st.request == Request::Stop {
-            return;
+    /// Stops every vCPU outside `KVM_RUN` and waits until all are parked. Takes and returns the
+    /// big lock, which is released while waiting.
+    pub fn pause<'a>(&self, mut g: MutexGuard<'a, Machine>) -> MutexGuard<'a, Machine> {
+        if g.vcpus.request == Request::Stop {
+            return g;
         }
-        st.request = Request::Pause;
-        drop(st);
+        g.vcpus.request = Request::Pause;
+        self.not_running.store(true, Ordering::SeqCst);
         self.kick_all();
-        let mut st = lock(&self.state);
-        while st.parked < self.thread_count() && st.request == Request::Pause {
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        while g.vcpus.parked < g.vcpus.alive && g.vcpus.request == Request::Pause {
+            g = self.parked_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
+        g
     }
 
     /// Lets every vCPU run again.
-    pub fn resume(&self) {
-        let mut st = lock(&self.state);
-        if st.request != Request::Stop {
-            st.request = Request::Run;
+    pub fn resume(&self, g: &mut Machine) {
+        if g.vcpus.request != Request::Stop {
+            g.vcpus.request = Request::Run;
+            self.not_running.store(false, Ordering::SeqCst);
         }
-        self.cv.notify_all();
+        self.request_cv.notify_all();
     }
 
     /// Ends every vCPU thread and joins them.
-    pub fn stop(&self) {
-        lock(&self.state).request = Request::Stop;
-        self.cv.notify_all();
+    pub fn stop(&self, machine: &Mutex<Machine>) {
+        lock(machine).vcpus.request = Request::Stop;
+        self.not_running.store(true, Ordering::SeqCst);
+        self.request_cv.notify_all();
         self.kick_all();
         let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
@@ -195,38 +245,37 @@ impl VcpuControl {
         }
     }
 
-    /// True while the vCPUs are asked to run.
-    pub fn is_running(&self) -> bool {
-        lock(&self.state).request == Request::Run
-    }
-
     /// Parks the calling vCPU while paused; returns false when it must stop.
-    fn park_if_needed(&self, vcpu: &mut VcpuFd) -> bool {
-        let mut st = lock(&self.state);
-        if st.request == Request::Run {
+    fn park(&self, vcpu: &Mutex<VcpuFd>, machine: &Mutex<Machine>) -> bool {
+        complete_pending_io(&mut lock(vcpu));
+        let mut g = lock(machine);
+        if g.vcpus.request == Request::Run {
             return true;
         }
-        drop(st);
-        complete_pending_io(vcpu);
-        st = lock(&self.state);
-        st.parked += 1;
-        self.cv.notify_all();
-        while st.request == Request::Pause {
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        g.vcpus.parked += 1;
+        self.parked_cv.notify_all();
+        while g.vcpus.request == Request::Pause {
+            g = self.request_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
-        st.parked -= 1;
-        st.request == Request::Run
+        g.vcpus.parked -= 1;
+        g.vcpus.request == Request::Run
     }
 
     /// Parks the calling vCPU until the VM stops it (after it reported a final event).
-    fn park_until_stopped(&self) {
-        let mut st = lock(&self.state);
-        st.parked += 1;
-        self.cv.notify_all();
-        while st.request != Request::Stop {
-            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+    fn park_until_stopped(&self, machine: &Mutex<Machine>) {
+        let mut g = lock(machine);
+        g.vcpus.parked += 1;
+        self.parked_cv.notify_all();
+        while g.vcpus.request != Request::Stop {
+            g = self.request_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
-        st.parked -= 1;
+        g.vcpus.parked -= 1;
+    }
+
+    /// Records that a vCPU thread ended.
+    fn exited(&self, machine: &Mutex<Machine>) {
+        lock(machine).vcpus.alive -= 1;
+        self.parked_cv.notify_all();
     }
 }
 
@@ -281,31 +330,38 @@ fn flush_page(mem: &GuestMemoryMmap, gpa: u64) {
     }
 }
 
-fn run_loop(mut vcpu: VcpuFd, id: usize, shared: VcpuShared) {
-    let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
+fn run_loop(vcpu: Arc<Mutex<VcpuFd>>, id: usize, shared: VcpuShared) {
+    let run_ptr: *mut kvm_run = lock(&vcpu).get_kvm_run();
     KVM_RUN.with(|c| c.set(run_ptr));
     loop {
-        if !shared.control.park_if_needed(&mut vcpu) {
+        if shared.control.not_running.load(Ordering::SeqCst)
+            && !shared.control.park(&vcpu, &shared.machine)
+        {
             break;
         }
-        let next = match vcpu.run() {
+        let mut fd = lock(&vcpu);
+        let next = match fd.run() {
             Ok(exit) => handle_exit(exit, &shared),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                vcpu.set_kvm_immediate_exit(0);
+                fd.set_kvm_immediate_exit(0);
                 Next::Continue
             }
             Err(e) => Next::Report(VmEvent::Fatal(format!("KVM_RUN failed: {e}"))),
         };
         if let Next::Report(event) = next {
             let event = match event {
-                VmEvent::Fatal(msg) => VmEvent::Fatal(describe_failure(&mut vcpu, id, &msg, &shared)),
+                VmEvent::Fatal(msg) => {
+                    VmEvent::Fatal(describe_failure(&mut fd, id, &msg, &shared))
+                }
                 other => other,
             };
+            drop(fd);
             let _ = shared.events.send(event);
-            shared.control.park_until_stopped();
+            shared.control.park_until_stopped(&shared.machine);
             break;
         }
     }
+    shared.control.exited(&shared.machine);
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
 }
 

@@ -314,10 +314,7 @@ impl Vm {
             u64::from(config.debug_exit.iosize),
             Arc::new(Mutex::new(devices::debug_exit::DebugExit::new())),
         )?;
-        let machine = Arc::new(Mutex::new(Machine {
-            pio,
-            mmio: Bus::new("mmio"),
-        }));
+        let machine = Arc::new(Mutex::new(Machine::new(pio, Bus::new("mmio"))));
 
         vcpu::install_kick_handler()?;
         slots
@@ -383,17 +380,22 @@ impl Vm {
 
     /// Lets the vCPUs run.
     pub fn resume(&self) {
-        self.control.resume();
+        self.control.resume(&mut lock(&self.machine));
     }
 
     /// Stops every vCPU outside `KVM_RUN` and waits until they are.
     pub fn pause(&self) {
-        self.control.pause();
+        drop(self.control.pause(lock(&self.machine)));
     }
 
-    /// True while the vCPUs are running.
+    /// True while the vCPUs are asked to run.
     pub fn is_running(&self) -> bool {
-        self.control.is_running()
+        lock(&self.machine).vcpus_running()
+    }
+
+    /// The vCPU controller.
+    pub fn control(&self) -> &Arc<VcpuControl> {
+        &self.control
     }
 
     /// Waits for the next event from a vCPU.
@@ -416,7 +418,7 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        self.control.stop();
+        self.control.stop(&self.machine);
     }
 }
 
