@@ -12,6 +12,25 @@
 
 use std::io::{Read, Write};
 
+pub mod ram;
+pub mod ram_format;
+pub mod registry;
+pub mod thread;
+pub mod rate_limit;
+pub mod stream;
+pub mod transport;
+mod wire;
+pub mod xbzrle;
+
+pub use ram_format::{RamBlockInfo, RamFormatError, RamRecord, RamRecordReader, RamRecordWriter};
+pub use rate_limit::{BufferedOutput, RateLimitError, RateLimiter, SlotSummary};
+pub use stream::{Record, StreamError, StreamReader, StreamWriter, VmDescription};
+pub use transport::{
+    connect_outgoing, listen_incoming, Incoming, MigrationUri, Outgoing, ShutdownHandle,
+    TransportError,
+};
+pub use xbzrle::{XbzrleCache, XbzrleError, XbzrleOutcome, XbzrleStats};
+
 /// Errors of a migration section.
 #[derive(Debug, thiserror::Error)]
 pub enum SectionError {
@@ -57,8 +76,9 @@ pub trait LiveSection: Send {
         0
     }
 
-    /// Sends a bounded batch; returns true when nothing is left for this round.
-    fn iterate(&mut self, _out: &mut dyn Write) -> Result<bool, SectionError> {
+    /// Sends a batch of about `budget` bytes (at least one item, and holding the big lock for
+    /// at most ~50 ms); returns true when nothing is left for this round.
+    fn iterate(&mut self, _out: &mut dyn Write, _budget: u64) -> Result<bool, SectionError> {
         Ok(true)
     }
 
@@ -66,6 +86,13 @@ pub trait LiveSection: Send {
     fn complete(&mut self, _out: &mut dyn Write) -> Result<(), SectionError> {
         Ok(())
     }
+
+    /// Everything written so far reached the transport.
+    fn flushed(&mut self) {}
+
+    /// Writing the buffered output to the transport failed: whatever this section wrote since
+    /// the last [`flushed`](Self::flushed) never arrived (RAM puts those pages back as dirty).
+    fn flush_failed(&mut self) {}
 
     /// The migration failed or was cancelled: undo what `begin` set up.
     fn cancel(&mut self) {}

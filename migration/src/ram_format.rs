@@ -321,8 +321,9 @@ impl RamRecordReader {
 
     fn block_id(input: &mut dyn Read) -> Result<String, RamFormatError> {
         let raw = wire::read_counted_bytes(input)?;
-        let id = String::from_utf8(raw)
-            .map_err(|e| RamFormatError::BadBlockId(String::from_utf8_lossy(e.as_bytes()).into()))?;
+        let id = String::from_utf8(raw).map_err(|e| {
+            RamFormatError::BadBlockId(String::from_utf8_lossy(e.as_bytes()).into())
+        })?;
         check_block_id(&id)?;
         Ok(id)
     }
@@ -458,8 +459,12 @@ mod tests {
         let mut n = w.mem_size(&mut out, &blocks()).unwrap();
         n += w.page(&mut out, "pc.ram", 0, &page).unwrap();
         n += w.page(&mut out, "pc.ram", 0x1000, &page).unwrap();
-        n += w.zero_page(&mut out, "/rom@etc/acpi/tables", 0x1000, 0).unwrap();
-        n += w.xbzrle_page(&mut out, "/rom@etc/acpi/tables", 0, &[0, 1, 9]).unwrap();
+        n += w
+            .zero_page(&mut out, "/rom@etc/acpi/tables", 0x1000, 0)
+            .unwrap();
+        n += w
+            .xbzrle_page(&mut out, "/rom@etc/acpi/tables", 0, &[0, 1, 9])
+            .unwrap();
         n += w.eos(&mut out).unwrap();
         // Next chunk: CONTINUE carries over.
         n += w.zero_page(&mut out, "/rom@etc/acpi/tables", 0, 7).unwrap();
@@ -590,18 +595,7 @@ mod tests {
         let be = |v: u64| v.to_be_bytes().to_vec();
         // Unknown and combined flags.
         for flags in [
-            0x01u64,
-            0x80,
-            0x100,
-            0x200,
-            0x0a,
-            0x12,
-            0x06,
-            0x24,
-            0x30,
-            0x20,
-            0x48,
-            0,
+            0x01u64, 0x80, 0x100, 0x200, 0x0a, 0x12, 0x06, 0x24, 0x30, 0x20, 0x48, 0,
         ] {
             assert!(
                 matches!(read_one(&be(flags)), Err(RamFormatError::UnknownFlags(_))),
@@ -666,7 +660,8 @@ mod tests {
         w.mem_size(&mut out, &blocks()).unwrap();
         w.page(&mut out, "pc.ram", 0, &[5; PAGE_SIZE]).unwrap();
         w.zero_page(&mut out, "pc.ram", 0x1000, 0).unwrap();
-        w.xbzrle_page(&mut out, "pc.ram", 0x2000, &[0, 2, 1, 1]).unwrap();
+        w.xbzrle_page(&mut out, "pc.ram", 0x2000, &[0, 2, 1, 1])
+            .unwrap();
         w.eos(&mut out).unwrap();
         for cut in 0..out.len() {
             let mut r = RamRecordReader::new();
@@ -691,7 +686,8 @@ mod tests {
         let mut out = Vec::new();
         w.mem_size(&mut out, &blocks()).unwrap();
         w.zero_page(&mut out, "pc.ram", 0x1000, 0).unwrap();
-        w.xbzrle_page(&mut out, "pc.ram", 0x2000, &[0, 2, 1, 1]).unwrap();
+        w.xbzrle_page(&mut out, "pc.ram", 0x2000, &[0, 2, 1, 1])
+            .unwrap();
         w.zero_page(&mut out, "pc.ram", 0x3000, 0).unwrap();
         w.eos(&mut out).unwrap();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;

@@ -45,6 +45,16 @@
 //! `analyze-migration.py` reads a section's id string length as a *signed* byte, so although
 //! the format allows 255-byte id strings, ids longer than 127 bytes break that script; hopvm's
 //! ids are short names like `serial` or `ram`.
+//!
+//! # Interoperating with QEMU
+//!
+//! hopvm writes no `QEMU_VM_CONFIGURATION` (0x07) record, and its reader rejects one (and
+//! subsections and commands), so a QEMU on either end needs
+//! `-global migration.send-configuration=off`. QEMU's loader finds the handler of a PART or
+//! END record by comparing the id with each handler's last START id, which is 0 for handlers
+//! that received none: a live section with id 0 is therefore mistaken for QEMU's first
+//! registered device. Section ids of live sections should start at 1 (QEMU's own RAM section
+//! has id 2).
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
@@ -793,7 +803,10 @@ mod tests {
         r.read_exact(&mut body).unwrap();
         assert_eq!(&body, b"live-start");
         r.expect_footer(0).unwrap();
-        assert_eq!(r.next_record().unwrap(), Some(Record::SectionPart { id: 0 }));
+        assert_eq!(
+            r.next_record().unwrap(),
+            Some(Record::SectionPart { id: 0 })
+        );
         let mut body = [0u8; 4];
         r.read_exact(&mut body).unwrap();
         r.expect_footer(0).unwrap();
@@ -888,7 +901,11 @@ mod tests {
             stream.push(QEMU_VM_VMDESCRIPTION);
             stream.extend_from_slice(&(json.len() as u32).to_be_bytes());
             stream.extend_from_slice(&json);
-            assert!(script_finds_description(&stream).is_some(), "len {}", json.len());
+            assert!(
+                script_finds_description(&stream).is_some(),
+                "len {}",
+                json.len()
+            );
         }
     }
 
@@ -910,10 +927,7 @@ mod tests {
     #[test]
     fn writer_rejects_misuse() {
         let mut w = StreamWriter::new(Vec::new());
-        assert!(matches!(
-            w.section_part(0),
-            Err(StreamError::OutOfOrder(_))
-        ));
+        assert!(matches!(w.section_part(0), Err(StreamError::OutOfOrder(_))));
         w.header().unwrap();
         assert!(w.header().is_err());
         assert!(matches!(w.footer(0), Err(StreamError::OutOfOrder(_))));
@@ -945,7 +959,10 @@ mod tests {
     #[test]
     fn reader_rejects_bad_header() {
         let mut r = StreamReader::new(&[0x51u8, 0x45, 0x56, 0x4e, 0, 0, 0, 3][..]);
-        assert!(matches!(r.next_record(), Err(StreamError::BadMagic(0x5145_564e))));
+        assert!(matches!(
+            r.next_record(),
+            Err(StreamError::BadMagic(0x5145_564e))
+        ));
         let mut r = StreamReader::new(&[0x51u8, 0x45, 0x56, 0x4d, 0, 0, 0, 2][..]);
         assert!(matches!(r.next_record(), Err(StreamError::BadVersion(2))));
         let mut r = StreamReader::new(&[0x51u8, 0x45][..]);
@@ -982,12 +999,18 @@ mod tests {
         let mut r = StreamReader::new(&data[..]);
         r.next_record().unwrap();
         r.next_record().unwrap();
-        assert!(matches!(r.expect_footer(1), Err(StreamError::BadFooter { .. })));
+        assert!(matches!(
+            r.expect_footer(1),
+            Err(StreamError::BadFooter { .. })
+        ));
         let data = with(&[0x02, 0, 0, 0, 1, 0x42]);
         let mut r = StreamReader::new(&data[..]);
         r.next_record().unwrap();
         r.next_record().unwrap();
-        assert!(matches!(r.expect_footer(1), Err(StreamError::BadFooter { .. })));
+        assert!(matches!(
+            r.expect_footer(1),
+            Err(StreamError::BadFooter { .. })
+        ));
 
         // Non-UTF-8 id string.
         let data = with(&[0x04, 0, 0, 0, 1, 2, 0xff, 0xfe, 0, 0, 0, 0, 0, 0, 0, 1]);
@@ -1001,7 +1024,10 @@ mod tests {
         let mut r = StreamReader::new(&data[..]);
         r.next_record().unwrap();
         r.next_record().unwrap();
-        assert!(matches!(r.read_full_data(), Err(StreamError::DataTooLarge(_))));
+        assert!(matches!(
+            r.read_full_data(),
+            Err(StreamError::DataTooLarge(_))
+        ));
 
         // FULL data shorter than its length.
         let mut data = with(&[0x04, 0, 0, 0, 1, 1, b'a', 0, 0, 0, 0, 0, 0, 0, 1]);
@@ -1028,7 +1054,10 @@ mod tests {
         let mut r = StreamReader::new(&data[..]);
         r.next_record().unwrap();
         r.next_record().unwrap();
-        assert!(matches!(r.next_record(), Err(StreamError::BadDescription(_))));
+        assert!(matches!(
+            r.next_record(),
+            Err(StreamError::BadDescription(_))
+        ));
         let data = with(&[0x00, 0x05]);
         let mut r = StreamReader::new(&data[..]);
         r.next_record().unwrap();
@@ -1086,11 +1115,19 @@ mod tests {
                 }
             }
             // Cutting right after the EOF byte is a valid stream without a description.
-            let eof_pos = data.iter().rposition(|&b| b == QEMU_VM_VMDESCRIPTION).unwrap() - 1;
+            let eof_pos = data
+                .iter()
+                .rposition(|&b| b == QEMU_VM_VMDESCRIPTION)
+                .unwrap()
+                - 1;
             if cut == eof_pos + 1 {
                 assert!(!failed);
             } else {
-                assert!(failed, "cut at {cut} of {} not detected ({full})", data.len());
+                assert!(
+                    failed,
+                    "cut at {cut} of {} not detected ({full})",
+                    data.len()
+                );
             }
         }
     }

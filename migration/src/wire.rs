@@ -85,12 +85,18 @@ mod tests {
     #[test]
     fn short_reads_are_unexpected_eof() {
         let mut r: &[u8] = &[1, 2, 3];
-        assert_eq!(read_be32(&mut r).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            read_be32(&mut r).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
         let mut r: &[u8] = &[5, b'a'];
         let e = read_counted_bytes(&mut r).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
         let mut r: &[u8] = &[1, 2];
-        assert_eq!(read_vec(&mut r, 3).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(
+            read_vec(&mut r, 3).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
         let mut r: &[u8] = &[1, 2, 3, 4];
         assert_eq!(read_vec(&mut r, 3).unwrap(), vec![1, 2, 3]);
     }

@@ -393,7 +393,9 @@ impl XbzrleCache {
         }
         let idx = self.index(addr);
         match &mut self.slots[idx] {
-            Some(s) if s.addr != addr && s.age.saturating_add(CACHED_PAGE_LIFETIME) > generation => {
+            Some(s)
+                if s.addr != addr && s.age.saturating_add(CACHED_PAGE_LIFETIME) > generation =>
+            {
                 false
             }
             Some(s) => {
@@ -541,7 +543,11 @@ mod tests {
             let len = 1 + rng.below(if mode == 4 { 1 } else { 40 });
             for b in new.iter_mut().skip(at).take(len) {
                 // Sometimes write the same value: an "edit" that changes nothing.
-                *b = if rng.below(8) == 0 { *b } else { rng.next() as u8 };
+                *b = if rng.below(8) == 0 {
+                    *b
+                } else {
+                    rng.next() as u8
+                };
             }
         }
         new
@@ -641,7 +647,8 @@ mod tests {
             (&[0], XbzrleError::Truncated),
             (&[0, 1], XbzrleError::Truncated),
             (&[0, 2, 1], XbzrleError::Truncated),
-            (&[0, 0], XbzrleError::EmptyRun),
+            (&[0, 0], XbzrleError::Truncated),
+            (&[0, 0, 5], XbzrleError::EmptyRun),
             (&[0, 1, 1, 0, 1, 1], XbzrleError::EmptyRun),
             (&[17, 1, 1], XbzrleError::Overflow),
             (&[15, 2, 1, 1], XbzrleError::Overflow),
@@ -655,7 +662,10 @@ mod tests {
             assert_eq!(page, before, "page changed on error");
         }
         // An error late in the encoding leaves the page untouched.
-        assert_eq!(decode(&[0, 1, 9, 20, 1, 1], &mut page), Err(XbzrleError::Overflow));
+        assert_eq!(
+            decode(&[0, 1, 9, 20, 1, 1], &mut page),
+            Err(XbzrleError::Overflow)
+        );
         assert_eq!(page, [0u8; 16]);
         // Empty encoding: nothing changes.
         assert_eq!(decode(&[], &mut page), Ok(0));
@@ -707,7 +717,10 @@ mod tests {
         assert_eq!(cache.capacity_pages(), 16);
         let mut rng = Rng(99);
         let p0 = random_page(&mut rng);
-        assert_eq!(cache.encode_page(0x1000, &p0, 1, false), XbzrleOutcome::Miss);
+        assert_eq!(
+            cache.encode_page(0x1000, &p0, 1, false),
+            XbzrleOutcome::Miss
+        );
         assert_eq!(cache.get(0x1000), Some(&p0[..]));
         assert_eq!(
             cache.encode_page(0x1000, &p0, 1, false),

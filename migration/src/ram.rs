@@ -1,0 +1,703 @@
+//! The live RAM section (`ram`, version 4): pre-copy of guest memory with dirty tracking.
+//!
+//! The first pass sends every page; later passes send the pages written since the previous
+//! *dirty sync*. A sync takes KVM's dirty log (pages the guest wrote) and vm-memory's bitmap
+//! (pages the VMM wrote through `Bytes`, e.g. a device model) and ORs both into the migration
+//! bitmap. Both sources are fetch-and-cleared atomically and a bit leaves the migration bitmap
+//! only when its page is copied into the output, so no write is ever lost; pages whose bytes
+//! were buffered but never reached the destination are put back as dirty
+//! ([`LiveSection::flush_failed`]).
+//!
+//! All-zero pages go as ZERO records; with XBZRLE on, a re-dirtied page found in the cache goes
+//! as a delta against the copy last sent.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
+
+use crate::ram_format::{
+    RamBlockInfo, RamRecord, RamRecordReader, RamRecordWriter, RAM_SECTION_VERSION,
+};
+use crate::xbzrle::{self, XbzrleCache, XbzrleOutcome};
+use crate::{LiveSection, SectionError};
+
+/// Guest memory as hopvm maps it: with vm-memory's bitmap of the VMM's own writes.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// Page size.
+pub const PAGE_SIZE: u64 = 4096;
+/// Longest time one iteration may hold the big lock, as QEMU's `MAX_WAIT` (50 ms).
+const MAX_ITERATE_TIME: Duration = Duration::from_millis(50);
+
+/// Access to KVM's dirty page log for every RAM region (one memory slot per region).
+pub trait DirtyLog: Send {
+    /// Switches dirty logging on or off for every slot.
+    fn set_logging(&mut self, on: bool) -> std::io::Result<()>;
+
+    /// Fetches and clears the dirty bitmap of region `index`: one bit per page, LSB first.
+    fn take_dirty(&mut self, index: usize) -> std::io::Result<Vec<u64>>;
+}
+
+/// RAM counters, readable without any lock (for `query-migrate`).
+#[derive(Debug, Default)]
+pub struct RamCounters {
+    /// Bytes of RAM records written (headers included).
+    pub transferred: AtomicU64,
+    /// Zero pages sent (QEMU's `duplicate`).
+    pub duplicate: AtomicU64,
+    /// Full pages sent.
+    pub normal: AtomicU64,
+    /// Pages still dirty.
+    pub remaining_pages: AtomicU64,
+    /// Guest RAM size in bytes.
+    pub total: AtomicU64,
+    /// Dirty syncs done.
+    pub dirty_sync_count: AtomicU64,
+    /// Pages found dirty by the last sync.
+    pub last_sync_dirty: AtomicU64,
+    /// Dirty pages per second over the last sync interval.
+    pub dirty_pages_rate: AtomicU64,
+    /// XBZRLE: pages sent as deltas.
+    pub xbzrle_pages: AtomicU64,
+    /// XBZRLE: bytes of deltas sent.
+    pub xbzrle_bytes: AtomicU64,
+    /// XBZRLE: pages not in the cache.
+    pub xbzrle_cache_miss: AtomicU64,
+    /// XBZRLE: deltas that would not fit.
+    pub xbzrle_overflow: AtomicU64,
+}
+
+/// XBZRLE settings, changeable while a migration runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XbzrleSettings {
+    /// Whether the capability is on (read when a migration begins).
+    pub enabled: bool,
+    /// Cache size in bytes (applies at once).
+    pub cache_size: u64,
+}
+
+impl Default for XbzrleSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            cache_size: xbzrle::DEFAULT_CACHE_SIZE,
+        }
+    }
+}
+
+/// One RAM region: a block in the stream.
+struct Block {
+    id: String,
+    start: u64,
+    pages: usize,
+    /// The migration bitmap: pages to send.
+    dirty: Vec<u64>,
+    /// Where the next search for a dirty page starts.
+    cursor: usize,
+}
+
+impl Block {
+    fn take_next_dirty(&mut self) -> Option<usize> {
+        let words = self.dirty.len();
+        let mut w = self.cursor / 64;
+        let mut first = true;
+        for _ in 0..=words {
+            if w >= words {
+                w = 0;
+            }
+            let mut word = self.dirty[w];
+            if first {
+                word &= !0u64 << (self.cursor % 64);
+                first = false;
+            }
+            if word != 0 {
+                let page = w * 64 + word.trailing_zeros() as usize;
+                if page < self.pages {
+                    self.dirty[w] &= !(1u64 << (page % 64));
+                    self.cursor = page + 1;
+                    return Some(page);
+                }
+            }
+            w += 1;
+        }
+        // The loop visits the cursor's word twice: masked first, whole on the way round.
+        None
+    }
+
+    fn count_dirty(&self) -> u64 {
+        self.dirty.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+}
+
+/// The live RAM section.
+pub struct RamSection {
+    memory: GuestMemoryMmap,
+    blocks: Vec<Block>,
+    dirty_log: Box<dyn DirtyLog>,
+    writer: RamRecordWriter,
+    reader: RamRecordReader,
+    settings: Arc<Mutex<XbzrleSettings>>,
+    cache: Option<XbzrleCache>,
+    counters: Arc<RamCounters>,
+    /// Pages copied into the output since the last confirmed flush: (block, page).
+    in_flight: Vec<(usize, usize)>,
+    bulk_stage: bool,
+    logging: bool,
+    last_sync: Option<Instant>,
+    page: Vec<u8>,
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets aligned middle.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+}
+
+/// The stream id of RAM region `index`: QEMU's main RAM block is `pc.ram`.
+fn block_id(index: usize) -> String {
+    match index {
+        0 => String::from("pc.ram"),
+        n => format!("pc.ram.{n}"),
+    }
+}
+
+impl RamSection {
+    /// A RAM section over `memory`, using `dirty_log` for KVM's dirty pages.
+    pub fn new(
+        memory: GuestMemoryMmap,
+        dirty_log: Box<dyn DirtyLog>,
+        settings: Arc<Mutex<XbzrleSettings>>,
+        counters: Arc<RamCounters>,
+    ) -> Self {
+        let blocks = memory
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let pages = (r.len() / PAGE_SIZE) as usize;
+                Block {
+                    id: block_id(i),
+                    start: r.start_addr().0,
+                    pages,
+                    dirty: vec![0; pages.div_ceil(64)],
+                    cursor: 0,
+                }
+            })
+            .collect();
+        Self {
+            memory,
+            blocks,
+            dirty_log,
+            writer: RamRecordWriter::new(),
+            reader: RamRecordReader::new(),
+            settings,
+            cache: None,
+            counters,
+            in_flight: Vec::new(),
+            bulk_stage: true,
+            logging: false,
+            last_sync: None,
+            page: vec![0; PAGE_SIZE as usize],
+        }
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| b.pages as u64 * PAGE_SIZE).sum()
+    }
+
+    fn remaining_pages(&self) -> u64 {
+        self.blocks.iter().map(Block::count_dirty).sum()
+    }
+
+    fn update_remaining(&self) {
+        self.counters
+            .remaining_pages
+            .store(self.remaining_pages(), Ordering::Relaxed);
+    }
+
+    /// Dirty sync: ORs KVM's log and the VMM's bitmap into the migration bitmap.
+    fn sync(&mut self) -> Result<(), SectionError> {
+        let mut found = 0u64;
+        for (i, region) in self.memory.iter().enumerate() {
+            let kvm = self.dirty_log.take_dirty(i)?;
+            let mmap: &MmapRegion<AtomicBitmap> = region;
+            let vmm = mmap.bitmap().get_and_reset();
+            let block = &mut self.blocks[i];
+            for (w, word) in block.dirty.iter_mut().enumerate() {
+                let new = kvm.get(w).copied().unwrap_or(0) | vmm.get(w).copied().unwrap_or(0);
+                found += u64::from((new & !*word).count_ones());
+                *word |= new;
+            }
+        }
+        let now = Instant::now();
+        let c = &self.counters;
+        c.dirty_sync_count.fetch_add(1, Ordering::Relaxed);
+        c.last_sync_dirty.store(found, Ordering::Relaxed);
+        if let Some(prev) = self.last_sync {
+            let secs = now.duration_since(prev).as_secs_f64();
+            if secs > 0.0 {
+                c.dirty_pages_rate
+                    .store((found as f64 / secs) as u64, Ordering::Relaxed);
+            }
+        }
+        self.last_sync = Some(now);
+        self.update_remaining();
+        Ok(())
+    }
+
+    /// Copies one page into the output as a ZERO, XBZRLE or PAGE record; returns bytes written.
+    fn send_page(
+        &mut self,
+        out: &mut dyn Write,
+        block: usize,
+        page: usize,
+        last_stage: bool,
+    ) -> Result<u64, SectionError> {
+        let b = &self.blocks[block];
+        let offset = page as u64 * PAGE_SIZE;
+        let addr = b.start + offset;
+        self.memory
+            .read_slice(&mut self.page, GuestAddress(addr))
+            .map_err(|e| SectionError::Io(std::io::Error::other(e)))?;
+        self.in_flight.push((block, page));
+        let id = self.blocks[block].id.clone();
+        let c = &self.counters;
+        let written = if is_zero(&self.page) {
+            if let Some(cache) = self.cache.as_mut() {
+                if !self.bulk_stage && !last_stage {
+                    cache.insert_zero(addr, c.dirty_sync_count.load(Ordering::Relaxed));
+                }
+            }
+            c.duplicate.fetch_add(1, Ordering::Relaxed);
+            self.writer.zero_page(out, &id, offset, 0)
+        } else {
+            let outcome = match self.cache.as_mut() {
+                Some(cache) if !self.bulk_stage => cache.encode_page(
+                    addr,
+                    &self.page,
+                    c.dirty_sync_count.load(Ordering::Relaxed),
+                    last_stage,
+                ),
+                _ => XbzrleOutcome::Miss,
+            };
+            match outcome {
+                XbzrleOutcome::Unchanged => return Ok(0),
+                XbzrleOutcome::Encoded(delta) => {
+                    c.xbzrle_pages.fetch_add(1, Ordering::Relaxed);
+                    c.xbzrle_bytes
+                        .fetch_add(delta.len() as u64, Ordering::Relaxed);
+                    self.writer.xbzrle_page(out, &id, offset, &delta)
+                }
+                other => {
+                    if self.cache.is_some() && !self.bulk_stage {
+                        match other {
+                            XbzrleOutcome::Overflow => c.xbzrle_overflow.fetch_add(1, Ordering::Relaxed),
+                            _ => c.xbzrle_cache_miss.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                    c.normal.fetch_add(1, Ordering::Relaxed);
+                    self.writer.page(out, &id, offset, &self.page)
+                }
+            }
+        }
+        .map_err(|e| SectionError::Io(std::io::Error::other(e)))? as u64;
+        c.transferred.fetch_add(written, Ordering::Relaxed);
+        Ok(written)
+    }
+
+    /// The next dirty page in block order, starting where the last search ended.
+    fn next_dirty(&mut self) -> Option<(usize, usize)> {
+        for i in 0..self.blocks.len() {
+            if let Some(page) = self.blocks[i].take_next_dirty() {
+                return Some((i, page));
+            }
+        }
+        None
+    }
+
+    fn apply_cache_size(&mut self) {
+        let want = self.settings.lock().unwrap_or_else(|e| e.into_inner()).cache_size;
+        if let Some(cache) = self.cache.as_mut() {
+            if cache.size() != want {
+                if let Err(e) = cache.set_size(want) {
+                    log::warn!("cannot resize the xbzrle cache: {e}");
+                }
+            }
+        }
+    }
+
+    fn stop_logging(&mut self) {
+        if self.logging {
+            if let Err(e) = self.dirty_log.set_logging(false) {
+                log::warn!("cannot switch dirty logging off: {e}");
+            }
+            self.logging = false;
+        }
+    }
+
+    fn check_offset(&self, block: &str, offset: u64) -> Result<(usize, u64), SectionError> {
+        let (i, b) = self
+            .blocks
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.id == block)
+            .ok_or_else(|| invalid(format!("unknown ram block {block}")))?;
+        if offset % PAGE_SIZE != 0 || offset / PAGE_SIZE >= b.pages as u64 {
+            return Err(invalid(format!("offset {offset:#x} outside ram block {block}")));
+        }
+        Ok((i, b.start + offset))
+    }
+}
+
+fn invalid(reason: String) -> SectionError {
+    SectionError::Invalid {
+        section: String::from("ram"),
+        reason,
+    }
+}
+
+impl LiveSection for RamSection {
+    fn begin(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+        let settings = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        self.cache = if settings.enabled {
+            Some(XbzrleCache::new(settings.cache_size).map_err(|e| SectionError::Unsupported(e.to_string()))?)
+        } else {
+            None
+        };
+        // Log first, then mark everything dirty: a write between the two is covered by both.
+        self.dirty_log.set_logging(true)?;
+        self.logging = true;
+        for (i, region) in self.memory.iter().enumerate() {
+            let mmap: &MmapRegion<AtomicBitmap> = region;
+            mmap.bitmap().reset();
+            let b = &mut self.blocks[i];
+            b.dirty.fill(!0);
+            if b.pages % 64 != 0 {
+                if let Some(last) = b.dirty.last_mut() {
+                    *last = (1u64 << (b.pages % 64)) - 1;
+                }
+            }
+            b.cursor = 0;
+        }
+        self.bulk_stage = true;
+        self.in_flight.clear();
+        self.writer.reset();
+        let c = &self.counters;
+        c.total.store(self.total_bytes(), Ordering::Relaxed);
+        c.dirty_sync_count.store(1, Ordering::Relaxed);
+        self.last_sync = Some(Instant::now());
+        self.update_remaining();
+        let blocks: Vec<RamBlockInfo> = self
+            .blocks
+            .iter()
+            .map(|b| RamBlockInfo {
+                id: b.id.clone(),
+                size: b.pages as u64 * PAGE_SIZE,
+            })
+            .collect();
+        let n = self
+            .writer
+            .mem_size(out, &blocks)
+            .and_then(|n| Ok(n + self.writer.eos(out)?))
+            .map_err(|e| SectionError::Io(std::io::Error::other(e)))?;
+        c.transferred.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn pending(&mut self, max_size: u64) -> u64 {
+        let mut remaining = self.remaining_pages() * PAGE_SIZE;
+        if remaining < max_size {
+            if let Err(e) = self.sync() {
+                log::warn!("dirty sync failed: {e}");
+            }
+            remaining = self.remaining_pages() * PAGE_SIZE;
+        }
+        remaining
+    }
+
+    fn iterate(&mut self, out: &mut dyn Write, budget: u64) -> Result<bool, SectionError> {
+        self.apply_cache_size();
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut pages = 0u64;
+        let done = loop {
+            if sent >= budget.max(1) {
+                break false;
+            }
+            // Check the clock every 64 pages, as QEMU does.
+            pages += 1;
+            if pages % 64 == 0 && start.elapsed() > MAX_ITERATE_TIME {
+                break false;
+            }
+            match self.next_dirty() {
+                Some((block, page)) => sent += self.send_page(out, block, page, false)?,
+                None => {
+                    // The first full pass is over: from now on XBZRLE applies.
+                    self.bulk_stage = false;
+                    break true;
+                }
+            }
+        };
+        let n = self
+            .writer
+            .eos(out)
+            .map_err(|e| SectionError::Io(std::io::Error::other(e)))?;
+        self.counters
+            .transferred
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.update_remaining();
+        Ok(done)
+    }
+
+    fn complete(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+        self.sync()?;
+        while let Some((block, page)) = self.next_dirty() {
+            self.send_page(out, block, page, true)?;
+        }
+        let n = self
+            .writer
+            .eos(out)
+            .map_err(|e| SectionError::Io(std::io::Error::other(e)))?;
+        self.counters
+            .transferred
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.update_remaining();
+        self.stop_logging();
+        Ok(())
+    }
+
+    fn flushed(&mut self) {
+        self.in_flight.clear();
+    }
+
+    fn flush_failed(&mut self) {
+        for (block, page) in self.in_flight.drain(..) {
+            self.blocks[block].dirty[page / 64] |= 1 << (page % 64);
+        }
+        self.update_remaining();
+    }
+
+    fn cancel(&mut self) {
+        self.flush_failed();
+        self.stop_logging();
+        self.cache = None;
+    }
+
+    fn load(&mut self, input: &mut dyn Read, version: u32) -> Result<(), SectionError> {
+        if version != RAM_SECTION_VERSION {
+            return Err(invalid(format!("unsupported ram section version {version}")));
+        }
+        loop {
+            let record = self
+                .reader
+                .read_record(input)
+                .map_err(|e| invalid(e.to_string()))?;
+            match record {
+                RamRecord::Eos => return Ok(()),
+                RamRecord::MemSize { blocks } => {
+                    let ours: Vec<(String, u64)> = self
+                        .blocks
+                        .iter()
+                        .map(|b| (b.id.clone(), b.pages as u64 * PAGE_SIZE))
+                        .collect();
+                    let theirs: Vec<(String, u64)> =
+                        blocks.into_iter().map(|b| (b.id, b.size)).collect();
+                    if ours != theirs {
+                        return Err(invalid(format!(
+                            "ram layout differs: source {theirs:?}, destination {ours:?} \
+                             (start the destination with the same --memory)"
+                        )));
+                    }
+                }
+                RamRecord::Zero { block, offset, fill } => {
+                    let (_, addr) = self.check_offset(&block, offset)?;
+                    self.memory
+                        .read_slice(&mut self.page, GuestAddress(addr))
+                        .map_err(|e| invalid(e.to_string()))?;
+                    // Writing zeros over a page that is already zero would only allocate it.
+                    if fill != 0 || !is_zero(&self.page) {
+                        self.page.fill(fill);
+                        self.memory
+                            .write_slice(&self.page, GuestAddress(addr))
+                            .map_err(|e| invalid(e.to_string()))?;
+                    }
+                }
+                RamRecord::Page {
+                    block,
+                    offset,
+                    data,
+                } => {
+                    let (_, addr) = self.check_offset(&block, offset)?;
+                    self.memory
+                        .write_slice(&data, GuestAddress(addr))
+                        .map_err(|e| invalid(e.to_string()))?;
+                }
+                RamRecord::Xbzrle {
+                    block,
+                    offset,
+                    data,
+                } => {
+                    let (_, addr) = self.check_offset(&block, offset)?;
+                    self.memory
+                        .read_slice(&mut self.page, GuestAddress(addr))
+                        .map_err(|e| invalid(e.to_string()))?;
+                    xbzrle::decode(&data, &mut self.page).map_err(|e| invalid(e.to_string()))?;
+                    self.memory
+                        .write_slice(&self.page, GuestAddress(addr))
+                        .map_err(|e| invalid(e.to_string()))?;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ram_format::RamRecordReader;
+
+    /// A dirty log whose bits the test sets by hand.
+    struct FakeLog(Arc<Mutex<Vec<Vec<u64>>>>);
+
+    impl DirtyLog for FakeLog {
+        fn set_logging(&mut self, _on: bool) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn take_dirty(&mut self, index: usize) -> std::io::Result<Vec<u64>> {
+            let mut l = self.0.lock().unwrap();
+            Ok(std::mem::take(&mut l[index]))
+        }
+    }
+
+    fn section(mem: &GuestMemoryMmap, xbzrle: bool) -> (RamSection, Arc<Mutex<Vec<Vec<u64>>>>) {
+        let log = Arc::new(Mutex::new(vec![Vec::new(); mem.num_regions()]));
+        let settings = Arc::new(Mutex::new(XbzrleSettings {
+            enabled: xbzrle,
+            cache_size: 1 << 20,
+        }));
+        let s = RamSection::new(
+            mem.clone(),
+            Box::new(FakeLog(log.clone())),
+            settings,
+            Arc::new(RamCounters::default()),
+        );
+        (s, log)
+    }
+
+    fn mem(size: usize) -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    }
+
+    /// Runs a whole migration of `src` into `dst` with `rounds` of guest writes in between.
+    fn migrate(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, xbzrle: bool, rounds: u64) -> Arc<RamCounters> {
+        let (mut s, log) = section(src, xbzrle);
+        let (mut d, _) = section(dst, xbzrle);
+        let mut out = Vec::new();
+        s.begin(&mut out).unwrap();
+        for round in 0..rounds {
+            while !s.iterate(&mut out, 64 << 10).unwrap() {}
+            // The guest writes a few pages (KVM log) and the VMM one (vm-memory bitmap).
+            for p in [3u64, 7, 8] {
+                src.write_obj(round * 1000 + p, GuestAddress(p * PAGE_SIZE + 8)).unwrap();
+                log.lock().unwrap()[0] = vec![(1 << 3) | (1 << 7) | (1 << 8)];
+            }
+            src.write_obj(0xabcdu64 + round, GuestAddress(20 * PAGE_SIZE)).unwrap();
+            assert!(s.pending(u64::MAX) >= 4 * PAGE_SIZE);
+        }
+        s.complete(&mut out).unwrap();
+        let mut input = &out[..];
+        while !input.is_empty() {
+            d.load(&mut input, RAM_SECTION_VERSION).unwrap();
+        }
+        s.counters.clone()
+    }
+
+    fn same(a: &GuestMemoryMmap, b: &GuestMemoryMmap, len: usize) {
+        let (mut x, mut y) = (vec![0u8; len], vec![0u8; len]);
+        a.read_slice(&mut x, GuestAddress(0)).unwrap();
+        b.read_slice(&mut y, GuestAddress(0)).unwrap();
+        assert!(x == y, "memory differs");
+    }
+
+    #[test]
+    fn pre_copy_transfers_every_write() {
+        for xbzrle in [false, true] {
+            let src = mem(1 << 20);
+            let dst = mem(1 << 20);
+            src.write_slice(&[0x5a; 4096], GuestAddress(0x3000)).unwrap();
+            let c = migrate(&src, &dst, xbzrle, 3);
+            same(&src, &dst, 1 << 20);
+            let total = c.total.load(Ordering::Relaxed) / PAGE_SIZE;
+            let sent = c.duplicate.load(Ordering::Relaxed) + c.normal.load(Ordering::Relaxed);
+            assert!(sent >= total, "{sent} < {total}");
+            assert_eq!(c.remaining_pages.load(Ordering::Relaxed), 0);
+            if xbzrle {
+                assert!(c.xbzrle_pages.load(Ordering::Relaxed) > 0);
+            }
+        }
+    }
+
+    #[test]
+    fn failed_flush_puts_pages_back() {
+        let src = mem(64 << 10);
+        let (mut s, _) = section(&src, false);
+        let mut out = Vec::new();
+        s.begin(&mut out).unwrap();
+        assert!(s.iterate(&mut out, u64::MAX).unwrap());
+        assert_eq!(s.remaining_pages(), 0);
+        s.flush_failed();
+        assert_eq!(s.remaining_pages(), 16);
+        s.flushed();
+        assert!(s.iterate(&mut out, u64::MAX).unwrap());
+        s.flushed();
+        s.flush_failed();
+        assert_eq!(s.remaining_pages(), 0);
+    }
+
+    #[test]
+    fn cursor_wraps_and_finds_every_page() {
+        let mut b = Block {
+            id: String::from("x"),
+            start: 0,
+            pages: 130,
+            dirty: vec![0; 3],
+            cursor: 70,
+        };
+        for p in [1usize, 64, 69, 70, 129] {
+            b.dirty[p / 64] |= 1 << (p % 64);
+        }
+        let mut got = Vec::new();
+        while let Some(p) = b.take_next_dirty() {
+            got.push(p);
+        }
+        assert_eq!(got, vec![70, 129, 1, 64, 69]);
+    }
+
+    #[test]
+    fn load_rejects_bad_input() {
+        let dst = mem(64 << 10);
+        let (mut d, _) = section(&dst, false);
+        // A page beyond the block.
+        let mut w = RamRecordWriter::new();
+        let mut bad = Vec::new();
+        w.page(&mut bad, "pc.ram", 64 << 10, &[1; 4096]).unwrap();
+        assert!(d.load(&mut &bad[..], RAM_SECTION_VERSION).is_err());
+        // A different memory size.
+        let mut w = RamRecordWriter::new();
+        let mut bad = Vec::new();
+        w.mem_size(&mut bad, &[RamBlockInfo { id: String::from("pc.ram"), size: 128 << 10 }]).unwrap();
+        assert!(d.load(&mut &bad[..], RAM_SECTION_VERSION).is_err());
+        // Truncated.
+        let mut w = RamRecordWriter::new();
+        let mut ok = Vec::new();
+        w.page(&mut ok, "pc.ram", 0, &[1; 4096]).unwrap();
+        assert!(d.load(&mut &ok[..100], RAM_SECTION_VERSION).is_err());
+        assert!(d.load(&mut &ok[..], 3).is_err());
+        let _ = RamRecordReader::new();
+    }
+}

@@ -1,0 +1,516 @@
+//! The savevm handler registry, after QEMU's `savevm_state.handlers`: every migratable component
+//! registers one section (id string, instance id, version) and the registry drives them all —
+//! writing a stream on the source, dispatching one on the destination.
+//!
+//! Components that cannot be migrated register a *blocker* instead (QEMU's
+//! `migrate_add_blocker`); `migrate` refuses to start while any blocker is registered.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+
+use crate::stream::{Record, StreamError, StreamReader, StreamWriter};
+use crate::{LiveSection, SectionError, Snapshot};
+
+/// Errors driving the registered sections.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The stream framing is broken.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// A section's handler failed.
+    #[error("section {idstr} (instance {instance}): {source}")]
+    Section {
+        /// The section's id string.
+        idstr: String,
+        /// Its instance id.
+        instance: u32,
+        /// What failed.
+        #[source]
+        source: SectionError,
+    },
+    /// The stream has a section nobody registered.
+    #[error("unknown section {idstr} (instance {instance})")]
+    UnknownSection {
+        /// The section's id string.
+        idstr: String,
+        /// Its instance id.
+        instance: u32,
+    },
+    /// The stream's section is newer than this side understands.
+    #[error("section {idstr} version {version} is newer than supported version {supported}")]
+    UnsupportedVersion {
+        /// The section's id string.
+        idstr: String,
+        /// The stream's version.
+        version: u32,
+        /// The highest version registered here.
+        supported: u32,
+    },
+    /// A PART or END for a section that never started.
+    #[error("section id {0} was never started")]
+    UnknownSectionId(u32),
+    /// A live section sent as FULL or the other way round.
+    #[error("section {0} has the wrong kind (live vs. full)")]
+    WrongKind(String),
+    /// The stream ended without sections this side needs.
+    #[error("stream ended without sections: {0}")]
+    Missing(String),
+}
+
+/// What a registered section does.
+pub enum Handler {
+    /// Sent in rounds while the guest runs.
+    Live(Box<dyn LiveSection>),
+    /// Sent once, with the guest stopped.
+    Snapshot(Box<dyn Snapshot>),
+}
+
+struct Entry {
+    section_id: u32,
+    idstr: String,
+    instance: u32,
+    version: u32,
+    handler: Handler,
+}
+
+impl Entry {
+    fn err(&self, source: SectionError) -> RegistryError {
+        RegistryError::Section {
+            idstr: self.idstr.clone(),
+            instance: self.instance,
+            source,
+        }
+    }
+}
+
+/// A blocker's handle, to remove it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BlockerId(u64);
+
+/// The registered sections, in registration order (which is stream order).
+#[derive(Default)]
+pub struct Registry {
+    entries: Vec<Entry>,
+    blockers: BTreeMap<BlockerId, String>,
+    next_blocker: u64,
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn push(&mut self, idstr: &str, instance: u32, version: u32, handler: Handler) {
+        self.entries.push(Entry {
+            section_id: self.entries.len() as u32,
+            idstr: idstr.to_string(),
+            instance,
+            version,
+            handler,
+        });
+    }
+
+    /// Registers a live section.
+    pub fn register_live(
+        &mut self,
+        idstr: &str,
+        instance: u32,
+        version: u32,
+        h: Box<dyn LiveSection>,
+    ) {
+        self.push(idstr, instance, version, Handler::Live(h));
+    }
+
+    /// Registers a section sent once at the end.
+    pub fn register(&mut self, idstr: &str, instance: u32, version: u32, h: Box<dyn Snapshot>) {
+        self.push(idstr, instance, version, Handler::Snapshot(h));
+    }
+
+    /// Registers a reason why the VM cannot be migrated now.
+    pub fn add_blocker(&mut self, reason: impl Into<String>) -> BlockerId {
+        let id = BlockerId(self.next_blocker);
+        self.next_blocker += 1;
+        self.blockers.insert(id, reason.into());
+        id
+    }
+
+    /// Removes a blocker.
+    pub fn remove_blocker(&mut self, id: BlockerId) {
+        self.blockers.remove(&id);
+    }
+
+    /// The first reason migration is blocked, if any.
+    pub fn blocker(&self) -> Option<&str> {
+        self.blockers.values().next().map(String::as_str)
+    }
+
+    fn live(&mut self) -> impl Iterator<Item = (u32, &mut Box<dyn LiveSection>, &str, u32)> {
+        self.entries.iter_mut().filter_map(|e| match &mut e.handler {
+            Handler::Live(h) => Some((e.section_id, h, e.idstr.as_str(), e.instance)),
+            Handler::Snapshot(_) => None,
+        })
+    }
+
+    /// Source: the stream header and every live section's START.
+    pub fn begin<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), RegistryError> {
+        w.header()?;
+        for e in &mut self.entries {
+            if let Handler::Live(h) = &mut e.handler {
+                w.section_start(e.section_id, &e.idstr, e.instance, e.version)?;
+                let result = h.begin(w);
+                result.map_err(|source| RegistryError::Section {
+                    idstr: e.idstr.clone(),
+                    instance: e.instance,
+                    source,
+                })?;
+                w.footer(e.section_id)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Source: bytes the live sections still have to send.
+    pub fn pending(&mut self, max_size: u64) -> u64 {
+        self.live().map(|(_, h, _, _)| h.pending(max_size)).sum()
+    }
+
+    /// Source: one PART of every live section; true when all have nothing left this round.
+    pub fn iterate<W: Write>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+        budget: u64,
+    ) -> Result<bool, RegistryError> {
+        let mut all_done = true;
+        for (id, h, idstr, instance) in self.live() {
+            w.section_part(id)?;
+            let done = h.iterate(w, budget).map_err(|source| RegistryError::Section {
+                idstr: idstr.to_string(),
+                instance,
+                source,
+            })?;
+            w.footer(id)?;
+            all_done &= done;
+        }
+        Ok(all_done)
+    }
+
+    /// Source, guest stopped: every live section's END, every other section in full, EOF and
+    /// the VM description.
+    pub fn complete<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), RegistryError> {
+        for e in &mut self.entries {
+            match &mut e.handler {
+                Handler::Live(h) => {
+                    w.section_end(e.section_id)?;
+                    let result = h.complete(w);
+                    result.map_err(|source| RegistryError::Section {
+                        idstr: e.idstr.clone(),
+                        instance: e.instance,
+                        source,
+                    })?;
+                    w.footer(e.section_id)?;
+                }
+                Handler::Snapshot(h) => {
+                    let data = h.save().map_err(|source| RegistryError::Section {
+                        idstr: e.idstr.clone(),
+                        instance: e.instance,
+                        source,
+                    })?;
+                    w.section_full(e.section_id, &e.idstr, e.instance, e.version, &data)?;
+                }
+            }
+        }
+        w.eof_with_description()?;
+        Ok(())
+    }
+
+    /// Source: the buffered output reached the transport.
+    pub fn flushed(&mut self) {
+        self.live().for_each(|(_, h, _, _)| h.flushed());
+    }
+
+    /// Source: the buffered output could not be sent.
+    pub fn flush_failed(&mut self) {
+        self.live().for_each(|(_, h, _, _)| h.flush_failed());
+    }
+
+    /// Source: the migration ended without completing.
+    pub fn cancel(&mut self) {
+        self.live().for_each(|(_, h, _, _)| h.cancel());
+    }
+
+    fn find(&self, idstr: &str, instance: u32) -> Result<usize, RegistryError> {
+        self.entries
+            .iter()
+            .position(|e| e.idstr == idstr && e.instance == instance)
+            .ok_or_else(|| RegistryError::UnknownSection {
+                idstr: idstr.to_string(),
+                instance,
+            })
+    }
+
+    /// Destination: one START or FULL section (header already read).
+    fn load_section<R: Read>(
+        &mut self,
+        r: &mut StreamReader<R>,
+        started: &mut HashMap<u32, (usize, u32)>,
+        seen: &mut [bool],
+        (id, idstr, instance, version): (u32, String, u32, u32),
+        full: bool,
+    ) -> Result<(), RegistryError> {
+        let index = self.find(&idstr, instance)?;
+        let entry = &mut self.entries[index];
+        if version > entry.version {
+            return Err(RegistryError::UnsupportedVersion {
+                idstr,
+                version,
+                supported: entry.version,
+            });
+        }
+        seen[index] = true;
+        let result = match (&mut entry.handler, full) {
+            (Handler::Snapshot(h), true) => {
+                let data = r.read_full_data()?;
+                h.restore(&data, version)
+            }
+            (Handler::Live(h), false) => {
+                started.insert(id, (index, version));
+                h.load(r, version)
+            }
+            _ => return Err(RegistryError::WrongKind(idstr)),
+        };
+        result.map_err(|source| entry.err(source))?;
+        r.expect_footer(id)?;
+        Ok(())
+    }
+
+    /// Destination: reads a whole stream, handing every section to its handler.
+    ///
+    /// Every registered section must appear in the stream; an unknown section, a newer
+    /// version, a broken footer or a handler's error ends the load with an error.
+    pub fn load<R: Read>(&mut self, r: &mut StreamReader<R>) -> Result<(), RegistryError> {
+        // Stream section id → (entry index, stream version).
+        let mut started: HashMap<u32, (usize, u32)> = HashMap::new();
+        let mut seen = vec![false; self.entries.len()];
+        while let Some(record) = r.next_record()? {
+            match record {
+                Record::Header | Record::VmDescription(_) => {}
+                Record::Eof => {}
+                Record::Footer { id } => return Err(StreamError::BadFooter {
+                    expected: id,
+                    found: String::from("a footer outside a section"),
+                }
+                .into()),
+                Record::SectionStart {
+                    id,
+                    idstr,
+                    instance,
+                    version,
+                } => self.load_section(r, &mut started, &mut seen, (id, idstr, instance, version), false)?,
+                Record::SectionFull {
+                    id,
+                    idstr,
+                    instance,
+                    version,
+                } => self.load_section(r, &mut started, &mut seen, (id, idstr, instance, version), true)?,
+                Record::SectionPart { id } | Record::SectionEnd { id } => {
+                    let (index, version) = *started
+                        .get(&id)
+                        .ok_or(RegistryError::UnknownSectionId(id))?;
+                    let entry = &mut self.entries[index];
+                    if let Handler::Live(h) = &mut entry.handler {
+                        let result = h.load(r, version);
+                        result.map_err(|source| entry.err(source))?;
+                    }
+                    r.expect_footer(id)?;
+                }
+            }
+        }
+        let missing: Vec<String> = self
+            .entries
+            .iter()
+            .zip(&seen)
+            .filter(|(_, seen)| !**seen)
+            .map(|(e, _)| format!("{} {}", e.idstr, e.instance))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(RegistryError::Missing(missing.join(", ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// A snapshot section holding a byte vector shared with the test.
+    struct Blob(Arc<Mutex<Vec<u8>>>);
+
+    impl Snapshot for Blob {
+        fn save(&mut self) -> Result<Vec<u8>, SectionError> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        fn restore(&mut self, data: &[u8], _version: u32) -> Result<(), SectionError> {
+            if data.first() == Some(&0xff) {
+                return Err(SectionError::Unsupported(String::from("bad blob")));
+            }
+            *self.0.lock().unwrap() = data.to_vec();
+            Ok(())
+        }
+    }
+
+    /// A live section counting up to `rounds` parts of one byte each.
+    struct Counter {
+        rounds: u8,
+        sent: u8,
+        received: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl LiveSection for Counter {
+        fn pending(&mut self, _max: u64) -> u64 {
+            u64::from(self.rounds - self.sent)
+        }
+        fn iterate(&mut self, out: &mut dyn Write, _budget: u64) -> Result<bool, SectionError> {
+            self.sent += 1;
+            out.write_all(&[self.sent])?;
+            Ok(self.sent == self.rounds)
+        }
+        fn complete(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+            out.write_all(&[0xee])?;
+            Ok(())
+        }
+        fn load(&mut self, input: &mut dyn Read, _version: u32) -> Result<(), SectionError> {
+            let mut b = [0u8];
+            if self.received.lock().unwrap().is_empty() && self.sent == 0 {
+                // START carries no body.
+                self.sent = 1;
+                return Ok(());
+            }
+            input.read_exact(&mut b)?;
+            self.received.lock().unwrap().push(b[0]);
+            Ok(())
+        }
+    }
+
+    fn pair() -> (Registry, Arc<Mutex<Vec<u8>>>, Arc<Mutex<Vec<u8>>>) {
+        let blob = Arc::new(Mutex::new(Vec::new()));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let mut r = Registry::new();
+        r.register_live(
+            "counter",
+            0,
+            1,
+            Box::new(Counter {
+                rounds: 3,
+                sent: 0,
+                received: received.clone(),
+            }),
+        );
+        r.register("blob", 0, 2, Box::new(Blob(blob.clone())));
+        (r, blob, received)
+    }
+
+    fn stream() -> Vec<u8> {
+        let (mut src, blob, _) = pair();
+        *blob.lock().unwrap() = vec![1, 2, 3];
+        let mut w = StreamWriter::new(Vec::new());
+        src.begin(&mut w).unwrap();
+        assert_eq!(src.pending(0), 3);
+        while !src.iterate(&mut w, 1).unwrap() {}
+        src.complete(&mut w).unwrap();
+        w.into_inner()
+    }
+
+    #[test]
+    fn round_trip() {
+        let bytes = stream();
+        let (mut dst, blob, received) = pair();
+        dst.load(&mut StreamReader::new(&bytes[..])).unwrap();
+        assert_eq!(*blob.lock().unwrap(), vec![1, 2, 3]);
+        assert_eq!(*received.lock().unwrap(), vec![1, 2, 3, 0xee]);
+    }
+
+    #[test]
+    fn unknown_missing_and_newer_sections_fail() {
+        let bytes = stream();
+        // A destination without the blob section.
+        let mut only_live = Registry::new();
+        only_live.register_live(
+            "counter",
+            0,
+            1,
+            Box::new(Counter {
+                rounds: 3,
+                sent: 0,
+                received: Arc::new(Mutex::new(Vec::new())),
+            }),
+        );
+        assert!(matches!(
+            only_live.load(&mut StreamReader::new(&bytes[..])),
+            Err(RegistryError::UnknownSection { .. })
+        ));
+        // A destination with an extra section the stream lacks.
+        let (mut extra, _, _) = pair();
+        extra.register("more", 0, 1, Box::new(Blob(Arc::new(Mutex::new(Vec::new())))));
+        assert!(matches!(
+            extra.load(&mut StreamReader::new(&bytes[..])),
+            Err(RegistryError::Missing(_))
+        ));
+        // A destination that only knows version 1 of the blob.
+        let mut old = Registry::new();
+        old.register_live(
+            "counter",
+            0,
+            1,
+            Box::new(Counter {
+                rounds: 3,
+                sent: 0,
+                received: Arc::new(Mutex::new(Vec::new())),
+            }),
+        );
+        old.register("blob", 0, 1, Box::new(Blob(Arc::new(Mutex::new(Vec::new())))));
+        assert!(matches!(
+            old.load(&mut StreamReader::new(&bytes[..])),
+            Err(RegistryError::UnsupportedVersion { .. })
+        ));
+    }
+
+    #[test]
+    fn truncated_and_corrupted_streams_fail() {
+        let bytes = stream();
+        // Everything before the (optional) VM description is needed.
+        let desc_start = (0..bytes.len() - 6)
+            .rev()
+            .find(|&i| {
+                bytes[i] == 0 && bytes[i + 1] == 6 && {
+                    let n = u32::from_be_bytes(bytes[i + 2..i + 6].try_into().unwrap()) as usize;
+                    i + 6 + n == bytes.len()
+                }
+            })
+            .unwrap();
+        for len in 0..desc_start {
+            let (mut dst, _, _) = pair();
+            assert!(dst.load(&mut StreamReader::new(&bytes[..len])).is_err(), "len {len}");
+        }
+        for i in 8..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0xff;
+            let (mut dst, _, _) = pair();
+            // Must not panic; most corruptions are errors.
+            let _ = dst.load(&mut StreamReader::new(&bad[..]));
+        }
+    }
+
+    #[test]
+    fn blockers() {
+        let mut r = Registry::new();
+        assert_eq!(r.blocker(), None);
+        let a = r.add_blocker("device x cannot migrate");
+        assert_eq!(r.blocker(), Some("device x cannot migrate"));
+        r.remove_blocker(a);
+        assert_eq!(r.blocker(), None);
+    }
+}

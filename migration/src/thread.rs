@@ -1,0 +1,634 @@
+//! The migration thread and its state machine, after QEMU's 2013 `migration_thread`.
+//!
+//! States: `setup` → `active` → `completed` | `failed` | `cancelled` (via `cancelling`).
+//!
+//! The thread holds the big VMM lock while it runs the sections' hooks — *begin*, then in a loop
+//! *pending* and either *iterate* (send a bounded batch) or, once what is pending fits in
+//! `max_size` = bandwidth × max downtime, stop the vCPUs and *complete*. The sections write into
+//! an in-memory buffer; the thread flushes it to the transport *outside* the lock, so a slow
+//! network never blocks a vCPU that needs the lock for a port access. Every 100 ms it measures
+//! the bandwidth actually achieved and recomputes `max_size`; when a slot's byte budget
+//! (bandwidth limit / 10) is spent it sleeps until the slot ends.
+//!
+//! Downtime is the time from stopping the vCPUs to completion; total time runs from `migrate`
+//! to completion. A failed or cancelled migration restarts the vCPUs if they had been running.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::ram::{RamCounters, XbzrleSettings};
+use crate::rate_limit::{BufferedOutput, RateLimiter};
+use crate::registry::Registry;
+use crate::stream::StreamWriter;
+
+/// Default bandwidth limit: 32 MiB/s, as QEMU's `MAX_THROTTLE` of 2013.
+pub const DEFAULT_MAX_BANDWIDTH: u64 = 32 << 20;
+/// Default maximum downtime: 30 ms, as QEMU's `DEFAULT_MIGRATE_SET_DOWNTIME`.
+pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 30;
+/// How often the bandwidth is measured: QEMU's `BUFFER_DELAY`.
+pub const SLOT: Duration = Duration::from_millis(100);
+/// Bytes one iteration may send when there is no bandwidth limit.
+const UNLIMITED_BATCH: u64 = 16 << 20;
+
+/// Errors starting a migration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MigrationError {
+    /// One is already running.
+    #[error("There's a migration process in progress")]
+    InProgress,
+    /// A component cannot be migrated.
+    #[error("{0}")]
+    Blocked(String),
+    /// The thread could not be started.
+    #[error("cannot start the migration thread: {0}")]
+    Thread(String),
+}
+
+/// A migration's state, with QEMU's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationStatus {
+    /// No migration has run.
+    None,
+    /// Setting up (sections' begin).
+    Setup,
+    /// Sending.
+    Active,
+    /// Cancel requested.
+    Cancelling,
+    /// Cancelled; the source runs on.
+    Cancelled,
+    /// Done; the source stays paused.
+    Completed,
+    /// Failed; the source runs on.
+    Failed,
+}
+
+impl MigrationStatus {
+    /// QEMU's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Active => "active",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// True while a migration is under way.
+    pub fn is_running(self) -> bool {
+        matches!(self, Self::Setup | Self::Active | Self::Cancelling)
+    }
+}
+
+/// What the state-change notifiers hear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationEvent {
+    /// The status changed.
+    Status(MigrationStatus),
+    /// A dirty sync started pass `n` over RAM (QEMU's `MIGRATION_PASS`).
+    Pass(u64),
+}
+
+/// What the migration thread needs from the VMM.
+pub trait MigrationHost: Send + Sync + 'static {
+    /// What the big lock protects.
+    type Locked: Send + 'static;
+
+    /// The big VMM lock.
+    fn big_lock(&self) -> &Mutex<Self::Locked>;
+
+    /// The registered sections (locked after the big lock, never before it).
+    fn registry(&self) -> &Mutex<Registry>;
+
+    /// Stops the vCPUs; may release the big lock while it waits. Returns whether they were
+    /// running.
+    fn stop_vm<'a>(
+        &self,
+        g: MutexGuard<'a, Self::Locked>,
+    ) -> (MutexGuard<'a, Self::Locked>, bool);
+
+    /// Restarts the vCPUs.
+    fn resume_vm(&self, g: &mut Self::Locked);
+
+    /// The migration completed: the source enters `postmigrate`.
+    fn completed(&self, g: &mut Self::Locked);
+}
+
+/// One 100 ms slot of the migration, for the timeline.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct SlotRecord {
+    /// End of the slot, in ms since `migrate`.
+    pub t_ms: f64,
+    /// Bytes sent in the slot.
+    pub bytes: u64,
+    /// Bytes pending at the end of the slot.
+    pub pending: u64,
+    /// Pages the dirty syncs in this slot found.
+    pub dirty_pages: u64,
+    /// Measured bandwidth, bytes per second.
+    pub bandwidth: f64,
+    /// The completion threshold computed from it, bytes.
+    pub max_size: u64,
+    /// The pass (dirty sync count) at the end of the slot.
+    pub pass: u64,
+}
+
+/// A whole migration's timeline.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Timeline {
+    /// Every slot.
+    pub slots: Vec<SlotRecord>,
+    /// When each pass began, ms since `migrate`.
+    pub passes: Vec<(u64, f64)>,
+    /// When setup ended.
+    pub setup_ms: Option<f64>,
+    /// When the vCPUs were stopped.
+    pub stop_ms: Option<f64>,
+    /// When the migration ended.
+    pub end_ms: Option<f64>,
+}
+
+/// What `query-migrate` reports.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MigrationInfo {
+    /// The state.
+    pub status: MigrationStatus,
+    /// ms from `migrate` to now, or to completion.
+    pub total_time_ms: u64,
+    /// ms spent in setup.
+    pub setup_time_ms: u64,
+    /// While active: the downtime expected at the current bandwidth, ms.
+    pub expected_downtime_ms: u64,
+    /// Once completed: the actual downtime, ms.
+    pub downtime_ms: u64,
+    /// Measured throughput, Mbit/s.
+    pub mbps: f64,
+    /// Bytes written to the transport (all sections).
+    pub transferred: u64,
+    /// RAM bytes still dirty.
+    pub remaining: u64,
+    /// Guest RAM size.
+    pub total: u64,
+    /// Zero pages sent.
+    pub duplicate: u64,
+    /// Full pages sent.
+    pub normal: u64,
+    /// Bytes of full pages sent.
+    pub normal_bytes: u64,
+    /// Dirty pages per second.
+    pub dirty_pages_rate: u64,
+    /// Dirty syncs.
+    pub dirty_sync_count: u64,
+    /// XBZRLE on for this migration.
+    pub xbzrle: bool,
+    /// XBZRLE cache size.
+    pub xbzrle_cache_size: u64,
+    /// XBZRLE pages sent.
+    pub xbzrle_pages: u64,
+    /// XBZRLE bytes sent.
+    pub xbzrle_bytes: u64,
+    /// XBZRLE cache misses.
+    pub xbzrle_cache_miss: u64,
+    /// XBZRLE overflows.
+    pub xbzrle_overflow: u64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+type Notifier = Box<dyn Fn(&MigrationEvent) + Send + Sync>;
+type Canceller = Box<dyn Fn() + Send + Sync>;
+
+struct Inner {
+    status: MigrationStatus,
+    start: Option<Instant>,
+    setup_time: Duration,
+    total_time: Duration,
+    downtime: Duration,
+    expected_downtime: Duration,
+    mbps: f64,
+    transferred: u64,
+    max_bandwidth: u64,
+    downtime_limit_ms: u64,
+    xbzrle_on: bool,
+    error: Option<String>,
+    timeline: Timeline,
+    canceller: Option<Canceller>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A VM's migration state: parameters, the current (or last) migration, and its thread.
+pub struct Migration {
+    inner: Mutex<Inner>,
+    /// RAM counters, shared with the RAM section.
+    pub ram: Arc<RamCounters>,
+    /// XBZRLE capability and cache size, shared with the RAM section.
+    pub xbzrle: Arc<Mutex<XbzrleSettings>>,
+    notifiers: Mutex<Vec<Notifier>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+impl Default for Migration {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Migration {
+    /// No migration yet, default parameters.
+    pub fn new() -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                status: MigrationStatus::None,
+                start: None,
+                setup_time: Duration::ZERO,
+                total_time: Duration::ZERO,
+                downtime: Duration::ZERO,
+                expected_downtime: Duration::ZERO,
+                mbps: 0.0,
+                transferred: 0,
+                max_bandwidth: DEFAULT_MAX_BANDWIDTH,
+                downtime_limit_ms: DEFAULT_DOWNTIME_LIMIT_MS,
+                xbzrle_on: false,
+                error: None,
+                timeline: Timeline::default(),
+                canceller: None,
+                thread: None,
+            }),
+            ram: Arc::new(RamCounters::default()),
+            xbzrle: Arc::new(Mutex::new(XbzrleSettings::default())),
+            notifiers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Adds a state-change notifier (events, run state).
+    pub fn add_notifier(&self, f: impl Fn(&MigrationEvent) + Send + Sync + 'static) {
+        lock(&self.notifiers).push(Box::new(f));
+    }
+
+    fn notify(&self, e: MigrationEvent) {
+        for n in lock(&self.notifiers).iter() {
+            n(&e);
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> MigrationStatus {
+        lock(&self.inner).status
+    }
+
+    /// Sets the status and tells the notifiers; a cancel request wins over `active`.
+    fn set_status(&self, status: MigrationStatus) {
+        {
+            let mut i = lock(&self.inner);
+            if i.status == status
+                || (i.status == MigrationStatus::Cancelling && status == MigrationStatus::Active)
+            {
+                return;
+            }
+            i.status = status;
+        }
+        self.notify(MigrationEvent::Status(status));
+    }
+
+    /// Bandwidth limit in bytes per second (0 = unlimited).
+    pub fn max_bandwidth(&self) -> u64 {
+        lock(&self.inner).max_bandwidth
+    }
+
+    /// Sets the bandwidth limit; a running migration uses it from its next slot on.
+    pub fn set_max_bandwidth(&self, bytes_per_second: u64) {
+        lock(&self.inner).max_bandwidth = bytes_per_second;
+    }
+
+    /// Maximum downtime in ms.
+    pub fn downtime_limit_ms(&self) -> u64 {
+        lock(&self.inner).downtime_limit_ms
+    }
+
+    /// Sets the maximum downtime.
+    pub fn set_downtime_limit_ms(&self, ms: u64) {
+        lock(&self.inner).downtime_limit_ms = ms;
+    }
+
+    /// The timeline of the current or last migration.
+    pub fn timeline(&self) -> Timeline {
+        lock(&self.inner).timeline.clone()
+    }
+
+    /// What `query-migrate` reports.
+    pub fn info(&self) -> MigrationInfo {
+        let i = lock(&self.inner);
+        let c = &self.ram;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        let total_time = match (i.status.is_running(), i.start) {
+            (true, Some(start)) => start.elapsed(),
+            _ => i.total_time,
+        };
+        let cache_size = lock(&self.xbzrle).cache_size;
+        MigrationInfo {
+            status: i.status,
+            total_time_ms: total_time.as_millis() as u64,
+            setup_time_ms: i.setup_time.as_millis() as u64,
+            expected_downtime_ms: i.expected_downtime.as_millis() as u64,
+            downtime_ms: i.downtime.as_millis() as u64,
+            mbps: i.mbps,
+            transferred: i.transferred,
+            remaining: get(&c.remaining_pages) * crate::ram::PAGE_SIZE,
+            total: get(&c.total),
+            duplicate: get(&c.duplicate),
+            normal: get(&c.normal),
+            normal_bytes: get(&c.normal) * crate::ram::PAGE_SIZE,
+            dirty_pages_rate: get(&c.dirty_pages_rate),
+            dirty_sync_count: get(&c.dirty_sync_count),
+            xbzrle: i.xbzrle_on,
+            xbzrle_cache_size: cache_size,
+            xbzrle_pages: get(&c.xbzrle_pages),
+            xbzrle_bytes: get(&c.xbzrle_bytes),
+            xbzrle_cache_miss: get(&c.xbzrle_cache_miss),
+            xbzrle_overflow: get(&c.xbzrle_overflow),
+            error: i.error.clone(),
+        }
+    }
+
+    /// Starts a migration to `out`. `canceller` interrupts a blocked write (it shuts the
+    /// transport down) when the migration is cancelled.
+    pub fn start<H: MigrationHost>(
+        self: &Arc<Self>,
+        host: Arc<H>,
+        out: Box<dyn Write + Send>,
+        canceller: Option<Canceller>,
+    ) -> Result<(), MigrationError> {
+        {
+            let mut i = lock(&self.inner);
+            if i.status.is_running() {
+                return Err(MigrationError::InProgress);
+            }
+            if let Some(reason) = lock(host.registry()).blocker() {
+                return Err(MigrationError::Blocked(reason.to_string()));
+            }
+            if let Some(t) = i.thread.take() {
+                let _ = t.join();
+            }
+            for a in [
+                &self.ram.transferred,
+                &self.ram.duplicate,
+                &self.ram.normal,
+                &self.ram.remaining_pages,
+                &self.ram.dirty_sync_count,
+                &self.ram.last_sync_dirty,
+                &self.ram.dirty_pages_rate,
+                &self.ram.xbzrle_pages,
+                &self.ram.xbzrle_bytes,
+                &self.ram.xbzrle_cache_miss,
+                &self.ram.xbzrle_overflow,
+            ] {
+                a.store(0, Ordering::Relaxed);
+            }
+            i.start = Some(Instant::now());
+            i.setup_time = Duration::ZERO;
+            i.total_time = Duration::ZERO;
+            i.downtime = Duration::ZERO;
+            i.expected_downtime = Duration::ZERO;
+            i.mbps = 0.0;
+            i.transferred = 0;
+            i.error = None;
+            i.timeline = Timeline::default();
+            i.xbzrle_on = lock(&self.xbzrle).enabled;
+            i.canceller = canceller;
+            i.status = MigrationStatus::Setup;
+        }
+        self.notify(MigrationEvent::Status(MigrationStatus::Setup));
+        let me = self.clone();
+        let thread = std::thread::Builder::new()
+            .name(String::from("migration"))
+            .spawn(move || me.run(host, out))
+            .map_err(|e| MigrationError::Thread(e.to_string()))?;
+        lock(&self.inner).thread = Some(thread);
+        Ok(())
+    }
+
+    /// Asks a running migration to stop (QMP `migrate_cancel`); the source keeps running.
+    pub fn cancel(&self) {
+        let mut i = lock(&self.inner);
+        if !i.status.is_running() {
+            return;
+        }
+        i.status = MigrationStatus::Cancelling;
+        if let Some(c) = &i.canceller {
+            c();
+        }
+        drop(i);
+        self.notify(MigrationEvent::Status(MigrationStatus::Cancelling));
+    }
+
+    /// Waits for the migration thread to end.
+    pub fn join(&self) {
+        let t = lock(&self.inner).thread.take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+
+    fn cancelling(&self) -> bool {
+        lock(&self.inner).status == MigrationStatus::Cancelling
+    }
+
+    /// Ends the migration unsuccessfully: sections cancelled, vCPUs restarted if needed.
+    fn abort<H: MigrationHost>(&self, host: &H, was_running: bool, error: Option<String>) {
+        {
+            let mut g = lock(host.big_lock());
+            lock(host.registry()).cancel();
+            if was_running {
+                host.resume_vm(&mut g);
+            }
+        }
+        let status = if self.cancelling() {
+            MigrationStatus::Cancelled
+        } else {
+            MigrationStatus::Failed
+        };
+        {
+            let mut i = lock(&self.inner);
+            if let Some(e) = &error {
+                log::warn!("migration failed: {e}");
+            }
+            i.error = error.filter(|_| status == MigrationStatus::Failed);
+            i.total_time = i.start.map(|s| s.elapsed()).unwrap_or_default();
+            i.timeline.end_ms = Some(ms(i.total_time));
+            i.canceller = None;
+        }
+        self.set_status(status);
+    }
+
+    /// Sends the buffered bytes outside the lock; on failure the sections put back what they
+    /// had written.
+    fn flush<H: MigrationHost>(
+        &self,
+        host: &H,
+        w: &mut StreamWriter<BufferedOutput>,
+        out: &mut dyn Write,
+    ) -> Result<u64, String> {
+        let result = w.get_mut().flush_to(out);
+        let _g = lock(host.big_lock());
+        let mut reg = lock(host.registry());
+        match result {
+            Ok(n) => {
+                reg.flushed();
+                lock(&self.inner).transferred += n;
+                Ok(n)
+            }
+            Err(e) => {
+                reg.flush_failed();
+                Err(e.to_string())
+            }
+        }
+    }
+
+    fn run<H: MigrationHost>(self: Arc<Self>, host: Arc<H>, mut out: Box<dyn Write + Send>) {
+        let start = lock(&self.inner).start.unwrap_or_else(Instant::now);
+        let mut w = StreamWriter::new(BufferedOutput::new());
+
+        // Setup: every live section's begin, under the big lock.
+        let begun = {
+            let _g = lock(host.big_lock());
+            let result = lock(host.registry()).begin(&mut w);
+            result.map_err(|e| e.to_string())
+        };
+        if let Err(e) = begun.and_then(|_| self.flush(host.as_ref(), &mut w, out.as_mut())) {
+            self.abort(host.as_ref(), false, Some(e));
+            return;
+        }
+        {
+            let mut i = lock(&self.inner);
+            i.setup_time = start.elapsed();
+            let setup_ms = ms(i.setup_time);
+            i.timeline.setup_ms = Some(setup_ms);
+            i.timeline.passes.push((1, setup_ms));
+        }
+        self.notify(MigrationEvent::Pass(1));
+        self.set_status(MigrationStatus::Active);
+
+        let mut limiter = RateLimiter::new(self.max_bandwidth(), Instant::now());
+        let mut max_size = 0u64;
+        let mut pending = 0u64;
+        let mut slot_bytes = 0u64;
+        let mut slot_dirty = 0u64;
+        let mut pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
+        loop {
+            if self.cancelling() {
+                self.abort(host.as_ref(), false, None);
+                return;
+            }
+            limiter.set_bandwidth(self.max_bandwidth());
+            if !limiter.exceeded() {
+                let mut g = lock(host.big_lock());
+                let mut reg = lock(host.registry());
+                pending = reg.pending(max_size);
+                let now_pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
+                if now_pass != pass {
+                    pass = now_pass;
+                    slot_dirty += self.ram.last_sync_dirty.load(Ordering::Relaxed);
+                    lock(&self.inner)
+                        .timeline
+                        .passes
+                        .push((pass, ms(start.elapsed())));
+                    self.notify(MigrationEvent::Pass(pass));
+                }
+                if pending > 0 && pending >= max_size {
+                    let budget = match limiter.bandwidth() {
+                        0 => UNLIMITED_BATCH,
+                        _ => limiter.xfer_limit().saturating_sub(limiter.used()).max(1),
+                    };
+                    if let Err(e) = reg.iterate(&mut w, budget) {
+                        drop(reg);
+                        drop(g);
+                        self.abort(host.as_ref(), false, Some(e.to_string()));
+                        return;
+                    }
+                } else {
+                    // Converged: stop the guest and send the rest. The registry lock is not
+                    // held across stop_vm, which releases the big lock while it waits.
+                    drop(reg);
+                    let (g2, was_running) = host.stop_vm(g);
+                    g = g2;
+                    let stop = Instant::now();
+                    lock(&self.inner).timeline.stop_ms = Some(ms(stop - start));
+                    let result = lock(host.registry()).complete(&mut w);
+                    drop(g);
+                    let result = result
+                        .map_err(|e| e.to_string())
+                        .and_then(|_| self.flush(host.as_ref(), &mut w, out.as_mut()))
+                        .and_then(|_| out.flush().map_err(|e| e.to_string()));
+                    match result {
+                        Ok(()) if !self.cancelling() => {
+                            host.completed(&mut lock(host.big_lock()));
+                            let mut i = lock(&self.inner);
+                            i.downtime = stop.elapsed();
+                            i.total_time = start.elapsed();
+                            i.timeline.end_ms = Some(ms(i.total_time));
+                            i.canceller = None;
+                            drop(i);
+                            self.set_status(MigrationStatus::Completed);
+                        }
+                        Ok(()) => self.abort(host.as_ref(), was_running, None),
+                        Err(e) => self.abort(host.as_ref(), was_running, Some(e)),
+                    }
+                    return;
+                }
+            }
+            match self.flush(host.as_ref(), &mut w, out.as_mut()) {
+                Ok(n) => {
+                    limiter.record(n);
+                    slot_bytes += n;
+                }
+                Err(e) => {
+                    self.abort(host.as_ref(), false, Some(e));
+                    return;
+                }
+            }
+            let now = Instant::now();
+            if limiter.slot_over(now) {
+                let elapsed = now.duration_since(limiter.slot_start()).as_secs_f64();
+                limiter.new_slot(now);
+                let bandwidth = slot_bytes as f64 / elapsed.max(1e-6);
+                max_size = (bandwidth * self.downtime_limit_ms() as f64 / 1e3) as u64;
+                let mut i = lock(&self.inner);
+                i.mbps = bandwidth * 8.0 / 1e6;
+                i.expected_downtime = if bandwidth > 0.0 {
+                    Duration::from_secs_f64(pending as f64 / bandwidth)
+                } else {
+                    Duration::ZERO
+                };
+                i.timeline.slots.push(SlotRecord {
+                    t_ms: ms(now - start),
+                    bytes: slot_bytes,
+                    pending,
+                    dirty_pages: slot_dirty,
+                    bandwidth,
+                    max_size,
+                    pass,
+                });
+                slot_bytes = 0;
+                slot_dirty = 0;
+            } else if limiter.exceeded() {
+                std::thread::sleep(limiter.time_to_slot_end(now));
+            }
+        }
+    }
+}

@@ -1,0 +1,921 @@
+//! Migration transports, addressed by QEMU's migration URIs.
+//!
+//! hopvm accepts the same URIs as QEMU's `migrate` command and `-incoming` option, so that
+//! scripts and habits carry over:
+//!
+//! | URI | outgoing (`migrate`) | incoming (`--incoming`) |
+//! |---|---|---|
+//! | `tcp:HOST:PORT` | connect | listen (`tcp:0:PORT`, `tcp::PORT`: any IPv4 address; IPv6 as `tcp:[::1]:PORT`) |
+//! | `unix:PATH` | connect | listen (a stale socket file at PATH is replaced) |
+//! | `exec:COMMAND` | `sh -c COMMAND`, stream to its stdin | `sh -c COMMAND`, stream from its stdout |
+//! | `fd:N` | write to inherited descriptor N | read from inherited descriptor N |
+//!
+//! Anything else fails with QEMU's message, `unknown migration protocol: <uri>`.
+//!
+//! Listening is split from accepting ([`listen_incoming`] then [`Incoming::accept`]) because
+//! the destination must be listening before anything else happens — a source may connect as
+//! soon as the destination process has started — while the accept itself blocks until the
+//! source shows up.
+//!
+//! The outgoing side is an [`Outgoing`]: a writer plus what a migration needs around it — a
+//! [`ShutdownHandle`] that another thread (a `migrate_cancel`) can use to unblock a writer
+//! stuck on a dead or stalled peer, [`Outgoing::peer_gone`] to notice a destination that went
+//! away without waiting for the next write to fail, and [`Outgoing::finish`] to close the
+//! channel and, for `exec:`, reap the command and report its failure.
+//!
+//! `fd:N` follows QEMU: the descriptor is *handed over* to the migration, which closes it when
+//! done. It must be open (with the right access mode) and not used by anything else in the
+//! process.
+
+mod exec;
+mod fd;
+mod tcp;
+mod unix;
+
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{ChildStdin, ExitStatus};
+use std::str::FromStr;
+use std::sync::{Arc, Weak};
+
+/// Errors of migration transports.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The URI has a known protocol but is malformed.
+    #[error("invalid migration uri {uri:?}: {reason}")]
+    InvalidUri {
+        /// The URI as given.
+        uri: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The URI's protocol is not one of tcp, unix, exec, fd (QEMU's wording).
+    #[error("unknown migration protocol: {0}")]
+    UnknownProtocol(String),
+    /// Connecting failed.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        /// Where to.
+        addr: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Binding or listening failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Where.
+        addr: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Accepting the incoming connection failed.
+    #[error("accept failed: {0}")]
+    Accept(#[source] io::Error),
+    /// The `exec:` command could not be started.
+    #[error("cannot run {command:?}: {source}")]
+    Spawn {
+        /// The command.
+        command: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The `exec:` command exited unsuccessfully.
+    #[error("command {command:?} failed: {status}")]
+    CommandFailed {
+        /// The command.
+        command: String,
+        /// How it exited.
+        status: ExitStatus,
+    },
+    /// An `fd:` descriptor that is not usable.
+    #[error("bad fd {fd}: {reason}")]
+    BadFd {
+        /// The descriptor.
+        fd: RawFd,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Shutting the channel down failed.
+    #[error("shutdown failed: {0}")]
+    Shutdown(#[source] io::Error),
+    /// Writing, flushing or closing the channel failed.
+    #[error("i/o: {0}")]
+    Io(#[source] io::Error),
+}
+
+/// A parsed migration URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationUri {
+    /// `tcp:HOST:PORT`; an empty host or `0` means any address when listening.
+    Tcp {
+        /// Host name or address, without IPv6 brackets.
+        host: String,
+        /// Port (0 lets the system choose when listening).
+        port: u16,
+    },
+    /// `unix:PATH`.
+    Unix(PathBuf),
+    /// `exec:COMMAND`, run with `sh -c`.
+    Exec(String),
+    /// `fd:N`, an inherited descriptor.
+    Fd(RawFd),
+}
+
+fn invalid(uri: &str, reason: &'static str) -> TransportError {
+    TransportError::InvalidUri {
+        uri: uri.to_owned(),
+        reason,
+    }
+}
+
+fn parse_tcp(uri: &str, rest: &str) -> Result<MigrationUri, TransportError> {
+    if rest.is_empty() {
+        return Err(invalid(uri, "missing host and port"));
+    }
+    let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+        let (host, after) = bracketed
+            .split_once(']')
+            .ok_or_else(|| invalid(uri, "unterminated ipv6 address"))?;
+        if host.is_empty() {
+            return Err(invalid(uri, "empty ipv6 address"));
+        }
+        let port = after
+            .strip_prefix(':')
+            .ok_or_else(|| invalid(uri, "missing port"))?;
+        (host, port)
+    } else {
+        let (host, port) = rest
+            .rsplit_once(':')
+            .ok_or_else(|| invalid(uri, "missing port"))?;
+        if host.contains(':') {
+            return Err(invalid(uri, "ipv6 addresses need brackets"));
+        }
+        (host, port)
+    };
+    if port.is_empty() {
+        return Err(invalid(uri, "missing port"));
+    }
+    if !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(uri, "port is not a number"));
+    }
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| invalid(uri, "port out of range"))?;
+    Ok(MigrationUri::Tcp {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+impl FromStr for MigrationUri {
+    type Err = TransportError;
+
+    fn from_str(uri: &str) -> Result<Self, Self::Err> {
+        if uri.is_empty() {
+            return Err(invalid(uri, "empty"));
+        }
+        if let Some(rest) = uri.strip_prefix("tcp:") {
+            parse_tcp(uri, rest)
+        } else if let Some(path) = uri.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err(invalid(uri, "missing path"));
+            }
+            Ok(MigrationUri::Unix(PathBuf::from(path)))
+        } else if let Some(cmd) = uri.strip_prefix("exec:") {
+            if cmd.trim().is_empty() {
+                return Err(invalid(uri, "missing command"));
+            }
+            Ok(MigrationUri::Exec(cmd.to_owned()))
+        } else if let Some(n) = uri.strip_prefix("fd:") {
+            if n.is_empty() {
+                return Err(invalid(uri, "missing descriptor number"));
+            }
+            if !n.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid(uri, "descriptor is not a non-negative number"));
+            }
+            let fd = n
+                .parse::<RawFd>()
+                .map_err(|_| invalid(uri, "descriptor out of range"))?;
+            Ok(MigrationUri::Fd(fd))
+        } else {
+            Err(TransportError::UnknownProtocol(uri.to_owned()))
+        }
+    }
+}
+
+impl fmt::Display for MigrationUri {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MigrationUri::Tcp { host, port } if host.contains(':') => {
+                write!(f, "tcp:[{host}]:{port}")
+            }
+            MigrationUri::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            MigrationUri::Unix(path) => write!(f, "unix:{}", path.display()),
+            MigrationUri::Exec(cmd) => write!(f, "exec:{cmd}"),
+            MigrationUri::Fd(fd) => write!(f, "fd:{fd}"),
+        }
+    }
+}
+
+enum Conn {
+    Tcp(Arc<TcpStream>),
+    Unix(Arc<UnixStream>),
+    Fd(Arc<File>),
+    Exec {
+        stdin: Option<ChildStdin>,
+        child: Arc<exec::ChildSlot>,
+    },
+    /// After `finish`.
+    Closed,
+}
+
+/// The outgoing side of a migration channel: write the stream into it (it is `Write + Send`,
+/// so it can be boxed as a `Box<dyn Write + Send>`), then [`finish`](Self::finish) it.
+/// Dropping it unfinished is an abort: sockets are shut down and an `exec:` command is
+/// stopped.
+pub struct Outgoing {
+    conn: Conn,
+    uri: MigrationUri,
+}
+
+impl fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Outgoing").field("uri", &self.uri).finish()
+    }
+}
+
+enum Target {
+    Tcp(Weak<TcpStream>),
+    Unix(Weak<UnixStream>),
+    Fd(Weak<File>),
+    Exec(Weak<exec::ChildSlot>),
+}
+
+/// Shuts an [`Outgoing`] channel down from another thread, so that a write blocked on a
+/// stalled peer returns an error (QEMU's `qemu_file_shutdown` on `migrate_cancel`). Holds
+/// no reference that keeps the channel open; once the channel is closed it does nothing.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Target>);
+
+impl fmt::Debug for ShutdownHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ShutdownHandle")
+    }
+}
+
+impl ShutdownHandle {
+    /// Shuts the channel down: sockets are shut down in both directions, an `exec:` command
+    /// is killed. An `fd:` descriptor that is not a socket cannot be shut down (error).
+    pub fn shutdown(&self) -> Result<(), TransportError> {
+        match &*self.0 {
+            Target::Tcp(s) => s
+                .upgrade()
+                .map_or(Ok(()), |s| shutdown_socket(s.as_raw_fd())),
+            Target::Unix(s) => s
+                .upgrade()
+                .map_or(Ok(()), |s| shutdown_socket(s.as_raw_fd())),
+            Target::Fd(f) => f
+                .upgrade()
+                .map_or(Ok(()), |f| shutdown_socket(f.as_raw_fd())),
+            Target::Exec(c) => c
+                .upgrade()
+                .map_or(Ok(()), |c| c.kill().map_err(TransportError::Shutdown)),
+        }
+    }
+}
+
+/// `shutdown(SHUT_RDWR)` on a socket descriptor, tolerating one that is no longer connected.
+fn shutdown_socket(fd: RawFd) -> Result<(), TransportError> {
+    // SAFETY: `fd` is borrowed from a live socket or file object that the caller holds for
+    // the duration of the call; shutdown(2) does not touch memory.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENOTCONN) => Ok(()),
+        _ => Err(TransportError::Shutdown(err)),
+    }
+}
+
+/// Whether the peer behind `fd` is gone: the socket was closed or reset by the other end, or
+/// the pipe has no reader left. Does not block.
+fn fd_peer_gone(fd: RawFd) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: `pfd` is a valid pollfd for the duration of the call and the count is 1; `fd`
+    // is borrowed from an object the caller holds. A zero timeout never blocks.
+    let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+    rc > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLRDHUP) != 0
+}
+
+impl Outgoing {
+    /// The URI this channel was opened for.
+    pub fn uri(&self) -> &MigrationUri {
+        &self.uri
+    }
+
+    /// A handle to shut this channel down from another thread.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        let target = match &self.conn {
+            Conn::Tcp(s) => Target::Tcp(Arc::downgrade(s)),
+            Conn::Unix(s) => Target::Unix(Arc::downgrade(s)),
+            Conn::Fd(f) => Target::Fd(Arc::downgrade(f)),
+            Conn::Exec { child, .. } => Target::Exec(Arc::downgrade(child)),
+            Conn::Closed => Target::Tcp(Weak::new()),
+        };
+        ShutdownHandle(Arc::new(target))
+    }
+
+    /// Shuts the channel down now (see [`ShutdownHandle::shutdown`]).
+    pub fn shutdown(&self) -> Result<(), TransportError> {
+        self.shutdown_handle().shutdown()
+    }
+
+    /// Whether the destination has gone away (closed or reset the connection, closed the
+    /// pipe, or the `exec:` command exited). Never blocks; a false answer guarantees nothing.
+    pub fn peer_gone(&self) -> bool {
+        match &self.conn {
+            Conn::Tcp(s) => fd_peer_gone(s.as_raw_fd()),
+            Conn::Unix(s) => fd_peer_gone(s.as_raw_fd()),
+            Conn::Fd(f) => fd_peer_gone(f.as_raw_fd()),
+            Conn::Exec { stdin, child } => {
+                stdin.as_ref().is_none_or(|s| fd_peer_gone(s.as_raw_fd())) || child.exited()
+            }
+            Conn::Closed => true,
+        }
+    }
+
+    /// Flushes and closes the channel. Sockets are shut down for writing so the destination
+    /// sees the end of the stream; for `exec:` the command's stdin is closed, the command is
+    /// waited for, and a non-zero exit is an error.
+    pub fn finish(mut self) -> Result<(), TransportError> {
+        self.flush().map_err(TransportError::Io)?;
+        match std::mem::replace(&mut self.conn, Conn::Closed) {
+            Conn::Tcp(s) => half_close(s.shutdown(std::net::Shutdown::Write)),
+            Conn::Unix(s) => half_close(s.shutdown(std::net::Shutdown::Write)),
+            Conn::Fd(_) | Conn::Closed => Ok(()),
+            Conn::Exec { stdin, child } => {
+                drop(stdin);
+                let status = child.wait().map_err(TransportError::Io)?;
+                if status.success() {
+                    Ok(())
+                } else {
+                    Err(TransportError::CommandFailed {
+                        command: child.command().to_owned(),
+                        status,
+                    })
+                }
+            }
+        }
+    }
+}
+
+fn half_close(r: io::Result<()>) -> Result<(), TransportError> {
+    match r {
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(TransportError::Io(e)),
+        _ => Ok(()),
+    }
+}
+
+impl Write for Outgoing {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // `&TcpStream`, `&UnixStream` and `&File` implement Write; the Arcs are shared only
+        // with shutdown handles (as Weak), which never write.
+        match &mut self.conn {
+            Conn::Tcp(s) => (&**s).write(buf),
+            Conn::Unix(s) => (&**s).write(buf),
+            Conn::Fd(f) => (&**f).write(buf),
+            Conn::Exec { stdin: Some(s), .. } => s.write(buf),
+            Conn::Exec { stdin: None, .. } | Conn::Closed => Err(closed_error()),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match &mut self.conn {
+            Conn::Tcp(s) => (&**s).flush(),
+            Conn::Unix(s) => (&**s).flush(),
+            Conn::Fd(f) => (&**f).flush(),
+            Conn::Exec { stdin: Some(s), .. } => s.flush(),
+            Conn::Exec { stdin: None, .. } | Conn::Closed => Ok(()),
+        }
+    }
+}
+
+fn closed_error() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "channel closed")
+}
+
+impl Drop for Outgoing {
+    /// Without [`finish`](Outgoing::finish) the migration failed: shut sockets down so the
+    /// destination notices even if a shutdown handle is alive, and stop an `exec:` command.
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.conn, Conn::Closed) {
+            Conn::Tcp(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Conn::Unix(s) => {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Conn::Fd(_) | Conn::Closed => {}
+            Conn::Exec { stdin, child } => {
+                drop(stdin);
+                child.abort();
+            }
+        }
+    }
+}
+
+/// Opens the outgoing channel for `uri`.
+pub fn connect_outgoing(uri: &MigrationUri) -> Result<Outgoing, TransportError> {
+    let conn = match uri {
+        MigrationUri::Tcp { host, port } => {
+            if host.is_empty() {
+                return Err(invalid(&uri.to_string(), "missing host"));
+            }
+            Conn::Tcp(Arc::new(tcp::connect(host, *port)?))
+        }
+        MigrationUri::Unix(path) => Conn::Unix(Arc::new(unix::connect(path)?)),
+        MigrationUri::Exec(cmd) => {
+            let (stdin, child) = exec::spawn_outgoing(cmd)?;
+            Conn::Exec {
+                stdin: Some(stdin),
+                child: Arc::new(child),
+            }
+        }
+        MigrationUri::Fd(n) => Conn::Fd(Arc::new(fd::take(*n, fd::Access::Write)?)),
+    };
+    Ok(Outgoing {
+        conn,
+        uri: uri.clone(),
+    })
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(unix::Listening),
+    Exec(exec::ExecReader),
+    Fd(File),
+}
+
+/// The incoming side of a migration, listening (or, for `exec:` and `fd:`, ready) until
+/// [`accept`](Self::accept) is called.
+pub struct Incoming {
+    listener: Listener,
+    uri: MigrationUri,
+}
+
+impl fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Incoming").field("uri", &self.uri).finish()
+    }
+}
+
+/// Starts listening for `uri` at once: binds the TCP or Unix socket, starts the `exec:`
+/// command, or checks and takes over the `fd:` descriptor.
+pub fn listen_incoming(uri: &MigrationUri) -> Result<Incoming, TransportError> {
+    let listener = match uri {
+        MigrationUri::Tcp { host, port } => Listener::Tcp(tcp::listen(host, *port)?),
+        MigrationUri::Unix(path) => Listener::Unix(unix::listen(path)?),
+        MigrationUri::Exec(cmd) => Listener::Exec(exec::spawn_incoming(cmd)?),
+        MigrationUri::Fd(n) => Listener::Fd(fd::take(*n, fd::Access::Read)?),
+    };
+    Ok(Incoming {
+        listener,
+        uri: uri.clone(),
+    })
+}
+
+impl Incoming {
+    /// The URI this side listens on.
+    pub fn uri(&self) -> &MigrationUri {
+        &self.uri
+    }
+
+    /// The bound address, for `tcp:` (useful with port 0).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match &self.listener {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            _ => None,
+        }
+    }
+
+    /// Waits for the source and returns the stream to read the migration from. For `exec:`
+    /// the reader reports the command's failure when it reaches the end of its output.
+    pub fn accept(self) -> Result<Box<dyn Read + Send>, TransportError> {
+        Ok(match self.listener {
+            Listener::Tcp(l) => Box::new(l.accept().map_err(TransportError::Accept)?.0),
+            Listener::Unix(l) => Box::new(l.accept()?),
+            Listener::Exec(r) => Box::new(r),
+            Listener::Fd(f) => Box::new(f),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::IntoRawFd;
+    use std::os::unix::net::UnixListener;
+    use std::thread;
+
+    fn uri(s: &str) -> MigrationUri {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn channel_types_are_send() {
+        fn send<T: Send>() {}
+        send::<Outgoing>();
+        send::<Incoming>();
+        send::<ShutdownHandle>();
+        fn sync<T: Sync>() {}
+        sync::<ShutdownHandle>();
+    }
+
+    #[test]
+    fn parse_and_display() {
+        let cases = [
+            (
+                "tcp:localhost:4444",
+                MigrationUri::Tcp {
+                    host: "localhost".into(),
+                    port: 4444,
+                },
+            ),
+            (
+                "tcp:0:4444",
+                MigrationUri::Tcp {
+                    host: "0".into(),
+                    port: 4444,
+                },
+            ),
+            (
+                "tcp::4444",
+                MigrationUri::Tcp {
+                    host: "".into(),
+                    port: 4444,
+                },
+            ),
+            (
+                "tcp:[::1]:4444",
+                MigrationUri::Tcp {
+                    host: "::1".into(),
+                    port: 4444,
+                },
+            ),
+            ("unix:/tmp/m.sock", MigrationUri::Unix("/tmp/m.sock".into())),
+            (
+                "exec:cat > /tmp/x",
+                MigrationUri::Exec("cat > /tmp/x".into()),
+            ),
+            ("fd:3", MigrationUri::Fd(3)),
+        ];
+        for (s, expect) in cases {
+            let parsed = uri(s);
+            assert_eq!(parsed, expect, "{s}");
+            assert_eq!(parsed.to_string(), s);
+            assert_eq!(uri(&parsed.to_string()), parsed);
+        }
+    }
+
+    #[test]
+    fn malformed_uris() {
+        let cases = [
+            ("", "empty"),
+            ("tcp:", "missing host and port"),
+            ("tcp:host", "missing port"),
+            ("tcp:host:", "missing port"),
+            ("tcp:host:notaport", "port is not a number"),
+            ("tcp:host:-1", "port is not a number"),
+            ("tcp:host:65536", "port out of range"),
+            ("tcp:::1:4444", "ipv6 addresses need brackets"),
+            ("tcp:[::1", "unterminated ipv6 address"),
+            ("tcp:[::1]", "missing port"),
+            ("tcp:[]:1", "empty ipv6 address"),
+            ("unix:", "missing path"),
+            ("exec:", "missing command"),
+            ("exec:   ", "missing command"),
+            ("fd:", "missing descriptor number"),
+            ("fd:-1", "descriptor is not a non-negative number"),
+            ("fd:abc", "descriptor is not a non-negative number"),
+            ("fd:99999999999", "descriptor out of range"),
+        ];
+        for (s, reason) in cases {
+            match s.parse::<MigrationUri>() {
+                Err(TransportError::InvalidUri { uri, reason: r }) => {
+                    assert_eq!(uri, s);
+                    assert_eq!(r, reason, "{s}");
+                }
+                other => panic!("{s}: {other:?}"),
+            }
+        }
+        for s in ["bogus:x", "TCP:a:1", "file:/x", "rdma:a:1", "x"] {
+            let err = s.parse::<MigrationUri>().unwrap_err();
+            assert_eq!(err.to_string(), format!("unknown migration protocol: {s}"));
+        }
+        let err = "tcp:host".parse::<MigrationUri>().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid migration uri \"tcp:host\": missing port"
+        );
+    }
+
+    fn round_trip(listen: &MigrationUri, connect: &MigrationUri) {
+        let incoming = listen_incoming(listen).unwrap();
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+        let expect = payload.clone();
+        let connect = connect.clone();
+        let sender = thread::spawn(move || {
+            let mut out = connect_outgoing(&connect).unwrap();
+            assert!(!out.peer_gone());
+            out.write_all(&payload).unwrap();
+            out.finish().unwrap();
+        });
+        let mut r = incoming.accept().unwrap();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        sender.join().unwrap();
+        assert_eq!(got.len(), expect.len());
+        assert!(got == expect);
+    }
+
+    #[test]
+    fn tcp_round_trip() {
+        // Bind port 0 to find a free port, then listen on it with the any-address form.
+        let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+        let port = l.local_addr().unwrap().port();
+        assert_ne!(port, 0);
+        drop(l);
+        round_trip(
+            &uri(&format!("tcp:0:{port}")),
+            &uri(&format!("tcp:127.0.0.1:{port}")),
+        );
+        round_trip(
+            &uri(&format!("tcp::{port}")),
+            &uri(&format!("tcp:localhost:{port}")),
+        );
+    }
+
+    #[test]
+    fn tcp_any_address_forms() {
+        for host in ["", "0"] {
+            let l = listen_incoming(&uri(&format!("tcp:{host}:0"))).unwrap();
+            let addr = l.local_addr().unwrap();
+            assert!(addr.ip().is_unspecified(), "{addr}");
+        }
+        assert!(matches!(
+            connect_outgoing(&uri("tcp::4444")),
+            Err(TransportError::InvalidUri { .. })
+        ));
+    }
+
+    #[test]
+    fn tcp_ipv6_round_trip() {
+        let Ok(l) = listen_incoming(&uri("tcp:[::1]:0")) else {
+            eprintln!("no ipv6 loopback here; skipped");
+            return;
+        };
+        let port = l.local_addr().unwrap().port();
+        let payload = b"over ipv6".to_vec();
+        let sender = thread::spawn(move || {
+            let mut out = connect_outgoing(&uri(&format!("tcp:[::1]:{port}"))).unwrap();
+            out.write_all(&payload).unwrap();
+            out.finish().unwrap();
+        });
+        let mut got = Vec::new();
+        l.accept().unwrap().read_to_end(&mut got).unwrap();
+        sender.join().unwrap();
+        assert_eq!(got, b"over ipv6");
+    }
+
+    #[test]
+    fn tcp_errors() {
+        // Nobody listens on a port we just released.
+        let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        let err = connect_outgoing(&uri(&format!("tcp:127.0.0.1:{port}"))).unwrap_err();
+        assert!(matches!(err, TransportError::Connect { .. }), "{err}");
+        // A port in use.
+        let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let err = listen_incoming(&uri(&format!("tcp:127.0.0.1:{port}"))).unwrap_err();
+        assert!(matches!(err, TransportError::Listen { .. }), "{err}");
+    }
+
+    #[test]
+    fn tcp_peer_death_and_shutdown() {
+        let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut out = connect_outgoing(&uri(&format!("tcp:127.0.0.1:{port}"))).unwrap();
+        let reader = l.accept().unwrap();
+        assert!(!out.peer_gone());
+        drop(reader);
+        let mut gone = false;
+        for _ in 0..200 {
+            if out.peer_gone() {
+                gone = true;
+                break;
+            }
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(gone, "peer death not noticed");
+        // Writes eventually fail rather than block or succeed forever.
+        let chunk = vec![0u8; 64 * 1024];
+        let mut failed = false;
+        for _ in 0..1000 {
+            if out.write_all(&chunk).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed);
+
+        // Shutdown from another thread unblocks a writer stuck on a peer that reads nothing.
+        let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut out = connect_outgoing(&uri(&format!("tcp:127.0.0.1:{port}"))).unwrap();
+        let _reader = l.accept().unwrap();
+        let handle = out.shutdown_handle();
+        let writer = thread::spawn(move || {
+            let chunk = vec![0u8; 1 << 20];
+            loop {
+                if let Err(e) = out.write_all(&chunk) {
+                    return e;
+                }
+            }
+        });
+        thread::sleep(std::time::Duration::from_millis(100));
+        handle.shutdown().unwrap();
+        let err = writer.join().unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+        // The channel is gone now; the handle does nothing.
+        handle.shutdown().unwrap();
+    }
+
+    #[test]
+    fn unix_round_trip() {
+        let dir = std::env::temp_dir().join(format!("hopvm-mig-unix-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.sock");
+        // A stale socket file from an earlier run is replaced.
+        drop(UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let u = MigrationUri::Unix(path.clone());
+        round_trip(&u, &u);
+        assert!(!path.exists(), "socket file left behind");
+        // A regular file is not replaced.
+        std::fs::write(&path, b"keep").unwrap();
+        assert!(matches!(
+            listen_incoming(&u),
+            Err(TransportError::Listen { .. })
+        ));
+        assert_eq!(std::fs::read(&path).unwrap(), b"keep");
+        // Nobody listening.
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            connect_outgoing(&u),
+            Err(TransportError::Connect { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn exec_round_trip() {
+        let dir = std::env::temp_dir().join(format!("hopvm-mig-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("stream");
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let mut out = connect_outgoing(&uri(&format!("exec:cat > '{}'", file.display()))).unwrap();
+        out.write_all(&payload).unwrap();
+        out.finish().unwrap();
+        let incoming = listen_incoming(&uri(&format!("exec:cat '{}'", file.display()))).unwrap();
+        let mut got = Vec::new();
+        incoming.accept().unwrap().read_to_end(&mut got).unwrap();
+        assert!(got == payload);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn exec_failures() {
+        // Outgoing: the command fails; finish reports its status.
+        let mut out = connect_outgoing(&uri("exec:exit 3")).unwrap();
+        let _ = out.write_all(&[0u8; 1 << 20]);
+        match out.finish() {
+            Err(TransportError::CommandFailed { command, status }) => {
+                assert_eq!(command, "exit 3");
+                assert_eq!(status.code(), Some(3));
+            }
+            Err(TransportError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::BrokenPipe),
+            other => panic!("{other:?}"),
+        }
+        // A command that stops reading: peer death is noticed.
+        let out = connect_outgoing(&uri("exec:true")).unwrap();
+        let mut gone = false;
+        for _ in 0..400 {
+            if out.peer_gone() {
+                gone = true;
+                break;
+            }
+            thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(gone);
+        drop(out);
+        // Incoming: the command's failure surfaces at the end of its output.
+        let incoming = listen_incoming(&uri("exec:printf abc; exit 4")).unwrap();
+        let mut r = incoming.accept().unwrap();
+        let mut got = Vec::new();
+        let err = r.read_to_end(&mut got).unwrap_err();
+        assert_eq!(got, b"abc");
+        assert!(err.to_string().contains("exit status: 4"), "{err}");
+        // Cancelling kills a command that never reads.
+        let out = connect_outgoing(&uri("exec:exec sleep 30")).unwrap();
+        let h = out.shutdown_handle();
+        let start = std::time::Instant::now();
+        h.shutdown().unwrap();
+        match out.finish() {
+            Err(TransportError::CommandFailed { status, .. }) => assert!(!status.success()),
+            other => panic!("{other:?}"),
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        // Dropping an unfinished outgoing exec does not hang on a command that never exits.
+        let out = connect_outgoing(&uri("exec:exec sleep 30")).unwrap();
+        let start = std::time::Instant::now();
+        drop(out);
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+        // And dropping an incoming reader early stops its command.
+        let incoming = listen_incoming(&uri("exec:exec sleep 30")).unwrap();
+        let r = incoming.accept().unwrap();
+        let start = std::time::Instant::now();
+        drop(r);
+        assert!(start.elapsed() < std::time::Duration::from_secs(10));
+    }
+
+    fn pipe() -> (File, File) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
+        // SAFETY: pipe2 just created both descriptors and nothing else owns them.
+        unsafe {
+            use std::os::fd::FromRawFd;
+            (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+        }
+    }
+
+    #[test]
+    fn fd_round_trip() {
+        let (r, w) = pipe();
+        let rfd = r.into_raw_fd();
+        let wfd = w.into_raw_fd();
+        round_trip(&MigrationUri::Fd(rfd), &MigrationUri::Fd(wfd));
+    }
+
+    #[test]
+    fn fd_errors() {
+        // A descriptor that is not open (far above anything this process opens; closing a
+        // real one here would race with the other tests' descriptors).
+        let closed: RawFd = 999_983;
+        // SAFETY: F_GETFD only queries the descriptor table.
+        assert_eq!(unsafe { libc::fcntl(closed, libc::F_GETFD) }, -1);
+        let (r, w) = pipe();
+        drop(r);
+        let err = connect_outgoing(&MigrationUri::Fd(closed)).unwrap_err();
+        assert!(matches!(err, TransportError::BadFd { .. }), "{err}");
+        assert!(err.to_string().contains("not open"), "{err}");
+        let err = listen_incoming(&MigrationUri::Fd(closed)).unwrap_err();
+        assert!(matches!(err, TransportError::BadFd { .. }));
+        // Wrong direction: a write end cannot be the incoming side.
+        let wfd = w.into_raw_fd();
+        let err = listen_incoming(&MigrationUri::Fd(wfd)).unwrap_err();
+        assert!(err.to_string().contains("not open for reading"), "{err}");
+        // The failed attempt did not take the descriptor.
+        let out = connect_outgoing(&MigrationUri::Fd(wfd)).unwrap();
+        // A pipe cannot be shut down.
+        assert!(matches!(out.shutdown(), Err(TransportError::Shutdown(_))));
+        drop(out);
+    }
+
+    #[test]
+    fn fd_socket_shutdown_and_peer_death() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let out = connect_outgoing(&MigrationUri::Fd(a.into_raw_fd())).unwrap();
+        assert!(!out.peer_gone());
+        drop(b);
+        assert!(out.peer_gone());
+        out.shutdown().unwrap();
+    }
+}
