@@ -83,6 +83,9 @@ impl Entry {
     }
 }
 
+/// The first section id handed out.
+const FIRST_SECTION_ID: u32 = 2;
+
 /// A blocker's handle, to remove it again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BlockerId(u64);
@@ -103,7 +106,10 @@ impl Registry {
 
     fn push(&mut self, idstr: &str, instance: u32, version: u32, handler: Handler) {
         self.entries.push(Entry {
-            section_id: self.entries.len() as u32,
+            // QEMU numbers its own handlers so that RAM is section 2; ids from 2 up keep
+            // hopvm's streams loadable by QEMU (which matches PART/END by the last id seen,
+            // 0 by default).
+            section_id: self.entries.len() as u32 + FIRST_SECTION_ID,
             idstr: idstr.to_string(),
             instance,
             version,
@@ -237,6 +243,41 @@ impl Registry {
     /// Source: the migration ended without completing.
     pub fn cancel(&mut self) {
         self.live().for_each(|(_, h, _, _)| h.cancel());
+    }
+
+    /// Saves every non-live section, in order (a reset restores the power-on copy).
+    pub fn save_snapshots(&mut self) -> Result<Vec<Vec<u8>>, RegistryError> {
+        let mut out = Vec::new();
+        for e in &mut self.entries {
+            if let Handler::Snapshot(h) = &mut e.handler {
+                let data = h.save().map_err(|source| RegistryError::Section {
+                    idstr: e.idstr.clone(),
+                    instance: e.instance,
+                    source,
+                })?;
+                out.push(data);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores what [`save_snapshots`](Self::save_snapshots) returned.
+    pub fn restore_snapshots(&mut self, states: &[Vec<u8>]) -> Result<(), RegistryError> {
+        let mut states = states.iter();
+        for e in &mut self.entries {
+            if let Handler::Snapshot(h) = &mut e.handler {
+                let data = states
+                    .next()
+                    .ok_or_else(|| RegistryError::Missing(e.idstr.clone()))?;
+                h.restore(data, e.version)
+                    .map_err(|source| RegistryError::Section {
+                        idstr: e.idstr.clone(),
+                        instance: e.instance,
+                        source,
+                    })?;
+            }
+        }
+        Ok(())
     }
 
     fn find(&self, idstr: &str, instance: u32) -> Result<usize, RegistryError> {
@@ -502,6 +543,17 @@ mod tests {
             // Must not panic; most corruptions are errors.
             let _ = dst.load(&mut StreamReader::new(&bad[..]));
         }
+    }
+
+    #[test]
+    fn snapshots_round_trip() {
+        let (mut r, blob, _) = pair();
+        *blob.lock().unwrap() = vec![7];
+        let saved = r.save_snapshots().unwrap();
+        *blob.lock().unwrap() = vec![8];
+        r.restore_snapshots(&saved).unwrap();
+        assert_eq!(*blob.lock().unwrap(), vec![7]);
+        assert!(r.restore_snapshots(&[]).is_err());
     }
 
     #[test]

@@ -98,6 +98,20 @@ pub enum MigrationEvent {
     Pass(u64),
 }
 
+/// Where a migration stream goes: written while the migration runs, finished when it completes
+/// (an `exec:` command is then waited for; its failure fails the migration). Dropping it
+/// unfinished aborts the channel.
+pub trait MigrationOutput: Write + Send {
+    /// Flushes and closes the channel.
+    fn finish(self: Box<Self>) -> Result<(), String>;
+}
+
+impl MigrationOutput for crate::transport::Outgoing {
+    fn finish(self: Box<Self>) -> Result<(), String> {
+        crate::transport::Outgoing::finish(*self).map_err(|e| e.to_string())
+    }
+}
+
 /// What the migration thread needs from the VMM.
 pub trait MigrationHost: Send + Sync + 'static {
     /// What the big lock protects.
@@ -116,8 +130,9 @@ pub trait MigrationHost: Send + Sync + 'static {
         g: MutexGuard<'a, Self::Locked>,
     ) -> (MutexGuard<'a, Self::Locked>, bool);
 
-    /// Restarts the vCPUs.
-    fn resume_vm(&self, g: &mut Self::Locked);
+    /// The migration failed or was cancelled: restart the vCPUs if they had been running,
+    /// else leave them stopped.
+    fn aborted(&self, g: &mut Self::Locked, was_running: bool);
 
     /// The migration completed: the source enters `postmigrate`.
     fn completed(&self, g: &mut Self::Locked);
@@ -205,7 +220,8 @@ pub struct MigrationInfo {
 }
 
 type Notifier = Box<dyn Fn(&MigrationEvent) + Send + Sync>;
-type Canceller = Box<dyn Fn() + Send + Sync>;
+/// Interrupts a migration blocked on its transport.
+pub type Canceller = Box<dyn Fn() + Send + Sync>;
 
 struct Inner {
     status: MigrationStatus,
@@ -219,6 +235,7 @@ struct Inner {
     max_bandwidth: u64,
     downtime_limit_ms: u64,
     xbzrle_on: bool,
+    events: bool,
     error: Option<String>,
     timeline: Timeline,
     canceller: Option<Canceller>,
@@ -265,6 +282,7 @@ impl Migration {
                 max_bandwidth: DEFAULT_MAX_BANDWIDTH,
                 downtime_limit_ms: DEFAULT_DOWNTIME_LIMIT_MS,
                 xbzrle_on: false,
+                events: false,
                 error: None,
                 timeline: Timeline::default(),
                 canceller: None,
@@ -326,6 +344,17 @@ impl Migration {
         lock(&self.inner).downtime_limit_ms = ms;
     }
 
+    /// Whether the `events` capability is on: MIGRATION and MIGRATION_PASS events are sent
+    /// only then, as in QEMU.
+    pub fn events_enabled(&self) -> bool {
+        lock(&self.inner).events
+    }
+
+    /// Sets the `events` capability.
+    pub fn set_events_enabled(&self, on: bool) {
+        lock(&self.inner).events = on;
+    }
+
     /// The timeline of the current or last migration.
     pub fn timeline(&self) -> Timeline {
         lock(&self.inner).timeline.clone()
@@ -371,7 +400,7 @@ impl Migration {
     pub fn start<H: MigrationHost>(
         self: &Arc<Self>,
         host: Arc<H>,
-        out: Box<dyn Write + Send>,
+        out: Box<dyn MigrationOutput>,
         canceller: Option<Canceller>,
     ) -> Result<(), MigrationError> {
         {
@@ -454,9 +483,7 @@ impl Migration {
         {
             let mut g = lock(host.big_lock());
             lock(host.registry()).cancel();
-            if was_running {
-                host.resume_vm(&mut g);
-            }
+            host.aborted(&mut g, was_running);
         }
         let status = if self.cancelling() {
             MigrationStatus::Cancelled
@@ -500,7 +527,7 @@ impl Migration {
         }
     }
 
-    fn run<H: MigrationHost>(self: Arc<Self>, host: Arc<H>, mut out: Box<dyn Write + Send>) {
+    fn run<H: MigrationHost>(self: Arc<Self>, host: Arc<H>, mut out: Box<dyn MigrationOutput>) {
         let start = lock(&self.inner).start.unwrap_or_else(Instant::now);
         let mut w = StreamWriter::new(BufferedOutput::new());
 
@@ -574,7 +601,11 @@ impl Migration {
                     let result = result
                         .map_err(|e| e.to_string())
                         .and_then(|_| self.flush(host.as_ref(), &mut w, out.as_mut()))
-                        .and_then(|_| out.flush().map_err(|e| e.to_string()));
+                        .and_then(|_| out.finish());
+                    let final_pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
+                    if final_pass != pass {
+                        self.notify(MigrationEvent::Pass(final_pass));
+                    }
                     match result {
                         Ok(()) if !self.cancelling() => {
                             host.completed(&mut lock(host.big_lock()));

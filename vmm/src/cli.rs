@@ -30,8 +30,9 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Kernel image: Linux bzImage or vmlinux, Multiboot v1 ELF (e.g. kvm-unit-tests), or PVH ELF.
-    #[arg(long, value_name = "PATH")]
-    pub kernel: PathBuf,
+    /// Optional with --incoming (the migration stream brings the guest's memory).
+    #[arg(long, value_name = "PATH", required_unless_present = "incoming")]
+    pub kernel: Option<PathBuf>,
     /// Initial ramdisk for Linux, or module 0 for Multiboot / PVH kernels.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
@@ -53,6 +54,16 @@ pub struct RunArgs {
     /// End hopvm with status 0 when the guest resets or triple-faults, instead of rebooting.
     #[arg(long)]
     pub no_reboot: bool,
+    /// QMP monitor on a Unix socket (mode 0600; several clients may connect), as QEMU's -qmp.
+    #[arg(long, value_name = "unix:PATH")]
+    pub qmp: Option<String>,
+    /// Wait for a live migration on tcp:HOST:PORT (tcp:0:PORT = any address), unix:PATH,
+    /// exec:COMMAND (reads its stdout) or fd:N; `defer` waits for QMP migrate-incoming.
+    #[arg(long, value_name = "URI")]
+    pub incoming: Option<String>,
+    /// Do not start the vCPUs (QEMU's -S): `cont` over QMP starts them.
+    #[arg(long)]
+    pub paused: bool,
 }
 
 fn parse_memory(s: &str) -> Result<u64, config::ConfigError> {
@@ -70,6 +81,9 @@ impl From<RunArgs> for VmConfig {
             serial: a.serial,
             debug_exit: a.debug_exit,
             no_reboot: a.no_reboot,
+            qmp: a.qmp,
+            incoming: a.incoming,
+            paused: a.paused,
         }
     }
 }

@@ -165,8 +165,9 @@ pub fn check_memory(bytes: u64) -> Result<u64, ConfigError> {
 /// Everything needed to build and boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
-    /// The kernel image (bzImage, vmlinux, Multiboot ELF or PVH ELF).
-    pub kernel: PathBuf,
+    /// The kernel image (bzImage, vmlinux, Multiboot ELF or PVH ELF); a migration
+    /// destination may do without one.
+    pub kernel: Option<PathBuf>,
     /// An initial ramdisk (Linux) or module 0 (Multiboot).
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
@@ -181,13 +182,20 @@ pub struct VmConfig {
     pub debug_exit: DebugExitConfig,
     /// End hopvm instead of resetting the VM.
     pub no_reboot: bool,
+    /// The QMP monitor socket (`unix:PATH`).
+    pub qmp: Option<String>,
+    /// Wait for an incoming migration on this URI (`defer`: until QMP `migrate-incoming`).
+    pub incoming: Option<String>,
+    /// Do not start the vCPUs (QEMU's `-S`): after boot set-up, or after an incoming
+    /// migration loaded.
+    pub paused: bool,
 }
 
 impl VmConfig {
     /// A configuration with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {
-            kernel: kernel.into(),
+            kernel: Some(kernel.into()),
             initrd: None,
             cmdline: String::new(),
             memory: DEFAULT_MEMORY,
@@ -195,6 +203,9 @@ impl VmConfig {
             serial: SerialConfig::Stdio,
             debug_exit: DebugExitConfig::default(),
             no_reboot: false,
+            qmp: None,
+            incoming: None,
+            paused: false,
         }
     }
 }

@@ -14,12 +14,16 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use serde_json::json;
 
 use crate::bus::lock;
 use crate::config::{SerialConfig, VmConfig};
 use crate::vcpu::VmEvent;
-use crate::vm::{SharedWriter, Vm, VmError};
+use crate::instance::Instance;
+use crate::runstate::RunState;
+use crate::vm::{SharedWriter, VmError};
 
 /// Exit status when hopvm cannot build or boot the VM.
 pub const EXIT_ERROR: i32 = 1;
@@ -65,19 +69,9 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Where terminal input currently goes; a reset rebuilds the VM and swaps it.
-type InputTarget = Arc<Mutex<Option<InputSink>>>;
-
-/// The serial port of the running VM and the way to end it.
-struct InputSink {
-    machine: Arc<Mutex<crate::vcpu::Machine>>,
-    serial: Arc<Mutex<devices::serial::Serial>>,
-    events: std::sync::mpsc::Sender<VmEvent>,
-}
-
 /// Forwards terminal input to COM1; Ctrl-A x ends hopvm like QEMU's `-serial mon:stdio`, and
 /// Ctrl-A Ctrl-A sends a literal Ctrl-A.
-fn spawn_input_thread(target: InputTarget) {
+fn spawn_input_thread(instance: Arc<Instance>) {
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin();
         let mut buf = [0u8; 64];
@@ -87,10 +81,12 @@ fn spawn_input_thread(target: InputTarget) {
                 break;
             }
             let mut bytes = Vec::with_capacity(n);
-            let mut quit = false;
             for &b in &buf[..n] {
                 match (escape, b) {
-                    (true, b'x') => quit = true,
+                    (true, b'x') => {
+                        let _ = instance.vm.event_sender().send(VmEvent::Quit);
+                        return;
+                    }
                     (false, 0x01) => escape = true,
                     (_, other) => {
                         escape = false;
@@ -98,62 +94,78 @@ fn spawn_input_thread(target: InputTarget) {
                     }
                 }
             }
-            if let Some(sink) = lock(&target).as_ref() {
-                if quit {
-                    let _ = sink.events.send(VmEvent::PowerOff);
-                    return;
-                }
-                let _machine = lock(&sink.machine);
-                lock(&sink.serial).enqueue_input(&bytes);
-            }
+            let _machine = lock(&instance.vm.machine);
+            lock(&instance.vm.devices.serial).enqueue_input(&bytes);
         }
     });
 }
 
-/// Boots `config` and runs it until it ends; returns hopvm's exit status.
-pub fn run(config: &VmConfig) -> Result<i32, VmError> {
+/// Boots `config` (or waits for its incoming migration) and runs it until it ends; returns
+/// hopvm's exit status.
+pub fn run(config: &VmConfig) -> Result<i32, RunError> {
     let out = SharedWriter::open(&config.serial)?;
-    let stdin_fd = std::io::stdin().as_raw_fd();
     let terminal = match config.serial {
-        SerialConfig::Stdio => RawTerminal::enter(stdin_fd),
+        SerialConfig::Stdio => RawTerminal::enter(std::io::stdin().as_raw_fd()),
         _ => None,
     };
-    let current: InputTarget = Arc::new(Mutex::new(None));
+    let instance = Instance::new(config, out.clone())?;
     if terminal.is_some() {
-        spawn_input_thread(current.clone());
+        spawn_input_thread(instance.clone());
     }
-    loop {
-        let vm = Vm::build(config, out.clone())?;
-        *lock(&current) = Some(InputSink {
-            machine: vm.machine.clone(),
-            serial: vm.devices.serial.clone(),
-            events: vm.event_sender(),
-        });
-        vm.resume();
-        let status = match vm.wait_event() {
-            VmEvent::Exit(code) => Some(code),
-            VmEvent::PowerOff => Some(0),
+    let _monitor = match &config.qmp {
+        Some(spec) => Some(Err::<(), _>(RunError::Monitor(spec.clone()))?),
+        None => None,
+    };
+    instance.set_autostart(!config.paused);
+    match config.incoming.as_deref() {
+        None if config.paused => {}
+        None => instance.cont().map_err(RunError::Instance)?,
+        Some("defer") => instance.defer_incoming(),
+        Some(uri) => instance.incoming(uri).map_err(RunError::Instance)?,
+    }
+    let status = loop {
+        match instance.vm.wait_event() {
+            VmEvent::Exit(code) => break code,
+            VmEvent::PowerOff => {
+                instance.emit("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-shutdown"})));
+                break 0;
+            }
+            VmEvent::Quit => {
+                instance.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
+                break 0;
+            }
             event @ (VmEvent::Reset | VmEvent::TripleFault) if config.no_reboot => {
                 log::info!("guest {event:?} with --no-reboot: exiting");
-                Some(0)
+                instance.emit("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-reset"})));
+                break 0;
             }
             event @ (VmEvent::Reset | VmEvent::TripleFault) => {
-                log::info!("guest {event:?}: rebooting");
-                None
+                log::info!("guest {event:?}: resetting");
+                instance.reset(true)?;
             }
             VmEvent::Fatal(msg) => {
-                drop(vm);
+                lock(&instance.vm.machine).runstate = RunState::InternalError;
                 drop(terminal);
                 eprintln!("hopvm: {msg}");
                 return Ok(EXIT_VCPU_FAILURE);
             }
-        };
-        *lock(&current) = None;
-        drop(vm);
-        if let Some(status) = status {
-            let mut out = out;
-            let _ = std::io::Write::flush(&mut out);
-            return Ok(status);
         }
-    }
+    };
+    let mut out = out;
+    let _ = std::io::Write::flush(&mut out);
+    Ok(status)
+}
+
+/// Errors that end `hopvm run` before the guest does.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The VM could not be built or reset.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Starting it (or its incoming migration) failed.
+    #[error(transparent)]
+    Instance(#[from] crate::instance::InstanceError),
+    /// The QMP monitor could not be started.
+    #[error("cannot start the qmp monitor: {0}")]
+    Monitor(String),
 }

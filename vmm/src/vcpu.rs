@@ -117,6 +117,8 @@ pub enum VmEvent {
     TripleFault,
     /// The guest asked to power off.
     PowerOff,
+    /// The host asked hopvm to quit (QMP `quit`, Ctrl-A x).
+    Quit,
     /// A vCPU cannot go on; the message says why.
     Fatal(String),
 }
@@ -142,6 +144,8 @@ pub struct Machine {
     pub mmio: Bus,
     /// Whether the vCPUs run.
     pub vcpus: VcpuRunState,
+    /// The run state `query-status` reports.
+    pub runstate: crate::runstate::RunState,
 }
 
 impl Machine {
@@ -151,6 +155,7 @@ impl Machine {
             pio,
             mmio,
             vcpus: VcpuRunState::default(),
+            runstate: crate::runstate::RunState::Prelaunch,
         }
     }
 

@@ -63,6 +63,9 @@ pub enum VmError {
     /// vCPU threads could not be started.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    /// Saving or restoring machine state failed.
+    #[error("machine state: {0}")]
+    State(String),
     /// The serial output file could not be created.
     #[error("cannot open serial output {0}: {1}")]
     SerialFile(String, #[source] std::io::Error),
@@ -139,6 +142,39 @@ pub struct Devices {
     pub i8042: Arc<Mutex<devices::i8042::I8042>>,
     /// The RTC and CMOS memory.
     pub cmos: Arc<Mutex<devices::cmos::Cmos>>,
+    /// The PCI configuration ports (and the reset control register).
+    pub pci_host: Arc<Mutex<devices::pci_host::PciHost>>,
+}
+
+/// The kernel and initrd, kept so that a reset can load them again.
+struct BootImage {
+    name: String,
+    image: Vec<u8>,
+    cmdline: String,
+    initrd: Option<(Vec<u8>, String)>,
+    format: KernelFormat,
+}
+
+impl BootImage {
+    fn read(path: &std::path::Path, config: &VmConfig) -> Result<Self, VmError> {
+        let name = path.display().to_string();
+        let image = std::fs::read(path).map_err(|e| VmError::ReadFile(name.clone(), e))?;
+        let initrd = match &config.initrd {
+            Some(p) => Some((
+                std::fs::read(p).map_err(|e| VmError::ReadFile(p.display().to_string(), e))?,
+                p.display().to_string(),
+            )),
+            None => None,
+        };
+        let format = loader::detect(&image).map_err(|e| VmError::Load(name.clone(), e))?;
+        Ok(Self {
+            name,
+            image,
+            cmdline: config.cmdline.clone(),
+            initrd,
+            format,
+        })
+    }
 }
 
 /// A built VM.
@@ -153,12 +189,14 @@ pub struct Vm {
     pub machine: Arc<Mutex<Machine>>,
     /// Typed device handles.
     pub devices: Devices,
-    /// The detected kernel format.
-    pub format: KernelFormat,
+    /// The detected kernel format (none for a destination started without a kernel).
+    pub format: Option<KernelFormat>,
+    boot: Option<BootImage>,
+    cpus: u8,
     control: Arc<VcpuControl>,
-    events: Receiver<VmEvent>,
+    events: Mutex<Receiver<VmEvent>>,
     event_tx: std::sync::mpsc::Sender<VmEvent>,
-    _kvm: Kvm,
+    kvm: Kvm,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -212,18 +250,11 @@ fn host_memory() -> u64 {
 impl Vm {
     /// Builds a VM for `config`, writing COM1 to `serial_out`. The vCPUs start paused.
     pub fn build(config: &VmConfig, serial_out: SharedWriter) -> Result<Self, VmError> {
-        let kernel_name = config.kernel.display().to_string();
-        let image =
-            std::fs::read(&config.kernel).map_err(|e| VmError::ReadFile(kernel_name.clone(), e))?;
-        let initrd = match &config.initrd {
-            Some(p) => Some((
-                std::fs::read(p).map_err(|e| VmError::ReadFile(p.display().to_string(), e))?,
-                p.display().to_string(),
-            )),
+        // Read and check the image before touching KVM.
+        let boot = match &config.kernel {
+            Some(path) => Some(BootImage::read(path, config)?),
             None => None,
         };
-        // Fail on a bad image before touching KVM.
-        loader::detect(&image).map_err(|e| VmError::Load(kernel_name.clone(), e))?;
 
         let host_mem = host_memory();
         if config.memory > host_mem {
@@ -265,20 +296,6 @@ impl Vm {
             .map_err(kvm_err("set gsi routing"))?;
 
 
-        let (format, entry) = loader::load(
-            &memory,
-            &layout,
-            &BootRequest {
-                kernel_path: &kernel_name,
-                image: &image,
-                cmdline: &config.cmdline,
-                initrd: initrd.as_ref().map(|(d, n)| (d.as_slice(), n.as_str())),
-            },
-        )
-        .map_err(|e| VmError::Load(kernel_name.clone(), e))?;
-        regs::write_boot_tables(&memory, entry.mode)?;
-        mptable::write(&memory, usize::from(config.cpus))?;
-
         let irq = |gsi| -> SharedIrq {
             Arc::new(KvmIrq {
                 vm: fd.clone(),
@@ -304,11 +321,8 @@ impl Vm {
         pio.insert(0x60, 5, i8042.clone())?;
         pio.insert(0x70, 2, cmos.clone())?;
         pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
-        pio.insert(
-            0xcf8,
-            8,
-            Arc::new(Mutex::new(devices::pci_host::PciHost::new())),
-        )?;
+        let pci_host = Arc::new(Mutex::new(devices::pci_host::PciHost::new()));
+        pio.insert(0xcf8, 8, pci_host.clone())?;
         pio.insert(
             u64::from(config.debug_exit.iobase),
             u64::from(config.debug_exit.iosize),
@@ -348,19 +362,10 @@ impl Vm {
             }
             vcpu.set_fpu(&regs::entry_fpu())
                 .map_err(kvm_err("set fpu"))?;
-            if id == 0 {
-                // The boot vCPU starts at the loader's entry; the others stay in KVM's
-                // INIT-wait state until the guest sends INIT + SIPI.
-                let sregs = vcpu.get_sregs().map_err(kvm_err("get sregs"))?;
-                vcpu.set_sregs(&regs::entry_sregs(sregs, entry.mode))
-                    .map_err(kvm_err("set sregs"))?;
-                vcpu.set_regs(&regs::entry_regs(&entry))
-                    .map_err(kvm_err("set regs"))?;
-            }
             control.spawn(format!("vcpu{id}"), vcpu, usize::from(id), shared.clone())?;
         }
 
-        Ok(Self {
+        let vm = Self {
             fd,
             memory,
             layout,
@@ -369,13 +374,69 @@ impl Vm {
                 serial,
                 i8042,
                 cmos,
+                pci_host,
             },
-            format,
+            format: boot.as_ref().map(|b| b.format),
+            boot,
+            cpus: config.cpus,
             control,
-            events,
+            events: Mutex::new(events),
             event_tx: tx,
-            _kvm: kvm,
-        })
+            kvm,
+        };
+        vm.load_kernel()?;
+        Ok(vm)
+    }
+
+    /// Writes the kernel, its boot information and the firmware tables into guest memory and
+    /// points the boot vCPU at the entry (the vCPUs must be paused). Without a kernel (a
+    /// destination waiting for its state) there is nothing to do.
+    pub fn load_kernel(&self) -> Result<(), VmError> {
+        let Some(boot) = &self.boot else {
+            return Ok(());
+        };
+        let (_, entry) = loader::load(
+            &self.memory,
+            &self.layout,
+            &BootRequest {
+                kernel_path: &boot.name,
+                image: &boot.image,
+                cmdline: &boot.cmdline,
+                initrd: boot.initrd.as_ref().map(|(d, n)| (d.as_slice(), n.as_str())),
+            },
+        )
+        .map_err(|e| VmError::Load(boot.name.clone(), e))?;
+        regs::write_boot_tables(&self.memory, entry.mode)?;
+        mptable::write(&self.memory, usize::from(self.cpus))?;
+        // The boot vCPU starts at the loader's entry; the others stay in KVM's INIT-wait
+        // state until the guest sends INIT + SIPI.
+        let bsp = self.control.vcpus()[0].clone();
+        let bsp = lock(&bsp);
+        let sregs = bsp.get_sregs().map_err(kvm_err("get sregs"))?;
+        bsp.set_sregs(&regs::entry_sregs(sregs, entry.mode))
+            .map_err(kvm_err("set sregs"))?;
+        bsp.set_regs(&regs::entry_regs(&entry))
+            .map_err(kvm_err("set regs"))?;
+        Ok(())
+    }
+
+    /// Zeroes all guest RAM by dropping its pages (a reset reloads the kernel afterwards).
+    pub fn clear_memory(&self) {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        for region in self.memory.iter() {
+            let Ok(host) = region.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+                continue;
+            };
+            // SAFETY: the range is exactly one private anonymous guest RAM mapping; dropping
+            // its pages makes them read as zero again, which is what a reset wants, and no
+            // Rust reference into guest RAM exists.
+            unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTNEED) };
+        }
+    }
+
+    /// The KVM system handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
     }
 
     /// Lets the vCPUs run.
@@ -400,14 +461,14 @@ impl Vm {
 
     /// Waits for the next event from a vCPU.
     pub fn wait_event(&self) -> VmEvent {
-        self.events
+        lock(&self.events)
             .recv()
             .unwrap_or_else(|_| VmEvent::Fatal(String::from("all vcpu threads ended")))
     }
 
     /// Waits up to `timeout` for the next event from a vCPU.
     pub fn wait_event_timeout(&self, timeout: std::time::Duration) -> Option<VmEvent> {
-        self.events.recv_timeout(timeout).ok()
+        lock(&self.events).recv_timeout(timeout).ok()
     }
 
     /// A sender that injects events as if a vCPU had reported them (terminal quit, QMP `quit`).

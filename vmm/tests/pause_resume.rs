@@ -1,49 +1,14 @@
 //! Pausing and resuming every vCPU, reliably and quickly: the guest keeps running, without
 //! corruption, across a thousand cycles (live migration pauses the guest the same way).
 
-use std::io::Write;
-use std::sync::{Arc, Condvar, Mutex};
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::{passes, Capture};
 
 use vmm::config::{SerialConfig, VmConfig};
 use vmm::vm::{SharedWriter, Vm};
-
-/// Serial output captured in memory, with a condition variable signalled on every write so a
-/// test can wait for the guest to print something without sleeping.
-#[derive(Clone, Default)]
-struct Capture(Arc<(Mutex<Vec<u8>>, Condvar)>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 .0.lock().unwrap().extend_from_slice(buf);
-        self.0 .1.notify_all();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0 .0.lock().unwrap()).into_owned()
-    }
-
-    /// Waits until `pred` holds for the output, or panics after `timeout`.
-    fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) {
-        let deadline = Instant::now() + timeout;
-        let mut out = self.0 .0.lock().unwrap();
-        while !pred(&String::from_utf8_lossy(&out)) {
-            let left = deadline.saturating_duration_since(Instant::now());
-            assert!(!left.is_zero(), "timed out waiting for {what}; output:\n{}", String::from_utf8_lossy(&out));
-            out = self.0 .1.wait_timeout(out, left).unwrap().0;
-        }
-    }
-}
-
-fn passes(text: &str) -> usize {
-    text.lines().filter(|l| l.starts_with("pass ")).count()
-}
 
 #[test]
 fn guest_keeps_running_across_1000_pause_resume_cycles() {

@@ -1,0 +1,437 @@
+//! A running hopvm: the VM plus its run state, migration sections, migration state and the
+//! events it reports — what the QMP commands act on.
+//!
+//! Every operation that changes whether the vCPUs run takes the big lock (the VM's
+//! [`Machine`]) first; the migration registry is always locked after it, never before.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use migration::ram::RamSection;
+use migration::registry::Registry;
+use migration::stream::StreamReader;
+use migration::thread::{Migration, MigrationEvent, MigrationHost};
+use migration::transport::{connect_outgoing, listen_incoming, MigrationUri};
+use serde_json::{json, Value};
+
+use crate::bus::lock;
+use crate::config::VmConfig;
+use crate::kvm_state::{SavedMsrs, VCPU_STATE_VERSION, VM_STATE_VERSION};
+use crate::runstate::RunState;
+use crate::sections::{DeviceSection, KvmDirtyLog, KvmVmSection, VcpuSection};
+use crate::vcpu::{Machine, VmEvent};
+use crate::vm::{SharedWriter, Vm, VmError};
+
+/// Emits a QMP event: name and optional data.
+pub type EventEmitter = Box<dyn Fn(&str, Option<Value>) + Send + Sync>;
+
+/// Errors of instance operations, worded for QMP replies.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InstanceError {
+    /// The request does not fit the current state.
+    #[error("{0}")]
+    State(String),
+    /// A migration could not start.
+    #[error("{0}")]
+    Migration(String),
+}
+
+/// A running hopvm.
+pub struct Instance {
+    /// The VM.
+    pub vm: Vm,
+    /// The migration sections.
+    pub registry: Mutex<Registry>,
+    /// Migration parameters and the current or last migration.
+    pub migration: Arc<Migration>,
+    /// Run the guest once an incoming migration has loaded (no `--paused`).
+    autostart: Mutex<bool>,
+    events: Mutex<Option<EventEmitter>>,
+    power_on: Vec<Vec<u8>>,
+    incoming: Mutex<Incoming>,
+}
+
+/// Where the destination side of a migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Incoming {
+    /// Not a destination.
+    No,
+    /// `--incoming defer`: waiting for QMP `migrate-incoming`.
+    Deferred,
+    /// Listening or loading.
+    Active,
+    /// Loaded.
+    Completed,
+}
+
+impl Instance {
+    /// Builds the VM for `config` and registers its migration sections. The vCPUs are not
+    /// started: see [`Instance::cont`].
+    pub fn new(config: &VmConfig, serial_out: SharedWriter) -> Result<Arc<Self>, VmError> {
+        let vm = Vm::build(config, serial_out)?;
+        let migration = Arc::new(Migration::new());
+        let mut registry = Registry::new();
+        registry.register_live(
+            "ram",
+            0,
+            migration::ram_format::RAM_SECTION_VERSION,
+            Box::new(RamSection::new(
+                vm.memory.clone(),
+                Box::new(KvmDirtyLog::new(vm.fd.clone(), vm.memory.clone())),
+                migration.xbzrle.clone(),
+                migration.ram.clone(),
+            )),
+        );
+        let vcpus = vm.control().vcpus();
+        let msrs = Arc::new(
+            SavedMsrs::probe(vm.kvm(), &vm.fd, &lock(&vcpus[0]))
+                .map_err(|e| VmError::State(e.to_string()))?,
+        );
+        for (i, vcpu) in vcpus.into_iter().enumerate() {
+            registry.register(
+                "cpu",
+                i as u32,
+                VCPU_STATE_VERSION,
+                Box::new(VcpuSection::new(vcpu, msrs.clone())),
+            );
+        }
+        registry.register(
+            "kvm-vm",
+            0,
+            VM_STATE_VERSION,
+            Box::new(KvmVmSection::new(vm.fd.clone())),
+        );
+        let d = &vm.devices;
+        registry.register(
+            "serial",
+            0,
+            1,
+            Box::new(DeviceSection::new(
+                "serial",
+                d.serial.clone(),
+                devices::serial::Serial::state,
+                devices::serial::Serial::restore,
+            )),
+        );
+        registry.register(
+            "i8042",
+            0,
+            1,
+            Box::new(DeviceSection::new(
+                "i8042",
+                d.i8042.clone(),
+                devices::i8042::I8042::state,
+                devices::i8042::I8042::restore,
+            )),
+        );
+        registry.register(
+            "mc146818rtc",
+            0,
+            1,
+            Box::new(DeviceSection::new(
+                "mc146818rtc",
+                d.cmos.clone(),
+                devices::cmos::Cmos::state,
+                devices::cmos::Cmos::restore,
+            )),
+        );
+        registry.register(
+            "pci-host",
+            0,
+            1,
+            Box::new(DeviceSection::new(
+                "pci-host",
+                d.pci_host.clone(),
+                devices::pci_host::PciHost::state,
+                devices::pci_host::PciHost::restore,
+            )),
+        );
+        // The power-on state of every non-RAM section, taken before any vCPU ran: a reset
+        // restores it.
+        let power_on = registry
+            .save_snapshots()
+            .map_err(|e| VmError::State(e.to_string()))?;
+        lock(&vm.machine).runstate = RunState::Prelaunch;
+        let instance = Arc::new(Self {
+            vm,
+            registry: Mutex::new(registry),
+            migration,
+            autostart: Mutex::new(true),
+            events: Mutex::new(None),
+            power_on,
+            incoming: Mutex::new(Incoming::No),
+        });
+        let weak = Arc::downgrade(&instance);
+        instance.migration.add_notifier(move |e| {
+            let Some(me) = weak.upgrade() else { return };
+            if !me.migration_events_enabled() {
+                return;
+            }
+            match e {
+                MigrationEvent::Status(s) => me.emit("MIGRATION", Some(json!({"status": s.as_str()}))),
+                MigrationEvent::Pass(n) => me.emit("MIGRATION_PASS", Some(json!({"pass": n}))),
+            }
+        });
+        Ok(instance)
+    }
+
+    /// Sets where events go (the QMP server).
+    pub fn set_event_emitter(&self, f: EventEmitter) {
+        *lock(&self.events) = Some(f);
+    }
+
+    /// Emits an event.
+    pub fn emit(&self, name: &str, data: Option<Value>) {
+        if let Some(f) = lock(&self.events).as_ref() {
+            f(name, data);
+        }
+    }
+
+    fn migration_events_enabled(&self) -> bool {
+        self.migration.events_enabled()
+    }
+
+    /// The run state.
+    pub fn runstate(&self) -> RunState {
+        lock(&self.vm.machine).runstate
+    }
+
+    /// Sets whether an incoming migration starts the guest once loaded.
+    pub fn set_autostart(&self, on: bool) {
+        *lock(&self.autostart) = on;
+    }
+
+    fn start_locked(&self, g: &mut Machine) {
+        if !g.vcpus_running() {
+            self.vm.control().resume(g);
+            g.runstate = RunState::Running;
+            self.emit("RESUME", None);
+        }
+    }
+
+    fn stop_locked<'a>(
+        &self,
+        g: MutexGuard<'a, Machine>,
+        state: RunState,
+    ) -> (MutexGuard<'a, Machine>, bool) {
+        let was_running = g.vcpus_running();
+        let mut g = if was_running {
+            self.vm.control().pause(g)
+        } else {
+            g
+        };
+        g.runstate = state;
+        if was_running {
+            self.emit("STOP", None);
+        }
+        (g, was_running)
+    }
+
+    /// Starts or resumes the vCPUs (QMP `cont`).
+    pub fn cont(&self) -> Result<(), InstanceError> {
+        let mut g = lock(&self.vm.machine);
+        match g.runstate {
+            RunState::Inmigrate => {
+                // As QEMU: the guest starts once the incoming migration has loaded.
+                *lock(&self.autostart) = true;
+                Ok(())
+            }
+            RunState::Running => Ok(()),
+            s if s.can_continue() => {
+                self.start_locked(&mut g);
+                Ok(())
+            }
+            s => Err(InstanceError::State(format!(
+                "cannot continue a VM in state {}",
+                s.as_str()
+            ))),
+        }
+    }
+
+    /// Stops the vCPUs (QMP `stop`).
+    pub fn stop(&self) {
+        let g = lock(&self.vm.machine);
+        if g.vcpus_running() {
+            drop(self.stop_locked(g, RunState::Paused));
+        } else if g.runstate == RunState::Inmigrate {
+            *lock(&self.autostart) = false;
+        }
+    }
+
+    /// Resets the machine in place: RAM cleared and the kernel reloaded, every vCPU, the
+    /// interrupt controllers and the devices back to their power-on state.
+    pub fn reset(&self, guest: bool) -> Result<(), VmError> {
+        let g = lock(&self.vm.machine);
+        let was_running = g.vcpus_running();
+        let mut g = if was_running {
+            self.vm.control().pause(g)
+        } else {
+            g
+        };
+        self.vm.clear_memory();
+        lock(&self.registry)
+            .restore_snapshots(&self.power_on)
+            .map_err(|e| VmError::State(e.to_string()))?;
+        self.vm.load_kernel()?;
+        self.emit(
+            "RESET",
+            Some(json!({"guest": guest, "reason": if guest { "guest-reset" } else { "host-qmp-system-reset" }})),
+        );
+        if was_running {
+            self.vm.control().resume(&mut g);
+        }
+        Ok(())
+    }
+
+    /// Starts an outgoing migration to `uri` (QMP `migrate`).
+    pub fn migrate(self: &Arc<Self>, uri: &str) -> Result<(), InstanceError> {
+        if self.migration.status().is_running() {
+            return Err(InstanceError::Migration(String::from(
+                "There's a migration process in progress",
+            )));
+        }
+        if self.runstate() == RunState::Inmigrate {
+            return Err(InstanceError::State(String::from(
+                "Guest is waiting for an incoming migration",
+            )));
+        }
+        if let Some(reason) = lock(&self.registry).blocker() {
+            return Err(InstanceError::Migration(reason.to_string()));
+        }
+        let uri: MigrationUri = uri
+            .parse()
+            .map_err(|e: migration::transport::TransportError| InstanceError::Migration(e.to_string()))?;
+        let out = connect_outgoing(&uri).map_err(|e| InstanceError::Migration(e.to_string()))?;
+        let handle = out.shutdown_handle();
+        self.migration
+            .start(
+                self.clone(),
+                Box::new(out),
+                Some(Box::new(move || {
+                    let _ = handle.shutdown();
+                })),
+            )
+            .map_err(|e| InstanceError::Migration(e.to_string()))
+    }
+
+    /// Listens on `uri` for an incoming migration and loads it in the background; once loaded
+    /// the guest runs (or stays paused without autostart). A failed load ends hopvm with
+    /// status 1 and a clear message.
+    pub fn incoming(self: &Arc<Self>, uri: &str) -> Result<(), InstanceError> {
+        let parsed: MigrationUri = uri
+            .parse()
+            .map_err(|e: migration::transport::TransportError| InstanceError::Migration(e.to_string()))?;
+        {
+            let mut current = lock(&self.incoming);
+            let mut g = lock(&self.vm.machine);
+            match *current {
+                Incoming::No if g.runstate == RunState::Prelaunch => {}
+                Incoming::Deferred => {}
+                Incoming::No => {
+                    return Err(InstanceError::State(String::from(
+                        "'-incoming' was not specified on the command line",
+                    )))
+                }
+                Incoming::Active | Incoming::Completed => {
+                    return Err(InstanceError::State(String::from(
+                        "The incoming migration has already been started",
+                    )))
+                }
+            }
+            g.runstate = RunState::Inmigrate;
+            *current = Incoming::Active;
+        }
+        let listener = listen_incoming(&parsed).map_err(|e| {
+            *lock(&self.incoming) = Incoming::Deferred;
+            InstanceError::Migration(e.to_string())
+        })?;
+        if let Some(addr) = listener.local_addr() {
+            log::info!("waiting for an incoming migration on {addr}");
+        }
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name(String::from("incoming"))
+            .spawn(move || {
+                let result = listener
+                    .accept()
+                    .map_err(|e| e.to_string())
+                    .and_then(|input| me.load(input));
+                match result {
+                    Ok(()) => me.incoming_done(),
+                    Err(e) => {
+                        eprintln!("hopvm: incoming migration failed: {e}");
+                        let _ = me.vm.event_sender().send(VmEvent::Exit(1));
+                    }
+                }
+            })
+            .map_err(|e| InstanceError::Migration(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Loads a whole migration stream (the vCPUs are paused).
+    pub fn load(&self, input: Box<dyn std::io::Read + Send>) -> Result<(), String> {
+        let _g = lock(&self.vm.machine);
+        let mut reader = StreamReader::new(std::io::BufReader::with_capacity(1 << 20, input));
+        lock(&self.registry)
+            .load(&mut reader)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Waits for QMP `migrate-incoming` (`--incoming defer`).
+    pub fn defer_incoming(&self) {
+        *lock(&self.incoming) = Incoming::Deferred;
+        lock(&self.vm.machine).runstate = RunState::Inmigrate;
+    }
+
+    /// True while waiting for `migrate-incoming`.
+    pub fn incoming_deferred(&self) -> bool {
+        *lock(&self.incoming) == Incoming::Deferred
+    }
+
+    /// The destination side's migration status, if this instance is a destination.
+    pub fn incoming_status(&self) -> Option<migration::thread::MigrationStatus> {
+        use migration::thread::MigrationStatus;
+        match *lock(&self.incoming) {
+            Incoming::No | Incoming::Deferred => None,
+            Incoming::Active => Some(MigrationStatus::Active),
+            Incoming::Completed => Some(MigrationStatus::Completed),
+        }
+    }
+
+    fn incoming_done(&self) {
+        *lock(&self.incoming) = Incoming::Completed;
+        let mut g = lock(&self.vm.machine);
+        if *lock(&self.autostart) {
+            self.start_locked(&mut g);
+        } else {
+            g.runstate = RunState::Paused;
+        }
+    }
+}
+
+impl MigrationHost for Instance {
+    type Locked = Machine;
+
+    fn big_lock(&self) -> &Mutex<Machine> {
+        &self.vm.machine
+    }
+
+    fn registry(&self) -> &Mutex<Registry> {
+        &self.registry
+    }
+
+    fn stop_vm<'a>(&self, g: MutexGuard<'a, Machine>) -> (MutexGuard<'a, Machine>, bool) {
+        self.stop_locked(g, RunState::FinishMigrate)
+    }
+
+    fn aborted(&self, g: &mut Machine, was_running: bool) {
+        if was_running {
+            self.start_locked(g);
+        } else if g.runstate == RunState::FinishMigrate {
+            g.runstate = RunState::Paused;
+        }
+    }
+
+    fn completed(&self, g: &mut Machine) {
+        g.runstate = RunState::Postmigrate;
+    }
+}

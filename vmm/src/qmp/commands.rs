@@ -1,0 +1,406 @@
+//! hopvm's QMP commands: one function per command, with QEMU's names, arguments, replies and
+//! error texts.
+
+use std::sync::Arc;
+
+use migration::thread::{MigrationInfo, MigrationStatus};
+use serde_json::{json, Map, Value};
+
+use super::protocol::{version_info, Args, QmpBackend, QmpError};
+use crate::bus::lock;
+use crate::instance::Instance;
+use crate::runstate::RunState;
+use crate::vcpu::VmEvent;
+
+/// Every command hopvm implements.
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "query-status",
+    "stop",
+    "cont",
+    "system_reset",
+    "quit",
+    "migrate",
+    "migrate-incoming",
+    "migrate_cancel",
+    "query-migrate",
+    "migrate-set-capabilities",
+    "query-migrate-capabilities",
+    "migrate-set-parameters",
+    "query-migrate-parameters",
+    "migrate_set_speed",
+    "migrate_set_downtime",
+    "migrate-set-cache-size",
+    "query-migrate-cache-size",
+];
+
+/// Migration capabilities hopvm implements.
+const CAPABILITIES: &[&str] = &["xbzrle", "events"];
+/// QEMU's other capabilities: known, refused with a clear error.
+const QEMU_CAPABILITIES: &[&str] = &[
+    "rdma-pin-all",
+    "auto-converge",
+    "zero-blocks",
+    "compress",
+    "postcopy-ram",
+    "x-colo",
+    "release-ram",
+    "block",
+    "return-path",
+    "pause-before-switchover",
+    "multifd",
+    "dirty-bitmaps",
+    "postcopy-blocktime",
+    "late-block-activate",
+    "x-ignore-shared",
+    "validate-uuid",
+    "background-snapshot",
+    "zero-copy-send",
+    "postcopy-preempt",
+];
+
+/// QEMU's other migration parameters: known, refused with a clear error.
+const QEMU_PARAMETERS: &[&str] = &[
+    "announce-initial",
+    "announce-max",
+    "announce-rounds",
+    "announce-step",
+    "compress-level",
+    "compress-threads",
+    "compress-wait-thread",
+    "decompress-threads",
+    "throttle-trigger-threshold",
+    "cpu-throttle-initial",
+    "cpu-throttle-increment",
+    "cpu-throttle-tailslow",
+    "tls-creds",
+    "tls-hostname",
+    "tls-authz",
+    "x-checkpoint-delay",
+    "block-incremental",
+    "multifd-channels",
+    "multifd-compression",
+    "multifd-zlib-level",
+    "multifd-zstd-level",
+    "max-postcopy-bandwidth",
+    "max-cpu-throttle",
+];
+
+/// Largest downtime limit, ms (QEMU's MAX_MIGRATE_DOWNTIME: 2000 s).
+const MAX_DOWNTIME_MS: u64 = 2_000_000;
+
+/// The QMP commands of one [`Instance`].
+pub struct Commands {
+    instance: Arc<Instance>,
+}
+
+impl Commands {
+    /// Commands acting on `instance`.
+    pub fn new(instance: Arc<Instance>) -> Self {
+        Self { instance }
+    }
+
+    fn query_status(&self) -> Value {
+        let rs = self.instance.runstate();
+        json!({"status": rs.as_str(), "singlestep": false, "running": rs == RunState::Running})
+    }
+
+    fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let uri = a.required_str("uri")?;
+        let blk = a.optional_bool("blk")?.unwrap_or(false);
+        let inc = a.optional_bool("inc")?.unwrap_or(false);
+        let _detach = a.optional_bool("detach")?;
+        let resume = a.optional_bool("resume")?.unwrap_or(false);
+        a.finish()?;
+        if blk || inc {
+            return Err(QmpError::generic(
+                "not supported: hopvm has no disks (blk and inc must be false)",
+            ));
+        }
+        if resume {
+            return Err(QmpError::generic("not supported: hopvm has no postcopy to resume"));
+        }
+        self.instance
+            .migrate(uri)
+            .map(|_| Value::Null)
+            .map_err(|e| QmpError::generic(e.to_string()))
+    }
+
+    fn migrate_incoming(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let uri = a.required_str("uri")?;
+        a.finish()?;
+        if !self.instance.incoming_deferred() {
+            return Err(QmpError::generic(
+                "'-incoming' was not specified on the command line",
+            ));
+        }
+        self.instance
+            .incoming(uri)
+            .map(|_| Value::Null)
+            .map_err(|e| QmpError::generic(e.to_string()))
+    }
+
+    fn query_migrate(&self) -> Value {
+        if let Some(status) = self.instance.incoming_status() {
+            return json!({"status": status.as_str()});
+        }
+        migrate_info_json(&self.instance.migration.info())
+    }
+
+    fn set_capabilities(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let list = a.required_array("capabilities")?;
+        let mut changes = Vec::new();
+        for mut cap in list.objects()? {
+            let name = cap.required_str("capability")?;
+            let state = cap.required_bool("state")?;
+            cap.finish()?;
+            if !CAPABILITIES.contains(&name) {
+                if QEMU_CAPABILITIES.contains(&name) {
+                    return Err(QmpError::generic(format!(
+                        "hopvm does not support the migration capability '{name}'"
+                    )));
+                }
+                return Err(QmpError::invalid_enum_value("capability", name));
+            }
+            changes.push((name, state));
+        }
+        a.finish()?;
+        let m = &self.instance.migration;
+        if m.status().is_running() {
+            return Err(QmpError::generic("There's a migration process in progress"));
+        }
+        for (name, state) in changes {
+            match name {
+                "xbzrle" => lock(&m.xbzrle).enabled = state,
+                _ => m.set_events_enabled(state),
+            }
+        }
+        Ok(Value::Null)
+    }
+
+    fn query_capabilities(&self) -> Value {
+        let m = &self.instance.migration;
+        json!([
+            {"state": lock(&m.xbzrle).enabled, "capability": "xbzrle"},
+            {"state": m.events_enabled(), "capability": "events"},
+        ])
+    }
+
+    fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        if let Some(name) = QEMU_PARAMETERS.iter().find(|p| args.contains_key(**p)) {
+            return Err(QmpError::generic(format!(
+                "hopvm does not support the migration parameter '{name}'"
+            )));
+        }
+        let mut a = Args::new(args);
+        let bandwidth = a.optional_u64("max-bandwidth")?;
+        let downtime = a.optional_u64("downtime-limit")?;
+        let cache = a.optional_u64("xbzrle-cache-size")?;
+        a.finish()?;
+        if let Some(d) = downtime {
+            if d > MAX_DOWNTIME_MS {
+                return Err(QmpError::invalid_parameter_value(
+                    "downtime_limit",
+                    "an integer in the range of 0 to 2000000 milliseconds",
+                ));
+            }
+        }
+        if let Some(c) = cache {
+            check_cache_size(c)?;
+        }
+        let m = &self.instance.migration;
+        if let Some(b) = bandwidth {
+            m.set_max_bandwidth(b);
+        }
+        if let Some(d) = downtime {
+            m.set_downtime_limit_ms(d);
+        }
+        if let Some(c) = cache {
+            lock(&m.xbzrle).cache_size = c;
+        }
+        Ok(Value::Null)
+    }
+
+    fn query_parameters(&self) -> Value {
+        let m = &self.instance.migration;
+        json!({
+            "max-bandwidth": m.max_bandwidth(),
+            "downtime-limit": m.downtime_limit_ms(),
+            "xbzrle-cache-size": lock(&m.xbzrle).cache_size,
+        })
+    }
+
+    fn set_speed(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let value = a.required_i64("value")?;
+        a.finish()?;
+        self.instance
+            .migration
+            .set_max_bandwidth(value.max(0) as u64);
+        Ok(Value::Null)
+    }
+
+    fn set_downtime(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let seconds = a.required_f64("value")?;
+        a.finish()?;
+        if !(0.0..=(MAX_DOWNTIME_MS / 1000) as f64).contains(&seconds) {
+            return Err(QmpError::invalid_parameter_value(
+                "downtime_limit",
+                "an integer in the range of 0 to 2000000 milliseconds",
+            ));
+        }
+        self.instance
+            .migration
+            .set_downtime_limit_ms((seconds * 1000.0).round() as u64);
+        Ok(Value::Null)
+    }
+
+    fn set_cache_size(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let value = a.required_i64("value")?;
+        a.finish()?;
+        let value = u64::try_from(value).map_err(|_| {
+            QmpError::invalid_parameter_value(
+                "cache size",
+                "a power of two no less than the target page size",
+            )
+        })?;
+        check_cache_size(value)?;
+        lock(&self.instance.migration.xbzrle).cache_size = value;
+        Ok(Value::Null)
+    }
+}
+
+fn check_cache_size(size: u64) -> Result<(), QmpError> {
+    if size < 4096 || !size.is_power_of_two() {
+        return Err(QmpError::invalid_parameter_value(
+            "xbzrle_cache_size",
+            "a power of two no less than the target page size",
+        ));
+    }
+    Ok(())
+}
+
+/// `query-migrate`'s reply for the source, shaped per state as QEMU's
+/// `fill_source_migration_info`.
+pub fn migrate_info_json(i: &MigrationInfo) -> Value {
+    let mut v = Map::new();
+    match i.status {
+        MigrationStatus::None => return json!({}),
+        MigrationStatus::Setup => {
+            v.insert("status".into(), json!("setup"));
+            return Value::Object(v);
+        }
+        MigrationStatus::Cancelled => return json!({"status": "cancelled"}),
+        MigrationStatus::Failed => {
+            v.insert("status".into(), json!("failed"));
+            if let Some(e) = &i.error {
+                v.insert("error-desc".into(), json!(e));
+            }
+            return Value::Object(v);
+        }
+        _ => {}
+    }
+    v.insert("status".into(), json!(i.status.as_str()));
+    v.insert("total-time".into(), json!(i.total_time_ms));
+    v.insert("setup-time".into(), json!(i.setup_time_ms));
+    if i.status == MigrationStatus::Completed {
+        v.insert("downtime".into(), json!(i.downtime_ms));
+    } else {
+        v.insert("expected-downtime".into(), json!(i.expected_downtime_ms));
+    }
+    v.insert(
+        "ram".into(),
+        json!({
+            "transferred": i.transferred,
+            "remaining": i.remaining,
+            "total": i.total,
+            "duplicate": i.duplicate,
+            "skipped": 0,
+            "normal": i.normal,
+            "normal-bytes": i.normal_bytes,
+            "dirty-pages-rate": i.dirty_pages_rate,
+            "mbps": i.mbps,
+            "dirty-sync-count": i.dirty_sync_count,
+            "page-size": 4096,
+        }),
+    );
+    if i.xbzrle {
+        let lookups = i.xbzrle_pages + i.xbzrle_cache_miss;
+        v.insert(
+            "xbzrle-cache".into(),
+            json!({
+                "cache-size": i.xbzrle_cache_size,
+                "bytes": i.xbzrle_bytes,
+                "pages": i.xbzrle_pages,
+                "cache-miss": i.xbzrle_cache_miss,
+                "cache-miss-rate": if lookups > 0 { i.xbzrle_cache_miss as f64 / lookups as f64 } else { 0.0 },
+                "encoding-rate": if i.xbzrle_bytes > 0 { (i.xbzrle_pages * 4096) as f64 / i.xbzrle_bytes as f64 } else { 0.0 },
+                "overflow": i.xbzrle_overflow,
+            }),
+        );
+    }
+    Value::Object(v)
+}
+
+impl QmpBackend for Commands {
+    fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let none = |args| Args::expect_none(args);
+        let inst = &self.instance;
+        match command {
+            "query-version" => none(args).map(|_| version_info()),
+            "query-commands" => none(args).map(|_| {
+                Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())
+            }),
+            "query-status" => none(args).map(|_| self.query_status()),
+            "stop" => none(args).map(|_| {
+                inst.stop();
+                Value::Null
+            }),
+            "cont" => {
+                none(args)?;
+                inst.cont()
+                    .map(|_| Value::Null)
+                    .map_err(|e| QmpError::generic(e.to_string()))
+            }
+            "system_reset" => {
+                none(args)?;
+                inst.reset(false)
+                    .map(|_| Value::Null)
+                    .map_err(|e| QmpError::generic(e.to_string()))
+            }
+            "quit" => none(args).map(|_| {
+                let _ = inst.vm.event_sender().send(VmEvent::Quit);
+                Value::Null
+            }),
+            "migrate" => self.migrate(args),
+            "migrate-incoming" => self.migrate_incoming(args),
+            "migrate_cancel" => none(args).map(|_| {
+                inst.migration.cancel();
+                Value::Null
+            }),
+            "query-migrate" => none(args).map(|_| self.query_migrate()),
+            "migrate-set-capabilities" => self.set_capabilities(args),
+            "query-migrate-capabilities" => none(args).map(|_| self.query_capabilities()),
+            "migrate-set-parameters" => self.set_parameters(args),
+            "query-migrate-parameters" => none(args).map(|_| self.query_parameters()),
+            "migrate_set_speed" => self.set_speed(args),
+            "migrate_set_downtime" => self.set_downtime(args),
+            "migrate-set-cache-size" => self.set_cache_size(args),
+            "query-migrate-cache-size" => {
+                none(args).map(|_| json!(lock(&inst.migration.xbzrle).cache_size))
+            }
+            other => Err(QmpError::command_not_found(other)),
+        }
+    }
+
+    fn has_command(&self, command: &str) -> bool {
+        COMMANDS.contains(&command)
+    }
+}

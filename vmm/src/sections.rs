@@ -1,0 +1,166 @@
+//! The VM's migration sections: how each part of hopvm's state goes into the stream.
+//!
+//! | section | instance | what | kind |
+//! |---|---|---|---|
+//! | `ram` | 0 | guest RAM, pre-copied with dirty logging | live |
+//! | `cpu` | vCPU index | registers, LAPIC, MSRs, events ([`crate::kvm_state::VcpuState`]) | full |
+//! | `kvm-vm` | 0 | PIT, PIC, IOAPIC, kvmclock ([`crate::kvm_state::VmState`]) | full |
+//! | `serial`, `i8042`, `mc146818rtc`, `pci-host` | 0 | each device's `…State` | full |
+//!
+//! Device and vCPU states travel as the JSON encoding of their plain state structs, so a
+//! section's format is its state type.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{VcpuFd, VmFd};
+use migration::ram::DirtyLog;
+use migration::{SectionError, Snapshot};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::bus::lock;
+use crate::kvm_state::{self, SavedMsrs};
+use crate::memory::{self, GuestMemoryMmap};
+
+/// Largest state blob a device section accepts.
+const MAX_STATE_LEN: usize = 16 << 20;
+
+fn encode<S: Serialize>(state: &S) -> Result<Vec<u8>, SectionError> {
+    serde_json::to_vec(state).map_err(|e| SectionError::Unsupported(e.to_string()))
+}
+
+fn decode<S: DeserializeOwned>(section: &str, data: &[u8]) -> Result<S, SectionError> {
+    let invalid = |reason: String| SectionError::Invalid {
+        section: section.to_string(),
+        reason,
+    };
+    if data.len() > MAX_STATE_LEN {
+        return Err(invalid(format!("{} bytes of state", data.len())));
+    }
+    serde_json::from_slice(data).map_err(|e| invalid(e.to_string()))
+}
+
+/// A device section: the device's `state()` / `restore()` pair, JSON on the wire.
+pub struct DeviceSection<D, S> {
+    name: &'static str,
+    device: Arc<Mutex<D>>,
+    save: fn(&D) -> S,
+    restore: fn(&mut D, &S),
+}
+
+impl<D, S> DeviceSection<D, S> {
+    /// A section for `device`.
+    pub fn new(
+        name: &'static str,
+        device: Arc<Mutex<D>>,
+        save: fn(&D) -> S,
+        restore: fn(&mut D, &S),
+    ) -> Self {
+        Self {
+            name,
+            device,
+            save,
+            restore,
+        }
+    }
+}
+
+impl<D: Send, S: Serialize + DeserializeOwned> Snapshot for DeviceSection<D, S> {
+    fn save(&mut self) -> Result<Vec<u8>, SectionError> {
+        encode(&(self.save)(&lock(&self.device)))
+    }
+
+    fn restore(&mut self, data: &[u8], _version: u32) -> Result<(), SectionError> {
+        let state: S = decode(self.name, data)?;
+        (self.restore)(&mut lock(&self.device), &state);
+        Ok(())
+    }
+}
+
+/// A vCPU's section. The vCPU must be paused (its thread parked) while it is saved or loaded.
+pub struct VcpuSection {
+    vcpu: Arc<Mutex<VcpuFd>>,
+    msrs: Arc<SavedMsrs>,
+}
+
+impl VcpuSection {
+    /// A section for `vcpu`, saving the MSRs in `msrs`.
+    pub fn new(vcpu: Arc<Mutex<VcpuFd>>, msrs: Arc<SavedMsrs>) -> Self {
+        Self { vcpu, msrs }
+    }
+}
+
+impl Snapshot for VcpuSection {
+    fn save(&mut self) -> Result<Vec<u8>, SectionError> {
+        let state = kvm_state::save_vcpu(&lock(&self.vcpu), &self.msrs)
+            .map_err(|e| SectionError::Unsupported(e.to_string()))?;
+        encode(&state)
+    }
+
+    fn restore(&mut self, data: &[u8], _version: u32) -> Result<(), SectionError> {
+        let state: kvm_state::VcpuState = decode("cpu", data)?;
+        kvm_state::restore_vcpu(&lock(&self.vcpu), &state).map_err(|e| SectionError::Invalid {
+            section: String::from("cpu"),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// The VM-wide KVM state: PIT, PICs, IOAPIC and kvmclock.
+pub struct KvmVmSection {
+    vm: Arc<VmFd>,
+}
+
+impl KvmVmSection {
+    /// A section for `vm`.
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self { vm }
+    }
+}
+
+impl Snapshot for KvmVmSection {
+    fn save(&mut self) -> Result<Vec<u8>, SectionError> {
+        let state =
+            kvm_state::save_vm(&self.vm).map_err(|e| SectionError::Unsupported(e.to_string()))?;
+        encode(&state)
+    }
+
+    fn restore(&mut self, data: &[u8], _version: u32) -> Result<(), SectionError> {
+        let state: kvm_state::VmState = decode("kvm-vm", data)?;
+        kvm_state::restore_vm(&self.vm, &state).map_err(|e| SectionError::Invalid {
+            section: String::from("kvm-vm"),
+            reason: e.to_string(),
+        })
+    }
+}
+
+/// KVM's dirty page log over hopvm's memory slots (slot n = RAM region n).
+pub struct KvmDirtyLog {
+    vm: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+}
+
+impl KvmDirtyLog {
+    /// The dirty log of `vm`'s RAM.
+    pub fn new(vm: Arc<VmFd>, memory: GuestMemoryMmap) -> Self {
+        Self { vm, memory }
+    }
+}
+
+impl DirtyLog for KvmDirtyLog {
+    fn set_logging(&mut self, on: bool) -> std::io::Result<()> {
+        memory::set_kvm_slots(&self.vm, &self.memory, on).map_err(std::io::Error::other)
+    }
+
+    fn take_dirty(&mut self, index: usize) -> std::io::Result<Vec<u64>> {
+        let region = self
+            .memory
+            .iter()
+            .nth(index)
+            .ok_or_else(|| std::io::Error::other(format!("no ram region {index}")))?;
+        self.vm
+            .get_dirty_log(index as u32, region.len() as usize)
+            .map_err(std::io::Error::other)
+    }
+}

@@ -1,0 +1,50 @@
+//! Helpers shared by the integration tests.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Serial output captured in memory, with a condition variable signalled on every write so a
+/// test can wait for the guest to print something without sleeping.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<(Mutex<Vec<u8>>, Condvar)>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 .0.lock().unwrap().extend_from_slice(buf);
+        self.0 .1.notify_all();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Capture {
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0 .0.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until `pred` holds for the output, or panics after `timeout`.
+    pub fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + timeout;
+        let mut out = self.0 .0.lock().unwrap();
+        while !pred(&String::from_utf8_lossy(&out)) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "timed out waiting for {what}; output:\n{}",
+                String::from_utf8_lossy(&out)
+            );
+            out = self.0 .1.wait_timeout(out, left).unwrap().0;
+        }
+    }
+}
+
+/// Lines the dirty guest prints after each verified pass.
+pub fn passes(text: &str) -> usize {
+    text.lines().filter(|l| l.starts_with("pass ")).count()
+}
