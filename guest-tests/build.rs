@@ -70,7 +70,8 @@ const FORBIDDEN_MNEMONICS: &[&str] = &[
 ];
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("OUT_DIR"));
     let guests_dir = manifest_dir.join("guests");
     let lib_dir = guests_dir.join("lib");
@@ -101,6 +102,16 @@ fn main() {
 
     let lib_sources = list_sources(&lib_dir, &["c", "S"]);
     let guest_sources = list_sources(&guests_dir, &["c"]);
+    // The directories catch added or removed files; every file is listed
+    // too, since a directory's own timestamp does not change when a file in
+    // it is edited.
+    println!("cargo:rerun-if-changed={}", lib_dir.display());
+    for f in list_sources(&lib_dir, &["c", "S", "h", "ld"])
+        .iter()
+        .chain(&guest_sources)
+    {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
     assert!(
         !guest_sources.is_empty(),
         "no guest sources found in {}",
@@ -122,7 +133,10 @@ fn main() {
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("compiler thread panicked".into())))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("compiler thread panicked".into()))
+            })
             .collect()
     });
     let errors: Vec<String> = results.into_iter().filter_map(Result::err).collect();
@@ -218,19 +232,27 @@ impl Tools {
 
     fn link(&self, script: &Path, objs: &[PathBuf], out: &Path) -> Result<(), String> {
         let mut cmd = Command::new(&self.ld);
-        cmd.args(["-m", "elf_x86_64", "-nostdlib", "-static", "--build-id=none"])
-            .args(["-z", "max-page-size=0x1000", "-z", "noexecstack"])
-            .arg("-T")
-            .arg(script)
-            .arg("-o")
-            .arg(out)
-            .args(objs);
+        cmd.args([
+            "-m",
+            "elf_x86_64",
+            "-nostdlib",
+            "-static",
+            "--build-id=none",
+        ])
+        .args(["-z", "max-page-size=0x1000", "-z", "noexecstack"])
+        .arg("-T")
+        .arg(script)
+        .arg("-o")
+        .arg(out)
+        .args(objs);
         run(&mut cmd)
     }
 
     fn to_elf32(&self, elf64: &Path, image: &Path) -> Result<(), String> {
         let mut cmd = Command::new(&self.objcopy);
-        cmd.args(["-O", "elf32-i386"]).arg(elf64).arg(image);
+        cmd.args(["-O", "elf32-i386", "--strip-debug"])
+            .arg(elf64)
+            .arg(image);
         run(&mut cmd)
     }
 
@@ -276,8 +298,10 @@ impl Tools {
             let insn = insn.trim();
             let mut words = insn.split_whitespace();
             let mut mnemonic = words.next().unwrap_or("");
-            if matches!(mnemonic, "lock" | "rep" | "repz" | "repe" | "repnz" | "repne" | "data16")
-            {
+            if matches!(
+                mnemonic,
+                "lock" | "rep" | "repz" | "repe" | "repnz" | "repne" | "data16"
+            ) {
                 mnemonic = words.next().unwrap_or("");
             }
             let forbidden = FORBIDDEN_MNEMONICS

@@ -7,6 +7,9 @@
  * passes=N (stop with exit 0 after N verified passes; default: never stop).
  * Output: "fill ok", then "pass N ok" after each verified pass; on a
  * mismatch "CORRUPT <addr> expected <v> got <v>" and exit code 1.
+ * inject=N (self-test of the checker): after pass N (0 = the initial fill)
+ * flip one qword in the middle of the working set, so the next pass must
+ * report CORRUPT.
  * The working set starts at the first 2 MiB boundary above the image.
  */
 #include "lib/lib.h"
@@ -40,6 +43,8 @@ int main(int argc, char **argv)
 	(void)argv;
 	u64 ws = get_arg_size("ws", MiB, 16 * MiB);
 	u64 passes = get_arg_u64("passes", 0);
+	bool inject = get_arg("inject") != NULL;
+	u64 inject_after = get_arg_u64("inject", 0);
 	u64 base = ALIGN_UP((u64)__image_end, 2 * MiB);
 	u64 end = base + ALIGN_UP(ws, PAGE_SIZE);
 
@@ -58,19 +63,29 @@ int main(int argc, char **argv)
 	for (u64 p = base; p < end; p += PAGE_SIZE)
 		fill_page(p, value(0, p));
 	printf("fill ok\n");
+	u64 victim = base + ALIGN_DOWN((end - base) / 2, PAGE_SIZE) + 8 * 77;
+	if (inject && inject_after == 0) {
+		printf("injecting corruption at 0x%lx\n", victim);
+		*(volatile u64 *)victim ^= 1ULL << 33;
+	}
 
 	for (u64 gen = 1; !passes || gen <= passes; gen++) {
 		for (u64 p = base; p < end; p += PAGE_SIZE) {
 			u64 want = value(gen - 1, p);
 			u64 bad = verify_page(p, want);
 			if (bad) {
-				printf("CORRUPT 0x%lx expected 0x%lx got 0x%lx (pass %lu)\n", bad, want,
-				       *(volatile u64 *)bad, gen);
+				printf("CORRUPT 0x%lx expected 0x%lx got 0x%lx\n", bad, want,
+				       *(volatile u64 *)bad);
+				printf("FAIL: memory corrupted (found in pass %lu)\n", gen);
 				return 1;
 			}
 			fill_page(p, value(gen, p));
 		}
 		printf("pass %lu ok\n", gen);
+		if (inject && inject_after == gen) {
+			printf("injecting corruption at 0x%lx\n", victim);
+			*(volatile u64 *)victim ^= 1ULL << 33;
+		}
 	}
 	printf("dirty: %lu passes done\n", passes);
 	return 0;

@@ -2,7 +2,8 @@
  * smp: finds the CPUs in the MP table, starts every AP with INIT/SIPI/SIPI
  * and checks that each one arrives (records its APIC id and increments a
  * counter).  Command line: cpus=N (expected CPU count; required),
- * timeout_ms=T (per-AP arrival timeout, default 3000).
+ * timeout_ms=T (per-AP arrival timeout, default 3000), dump (hex dump of the
+ * MP configuration table).
  */
 #include "lib/lib.h"
 

@@ -97,8 +97,8 @@ struct Class {
 impl Class {
     fn matches(&self, c: char, icase: bool) -> bool {
         let hit = |c: char| self.ranges.iter().any(|&(lo, hi)| lo <= c && c <= hi);
-        let found = hit(c)
-            || (icase && (hit(c.to_ascii_lowercase()) || hit(c.to_ascii_uppercase())));
+        let found =
+            hit(c) || (icase && (hit(c.to_ascii_lowercase()) || hit(c.to_ascii_uppercase())));
         found != self.negated
     }
 }
@@ -261,10 +261,8 @@ impl Parser<'_> {
             '^' => Node::LineStart,
             '$' => Node::LineEnd,
             '(' => {
-                if self.eat('?') {
-                    if !self.eat(':') {
-                        return Err(self.err("only (?:...) groups and a leading (?i) are supported"));
-                    }
+                if self.eat('?') && !self.eat(':') {
+                    return Err(self.err("only (?:...) groups and a leading (?i) are supported"));
                 }
                 let inner = self.parse_alt()?;
                 if !self.eat(')') {
@@ -281,9 +279,7 @@ impl Parser<'_> {
     }
 
     fn parse_escape(&mut self) -> Result<Node, PatternError> {
-        let c = self
-            .peek()
-            .ok_or_else(|| self.err("trailing backslash"))?;
+        let c = self.peek().ok_or_else(|| self.err("trailing backslash"))?;
         self.pos += 1;
         Ok(match c {
             'd' | 'D' | 'w' | 'W' | 's' | 'S' => Node::Class(perl_class(c)),
@@ -635,7 +631,10 @@ mod tests {
     #[test]
     fn pattern_parse() {
         assert!(matches!(Pattern::parse("/a+/"), Ok(Pattern::Regex(_))));
-        assert!(matches!(Pattern::parse("plain /text"), Ok(Pattern::Substring(_))));
+        assert!(matches!(
+            Pattern::parse("plain /text"),
+            Ok(Pattern::Substring(_))
+        ));
         assert!(matches!(Pattern::parse("/"), Ok(Pattern::Substring(_))));
         assert!(Pattern::parse("hello [").unwrap().is_match("say hello [x"));
         assert!(Pattern::parse("/(/").is_err());

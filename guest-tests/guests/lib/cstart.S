@@ -42,7 +42,10 @@ pd_low:	.skip 4096 * 4
 	.skip STACK_SIZE
 	.globl stack_top
 stack_top:
-	.align 16
+
+/* Not zeroed at start-up (saves instructions): AP stacks. */
+	.section .noinit, "aw", @nobits
+	.align 4096
 	.globl ap_stacks
 ap_stacks:
 	.skip AP_STACK_SIZE * MAX_CPUS

@@ -72,7 +72,7 @@ static void split_cmdline(void)
 {
 	char *s = argbuf;
 
-	memcpy(argbuf, boot_info.cmdline, sizeof(argbuf));
+	memcpy(argbuf, boot_info.cmdline, strlen(boot_info.cmdline) + 1);
 	while (*s && g_argc < (int)ARRAY_SIZE(g_argv) - 1) {
 		while (*s == ' ' || *s == '\t')
 			*s++ = '\0';
@@ -137,8 +137,9 @@ u64 mmap_ram_end(void)
 	return end;
 }
 
-/* Page directories for memory above 4 GiB: up to 32 GiB more. */
-static u64 pd_pool[32][512] __attribute__((aligned(4096)));
+/* Page directories for memory above 4 GiB: up to 32 GiB more (fully
+ * written before use, so not zeroed at start-up). */
+static u64 pd_pool[32][512] __attribute__((aligned(4096), section(".noinit")));
 static int pd_pool_used;
 
 void map_high_memory(u64 end)

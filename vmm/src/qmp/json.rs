@@ -795,7 +795,7 @@ mod tests {
             parse_all(b"{\"a\": 1, \"a\": 2}"),
             vec![err("JSON parse error, duplicate key")]
         );
-        assert_eq!(parse_all(b"nul"), vec![err("JSON parse error, invalid keyword 'nul'")]);
+        assert_eq!(parse_all(b"nul\n"), vec![err("JSON parse error, invalid keyword 'nul'")]);
         assert_eq!(
             parse_all(b"\"\\x\""),
             vec![err("JSON parse error, invalid escape sequence in string")]

@@ -615,11 +615,11 @@ impl QmpServer {
             address: local.to_string(),
             source,
         };
-        match &listener {
+        let nonblocking = match &listener {
             Listener::Unix(l) => l.set_nonblocking(true),
             Listener::Tcp(l) => l.set_nonblocking(true),
-        }
-        .map_err(listen_error)?;
+        };
+        nonblocking.map_err(listen_error)?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(listen_error)?;
         let acceptor_wake = wake.try_clone().map_err(listen_error)?;
 
@@ -862,7 +862,7 @@ fn remove_stale_socket(path: &Path) -> Result<(), QmpServerError> {
     }
 }
 
-/// Polls `fds` for input; returns the number of ready descriptors (0 on timeout).
+/// Polls `fds` for input for at most `timeout_ms` (-1: forever); returns which are ready.
 fn poll_in(fds: &[RawFd], timeout_ms: i32) -> io::Result<Vec<bool>> {
     let mut pollfds: Vec<libc::pollfd> = fds
         .iter()
@@ -911,7 +911,7 @@ fn accept_loop(listener: &Listener, wake: &EventFd, shared: &Arc<Shared>) {
                     // Out of descriptors or memory: back off instead of spinning, but stay
                     // responsive to shutdown.
                     log::warn!("qmp: cannot accept a client: {error}");
-                    if matches!(poll_in(&fds[1..], 100), Ok(ready) if ready[0]) {
+                    if matches!(poll_in(&fds[1..], 100), Ok(ready) if ready.first() == Some(&true)) {
                         return;
                     }
                     break;

@@ -1,0 +1,22 @@
+//! QMP, the QEMU Machine Protocol: hopvm's monitor.
+//!
+//! hopvm is meant to be driven like QEMU, by the same tools, so its monitor speaks QMP exactly
+//! as QEMU 7.2 does on the wire: the same greeting, capabilities negotiation, reply and event
+//! shapes, error classes and error texts (see the reference transcripts). The pieces:
+//!
+//! * [`json`] cuts the client's byte stream into JSON messages the way QEMU's lexer does,
+//!   including its error recovery, within fixed memory bounds;
+//! * [`protocol`] is the per-connection state machine ([`Session`]), the reply and event
+//!   formats, the [`QmpBackend`] trait the VMM implements its commands behind, and [`Args`]
+//!   for checking command arguments with QEMU's messages;
+//! * [`server`] serves sessions on a Unix (or TCP) socket to several clients at once and
+//!   broadcasts events through [`EventSender`] without ever blocking the VMM.
+
+pub mod json;
+pub mod protocol;
+pub mod server;
+
+pub use protocol::{ArgList, Args, ErrorClass, QmpBackend, QmpError, Session, Timestamp};
+pub use server::{
+    EventSender, QmpAddress, QmpListenSpec, QmpServer, QmpServerConfig, QmpServerError,
+};
