@@ -12,6 +12,7 @@
 
 use std::io::{Read, Write};
 
+mod pagemap;
 pub mod ram;
 pub mod ram_format;
 pub mod registry;

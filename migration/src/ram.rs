@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
+use crate::pagemap;
 use crate::ram_format::{
     RamBlockInfo, RamRecord, RamRecordReader, RamRecordWriter, RAM_SECTION_VERSION,
 };
@@ -98,6 +99,24 @@ struct Block {
     dirty: Vec<u64>,
     /// Where the next search for a dirty page starts.
     cursor: usize,
+    /// Pages that may hold data ([`pagemap::populated`]); `None` means all may. On the source
+    /// it is taken when a migration begins (pages written later are dirty anyway); on the
+    /// destination it also records every page the load wrote.
+    populated: Option<Vec<u64>>,
+}
+
+impl Block {
+    fn may_hold_data(&self, page: usize) -> bool {
+        self.populated
+            .as_ref()
+            .is_none_or(|p| pagemap::is_set(p, page))
+    }
+
+    fn mark_populated(&mut self, page: usize) {
+        if let Some(p) = self.populated.as_mut() {
+            p[page / 64] |= 1 << (page % 64);
+        }
+    }
 }
 
 impl Block {
@@ -147,6 +166,7 @@ pub struct RamSection {
     in_flight: Vec<(usize, usize)>,
     bulk_stage: bool,
     logging: bool,
+    loading: bool,
     last_sync: Option<Instant>,
     page: Vec<u8>,
 }
@@ -157,6 +177,14 @@ fn is_zero(page: &[u8]) -> bool {
         unsafe { page.align_to::<u64>() }
     };
     head.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0) && tail.iter().all(|b| *b == 0)
+}
+
+/// The host address and length of a RAM region.
+fn host_range(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> Option<(*const u8, u64)> {
+    region
+        .get_host_address(vm_memory::MemoryRegionAddress(0))
+        .ok()
+        .map(|h| (h.cast_const(), region.len()))
 }
 
 /// The stream id of RAM region `index`: QEMU's main RAM block is `pc.ram`.
@@ -186,6 +214,7 @@ impl RamSection {
                     pages,
                     dirty: vec![0; pages.div_ceil(64)],
                     cursor: 0,
+                    populated: None,
                 }
             })
             .collect();
@@ -201,6 +230,7 @@ impl RamSection {
             in_flight: Vec::new(),
             bulk_stage: true,
             logging: false,
+            loading: false,
             last_sync: None,
             page: vec![0; PAGE_SIZE as usize],
         }
@@ -261,9 +291,14 @@ impl RamSection {
         let b = &self.blocks[block];
         let offset = page as u64 * PAGE_SIZE;
         let addr = b.start + offset;
-        self.memory
-            .read_slice(&mut self.page, GuestAddress(addr))
-            .map_err(|e| SectionError::Io(std::io::Error::other(e)))?;
+        if b.may_hold_data(page) {
+            self.memory
+                .read_slice(&mut self.page, GuestAddress(addr))
+                .map_err(|e| SectionError::Io(std::io::Error::other(e)))?;
+        } else {
+            // Never populated: zero, and left untouched rather than faulted in.
+            self.page.fill(0);
+        }
         self.in_flight.push((block, page));
         let id = self.blocks[block].id.clone();
         let c = &self.counters;
@@ -340,6 +375,19 @@ impl RamSection {
         }
     }
 
+    /// Destination: learns which pages already hold data, once per load.
+    fn load_populated(&mut self) {
+        if self.loading {
+            return;
+        }
+        self.loading = true;
+        for (i, region) in self.memory.iter().enumerate() {
+            self.blocks[i].populated = host_range(region).and_then(|(host, len)| {
+                pagemap::populated(host, (len / PAGE_SIZE) as usize)
+            });
+        }
+    }
+
     fn check_offset(&self, block: &str, offset: u64) -> Result<(usize, u64), SectionError> {
         let (i, b) = self
             .blocks
@@ -383,6 +431,9 @@ impl LiveSection for RamSection {
                 }
             }
             b.cursor = 0;
+            b.populated = host_range(region).and_then(|(host, len)| {
+                pagemap::populated(host, (len / PAGE_SIZE) as usize)
+            });
         }
         self.bulk_stage = true;
         self.in_flight.clear();
@@ -437,8 +488,10 @@ impl LiveSection for RamSection {
             match self.next_dirty() {
                 Some((block, page)) => sent += self.send_page(out, block, page, false)?,
                 None => {
-                    // The first full pass is over: from now on XBZRLE applies.
+                    // The first full pass is over: from now on XBZRLE applies, and every
+                    // page read again was dirtied, so populated or not no longer matters.
                     self.bulk_stage = false;
+                    self.blocks.iter_mut().for_each(|b| b.populated = None);
                     break true;
                 }
             }
@@ -492,6 +545,7 @@ impl LiveSection for RamSection {
         if version != RAM_SECTION_VERSION {
             return Err(invalid(format!("unsupported ram section version {version}")));
         }
+        self.load_populated();
         loop {
             let record = self
                 .reader
@@ -515,16 +569,21 @@ impl LiveSection for RamSection {
                     }
                 }
                 RamRecord::Zero { block, offset, fill } => {
-                    let (_, addr) = self.check_offset(&block, offset)?;
-                    self.memory
-                        .read_slice(&mut self.page, GuestAddress(addr))
-                        .map_err(|e| invalid(e.to_string()))?;
+                    let (i, addr) = self.check_offset(&block, offset)?;
+                    let page = (offset / PAGE_SIZE) as usize;
                     // Writing zeros over a page that is already zero would only allocate it.
-                    if fill != 0 || !is_zero(&self.page) {
+                    let zero_already = !self.blocks[i].may_hold_data(page) || {
+                        self.memory
+                            .read_slice(&mut self.page, GuestAddress(addr))
+                            .map_err(|e| invalid(e.to_string()))?;
+                        is_zero(&self.page)
+                    };
+                    if fill != 0 || !zero_already {
                         self.page.fill(fill);
                         self.memory
                             .write_slice(&self.page, GuestAddress(addr))
                             .map_err(|e| invalid(e.to_string()))?;
+                        self.blocks[i].mark_populated(page);
                     }
                 }
                 RamRecord::Page {
@@ -532,10 +591,11 @@ impl LiveSection for RamSection {
                     offset,
                     data,
                 } => {
-                    let (_, addr) = self.check_offset(&block, offset)?;
+                    let (i, addr) = self.check_offset(&block, offset)?;
                     self.memory
                         .write_slice(&data, GuestAddress(addr))
                         .map_err(|e| invalid(e.to_string()))?;
+                    self.blocks[i].mark_populated((offset / PAGE_SIZE) as usize);
                 }
                 RamRecord::Xbzrle {
                     block,
@@ -550,6 +610,8 @@ impl LiveSection for RamSection {
                     self.memory
                         .write_slice(&self.page, GuestAddress(addr))
                         .map_err(|e| invalid(e.to_string()))?;
+                    let (i, _) = self.check_offset(&block, offset)?;
+                    self.blocks[i].mark_populated((offset / PAGE_SIZE) as usize);
                 }
             }
         }
@@ -667,6 +729,7 @@ mod tests {
             pages: 130,
             dirty: vec![0; 3],
             cursor: 70,
+            populated: None,
         };
         for p in [1usize, 64, 69, 70, 129] {
             b.dirty[p / 64] |= 1 << (p % 64);

@@ -270,10 +270,7 @@ mod pod_opt {
     use super::{decode_pod, HexRef, Pod};
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub(super) fn serialize<T: Pod, S: Serializer>(
-        v: &Option<T>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<T: Pod, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
         match v {
             Some(v) => s.serialize_some(&HexRef(v.as_bytes())),
             None => s.serialize_none(),
@@ -508,6 +505,8 @@ pub struct MsrValue {
 }
 
 /// The x87 / SSE / AVX… register state.
+// Boxing the legacy variant would save nothing: a VcpuState holds the 1 KiB LAPIC page inline.
+#[allow(clippy::large_enum_variant)]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "snake_case")]
 pub enum FpuState {
@@ -829,7 +828,9 @@ fn check_tsc(vcpu: &VcpuFd, state: &VcpuState) {
         return;
     };
     // More than a second (at the saved frequency, else 5 GHz) away from what was written.
-    let second = state.tsc_khz.map_or(5_000_000_000, |khz| u64::from(khz) * 1000);
+    let second = state
+        .tsc_khz
+        .map_or(5_000_000_000, |khz| u64::from(khz) * 1000);
     if now.data.abs_diff(wanted.data) > second
         && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
     {

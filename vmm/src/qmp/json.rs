@@ -337,11 +337,7 @@ impl JsonStreamParser {
     }
 
     /// Hands the finished token to the splitter; returns the lexer's next state.
-    fn end_token(
-        &mut self,
-        kind: Kind,
-        sink: &mut dyn FnMut(Result<Value, QmpJsonError>),
-    ) -> Lex {
+    fn end_token(&mut self, kind: Kind, sink: &mut dyn FnMut(Result<Value, QmpJsonError>)) -> Lex {
         let limit = self.process_token(kind, sink);
         self.token.clear();
         if limit {
@@ -604,8 +600,7 @@ fn parse_string(token: &[u8]) -> ParseResult<String> {
     };
     let mut out = String::new();
     let mut i = 0;
-    loop {
-        let Some(&b) = rest.get(i) else { break };
+    while let Some(&b) = rest.get(i) {
         if b == quote {
             break;
         }
@@ -718,7 +713,12 @@ pub fn write_str(out: &mut String, s: &str) {
             '\t' => out.push_str("\\t"),
             c if u32::from(c) > 0xffff => {
                 let cp = u32::from(c) - 0x10000;
-                let _ = write!(out, "\\u{:04X}\\u{:04X}", 0xd800 + (cp >> 10), 0xdc00 + (cp & 0x3ff));
+                let _ = write!(
+                    out,
+                    "\\u{:04X}\\u{:04X}",
+                    0xd800 + (cp >> 10),
+                    0xdc00 + (cp & 0x3ff)
+                );
             }
             c if u32::from(c) < 0x20 || u32::from(c) >= 0x7f => {
                 let _ = write!(out, "\\u{:04X}", u32::from(c));
@@ -774,7 +774,10 @@ mod tests {
             parse_all(b"{\"a\": 1,}"),
             vec![err("JSON parse error, expecting value")]
         );
-        assert_eq!(parse_all(b"}"), vec![err("JSON parse error, expecting value")]);
+        assert_eq!(
+            parse_all(b"}"),
+            vec![err("JSON parse error, expecting value")]
+        );
         assert_eq!(
             parse_all(b"{\"a\" 1}"),
             vec![err("JSON parse error, missing : in object pair")]
@@ -795,14 +798,19 @@ mod tests {
             parse_all(b"{\"a\": 1, \"a\": 2}"),
             vec![err("JSON parse error, duplicate key")]
         );
-        assert_eq!(parse_all(b"nul\n"), vec![err("JSON parse error, invalid keyword 'nul'")]);
+        assert_eq!(
+            parse_all(b"nul\n"),
+            vec![err("JSON parse error, invalid keyword 'nul'")]
+        );
         assert_eq!(
             parse_all(b"\"\\x\""),
             vec![err("JSON parse error, invalid escape sequence in string")]
         );
         assert_eq!(
             parse_all(b"\"\\uD800\""),
-            vec![err("JSON parse error, \\uD800 is not a valid Unicode character")]
+            vec![err(
+                "JSON parse error, \\uD800 is not a valid Unicode character"
+            )]
         );
         assert_eq!(
             parse_all(b"\"\xc3\x28\""),
@@ -832,8 +840,12 @@ mod tests {
 
     #[test]
     fn numbers_follow_qemu_typing() {
-        let out = parse_all(b"[9223372036854775807, 18446744073709551615, -9223372036854775809, 1e3, 1.5]");
-        let Ok(Value::Array(items)) = &out[0] else { panic!("{out:?}") };
+        let out = parse_all(
+            b"[9223372036854775807, 18446744073709551615, -9223372036854775809, 1e3, 1.5]",
+        );
+        let Ok(Value::Array(items)) = &out[0] else {
+            panic!("{out:?}")
+        };
         assert_eq!(items[0].as_i64(), Some(i64::MAX));
         assert_eq!(items[1].as_u64(), Some(u64::MAX));
         assert!(items[2].is_f64());
@@ -864,17 +876,25 @@ mod tests {
         parser.feed(&input, &mut |r| {
             out.push(r.map_err(|e| e.to_string()));
         });
-        assert_eq!(out, vec![err("JSON token size limit exceeded"), ok(r#"{"b":1}"#)]);
+        assert_eq!(
+            out,
+            vec![err("JSON token size limit exceeded"), ok(r#"{"b":1}"#)]
+        );
 
         out.clear();
         parser.feed(b"[[[[[[[[[[1]]]]]]]]]]\n[1]", &mut |r| {
             out.push(r.map_err(|e| e.to_string()));
         });
-        assert_eq!(out, vec![err("JSON nesting depth limit exceeded"), ok("[1]")]);
+        assert_eq!(
+            out,
+            vec![err("JSON nesting depth limit exceeded"), ok("[1]")]
+        );
 
         out.clear();
         let many = format!("[{}1]\n[2]", "1,".repeat(100));
-        parser.feed(many.as_bytes(), &mut |r| out.push(r.map_err(|e| e.to_string())));
+        parser.feed(many.as_bytes(), &mut |r| {
+            out.push(r.map_err(|e| e.to_string()))
+        });
         assert_eq!(out, vec![err("JSON token count limit exceeded"), ok("[2]")]);
     }
 

@@ -664,7 +664,8 @@ impl Session {
             Err(mut error) => {
                 if !self.negotiated && error.class == ErrorClass::CommandNotFound {
                     // monitor_qmp_dispatch(): "Provide a more useful error message".
-                    error.desc = "Expecting capabilities negotiation with 'qmp_capabilities'".into();
+                    error.desc =
+                        "Expecting capabilities negotiation with 'qmp_capabilities'".into();
                 }
                 format_error(&error, id)
             }
@@ -758,7 +759,11 @@ mod tests {
     struct Backend;
 
     impl QmpBackend for Backend {
-        fn execute(&self, command: &str, arguments: &Map<String, Value>) -> Result<Value, QmpError> {
+        fn execute(
+            &self,
+            command: &str,
+            arguments: &Map<String, Value>,
+        ) -> Result<Value, QmpError> {
             match command {
                 "stop" => Args::expect_none(arguments).map(|()| Value::Null),
                 "set" => {
@@ -792,7 +797,10 @@ mod tests {
 
     fn negotiated() -> Session {
         let mut session = Session::new();
-        assert_eq!(run(&mut session, r#"{"execute": "qmp_capabilities"}"#), "{\"return\": {}}\n");
+        assert_eq!(
+            run(&mut session, r#"{"execute": "qmp_capabilities"}"#),
+            "{\"return\": {}}\n"
+        );
         session
     }
 
@@ -822,13 +830,22 @@ mod tests {
             run(&mut session, r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}"#),
             "{\"error\": {\"class\": \"GenericError\", \"desc\": \"Capability oob not available\"}}\n"
         );
-        assert!(run(&mut session, r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}"#)
-            .contains("Parameter 'null' does not accept value 'x'"));
-        assert!(run(&mut session, r#"{"execute": "qmp_capabilities", "arguments": {"enable": [1]}}"#)
-            .contains("Invalid parameter type for 'enable[0]', expected: string"));
+        assert!(run(
+            &mut session,
+            r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["x"]}}"#
+        )
+        .contains("Parameter 'null' does not accept value 'x'"));
+        assert!(run(
+            &mut session,
+            r#"{"execute": "qmp_capabilities", "arguments": {"enable": [1]}}"#
+        )
+        .contains("Invalid parameter type for 'enable[0]', expected: string"));
         assert!(!session.is_negotiated());
         assert_eq!(
-            run(&mut session, r#"{"execute": "qmp_capabilities", "id": "a"}"#),
+            run(
+                &mut session,
+                r#"{"execute": "qmp_capabilities", "id": "a"}"#
+            ),
             "{\"return\": {}, \"id\": \"a\"}\n"
         );
         assert!(session.is_negotiated());
@@ -837,7 +854,10 @@ mod tests {
             "{\"error\": {\"class\": \"CommandNotFound\", \"desc\": \
              \"Capabilities negotiation is already complete, command ignored\"}}\n"
         );
-        assert_eq!(run(&mut session, r#"{"execute": "stop"}"#), "{\"return\": {}}\n");
+        assert_eq!(
+            run(&mut session, r#"{"execute": "stop"}"#),
+            "{\"return\": {}}\n"
+        );
     }
 
     #[test]
@@ -846,11 +866,26 @@ mod tests {
         let cases = [
             ("[1]", "QMP input must be a JSON object"),
             ("{}", "QMP input lacks member 'execute'"),
-            (r#"{"execute": 1}"#, "QMP input member 'execute' must be a string"),
-            (r#"{"execute": "stop", "arguments": []}"#, "QMP input member 'arguments' must be an object"),
-            (r#"{"execute": "stop", "extra": 1}"#, "QMP input member 'extra' is unexpected"),
-            (r#"{"exec-oob": "stop"}"#, "QMP input member 'exec-oob' is unexpected"),
-            (r#"{"execute": "nope"}"#, "The command nope has not been found"),
+            (
+                r#"{"execute": 1}"#,
+                "QMP input member 'execute' must be a string",
+            ),
+            (
+                r#"{"execute": "stop", "arguments": []}"#,
+                "QMP input member 'arguments' must be an object",
+            ),
+            (
+                r#"{"execute": "stop", "extra": 1}"#,
+                "QMP input member 'extra' is unexpected",
+            ),
+            (
+                r#"{"exec-oob": "stop"}"#,
+                "QMP input member 'exec-oob' is unexpected",
+            ),
+            (
+                r#"{"execute": "nope"}"#,
+                "The command nope has not been found",
+            ),
         ];
         for (request, desc) in cases {
             let reply: Value = serde_json::from_str(&run(&mut session, request)).unwrap();
@@ -869,9 +904,18 @@ mod tests {
         let mut session = negotiated();
         let cases = [
             (json!({}), "Parameter 'caps' is missing"),
-            (json!({"caps": {}}), "Invalid parameter type for 'caps', expected: array"),
-            (json!({"caps": [1]}), "Invalid parameter type for 'caps[0]', expected: object"),
-            (json!({"caps": [{"state": true}]}), "Parameter 'caps[0].capability' is missing"),
+            (
+                json!({"caps": {}}),
+                "Invalid parameter type for 'caps', expected: array",
+            ),
+            (
+                json!({"caps": [1]}),
+                "Invalid parameter type for 'caps[0]', expected: object",
+            ),
+            (
+                json!({"caps": [{"state": true}]}),
+                "Parameter 'caps[0].capability' is missing",
+            ),
             (
                 json!({"caps": [{"capability": "bogus", "state": true}]}),
                 "Parameter 'capability' does not accept value 'bogus'",
@@ -884,11 +928,26 @@ mod tests {
                 json!({"caps": [{"capability": "events", "state": true, "x": 1}]}),
                 "Parameter 'caps[0].x' is unexpected",
             ),
-            (json!({"caps": [], "value": "fast"}), "Parameter 'value' expects uint64"),
-            (json!({"caps": [], "value": 1.5}), "Parameter 'value' expects uint64"),
-            (json!({"caps": [], "speed": "x"}), "Invalid parameter type for 'speed', expected: number"),
-            (json!({"caps": [], "speed": null}), "Invalid parameter type for 'speed', expected: number"),
-            (json!({"caps": [], "foo": 1}), "Parameter 'foo' is unexpected"),
+            (
+                json!({"caps": [], "value": "fast"}),
+                "Parameter 'value' expects uint64",
+            ),
+            (
+                json!({"caps": [], "value": 1.5}),
+                "Parameter 'value' expects uint64",
+            ),
+            (
+                json!({"caps": [], "speed": "x"}),
+                "Invalid parameter type for 'speed', expected: number",
+            ),
+            (
+                json!({"caps": [], "speed": null}),
+                "Invalid parameter type for 'speed', expected: number",
+            ),
+            (
+                json!({"caps": [], "foo": 1}),
+                "Parameter 'foo' is unexpected",
+            ),
         ];
         for (arguments, desc) in cases {
             let request = json!({"execute": "set", "arguments": arguments});
@@ -899,13 +958,17 @@ mod tests {
         }
         let request = json!({"execute": "set", "arguments": {
             "caps": [{"capability": "events", "state": true}], "value": -1, "speed": 3}});
-        let reply: Value = serde_json::from_str(&session.handle_request(&Backend, request)).unwrap();
+        let reply: Value =
+            serde_json::from_str(&session.handle_request(&Backend, request)).unwrap();
         assert_eq!(
             reply["return"],
             json!({"caps": [["events", true]], "value": u64::MAX, "speed": 3.0})
         );
-        assert!(run(&mut session, r#"{"execute": "stop", "arguments": {"x": 1}}"#)
-            .contains("Parameter 'x' is unexpected"));
+        assert!(run(
+            &mut session,
+            r#"{"execute": "stop", "arguments": {"x": 1}}"#
+        )
+        .contains("Parameter 'x' is unexpected"));
     }
 
     #[test]

@@ -911,7 +911,8 @@ fn accept_loop(listener: &Listener, wake: &EventFd, shared: &Arc<Shared>) {
                     // Out of descriptors or memory: back off instead of spinning, but stay
                     // responsive to shutdown.
                     log::warn!("qmp: cannot accept a client: {error}");
-                    if matches!(poll_in(&fds[1..], 100), Ok(ready) if ready.first() == Some(&true)) {
+                    if matches!(poll_in(&fds[1..], 100), Ok(ready) if ready.first() == Some(&true))
+                    {
                         return;
                     }
                     break;
@@ -1061,7 +1062,10 @@ mod tests {
             address: QmpAddress::Unix(path.into()),
             wait,
         };
-        assert_eq!(QmpListenSpec::parse("unix:/tmp/q.sock").unwrap(), unix("/tmp/q.sock", false));
+        assert_eq!(
+            QmpListenSpec::parse("unix:/tmp/q.sock").unwrap(),
+            unix("/tmp/q.sock", false)
+        );
         assert_eq!(
             QmpListenSpec::parse("unix:/tmp/q.sock,server=on,wait=off").unwrap(),
             unix("/tmp/q.sock", false)
@@ -1070,8 +1074,14 @@ mod tests {
             QmpListenSpec::parse("unix:/tmp/q.sock,server,nowait").unwrap(),
             unix("/tmp/q.sock", false)
         );
-        assert_eq!(QmpListenSpec::parse("unix:/tmp/q.sock,server").unwrap(), unix("/tmp/q.sock", true));
-        assert_eq!(QmpListenSpec::parse("unix:/tmp/a,,b").unwrap(), unix("/tmp/a,b", false));
+        assert_eq!(
+            QmpListenSpec::parse("unix:/tmp/q.sock,server").unwrap(),
+            unix("/tmp/q.sock", true)
+        );
+        assert_eq!(
+            QmpListenSpec::parse("unix:/tmp/a,,b").unwrap(),
+            unix("/tmp/a,b", false)
+        );
         assert_eq!(
             QmpListenSpec::parse("tcp:127.0.0.1:4444,server,nowait").unwrap(),
             QmpListenSpec {
@@ -1096,9 +1106,19 @@ mod tests {
                 port: 4444
             }
         );
-        for bad in ["stdio", "/tmp/q.sock", "unix:", "tcp:host", "tcp:h:99999", "telnet:x:1"] {
+        for bad in [
+            "stdio",
+            "/tmp/q.sock",
+            "unix:",
+            "tcp:host",
+            "tcp:h:99999",
+            "telnet:x:1",
+        ] {
             assert!(
-                matches!(QmpListenSpec::parse(bad), Err(QmpServerError::InvalidAddress(_))),
+                matches!(
+                    QmpListenSpec::parse(bad),
+                    Err(QmpServerError::InvalidAddress(_))
+                ),
                 "{bad}"
             );
         }
