@@ -367,9 +367,9 @@ impl Instance {
         Ok(())
     }
 
-    /// Loads a whole migration stream (the vCPUs are paused).
+    /// Loads a whole migration stream (the vCPUs are paused). Only the registry is locked:
+    /// the load waits on the network, and the monitor must stay responsive meanwhile.
     pub fn load(&self, input: Box<dyn std::io::Read + Send>) -> Result<(), String> {
-        let _g = lock(&self.vm.machine);
         let mut reader = StreamReader::new(std::io::BufReader::with_capacity(1 << 20, input));
         lock(&self.registry)
             .load(&mut reader)

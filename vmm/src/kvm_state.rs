@@ -636,16 +636,16 @@ fn xsave_words_to_bytes(region: &[u32], extra: &[u32], len: usize) -> Vec<u8> {
 }
 
 fn save_fpu(vcpu: &VcpuFd, caps: &KvmCaps) -> Result<FpuState> {
-    if caps.xsave2_size > XSAVE_LEGACY_BYTES {
-        // The guest may use state beyond 4 KiB (AMX): only KVM_GET_XSAVE2 returns it all.
+    if caps.xsave2_size > 0 {
+        // KVM_GET_XSAVE2 whenever the host has it, as QEMU does: the guest may use state
+        // beyond 4 KiB (AMX), which KVM_GET_XSAVE refuses to return.
         let mut buf = xsave_buffer(caps.xsave2_size)?;
-        // SAFETY: `buf` holds at least `xsave2_size` bytes, the size KVM_CHECK_EXTENSION(
-        // KVM_CAP_XSAVE2) reported for this VM's guest FPU, and at least the host's largest
-        // XSAVE area, which bounds that size; hopvm never widens the guest's xfeature permission
-        // (arch_prctl(ARCH_REQ_XCOMP_GUEST_PERM)) after creating the VM. So KVM writes within
-        // `buf`.
+        // SAFETY: KVM_GET_XSAVE2 copies out the guest FPU's uabi size, which is what
+        // KVM_CAP_XSAVE2 reported and can never exceed the host CPU's largest XSAVE area (even
+        // if the process's xfeature permissions grew since); `buf` is at least as large as
+        // both, so KVM writes only within it.
         unsafe { vcpu.get_xsave2(&mut buf) }.map_err(ioctl("KVM_GET_XSAVE2"))?;
-        let len = caps.xsave2_size.div_ceil(4) * 4;
+        let len = caps.xsave2_size.max(XSAVE_LEGACY_BYTES).div_ceil(4) * 4;
         let region = &buf.as_fam_struct_ref().xsave.region;
         Ok(FpuState::Xsave(xsave_words_to_bytes(
             region,

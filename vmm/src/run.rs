@@ -113,7 +113,10 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
         spawn_input_thread(instance.clone());
     }
     let _monitor = match &config.qmp {
-        Some(spec) => Some(Err::<(), _>(RunError::Monitor(spec.clone()))?),
+        Some(spec) => Some(
+            crate::qmp::commands::start_monitor(&instance, spec)
+                .map_err(|e| RunError::Monitor(e.to_string()))?,
+        ),
         None => None,
     };
     instance.set_autostart(!config.paused);

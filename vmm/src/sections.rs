@@ -30,15 +30,18 @@ fn encode<S: Serialize>(state: &S) -> Result<Vec<u8>, SectionError> {
     serde_json::to_vec(state).map_err(|e| SectionError::Unsupported(e.to_string()))
 }
 
-fn decode<S: DeserializeOwned>(section: &str, data: &[u8]) -> Result<S, SectionError> {
-    let invalid = |reason: String| SectionError::Invalid {
+fn invalid(section: &str, reason: String) -> SectionError {
+    SectionError::Invalid {
         section: section.to_string(),
         reason,
-    };
-    if data.len() > MAX_STATE_LEN {
-        return Err(invalid(format!("{} bytes of state", data.len())));
     }
-    serde_json::from_slice(data).map_err(|e| invalid(e.to_string()))
+}
+
+fn decode<S: DeserializeOwned>(section: &str, data: &[u8]) -> Result<S, SectionError> {
+    if data.len() > MAX_STATE_LEN {
+        return Err(invalid(section, format!("{} bytes of state", data.len())));
+    }
+    serde_json::from_slice(data).map_err(|e| invalid(section, e.to_string()))
 }
 
 /// A device section: the device's `state()` / `restore()` pair, JSON on the wire.
@@ -93,17 +96,15 @@ impl VcpuSection {
 
 impl Snapshot for VcpuSection {
     fn save(&mut self) -> Result<Vec<u8>, SectionError> {
-        let state = kvm_state::save_vcpu(&lock(&self.vcpu), &self.msrs)
-            .map_err(|e| SectionError::Unsupported(e.to_string()))?;
-        encode(&state)
+        kvm_state::save_vcpu(&lock(&self.vcpu), &self.msrs)
+            .and_then(|s| s.to_bytes())
+            .map_err(|e| SectionError::Unsupported(e.to_string()))
     }
 
-    fn restore(&mut self, data: &[u8], _version: u32) -> Result<(), SectionError> {
-        let state: kvm_state::VcpuState = decode("cpu", data)?;
-        kvm_state::restore_vcpu(&lock(&self.vcpu), &state).map_err(|e| SectionError::Invalid {
-            section: String::from("cpu"),
-            reason: e.to_string(),
-        })
+    fn restore(&mut self, data: &[u8], version: u32) -> Result<(), SectionError> {
+        kvm_state::VcpuState::from_bytes(data, version)
+            .and_then(|state| kvm_state::restore_vcpu(&lock(&self.vcpu), &state))
+            .map_err(|e| invalid("cpu", e.to_string()))
     }
 }
 
@@ -121,17 +122,15 @@ impl KvmVmSection {
 
 impl Snapshot for KvmVmSection {
     fn save(&mut self) -> Result<Vec<u8>, SectionError> {
-        let state =
-            kvm_state::save_vm(&self.vm).map_err(|e| SectionError::Unsupported(e.to_string()))?;
-        encode(&state)
+        kvm_state::save_vm(&self.vm)
+            .and_then(|s| s.to_bytes())
+            .map_err(|e| SectionError::Unsupported(e.to_string()))
     }
 
-    fn restore(&mut self, data: &[u8], _version: u32) -> Result<(), SectionError> {
-        let state: kvm_state::VmState = decode("kvm-vm", data)?;
-        kvm_state::restore_vm(&self.vm, &state).map_err(|e| SectionError::Invalid {
-            section: String::from("kvm-vm"),
-            reason: e.to_string(),
-        })
+    fn restore(&mut self, data: &[u8], version: u32) -> Result<(), SectionError> {
+        kvm_state::VmState::from_bytes(data, version)
+            .and_then(|state| kvm_state::restore_vm(&self.vm, &state))
+            .map_err(|e| invalid("kvm-vm", e.to_string()))
     }
 }
 

@@ -437,14 +437,19 @@ fn damaged_encodings_are_rejected_without_panicking() {
     );
     let text = String::from_utf8(good.clone()).unwrap();
 
-    // Every truncation.
-    for cut in 0..good.len() {
+    // Damage at every byte of the JSON structure, and at every 31st byte inside the long hex
+    // strings (all positions would take seconds in a debug build).
+    let positions: Vec<usize> = (0..good.len())
+        .filter(|&i| i % 31 == 0 || !good[i].is_ascii_hexdigit())
+        .collect();
+    // Truncations.
+    for &cut in &positions {
         assert!(VcpuState::from_bytes(&good[..cut], VCPU_STATE_VERSION).is_err());
     }
-    // Single-byte damage anywhere: an error, or (a hex digit turned into another) a state
-    // that still validates; never a panic.
+    // Single-byte damage: an error, or (a hex digit turned into another, a digit of a number
+    // changed) a state that still validates; never a panic.
     let mut seed = 1;
-    for pos in 0..good.len() {
+    for &pos in &positions {
         let mut bad = good.clone();
         bad[pos] = lcg(&mut seed);
         if let Ok(s) = VcpuState::from_bytes(&bad, VCPU_STATE_VERSION) {

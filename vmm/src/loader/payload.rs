@@ -11,10 +11,11 @@
 //! instead and load the resulting ELF directly with the 64-bit boot protocol.
 //!
 //! Supported payload formats are gzip, xz (including the x86 BCJ filter that
-//! the kernel build always applies), legacy lzma, zstd and legacy lz4 (used
-//! by Debian's kernels). bzip2 and lzo payloads are recognised and rejected
-//! with a clear error. Output is capped at [`MAX_DECOMPRESSED_SIZE`] so a
-//! corrupt image gives an error instead of exhausting memory.
+//! the kernel build always applies), legacy lzma, zstd and legacy lz4 (which
+//! Debian 12's kernels use). bzip2 and lzo payloads are recognised and
+//! rejected with a clear error. Output is capped at [`MAX_DECOMPRESSED_SIZE`]
+//! and every length field is bounds-checked, so a corrupt image gives an
+//! error instead of a panic or an unbounded allocation.
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -40,7 +41,9 @@ pub enum PayloadError {
     #[error("boot protocol {}.{:02} is too old: need 2.08 or later", .0 >> 8, .0 & 0xff)]
     ProtocolTooOld(u16),
     /// The payload fields point outside the image.
-    #[error("payload at offset {offset:#x} ({length} bytes) lies outside the {image_len}-byte image")]
+    #[error(
+        "payload at offset {offset:#x} ({length} bytes) lies outside the {image_len}-byte image"
+    )]
     PayloadOutOfBounds {
         /// Offset of the payload from the start of the image.
         offset: u64,
@@ -256,8 +259,11 @@ pub fn decompress_bzimage(image: &[u8]) -> Result<Vec<u8>, PayloadError> {
 /// Decompresses a kernel payload (as located by [`SetupHeader::payload`]),
 /// producing at most `limit` bytes, and checks that the result is an ELF file.
 ///
-/// Data after the compressed stream, such as the 4-byte little-endian size
-/// that the kernel build appends to every payload format but gzip, is ignored.
+/// The kernel build appends the uncompressed size as a 4-byte little-endian
+/// trailer to every payload format but gzip (whose own trailer holds it).
+/// Formats that mark their own end (xz, zstd, gzip) ignore what follows;
+/// legacy lz4 and size-less `.lzma`, which do not, require the trailer and
+/// check it against the output.
 pub fn decompress_payload(payload: &[u8], limit: usize) -> Result<Vec<u8>, PayloadError> {
     let format = Compression::detect(payload).ok_or_else(|| {
         let magic: Vec<String> = payload.iter().take(6).map(|b| format!("{b:02x}")).collect();
@@ -327,16 +333,17 @@ fn unzstd(payload: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), Payload
             // A fresh decoder per frame: ruzstd only allocates its window as
             // output is produced, and the kernel's `zstd -22 --ultra` frames
             // declare a 128 MiB window.
-            let mut decoder =
-                ruzstd::decoding::StreamingDecoder::new(&mut rest).map_err(|e| corrupt(format, e))?;
+            let mut decoder = ruzstd::decoding::StreamingDecoder::new(&mut rest)
+                .map_err(|e| corrupt(format, e))?;
             read_capped(&mut decoder, out, limit, format)?;
             let frame = decoder.into_frame_decoder();
             if !frame.is_finished() {
                 return Err(corrupt(format, "frame ended early"));
             }
-            if let (Some(stored), Some(computed)) =
-                (frame.get_checksum_from_data(), frame.get_calculated_checksum())
-            {
+            if let (Some(stored), Some(computed)) = (
+                frame.get_checksum_from_data(),
+                frame.get_calculated_checksum(),
+            ) {
                 if stored != computed {
                     return Err(corrupt(format, "content checksum mismatch"));
                 }
@@ -344,8 +351,9 @@ fn unzstd(payload: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), Payload
         } else if rest.len() >= 8 && rest[0] & 0xf0 == 0x50 && rest[1..4] == [0x2a, 0x4d, 0x18] {
             // Skippable frame: magic 0x184d2a5?, 32-bit length, data.
             let len = u32::from_le_bytes(le_array(&rest[4..])) as usize;
-            rest = rest
-                .get(8 + len..)
+            rest = len
+                .checked_add(8)
+                .and_then(|end| rest.get(end..))
                 .ok_or_else(|| corrupt(format, "truncated skippable frame"))?;
         } else {
             // End of the frames: what follows is the kernel's size trailer.
@@ -383,12 +391,33 @@ fn unlzma(payload: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), Payload
     if payload.len() < HEADER_LEN {
         return Err(corrupt(format, "truncated header"));
     }
-    // Bytes 5..13 are the uncompressed size, all ones when unknown (as in
-    // the kernel's `lzma -9` output, which ends with an end marker instead).
+    // Bytes 5..13 are the uncompressed size, or all ones if unknown.
     let size = u64::from_le_bytes(le_array(&payload[5..]));
-    if size != u64::MAX && size > limit.saturating_sub(out.len()) as u64 {
-        return Err(PayloadError::TooLarge { limit });
+    if size != u64::MAX {
+        // lzma-rs stops at the known size and ignores what follows.
+        if size > limit.saturating_sub(out.len()) as u64 {
+            return Err(PayloadError::TooLarge { limit });
+        }
+        return unlzma_exact(payload, out, limit);
     }
+    // Size unknown, as in the kernel's `lzma -9` output. lzma-rs rejects
+    // data after the end marker, so cut off the 4-byte size trailer that
+    // the kernel build appends; the trailer must then match the output, as
+    // it also accepts data without an end marker cut off at a lucky place.
+    let (data, trailer) = payload.split_at(payload.len() - 4);
+    if data.len() < HEADER_LEN {
+        return Err(corrupt(format, "truncated header"));
+    }
+    let start = out.len();
+    unlzma_exact(data, out, limit)?;
+    if u32::from_le_bytes(le_array(trailer)) != (out.len() - start) as u32 {
+        return Err(corrupt(format, "size trailer does not match the data"));
+    }
+    Ok(())
+}
+
+/// Decodes `.lzma` data that must end exactly at the end of `payload`.
+fn unlzma_exact(payload: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), PayloadError> {
     let options = lzma_rs::decompress::Options {
         memlimit: Some(limit),
         ..Default::default()
@@ -399,32 +428,46 @@ fn unlzma(payload: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), Payload
         overflowed: false,
     };
     let result = lzma_rs::lzma_decompress_with_options(&mut &payload[..], &mut writer, &options);
-    if writer.overflowed {
-        return Err(PayloadError::TooLarge { limit });
+    match result {
+        Ok(()) => Ok(()),
+        Err(_) if writer.overflowed => Err(PayloadError::TooLarge { limit }),
+        // The dictionary holds output not yet written out; it outgrowing
+        // `memlimit` (our `limit`) means the output did too. lzma-rs 0.3 has
+        // no error variant for this, only the message.
+        Err(lzma_rs::error::Error::LzmaError(msg)) if msg.starts_with("exceeded memory limit") => {
+            Err(PayloadError::TooLarge { limit })
+        }
+        Err(e) => Err(corrupt(Compression::Lzma, e)),
     }
-    result.map_err(|e| corrupt(format, e))
 }
 
 /// Decodes the lz4 "legacy" frame format that the kernel build writes with
 /// `lz4 -l`: a magic number, then blocks of a 32-bit little-endian compressed
-/// length followed by an lz4 block of at most 8 MiB uncompressed.
+/// length followed by an lz4 block of at most 8 MiB uncompressed. The format
+/// has no end marker or checksum, so the kernel build's 4-byte size trailer
+/// is required: it marks the end and catches a stream cut at a block boundary.
 fn unlz4_legacy(payload: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), PayloadError> {
     const MAGIC: u32 = 0x184c_2102;
     const MAX_BLOCK: usize = 8 << 20;
     // LZ4_COMPRESSBOUND(8 MiB): the largest a valid legacy block can be.
     const MAX_COMPRESSED: usize = MAX_BLOCK + MAX_BLOCK / 255 + 16;
     let format = Compression::Lz4;
+    let first = out.len();
     let mut rest = payload;
-    let mut blocks = 0usize;
-    while rest.len() >= 4 {
+    loop {
+        if rest.len() < 4 {
+            return Err(corrupt(format, "truncated data or missing size trailer"));
+        }
         let word = u32::from_le_bytes(le_array(rest));
         rest = &rest[4..];
         if word == MAGIC {
-            // Start of (another) legacy stream.
-            continue;
+            continue; // start of (another) legacy stream
         }
-        if rest.is_empty() && blocks > 0 {
-            // The last 4 bytes: the size trailer the kernel build appends.
+        if rest.is_empty() {
+            // The last 4 bytes: the size trailer.
+            if word != (out.len() - first) as u32 {
+                return Err(corrupt(format, "size trailer does not match the data"));
+            }
             return Ok(());
         }
         let len = word as usize;
@@ -436,27 +479,16 @@ fn unlz4_legacy(payload: &[u8], out: &mut Vec<u8>, limit: usize) -> Result<(), P
             .ok_or_else(|| corrupt(format, "truncated block"))?;
         rest = &rest[len..];
         let start = out.len();
-        if start >= limit {
-            return Err(PayloadError::TooLarge { limit });
-        }
-        out.resize(start + MAX_BLOCK, 0);
-        let written = lz4_flex::block::decompress_into(block, &mut out[start..]);
-        match written {
+        let room = limit.saturating_sub(start).min(MAX_BLOCK);
+        out.resize(start + room, 0);
+        match lz4_flex::block::decompress_into(block, &mut out[start..]) {
             Ok(n) => out.truncate(start + n),
-            Err(e) => {
-                out.truncate(start);
-                return Err(corrupt(format, e));
+            Err(lz4_flex::block::DecompressError::OutputTooSmall { .. }) if room < MAX_BLOCK => {
+                return Err(PayloadError::TooLarge { limit });
             }
+            Err(e) => return Err(corrupt(format, e)),
         }
-        if out.len() > limit {
-            return Err(PayloadError::TooLarge { limit });
-        }
-        blocks += 1;
     }
-    if !rest.is_empty() || blocks == 0 {
-        return Err(corrupt(format, "truncated stream"));
-    }
-    Ok(())
 }
 
 /// A decoder for the `.xz` container as the kernel build writes it: LZMA2
@@ -469,7 +501,7 @@ mod xz {
     use super::{corrupt, le_array, Compression, PayloadError};
 
     const FORMAT: Compression = Compression::Xz;
-    const MAGIC: [u8; 6] = [0xfd, b'7', b'z', b'X', b'Z', 0x00];
+    pub(super) const MAGIC: [u8; 6] = [0xfd, b'7', b'z', b'X', b'Z', 0x00];
     const FOOTER_MAGIC: [u8; 2] = *b"YZ";
     const FILTER_X86: u64 = 0x04;
     const FILTER_LZMA2: u64 = 0x21;
@@ -698,12 +730,8 @@ mod xz {
         if flags & 0x3c != 0 {
             return Err(err("unsupported block flags"));
         }
-        let compressed_size = (flags & 0x40 != 0)
-            .then(|| fields.varint())
-            .transpose()?;
-        let uncompressed_size = (flags & 0x80 != 0)
-            .then(|| fields.varint())
-            .transpose()?;
+        let compressed_size = (flags & 0x40 != 0).then(|| fields.varint()).transpose()?;
+        let uncompressed_size = (flags & 0x80 != 0).then(|| fields.varint()).transpose()?;
         let mut filters = Vec::new();
         for _ in 0..=(flags & 0x03) {
             let id = fields.varint()?;
@@ -756,7 +784,9 @@ mod xz {
     }
 
     fn unsupported_filter(id: u64) -> PayloadError {
-        err(format!("unsupported filter {id:#x} (only x86 bcj and lzma2)"))
+        err(format!(
+            "unsupported filter {id:#x} (only x86 bcj and lzma2)"
+        ))
     }
 
     /// Walks the LZMA2 chunk headers at the start of `data`; returns the
@@ -805,10 +835,10 @@ mod xz {
     /// better. A candidate is converted only if its operand's top byte is
     /// 0x00 or 0xff (a plausible nearby target); `mask` records which of the
     /// previous three bytes were unconverted candidates, to avoid treating an
-    /// E8/E9 inside another candidate's operand as an instruction. The
-    /// decisions depend only on bytes the conversion leaves alone, so the
-    /// same walk serves both directions. The last four bytes are never
-    /// converted, as a candidate there lacks a complete operand.
+    /// E8/E9 inside another candidate's operand as an instruction. Converted
+    /// operands again have a top byte of 0x00 or 0xff, so both directions
+    /// see the same candidates and the same walk serves both. The last four
+    /// bytes are never converted: a candidate there has no whole operand.
     pub(super) fn bcj_x86(buf: &mut [u8], start: u32, encode: bool) {
         // Indexed by mask: whether a candidate may be converted, and which
         // operand byte (counted from the top) to test.
@@ -831,9 +861,7 @@ mod xz {
                 mask = 0;
             } else {
                 mask = (mask << (distance - 1)) & 7;
-                if mask != 0
-                    && (!ALLOWED[mask] || top_byte_ok(buf[i + 4 - BYTE_FROM_TOP[mask]]))
-                {
+                if mask != 0 && (!ALLOWED[mask] || top_byte_ok(buf[i + 4 - BYTE_FROM_TOP[mask]])) {
                     mask = (mask << 1) | 1;
                     i += 1;
                     continue;
@@ -872,5 +900,611 @@ mod xz {
             operand.copy_from_slice(&dest.to_le_bytes());
             i += 5;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small fake ELF image: an ELF identification followed by x86-like
+    /// code with `call`/`jmp` instructions to a few fixed targets (what the
+    /// BCJ filter is for) and some zero runs. Prefixes are stable: the
+    /// first `n` bytes of `fake_elf(m)` are `fake_elf(n)` for `n <= m`.
+    pub(super) fn fake_elf(len: usize) -> Vec<u8> {
+        const TARGETS: [u32; 4] = [0x0100, 0x0480, 0x0900, 0x2000];
+        let mut v = b"\x7fELF\x02\x01\x01\x00".to_vec();
+        let mut x: u32 = 0x1234_5678;
+        while v.len() < len {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            match (x >> 16) % 5 {
+                0 | 1 => {
+                    let target = TARGETS[((x >> 20) % 4) as usize];
+                    let rel = target.wrapping_sub(v.len() as u32 + 5);
+                    v.push(if x & 0x100 != 0 { 0xe8 } else { 0xe9 });
+                    v.extend_from_slice(&rel.to_le_bytes());
+                }
+                2 => v.extend_from_slice(&[0x48, 0x89, 0xe5, 0x5d, 0xc3]),
+                3 => v.extend_from_slice(&[0x48, 0x8b, 0x47, (x >> 24) as u8 & 0x38]),
+                _ => v.extend_from_slice(&[0; 6]),
+            }
+        }
+        v.truncate(len);
+        v
+    }
+
+    /// `fake_elf(1024)` compressed by `xz --x86 --lzma2=preset=9e --check=crc32`
+    /// (xz-utils 5.4.1): BCJ filter plus LZMA2 chunks.
+    const XZ_X86_FAKE_ELF: [u8; 332] = [
+        0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00, 0x01, 0x69, 0x22, 0xde, 0x36, 0x02, 0x01, 0x04,
+        0x00, 0x21, 0x01, 0x1c, 0x00, 0x87, 0x6e, 0xda, 0xe5, 0xe0, 0x03, 0xff, 0x01, 0x0e, 0x5d,
+        0x00, 0x3f, 0x91, 0x45, 0x84, 0x68, 0x3d, 0x89, 0xa6, 0xda, 0x48, 0x17, 0x24, 0x44, 0xeb,
+        0x4d, 0x2b, 0x1f, 0x80, 0xf3, 0x8c, 0xcf, 0x8a, 0x5b, 0x4f, 0x10, 0x94, 0xcc, 0xbc, 0x1a,
+        0x2c, 0x0b, 0xd7, 0x7c, 0x59, 0x8c, 0x74, 0x8e, 0xa2, 0xa0, 0xd6, 0x27, 0x1e, 0xd1, 0xee,
+        0x87, 0x8c, 0xc2, 0xb1, 0xd0, 0x8a, 0x62, 0x7e, 0x74, 0x68, 0xba, 0x29, 0x90, 0x84, 0x5a,
+        0xbf, 0xe8, 0xc7, 0x91, 0x55, 0x07, 0x7d, 0x14, 0xc3, 0x26, 0x16, 0x1d, 0x72, 0xaf, 0x2c,
+        0xd2, 0x05, 0x9a, 0xc4, 0xa0, 0x8e, 0x3e, 0xaf, 0xa1, 0x74, 0xd7, 0xf2, 0xe4, 0xec, 0xbc,
+        0x7b, 0x43, 0x0b, 0xed, 0x6f, 0x6c, 0xa3, 0x50, 0x5f, 0x1c, 0x32, 0x07, 0xc6, 0xe2, 0x10,
+        0xd6, 0xc9, 0xcb, 0xed, 0x2a, 0xce, 0xe3, 0xed, 0xa8, 0xc3, 0xba, 0xa2, 0xda, 0x98, 0x54,
+        0x18, 0xf7, 0x7d, 0x28, 0x8b, 0x56, 0xa3, 0x56, 0xc6, 0x5d, 0xf6, 0x37, 0x25, 0xe8, 0x2b,
+        0x3b, 0xf1, 0xe8, 0x43, 0x81, 0xeb, 0xb0, 0xfc, 0x86, 0x24, 0xf2, 0x4e, 0x32, 0x2c, 0x5a,
+        0x42, 0x35, 0xd2, 0x38, 0x28, 0xbe, 0xde, 0x34, 0x2a, 0xa0, 0xa8, 0xd4, 0x0b, 0x49, 0x1a,
+        0x60, 0xac, 0x88, 0xeb, 0x2b, 0x54, 0x7d, 0x62, 0xe2, 0xcf, 0x15, 0x7c, 0x5e, 0x8f, 0x1a,
+        0x1f, 0xc8, 0x0f, 0x17, 0x71, 0xa8, 0xc9, 0x7e, 0xd5, 0xd1, 0x5f, 0x7d, 0x77, 0x4e, 0xd1,
+        0xbb, 0xc8, 0x57, 0x62, 0x0e, 0x98, 0xa1, 0xcc, 0x17, 0xdd, 0x34, 0xae, 0xa1, 0x13, 0xb4,
+        0xe5, 0xe6, 0xd6, 0x25, 0x1f, 0xd8, 0xba, 0xbb, 0xf0, 0x3a, 0xf2, 0xe8, 0xb8, 0x55, 0x2a,
+        0x5d, 0x88, 0x4f, 0xc8, 0xe7, 0x1f, 0x12, 0xd8, 0x44, 0x3b, 0x51, 0x39, 0x0c, 0xcd, 0x4b,
+        0x62, 0x81, 0x19, 0xf8, 0x15, 0xd5, 0xcc, 0x67, 0xea, 0x89, 0xdc, 0xc5, 0x02, 0xf0, 0x54,
+        0x96, 0x8f, 0xb3, 0xbc, 0x14, 0x40, 0x85, 0xb3, 0x03, 0x24, 0x2a, 0xb7, 0x9d, 0x18, 0xfa,
+        0x1c, 0x00, 0x00, 0x00, 0x4f, 0xd5, 0x98, 0x13, 0x00, 0x01, 0xa6, 0x02, 0x80, 0x08, 0x00,
+        0x00, 0xcd, 0x92, 0x9a, 0x95, 0x3e, 0x30, 0x0d, 0x8b, 0x02, 0x00, 0x00, 0x00, 0x00, 0x01,
+        0x59, 0x5a,
+    ];
+
+    /// `fake_elf(1024)` piped through `zstd -22 --ultra` (zstd 1.5.4), as the
+    /// kernel build does: a frame declaring a 128 MiB window, with checksum.
+    const ZSTD_ULTRA_FAKE_ELF: [u8; 473] = [
+        0x28, 0xb5, 0x2f, 0xfd, 0x04, 0x88, 0x65, 0x0e, 0x00, 0xe6, 0xd1, 0x3e, 0x2b, 0x30, 0x59,
+        0x63, 0xa7, 0xe9, 0x29, 0xe6, 0x5f, 0x2b, 0x67, 0x89, 0xce, 0x71, 0xe2, 0xe0, 0xb3, 0x82,
+        0x3e, 0xb1, 0x62, 0xcd, 0xa1, 0x73, 0x40, 0xb1, 0xc9, 0x3e, 0x69, 0x09, 0x09, 0x7a, 0x35,
+        0xd5, 0x38, 0x6d, 0x39, 0xf0, 0xf9, 0xac, 0xee, 0xbd, 0x77, 0x0a, 0x31, 0x00, 0x33, 0x00,
+        0x35, 0x00, 0x2c, 0xf9, 0xb5, 0xff, 0x47, 0xec, 0x86, 0xdb, 0xbf, 0xac, 0xd3, 0x90, 0x4d,
+        0xc8, 0x26, 0x12, 0xea, 0xd8, 0xa3, 0xff, 0xc7, 0x51, 0xff, 0x57, 0xea, 0xff, 0xce, 0xfd,
+        0xa8, 0xfe, 0x65, 0xa9, 0xfe, 0x63, 0xd5, 0xfe, 0xe3, 0xd5, 0x36, 0xa6, 0xaa, 0x35, 0xd1,
+        0x5d, 0xf7, 0x05, 0x91, 0x3e, 0xb3, 0xff, 0x4b, 0xdc, 0xbf, 0xa0, 0xa3, 0x2f, 0x2b, 0xdd,
+        0x7a, 0xe9, 0xd8, 0xfe, 0x1d, 0xb4, 0x79, 0x9e, 0x7f, 0x14, 0x83, 0x49, 0xff, 0x8e, 0xe8,
+        0x05, 0x59, 0x4d, 0x79, 0xc4, 0x05, 0xfd, 0xcb, 0x87, 0xfd, 0x5f, 0x21, 0x4b, 0xf6, 0xa6,
+        0xb2, 0xff, 0x63, 0x34, 0x5c, 0xdc, 0x97, 0x65, 0x02, 0x86, 0xa5, 0x01, 0x77, 0x73, 0x8e,
+        0x1d, 0xd1, 0x94, 0x06, 0x66, 0x88, 0xd4, 0x9b, 0xd2, 0xfe, 0xdd, 0xe7, 0xef, 0x4e, 0x37,
+        0x6c, 0x07, 0xb4, 0xac, 0xdb, 0x7f, 0x60, 0xb7, 0x27, 0x7f, 0x39, 0x49, 0xdd, 0xdc, 0xef,
+        0x69, 0xcf, 0xf3, 0x96, 0xba, 0xff, 0xc6, 0xd6, 0x8d, 0xeb, 0x2b, 0x83, 0xe5, 0x81, 0x7e,
+        0x68, 0x87, 0x25, 0xb3, 0x03, 0xfb, 0x07, 0xb8, 0x86, 0xfd, 0x33, 0x10, 0xfa, 0x97, 0x0d,
+        0x70, 0x43, 0x34, 0x9c, 0x33, 0xff, 0x43, 0x35, 0x4a, 0xff, 0x97, 0x6e, 0x19, 0xfb, 0xbb,
+        0x0b, 0x5e, 0x4f, 0xff, 0x00, 0xdf, 0x0e, 0xba, 0x23, 0x7d, 0x06, 0x54, 0x6b, 0xa9, 0x1a,
+        0x60, 0x75, 0x6d, 0xed, 0x16, 0xde, 0x04, 0xfd, 0x65, 0xa8, 0xe1, 0x3c, 0xaf, 0x6a, 0xa8,
+        0x14, 0xa4, 0x30, 0x8d, 0x01, 0x50, 0xc6, 0x0c, 0x9d, 0x9d, 0x03, 0x30, 0xcc, 0x9c, 0xa1,
+        0xa1, 0x49, 0xa5, 0x03, 0x88, 0x2a, 0x5c, 0x29, 0x24, 0x1e, 0x73, 0x40, 0x03, 0x62, 0x82,
+        0x5c, 0x88, 0x18, 0xb5, 0x97, 0xb0, 0x27, 0x40, 0x91, 0x29, 0xe8, 0x97, 0x29, 0x80, 0x53,
+        0x92, 0x91, 0x5d, 0xde, 0x5e, 0x63, 0x03, 0xf4, 0x48, 0x3c, 0x00, 0xe6, 0x24, 0x2e, 0xdc,
+        0xe1, 0x97, 0x45, 0xed, 0xc2, 0xca, 0xa3, 0x34, 0xb5, 0x87, 0x9b, 0x45, 0xd8, 0xe1, 0xf2,
+        0x7c, 0xfe, 0xbe, 0x89, 0xa0, 0x07, 0x70, 0x67, 0xba, 0xa7, 0x40, 0x6c, 0xeb, 0x42, 0xb2,
+        0xd0, 0xd9, 0x97, 0x64, 0x23, 0x71, 0x21, 0x0d, 0x5b, 0x96, 0x94, 0x17, 0x44, 0xe1, 0xe2,
+        0xed, 0x69, 0x08, 0xe5, 0xef, 0x44, 0xe7, 0xcf, 0xa8, 0x96, 0xa5, 0x24, 0xe7, 0x32, 0x4f,
+        0xe4, 0x84, 0x30, 0x6a, 0x16, 0x17, 0xf6, 0xe5, 0xf7, 0xe0, 0xf1, 0xf5, 0xe2, 0x85, 0xbd,
+        0xcf, 0x9d, 0x16, 0x25, 0xe4, 0x90, 0xda, 0x06, 0x17, 0xad, 0x51, 0x05, 0x44, 0xc9, 0xbb,
+        0x42, 0xfe, 0x83, 0xdb, 0x3b, 0x61, 0x49, 0x0b, 0x40, 0x29, 0x5b, 0xec, 0xee, 0x20, 0xa4,
+        0x80, 0xb0, 0x07, 0x10, 0xf1, 0x88, 0x1b, 0x72, 0xa8, 0xd8, 0x00, 0x37, 0xab, 0xc4, 0xb6,
+        0x22, 0x60, 0xe3, 0x30, 0xee, 0x99, 0x02, 0xd1, 0xcf, 0xd0, 0x0a, 0x48, 0xd9, 0xac, 0x52,
+        0x8d, 0xab, 0x07, 0xfc, 0x50, 0xec, 0xb2, 0xff,
+    ];
+
+    /// Builds a bzImage around `payload`: a setup header declaring
+    /// `setup_sects` and `version`, then protected-mode code with a stub
+    /// before and after the payload.
+    fn bzimage_with(setup_sects: u8, version: u16, payload: &[u8]) -> Vec<u8> {
+        const STUB: usize = 0x80;
+        let sects = if setup_sects == 0 { 4 } else { setup_sects };
+        let pm = (usize::from(sects) + 1) * 512;
+        let mut image = vec![0xcc; pm + STUB];
+        image[..pm].fill(0);
+        image[0x1f1] = setup_sects;
+        image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        image[0x202..0x206].copy_from_slice(b"HdrS");
+        image[0x206..0x208].copy_from_slice(&version.to_le_bytes());
+        image[0x211] = 0x01; // LOADED_HIGH
+        image[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
+        image[0x230..0x234].copy_from_slice(&0x0020_0000u32.to_le_bytes());
+        image[0x234] = 1;
+        image[0x236..0x238].copy_from_slice(&0x007fu16.to_le_bytes());
+        image[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes());
+        image[0x248..0x24c].copy_from_slice(&(STUB as u32).to_le_bytes());
+        image[0x24c..0x250].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        image[0x258..0x260].copy_from_slice(&0x0100_0000u64.to_le_bytes());
+        image[0x260..0x264].copy_from_slice(&0x0200_0000u32.to_le_bytes());
+        image.extend_from_slice(payload);
+        image.extend_from_slice(&[0xcc; 0x40]);
+        image
+    }
+
+    fn bzimage(payload: &[u8]) -> Vec<u8> {
+        bzimage_with(0, 0x020f, payload)
+    }
+
+    /// Appends the 4-byte little-endian size trailer the kernel build adds.
+    fn with_trailer(mut data: Vec<u8>, size: usize) -> Vec<u8> {
+        data.extend_from_slice(&(size as u32).to_le_bytes());
+        data
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        encoder.write_all(data).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    fn zstd(data: &[u8]) -> Vec<u8> {
+        ruzstd::encoding::compress_to_vec(data, ruzstd::encoding::CompressionLevel::Fastest)
+    }
+
+    fn lzma(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        lzma_rs::lzma_compress(&mut &data[..], &mut out).unwrap();
+        out
+    }
+
+    /// lz4 legacy frames, as `lz4 -l` writes them, with `block`-byte blocks.
+    fn lz4_legacy(data: &[u8], block: usize) -> Vec<u8> {
+        let mut out = 0x184c_2102u32.to_le_bytes().to_vec();
+        for chunk in data.chunks(block) {
+            let compressed = lz4_flex::block::compress(chunk);
+            out.extend_from_slice(&(compressed.len() as u32).to_le_bytes());
+            out.extend_from_slice(&compressed);
+        }
+        out
+    }
+
+    fn varint(out: &mut Vec<u8>, mut value: u64) {
+        while value >= 0x80 {
+            out.push(value as u8 | 0x80);
+            value >>= 7;
+        }
+        out.push(value as u8);
+    }
+
+    fn pad4(out: &mut Vec<u8>, from: usize) {
+        while (out.len() - from) % 4 != 0 {
+            out.push(0);
+        }
+    }
+
+    fn crc32(data: &[u8]) -> [u8; 4] {
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        crc.sum().to_le_bytes()
+    }
+
+    /// A single-block `.xz` stream with a CRC32 check, whose filter chain is
+    /// the x86 BCJ filter (if `bcj`, with start offset `bcj_start`) then
+    /// LZMA2. lzma-rs's encoder only writes uncompressed LZMA2 chunks, which
+    /// is enough to exercise the container and filter code.
+    fn xz(data: &[u8], bcj: Option<u32>) -> Vec<u8> {
+        let mut out = xz::MAGIC.to_vec();
+        let flags = [0x00, 0x01];
+        out.extend_from_slice(&flags);
+        out.extend_from_slice(&crc32(&flags));
+
+        let block_start = out.len();
+        let mut header = vec![0, if bcj.is_some() { 0x01 } else { 0x00 }];
+        match bcj {
+            Some(0) => header.extend_from_slice(&[0x04, 0x00]),
+            Some(start) => {
+                header.extend_from_slice(&[0x04, 0x04]);
+                header.extend_from_slice(&start.to_le_bytes());
+            }
+            None => {}
+        }
+        header.extend_from_slice(&[0x21, 0x01, 0x16]);
+        pad4(&mut header, 0);
+        header[0] = (header.len() / 4) as u8; // (len + 4) / 4 - 1
+        let header_crc = crc32(&header);
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&header_crc);
+
+        let mut filtered = data.to_vec();
+        if let Some(start) = bcj {
+            xz::bcj_x86(&mut filtered, start, true);
+        }
+        lzma_rs::lzma2_compress(&mut &filtered[..], &mut out).unwrap();
+        let unpadded = out.len() - block_start + 4;
+        pad4(&mut out, block_start);
+        out.extend_from_slice(&crc32(data));
+
+        let index_start = out.len();
+        out.push(0);
+        varint(&mut out, 1);
+        varint(&mut out, unpadded as u64);
+        varint(&mut out, data.len() as u64);
+        pad4(&mut out, index_start);
+        let index_crc = crc32(&out[index_start..]);
+        out.extend_from_slice(&index_crc);
+        let index_size = out.len() - index_start;
+
+        let mut footer = ((index_size / 4 - 1) as u32).to_le_bytes().to_vec();
+        footer.extend_from_slice(&flags);
+        out.extend_from_slice(&crc32(&footer));
+        out.extend_from_slice(&footer);
+        out.extend_from_slice(b"YZ");
+        out
+    }
+
+    /// One valid payload per supported format (each with the kernel's size
+    /// trailer where the kernel build adds one) wrapping `elf`.
+    fn payloads(elf: &[u8]) -> Vec<(Compression, Vec<u8>)> {
+        vec![
+            (Compression::Gzip, gzip(elf)),
+            (Compression::Xz, with_trailer(xz(elf, Some(0)), elf.len())),
+            (Compression::Zstd, with_trailer(zstd(elf), elf.len())),
+            (Compression::Lzma, with_trailer(lzma(elf), elf.len())),
+            (
+                Compression::Lz4,
+                with_trailer(lz4_legacy(elf, 1000), elf.len()),
+            ),
+        ]
+    }
+
+    #[test]
+    fn detects_formats_by_magic() {
+        let cases: [(&[u8], Option<Compression>); 9] = [
+            (&[0x1f, 0x8b, 0x08], Some(Compression::Gzip)),
+            (
+                &[0xfd, 0x37, 0x7a, 0x58, 0x5a, 0x00, 0x00],
+                Some(Compression::Xz),
+            ),
+            (&[0x28, 0xb5, 0x2f, 0xfd], Some(Compression::Zstd)),
+            (&[0x5d, 0x00, 0x00, 0x80, 0x00], Some(Compression::Lzma)),
+            (b"BZh91AY&SY", Some(Compression::Bzip2)),
+            (&[0x02, 0x21, 0x4c, 0x18], Some(Compression::Lz4)),
+            (&[0x89, 0x4c, 0x5a, 0x4f, 0x00], Some(Compression::Lzo)),
+            (b"\x7fELF", None),
+            (&[], None),
+        ];
+        for (data, expected) in cases {
+            assert_eq!(Compression::detect(data), expected, "{data:02x?}");
+        }
+    }
+
+    #[test]
+    fn parses_setup_header() {
+        let image = bzimage_with(0, 0x020f, b"payload");
+        let header = SetupHeader::parse(&image).unwrap();
+        assert_eq!(
+            header,
+            SetupHeader {
+                setup_sects: 4,
+                version: 0x020f,
+                loadflags: 0x01,
+                initrd_addr_max: 0x7fff_ffff,
+                kernel_alignment: 0x0020_0000,
+                relocatable_kernel: true,
+                xloadflags: 0x007f,
+                cmdline_size: 2048,
+                payload_offset: 0x80,
+                payload_length: 7,
+                pref_address: 0x0100_0000,
+                init_size: 0x0200_0000,
+            }
+        );
+        assert_eq!(header.protected_mode_offset(), 5 * 512);
+        assert_eq!(header.payload(&image).unwrap(), b"payload");
+
+        let image = bzimage_with(29, 0x0208, b"xyz");
+        let header = SetupHeader::parse(&image).unwrap();
+        assert_eq!(header.setup_sects, 29);
+        assert_eq!(header.protected_mode_offset(), 30 * 512);
+        assert_eq!(header.payload(&image).unwrap(), b"xyz");
+        // Fields added after 2.08 read as 0 on older protocols.
+        assert_eq!(
+            (header.xloadflags, header.pref_address, header.init_size),
+            (0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn rejects_bad_setup_headers() {
+        let image = bzimage(&gzip(&fake_elf(64)));
+        assert!(matches!(
+            SetupHeader::parse(&image[..0x100]),
+            Err(PayloadError::TooShort(0x100))
+        ));
+        assert!(matches!(
+            SetupHeader::parse(&image[..0x210]),
+            Err(PayloadError::TooShort(0x210))
+        ));
+        assert!(matches!(
+            decompress_bzimage(&[]),
+            Err(PayloadError::TooShort(0))
+        ));
+
+        let mut bad = image.clone();
+        bad[0x202] = b'h';
+        assert!(matches!(
+            decompress_bzimage(&bad),
+            Err(PayloadError::NotBzImage)
+        ));
+        assert!(matches!(
+            decompress_bzimage(&fake_elf(4096)),
+            Err(PayloadError::NotBzImage)
+        ));
+
+        let old = bzimage_with(0, 0x0207, b"x");
+        let err = decompress_bzimage(&old).unwrap_err();
+        assert!(matches!(err, PayloadError::ProtocolTooOld(0x0207)));
+        assert_eq!(
+            err.to_string(),
+            "boot protocol 2.07 is too old: need 2.08 or later"
+        );
+
+        // Payload running past the end of the image, or empty.
+        let cut = &image[..image.len() - 0x50];
+        assert!(matches!(
+            decompress_bzimage(cut),
+            Err(PayloadError::PayloadOutOfBounds { .. })
+        ));
+        let mut huge = image.clone();
+        huge[0x248..0x24c].copy_from_slice(&u32::MAX.to_le_bytes());
+        huge[0x24c..0x250].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decompress_bzimage(&huge),
+            Err(PayloadError::PayloadOutOfBounds { .. })
+        ));
+        let mut empty = image;
+        empty[0x24c..0x250].fill(0);
+        assert!(matches!(
+            decompress_bzimage(&empty),
+            Err(PayloadError::PayloadOutOfBounds { .. })
+        ));
+    }
+
+    #[test]
+    fn round_trips_every_supported_format() {
+        let elf = fake_elf(30_000);
+        for (format, payload) in payloads(&elf) {
+            assert_eq!(Compression::detect(&payload), Some(format));
+            let out =
+                decompress_bzimage(&bzimage(&payload)).unwrap_or_else(|e| panic!("{format}: {e}"));
+            assert!(out == elf, "{format}: output differs");
+        }
+    }
+
+    #[test]
+    fn round_trips_without_size_trailers() {
+        let elf = fake_elf(20_000);
+        for payload in [xz(&elf, Some(0)), zstd(&elf)] {
+            assert_eq!(decompress_payload(&payload, 1 << 20).unwrap(), elf);
+        }
+        // Where the data may end without an end marker (legacy lz4, and
+        // .lzma of unknown size), the trailer is needed to notice truncation.
+        for (format, payload) in [
+            (Compression::Lzma, lzma(&elf)),
+            (Compression::Lz4, lz4_legacy(&elf, 3000)),
+        ] {
+            let err = decompress_payload(&payload, 1 << 20).unwrap_err();
+            assert!(
+                matches!(err, PayloadError::Corrupt { format: f, .. } if f == format),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn decodes_reference_xz_with_x86_bcj() {
+        let elf = fake_elf(1024);
+        let payload = with_trailer(XZ_X86_FAKE_ELF.to_vec(), elf.len());
+        assert_eq!(decompress_bzimage(&bzimage(&payload)).unwrap(), elf);
+    }
+
+    #[test]
+    fn decodes_reference_zstd_with_128_mib_window() {
+        let elf = fake_elf(1024);
+        // Window descriptor: exponent 17 + 10 = 27, i.e. 128 MiB.
+        assert_eq!(ZSTD_ULTRA_FAKE_ELF[5], 0x88);
+        let payload = with_trailer(ZSTD_ULTRA_FAKE_ELF.to_vec(), elf.len());
+        assert_eq!(decompress_bzimage(&bzimage(&payload)).unwrap(), elf);
+    }
+
+    #[test]
+    fn decodes_xz_variants() {
+        let elf = fake_elf(10_000);
+        // No BCJ filter, and BCJ with a non-zero start offset.
+        for bcj in [None, Some(0x1234)] {
+            assert_eq!(decompress_payload(&xz(&elf, bcj), 1 << 20).unwrap(), elf);
+        }
+        // Concatenated streams with stream padding between them.
+        let mut two = xz(&elf, Some(0));
+        two.extend_from_slice(&[0; 8]);
+        two.extend_from_slice(&xz(b"tail", None));
+        let mut expected = elf.clone();
+        expected.extend_from_slice(b"tail");
+        assert_eq!(decompress_payload(&two, 1 << 20).unwrap(), expected);
+    }
+
+    #[test]
+    fn decodes_multiple_zstd_frames() {
+        let elf = fake_elf(10_000);
+        let mut payload = zstd(&elf[..4000]);
+        // A skippable frame between the two halves.
+        payload.extend_from_slice(&[0x5e, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3]);
+        payload.extend_from_slice(&zstd(&elf[4000..]));
+        let payload = with_trailer(payload, elf.len());
+        assert_eq!(decompress_payload(&payload, 1 << 20).unwrap(), elf);
+    }
+
+    #[test]
+    fn bcj_x86_round_trips() {
+        let mut x: u32 = 1;
+        let mut random: Vec<u8> = (0..20_000)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                // Plenty of E8/E9 opcodes and 0x00/0xff operand bytes.
+                [0xe8, 0xe9, 0x00, 0xff, (x >> 24) as u8][(x >> 16) as usize % 5]
+            })
+            .collect();
+        for data in [fake_elf(20_000), std::mem::take(&mut random), vec![0xe8; 3]] {
+            for start in [0, 1, 0x1234_5678, u32::MAX - 100] {
+                let mut buf = data.clone();
+                xz::bcj_x86(&mut buf, start, true);
+                if data.len() > 100 {
+                    assert_ne!(buf, data, "the filter should change x86 code");
+                }
+                xz::bcj_x86(&mut buf, start, false);
+                assert!(buf == data, "round trip failed (start {start:#x})");
+            }
+        }
+    }
+
+    #[test]
+    fn bcj_x86_makes_call_targets_absolute() {
+        // A call at 0x10 to 0x1000: relative 0x1000 - 0x15 becomes absolute.
+        let mut buf = vec![0x90; 0x20];
+        buf[0x10] = 0xe8;
+        buf[0x11..0x15].copy_from_slice(&(0x1000u32 - 0x15).to_le_bytes());
+        xz::bcj_x86(&mut buf, 0, true);
+        assert_eq!(buf[0x11..0x15], 0x1000u32.to_le_bytes());
+        xz::bcj_x86(&mut buf, 0, false);
+        assert_eq!(buf[0x11..0x15], (0x1000u32 - 0x15).to_le_bytes());
+    }
+
+    #[test]
+    fn rejects_unsupported_formats() {
+        let bzip2 = bzimage(b"BZh91AY&SY\x00\x00\x00\x00");
+        let err = decompress_bzimage(&bzip2).unwrap_err();
+        assert!(matches!(err, PayloadError::Unsupported(Compression::Bzip2)));
+        assert_eq!(
+            err.to_string(),
+            "bzip2-compressed kernels are not supported; use an uncompressed vmlinux"
+        );
+        let lzo = bzimage(&[0x89, 0x4c, 0x5a, 0x4f, 0x00, 0x0d, 0x0a, 0x1a, 0x0a]);
+        let err = decompress_bzimage(&lzo).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "lzo-compressed kernels are not supported; use an uncompressed vmlinux"
+        );
+        let err = decompress_bzimage(&bzimage(b"\x7fELF\x02\x01")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "unknown payload compression (magic 7f 45 4c 46 02 01)"
+        );
+    }
+
+    #[test]
+    fn rejects_output_that_is_not_elf() {
+        let text = b"this is not an elf file".repeat(100);
+        for (format, payload) in payloads(&text) {
+            let err = decompress_bzimage(&bzimage(&payload)).unwrap_err();
+            assert!(matches!(err, PayloadError::NotElf), "{format}: {err}");
+        }
+    }
+
+    #[test]
+    fn enforces_the_size_limit() {
+        let elf = fake_elf(100_000);
+        for (format, payload) in payloads(&elf) {
+            assert_eq!(
+                decompress_payload(&payload, elf.len()).unwrap(),
+                elf,
+                "{format}"
+            );
+            for limit in [0, 1000, elf.len() - 1] {
+                let err = decompress_payload(&payload, limit).unwrap_err();
+                assert!(
+                    matches!(err, PayloadError::TooLarge { limit: l } if l == limit),
+                    "{format} (limit {limit}): {err}"
+                );
+            }
+        }
+        // lzma with the size in its header is refused before decoding.
+        let mut out = Vec::new();
+        let options = lzma_rs::compress::Options {
+            unpacked_size: lzma_rs::compress::UnpackedSize::WriteToHeader(Some(elf.len() as u64)),
+        };
+        lzma_rs::lzma_compress_with_options(&mut &elf[..], &mut out, &options).unwrap();
+        assert_eq!(decompress_payload(&out, 1 << 20).unwrap(), elf);
+        assert!(matches!(
+            decompress_payload(&out, 1000),
+            Err(PayloadError::TooLarge { limit: 1000 })
+        ));
+    }
+
+    #[test]
+    fn rejects_truncated_payloads() {
+        let elf = fake_elf(2500);
+        // Without the (ignored) trailer where the format has an end of its
+        // own, so that every prefix is a truncated stream.
+        let cases = [
+            (Compression::Gzip, gzip(&elf)),
+            (Compression::Xz, xz(&elf, Some(0))),
+            (Compression::Xz, XZ_X86_FAKE_ELF.to_vec()),
+            (Compression::Zstd, zstd(&elf)),
+            (Compression::Zstd, ZSTD_ULTRA_FAKE_ELF.to_vec()),
+            (Compression::Lzma, with_trailer(lzma(&elf), elf.len())),
+            (
+                Compression::Lz4,
+                with_trailer(lz4_legacy(&elf, 1000), elf.len()),
+            ),
+        ];
+        for (format, payload) in cases {
+            for len in 0..payload.len() {
+                let result = decompress_payload(&payload[..len], 1 << 16);
+                assert!(result.is_err(), "{format} cut to {len} bytes was accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn detects_corruption_in_checked_formats() {
+        let elf = fake_elf(5000);
+        for (format, payload) in payloads(&elf) {
+            // A flipped byte in the middle of the data fails the format's
+            // checksum (gzip, xz, zstd) or decoding; lzma has no checksum but
+            // the kernel's ELF check may still catch it, so only the former
+            // are checked strictly.
+            let mut bad = payload.clone();
+            let at = bad.len() / 2;
+            bad[at] ^= 0x10;
+            let result = decompress_payload(&bad, 1 << 20);
+            if format != Compression::Lzma && format != Compression::Lz4 {
+                assert!(result.is_err(), "{format}: corruption not detected");
+            }
+        }
+    }
+
+    /// Flips every byte of every format's payload in turn: whatever the
+    /// decoders make of it, the result must be a value, never a panic.
+    #[test]
+    fn never_panics_on_corrupt_payloads() {
+        let elf = fake_elf(2000);
+        let mut cases = payloads(&elf);
+        cases.push((Compression::Xz, XZ_X86_FAKE_ELF.to_vec()));
+        cases.push((Compression::Zstd, ZSTD_ULTRA_FAKE_ELF.to_vec()));
+        for (format, payload) in cases {
+            for at in 0..payload.len() {
+                for flip in [0x01, 0xff] {
+                    let mut bad = payload.clone();
+                    bad[at] ^= flip;
+                    let result = std::panic::catch_unwind(|| decompress_payload(&bad, 1 << 14));
+                    assert!(result.is_ok(), "{format}: panic with byte {at} ^ {flip:#x}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn error_messages_name_the_format() {
+        let elf = fake_elf(2000);
+        let mut payload = xz(&elf, Some(0));
+        let len = payload.len();
+        payload[len - 20] ^= 0xff; // inside the index
+        let err = decompress_payload(&payload, 1 << 20).unwrap_err();
+        assert!(err.to_string().starts_with("corrupt xz payload: "), "{err}");
     }
 }

@@ -7,6 +7,7 @@ use migration::thread::{MigrationInfo, MigrationStatus};
 use serde_json::{json, Map, Value};
 
 use super::protocol::{version_info, Args, QmpBackend, QmpError};
+use super::server::{QmpListenSpec, QmpServer, QmpServerConfig, QmpServerError};
 use crate::bus::lock;
 use crate::instance::Instance;
 use crate::runstate::RunState;
@@ -90,6 +91,20 @@ const QEMU_PARAMETERS: &[&str] = &[
 
 /// Largest downtime limit, ms (QEMU's MAX_MIGRATE_DOWNTIME: 2000 s).
 const MAX_DOWNTIME_MS: u64 = 2_000_000;
+
+/// Starts the QMP monitor for `instance` on `spec` (`unix:PATH`) and routes the instance's
+/// events to it.
+pub fn start_monitor(instance: &Arc<Instance>, spec: &str) -> Result<QmpServer, QmpServerError> {
+    let spec: QmpListenSpec = spec.parse()?;
+    let server = QmpServer::bind(
+        &spec,
+        Arc::new(Commands::new(instance.clone())),
+        QmpServerConfig::default(),
+    )?;
+    let events = server.events();
+    instance.set_event_emitter(Box::new(move |name, data| events.emit(name, data)));
+    Ok(server)
+}
 
 /// The QMP commands of one [`Instance`].
 pub struct Commands {

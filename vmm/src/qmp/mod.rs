@@ -12,6 +12,8 @@
 //! * [`server`] serves sessions on a Unix (or TCP) socket to several clients at once and
 //!   broadcasts events through [`EventSender`] without ever blocking the VMM.
 
+pub mod client;
+pub mod commands;
 pub mod json;
 pub mod protocol;
 pub mod server;

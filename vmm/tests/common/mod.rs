@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod proc;
+
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};

@@ -1,0 +1,154 @@
+//! Running `hopvm` processes with a QMP monitor, for the multi-process tests.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vmm::qmp::client::QmpClient;
+
+use super::Capture;
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh directory named after `name`.
+    pub fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("hopvm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+
+    /// A path inside.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running hopvm with its serial output captured and a QMP connection.
+pub struct Hopvm {
+    /// The process.
+    pub child: Child,
+    /// The monitor.
+    pub qmp: QmpClient,
+    /// COM1 output (stdout).
+    pub out: Capture,
+    /// stderr.
+    pub err: Capture,
+    /// The monitor socket.
+    pub qmp_path: PathBuf,
+}
+
+fn pump(mut from: impl Read + Send + 'static, mut to: Capture) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            std::io::Write::write_all(&mut to, &buf[..n]).unwrap();
+        }
+    });
+}
+
+impl Hopvm {
+    /// Starts `hopvm run ARGS --qmp unix:<dir>/<name>.sock --serial stdio`.
+    pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Self {
+        Self::spawn_with(dir, name, args, |_| {})
+    }
+
+    /// Like [`Hopvm::spawn`], letting the caller adjust the command (e.g. to pass fds).
+    pub fn spawn_with(
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Self {
+        let qmp_path = dir.join(format!("{name}.sock"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hopvm"));
+        cmd.arg("run")
+            .args(args)
+            .arg("--qmp")
+            .arg(format!("unix:{}", qmp_path.display()))
+            .args(["--serial", "stdio"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        adjust(&mut cmd);
+        let mut child = cmd.spawn().expect("hopvm starts");
+        let (out, err) = (Capture::default(), Capture::default());
+        pump(child.stdout.take().unwrap(), out.clone());
+        pump(child.stderr.take().unwrap(), err.clone());
+        let qmp = match QmpClient::connect_retry(&qmp_path, Duration::from_secs(30)) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("cannot reach {name}'s monitor: {e}; stderr: {}", err.text());
+            }
+        };
+        Self {
+            child,
+            qmp,
+            out,
+            err,
+            qmp_path,
+        }
+    }
+
+    /// Runs a QMP command that must succeed.
+    pub fn cmd(&mut self, command: &str, args: Value) -> Value {
+        let args = if args.is_null() { None } else { Some(args) };
+        self.qmp
+            .execute(command, args)
+            .unwrap_or_else(|e| panic!("{command}: {e}; stderr: {}", self.err.text()))
+    }
+
+    /// The run state.
+    pub fn status(&mut self) -> String {
+        self.cmd("query-status", Value::Null)["status"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Waits for the MIGRATION event with `status` (the `events` capability must be on).
+    pub fn wait_migration(&mut self, status: &str, timeout: Duration) {
+        let want = json!(status);
+        if let Err(e) = self
+            .qmp
+            .wait_event("MIGRATION", timeout, |d| d["status"] == want)
+        {
+            panic!("no MIGRATION {status}: {e}; stderr: {}", self.err.text());
+        }
+    }
+
+    /// Waits for the process to end and returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Hopvm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
