@@ -35,6 +35,7 @@ pub const COMMANDS: &[&str] = &[
     "migrate_set_downtime",
     "migrate-set-cache-size",
     "query-migrate-cache-size",
+    "x-query-migration-timeline",
 ];
 
 /// Migration capabilities hopvm implements.
@@ -408,6 +409,9 @@ impl QmpBackend for Commands {
             "migrate_set_speed" => self.set_speed(args),
             "migrate_set_downtime" => self.set_downtime(args),
             "migrate-set-cache-size" => self.set_cache_size(args),
+            "x-query-migration-timeline" => none(args).map(|_| {
+                serde_json::to_value(inst.migration.timeline()).unwrap_or(Value::Null)
+            }),
             "query-migrate-cache-size" => {
                 none(args).map(|_| json!(lock(&inst.migration.xbzrle).cache_size))
             }
