@@ -9,6 +9,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::{self, DebugExitConfig, SerialConfig, VmConfig};
 use crate::run::{self, EXIT_ERROR, EXIT_USAGE};
+use crate::tools;
+use crate::tools::migrate::{MigrationSettings, Xbzrle};
+use crate::tools::report::ReportTarget;
 
 /// hopvm — a small x86-64 virtual machine monitor on Linux KVM.
 #[derive(Debug, Parser)]
@@ -24,6 +27,124 @@ pub struct Cli {
 pub enum Command {
     /// Boot a kernel and run it until it exits.
     Run(RunArgs),
+    /// Live-migrate a memory-dirtying test guest between two hopvm processes on this machine,
+    /// showing progress and the guest's output, and check that no memory was corrupted.
+    Demo(DemoArgs),
+    /// Drive a running hopvm's live migration over QMP with a progress bar; exit status 0
+    /// completed, 1 failed, 2 cancelled (Ctrl-C cancels and leaves the source running).
+    Migrate(MigrateArgs),
+    /// Send one QMP command to a running hopvm and print the reply, or open an interactive QMP
+    /// shell when no command is given.
+    Qmp(QmpArgs),
+}
+
+/// Migration parameters shared by `hopvm migrate` and `hopvm demo`; each is set over QMP
+/// before `migrate` (an option left out keeps the VM's setting).
+#[derive(Debug, Clone, Default, Args)]
+pub struct MigrationParamArgs {
+    /// Bandwidth limit in bytes per second, with an optional K, M or G suffix (1024-based), or
+    /// `unlimited`; hopvm's default is 32M, as QEMU's.
+    #[arg(long, value_name = "BYTES/s|unlimited", value_parser = tools::migrate::parse_bandwidth)]
+    pub max_bandwidth: Option<u64>,
+    /// Longest acceptable downtime in ms: the guest is stopped for the final copy once what is
+    /// left can be sent in this time (default 30).
+    #[arg(long, value_name = "MS")]
+    pub downtime_limit: Option<u64>,
+    /// Compress re-sent pages with XBZRLE; `--xbzrle=64M` also sets the cache size (a power of
+    /// two), `--xbzrle=off` turns it off.
+    #[arg(
+        long,
+        value_name = "CACHE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "on",
+        value_parser = tools::migrate::parse_xbzrle
+    )]
+    pub xbzrle: Option<Xbzrle>,
+}
+
+impl MigrationParamArgs {
+    /// The settings to apply.
+    pub fn settings(&self) -> MigrationSettings {
+        MigrationSettings {
+            max_bandwidth: self.max_bandwidth,
+            downtime_limit_ms: self.downtime_limit,
+            xbzrle: self.xbzrle,
+        }
+    }
+}
+
+/// How `hopvm demo` carries the migration stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// TCP on the loopback interface.
+    Tcp,
+    /// A Unix socket.
+    Unix,
+    /// TCP between two network namespaces joined by a veth pair (needs root).
+    Netns,
+}
+
+/// `hopvm demo` options.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Guest RAM of both VMs: a number with a K, M, G or T suffix.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
+    pub memory: u64,
+    /// The guest's working set: the memory it rewrites and verifies over and over.
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size_arg)]
+    pub ws: u64,
+    /// Migration parameters.
+    #[command(flatten)]
+    pub params: MigrationParamArgs,
+    /// How the migration stream travels: tcp (loopback), unix (a socket), or netns (TCP
+    /// between two network namespaces joined by a veth pair; needs root).
+    #[arg(long, value_enum, value_name = "tcp|unix|netns", default_value_t = Transport::Tcp)]
+    pub transport: Transport,
+    /// Write the migration timeline: an SVG picture or the JSON data, by the file's extension
+    /// (repeatable).
+    #[arg(long, value_name = "FILE.svg|FILE.json", value_parser = tools::report::parse_target)]
+    pub report: Vec<ReportTarget>,
+    /// The guest image (default: the bundled memory-dirtying guest, built with hopvm).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+}
+
+/// `hopvm migrate` options.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The source VM's QMP monitor (`hopvm run --qmp unix:PATH`, or QEMU's -qmp).
+    #[arg(long, value_name = "unix:PATH")]
+    pub qmp: String,
+    /// Migration parameters.
+    #[command(flatten)]
+    pub params: MigrationParamArgs,
+    /// Print the final query-migrate reply as JSON instead of the summary table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the migration timeline: an SVG picture or the JSON data, by the file's extension
+    /// (repeatable).
+    #[arg(long, value_name = "FILE.svg|FILE.json", value_parser = tools::report::parse_target)]
+    pub report: Vec<ReportTarget>,
+    /// Where to send the VM: tcp:HOST:PORT, unix:PATH, exec:COMMAND or fd:N; the destination
+    /// must be waiting (`hopvm run --incoming URI`).
+    #[arg(value_name = "URI")]
+    pub uri: String,
+}
+
+/// `hopvm qmp` options.
+#[derive(Debug, Clone, Args)]
+pub struct QmpArgs {
+    /// The VM's QMP monitor (`hopvm run --qmp unix:PATH`, or QEMU's -qmp).
+    #[arg(long, value_name = "unix:PATH")]
+    pub qmp: String,
+    /// The command to run (e.g. query-status); without one, an interactive shell starts.
+    #[arg(value_name = "COMMAND")]
+    pub command: Option<String>,
+    /// The command's arguments: one JSON object, or key=value pairs (values are JSON when they
+    /// parse as JSON, strings otherwise; a.b=1 nests).
+    #[arg(value_name = "ARGS", requires = "command", allow_hyphen_values = true)]
+    pub args: Vec<String>,
 }
 
 /// `hopvm run` options.
@@ -68,6 +189,10 @@ pub struct RunArgs {
 
 fn parse_memory(s: &str) -> Result<u64, config::ConfigError> {
     config::check_memory(config::parse_size(s)?)
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, config::ConfigError> {
+    config::parse_size(s)
 }
 
 impl From<RunArgs> for VmConfig {
@@ -124,6 +249,9 @@ where
                 EXIT_ERROR
             }
         },
+        Command::Demo(args) => tools::demo::command(&args),
+        Command::Migrate(args) => tools::migrate::command(&args),
+        Command::Qmp(args) => tools::qmp_shell::command(&args),
     }
 }
 
@@ -137,7 +265,9 @@ mod tests {
 
     #[test]
     fn run_defaults_and_options() {
-        let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command;
+        let Command::Run(a) = parse(&["run", "--kernel", "k"]).unwrap().command else {
+            unreachable!()
+        };
         let c = VmConfig::from(a);
         assert_eq!(c, VmConfig::new("k"));
         let Command::Run(a) = parse(&[
@@ -146,7 +276,10 @@ mod tests {
             "--initrd", "i",
         ])
         .unwrap()
-        .command;
+        .command
+        else {
+            unreachable!()
+        };
         assert_eq!(a.memory, 4 << 30);
         assert_eq!(a.cpus, 4);
         assert_eq!(a.serial, SerialConfig::Null);

@@ -18,5 +18,6 @@ pub mod qmp;
 pub mod run;
 pub mod runstate;
 pub mod sections;
+pub mod tools;
 pub mod vcpu;
 pub mod vm;

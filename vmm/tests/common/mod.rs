@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod proc;
+pub mod tools;
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};

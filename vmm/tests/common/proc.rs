@@ -60,6 +60,24 @@ fn pump(mut from: impl Read + Send + 'static, mut to: Capture) {
     });
 }
 
+/// Starts `hopvm run ARGS --serial stdio` without a monitor; returns the process and its
+/// captured stdout and stderr.
+pub fn spawn_plain(args: &[&str]) -> (Child, Capture, Capture) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hopvm"))
+        .arg("run")
+        .args(args)
+        .args(["--serial", "stdio"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("hopvm starts");
+    let (out, err) = (Capture::default(), Capture::default());
+    pump(child.stdout.take().unwrap(), out.clone());
+    pump(child.stderr.take().unwrap(), err.clone());
+    (child, out, err)
+}
+
 impl Hopvm {
     /// Starts `hopvm run ARGS --qmp unix:<dir>/<name>.sock --serial stdio`.
     pub fn spawn(dir: &Path, name: &str, args: &[&str]) -> Self {
