@@ -1,8 +1,8 @@
 //! `hopvm qmp`: QMP without writing JSON by hand.
 //!
 //! With a command, it runs that one command and pretty-prints the reply (exit status 1 on an
-//! error reply, with its class and description), so scripts and people can query a VM in one
-//! line. Without one, it is an interactive shell in the manner of QEMU's `qmp-shell`:
+//! error reply, with its class and description; 2 when the arguments cannot be parsed), so
+//! scripts and people can query a VM in one line. Without one, it is an interactive shell in the manner of QEMU's `qmp-shell`:
 //! `command key=value …` (values are JSON when they parse as JSON — numbers, `true`, arrays,
 //! objects — and strings otherwise; `a.b=1` builds nested objects) or a raw JSON request, with
 //! line editing, history (`~/.hopvm_qmp_history`) and tab completion of command names, and
@@ -511,7 +511,11 @@ pub fn command(args: &QmpArgs) -> i32 {
     };
     result.unwrap_or_else(|e| {
         eprintln!("hopvm: {e}");
-        1
+        match e {
+            // A mistake in the command line, as clap's: nothing was sent.
+            QmpShellError::Syntax(_) => crate::run::EXIT_USAGE,
+            _ => 1,
+        }
     })
 }
 
