@@ -331,7 +331,9 @@ impl RamSection {
                 other => {
                     if self.cache.is_some() && !self.bulk_stage {
                         match other {
-                            XbzrleOutcome::Overflow => c.xbzrle_overflow.fetch_add(1, Ordering::Relaxed),
+                            XbzrleOutcome::Overflow => {
+                                c.xbzrle_overflow.fetch_add(1, Ordering::Relaxed)
+                            }
                             _ => c.xbzrle_cache_miss.fetch_add(1, Ordering::Relaxed),
                         };
                     }
@@ -356,7 +358,11 @@ impl RamSection {
     }
 
     fn apply_cache_size(&mut self) {
-        let want = self.settings.lock().unwrap_or_else(|e| e.into_inner()).cache_size;
+        let want = self
+            .settings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .cache_size;
         if let Some(cache) = self.cache.as_mut() {
             if cache.size() != want {
                 if let Err(e) = cache.set_size(want) {
@@ -382,9 +388,8 @@ impl RamSection {
         }
         self.loading = true;
         for (i, region) in self.memory.iter().enumerate() {
-            self.blocks[i].populated = host_range(region).and_then(|(host, len)| {
-                pagemap::populated(host, (len / PAGE_SIZE) as usize)
-            });
+            self.blocks[i].populated = host_range(region)
+                .and_then(|(host, len)| pagemap::populated(host, (len / PAGE_SIZE) as usize));
         }
     }
 
@@ -396,7 +401,9 @@ impl RamSection {
             .find(|(_, b)| b.id == block)
             .ok_or_else(|| invalid(format!("unknown ram block {block}")))?;
         if offset % PAGE_SIZE != 0 || offset / PAGE_SIZE >= b.pages as u64 {
-            return Err(invalid(format!("offset {offset:#x} outside ram block {block}")));
+            return Err(invalid(format!(
+                "offset {offset:#x} outside ram block {block}"
+            )));
         }
         Ok((i, b.start + offset))
     }
@@ -413,7 +420,10 @@ impl LiveSection for RamSection {
     fn begin(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
         let settings = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
         self.cache = if settings.enabled {
-            Some(XbzrleCache::new(settings.cache_size).map_err(|e| SectionError::Unsupported(e.to_string()))?)
+            Some(
+                XbzrleCache::new(settings.cache_size)
+                    .map_err(|e| SectionError::Unsupported(e.to_string()))?,
+            )
         } else {
             None
         };
@@ -431,9 +441,8 @@ impl LiveSection for RamSection {
                 }
             }
             b.cursor = 0;
-            b.populated = host_range(region).and_then(|(host, len)| {
-                pagemap::populated(host, (len / PAGE_SIZE) as usize)
-            });
+            b.populated = host_range(region)
+                .and_then(|(host, len)| pagemap::populated(host, (len / PAGE_SIZE) as usize));
         }
         self.bulk_stage = true;
         self.in_flight.clear();
@@ -543,7 +552,9 @@ impl LiveSection for RamSection {
 
     fn load(&mut self, input: &mut dyn Read, version: u32) -> Result<(), SectionError> {
         if version != RAM_SECTION_VERSION {
-            return Err(invalid(format!("unsupported ram section version {version}")));
+            return Err(invalid(format!(
+                "unsupported ram section version {version}"
+            )));
         }
         self.load_populated();
         loop {
@@ -568,7 +579,11 @@ impl LiveSection for RamSection {
                         )));
                     }
                 }
-                RamRecord::Zero { block, offset, fill } => {
+                RamRecord::Zero {
+                    block,
+                    offset,
+                    fill,
+                } => {
                     let (i, addr) = self.check_offset(&block, offset)?;
                     let page = (offset / PAGE_SIZE) as usize;
                     // Writing zeros over a page that is already zero would only allocate it.
@@ -656,7 +671,12 @@ mod tests {
     }
 
     /// Runs a whole migration of `src` into `dst` with `rounds` of guest writes in between.
-    fn migrate(src: &GuestMemoryMmap, dst: &GuestMemoryMmap, xbzrle: bool, rounds: u64) -> Arc<RamCounters> {
+    fn migrate(
+        src: &GuestMemoryMmap,
+        dst: &GuestMemoryMmap,
+        xbzrle: bool,
+        rounds: u64,
+    ) -> Arc<RamCounters> {
         let (mut s, log) = section(src, xbzrle);
         let (mut d, _) = section(dst, xbzrle);
         let mut out = Vec::new();
@@ -665,10 +685,12 @@ mod tests {
             while !s.iterate(&mut out, 64 << 10).unwrap() {}
             // The guest writes a few pages (KVM log) and the VMM one (vm-memory bitmap).
             for p in [3u64, 7, 8] {
-                src.write_obj(round * 1000 + p, GuestAddress(p * PAGE_SIZE + 8)).unwrap();
+                src.write_obj(round * 1000 + p, GuestAddress(p * PAGE_SIZE + 8))
+                    .unwrap();
                 log.lock().unwrap()[0] = vec![(1 << 3) | (1 << 7) | (1 << 8)];
             }
-            src.write_obj(0xabcdu64 + round, GuestAddress(20 * PAGE_SIZE)).unwrap();
+            src.write_obj(0xabcdu64 + round, GuestAddress(20 * PAGE_SIZE))
+                .unwrap();
             assert!(s.pending(u64::MAX) >= 4 * PAGE_SIZE);
         }
         s.complete(&mut out).unwrap();
@@ -691,7 +713,8 @@ mod tests {
         for xbzrle in [false, true] {
             let src = mem(1 << 20);
             let dst = mem(1 << 20);
-            src.write_slice(&[0x5a; 4096], GuestAddress(0x3000)).unwrap();
+            src.write_slice(&[0x5a; 4096], GuestAddress(0x3000))
+                .unwrap();
             let c = migrate(&src, &dst, xbzrle, 3);
             same(&src, &dst, 1 << 20);
             let total = c.total.load(Ordering::Relaxed) / PAGE_SIZE;
@@ -753,7 +776,14 @@ mod tests {
         // A different memory size.
         let mut w = RamRecordWriter::new();
         let mut bad = Vec::new();
-        w.mem_size(&mut bad, &[RamBlockInfo { id: String::from("pc.ram"), size: 128 << 10 }]).unwrap();
+        w.mem_size(
+            &mut bad,
+            &[RamBlockInfo {
+                id: String::from("pc.ram"),
+                size: 128 << 10,
+            }],
+        )
+        .unwrap();
         assert!(d.load(&mut &bad[..], RAM_SECTION_VERSION).is_err());
         // Truncated.
         let mut w = RamRecordWriter::new();

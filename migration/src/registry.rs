@@ -152,10 +152,12 @@ impl Registry {
     }
 
     fn live(&mut self) -> impl Iterator<Item = (u32, &mut Box<dyn LiveSection>, &str, u32)> {
-        self.entries.iter_mut().filter_map(|e| match &mut e.handler {
-            Handler::Live(h) => Some((e.section_id, h, e.idstr.as_str(), e.instance)),
-            Handler::Snapshot(_) => None,
-        })
+        self.entries
+            .iter_mut()
+            .filter_map(|e| match &mut e.handler {
+                Handler::Live(h) => Some((e.section_id, h, e.idstr.as_str(), e.instance)),
+                Handler::Snapshot(_) => None,
+            })
     }
 
     /// Source: the stream header and every live section's START.
@@ -190,11 +192,13 @@ impl Registry {
         let mut all_done = true;
         for (id, h, idstr, instance) in self.live() {
             w.section_part(id)?;
-            let done = h.iterate(w, budget).map_err(|source| RegistryError::Section {
-                idstr: idstr.to_string(),
-                instance,
-                source,
-            })?;
+            let done = h
+                .iterate(w, budget)
+                .map_err(|source| RegistryError::Section {
+                    idstr: idstr.to_string(),
+                    instance,
+                    source,
+                })?;
             w.footer(id)?;
             all_done &= done;
         }
@@ -337,23 +341,37 @@ impl Registry {
             match record {
                 Record::Header | Record::VmDescription(_) => {}
                 Record::Eof => {}
-                Record::Footer { id } => return Err(StreamError::BadFooter {
-                    expected: id,
-                    found: String::from("a footer outside a section"),
+                Record::Footer { id } => {
+                    return Err(StreamError::BadFooter {
+                        expected: id,
+                        found: String::from("a footer outside a section"),
+                    }
+                    .into())
                 }
-                .into()),
                 Record::SectionStart {
                     id,
                     idstr,
                     instance,
                     version,
-                } => self.load_section(r, &mut started, &mut seen, (id, idstr, instance, version), false)?,
+                } => self.load_section(
+                    r,
+                    &mut started,
+                    &mut seen,
+                    (id, idstr, instance, version),
+                    false,
+                )?,
                 Record::SectionFull {
                     id,
                     idstr,
                     instance,
                     version,
-                } => self.load_section(r, &mut started, &mut seen, (id, idstr, instance, version), true)?,
+                } => self.load_section(
+                    r,
+                    &mut started,
+                    &mut seen,
+                    (id, idstr, instance, version),
+                    true,
+                )?,
                 Record::SectionPart { id } | Record::SectionEnd { id } => {
                     let (index, version) = *started
                         .get(&id)
@@ -436,7 +454,9 @@ mod tests {
         }
     }
 
-    fn pair() -> (Registry, Arc<Mutex<Vec<u8>>>, Arc<Mutex<Vec<u8>>>) {
+    type Shared = Arc<Mutex<Vec<u8>>>;
+
+    fn pair() -> (Registry, Shared, Shared) {
         let blob = Arc::new(Mutex::new(Vec::new()));
         let received = Arc::new(Mutex::new(Vec::new()));
         let mut r = Registry::new();
@@ -495,7 +515,12 @@ mod tests {
         ));
         // A destination with an extra section the stream lacks.
         let (mut extra, _, _) = pair();
-        extra.register("more", 0, 1, Box::new(Blob(Arc::new(Mutex::new(Vec::new())))));
+        extra.register(
+            "more",
+            0,
+            1,
+            Box::new(Blob(Arc::new(Mutex::new(Vec::new())))),
+        );
         assert!(matches!(
             extra.load(&mut StreamReader::new(&bytes[..])),
             Err(RegistryError::Missing(_))
@@ -512,7 +537,12 @@ mod tests {
                 received: Arc::new(Mutex::new(Vec::new())),
             }),
         );
-        old.register("blob", 0, 1, Box::new(Blob(Arc::new(Mutex::new(Vec::new())))));
+        old.register(
+            "blob",
+            0,
+            1,
+            Box::new(Blob(Arc::new(Mutex::new(Vec::new())))),
+        );
         assert!(matches!(
             old.load(&mut StreamReader::new(&bytes[..])),
             Err(RegistryError::UnsupportedVersion { .. })
@@ -534,7 +564,10 @@ mod tests {
             .unwrap();
         for len in 0..desc_start {
             let (mut dst, _, _) = pair();
-            assert!(dst.load(&mut StreamReader::new(&bytes[..len])).is_err(), "len {len}");
+            assert!(
+                dst.load(&mut StreamReader::new(&bytes[..len])).is_err(),
+                "len {len}"
+            );
         }
         for i in 8..bytes.len() {
             let mut bad = bytes.clone();

@@ -125,10 +125,7 @@ pub trait MigrationHost: Send + Sync + 'static {
 
     /// Stops the vCPUs; may release the big lock while it waits. Returns whether they were
     /// running.
-    fn stop_vm<'a>(
-        &self,
-        g: MutexGuard<'a, Self::Locked>,
-    ) -> (MutexGuard<'a, Self::Locked>, bool);
+    fn stop_vm<'a>(&self, g: MutexGuard<'a, Self::Locked>) -> (MutexGuard<'a, Self::Locked>, bool);
 
     /// The migration failed or was cancelled: restart the vCPUs if they had been running,
     /// else leave them stopped.

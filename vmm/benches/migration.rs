@@ -100,5 +100,11 @@ fn run(label: &str, image: &str, cmdline: &str, ready: &str, port: u16) {
 
 fn main() {
     run("idle 1 GiB", "idle", "", "idle", 47_311);
-    run("busy 1 GiB, 256 MiB working set", "dirty", "ws=256", "pass ", 47_312);
+    run(
+        "busy 1 GiB, 256 MiB working set",
+        "dirty",
+        "ws=256",
+        "pass ",
+        47_312,
+    );
 }

@@ -81,7 +81,10 @@ impl Bus {
 
     fn log_unclaimed(&mut self, what: &str, addr: u64, size: usize) {
         if self.logged.len() < MAX_LOGGED_UNCLAIMED && self.logged.insert(addr) {
-            log::info!("{} {what} of {size} bytes at {addr:#x}: no device", self.name);
+            log::info!(
+                "{} {what} of {size} bytes at {addr:#x}: no device",
+                self.name
+            );
         }
     }
 

@@ -170,7 +170,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     pub serial: SerialConfig,
     /// isa-debug-exit port range; a guest write of v ends hopvm with status (v << 1) | 1.
-    #[arg(long, value_name = "iobase=0xf4,iosize=4", default_value = "iobase=0xf4,iosize=4")]
+    #[arg(
+        long,
+        value_name = "iobase=0xf4,iosize=4",
+        default_value = "iobase=0xf4,iosize=4"
+    )]
     pub debug_exit: DebugExitConfig,
     /// End hopvm with status 0 when the guest resets or triple-faults, instead of rebooting.
     #[arg(long)]
@@ -216,7 +220,10 @@ impl From<RunArgs> for VmConfig {
 /// Reduces a clap error to its first line, without clap's "error: " prefix.
 fn one_line(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("invalid arguments");
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments");
     first.trim_start_matches("error: ").to_string()
 }
 
@@ -271,9 +278,22 @@ mod tests {
         let c = VmConfig::from(a);
         assert_eq!(c, VmConfig::new("k"));
         let Command::Run(a) = parse(&[
-            "run", "--kernel", "k", "--memory", "4G", "--cpus", "4", "--serial", "null",
-            "--debug-exit", "iobase=0x501,iosize=2", "--no-reboot", "--cmdline", "a b",
-            "--initrd", "i",
+            "run",
+            "--kernel",
+            "k",
+            "--memory",
+            "4G",
+            "--cpus",
+            "4",
+            "--serial",
+            "null",
+            "--debug-exit",
+            "iobase=0x501,iosize=2",
+            "--no-reboot",
+            "--cmdline",
+            "a b",
+            "--initrd",
+            "i",
         ])
         .unwrap()
         .command
@@ -304,6 +324,10 @@ mod tests {
             assert!(!line.contains('\n') && !line.is_empty(), "{args:?}: {line}");
         }
         let e = parse(&["run", "--kernel", "k", "--memory", "lots"]).unwrap_err();
-        assert!(one_line(&e).contains("invalid size 'lots'"), "{}", one_line(&e));
+        assert!(
+            one_line(&e).contains("invalid size 'lots'"),
+            "{}",
+            one_line(&e)
+        );
     }
 }

@@ -167,7 +167,9 @@ impl Instance {
                 return;
             }
             match e {
-                MigrationEvent::Status(s) => me.emit("MIGRATION", Some(json!({"status": s.as_str()}))),
+                MigrationEvent::Status(s) => {
+                    me.emit("MIGRATION", Some(json!({"status": s.as_str()})))
+                }
                 MigrationEvent::Pass(n) => me.emit("MIGRATION_PASS", Some(json!({"pass": n}))),
             }
         });
@@ -297,9 +299,11 @@ impl Instance {
         if let Some(reason) = lock(&self.registry).blocker() {
             return Err(InstanceError::Migration(reason.to_string()));
         }
-        let uri: MigrationUri = uri
-            .parse()
-            .map_err(|e: migration::transport::TransportError| InstanceError::Migration(e.to_string()))?;
+        let uri: MigrationUri =
+            uri.parse()
+                .map_err(|e: migration::transport::TransportError| {
+                    InstanceError::Migration(e.to_string())
+                })?;
         let out = connect_outgoing(&uri).map_err(|e| InstanceError::Migration(e.to_string()))?;
         let handle = out.shutdown_handle();
         self.migration
@@ -317,9 +321,11 @@ impl Instance {
     /// the guest runs (or stays paused without autostart). A failed load ends hopvm with
     /// status 1 and a clear message.
     pub fn incoming(self: &Arc<Self>, uri: &str) -> Result<(), InstanceError> {
-        let parsed: MigrationUri = uri
-            .parse()
-            .map_err(|e: migration::transport::TransportError| InstanceError::Migration(e.to_string()))?;
+        let parsed: MigrationUri =
+            uri.parse()
+                .map_err(|e: migration::transport::TransportError| {
+                    InstanceError::Migration(e.to_string())
+                })?;
         {
             let mut current = lock(&self.incoming);
             let mut g = lock(&self.vm.machine);

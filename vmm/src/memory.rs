@@ -157,7 +157,11 @@ pub fn set_kvm_slots(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Resul
             .expect("a mapped region has a host address");
         let region = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            flags: if log_dirty {
+                KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -186,7 +190,10 @@ mod tests {
         assert_eq!(layout.ram_ranges(), vec![(GuestAddress(0), 256 << 20)]);
         let map = layout.memory_map();
         assert_eq!(map.len(), 3);
-        assert_eq!(ram_total(&map), (256 << 20) - (HIGH_MEMORY_START - EBDA_START));
+        assert_eq!(
+            ram_total(&map),
+            (256 << 20) - (HIGH_MEMORY_START - EBDA_START)
+        );
         assert_eq!(map[2].start + map[2].len, 256 << 20);
     }
 
@@ -196,7 +203,10 @@ mod tests {
         assert_eq!(layout.below_4g(), 3 << 30);
         assert_eq!(layout.above_4g(), 1 << 30);
         let map = layout.memory_map();
-        assert_eq!(ram_total(&map), (4 << 30) - (HIGH_MEMORY_START - EBDA_START));
+        assert_eq!(
+            ram_total(&map),
+            (4 << 30) - (HIGH_MEMORY_START - EBDA_START)
+        );
         for e in map.iter().filter(|e| e.kind == RegionType::Ram) {
             assert!(e.start + e.len <= PCI_HOLE_START || e.start >= RAM_ABOVE_4G_START);
         }

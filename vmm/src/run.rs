@@ -20,9 +20,9 @@ use serde_json::json;
 
 use crate::bus::lock;
 use crate::config::{SerialConfig, VmConfig};
-use crate::vcpu::VmEvent;
 use crate::instance::Instance;
 use crate::runstate::RunState;
+use crate::vcpu::VmEvent;
 use crate::vm::{SharedWriter, VmError};
 
 /// Exit status when hopvm cannot build or boot the VM.
@@ -54,7 +54,7 @@ impl RawTerminal {
         // SAFETY: cfmakeraw edits the struct it is given.
         unsafe { libc::cfmakeraw(&mut raw) };
         raw.c_oflag |= libc::OPOST | libc::ONLCR; // keep "\n" → "\r\n" for hopvm's own lines
-        // SAFETY: fd is a terminal; raw is a valid termios.
+                                                  // SAFETY: fd is a terminal; raw is a valid termios.
         if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
             return None;
         }
@@ -130,16 +130,25 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
         match instance.vm.wait_event() {
             VmEvent::Exit(code) => break code,
             VmEvent::PowerOff => {
-                instance.emit("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-shutdown"})));
+                instance.emit(
+                    "SHUTDOWN",
+                    Some(json!({"guest": true, "reason": "guest-shutdown"})),
+                );
                 break 0;
             }
             VmEvent::Quit => {
-                instance.emit("SHUTDOWN", Some(json!({"guest": false, "reason": "host-qmp-quit"})));
+                instance.emit(
+                    "SHUTDOWN",
+                    Some(json!({"guest": false, "reason": "host-qmp-quit"})),
+                );
                 break 0;
             }
             event @ (VmEvent::Reset | VmEvent::TripleFault) if config.no_reboot => {
                 log::info!("guest {event:?} with --no-reboot: exiting");
-                instance.emit("SHUTDOWN", Some(json!({"guest": true, "reason": "guest-reset"})));
+                instance.emit(
+                    "SHUTDOWN",
+                    Some(json!({"guest": true, "reason": "guest-reset"})),
+                );
                 break 0;
             }
             event @ (VmEvent::Reset | VmEvent::TripleFault) => {

@@ -13,8 +13,8 @@
 //! holds half an instruction.
 
 use std::cell::Cell;
-use std::sync::mpsc::Sender;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -355,9 +355,7 @@ fn run_loop(vcpu: Arc<Mutex<VcpuFd>>, id: usize, shared: VcpuShared) {
         };
         if let Next::Report(event) = next {
             let event = match event {
-                VmEvent::Fatal(msg) => {
-                    VmEvent::Fatal(describe_failure(&mut fd, id, &msg, &shared))
-                }
+                VmEvent::Fatal(msg) => VmEvent::Fatal(describe_failure(&mut fd, id, &msg, &shared)),
                 other => other,
             };
             drop(fd);
@@ -379,12 +377,17 @@ fn handle_exit(exit: VcpuExit, shared: &VcpuShared) -> Next {
             lock(&shared.machine).pio.read(u64::from(port), data);
             Next::Continue
         }
-        VcpuExit::IoOut(port, data) => request_event(lock(&shared.machine).pio.write(u64::from(port), data), shared),
+        VcpuExit::IoOut(port, data) => request_event(
+            lock(&shared.machine).pio.write(u64::from(port), data),
+            shared,
+        ),
         VcpuExit::MmioRead(addr, data) => {
             lock(&shared.machine).mmio.read(addr, data);
             Next::Continue
         }
-        VcpuExit::MmioWrite(addr, data) => request_event(lock(&shared.machine).mmio.write(addr, data), shared),
+        VcpuExit::MmioWrite(addr, data) => {
+            request_event(lock(&shared.machine).mmio.write(addr, data), shared)
+        }
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Next::Continue,
         VcpuExit::Shutdown => Next::Report(VmEvent::TripleFault),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Next::Report(VmEvent::Reset),
@@ -450,7 +453,11 @@ fn describe_failure(vcpu: &mut VcpuFd, id: usize, what: &str, shared: &VcpuShare
                 .map(|t| t.physical_address)
                 .unwrap_or(linear);
             let mut buf = [0u8; 15];
-            if shared.memory.read_slice(&mut buf, GuestAddress(phys)).is_ok() {
+            if shared
+                .memory
+                .read_slice(&mut buf, GuestAddress(phys))
+                .is_ok()
+            {
                 bytes = buf.to_vec();
             }
         }

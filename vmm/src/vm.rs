@@ -116,10 +116,11 @@ impl SharedWriter {
         Ok(match config {
             SerialConfig::Stdio => Self::new(Box::new(std::io::stdout())),
             SerialConfig::Null => Self::new(Box::new(std::io::sink())),
-            SerialConfig::File(path) => Self::new(Box::new(
-                File::create(path)
-                    .map_err(|e| VmError::SerialFile(path.display().to_string(), e))?,
-            )),
+            SerialConfig::File(path) => {
+                Self::new(Box::new(File::create(path).map_err(|e| {
+                    VmError::SerialFile(path.display().to_string(), e)
+                })?))
+            }
         })
     }
 }
@@ -295,7 +296,6 @@ impl Vm {
         fd.set_gsi_routing(&gsi_routing())
             .map_err(kvm_err("set gsi routing"))?;
 
-
         let irq = |gsi| -> SharedIrq {
             Arc::new(KvmIrq {
                 vm: fd.clone(),
@@ -333,7 +333,7 @@ impl Vm {
         vcpu::install_kick_handler()?;
         slots
             .join()
-            .unwrap_or_else(|_| Err(memory::MemoryError::SlotThread))?;
+            .unwrap_or(Err(memory::MemoryError::SlotThread))?;
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("get supported cpuid"))?;
@@ -402,7 +402,10 @@ impl Vm {
                 kernel_path: &boot.name,
                 image: &boot.image,
                 cmdline: &boot.cmdline,
-                initrd: boot.initrd.as_ref().map(|(d, n)| (d.as_slice(), n.as_str())),
+                initrd: boot
+                    .initrd
+                    .as_ref()
+                    .map(|(d, n)| (d.as_slice(), n.as_str())),
             },
         )
         .map_err(|e| VmError::Load(boot.name.clone(), e))?;

@@ -41,7 +41,13 @@ fn help_explains_every_option() {
     assert_eq!(o.status.code(), Some(0));
     let help = String::from_utf8_lossy(&o.stdout);
     for opt in [
-        "--kernel", "--initrd", "--cmdline", "--memory", "--cpus", "--serial", "--debug-exit",
+        "--kernel",
+        "--initrd",
+        "--cmdline",
+        "--memory",
+        "--cpus",
+        "--serial",
+        "--debug-exit",
         "--no-reboot",
     ] {
         assert!(help.contains(opt), "run --help lacks {opt}");
@@ -58,17 +64,21 @@ fn bad_kernels_are_clear_errors() {
         ("garbage", vec![0x5a; 70_000], "unrecognised kernel image"),
         ("truncated-elf", b"\x7fELF\x02\x01\x01\x00".to_vec(), "elf"),
         // A bzImage header whose payload is missing.
-        ("bzimage", {
-            let mut b = vec![0u8; 0x1000];
-            b[0x1f1] = 1;
-            b[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
-            b[0x201] = 0x6a;
-            b[0x202..0x206].copy_from_slice(b"HdrS");
-            b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
-            b[0x248..0x24c].copy_from_slice(&0x10000u32.to_le_bytes());
-            b[0x24c..0x250].copy_from_slice(&0x10000u32.to_le_bytes());
-            b
-        }, "cannot load kernel"),
+        (
+            "bzimage",
+            {
+                let mut b = vec![0u8; 0x1000];
+                b[0x1f1] = 1;
+                b[0x1fe..0x200].copy_from_slice(&[0x55, 0xaa]);
+                b[0x201] = 0x6a;
+                b[0x202..0x206].copy_from_slice(b"HdrS");
+                b[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+                b[0x248..0x24c].copy_from_slice(&0x10000u32.to_le_bytes());
+                b[0x24c..0x250].copy_from_slice(&0x10000u32.to_le_bytes());
+                b
+            },
+            "cannot load kernel",
+        ),
     ];
     for (name, bytes, expect) in cases {
         let path = dir.join(name);

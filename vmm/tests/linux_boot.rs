@@ -87,7 +87,10 @@ fn boot_until_memory_line(kernel: &Path) -> String {
     );
     // The kernel saw the initrd hopvm placed and the E820 map it wrote.
     let console = log.join("\n");
-    assert!(console.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"), "{console}");
+    assert!(
+        console.contains("BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable"),
+        "{console}"
+    );
     assert!(console.contains("RAMDISK: [mem"), "{console}");
     log.pop().unwrap()
 }

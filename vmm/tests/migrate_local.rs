@@ -27,7 +27,11 @@ fn config(kernel: bool) -> VmConfig {
 
 fn instance(kernel: bool) -> (Arc<Instance>, Capture) {
     let capture = Capture::default();
-    let i = Instance::new(&config(kernel), SharedWriter::new(Box::new(capture.clone()))).unwrap();
+    let i = Instance::new(
+        &config(kernel),
+        SharedWriter::new(Box::new(capture.clone())),
+    )
+    .unwrap();
     (i, capture)
 }
 
@@ -53,7 +57,9 @@ fn migrate_over(uri: &str, xbzrle: bool) -> migration::thread::MigrationInfo {
     });
     dst.incoming(uri).unwrap();
     src.migrate(uri).unwrap();
-    let status = rx.recv_timeout(Duration::from_secs(120)).expect("migration ends");
+    let status = rx
+        .recv_timeout(Duration::from_secs(120))
+        .expect("migration ends");
     let info = src.migration.info();
     assert_eq!(status, MigrationStatus::Completed, "{info:?}");
     assert_eq!(src.runstate(), RunState::Postmigrate);
@@ -68,7 +74,10 @@ fn migrate_over(uri: &str, xbzrle: bool) -> migration::thread::MigrationInfo {
     }
     // The numbers add up.
     assert!(info.transferred >= info.normal_bytes, "{info:?}");
-    assert!(info.duplicate + info.normal >= info.total / 4096, "{info:?}");
+    assert!(
+        info.duplicate + info.normal >= info.total / 4096,
+        "{info:?}"
+    );
     assert_eq!(info.remaining, 0);
     info
 }

@@ -64,11 +64,19 @@ fn migrate(name: &str, transport: Transport, busy: bool, xbzrle: bool) {
     let (uri_out, uri_in, fds) = match transport {
         Transport::Tcp => {
             let port = free_tcp_port();
-            (format!("tcp:127.0.0.1:{port}"), format!("tcp:127.0.0.1:{port}"), None)
+            (
+                format!("tcp:127.0.0.1:{port}"),
+                format!("tcp:127.0.0.1:{port}"),
+                None,
+            )
         }
         Transport::Unix => {
             let p = dir.join("mig.sock");
-            (format!("unix:{}", p.display()), format!("unix:{}", p.display()), None)
+            (
+                format!("unix:{}", p.display()),
+                format!("unix:{}", p.display()),
+                None,
+            )
         }
         Transport::Exec => {
             let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
@@ -92,11 +100,7 @@ fn migrate(name: &str, transport: Transport, busy: bool, xbzrle: bool) {
     let mut src = Hopvm::spawn(&dir.0, "src", &strings(&src_args));
     src.out
         .wait_for(LONG, "the first pass on the source", |t| passes(t) >= 1);
-    let mut dst = Hopvm::spawn(
-        &dir.0,
-        "dst",
-        &["--memory", MEMORY, "--incoming", &uri_in],
-    );
+    let mut dst = Hopvm::spawn(&dir.0, "dst", &["--memory", MEMORY, "--incoming", &uri_in]);
     // The pair's ends now live in the children too; the test's copies can go.
     drop(fds);
     assert_eq!(dst.status(), "inmigrate");
@@ -118,7 +122,10 @@ fn migrate(name: &str, transport: Transport, busy: bool, xbzrle: bool) {
     let ram = &info["ram"];
     let num = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("{info}"));
     assert_eq!(info["status"], "completed", "{info}");
-    assert!(num(&ram["transferred"]) >= num(&ram["normal-bytes"]), "{info}");
+    assert!(
+        num(&ram["transferred"]) >= num(&ram["normal-bytes"]),
+        "{info}"
+    );
     assert!(
         num(&ram["duplicate"]) + num(&ram["normal"]) >= num(&ram["total"]) / 4096,
         "{info}"

@@ -128,7 +128,7 @@ fn destination_killed_mid_stream() {
     // A second attempt starts from scratch and completes: nothing was lost with the first.
     let sock = dir.join("mig2.sock");
     let uri = format!("unix:{}", sock.display());
-    let mut dst = Hopvm::spawn(&dir.0, "dst2", &["--memory", "32M", "--incoming", &uri]);
+    let dst = Hopvm::spawn(&dir.0, "dst2", &["--memory", "32M", "--incoming", &uri]);
     src.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
     src.cmd("migrate", json!({"uri": uri}));
     src.wait_migration("completed", LONG);
@@ -189,16 +189,33 @@ fn truncated_and_corrupted_streams_are_refused() {
     // (what, bytes, memory, must the destination refuse it?)
     let mut variants: Vec<(String, Vec<u8>, &str, bool)> = Vec::new();
     for cut in [0, 4, 8, 9, 30, n / 3, n / 2, n - 200] {
-        variants.push((format!("truncated at {cut}"), stream[..cut].to_vec(), "32M", true));
+        variants.push((
+            format!("truncated at {cut}"),
+            stream[..cut].to_vec(),
+            "32M",
+            true,
+        ));
     }
     // The magic, the version, the first section's header: refused. A byte in the middle may
     // land in a page's data, which is indistinguishable from a guest write: it may load.
-    for (at, must) in [(0, true), (5, true), (8, true), (12, true), (n / 2, false), (n - 300, false)] {
+    for (at, must) in [
+        (0, true),
+        (5, true),
+        (8, true),
+        (12, true),
+        (n / 2, false),
+        (n - 300, false),
+    ] {
         let mut bad = stream.clone();
         bad[at] ^= 0x5a;
         variants.push((format!("byte {at} flipped"), bad, "32M", must));
     }
-    variants.push((String::from("memory size differs"), stream.clone(), "64M", true));
+    variants.push((
+        String::from("memory size differs"),
+        stream.clone(),
+        "64M",
+        true,
+    ));
     for (i, (what, bytes, memory, must_refuse)) in variants.iter().enumerate() {
         let path = dir.join(&format!("bad{i}.img"));
         std::fs::write(&path, bytes).unwrap();
@@ -219,14 +236,20 @@ fn truncated_and_corrupted_streams_are_refused() {
                 child.wait().unwrap();
                 break None;
             }
-            assert!(std::time::Instant::now() < deadline, "{what}: neither failed nor loaded");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: neither failed nor loaded"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         let err = err.text();
         assert!(!err.contains("panicked"), "{what}: {err}");
         match status {
             Some(1) => {
-                assert!(err.contains("hopvm: incoming migration failed: "), "{what}: {err}");
+                assert!(
+                    err.contains("hopvm: incoming migration failed: "),
+                    "{what}: {err}"
+                );
             }
             // The flipped byte was in the dirty guest's working set: it loaded, and the
             // guest's own verification caught it (exit code 1 → status 3).

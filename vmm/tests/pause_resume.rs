@@ -21,7 +21,9 @@ fn guest_keeps_running_across_1000_pause_resume_cycles() {
     config.serial = SerialConfig::Null;
     let vm = Vm::build(&config, SharedWriter::new(Box::new(capture.clone()))).unwrap();
     vm.resume();
-    capture.wait_for(Duration::from_secs(120), "the first pass", |t| passes(t) >= 1);
+    capture.wait_for(Duration::from_secs(120), "the first pass", |t| {
+        passes(t) >= 1
+    });
 
     let mut worst = Duration::ZERO;
     let start = Instant::now();

@@ -17,11 +17,27 @@ fn bad_arguments_exit_2_with_one_line() {
     for args in [
         &["migrate"][..],
         &["migrate", "--qmp", "unix:/nonexistent"],
-        &["migrate", "--qmp", "unix:/x", "--max-bandwidth", "fast", "tcp:h:1"],
+        &[
+            "migrate",
+            "--qmp",
+            "unix:/x",
+            "--max-bandwidth",
+            "fast",
+            "tcp:h:1",
+        ],
         &["migrate", "--qmp", "unix:/x", "--xbzrle=3M", "tcp:h:1"],
         &["migrate", "--qmp", "unix:/x", "--xbzrle", "64M", "tcp:h:1"],
-        &["migrate", "--qmp", "unix:/x", "--report", "t.png", "tcp:h:1"],
-        &["migrate", "--qmp", "unix:/x", "--downtime-limit", "-5", "tcp:h:1"],
+        &[
+            "migrate", "--qmp", "unix:/x", "--report", "t.png", "tcp:h:1",
+        ],
+        &[
+            "migrate",
+            "--qmp",
+            "unix:/x",
+            "--downtime-limit",
+            "-5",
+            "tcp:h:1",
+        ],
         &["demo", "--transport", "carrier-pigeon"],
         &["demo", "--ws", "lots"],
         &["demo", "--memory", "512K"],
@@ -109,7 +125,15 @@ fn impossible_demos_are_refused_before_starting_anything() {
 fn netns_transport_needs_root() {
     // As an unprivileged user (when the test runs as root, it drops to nobody for the demo).
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hopvm"));
-    cmd.args(["demo", "--memory", "64M", "--ws", "1M", "--transport", "netns"]);
+    cmd.args([
+        "demo",
+        "--memory",
+        "64M",
+        "--ws",
+        "1M",
+        "--transport",
+        "netns",
+    ]);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         cmd.uid(65534).gid(65534);

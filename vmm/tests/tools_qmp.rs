@@ -42,7 +42,10 @@ fn one_shot_commands_print_pretty_replies() {
     // key=value arguments are typed as JSON, a JSON object is taken as it is.
     let (status, out, err) = qmp(&vm, &["migrate-set-parameters", "max-bandwidth=1048576"]);
     assert_eq!((status, out.as_str()), (0, "{}\n"), "{err}");
-    let (status, _, err) = qmp(&vm, &["migrate-set-parameters", r#"{"downtime-limit": 300}"#]);
+    let (status, _, err) = qmp(
+        &vm,
+        &["migrate-set-parameters", r#"{"downtime-limit": 300}"#],
+    );
     assert_eq!(status, 0, "{err}");
     let params = vm.cmd("query-migrate-parameters", Value::Null);
     assert_eq!(params["max-bandwidth"], 1048576);

@@ -92,8 +92,8 @@ mod tests {
 
     #[test]
     fn apic_ids_and_topology() {
-        let base = CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(7, 0)])
-            .unwrap();
+        let base =
+            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(7, 0)]).unwrap();
         let opts = CpuidOptions {
             cpus: 4,
             hide_arch_capabilities: true,

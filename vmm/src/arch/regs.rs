@@ -123,7 +123,8 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap, mode: EntryMode) -> Result<(), R
         // PML4[0] → PDPT; PDPT[0..4] → four PDs of 512 2-MiB pages each: 4 GiB identity-mapped.
         let pml4 = GuestAddress(PML4_ADDR);
         let pdpt = pml4.unchecked_add(0x1000);
-        mem.write_obj(pdpt.0 | 0x3, pml4).map_err(RegsError::Write)?;
+        mem.write_obj(pdpt.0 | 0x3, pml4)
+            .map_err(RegsError::Write)?;
         let mut table = vec![0u8; 4 * 4096];
         for (i, chunk) in table.chunks_exact_mut(8).enumerate() {
             let entry = ((i as u64) << 21) | 0x83; // present, writable, 2 MiB page
@@ -241,7 +242,9 @@ mod tests {
         let pdpt: u64 = mem.read_obj(GuestAddress(PML4_ADDR)).unwrap();
         assert_eq!(pdpt & !0xfff, PML4_ADDR + 0x1000);
         let pd3: u64 = mem.read_obj(GuestAddress(PML4_ADDR + 0x1000 + 24)).unwrap();
-        let last: u64 = mem.read_obj(GuestAddress((pd3 & !0xfff) + 511 * 8)).unwrap();
+        let last: u64 = mem
+            .read_obj(GuestAddress((pd3 & !0xfff) + 511 * 8))
+            .unwrap();
         assert_eq!(last & !0xfff, (4 << 30) - (2 << 20));
         let s = entry_sregs(kvm_sregs::default(), EntryMode::Long64);
         assert_eq!(s.cr3, PML4_ADDR);

@@ -138,7 +138,12 @@ impl<'a> Elf<'a> {
             )?;
             let kind = u32_at(ph, 0);
             let (offset, paddr, filesz, memsz) = if is_64 {
-                (u64_at(ph, 8), u64_at(ph, 24), u64_at(ph, 32), u64_at(ph, 40))
+                (
+                    u64_at(ph, 8),
+                    u64_at(ph, 24),
+                    u64_at(ph, 32),
+                    u64_at(ph, 40),
+                )
             } else {
                 (
                     u64::from(u32_at(ph, 4)),
@@ -323,7 +328,10 @@ pub(crate) mod tests {
         let mem = create_guest_memory(&Layout::new(2 << 20)).unwrap();
         mem.write_obj(0xffu8, GuestAddress(0x10_0010)).unwrap();
         elf.load(&mem, 2 << 20).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x10_0000)).unwrap(), 0x0403_0201);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x10_0000)).unwrap(),
+            0x0403_0201
+        );
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0x10_0010)).unwrap(), 0);
         assert!(matches!(
             elf.load(&mem, 0x10_0010),

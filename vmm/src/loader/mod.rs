@@ -149,7 +149,10 @@ mod tests {
     #[test]
     fn unknown_images_are_errors() {
         assert!(matches!(detect(b""), Err(LoaderError::UnknownFormat)));
-        assert!(matches!(detect(&[0u8; 10000]), Err(LoaderError::UnknownFormat)));
+        assert!(matches!(
+            detect(&[0u8; 10000]),
+            Err(LoaderError::UnknownFormat)
+        ));
         assert!(detect(b"\x7fELF\x01\x01").is_err());
         let elf32 = elf::tests::elf32(0x10_0000, &[0; 8], 0, None);
         assert!(matches!(detect(&elf32), Err(LoaderError::UnknownFormat)));

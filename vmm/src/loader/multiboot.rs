@@ -175,7 +175,11 @@ mod tests {
 
     fn header(flags: u32) -> Vec<u8> {
         let mut h = Vec::new();
-        for v in [HEADER_MAGIC, flags, 0u32.wrapping_sub(HEADER_MAGIC).wrapping_sub(flags)] {
+        for v in [
+            HEADER_MAGIC,
+            flags,
+            0u32.wrapping_sub(HEADER_MAGIC).wrapping_sub(flags),
+        ] {
             h.extend_from_slice(&v.to_le_bytes());
         }
         h
@@ -215,7 +219,10 @@ mod tests {
         let start = mem.read_obj::<u32>(m).unwrap();
         let end = mem.read_obj::<u32>(m.unchecked_add(4)).unwrap();
         assert_eq!((end - start, start % 4096), (100, 0));
-        assert_eq!(mem.read_obj::<u8>(GuestAddress(u64::from(start))).unwrap(), 9);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(u64::from(start))).unwrap(),
+            9
+        );
         assert_eq!(read(44), 3 * 24);
     }
 

@@ -48,13 +48,21 @@ pub struct PvhParams<'a> {
     pub module: Option<&'a [u8]>,
 }
 
-fn write<T: vm_memory::ByteValued>(mem: &GuestMemoryMmap, v: T, at: u64) -> Result<(), LoaderError> {
+fn write<T: vm_memory::ByteValued>(
+    mem: &GuestMemoryMmap,
+    v: T,
+    at: u64,
+) -> Result<(), LoaderError> {
     mem.write_obj(v, GuestAddress(at))
         .map_err(|_| LoaderError::NoRoom("the pvh start info"))
 }
 
 /// Loads a PVH kernel and writes its start info; returns the entry state.
-pub fn load(mem: &GuestMemoryMmap, layout: &Layout, p: &PvhParams) -> Result<EntryState, LoaderError> {
+pub fn load(
+    mem: &GuestMemoryMmap,
+    layout: &Layout,
+    p: &PvhParams,
+) -> Result<EntryState, LoaderError> {
     let elf = Elf::parse(p.image)?;
     let entry = entry_point(&elf.notes()).ok_or(LoaderError::UnknownFormat)?;
     elf.load(mem, layout.low_ram_end())?;
@@ -123,7 +131,11 @@ mod tests {
 
     #[test]
     fn pvh_entry_and_start_info() {
-        let n = note(b"Xen", XEN_ELFNOTE_PHYS32_ENTRY, &0x10_0040u32.to_le_bytes());
+        let n = note(
+            b"Xen",
+            XEN_ELFNOTE_PHYS32_ENTRY,
+            &0x10_0040u32.to_le_bytes(),
+        );
         let image = elf32(0x10_0000, &[0x90; 64], 0, Some(&n));
         let layout = Layout::new(32 << 20);
         let mem = create_guest_memory(&layout).unwrap();
@@ -133,7 +145,10 @@ mod tests {
             module: Some(&[5u8; 10]),
         };
         let e = load(&mem, &layout, &p).unwrap();
-        assert_eq!((e.rip, e.rbx, e.mode), (0x10_0040, START_INFO_ADDR, EntryMode::Protected32));
+        assert_eq!(
+            (e.rip, e.rbx, e.mode),
+            (0x10_0040, START_INFO_ADDR, EntryMode::Protected32)
+        );
         let magic: u32 = mem.read_obj(GuestAddress(START_INFO_ADDR)).unwrap();
         assert_eq!(magic, START_INFO_MAGIC);
         let entries: u32 = mem.read_obj(GuestAddress(START_INFO_ADDR + 48)).unwrap();

@@ -165,7 +165,9 @@ impl QmpClient {
         self.send_raw(&format!("{}\n", Value::Object(req)))?;
         let reply = self.read_reply()?;
         if reply.get("id") != Some(&json!(id)) {
-            return Err(QmpClientError::Protocol(format!("reply for another id: {reply}")));
+            return Err(QmpClientError::Protocol(format!(
+                "reply for another id: {reply}"
+            )));
         }
         if let Some(r) = reply.get("return") {
             return Ok(r.clone());

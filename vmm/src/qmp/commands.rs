@@ -137,7 +137,9 @@ impl Commands {
             ));
         }
         if resume {
-            return Err(QmpError::generic("not supported: hopvm has no postcopy to resume"));
+            return Err(QmpError::generic(
+                "not supported: hopvm has no postcopy to resume",
+            ));
         }
         self.instance
             .migrate(uri)
@@ -371,9 +373,8 @@ impl QmpBackend for Commands {
         let inst = &self.instance;
         match command {
             "query-version" => none(args).map(|_| version_info()),
-            "query-commands" => none(args).map(|_| {
-                Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())
-            }),
+            "query-commands" => none(args)
+                .map(|_| Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
             "query-status" => none(args).map(|_| self.query_status()),
             "stop" => none(args).map(|_| {
                 inst.stop();
@@ -409,9 +410,8 @@ impl QmpBackend for Commands {
             "migrate_set_speed" => self.set_speed(args),
             "migrate_set_downtime" => self.set_downtime(args),
             "migrate-set-cache-size" => self.set_cache_size(args),
-            "x-query-migration-timeline" => none(args).map(|_| {
-                serde_json::to_value(inst.migration.timeline()).unwrap_or(Value::Null)
-            }),
+            "x-query-migration-timeline" => none(args)
+                .map(|_| serde_json::to_value(inst.migration.timeline()).unwrap_or(Value::Null)),
             "query-migrate-cache-size" => {
                 none(args).map(|_| json!(lock(&inst.migration.xbzrle).cache_size))
             }
