@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash resources/install-deps.sh
+bash resources/fetch-kernel.sh >/dev/null
 cargo build --workspace --bins
 cargo test --workspace "$@"

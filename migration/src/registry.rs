@@ -265,14 +265,22 @@ impl Registry {
         Ok(out)
     }
 
-    /// Restores what [`save_snapshots`](Self::save_snapshots) returned.
-    pub fn restore_snapshots(&mut self, states: &[Vec<u8>]) -> Result<(), RegistryError> {
+    /// Restores what [`save_snapshots`](Self::save_snapshots) returned, except the sections
+    /// named in `keep`, which stay as they are.
+    pub fn restore_snapshots(
+        &mut self,
+        states: &[Vec<u8>],
+        keep: &[&str],
+    ) -> Result<(), RegistryError> {
         let mut states = states.iter();
         for e in &mut self.entries {
             if let Handler::Snapshot(h) = &mut e.handler {
                 let data = states
                     .next()
                     .ok_or_else(|| RegistryError::Missing(e.idstr.clone()))?;
+                if keep.contains(&e.idstr.as_str()) {
+                    continue;
+                }
                 h.restore(data, e.version)
                     .map_err(|source| RegistryError::Section {
                         idstr: e.idstr.clone(),
@@ -584,9 +592,12 @@ mod tests {
         *blob.lock().unwrap() = vec![7];
         let saved = r.save_snapshots().unwrap();
         *blob.lock().unwrap() = vec![8];
-        r.restore_snapshots(&saved).unwrap();
+        r.restore_snapshots(&saved, &[]).unwrap();
         assert_eq!(*blob.lock().unwrap(), vec![7]);
-        assert!(r.restore_snapshots(&[]).is_err());
+        *blob.lock().unwrap() = vec![9];
+        r.restore_snapshots(&saved, &["blob"]).unwrap();
+        assert_eq!(*blob.lock().unwrap(), vec![9]);
+        assert!(r.restore_snapshots(&[], &[]).is_err());
     }
 
     #[test]

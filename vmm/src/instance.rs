@@ -11,6 +11,8 @@ use migration::registry::Registry;
 use migration::stream::StreamReader;
 use migration::thread::{Migration, MigrationEvent, MigrationHost};
 use migration::transport::{connect_outgoing, listen_incoming, MigrationUri};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::bus::lock;
@@ -20,6 +22,26 @@ use crate::runstate::RunState;
 use crate::sections::{DeviceSection, KvmDirtyLog, KvmVmSection, VcpuSection};
 use crate::vcpu::{Machine, VmEvent};
 use crate::vm::{SharedWriter, Vm, VmError};
+
+/// The RTC's section: CMOS RAM is battery-backed, so a reset keeps it (and the clock), as on
+/// a PC and in QEMU.
+const RTC_SECTION: &str = "mc146818rtc";
+
+/// Registers a device's state as a section of its own.
+fn device<D: Send + 'static, S: Serialize + DeserializeOwned + 'static>(
+    registry: &mut Registry,
+    name: &'static str,
+    dev: &Arc<Mutex<D>>,
+    save: fn(&D) -> S,
+    restore: fn(&mut D, &S),
+) {
+    registry.register(
+        name,
+        0,
+        1,
+        Box::new(DeviceSection::new(name, dev.clone(), save, restore)),
+    );
+}
 
 /// Emits a QMP event: name and optional data.
 pub type EventEmitter = Box<dyn Fn(&str, Option<Value>) + Send + Sync>;
@@ -86,6 +108,22 @@ impl Instance {
             SavedMsrs::probe(vm.kvm(), &vm.fd, &lock(&vcpus[0]))
                 .map_err(|e| VmError::State(e.to_string()))?,
         );
+        // Without these, part of a vCPU's state cannot be read back from KVM: migrating
+        // would silently lose it, so migration is blocked instead.
+        let caps = msrs.caps();
+        for (missing, what) in [
+            (
+                !caps.vcpu_events,
+                "KVM_CAP_VCPU_EVENTS (pending exceptions and interrupts)",
+            ),
+            (caps.adjust_clock == 0, "KVM_CAP_ADJUST_CLOCK (kvmclock)"),
+        ] {
+            if missing {
+                registry.add_blocker(format!(
+                    "this host's kvm lacks {what}: the vm cannot be migrated"
+                ));
+            }
+        }
         for (i, vcpu) in vcpus.into_iter().enumerate() {
             registry.register(
                 "cpu",
@@ -101,49 +139,76 @@ impl Instance {
             Box::new(KvmVmSection::new(vm.fd.clone())),
         );
         let d = &vm.devices;
-        registry.register(
+        use devices::{cmos, fw_cfg, i8042, pc_testdev, pci_host, pm_timer, reset_ports, serial};
+        device(
+            &mut registry,
             "serial",
-            0,
-            1,
-            Box::new(DeviceSection::new(
-                "serial",
-                d.serial.clone(),
-                devices::serial::Serial::state,
-                devices::serial::Serial::restore,
-            )),
+            &d.serial,
+            serial::Serial::state,
+            serial::Serial::restore,
         );
-        registry.register(
+        device(
+            &mut registry,
             "i8042",
-            0,
-            1,
-            Box::new(DeviceSection::new(
-                "i8042",
-                d.i8042.clone(),
-                devices::i8042::I8042::state,
-                devices::i8042::I8042::restore,
-            )),
+            &d.i8042,
+            i8042::I8042::state,
+            i8042::I8042::restore,
         );
-        registry.register(
-            "mc146818rtc",
-            0,
-            1,
-            Box::new(DeviceSection::new(
-                "mc146818rtc",
-                d.cmos.clone(),
-                devices::cmos::Cmos::state,
-                devices::cmos::Cmos::restore,
-            )),
+        device(
+            &mut registry,
+            RTC_SECTION,
+            &d.cmos,
+            cmos::Cmos::state,
+            cmos::Cmos::restore,
         );
-        registry.register(
+        device(
+            &mut registry,
             "pci-host",
-            0,
-            1,
-            Box::new(DeviceSection::new(
-                "pci-host",
-                d.pci_host.clone(),
-                devices::pci_host::PciHost::state,
-                devices::pci_host::PciHost::restore,
-            )),
+            &d.pci_host,
+            pci_host::PciHost::state,
+            pci_host::PciHost::restore,
+        );
+        device(
+            &mut registry,
+            "fw_cfg",
+            &d.fw_cfg,
+            fw_cfg::FwCfg::state,
+            fw_cfg::FwCfg::restore,
+        );
+        device(
+            &mut registry,
+            "pc-testdev",
+            &d.testdev_ports,
+            pc_testdev::PcTestdevPorts::state,
+            pc_testdev::PcTestdevPorts::restore,
+        );
+        device(
+            &mut registry,
+            "pc-testdev-irq",
+            &d.testdev_irq,
+            pc_testdev::PcTestdevIrq::state,
+            pc_testdev::PcTestdevIrq::restore,
+        );
+        device(
+            &mut registry,
+            "pc-testdev-mmio",
+            &d.testdev_mmio,
+            pc_testdev::PcTestdevMmio::state,
+            pc_testdev::PcTestdevMmio::restore,
+        );
+        device(
+            &mut registry,
+            "acpi-pm-timer",
+            &d.pm_timer,
+            pm_timer::PmTimer::state,
+            pm_timer::PmTimer::restore,
+        );
+        device(
+            &mut registry,
+            "port92",
+            &d.port92,
+            reset_ports::Port92::state,
+            reset_ports::Port92::restore,
         );
         // The power-on state of every non-RAM section, taken before any vCPU ran: a reset
         // restores it.
@@ -271,7 +336,7 @@ impl Instance {
         };
         self.vm.clear_memory();
         lock(&self.registry)
-            .restore_snapshots(&self.power_on)
+            .restore_snapshots(&self.power_on, &[RTC_SECTION])
             .map_err(|e| VmError::State(e.to_string()))?;
         self.vm.load_kernel()?;
         self.emit(

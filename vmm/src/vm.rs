@@ -18,6 +18,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VmFd};
 
+use crate::arch::bios;
 use crate::arch::cpuid::{vcpu_cpuid, CpuidOptions};
 use crate::arch::mptable::{self, isa_irq_to_ioapic_pin, IOAPIC_PINS};
 use crate::arch::regs;
@@ -54,6 +55,9 @@ pub enum VmError {
     /// The boot tables could not be written.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    /// The legacy BIOS state could not be set up.
+    #[error(transparent)]
+    Bios(#[from] bios::BiosError),
     /// The MP table could not be written.
     #[error(transparent)]
     MpTable(#[from] mptable::MpTableError),
@@ -76,6 +80,16 @@ pub enum VmError {
 const TSS_ADDR: usize = 0xfffb_d000;
 const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
+/// QEMU's fw_cfg ports (selector, data).
+const FW_CFG_BASE: u64 = 0x510;
+/// pc-testdev: scratch registers and flush-page port.
+const TESTDEV_PORTS: u64 = 0xe0;
+/// pc-testdev: one port per ISA IRQ line.
+const TESTDEV_IRQ_PORTS: u64 = 0x2000;
+/// pc-testdev: the 64 KiB MMIO scratch area.
+const TESTDEV_MMIO: u64 = 0xff00_0000;
+/// The ACPI PM timer (PIIX4's PM block at 0x600, timer at +8), as the FADT says.
+const PM_TIMER_PORT: u64 = 0x608;
 /// The RTC interrupt.
 const RTC_IRQ: u32 = 8;
 /// COM1's port base and IRQ.
@@ -145,6 +159,18 @@ pub struct Devices {
     pub cmos: Arc<Mutex<devices::cmos::Cmos>>,
     /// The PCI configuration ports (and the reset control register).
     pub pci_host: Arc<Mutex<devices::pci_host::PciHost>>,
+    /// QEMU's firmware configuration interface.
+    pub fw_cfg: Arc<Mutex<devices::fw_cfg::FwCfg>>,
+    /// pc-testdev's scratch and flush ports.
+    pub testdev_ports: Arc<Mutex<devices::pc_testdev::PcTestdevPorts>>,
+    /// pc-testdev's IRQ line ports.
+    pub testdev_irq: Arc<Mutex<devices::pc_testdev::PcTestdevIrq>>,
+    /// pc-testdev's MMIO scratch area.
+    pub testdev_mmio: Arc<Mutex<devices::pc_testdev::PcTestdevMmio>>,
+    /// The ACPI PM timer.
+    pub pm_timer: Arc<Mutex<devices::pm_timer::PmTimer>>,
+    /// System control port A (fast reset, A20).
+    pub port92: Arc<Mutex<devices::reset_ports::Port92>>,
 }
 
 /// The kernel and initrd, kept so that a reset can load them again.
@@ -295,6 +321,7 @@ impl Vm {
         .map_err(kvm_err("create pit"))?;
         fd.set_gsi_routing(&gsi_routing())
             .map_err(kvm_err("set gsi routing"))?;
+        bios::program_pic_and_pit(&fd)?;
 
         let irq = |gsi| -> SharedIrq {
             Arc::new(KvmIrq {
@@ -328,7 +355,30 @@ impl Vm {
             u64::from(config.debug_exit.iosize),
             Arc::new(Mutex::new(devices::debug_exit::DebugExit::new())),
         )?;
-        let machine = Arc::new(Mutex::new(Machine::new(pio, Bus::new("mmio"))));
+        let fw_cfg = Arc::new(Mutex::new(devices::fw_cfg::FwCfg::new(
+            config.memory,
+            u16::from(config.cpus),
+            u16::from(config.cpus),
+        )));
+        pio.insert(FW_CFG_BASE, 2, fw_cfg.clone())?;
+        let testdev_ports = Arc::new(Mutex::new(devices::pc_testdev::PcTestdevPorts::new()));
+        pio.insert(TESTDEV_PORTS, 12, testdev_ports.clone())?;
+        let testdev_irq = Arc::new(Mutex::new(devices::pc_testdev::PcTestdevIrq::new(
+            (0..u32::from(IOAPIC_PINS)).map(irq).collect(),
+        )));
+        pio.insert(
+            TESTDEV_IRQ_PORTS,
+            u64::from(IOAPIC_PINS),
+            testdev_irq.clone(),
+        )?;
+        let pm_timer = Arc::new(Mutex::new(devices::pm_timer::PmTimer::new()));
+        pio.insert(PM_TIMER_PORT, 4, pm_timer.clone())?;
+        let port92 = Arc::new(Mutex::new(devices::reset_ports::Port92::new()));
+        pio.insert(0x92, 1, port92.clone())?;
+        let mut mmio = Bus::new("mmio");
+        let testdev_mmio = Arc::new(Mutex::new(devices::pc_testdev::PcTestdevMmio::new()));
+        mmio.insert(TESTDEV_MMIO, 0x1_0000, testdev_mmio.clone())?;
+        let machine = Arc::new(Mutex::new(Machine::new(pio, mmio)));
 
         vcpu::install_kick_handler()?;
         slots
@@ -375,6 +425,12 @@ impl Vm {
                 i8042,
                 cmos,
                 pci_host,
+                fw_cfg,
+                testdev_ports,
+                testdev_irq,
+                testdev_mmio,
+                pm_timer,
+                port92,
             },
             format: boot.as_ref().map(|b| b.format),
             boot,
@@ -411,6 +467,7 @@ impl Vm {
         .map_err(|e| VmError::Load(boot.name.clone(), e))?;
         regs::write_boot_tables(&self.memory, entry.mode)?;
         mptable::write(&self.memory, usize::from(self.cpus))?;
+        bios::write_ivt(&self.memory)?;
         // The boot vCPU starts at the loader's entry; the others stay in KVM's INIT-wait
         // state until the guest sends INIT + SIPI.
         let bsp = self.control.vcpus()[0].clone();

@@ -42,7 +42,7 @@ fn boot_until_memory_line(kernel: &Path) -> String {
     let initrd = initramfs();
     let mut child = Command::new(env!("CARGO_BIN_EXE_hopvm"))
         .args(["run", "--memory", "512M", "--no-reboot", "--cmdline"])
-        .arg("console=ttyS0 panic=-1 nokaslr")
+        .arg("console=ttyS0 earlyprintk=serial,ttyS0,115200 panic=-1 nokaslr")
         .arg("--kernel")
         .arg(kernel)
         .arg("--initrd")

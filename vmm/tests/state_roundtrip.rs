@@ -46,14 +46,15 @@ fn every_section_round_trips() {
     out.wait_for(Duration::from_secs(120), "a first pass", |t| passes(t) >= 1);
     src.stop();
     let saved = src.registry.lock().unwrap().save_snapshots().unwrap();
-    // cpu 0, cpu 1, kvm-vm, serial, i8042, mc146818rtc, pci-host.
-    assert_eq!(saved.len(), 7);
+    // cpu 0, cpu 1, kvm-vm, then the devices.
+    let devices = saved.len() - 3;
+    assert!(devices >= 10, "{devices} device sections");
 
     let (dst, _) = instance(false);
     dst.registry
         .lock()
         .unwrap()
-        .restore_snapshots(&saved)
+        .restore_snapshots(&saved, &[])
         .unwrap();
     let again = dst.registry.lock().unwrap().save_snapshots().unwrap();
 
@@ -76,15 +77,20 @@ fn every_section_round_trips() {
             (y.count, y.latched_count, y.mode, y.bcd, y.gate, y.rw_mode)
         );
     }
-    // Devices: field for field, but for the RTC's "status C computed up to" instant, which is
-    // guest time and moves on between the two saves.
-    for i in 3..7 {
+    // Devices: field for field, but for what the RTC derives from the running clock — its time
+    // registers (0x00–0x09, century 0x32), status C's update flags and the instant they were
+    // computed up to — which move on between the two saves; its clock offset must match.
+    for i in 3..saved.len() {
         let mut a: serde_json::Value = serde_json::from_slice(&saved[i]).unwrap();
         let mut b: serde_json::Value = serde_json::from_slice(&again[i]).unwrap();
         if let (Some(x), Some(y)) = (a.get("flags_ns").cloned(), b.get("flags_ns").cloned()) {
             assert!(y.as_i64() >= x.as_i64(), "rtc time went backwards");
-            a["flags_ns"] = serde_json::Value::Null;
-            b["flags_ns"] = serde_json::Value::Null;
+            for v in [&mut a, &mut b] {
+                v["flags_ns"] = serde_json::Value::Null;
+                for reg in (0x00..=0x0c).chain([0x32]) {
+                    v["data"][reg] = serde_json::Value::Null;
+                }
+            }
         }
         assert_eq!(a, b, "section {i}");
     }

@@ -319,6 +319,14 @@ impl ProgressView {
         }
     }
 
+    /// Prints a message on stderr without disturbing the bar.
+    pub fn note(&self, line: &str) {
+        match self {
+            Self::Bar { bar, .. } => bar.suspend(|| eprintln!("{line}")),
+            _ => eprintln!("{line}"),
+        }
+    }
+
     /// Removes the bar.
     pub fn finish(&self) {
         if let Self::Bar { bar, .. } = self {
@@ -386,7 +394,7 @@ pub fn follow_migration(
         if interrupts > 0 && !cancel_requested {
             cancel_requested = true;
             execute(client, "migrate_cancel", None)?;
-            view.println("hopvm: cancelling the migration (Ctrl-C again to stop waiting)");
+            view.note("hopvm: cancelling the migration (Ctrl-C again to stop waiting)");
         } else if interrupts > 1 {
             view.finish();
             return Err(MigrateError::Abandoned);

@@ -199,6 +199,8 @@ struct Marks<'a> {
     x_max: f64,
     /// Whether the migration completed.
     completed: bool,
+    /// The downtime `query-migrate` reported.
+    downtime_ms: Option<u64>,
 }
 
 /// The label of the pass boundaries `first` to `last`: `3` or `5–8`.
@@ -271,6 +273,7 @@ impl Marks<'_> {
             passes,
             x_max: (last_ms / 1e3).max(0.1),
             completed: data.info["status"] == "completed",
+            downtime_ms: data.info["downtime"].as_u64(),
         }
     }
 
@@ -333,7 +336,10 @@ impl Marks<'_> {
                     DOWNTIME.mix(0.3).filled(),
                 )))
                 .map_err(draw_err)?
-                .label(format!("downtime: {:.0} ms (vCPUs stopped)", end - stop))
+                .label(format!(
+                    "downtime: {} ms (vCPUs stopped)",
+                    self.downtime_ms.unwrap_or((end - stop).round() as u64)
+                ))
                 .legend(|(x, y)| {
                     Rectangle::new([(x, y - 5), (x + 18, y + 5)], DOWNTIME.mix(0.3).filled())
                 });
