@@ -25,6 +25,15 @@ fn pair(dir: &TempDir, ws: &str) -> (Hopvm, Hopvm, String) {
     (src, dst, uri)
 }
 
+/// Waits (polling, with a deadline) until `vm` runs.
+fn wait_running(vm: &mut Hopvm) {
+    let deadline = std::time::Instant::now() + LONG;
+    while vm.status() != "running" {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.err.text());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn migrate(src: &Hopvm, args: &[&str]) -> Tool {
     let spec = format!("unix:{}", src.qmp_path.display());
     let mut all = vec!["migrate", "--qmp", spec.as_str()];
@@ -138,8 +147,9 @@ fn json_prints_the_final_query_migrate() {
         src.cmd("query-migrate-parameters", Value::Null)["max-bandwidth"],
         0
     );
-    // The idle guest printed its line on the source; on the destination it just runs.
-    assert_eq!(dst.status(), "running");
+    // The idle guest printed its line on the source; on the destination it just runs, once
+    // the destination has loaded what the source sent.
+    wait_running(&mut dst);
 }
 
 #[test]
