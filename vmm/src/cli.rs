@@ -166,6 +166,10 @@ pub struct RunArgs {
     /// Number of vCPUs; the first boots, the others wait for INIT/SIPI.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     pub cpus: u8,
+    /// CPU model as QEMU's -cpu: host (all KVM offers), max, qemu64, with ,+feat / ,-feat /
+    /// ,vendor=… (x2apic, pcid, invpcid, tsc-deadline, …).
+    #[arg(long, value_name = "MODEL", default_value = crate::config::DEFAULT_CPU)]
+    pub cpu: String,
     /// Where COM1 goes: stdio (input too, when stdin is a terminal; Ctrl-A x quits), file:PATH or null.
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     pub serial: SerialConfig,
@@ -207,6 +211,7 @@ impl From<RunArgs> for VmConfig {
             cmdline: a.cmdline,
             memory: a.memory,
             cpus: a.cpus,
+            cpu: a.cpu,
             serial: a.serial,
             debug_exit: a.debug_exit,
             no_reboot: a.no_reboot,

@@ -29,6 +29,9 @@ pub const MAX_MEMORY: u64 = 1 << 40;
 /// Default guest RAM size.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 
+/// The default CPU model: everything KVM offers, as QEMU's `-cpu host`.
+pub const DEFAULT_CPU: &str = "host";
+
 /// Where the guest's COM1 output goes.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum SerialConfig {
@@ -176,6 +179,8 @@ pub struct VmConfig {
     pub memory: u64,
     /// Number of vCPUs.
     pub cpus: u8,
+    /// The CPU model, QEMU's `-cpu` syntax (`host`, `max`, `qemu64`, with `,+feat,-feat`).
+    pub cpu: String,
     /// Where COM1 goes.
     pub serial: SerialConfig,
     /// The isa-debug-exit port range.
@@ -200,6 +205,7 @@ impl VmConfig {
             cmdline: String::new(),
             memory: DEFAULT_MEMORY,
             cpus: 1,
+            cpu: String::from(DEFAULT_CPU),
             serial: SerialConfig::Stdio,
             debug_exit: DebugExitConfig::default(),
             no_reboot: false,

@@ -14,6 +14,7 @@ pub mod instance;
 pub mod kvm_state;
 pub mod loader;
 pub mod memory;
+pub mod qemu_cli;
 pub mod qmp;
 pub mod run;
 pub mod runstate;

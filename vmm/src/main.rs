@@ -1,5 +1,17 @@
-//! The `hopvm` binary: see [`vmm::cli`].
+//! The `hopvm` binary: see [`vmm::cli`]. Invoked through a link named `qemu-system-x86_64`
+//! it speaks QEMU's command line instead ([`vmm::qemu_cli`]).
 
 fn main() {
-    std::process::exit(vmm::cli::main_with_args(std::env::args_os()));
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let status = match args.first() {
+        Some(argv0) if vmm::qemu_cli::invoked_as_qemu(argv0) => {
+            let rest: Vec<String> = args[1..]
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            vmm::qemu_cli::main(&rest)
+        }
+        _ => vmm::cli::main_with_args(args),
+    };
+    std::process::exit(status);
 }

@@ -69,9 +69,10 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Forwards terminal input to COM1; Ctrl-A x ends hopvm like QEMU's `-serial mon:stdio`, and
-/// Ctrl-A Ctrl-A sends a literal Ctrl-A.
-fn spawn_input_thread(instance: Arc<Instance>) {
+/// Forwards standard input to COM1 — from a terminal (where Ctrl-A x ends hopvm like QEMU's
+/// `-serial mon:stdio`, and Ctrl-A Ctrl-A sends a literal Ctrl-A) or from a pipe, as test
+/// runners use it (kvm-unit-tests answers "press a key" prompts that way).
+fn spawn_input_thread(instance: Arc<Instance>, terminal: bool) {
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin();
         let mut buf = [0u8; 64];
@@ -82,6 +83,10 @@ fn spawn_input_thread(instance: Arc<Instance>) {
             }
             let mut bytes = Vec::with_capacity(n);
             for &b in &buf[..n] {
+                if !terminal {
+                    bytes.push(b);
+                    continue;
+                }
                 match (escape, b) {
                     (true, b'x') => {
                         let _ = instance.vm.event_sender().send(VmEvent::Quit);
@@ -100,6 +105,13 @@ fn spawn_input_thread(instance: Arc<Instance>) {
     });
 }
 
+/// Sets up logging: `RUST_LOG`-style filter, quiet (errors only) by default.
+pub fn init_logging() {
+    let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error"))
+        .format_timestamp_micros()
+        .try_init();
+}
+
 /// Boots `config` (or waits for its incoming migration) and runs it until it ends; returns
 /// hopvm's exit status.
 pub fn run(config: &VmConfig) -> Result<i32, RunError> {
@@ -109,8 +121,8 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
         _ => None,
     };
     let instance = Instance::new(config, out.clone())?;
-    if terminal.is_some() {
-        spawn_input_thread(instance.clone());
+    if config.serial == SerialConfig::Stdio {
+        spawn_input_thread(instance.clone(), terminal.is_some());
     }
     let _monitor = match &config.qmp {
         Some(spec) => Some(

@@ -1,0 +1,377 @@
+//! A QEMU-compatible command line: `hopvm qemu [QEMU options]`, or hopvm invoked through a link
+//! named `qemu-system-x86_64`.
+//!
+//! It accepts the options kvm-unit-tests' `x86/run` and `scripts/arch-run.bash` pass (and the
+//! probes they make: `-help`'s first line carries the QEMU version, `-device '?'` lists
+//! `"pc-testdev"` and `"pci-testdev"`), so that `QEMU=<link> ./run_tests.sh` runs the suite on
+//! hopvm, migration tests included. An option hopvm does not support is refused on one line
+//! naming it, with exit status 1, rather than silently ignored.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use crate::config::{self, DebugExitConfig, SerialConfig, VmConfig};
+use crate::qmp::protocol::QEMU_COMPAT_VERSION;
+
+/// Errors in a QEMU command line.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QemuCliError {
+    /// An option hopvm does not implement.
+    #[error("unsupported qemu option '{0}'")]
+    Unsupported(String),
+    /// An option hopvm implements, with a value it does not.
+    #[error("unsupported value for '{0}': {1}")]
+    UnsupportedValue(String, String),
+    /// An option without its argument.
+    #[error("option '{0}' needs an argument")]
+    MissingArgument(String),
+    /// A malformed value.
+    #[error("invalid value for '{0}': {1}")]
+    Invalid(String, String),
+    /// No `-kernel` (and no `-incoming`).
+    #[error("no kernel given: use -kernel")]
+    NoKernel,
+}
+
+/// What a QEMU command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuAction {
+    /// Run a VM.
+    Run(Box<VmConfig>),
+    /// Print this text and exit 0 (`-help`, `-version`, `-device ?`).
+    Print(String),
+}
+
+/// The devices `-device ?` lists, as QEMU prints them.
+const DEVICE_LIST: &str = "Misc devices:\n\
+name \"isa-debug-exit\", bus ISA\n\
+name \"pc-testdev\", bus ISA\n\
+name \"pci-testdev\", bus PCI, desc \"PCI Test Device\"\n";
+
+fn version_line() -> String {
+    let v = QEMU_COMPAT_VERSION;
+    format!(
+        "QEMU emulator version {}.{}.{} (hopvm {})",
+        v.major,
+        v.minor,
+        v.micro,
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+fn help_text() -> String {
+    format!(
+        "{}\n\
+usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n\
+-kernel FILE            kernel image (bzImage, vmlinux, Multiboot, PVH)\n\
+-initrd FILE            initrd / Multiboot module 0\n\
+-append STRING          kernel command line\n\
+-m SIZE                 guest RAM (MiB unless suffixed)\n\
+-smp N                  number of vCPUs\n\
+-cpu MODEL[,+feat,...]  qemu64, max, host; +/-x2apic, pcid, invpcid, tsc-deadline, vendor=\n\
+-machine pc,accel=kvm   the only machine\n\
+-enable-kvm, -accel kvm\n\
+-serial stdio|null|file:PATH\n\
+-device pc-testdev | isa-debug-exit[,iobase=,iosize=] | pci-testdev | ? | help\n\
+-qmp unix:PATH[,server,nowait]\n\
+-chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control\n\
+-incoming URI | defer\n\
+-S                      do not start the vCPUs\n\
+-no-reboot              exit instead of rebooting\n\
+-nodefaults -display none -vnc none -nographic -name NAME   accepted\n\
+-global kvm-pit.lost_tick_policy=discard                  accepted\n",
+        version_line()
+    )
+}
+
+/// Splits `key=value,flag,...` into a map; a bare first element is returned separately.
+fn props(s: &str) -> (Option<&str>, HashMap<&str, &str>) {
+    let mut first = None;
+    let mut map = HashMap::new();
+    for (i, part) in s.split(',').enumerate() {
+        match part.split_once('=') {
+            Some((k, v)) => {
+                map.insert(k, v);
+            }
+            None if i == 0 => first = Some(part),
+            None => {
+                map.insert(part, "on");
+            }
+        }
+    }
+    (first, map)
+}
+
+/// Parses QEMU's arguments (without argv[0]).
+pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
+    let mut config = VmConfig::new("");
+    config.kernel = None;
+    let mut chardevs: HashMap<String, String> = HashMap::new();
+    let mut monitors: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(raw) = it.next() {
+        // QEMU accepts -opt and --opt alike.
+        let opt = if raw.starts_with("--") {
+            &raw[1..]
+        } else {
+            raw.as_str()
+        };
+        let mut value = || {
+            it.next()
+                .cloned()
+                .ok_or_else(|| QemuCliError::MissingArgument(opt.to_string()))
+        };
+        let invalid = |v: &str, why: String| QemuCliError::Invalid(format!("{opt} {v}"), why);
+        match opt {
+            "-h" | "-help" => return Ok(QemuAction::Print(help_text())),
+            "-version" => return Ok(QemuAction::Print(format!("{}\n", version_line()))),
+            "-kernel" => config.kernel = Some(PathBuf::from(value()?)),
+            "-initrd" => config.initrd = Some(PathBuf::from(value()?)),
+            "-append" => config.cmdline = value()?,
+            "-m" => {
+                let v = value()?;
+                let (first, p) = props(&v);
+                let size = first.or(p.get("size").copied()).unwrap_or("");
+                config.memory = config::parse_size_with_unit(size, 1 << 20)
+                    .and_then(config::check_memory)
+                    .map_err(|e| invalid(&v, e.to_string()))?;
+            }
+            "-smp" => {
+                let v = value()?;
+                let (first, p) = props(&v);
+                let n = first.or(p.get("cpus").copied()).unwrap_or("1");
+                config.cpus = n
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| invalid(&v, String::from("expected a vCPU count")))?;
+            }
+            "-cpu" => config.cpu = value()?,
+            "-machine" | "-M" => {
+                let v = value()?;
+                let (first, p) = props(&v);
+                if let Some(t) = first.or(p.get("type").copied()) {
+                    if !matches!(t, "pc" | "pc-i440fx" | "none") && !t.starts_with("pc-i440fx-") {
+                        return Err(QemuCliError::UnsupportedValue(opt.into(), t.into()));
+                    }
+                }
+                for (k, val) in p {
+                    match (k, val) {
+                        ("type", _) => {}
+                        ("accel", "kvm") | ("kernel_irqchip", "on") => {}
+                        _ => {
+                            return Err(QemuCliError::UnsupportedValue(
+                                opt.into(),
+                                format!("{k}={val}"),
+                            ))
+                        }
+                    }
+                }
+            }
+            "-enable-kvm" => {}
+            "-accel" => {
+                let v = value()?;
+                if props(&v).0 != Some("kvm") {
+                    return Err(QemuCliError::UnsupportedValue(opt.into(), v));
+                }
+            }
+            "-no-reboot" => config.no_reboot = true,
+            "-nodefaults" | "-nographic" => {}
+            "-S" => config.paused = true,
+            "-name" => {
+                value()?;
+            }
+            "-display" | "-vnc" => {
+                let v = value()?;
+                if v != "none" {
+                    return Err(QemuCliError::UnsupportedValue(opt.into(), v));
+                }
+            }
+            "-global" => {
+                let v = value()?;
+                // KVM's in-kernel PIT already drops ticks a stopped guest missed.
+                if v != "kvm-pit.lost_tick_policy=discard" {
+                    return Err(QemuCliError::UnsupportedValue(opt.into(), v));
+                }
+            }
+            "-serial" => {
+                let v = value()?;
+                config.serial = match v.as_str() {
+                    "none" => SerialConfig::Null,
+                    s => s
+                        .parse()
+                        .map_err(|e: config::ConfigError| invalid(&v, e.to_string()))?,
+                };
+            }
+            "-device" => {
+                let v = value()?;
+                let (first, p) = props(&v);
+                match first.unwrap_or("") {
+                    "?" | "help" => return Ok(QemuAction::Print(DEVICE_LIST.to_string())),
+                    // Always present in hopvm; pci-testdev is accepted but not emulated
+                    // (hopvm has no PCI bus), as if the slot were empty.
+                    "pc-testdev" | "pci-testdev" => {}
+                    "isa-debug-exit" => {
+                        let mut spec = Vec::new();
+                        for k in ["iobase", "iosize"] {
+                            if let Some(val) = p.get(k) {
+                                spec.push(format!("{k}={val}"));
+                            }
+                        }
+                        config.debug_exit = spec
+                            .join(",")
+                            .parse::<DebugExitConfig>()
+                            .map_err(|e| invalid(&v, e.to_string()))?;
+                    }
+                    other => return Err(QemuCliError::UnsupportedValue(opt.into(), other.into())),
+                }
+            }
+            "-qmp" => {
+                let v = value()?;
+                config.qmp = Some(v);
+            }
+            "-chardev" => {
+                let v = value()?;
+                let (backend, p) = props(&v);
+                match (backend, p.get("id"), p.get("path")) {
+                    (Some("socket"), Some(id), Some(path)) => {
+                        let mut spec = format!("unix:{path}");
+                        if p.get("server").is_some_and(|s| *s != "off") {
+                            spec.push_str(",server=on");
+                        }
+                        chardevs.insert((*id).to_string(), spec);
+                    }
+                    _ => return Err(QemuCliError::UnsupportedValue(opt.into(), v)),
+                }
+            }
+            "-mon" => {
+                let v = value()?;
+                let (_, p) = props(&v);
+                match (p.get("chardev"), p.get("mode")) {
+                    (Some(id), Some(&"control")) => monitors.push((*id).to_string()),
+                    _ => return Err(QemuCliError::UnsupportedValue(opt.into(), v)),
+                }
+            }
+            "-incoming" => config.incoming = Some(value()?),
+            other => return Err(QemuCliError::Unsupported(other.to_string())),
+        }
+    }
+    for id in monitors {
+        let spec = chardevs.get(&id).ok_or_else(|| {
+            QemuCliError::Invalid(String::from("-mon"), format!("no chardev {id}"))
+        })?;
+        config.qmp = Some(spec.clone());
+    }
+    if config.kernel.is_none() && config.incoming.is_none() {
+        return Err(QemuCliError::NoKernel);
+    }
+    Ok(QemuAction::Run(Box::new(config)))
+}
+
+/// Runs hopvm with QEMU's arguments (without argv[0]); returns the process exit status.
+pub fn main(args: &[String]) -> i32 {
+    match parse(args) {
+        Ok(QemuAction::Print(text)) => {
+            print!("{text}");
+            0
+        }
+        Ok(QemuAction::Run(config)) => {
+            crate::run::init_logging();
+            match crate::run::run(&config) {
+                Ok(status) => status,
+                Err(e) => {
+                    eprintln!("hopvm: {e}");
+                    crate::run::EXIT_ERROR
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("hopvm: {e}");
+            crate::run::EXIT_ERROR
+        }
+    }
+}
+
+/// True when hopvm was invoked through a link named like a QEMU binary.
+pub fn invoked_as_qemu(argv0: &std::ffi::OsStr) -> bool {
+    std::path::Path::new(argv0)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("qemu-system-") || n == "qemu-kvm")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    fn run(s: &str) -> VmConfig {
+        match parse(&args(s)).unwrap() {
+            QemuAction::Run(c) => *c,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn kvm_unit_tests_command_line() {
+        let c = run(
+            "--no-reboot -nodefaults -global kvm-pit.lost_tick_policy=discard \
+                     -device pc-testdev -device isa-debug-exit,iobase=0xf4,iosize=0x4 \
+                     -device pci-testdev -display none -vnc none -serial stdio \
+                     -machine accel=kvm -kernel x86/apic.flat -smp 2 -m 64 \
+                     -cpu qemu64,+x2apic,+tsc-deadline -append a -initrd env",
+        );
+        assert_eq!(c.kernel, Some(PathBuf::from("x86/apic.flat")));
+        assert_eq!((c.cpus, c.memory), (2, 64 << 20));
+        assert_eq!(c.cpu, "qemu64,+x2apic,+tsc-deadline");
+        assert_eq!(c.cmdline, "a");
+        assert!(c.no_reboot);
+        assert_eq!(c.debug_exit, DebugExitConfig::default());
+        assert_eq!(c.initrd, Some(PathBuf::from("env")));
+    }
+
+    #[test]
+    fn migration_and_monitor_options() {
+        let c = run(
+            "-kernel k -chardev socket,id=mon1,path=/tmp/q,server=on,wait=off \
+                     -mon chardev=mon1,mode=control -incoming unix:/tmp/m -S",
+        );
+        assert_eq!(c.qmp.as_deref(), Some("unix:/tmp/q,server=on"));
+        assert_eq!(c.incoming.as_deref(), Some("unix:/tmp/m"));
+        assert!(c.paused);
+        let c = run("-incoming defer -qmp unix:/tmp/q,server,nowait");
+        assert_eq!(c.kernel, None);
+        assert_eq!(c.qmp.as_deref(), Some("unix:/tmp/q,server,nowait"));
+    }
+
+    #[test]
+    fn probes_and_errors() {
+        match parse(&args("-device ?")).unwrap() {
+            QemuAction::Print(t) => {
+                assert!(t.contains("\"pc-testdev\"") && t.contains("\"pci-testdev\""))
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&args("-help")).unwrap() {
+            QemuAction::Print(t) => assert!(t.starts_with("QEMU emulator version 7.2.")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse(&args("-kernel k -usb")),
+            Err(QemuCliError::Unsupported(String::from("-usb")))
+        );
+        assert!(parse(&args("-kernel k -machine q35")).is_err());
+        assert!(parse(&args("-kernel k -machine accel=tcg")).is_err());
+        assert!(parse(&args("-kernel k -m lots")).is_err());
+        assert!(parse(&args("-kernel k -smp 0")).is_err());
+        assert!(parse(&args("-kernel")).is_err());
+        assert_eq!(parse(&args("-m 64")), Err(QemuCliError::NoKernel));
+        assert!(invoked_as_qemu(std::ffi::OsStr::new(
+            "/usr/bin/qemu-system-x86_64"
+        )));
+        assert!(!invoked_as_qemu(std::ffi::OsStr::new("hopvm")));
+    }
+}
