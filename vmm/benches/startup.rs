@@ -58,6 +58,7 @@ fn first_byte_latency(image: &std::path::Path) -> Duration {
     let mut child = hopvm()
         .args(["run", "--serial", "stdio", "--kernel"])
         .arg(image)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .expect("hopvm starts");
@@ -112,6 +113,7 @@ fn main() {
     let mut child = hopvm()
         .args(["run", "--memory", "256M", "--cmdline", "ws=4", "--kernel"])
         .arg(guest_tests::image_path("dirty"))
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .expect("hopvm starts");

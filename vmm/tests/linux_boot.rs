@@ -47,6 +47,7 @@ fn boot_until_memory_line(kernel: &Path) -> String {
         .arg(kernel)
         .arg("--initrd")
         .arg(&initrd)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
