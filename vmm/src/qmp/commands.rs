@@ -151,6 +151,11 @@ impl Commands {
         let mut a = Args::new(args);
         let uri = a.required_str("uri")?;
         a.finish()?;
+        if self.instance.incoming_status().is_some() {
+            return Err(QmpError::generic(
+                "The incoming migration has already been started",
+            ));
+        }
         if !self.instance.incoming_deferred() {
             return Err(QmpError::generic(
                 "'-incoming' was not specified on the command line",

@@ -673,7 +673,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    pub(super) fn sample() -> ReportData {
+    fn sample() -> ReportData {
         let mut slots = Vec::new();
         let mut pending = 40.0 * MIB;
         for i in 1..=30u64 {
@@ -753,15 +753,5 @@ mod tests {
         )
         .unwrap();
         assert!(render_svg(&data).unwrap().contains("failed"));
-    }
-}
-#[cfg(test)]
-#[test]
-fn dump_sample_tmp() {
-    use tests::sample as tests_sample;
-    std::fs::write("/tmp/sample.svg", render_svg(&tests_sample()).unwrap()).unwrap();
-    if let Ok(t) = std::fs::read_to_string("/tmp/d4.json") {
-        let d: ReportData = serde_json::from_str(&t).unwrap();
-        std::fs::write("/tmp/d4r.svg", render_svg(&d).unwrap()).unwrap();
     }
 }
