@@ -342,9 +342,19 @@ impl RamSection {
                 }
             }
         }
-        .map_err(|e| SectionError::Io(std::io::Error::other(e)))? as u64;
+        .map_err(format_err)? as u64;
         c.transferred.fetch_add(written, Ordering::Relaxed);
         Ok(written)
+    }
+
+    /// Ends a chunk of the section with EOS.
+    fn end_chunk(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+        let n = self.writer.eos(out).map_err(format_err)?;
+        self.counters
+            .transferred
+            .fetch_add(n as u64, Ordering::Relaxed);
+        self.update_remaining();
+        Ok(())
     }
 
     /// The next dirty page in block order, starting where the last search ended.
@@ -409,6 +419,11 @@ impl RamSection {
     }
 }
 
+/// A record could not be written.
+fn format_err(e: crate::ram_format::RamFormatError) -> SectionError {
+    SectionError::Io(std::io::Error::other(e))
+}
+
 fn invalid(reason: String) -> SectionError {
     SectionError::Invalid {
         section: String::from("ram"),
@@ -464,7 +479,7 @@ impl LiveSection for RamSection {
             .writer
             .mem_size(out, &blocks)
             .and_then(|n| Ok(n + self.writer.eos(out)?))
-            .map_err(|e| SectionError::Io(std::io::Error::other(e)))?;
+            .map_err(format_err)?;
         c.transferred.fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -505,14 +520,7 @@ impl LiveSection for RamSection {
                 }
             }
         };
-        let n = self
-            .writer
-            .eos(out)
-            .map_err(|e| SectionError::Io(std::io::Error::other(e)))?;
-        self.counters
-            .transferred
-            .fetch_add(n as u64, Ordering::Relaxed);
-        self.update_remaining();
+        self.end_chunk(out)?;
         Ok(done)
     }
 
@@ -521,14 +529,7 @@ impl LiveSection for RamSection {
         while let Some((block, page)) = self.next_dirty() {
             self.send_page(out, block, page, true)?;
         }
-        let n = self
-            .writer
-            .eos(out)
-            .map_err(|e| SectionError::Io(std::io::Error::other(e)))?;
-        self.counters
-            .transferred
-            .fetch_add(n as u64, Ordering::Relaxed);
-        self.update_remaining();
+        self.end_chunk(out)?;
         self.stop_logging();
         Ok(())
     }

@@ -73,13 +73,12 @@ struct Entry {
     handler: Handler,
 }
 
-impl Entry {
-    fn err(&self, source: SectionError) -> RegistryError {
-        RegistryError::Section {
-            idstr: self.idstr.clone(),
-            instance: self.instance,
-            source,
-        }
+/// Wraps a section's error with the section's name.
+fn section_err(idstr: &str, instance: u32) -> impl FnOnce(SectionError) -> RegistryError + '_ {
+    move |source| RegistryError::Section {
+        idstr: idstr.to_string(),
+        instance,
+        source,
     }
 }
 
@@ -167,11 +166,7 @@ impl Registry {
             if let Handler::Live(h) = &mut e.handler {
                 w.section_start(e.section_id, &e.idstr, e.instance, e.version)?;
                 let result = h.begin(w);
-                result.map_err(|source| RegistryError::Section {
-                    idstr: e.idstr.clone(),
-                    instance: e.instance,
-                    source,
-                })?;
+                result.map_err(section_err(&e.idstr, e.instance))?;
                 w.footer(e.section_id)?;
             }
         }
@@ -192,13 +187,7 @@ impl Registry {
         let mut all_done = true;
         for (id, h, idstr, instance) in self.live() {
             w.section_part(id)?;
-            let done = h
-                .iterate(w, budget)
-                .map_err(|source| RegistryError::Section {
-                    idstr: idstr.to_string(),
-                    instance,
-                    source,
-                })?;
+            let done = h.iterate(w, budget).map_err(section_err(idstr, instance))?;
             w.footer(id)?;
             all_done &= done;
         }
@@ -213,19 +202,11 @@ impl Registry {
                 Handler::Live(h) => {
                     w.section_end(e.section_id)?;
                     let result = h.complete(w);
-                    result.map_err(|source| RegistryError::Section {
-                        idstr: e.idstr.clone(),
-                        instance: e.instance,
-                        source,
-                    })?;
+                    result.map_err(section_err(&e.idstr, e.instance))?;
                     w.footer(e.section_id)?;
                 }
                 Handler::Snapshot(h) => {
-                    let data = h.save().map_err(|source| RegistryError::Section {
-                        idstr: e.idstr.clone(),
-                        instance: e.instance,
-                        source,
-                    })?;
+                    let data = h.save().map_err(section_err(&e.idstr, e.instance))?;
                     w.section_full(e.section_id, &e.idstr, e.instance, e.version, &data)?;
                 }
             }
@@ -254,11 +235,7 @@ impl Registry {
         let mut out = Vec::new();
         for e in &mut self.entries {
             if let Handler::Snapshot(h) = &mut e.handler {
-                let data = h.save().map_err(|source| RegistryError::Section {
-                    idstr: e.idstr.clone(),
-                    instance: e.instance,
-                    source,
-                })?;
+                let data = h.save().map_err(section_err(&e.idstr, e.instance))?;
                 out.push(data);
             }
         }
@@ -282,11 +259,7 @@ impl Registry {
                     continue;
                 }
                 h.restore(data, e.version)
-                    .map_err(|source| RegistryError::Section {
-                        idstr: e.idstr.clone(),
-                        instance: e.instance,
-                        source,
-                    })?;
+                    .map_err(section_err(&e.idstr, e.instance))?;
             }
         }
         Ok(())
@@ -332,7 +305,7 @@ impl Registry {
             }
             _ => return Err(RegistryError::WrongKind(idstr)),
         };
-        result.map_err(|source| entry.err(source))?;
+        result.map_err(section_err(&entry.idstr, entry.instance))?;
         r.expect_footer(id)?;
         Ok(())
     }
@@ -387,7 +360,7 @@ impl Registry {
                     let entry = &mut self.entries[index];
                     if let Handler::Live(h) = &mut entry.handler {
                         let result = h.load(r, version);
-                        result.map_err(|source| entry.err(source))?;
+                        result.map_err(section_err(&entry.idstr, entry.instance))?;
                     }
                     r.expect_footer(id)?;
                 }

@@ -5,39 +5,19 @@
 //! Run with `cargo bench -p vmm --bench migration`. Both VMs live in this process (the
 //! transport is a real TCP connection over loopback).
 
-use std::io::Write;
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::Capture;
 
 use migration::thread::{MigrationEvent, MigrationStatus};
 use vmm::config::{SerialConfig, VmConfig};
 use vmm::instance::Instance;
 use vmm::vm::SharedWriter;
-
-/// Serial output, with a condition variable to wait on.
-#[derive(Clone, Default)]
-struct Capture(Arc<(Mutex<Vec<u8>>, Condvar)>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 .0.lock().unwrap().extend_from_slice(buf);
-        self.0 .1.notify_all();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Capture {
-    fn wait_for(&self, pred: impl Fn(&str) -> bool) {
-        let mut out = self.0 .0.lock().unwrap();
-        while !pred(&String::from_utf8_lossy(&out)) {
-            out = self.0 .1.wait(out).unwrap();
-        }
-    }
-}
 
 fn instance(image: &str, kernel: bool, cmdline: &str) -> (Arc<Instance>, Capture) {
     let mut c = VmConfig::new(guest_tests::image_path(image));
@@ -57,7 +37,9 @@ fn run(label: &str, image: &str, cmdline: &str, ready: &str, port: u16) {
     let (dst, _) = instance(image, false, cmdline);
     src.cont().unwrap();
     // Idle: the guest has booted. Busy: the working set has been written and verified once.
-    out.wait_for(|t| t.lines().any(|l| l.starts_with(ready)));
+    out.wait_for(Duration::from_secs(600), ready, |t| {
+        t.lines().any(|l| l.starts_with(ready))
+    });
     src.migration.set_max_bandwidth(0);
     src.migration.set_downtime_limit_ms(30);
     let (tx, rx) = mpsc::channel();
