@@ -14,14 +14,14 @@ use devices::{IrqLine, SharedIrq};
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
     kvm_pit_config, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 
-use crate::arch::bios;
 use crate::arch::cpuid::{vcpu_cpuid, CpuidOptions};
 use crate::arch::mptable::{self, isa_irq_to_ioapic_pin, IOAPIC_PINS};
 use crate::arch::regs;
+use crate::arch::{acpi, bios, cpu_model};
 use crate::bus::{lock, Bus, Sink};
 use crate::config::VmConfig;
 use crate::loader::{self, BootRequest, KernelFormat};
@@ -55,6 +55,12 @@ pub enum VmError {
     /// The boot tables could not be written.
     #[error(transparent)]
     Regs(#[from] regs::RegsError),
+    /// The CPU model is invalid or this host cannot provide it.
+    #[error("cpu model: {0}")]
+    CpuModel(#[from] cpu_model::CpuModelError),
+    /// The ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// The legacy BIOS state could not be set up.
     #[error(transparent)]
     Bios(#[from] bios::BiosError),
@@ -277,7 +283,8 @@ fn host_memory() -> u64 {
 impl Vm {
     /// Builds a VM for `config`, writing COM1 to `serial_out`. The vCPUs start paused.
     pub fn build(config: &VmConfig, serial_out: SharedWriter) -> Result<Self, VmError> {
-        // Read and check the image before touching KVM.
+        // Read and check the image and the CPU model before touching KVM.
+        let cpu_model: cpu_model::CpuModel = config.cpu.parse()?;
         let boot = match &config.kernel {
             Some(path) => Some(BootImage::read(path, config)?),
             None => None,
@@ -384,10 +391,8 @@ impl Vm {
         slots
             .join()
             .unwrap_or(Err(memory::MemoryError::SlotThread))?;
-        let supported = kvm
-            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-            .map_err(kvm_err("get supported cpuid"))?;
-        let opts = CpuidOptions {
+        let base_cpuid = cpu_model.apply(&cpu_model::supported_cpuid(&kvm)?)?;
+        let mut opts = CpuidOptions {
             cpus: config.cpus,
             hide_arch_capabilities: false,
         };
@@ -403,7 +408,13 @@ impl Vm {
             let vcpu = fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create vcpu"))?;
-            vcpu.set_cpuid2(&vcpu_cpuid(&supported, id, &opts))
+            if id == 0 {
+                // Advertising IA32_ARCH_CAPABILITIES when KVM refuses the host's value for it
+                // is what makes QEMU's `-cpu host` abort on some hosts: probe, and hide it.
+                opts.hide_arch_capabilities =
+                    cpu_model::must_hide_arch_capabilities(&kvm, &vcpu, &base_cpuid);
+            }
+            vcpu.set_cpuid2(&vcpu_cpuid(&base_cpuid, id, &opts))
                 .map_err(kvm_err("set cpuid"))?;
             let msrs = regs::boot_msrs();
             let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set msrs"))?;
@@ -467,6 +478,7 @@ impl Vm {
         .map_err(|e| VmError::Load(boot.name.clone(), e))?;
         regs::write_boot_tables(&self.memory, entry.mode)?;
         mptable::write(&self.memory, usize::from(self.cpus))?;
+        acpi::write(&self.memory, self.cpus)?;
         bios::write_ivt(&self.memory)?;
         // The boot vCPU starts at the loader's entry; the others stay in KVM's INIT-wait
         // state until the guest sends INIT + SIPI.

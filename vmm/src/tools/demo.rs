@@ -315,7 +315,15 @@ impl Vm {
         netns: Option<&str>,
         args: &[String],
     ) -> Result<Self, DemoError> {
-        let exe = std::env::current_exe().map_err(io_err("finding the hopvm executable"))?;
+        // This very executable, through /proc, so that the VMs run the demo's own binary even
+        // if a rebuild has replaced the file meanwhile (`ip netns exec` needs a path that is
+        // valid in its own process too, hence the pid rather than `self`).
+        let exe = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
+        let exe = if exe.exists() {
+            exe
+        } else {
+            std::env::current_exe().map_err(io_err("finding the hopvm executable"))?
+        };
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");

@@ -282,7 +282,7 @@ impl ProgressView {
                     *spinning = false;
                     bar.set_style(
                         ProgressStyle::with_template(
-                            "{spinner:.green} {prefix:>7} [{bar:30.cyan/blue}] {percent:>3}% {msg}",
+                            "{spinner:.green} {prefix:>7} [{bar:30.cyan/blue}] {percent:>3}% {wide_msg}",
                         )
                         .expect("the template is valid")
                         .progress_chars("=> ")

@@ -401,7 +401,8 @@ fn interactive_shell(path: &Path) -> Result<(), QmpShellError> {
     let mut conn = ShellConnection::open(
         path,
         Box::new(move |line| {
-            let _ = printer.print(line);
+            // Outside the prompt rustyline writes the text as it is: end the line.
+            let _ = printer.print(format!("{line}\n"));
         }),
     )?;
     let version = &conn.greeting["QMP"]["version"];

@@ -1,0 +1,1509 @@
+//! QEMU-style CPU models: the `-cpu MODEL[,+feat|-feat|feat=on|off|vendor=STR…]` option.
+//!
+//! # Why
+//!
+//! kvm-unit-tests' `unittests.cfg` picks a CPU per test — `qemu64,+x2apic,+tsc-deadline` for
+//! the APIC tests, `qemu64,-pcid,-invpcid` to check that PCID is really off, `max,+vmx` for
+//! nested VMX, `max,vendor=GenuineIntel` for the MSR test, `kvm64,+rdtscp` — and expects the
+//! guest to see exactly that: a feature that is asked off must be off even though KVM could
+//! offer it. So a model is a transformation of KVM's supported CPUID, the way QEMU's
+//! `target/i386/cpu.c` and `target/i386/kvm/kvm-cpu.c` build it under KVM.
+//!
+//! # Models
+//!
+//! * `host` and `max`: everything KVM offers (QEMU's `max` under KVM *is* `host`): KVM's
+//!   supported CPUID with the host's vendor, family/model/stepping and brand string.
+//! * `qemu64` (QEMU's default) and `kvm64`: the model's feature words (leaf 1 ECX/EDX, 6 EAX,
+//!   7.0 EBX/ECX/EDX, 0xD.1 EAX, 0x8000_0001 ECX/EDX, 0x8000_0007 EDX, 0x8000_0008 EBX) replace
+//!   KVM's, leaves 7.1+ are cleared, the basic and extended levels are the model's (0xD and
+//!   0x8000_000A for `qemu64`, 0xD and 0x8000_0008 for `kvm64`) and higher leaves are
+//!   dropped, family/model/stepping are the model's (15/107/1 and 15/6/1) and so is the brand
+//!   string ("QEMU Virtual CPU version 2.5+", "Common KVM processor"). The feature words are
+//!   QEMU's definitions with QEMU's KVM defaults (`kvm_default_props`) applied: `x2apic` on,
+//!   `svm` and `monitor` off. Like QEMU under KVM (`host_cpu_instance_init`), the *vendor* is
+//!   the host's: QEMU's model table says AuthenticAMD for `qemu64`, but with KVM that is
+//!   overridden, and only an explicit `vendor=` changes it.
+//!
+//! Everything else — cache leaves 2, 4 and 0x8000_0005/6, the topology leaf 0xB, the address
+//! sizes in 0x8000_0008 EAX (always the host's, as QEMU's `host-phys-bits=on`), KVM's
+//! paravirtual leaves 0x4000_0000+ — stays as KVM reports it. The hypervisor bit is always
+//! set, as QEMU does.
+//!
+//! # Options
+//!
+//! Applied in QEMU's order: the model, then `feat=on|off` options in order, then every
+//! `+feat`, then every `-feat` (so `-feat` wins). A feature KVM does not support is left off
+//! with QEMU's warning ("host doesn't support requested feature"), or is an error with
+//! `enforce`. Unknown models, features and options are errors naming them. Recognised too:
+//! `vendor=` (12 characters), `model-id=`, `family=`, `model=`, `stepping=`, `enforce`, and,
+//! accepted for compatibility with no effect, `check`, `migratable` and `host-phys-bits`.
+//! Feature names are QEMU's, with `_` read as `-` and QEMU's aliases (`sse4_1`, `sse3`…).
+//!
+//! # IA32_ARCH_CAPABILITIES
+//!
+//! KVM advertises ARCH_CAPABILITIES (leaf 7 EDX bit 29) because it emulates the MSR, but a
+//! guest shown the bit reads MSR 0x10a, and QEMU writes the host's value there when it
+//! creates the vCPU. Some hosts (nested KVM among them) advertise the bit and list the MSR yet
+//! refuse that write; QEMU then aborts (`kvm_buf_set_msrs` assertion) with `-cpu host`. QEMU
+//! already hides the bit when MSR 0x10a is missing from `KVM_GET_MSR_INDEX_LIST` (for Linux
+//! 4.17–4.20 on AMD); [`supported_cpuid`] does the same, and [`must_hide_arch_capabilities`]
+//! tries QEMU's write on a vCPU so the VM can hide the bit instead of failing
+//! (`CpuidOptions::hide_arch_capabilities` in [`cpuid`](super::cpuid)).
+
+use std::fmt;
+use std::str::FromStr;
+
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_msr_entry, CpuId, Msrs, KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+    KVM_MAX_CPUID_ENTRIES,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd};
+
+/// Errors parsing or applying a CPU model.
+#[derive(Debug, thiserror::Error)]
+pub enum CpuModelError {
+    /// No model name.
+    #[error("empty cpu model")]
+    Empty,
+    /// The model is not one hopvm knows.
+    #[error("unknown cpu model: {0}")]
+    UnknownModel(String),
+    /// A `+feat`, `-feat` or `feat=` names no known feature or option.
+    #[error("unknown cpu feature: {0}")]
+    UnknownFeature(String),
+    /// An option's value is malformed or out of range.
+    #[error("invalid value for {0}: {1}")]
+    InvalidValue(String, String),
+    /// With `enforce`: a requested feature that KVM does not support.
+    #[error("host does not support cpu feature: {0}")]
+    Unsupported(String),
+    /// The resulting table has more entries than KVM takes.
+    #[error("too many cpuid entries")]
+    TooManyEntries,
+    /// KVM's supported CPUID could not be read.
+    #[error("cannot get kvm's supported cpuid: {0}")]
+    Kvm(#[source] kvm_ioctls::Error),
+}
+
+/// The IA32_ARCH_CAPABILITIES MSR.
+pub const MSR_IA32_ARCH_CAPABILITIES: u32 = 0x10a;
+
+/// A CPUID output register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reg {
+    Eax,
+    Ebx,
+    Ecx,
+    Edx,
+}
+
+impl Reg {
+    fn name(self) -> &'static str {
+        match self {
+            Reg::Eax => "EAX",
+            Reg::Ebx => "EBX",
+            Reg::Ecx => "ECX",
+            Reg::Edx => "EDX",
+        }
+    }
+
+    fn get(self, e: &kvm_cpuid_entry2) -> u32 {
+        match self {
+            Reg::Eax => e.eax,
+            Reg::Ebx => e.ebx,
+            Reg::Ecx => e.ecx,
+            Reg::Edx => e.edx,
+        }
+    }
+
+    fn get_mut(self, e: &mut kvm_cpuid_entry2) -> &mut u32 {
+        match self {
+            Reg::Eax => &mut e.eax,
+            Reg::Ebx => &mut e.ebx,
+            Reg::Ecx => &mut e.ecx,
+            Reg::Edx => &mut e.edx,
+        }
+    }
+}
+
+/// One feature register: (leaf, subleaf, register).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Word {
+    leaf: u32,
+    sub: u32,
+    reg: Reg,
+}
+
+const fn word(leaf: u32, sub: u32, reg: Reg) -> Word {
+    Word { leaf, sub, reg }
+}
+
+const L1_ECX: Word = word(1, 0, Reg::Ecx);
+const L1_EDX: Word = word(1, 0, Reg::Edx);
+const L6_EAX: Word = word(6, 0, Reg::Eax);
+const L7_EBX: Word = word(7, 0, Reg::Ebx);
+const L7_ECX: Word = word(7, 0, Reg::Ecx);
+const L7_EDX: Word = word(7, 0, Reg::Edx);
+const L7_1_EAX: Word = word(7, 1, Reg::Eax);
+const LD_1_EAX: Word = word(0xd, 1, Reg::Eax);
+const E1_ECX: Word = word(0x8000_0001, 0, Reg::Ecx);
+const E1_EDX: Word = word(0x8000_0001, 0, Reg::Edx);
+const E7_EDX: Word = word(0x8000_0007, 0, Reg::Edx);
+const E8_EBX: Word = word(0x8000_0008, 0, Reg::Ebx);
+const KVM_EAX: Word = word(0x4000_0001, 0, Reg::Eax);
+
+/// The words a named model defines; KVM's values for them are replaced.
+const MODEL_WORDS: [Word; 11] = [
+    L1_ECX, L1_EDX, L6_EAX, L7_EBX, L7_ECX, L7_EDX, LD_1_EAX, E1_ECX, E1_EDX, E7_EDX, E8_EBX,
+];
+
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+const LEAF7_EDX_ARCH_CAPABILITIES: u32 = 1 << 29;
+/// Leaf 1 EDX bits that AMD CPUs mirror in leaf 0x8000_0001 EDX (QEMU's
+/// `CPUID_EXT2_AMD_ALIASES`).
+const AMD_ALIASES: u32 = 0x0183_f3ff;
+const VENDOR_AMD: &[u8; 12] = b"AuthenticAMD";
+
+/// A named CPU feature: `mask` in `word`.
+#[derive(Debug)]
+struct Feature {
+    name: &'static str,
+    word: Word,
+    mask: u32,
+}
+
+const fn feat(name: &'static str, word: Word, bit: u32) -> Feature {
+    Feature {
+        name,
+        word,
+        mask: 1 << bit,
+    }
+}
+
+/// The features QEMU knows by these names (`feature_word_info` in `target/i386/cpu.c`).
+static FEATURES: &[Feature] = &[
+    // CPUID 1 EDX
+    feat("fpu", L1_EDX, 0),
+    feat("vme", L1_EDX, 1),
+    feat("de", L1_EDX, 2),
+    feat("pse", L1_EDX, 3),
+    feat("tsc", L1_EDX, 4),
+    feat("msr", L1_EDX, 5),
+    feat("pae", L1_EDX, 6),
+    feat("mce", L1_EDX, 7),
+    feat("cx8", L1_EDX, 8),
+    feat("apic", L1_EDX, 9),
+    feat("sep", L1_EDX, 11),
+    feat("mtrr", L1_EDX, 12),
+    feat("pge", L1_EDX, 13),
+    feat("mca", L1_EDX, 14),
+    feat("cmov", L1_EDX, 15),
+    feat("pat", L1_EDX, 16),
+    feat("pse36", L1_EDX, 17),
+    feat("pn", L1_EDX, 18),
+    feat("clflush", L1_EDX, 19),
+    feat("ds", L1_EDX, 21),
+    feat("acpi", L1_EDX, 22),
+    feat("mmx", L1_EDX, 23),
+    feat("fxsr", L1_EDX, 24),
+    feat("sse", L1_EDX, 25),
+    feat("sse2", L1_EDX, 26),
+    feat("ss", L1_EDX, 27),
+    feat("ht", L1_EDX, 28),
+    feat("tm", L1_EDX, 29),
+    feat("pbe", L1_EDX, 31),
+    // CPUID 1 ECX
+    feat("pni", L1_ECX, 0),
+    feat("pclmulqdq", L1_ECX, 1),
+    feat("dtes64", L1_ECX, 2),
+    feat("monitor", L1_ECX, 3),
+    feat("ds-cpl", L1_ECX, 4),
+    feat("vmx", L1_ECX, 5),
+    feat("smx", L1_ECX, 6),
+    feat("est", L1_ECX, 7),
+    feat("tm2", L1_ECX, 8),
+    feat("ssse3", L1_ECX, 9),
+    feat("cid", L1_ECX, 10),
+    feat("fma", L1_ECX, 12),
+    feat("cx16", L1_ECX, 13),
+    feat("xtpr", L1_ECX, 14),
+    feat("pdcm", L1_ECX, 15),
+    feat("pcid", L1_ECX, 17),
+    feat("dca", L1_ECX, 18),
+    feat("sse4.1", L1_ECX, 19),
+    feat("sse4.2", L1_ECX, 20),
+    feat("x2apic", L1_ECX, 21),
+    feat("movbe", L1_ECX, 22),
+    feat("popcnt", L1_ECX, 23),
+    feat("tsc-deadline", L1_ECX, 24),
+    feat("aes", L1_ECX, 25),
+    feat("xsave", L1_ECX, 26),
+    feat("avx", L1_ECX, 28),
+    feat("f16c", L1_ECX, 29),
+    feat("rdrand", L1_ECX, 30),
+    feat("hypervisor", L1_ECX, 31),
+    // CPUID 6 EAX
+    feat("arat", L6_EAX, 2),
+    // CPUID 7.0 EBX
+    feat("fsgsbase", L7_EBX, 0),
+    feat("tsc-adjust", L7_EBX, 1),
+    feat("sgx", L7_EBX, 2),
+    feat("bmi1", L7_EBX, 3),
+    feat("hle", L7_EBX, 4),
+    feat("avx2", L7_EBX, 5),
+    feat("smep", L7_EBX, 7),
+    feat("bmi2", L7_EBX, 8),
+    feat("erms", L7_EBX, 9),
+    feat("invpcid", L7_EBX, 10),
+    feat("rtm", L7_EBX, 11),
+    feat("mpx", L7_EBX, 14),
+    feat("avx512f", L7_EBX, 16),
+    feat("avx512dq", L7_EBX, 17),
+    feat("rdseed", L7_EBX, 18),
+    feat("adx", L7_EBX, 19),
+    feat("smap", L7_EBX, 20),
+    feat("avx512ifma", L7_EBX, 21),
+    feat("clflushopt", L7_EBX, 23),
+    feat("clwb", L7_EBX, 24),
+    feat("intel-pt", L7_EBX, 25),
+    feat("avx512pf", L7_EBX, 26),
+    feat("avx512er", L7_EBX, 27),
+    feat("avx512cd", L7_EBX, 28),
+    feat("sha-ni", L7_EBX, 29),
+    feat("avx512bw", L7_EBX, 30),
+    feat("avx512vl", L7_EBX, 31),
+    // CPUID 7.0 ECX
+    feat("avx512vbmi", L7_ECX, 1),
+    feat("umip", L7_ECX, 2),
+    feat("pku", L7_ECX, 3),
+    feat("waitpkg", L7_ECX, 5),
+    feat("avx512vbmi2", L7_ECX, 6),
+    feat("gfni", L7_ECX, 8),
+    feat("vaes", L7_ECX, 9),
+    feat("vpclmulqdq", L7_ECX, 10),
+    feat("avx512vnni", L7_ECX, 11),
+    feat("avx512bitalg", L7_ECX, 12),
+    feat("avx512-vpopcntdq", L7_ECX, 14),
+    feat("la57", L7_ECX, 16),
+    feat("rdpid", L7_ECX, 22),
+    feat("bus-lock-detect", L7_ECX, 24),
+    feat("cldemote", L7_ECX, 25),
+    feat("movdiri", L7_ECX, 27),
+    feat("movdir64b", L7_ECX, 28),
+    feat("pks", L7_ECX, 31),
+    // CPUID 7.0 EDX
+    feat("avx512-4vnniw", L7_EDX, 2),
+    feat("avx512-4fmaps", L7_EDX, 3),
+    feat("fsrm", L7_EDX, 4),
+    feat("avx512-vp2intersect", L7_EDX, 8),
+    feat("md-clear", L7_EDX, 10),
+    feat("serialize", L7_EDX, 14),
+    feat("tsx-ldtrk", L7_EDX, 16),
+    feat("pconfig", L7_EDX, 18),
+    feat("arch-lbr", L7_EDX, 19),
+    feat("amx-bf16", L7_EDX, 22),
+    feat("avx512-fp16", L7_EDX, 23),
+    feat("amx-tile", L7_EDX, 24),
+    feat("amx-int8", L7_EDX, 25),
+    feat("spec-ctrl", L7_EDX, 26),
+    feat("stibp", L7_EDX, 27),
+    feat("flush-l1d", L7_EDX, 28),
+    feat("arch-capabilities", L7_EDX, 29),
+    feat("core-capability", L7_EDX, 30),
+    feat("ssbd", L7_EDX, 31),
+    // CPUID 7.1 EAX
+    feat("avx-vnni", L7_1_EAX, 4),
+    feat("avx512-bf16", L7_1_EAX, 5),
+    feat("fzrm", L7_1_EAX, 10),
+    feat("fsrs", L7_1_EAX, 11),
+    feat("fsrc", L7_1_EAX, 12),
+    feat("lam", L7_1_EAX, 26),
+    // CPUID 0xD.1 EAX
+    feat("xsaveopt", LD_1_EAX, 0),
+    feat("xsavec", LD_1_EAX, 1),
+    feat("xgetbv1", LD_1_EAX, 2),
+    feat("xsaves", LD_1_EAX, 3),
+    // CPUID 0x8000_0001 EDX
+    feat("syscall", E1_EDX, 11),
+    feat("nx", E1_EDX, 20),
+    feat("mmxext", E1_EDX, 22),
+    feat("fxsr-opt", E1_EDX, 25),
+    feat("pdpe1gb", E1_EDX, 26),
+    feat("rdtscp", E1_EDX, 27),
+    feat("lm", E1_EDX, 29),
+    feat("3dnowext", E1_EDX, 30),
+    feat("3dnow", E1_EDX, 31),
+    // CPUID 0x8000_0001 ECX
+    feat("lahf-lm", E1_ECX, 0),
+    feat("cmp-legacy", E1_ECX, 1),
+    feat("svm", E1_ECX, 2),
+    feat("extapic", E1_ECX, 3),
+    feat("cr8legacy", E1_ECX, 4),
+    feat("abm", E1_ECX, 5),
+    feat("sse4a", E1_ECX, 6),
+    feat("misalignsse", E1_ECX, 7),
+    feat("3dnowprefetch", E1_ECX, 8),
+    feat("osvw", E1_ECX, 9),
+    feat("ibs", E1_ECX, 10),
+    feat("xop", E1_ECX, 11),
+    feat("skinit", E1_ECX, 12),
+    feat("wdt", E1_ECX, 13),
+    feat("lwp", E1_ECX, 15),
+    feat("fma4", E1_ECX, 16),
+    feat("tce", E1_ECX, 17),
+    feat("nodeid-msr", E1_ECX, 19),
+    feat("tbm", E1_ECX, 21),
+    feat("topoext", E1_ECX, 22),
+    feat("perfctr-core", E1_ECX, 23),
+    feat("perfctr-nb", E1_ECX, 24),
+    // CPUID 0x8000_0007 EDX
+    feat("invtsc", E7_EDX, 8),
+    // CPUID 0x8000_0008 EBX
+    feat("clzero", E8_EBX, 0),
+    feat("xsaveerptr", E8_EBX, 2),
+    feat("rdpru", E8_EBX, 4),
+    feat("wbnoinvd", E8_EBX, 9),
+    feat("ibpb", E8_EBX, 12),
+    feat("ibrs", E8_EBX, 14),
+    feat("amd-stibp", E8_EBX, 15),
+    feat("amd-ssbd", E8_EBX, 24),
+    feat("virt-ssbd", E8_EBX, 25),
+    feat("amd-no-ssb", E8_EBX, 26),
+    // KVM paravirtual features, CPUID 0x4000_0001 EAX
+    Feature {
+        name: "kvmclock",
+        word: KVM_EAX,
+        mask: (1 << 0) | (1 << 3),
+    },
+    feat("kvm-nopiodelay", KVM_EAX, 1),
+    feat("kvm-mmu", KVM_EAX, 2),
+    feat("kvm-asyncpf", KVM_EAX, 4),
+    feat("kvm-steal-time", KVM_EAX, 5),
+    feat("kvm-pv-eoi", KVM_EAX, 6),
+    feat("kvm-pv-unhalt", KVM_EAX, 7),
+    feat("kvm-pv-tlb-flush", KVM_EAX, 9),
+    feat("kvm-asyncpf-vmexit", KVM_EAX, 10),
+    feat("kvm-pv-ipi", KVM_EAX, 11),
+    feat("kvm-poll-control", KVM_EAX, 12),
+    feat("kvm-pv-sched-yield", KVM_EAX, 13),
+    feat("kvm-asyncpf-int", KVM_EAX, 14),
+    feat("kvm-msi-ext-dest-id", KVM_EAX, 15),
+    feat("kvmclock-stable-bit", KVM_EAX, 24),
+];
+
+/// QEMU's other names for features (after `_` → `-`).
+static ALIASES: &[(&str, &str)] = &[
+    ("sse3", "pni"),
+    ("pclmuldq", "pclmulqdq"),
+    ("sse4-1", "sse4.1"),
+    ("sse4-2", "sse4.2"),
+    ("xd", "nx"),
+    ("i64", "lm"),
+    ("ffxsr", "fxsr-opt"),
+];
+
+const fn bits(list: &[u32]) -> u32 {
+    let mut v = 0;
+    let mut i = 0;
+    while i < list.len() {
+        v |= 1 << list[i];
+        i += 1;
+    }
+    v
+}
+
+/// QEMU's `PPRO_FEATURES`: FPU DE PSE TSC MSR PAE MCE CX8 APIC SEP PGE CMOV PAT MMX FXSR SSE
+/// SSE2.
+const PPRO_FEATURES: u32 = bits(&[0, 2, 3, 4, 5, 6, 7, 8, 9, 11, 13, 15, 16, 23, 24, 25, 26]);
+/// `qemu64`'s leaf 1 EDX: PPRO + MTRR CLFLUSH MCA PSE36.
+const QEMU64_L1_EDX: u32 = PPRO_FEATURES | bits(&[12, 19, 14, 17]);
+/// Leaf 1 ECX of both models: SSE3 CX16, plus x2APIC (QEMU's KVM default).
+const MODEL_L1_ECX: u32 = bits(&[0, 13, 21]);
+/// Leaf 0x8000_0001 EDX of both models: SYSCALL NX LM.
+const MODEL_E1_EDX: u32 = bits(&[11, 20, 29]);
+
+/// A built-in model (QEMU's `builtin_x86_defs` entry under KVM).
+#[derive(Debug)]
+struct ModelDef {
+    level: u32,
+    xlevel: u32,
+    family: u32,
+    model: u32,
+    stepping: u32,
+    model_id: &'static str,
+    words: &'static [(Word, u32)],
+}
+
+impl ModelDef {
+    fn word(&self, w: Word) -> u32 {
+        self.words
+            .iter()
+            .find(|(x, _)| *x == w)
+            .map_or(0, |(_, v)| *v)
+    }
+}
+
+static QEMU64: ModelDef = ModelDef {
+    level: 0xd,
+    xlevel: 0x8000_000a,
+    family: 15,
+    model: 107,
+    stepping: 1,
+    model_id: "QEMU Virtual CPU version 2.5+",
+    words: &[
+        (L1_EDX, QEMU64_L1_EDX),
+        (L1_ECX, MODEL_L1_ECX),
+        (E1_EDX, MODEL_E1_EDX),
+        // LAHF_LM; QEMU's SVM is switched off under KVM.
+        (E1_ECX, bits(&[0])),
+    ],
+};
+
+static KVM64: ModelDef = ModelDef {
+    level: 0xd,
+    xlevel: 0x8000_0008,
+    family: 15,
+    model: 6,
+    stepping: 1,
+    model_id: "Common KVM processor",
+    words: &[
+        // qemu64's + VME.
+        (L1_EDX, QEMU64_L1_EDX | bits(&[1])),
+        (L1_ECX, MODEL_L1_ECX),
+        (E1_EDX, MODEL_E1_EDX),
+    ],
+};
+
+/// The model a [`CpuModel`] starts from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseModel {
+    /// QEMU's default model.
+    Qemu64,
+    /// QEMU's `kvm64`.
+    Kvm64,
+    /// Everything KVM supports (QEMU's `max` under KVM).
+    Max,
+    /// Everything KVM supports, as the host.
+    Host,
+}
+
+impl BaseModel {
+    /// The name `-cpu` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseModel::Qemu64 => "qemu64",
+            BaseModel::Kvm64 => "kvm64",
+            BaseModel::Max => "max",
+            BaseModel::Host => "host",
+        }
+    }
+
+    fn def(self) -> Option<&'static ModelDef> {
+        match self {
+            BaseModel::Qemu64 => Some(&QEMU64),
+            BaseModel::Kvm64 => Some(&KVM64),
+            BaseModel::Max | BaseModel::Host => None,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "qemu64" | "qemu64-v1" => BaseModel::Qemu64,
+            "kvm64" | "kvm64-v1" => BaseModel::Kvm64,
+            "max" => BaseModel::Max,
+            "host" => BaseModel::Host,
+            _ => return None,
+        })
+    }
+}
+
+/// A parsed `-cpu` option: a base model and what the options change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuModel {
+    spec: String,
+    base: BaseModel,
+    vendor: Option<[u8; 12]>,
+    family: Option<u32>,
+    model: Option<u32>,
+    stepping: Option<u32>,
+    model_id: Option<String>,
+    /// (index into [`FEATURES`], on), in the order QEMU applies them.
+    features: Vec<(usize, bool)>,
+    enforce: bool,
+}
+
+/// Splits QEMU option syntax at commas; `,,` is a literal comma.
+fn split_options(s: &str) -> Vec<String> {
+    let mut items = Vec::new();
+    let mut current = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != ',' {
+            current.push(c);
+        } else if chars.peek() == Some(&',') {
+            chars.next();
+            current.push(',');
+        } else {
+            items.push(std::mem::take(&mut current));
+        }
+    }
+    items.push(current);
+    items
+}
+
+fn lookup_feature(name: &str) -> Result<usize, CpuModelError> {
+    let normalized = name.replace('_', "-");
+    let canonical = ALIASES
+        .iter()
+        .find(|(alias, _)| *alias == normalized)
+        .map_or(normalized.as_str(), |(_, c)| c);
+    FEATURES
+        .iter()
+        .position(|f| f.name == canonical)
+        .ok_or_else(|| CpuModelError::UnknownFeature(name.to_string()))
+}
+
+fn parse_bool(key: &str, value: Option<&str>) -> Result<bool, CpuModelError> {
+    match value {
+        None | Some("on") | Some("yes") | Some("true") => Ok(true),
+        Some("off") | Some("no") | Some("false") => Ok(false),
+        Some(v) => Err(CpuModelError::InvalidValue(key.to_string(), v.to_string())),
+    }
+}
+
+fn parse_number(key: &str, value: Option<&str>, max: u32) -> Result<u32, CpuModelError> {
+    let invalid = || CpuModelError::InvalidValue(key.to_string(), value.unwrap_or("").to_string());
+    let v = value.ok_or_else(invalid)?;
+    let n = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => v.parse(),
+    }
+    .map_err(|_| invalid())?;
+    if n > max {
+        return Err(invalid());
+    }
+    Ok(n)
+}
+
+impl FromStr for CpuModel {
+    type Err = CpuModelError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let spec = s.trim();
+        let items = split_options(spec);
+        let name = items.first().map(String::as_str).unwrap_or("");
+        if name.is_empty() {
+            return Err(CpuModelError::Empty);
+        }
+        let base = BaseModel::from_name(name)
+            .ok_or_else(|| CpuModelError::UnknownModel(name.to_string()))?;
+        let mut model = CpuModel {
+            spec: spec.to_string(),
+            base,
+            vendor: None,
+            family: None,
+            model: None,
+            stepping: None,
+            model_id: None,
+            features: Vec::new(),
+            enforce: false,
+        };
+        let (mut plus, mut minus) = (Vec::new(), Vec::new());
+        for item in items.iter().skip(1).filter(|i| !i.is_empty()) {
+            if let Some(f) = item.strip_prefix('+') {
+                plus.push(lookup_feature(f)?);
+                continue;
+            }
+            if let Some(f) = item.strip_prefix('-') {
+                minus.push(lookup_feature(f)?);
+                continue;
+            }
+            let (key, value) = match item.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (item.as_str(), None),
+            };
+            match key.replace('_', "-").as_str() {
+                "vendor" => {
+                    let v = value.unwrap_or("");
+                    let bytes: [u8; 12] = v
+                        .as_bytes()
+                        .try_into()
+                        .ok()
+                        .filter(|_| v.is_ascii())
+                        .ok_or_else(|| {
+                            CpuModelError::InvalidValue(key.to_string(), v.to_string())
+                        })?;
+                    model.vendor = Some(bytes);
+                }
+                "model-id" => {
+                    let v = value.ok_or_else(|| {
+                        CpuModelError::InvalidValue(key.to_string(), String::new())
+                    })?;
+                    model.model_id = Some(v.to_string());
+                }
+                "family" => model.family = Some(parse_number(key, value, 0xff + 0xf)?),
+                "model" => model.model = Some(parse_number(key, value, 0xff)?),
+                "stepping" => model.stepping = Some(parse_number(key, value, 0xf)?),
+                "enforce" => model.enforce = parse_bool(key, value)?,
+                "check" | "migratable" => {
+                    parse_bool(key, value)?;
+                }
+                "host-phys-bits" => {
+                    if !parse_bool(key, value)? {
+                        log::warn!(
+                            "host-phys-bits=off ignored: guests see the host's address width"
+                        );
+                    }
+                }
+                _ => {
+                    let idx = lookup_feature(key)?;
+                    model.features.push((idx, parse_bool(key, value)?));
+                }
+            }
+        }
+        model.features.extend(plus.into_iter().map(|i| (i, true)));
+        model.features.extend(minus.into_iter().map(|i| (i, false)));
+        Ok(model)
+    }
+}
+
+impl fmt::Display for CpuModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spec)
+    }
+}
+
+fn find(entries: &[kvm_cpuid_entry2], leaf: u32, sub: u32) -> Option<&kvm_cpuid_entry2> {
+    entries
+        .iter()
+        .find(|e| e.function == leaf && e.index == sub)
+}
+
+fn get(entries: &[kvm_cpuid_entry2], w: Word) -> u32 {
+    find(entries, w.leaf, w.sub).map_or(0, |e| w.reg.get(e))
+}
+
+/// Sets a register, adding the entry if it is missing and `value` is not zero.
+fn set(entries: &mut Vec<kvm_cpuid_entry2>, w: Word, value: u32) {
+    if let Some(e) = entries
+        .iter_mut()
+        .find(|e| e.function == w.leaf && e.index == w.sub)
+    {
+        *w.reg.get_mut(e) = value;
+        return;
+    }
+    if value == 0 {
+        return;
+    }
+    let indexed = w.sub != 0
+        || matches!(w.leaf, 4 | 7 | 0xb | 0xd | 0x1f)
+        || entries
+            .iter()
+            .any(|e| e.function == w.leaf && e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0);
+    let mut e = kvm_cpuid_entry2 {
+        function: w.leaf,
+        index: w.sub,
+        flags: if indexed {
+            KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+        } else {
+            0
+        },
+        ..Default::default()
+    };
+    *w.reg.get_mut(&mut e) = value;
+    entries.push(e);
+}
+
+fn update(entries: &mut Vec<kvm_cpuid_entry2>, w: Word, f: impl FnOnce(u32) -> u32) {
+    let value = f(get(entries, w));
+    set(entries, w, value);
+}
+
+/// Leaf 1 EAX for a family, model and stepping, encoded as QEMU does.
+fn encode_signature(family: u32, model: u32, stepping: u32) -> u32 {
+    let mut eax = (stepping & 0xf) | ((model & 0xf) << 4) | (((model >> 4) & 0xf) << 16);
+    if family > 0xf {
+        eax |= (0xf << 8) | (((family - 0xf) & 0xff) << 20);
+    } else {
+        eax |= family << 8;
+    }
+    eax
+}
+
+/// (family, model, stepping) of a leaf 1 EAX.
+fn decode_signature(eax: u32) -> (u32, u32, u32) {
+    (
+        ((eax >> 8) & 0xf) + ((eax >> 20) & 0xff),
+        ((eax >> 4) & 0xf) | ((eax >> 12) & 0xf0),
+        eax & 0xf,
+    )
+}
+
+fn set_vendor(entries: &mut Vec<kvm_cpuid_entry2>, vendor: &[u8; 12]) {
+    let part =
+        |i: usize| u32::from_le_bytes([vendor[i], vendor[i + 1], vendor[i + 2], vendor[i + 3]]);
+    for leaf in [0, 0x8000_0000] {
+        set(entries, word(leaf, 0, Reg::Ebx), part(0));
+        set(entries, word(leaf, 0, Reg::Edx), part(4));
+        set(entries, word(leaf, 0, Reg::Ecx), part(8));
+    }
+}
+
+fn vendor_of(entries: &[kvm_cpuid_entry2]) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    for (i, reg) in [Reg::Ebx, Reg::Edx, Reg::Ecx].into_iter().enumerate() {
+        v[i * 4..i * 4 + 4].copy_from_slice(&get(entries, word(0, 0, reg)).to_le_bytes());
+    }
+    v
+}
+
+fn set_brand(entries: &mut Vec<kvm_cpuid_entry2>, brand: &str) {
+    let mut bytes = [0u8; 48];
+    // The string is NUL-terminated within 48 bytes: at most 47 characters.
+    let len = brand.len().min(47);
+    bytes[..len].copy_from_slice(&brand.as_bytes()[..len]);
+    for (i, chunk) in bytes.chunks(16).enumerate() {
+        let leaf = 0x8000_0002 + i as u32;
+        for (j, reg) in [Reg::Eax, Reg::Ebx, Reg::Ecx, Reg::Edx]
+            .into_iter()
+            .enumerate()
+        {
+            let v = u32::from_le_bytes([
+                chunk[j * 4],
+                chunk[j * 4 + 1],
+                chunk[j * 4 + 2],
+                chunk[j * 4 + 3],
+            ]);
+            // Zeroes overwrite existing entries too, so a shorter string replaces a longer one.
+            set(entries, word(leaf, 0, reg), v);
+        }
+    }
+}
+
+/// The name QEMU would print for `bit` of `w`.
+fn bit_name(w: Word, bit: u32) -> &'static str {
+    FEATURES
+        .iter()
+        .find(|f| f.word == w && f.mask & (1 << bit) != 0)
+        .map_or("", |f| f.name)
+}
+
+fn warn_unsupported(w: Word, missing: u32) {
+    for bit in (0..32).filter(|b| missing & (1 << b) != 0) {
+        let leaf = if w.sub == 0 {
+            format!("CPUID.{:02X}H", w.leaf)
+        } else {
+            format!("CPUID[eax={:02X}h,ecx={:02X}h]", w.leaf, w.sub)
+        };
+        log::warn!(
+            "host doesn't support requested feature: {leaf}:{}.{} [bit {bit}]",
+            w.reg.name(),
+            bit_name(w, bit)
+        );
+    }
+}
+
+impl CpuModel {
+    /// The model the options apply to.
+    pub fn base(&self) -> BaseModel {
+        self.base
+    }
+
+    /// Whether unsupported features are errors (`enforce`) rather than warnings.
+    pub fn enforce(&self) -> bool {
+        self.enforce
+    }
+
+    /// The CPUID this model gives a guest on a host whose KVM supports `supported` (ideally
+    /// [`supported_cpuid`]'s table). Apply it before the per-vCPU patching of
+    /// [`cpuid::vcpu_cpuid`](super::cpuid::vcpu_cpuid).
+    pub fn apply(&self, supported: &CpuId) -> Result<CpuId, CpuModelError> {
+        let sup = supported.as_slice();
+        let mut out: Vec<kvm_cpuid_entry2> = sup.to_vec();
+        // Bits the host can give: KVM's, plus the hypervisor bit QEMU always adds.
+        let host_bits = |w: Word| get(sup, w) | if w == L1_ECX { LEAF1_ECX_HYPERVISOR } else { 0 };
+
+        let def = self.base.def();
+        if let Some(def) = def {
+            for w in MODEL_WORDS {
+                let want = def.word(w);
+                let have = host_bits(w);
+                if want & !have != 0 {
+                    if self.enforce {
+                        return Err(CpuModelError::Unsupported(
+                            bit_name(w, (want & !have).trailing_zeros()).to_string(),
+                        ));
+                    }
+                    warn_unsupported(w, want & !have);
+                }
+                set(&mut out, w, want & have);
+            }
+            for e in out.iter_mut().filter(|e| e.function == 7 && e.index >= 1) {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            out.retain(|e| match e.function {
+                f if f < 0x4000_0000 => f <= def.level,
+                f if (0x8000_0000..0xc000_0000).contains(&f) => f <= def.xlevel,
+                f if f >= 0xc000_0000 => false,
+                _ => true,
+            });
+            set(&mut out, word(0, 0, Reg::Eax), def.level);
+            set(&mut out, word(0x8000_0000, 0, Reg::Eax), def.xlevel);
+            let vendor = vendor_of(sup);
+            set_vendor(&mut out, &vendor);
+            let signature = encode_signature(def.family, def.model, def.stepping);
+            set(&mut out, word(1, 0, Reg::Eax), signature);
+            set(&mut out, word(0x8000_0001, 0, Reg::Eax), signature);
+            set_brand(&mut out, def.model_id);
+        }
+
+        if let Some(vendor) = &self.vendor {
+            set_vendor(&mut out, vendor);
+        }
+        if self.family.is_some() || self.model.is_some() || self.stepping.is_some() {
+            let (family, model, stepping) = decode_signature(get(&out, word(1, 0, Reg::Eax)));
+            let signature = encode_signature(
+                self.family.unwrap_or(family),
+                self.model.unwrap_or(model),
+                self.stepping.unwrap_or(stepping),
+            );
+            set(&mut out, word(1, 0, Reg::Eax), signature);
+            set(&mut out, word(0x8000_0001, 0, Reg::Eax), signature);
+        }
+        if let Some(id) = &self.model_id {
+            set_brand(&mut out, id);
+        }
+
+        update(&mut out, L1_ECX, |v| v | LEAF1_ECX_HYPERVISOR);
+        for &(idx, on) in &self.features {
+            let Some(f) = FEATURES.get(idx) else {
+                continue;
+            };
+            if on {
+                let missing = f.mask & !host_bits(f.word);
+                if missing != 0 {
+                    if self.enforce {
+                        return Err(CpuModelError::Unsupported(f.name.to_string()));
+                    }
+                    warn_unsupported(f.word, missing);
+                }
+                let add = f.mask & host_bits(f.word);
+                update(&mut out, f.word, |v| v | add);
+            } else {
+                update(&mut out, f.word, |v| v & !f.mask);
+            }
+        }
+
+        if def.is_some() {
+            // The highest leaf-7 subleaf with features left (QEMU's cpuid_level_func7).
+            let max_sub = out
+                .iter()
+                .filter(|e| e.function == 7 && e.index >= 1)
+                .filter(|e| e.eax | e.ebx | e.ecx | e.edx != 0)
+                .map(|e| e.index)
+                .max()
+                .unwrap_or(0);
+            set(&mut out, word(7, 0, Reg::Eax), max_sub);
+        }
+        if get(&out, L1_ECX) & LEAF1_ECX_XSAVE == 0 {
+            // No XSAVE, no XSAVE leaf (as QEMU).
+            for e in out.iter_mut().filter(|e| e.function == 0xd) {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+        }
+        if &vendor_of(&out) == VENDOR_AMD {
+            // AMD CPUs repeat these leaf 1 EDX bits in 0x8000_0001 EDX.
+            let aliases = get(&out, L1_EDX) & AMD_ALIASES;
+            update(&mut out, E1_EDX, |v| (v & !AMD_ALIASES) | aliases);
+        }
+
+        if out.len() > KVM_MAX_CPUID_ENTRIES {
+            return Err(CpuModelError::TooManyEntries);
+        }
+        CpuId::from_entries(&out).map_err(|_| CpuModelError::TooManyEntries)
+    }
+}
+
+/// Adjusts KVM's supported CPUID the way QEMU's `kvm_arch_get_supported_cpuid` does: the
+/// hypervisor bit is supported, TSC deadline is if KVM has `KVM_CAP_TSC_DEADLINE_TIMER`
+/// (hopvm's irqchip is always in the kernel), ARCH_CAPABILITIES is not if KVM does not list
+/// MSR 0x10a.
+fn adjust_supported(cpuid: &mut CpuId, tsc_deadline: bool, arch_capabilities_msr: bool) {
+    for e in cpuid.as_mut_slice() {
+        match (e.function, e.index) {
+            (1, _) => {
+                e.ecx |= LEAF1_ECX_HYPERVISOR;
+                if tsc_deadline {
+                    e.ecx |= LEAF1_ECX_TSC_DEADLINE;
+                }
+            }
+            (7, 0) if !arch_capabilities_msr => e.edx &= !LEAF7_EDX_ARCH_CAPABILITIES,
+            _ => {}
+        }
+    }
+}
+
+/// The CPUID KVM supports, with QEMU's adjustments (see the module docs): the table to pass
+/// to [`CpuModel::apply`].
+pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuModelError> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(CpuModelError::Kvm)?;
+    adjust_supported(
+        &mut cpuid,
+        kvm.check_extension(Cap::TscDeadlineTimer),
+        arch_capabilities_msr(kvm).is_some(),
+    );
+    Ok(cpuid)
+}
+
+/// The IA32_ARCH_CAPABILITIES value QEMU would give a `host` guest: `None` if KVM does not
+/// list the MSR at all, else KVM's feature-MSR value (0 if KVM does not report one).
+pub fn arch_capabilities_msr(kvm: &Kvm) -> Option<u64> {
+    let listed = kvm.get_msr_index_list().ok()?;
+    if !listed.as_slice().contains(&MSR_IA32_ARCH_CAPABILITIES) {
+        return None;
+    }
+    let is_feature = kvm
+        .get_msr_feature_index_list()
+        .is_ok_and(|l| l.as_slice().contains(&MSR_IA32_ARCH_CAPABILITIES));
+    if !is_feature {
+        return Some(0);
+    }
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_ARCH_CAPABILITIES,
+        ..Default::default()
+    }])
+    .ok()?;
+    match kvm.get_msrs(&mut msrs) {
+        Ok(1) => Some(msrs.as_slice().first().map_or(0, |e| e.data)),
+        _ => Some(0),
+    }
+}
+
+/// Whether the guest must not be shown ARCH_CAPABILITIES although `cpuid` shows it: true if
+/// KVM refuses the write of [`arch_capabilities_msr`]'s value to MSR 0x10a that QEMU does at
+/// vCPU creation (and that a guest relies on). False if `cpuid` does not show the feature.
+///
+/// `vcpu` must be a vCPU of the VM that has not run yet: the probe sets its CPUID to `cpuid`
+/// (KVM only accepts host writes of the MSR when the guest has the feature) and leaves the
+/// MSR set on success. Set the vCPU's final CPUID afterwards.
+pub fn must_hide_arch_capabilities(kvm: &Kvm, vcpu: &VcpuFd, cpuid: &CpuId) -> bool {
+    if get(cpuid.as_slice(), L7_EDX) & LEAF7_EDX_ARCH_CAPABILITIES == 0 {
+        return false;
+    }
+    let Some(value) = arch_capabilities_msr(kvm) else {
+        return true;
+    };
+    if let Err(e) = vcpu.set_cpuid2(cpuid) {
+        log::warn!("cannot set cpuid to probe arch-capabilities: {e}");
+        return true;
+    }
+    let Ok(msrs) = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_ARCH_CAPABILITIES,
+        data: value,
+        ..Default::default()
+    }]) else {
+        return true;
+    };
+    let settable = matches!(vcpu.set_msrs(&msrs), Ok(1));
+    if !settable {
+        log::warn!("kvm refuses IA32_ARCH_CAPABILITIES={value:#x}: hiding arch-capabilities");
+    }
+    !settable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: if matches!(function, 7 | 0xb | 0xd) {
+                KVM_CPUID_FLAG_SIGNIFCANT_INDEX
+            } else {
+                0
+            },
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    fn vendor_regs(v: &[u8; 12]) -> [u32; 3] {
+        let p = |i: usize| u32::from_le_bytes(v[i..i + 4].try_into().unwrap());
+        [p(0), p(4), p(8)]
+    }
+
+    /// A KVM-supported table as an Intel host with most features might report it.
+    fn intel_host() -> CpuId {
+        let [b, d, c] = vendor_regs(b"GenuineIntel");
+        let brand = *b"Intel(R) Xeon(R) Test CPU @ 2.00GHz\0\0\0\0\0\0\0\0\0\0\0\0\0";
+        let brand_leaf = |i: usize| {
+            let w = |j: usize| u32::from_le_bytes(brand[i * 16 + j * 4..][..4].try_into().unwrap());
+            [w(0), w(1), w(2), w(3)]
+        };
+        CpuId::from_entries(&[
+            e(0, 0, [0x1f, b, c, d]),
+            e(1, 0, [0x0005_0654, 0x0001_0800, 0xf6fa_3223, 0x1f8b_fbff]),
+            e(6, 0, [0x4, 0, 0, 0]),
+            e(7, 0, [1, 0xd19f_4fbb, 0x0041_401e, 0xbc00_0410]),
+            e(7, 1, [0x30, 0, 0, 0]),
+            e(0xb, 0, [0, 1, 0x100, 0]),
+            e(0xb, 1, [0, 1, 0x201, 0]),
+            e(0xd, 0, [0x2e7, 0xa88, 0xa88, 0]),
+            e(0xd, 1, [0xf, 0, 0, 0]),
+            e(0xd, 2, [0x100, 0x240, 0, 0]),
+            e(0x14, 0, [1, 0xf, 7, 0]),
+            e(0x1f, 0, [0, 1, 0x100, 0]),
+            e(
+                0x4000_0000,
+                0,
+                [0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d],
+            ),
+            e(0x4000_0001, 0, [0x0100_7efb, 0, 0, 0]),
+            e(0x8000_0000, 0, [0x8000_0008, 0, 0, 0]),
+            e(0x8000_0001, 0, [0, 0, 0x121, 0x2c10_0800]),
+            e(0x8000_0002, 0, brand_leaf(0)),
+            e(0x8000_0003, 0, brand_leaf(1)),
+            e(0x8000_0004, 0, brand_leaf(2)),
+            e(0x8000_0006, 0, [0, 0, 0x0100_6040, 0]),
+            e(0x8000_0007, 0, [0, 0, 0, 0x100]),
+            e(0x8000_0008, 0, [0x3027, 0x200, 0, 0]),
+        ])
+        .unwrap()
+    }
+
+    /// An AMD host (no VMX, SVM instead, the leaf 1 EDX aliases in 0x8000_0001 EDX).
+    fn amd_host() -> CpuId {
+        let [b, d, c] = vendor_regs(b"AuthenticAMD");
+        CpuId::from_entries(&[
+            e(0, 0, [0x10, b, c, d]),
+            e(1, 0, [0x00a1_0f11, 0x0102_0800, 0xf6f8_3203, 0x178b_fbff]),
+            e(7, 0, [0, 0x219c_07ab, 0x0040_069c, 0x2000_0010]),
+            e(0xd, 0, [0x2e7, 0x980, 0x980, 0]),
+            e(0x8000_0000, 0, [0x8000_0021, b, c, d]),
+            e(0x8000_0001, 0, [0x00a1_0f11, 0, 0x0040_0397, 0x2fd3_fbff]),
+            e(0x8000_0008, 0, [0x3030, 0x5002_0005, 0x7001, 0]),
+            e(0x8000_001d, 0, [0x121, 0x01c0_003f, 0x3f, 0]),
+            e(0x8000_0021, 0, [0x204, 0, 6, 0]),
+        ])
+        .unwrap()
+    }
+
+    fn reg(c: &CpuId, leaf: u32, sub: u32, r: Reg) -> u32 {
+        get(c.as_slice(), word(leaf, sub, r))
+    }
+
+    fn has(c: &CpuId, name: &str) -> bool {
+        let f = &FEATURES[lookup_feature(name).unwrap()];
+        get(c.as_slice(), f.word) & f.mask == f.mask
+    }
+
+    fn brand(c: &CpuId) -> String {
+        let mut bytes = Vec::new();
+        for leaf in 0x8000_0002..=0x8000_0004 {
+            for r in [Reg::Eax, Reg::Ebx, Reg::Ecx, Reg::Edx] {
+                bytes.extend_from_slice(&reg(c, leaf, 0, r).to_le_bytes());
+            }
+        }
+        let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+        String::from_utf8(bytes[..end].to_vec()).unwrap()
+    }
+
+    fn vendor(c: &CpuId) -> [u8; 12] {
+        vendor_of(c.as_slice())
+    }
+
+    fn apply(spec: &str, host: &CpuId) -> CpuId {
+        spec.parse::<CpuModel>().unwrap().apply(host).unwrap()
+    }
+
+    #[test]
+    fn parses_kvm_unit_tests_options() {
+        for spec in [
+            "qemu64",
+            "qemu64,+x2apic,+tsc-deadline",
+            "qemu64,-pcid,-invpcid",
+            "qemu64,+umip",
+            "max",
+            "max,+vmx",
+            "max,+svm",
+            "max,vendor=GenuineIntel",
+            "max,host-phys-bits,+vmx",
+            "host",
+            "host,migratable=no",
+            "kvm64,+rdtscp",
+            "qemu64,+sse4_1,+tsc_deadline,lahf_lm=off,sse3=on",
+            "qemu64,enforce,check=off,",
+        ] {
+            let m: CpuModel = spec.parse().unwrap();
+            assert_eq!(m.to_string(), spec);
+        }
+        let m: CpuModel = "qemu64,x2apic=off,+x2apic,-pcid,pcid=on".parse().unwrap();
+        assert_eq!(m.base(), BaseModel::Qemu64);
+        let names: Vec<_> = m
+            .features
+            .iter()
+            .map(|(i, on)| (FEATURES[*i].name, *on))
+            .collect();
+        // QEMU's order: feat=on|off as given, then +feat, then -feat.
+        assert_eq!(
+            names,
+            vec![
+                ("x2apic", false),
+                ("pcid", true),
+                ("x2apic", true),
+                ("pcid", false)
+            ]
+        );
+    }
+
+    #[test]
+    fn parse_errors_name_the_culprit() {
+        let err = |s: &str| s.parse::<CpuModel>().unwrap_err().to_string();
+        assert_eq!(err(""), "empty cpu model");
+        assert_eq!(err(",+x2apic"), "empty cpu model");
+        assert_eq!(err("pentium9"), "unknown cpu model: pentium9");
+        assert_eq!(err("Qemu64"), "unknown cpu model: Qemu64");
+        assert_eq!(err("qemu64,+foo"), "unknown cpu feature: foo");
+        assert_eq!(err("qemu64,-"), "unknown cpu feature: ");
+        assert_eq!(err("kvm64,hv_time"), "unknown cpu feature: hv_time");
+        assert_eq!(err("qemu64,phys-bits=36"), "unknown cpu feature: phys-bits");
+        assert_eq!(err("max,vendor=Intel"), "invalid value for vendor: Intel");
+        assert_eq!(err("max,vendor"), "invalid value for vendor: ");
+        assert_eq!(
+            err("qemu64,x2apic=maybe"),
+            "invalid value for x2apic: maybe"
+        );
+        assert_eq!(err("qemu64,family=999"), "invalid value for family: 999");
+        assert_eq!(err("qemu64,stepping=16"), "invalid value for stepping: 16");
+        assert_eq!(err("qemu64,model=x"), "invalid value for model: x");
+        assert_eq!(err("qemu64,model-id"), "invalid value for model-id: ");
+        assert_eq!(err("qemu64,enforce=2"), "invalid value for enforce: 2");
+    }
+
+    #[test]
+    fn qemu64_on_intel() {
+        let host = intel_host();
+        let c = apply("qemu64", &host);
+        // Under KVM QEMU keeps the host's vendor.
+        assert_eq!(&vendor(&c), b"GenuineIntel");
+        assert_eq!(reg(&c, 0x8000_0000, 0, Reg::Ebx), reg(&c, 0, 0, Reg::Ebx));
+        assert_eq!(reg(&c, 0, 0, Reg::Eax), 0xd);
+        assert_eq!(reg(&c, 1, 0, Reg::Eax), 0x0006_0fb1);
+        assert_eq!(decode_signature(0x0006_0fb1), (15, 107, 1));
+        assert_eq!(reg(&c, 0x8000_0001, 0, Reg::Eax), 0x0006_0fb1);
+        assert_eq!(reg(&c, 1, 0, Reg::Ebx), 0x0001_0800);
+        assert_eq!(
+            reg(&c, 1, 0, Reg::Ecx),
+            (1 << 0) | (1 << 13) | (1 << 21) | (1 << 31)
+        );
+        assert_eq!(reg(&c, 1, 0, Reg::Edx), 0x078b_fbfd);
+        assert_eq!(reg(&c, 1, 0, Reg::Edx), QEMU64_L1_EDX);
+        for name in [
+            "fpu",
+            "de",
+            "pse",
+            "tsc",
+            "msr",
+            "pae",
+            "mce",
+            "cx8",
+            "apic",
+            "sep",
+            "mtrr",
+            "pge",
+            "mca",
+            "cmov",
+            "pat",
+            "pse36",
+            "clflush",
+            "mmx",
+            "fxsr",
+            "sse",
+            "sse2",
+            "pni",
+            "cx16",
+            "x2apic",
+            "hypervisor",
+            "lm",
+            "syscall",
+            "nx",
+            "lahf-lm",
+        ] {
+            assert!(has(&c, name), "{name}");
+        }
+        for name in [
+            "vme",
+            "pcid",
+            "vmx",
+            "xsave",
+            "avx",
+            "tsc-deadline",
+            "popcnt",
+            "rdtscp",
+        ] {
+            assert!(!has(&c, name), "{name}");
+        }
+        assert_eq!(reg(&c, 6, 0, Reg::Eax), 0);
+        for r in [Reg::Eax, Reg::Ebx, Reg::Ecx, Reg::Edx] {
+            assert_eq!(reg(&c, 7, 0, r), 0);
+            assert_eq!(reg(&c, 7, 1, r), 0);
+            assert_eq!(reg(&c, 0xd, 0, r), 0, "no xsave, no leaf 0xd");
+        }
+        assert_eq!(reg(&c, 0x8000_0000, 0, Reg::Eax), 0x8000_000a);
+        assert_eq!(reg(&c, 0x8000_0001, 0, Reg::Ecx), 1);
+        assert_eq!(reg(&c, 0x8000_0001, 0, Reg::Edx), MODEL_E1_EDX);
+        assert_eq!(reg(&c, 0x8000_0007, 0, Reg::Edx), 0);
+        assert_eq!(reg(&c, 0x8000_0008, 0, Reg::Ebx), 0);
+        assert_eq!(reg(&c, 0x8000_0008, 0, Reg::Eax), 0x3027);
+        assert_eq!(brand(&c), "QEMU Virtual CPU version 2.5+");
+        let leaves: Vec<_> = c.as_slice().iter().map(|e| (e.function, e.index)).collect();
+        assert!(!leaves.contains(&(0x14, 0)) && !leaves.contains(&(0x1f, 0)));
+        assert!(leaves.contains(&(0xb, 1)) && leaves.contains(&(0x8000_0006, 0)));
+        // KVM's paravirtual leaves stay.
+        assert_eq!(reg(&c, 0x4000_0001, 0, Reg::Eax), 0x0100_7efb);
+        assert_eq!(reg(&c, 0x4000_0000, 0, Reg::Ebx), 0x4b4d_564b);
+    }
+
+    #[test]
+    fn pcid_combinations() {
+        let host = intel_host();
+        let c = apply("qemu64,+pcid,+invpcid", &host);
+        assert!(has(&c, "pcid") && has(&c, "invpcid"));
+        assert_eq!(reg(&c, 7, 0, Reg::Ebx), 1 << 10);
+        let c = apply("qemu64,-pcid,-invpcid", &host);
+        assert!(!has(&c, "pcid") && !has(&c, "invpcid"));
+        let c = apply("qemu64,-pcid,+invpcid", &host);
+        assert!(!has(&c, "pcid") && has(&c, "invpcid"));
+        // On host, -pcid removes what KVM offers.
+        assert!(has(&apply("host", &host), "pcid"));
+        let c = apply("host,-pcid,-invpcid", &host);
+        assert!(!has(&c, "pcid") && !has(&c, "invpcid") && has(&c, "smep"));
+    }
+
+    #[test]
+    fn minus_wins_and_assignments_come_first() {
+        let host = intel_host();
+        assert!(!has(&apply("qemu64,-x2apic,+x2apic", &host), "x2apic"));
+        assert!(has(&apply("qemu64,x2apic=off,+x2apic", &host), "x2apic"));
+        assert!(!has(&apply("qemu64,x2apic=off", &host), "x2apic"));
+        assert!(!has(
+            &apply("qemu64,+x2apic,x2apic=off,-x2apic", &host),
+            "x2apic"
+        ));
+        assert!(has(&apply("qemu64,umip", &host), "umip"));
+    }
+
+    #[test]
+    fn unsupported_features_stay_off() {
+        let host = intel_host();
+        // KVM_GET_SUPPORTED_CPUID does not report TSC deadline; supported_cpuid adds it.
+        let c = apply("qemu64,+x2apic,+tsc-deadline", &host);
+        assert!(has(&c, "x2apic") && !has(&c, "tsc-deadline"));
+        let mut adjusted = host.clone();
+        adjust_supported(&mut adjusted, true, true);
+        assert!(has(
+            &apply("qemu64,+x2apic,+tsc-deadline", &adjusted),
+            "tsc-deadline"
+        ));
+        assert!(!has(&apply("qemu64", &adjusted), "tsc-deadline"));
+        // SVM on an Intel host, VMX on an AMD one.
+        assert!(!has(&apply("max,+svm", &host), "svm"));
+        assert!(has(&apply("max,+vmx", &host), "vmx"));
+        assert!(!has(&apply("max,+vmx", &amd_host()), "vmx"));
+        // enforce turns the warning into an error naming the feature.
+        let m: CpuModel = "qemu64,+tsc-deadline,enforce".parse().unwrap();
+        assert!(m.enforce());
+        assert_eq!(
+            m.apply(&host).unwrap_err().to_string(),
+            "host does not support cpu feature: tsc-deadline"
+        );
+        assert!(m.apply(&adjusted).is_ok());
+    }
+
+    #[test]
+    fn host_and_max_keep_kvms_table() {
+        let host = intel_host();
+        for spec in ["host", "max", "host,migratable=no", "max,host-phys-bits"] {
+            let c = apply(spec, &host);
+            assert_eq!(c.as_slice().len(), host.as_slice().len());
+            for (a, b) in c.as_slice().iter().zip(host.as_slice()) {
+                assert_eq!((a.function, a.index), (b.function, b.index));
+                if a.function == 1 {
+                    assert_eq!(a.ecx, b.ecx | LEAF1_ECX_HYPERVISOR);
+                    assert_eq!((a.eax, a.edx), (b.eax, b.edx));
+                } else {
+                    assert_eq!((a.eax, a.ebx, a.ecx, a.edx), (b.eax, b.ebx, b.ecx, b.edx));
+                }
+            }
+        }
+        assert_eq!(
+            brand(&apply("host", &host)),
+            "Intel(R) Xeon(R) Test CPU @ 2.00GHz"
+        );
+        // -hypervisor is honoured here (cpuid.rs sets it again per vCPU).
+        assert!(!has(&apply("host,-hypervisor", &host), "hypervisor"));
+    }
+
+    #[test]
+    fn vendor_and_signature_overrides() {
+        let host = intel_host();
+        let c = apply("max,vendor=AuthenticAMD", &host);
+        assert_eq!(&vendor(&c), b"AuthenticAMD");
+        assert_eq!(
+            [
+                reg(&c, 0x8000_0000, 0, Reg::Ebx),
+                reg(&c, 0x8000_0000, 0, Reg::Edx),
+                reg(&c, 0x8000_0000, 0, Reg::Ecx)
+            ],
+            vendor_regs(b"AuthenticAMD")
+        );
+        // AMD CPUs mirror leaf 1 EDX in 0x8000_0001 EDX.
+        let l1 = reg(&c, 1, 0, Reg::Edx);
+        let e1 = reg(&c, 0x8000_0001, 0, Reg::Edx);
+        assert_eq!(e1 & AMD_ALIASES, l1 & AMD_ALIASES);
+        assert_eq!(e1 & !AMD_ALIASES, 0x2c10_0800);
+        let c = apply("qemu64,vendor=GenuineIntel", &amd_host());
+        assert_eq!(&vendor(&c), b"GenuineIntel");
+        assert_eq!(reg(&c, 0x8000_0001, 0, Reg::Edx), MODEL_E1_EDX);
+
+        let c = apply("qemu64,family=6,model=0x55,stepping=4", &host);
+        assert_eq!(reg(&c, 1, 0, Reg::Eax), 0x0005_0654);
+        let c = apply("host,family=23,model=49", &host);
+        assert_eq!(reg(&c, 1, 0, Reg::Eax), 0x0083_0f14);
+        assert_eq!(decode_signature(0x0083_0f10), (0x17, 0x31, 0));
+        assert_eq!(encode_signature(0x17, 0x31, 0), 0x0083_0f10);
+        assert_eq!(decode_signature(0x00a1_0f11), (0x19, 0x11, 1));
+        let c = apply("qemu64,model-id=Hop,,Hop CPU", &host);
+        assert_eq!(brand(&c), "Hop,Hop CPU");
+        let long = "x".repeat(60);
+        let c = apply(&format!("host,model-id={long}"), &host);
+        assert_eq!(brand(&c), "x".repeat(47));
+    }
+
+    #[test]
+    fn qemu64_on_amd() {
+        let c = apply("qemu64", &amd_host());
+        assert_eq!(&vendor(&c), b"AuthenticAMD");
+        assert_eq!(reg(&c, 0x8000_0000, 0, Reg::Eax), 0x8000_000a);
+        assert_eq!(
+            reg(&c, 0x8000_0001, 0, Reg::Edx),
+            MODEL_E1_EDX | (QEMU64_L1_EDX & AMD_ALIASES)
+        );
+        assert!(!has(&c, "svm"), "svm is off under kvm");
+        let leaves: Vec<_> = c.as_slice().iter().map(|e| e.function).collect();
+        assert!(!leaves.contains(&0x8000_001d) && !leaves.contains(&0x8000_0021));
+        assert_eq!(brand(&c), "QEMU Virtual CPU version 2.5+");
+        // Brand leaves are added when KVM's table has none.
+        assert!(leaves.contains(&0x8000_0002));
+    }
+
+    #[test]
+    fn kvm64() {
+        let host = intel_host();
+        let c = apply("kvm64,+rdtscp", &host);
+        assert_eq!(&vendor(&c), b"GenuineIntel");
+        assert_eq!(reg(&c, 1, 0, Reg::Eax), 0x0000_0f61);
+        assert_eq!(reg(&c, 0x8000_0000, 0, Reg::Eax), 0x8000_0008);
+        assert!(has(&c, "vme") && has(&c, "rdtscp") && !has(&c, "lahf-lm"));
+        assert_eq!(brand(&c), "Common KVM processor");
+    }
+
+    #[test]
+    fn leaf7_subleaves_and_xsave() {
+        let host = intel_host();
+        let c = apply("qemu64,+avx-vnni", &host);
+        assert!(has(&c, "avx-vnni"));
+        assert_eq!(reg(&c, 7, 0, Reg::Eax), 1);
+        let c = apply("qemu64,+xsave,+xsaveopt", &host);
+        assert_eq!(reg(&c, 0xd, 0, Reg::Eax), 0x2e7);
+        assert_eq!(reg(&c, 0xd, 1, Reg::Eax), 1);
+        let c = apply("host,-xsave", &host);
+        assert_eq!(reg(&c, 0xd, 0, Reg::Eax), 0);
+    }
+
+    #[test]
+    fn arch_capabilities_needs_the_msr() {
+        let mut c = intel_host();
+        adjust_supported(&mut c, false, true);
+        assert!(has(&c, "arch-capabilities") && has(&c, "hypervisor"));
+        adjust_supported(&mut c, false, false);
+        assert!(!has(&c, "arch-capabilities"));
+        assert!(!has(&apply("qemu64", &intel_host()), "arch-capabilities"));
+        assert!(has(
+            &apply("qemu64,+arch-capabilities", &intel_host()),
+            "arch-capabilities"
+        ));
+    }
+
+    #[test]
+    fn empty_table_does_not_panic() {
+        let empty = CpuId::new(0).unwrap();
+        for spec in [
+            "qemu64,+x2apic",
+            "host,vendor=GenuineIntel,family=6",
+            "kvm64",
+        ] {
+            let c = apply(spec, &empty);
+            assert!(!c.as_slice().is_empty());
+        }
+    }
+
+    /// The models against the real KVM: KVM must accept every table.
+    #[test]
+    fn kvm_accepts_models() {
+        let Ok(kvm) = Kvm::new() else {
+            return;
+        };
+        let supported = supported_cpuid(&kvm).unwrap();
+        assert!(has(&supported, "hypervisor"));
+        assert_eq!(
+            has(&supported, "tsc-deadline"),
+            kvm.check_extension(Cap::TscDeadlineTimer)
+        );
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        for (id, spec) in [
+            "qemu64",
+            "qemu64,+x2apic,+tsc-deadline",
+            "qemu64,+pcid,+invpcid,+umip",
+            "kvm64,+rdtscp",
+            "max,vendor=GenuineIntel",
+            "host",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let cpuid = apply(spec, &supported);
+            let vcpu = vm.create_vcpu(id as u64).unwrap();
+            let hide = must_hide_arch_capabilities(&kvm, &vcpu, &cpuid);
+            if !has(&cpuid, "arch-capabilities") {
+                assert!(!hide);
+            } else if !hide {
+                let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+                    index: MSR_IA32_ARCH_CAPABILITIES,
+                    ..Default::default()
+                }])
+                .unwrap();
+                assert_eq!(vcpu.get_msrs(&mut msrs).unwrap(), 1);
+                assert_eq!(Some(msrs.as_slice()[0].data), arch_capabilities_msr(&kvm));
+            }
+            vcpu.set_cpuid2(&cpuid)
+                .unwrap_or_else(|e| panic!("{spec}: {e}"));
+        }
+    }
+}
