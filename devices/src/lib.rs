@@ -26,6 +26,7 @@
 
 use std::sync::Arc;
 
+pub mod acpi_pm;
 pub mod cmos;
 pub mod debug_exit;
 pub mod fw_cfg;
@@ -36,6 +37,7 @@ pub mod pm_timer;
 pub mod reset_ports;
 pub mod serial;
 
+pub use acpi_pm::{AcpiPm, AcpiPmState};
 pub use cmos::{Cmos, CmosState};
 pub use debug_exit::{DebugExit, DebugExitState};
 pub use fw_cfg::{FwCfg, FwCfgError, FwCfgState};
@@ -72,6 +74,8 @@ pub enum VmRequest {
     /// that the next guest access to it faults in the host again (pc-testdev's port 0xe4; QEMU
     /// does `mprotect(PROT_NONE)` and back). The VM goes on running.
     FlushPage(u64),
+    /// Power the machine off (ACPI S5).
+    PowerOff,
 }
 
 /// A device's interrupt line into the interrupt controllers.

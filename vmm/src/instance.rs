@@ -198,6 +198,13 @@ impl Instance {
         );
         device(
             &mut registry,
+            "acpi-pm",
+            &d.acpi_pm,
+            devices::acpi_pm::AcpiPm::state,
+            devices::acpi_pm::AcpiPm::restore,
+        );
+        device(
+            &mut registry,
             "acpi-pm-timer",
             &d.pm_timer,
             pm_timer::PmTimer::state,

@@ -309,6 +309,7 @@ fn request_event(req: Option<VmRequest>, shared: &VcpuShared) -> Next {
         None => Next::Continue,
         Some(VmRequest::Reset) => Next::Report(VmEvent::Reset),
         Some(VmRequest::Exit(code)) => Next::Report(VmEvent::Exit(code)),
+        Some(VmRequest::PowerOff) => Next::Report(VmEvent::PowerOff),
         Some(VmRequest::FlushPage(gpa)) => {
             flush_page(&shared.memory, gpa);
             Next::Continue

@@ -173,6 +173,8 @@ pub struct Devices {
     pub testdev_irq: Arc<Mutex<devices::pc_testdev::PcTestdevIrq>>,
     /// pc-testdev's MMIO scratch area.
     pub testdev_mmio: Arc<Mutex<devices::pc_testdev::PcTestdevMmio>>,
+    /// The ACPI PM1 event and control registers.
+    pub acpi_pm: Arc<Mutex<devices::acpi_pm::AcpiPm>>,
     /// The ACPI PM timer.
     pub pm_timer: Arc<Mutex<devices::pm_timer::PmTimer>>,
     /// System control port A (fast reset, A20).
@@ -378,6 +380,8 @@ impl Vm {
             u64::from(IOAPIC_PINS),
             testdev_irq.clone(),
         )?;
+        let acpi_pm = Arc::new(Mutex::new(devices::acpi_pm::AcpiPm::new()));
+        pio.insert(acpi::PM1A_EVT_BLK.into(), 6, acpi_pm.clone())?;
         let pm_timer = Arc::new(Mutex::new(devices::pm_timer::PmTimer::new()));
         pio.insert(PM_TIMER_PORT, 4, pm_timer.clone())?;
         let port92 = Arc::new(Mutex::new(devices::reset_ports::Port92::new()));
@@ -440,6 +444,7 @@ impl Vm {
                 testdev_ports,
                 testdev_irq,
                 testdev_mmio,
+                acpi_pm,
                 pm_timer,
                 port92,
             },

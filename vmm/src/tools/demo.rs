@@ -143,8 +143,33 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
 /// A directory removed on drop.
 struct TempDir(PathBuf);
 
+/// Whether process `pid` exists.
+fn alive(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks whether the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+    || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The pid in a name of the demo's, `hopvm-demo-<pid>` or `hopvm-demo-<pid>-<side>`.
+fn demo_pid(name: &str) -> Option<libc::pid_t> {
+    name.strip_prefix(NETNS_PREFIX)?
+        .split('-')
+        .next()?
+        .parse()
+        .ok()
+}
+
 impl TempDir {
     fn new() -> Result<Self, DemoError> {
+        // Directories of demos that were killed before they could clean up.
+        if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if demo_pid(&name).is_some_and(|pid| !alive(pid)) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let p = std::env::temp_dir().join(format!("hopvm-demo-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).map_err(io_err(format!("creating {}", p.display())))?;
@@ -232,17 +257,7 @@ fn remove_stale_namespaces() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(NETNS_PREFIX)
-            .and_then(|rest| rest.split('-').next())
-            .and_then(|p| p.parse::<libc::pid_t>().ok())
-        else {
-            continue;
-        };
-        // SAFETY: signal 0 only checks whether the process exists.
-        let alive = unsafe { libc::kill(pid, 0) } == 0
-            || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
-        if !alive {
+        if demo_pid(&name).is_some_and(|pid| !alive(pid)) {
             let _ = ip(&["netns", "delete", &name]);
         }
     }
@@ -818,6 +833,15 @@ mod tests {
         assert!(check_continuity("pass 1 ok\npass 2 ok\n", "pass 2 ok\npass 3 ok\n").is_err());
         assert!(check_continuity("pass 1 ok\n", "pass 3 ok\n").is_err());
         assert!(check_continuity("pass 1 ok\npass 2 ok\n", "pass 3 ok\npass 4 ok\n").is_ok());
+    }
+
+    #[test]
+    fn names_of_other_demos() {
+        assert_eq!(demo_pid("hopvm-demo-123"), Some(123));
+        assert_eq!(demo_pid("hopvm-demo-123-src"), Some(123));
+        assert_eq!(demo_pid("hopvm-demo-test-5"), None);
+        assert_eq!(demo_pid("hopvm-other-1"), None);
+        assert!(alive(std::process::id() as libc::pid_t));
     }
 
     #[test]

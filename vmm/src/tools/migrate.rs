@@ -552,7 +552,7 @@ pub fn write_reports(
 pub fn command(args: &MigrateArgs) -> i32 {
     super::catch_interrupts();
     let path = super::qmp_socket_path(&args.qmp);
-    let mut client = match QmpClient::connect_retry(&path, CONNECT_TIMEOUT) {
+    let mut client = match super::connect_qmp(&path, CONNECT_TIMEOUT) {
         Ok(c) => c,
         Err(source) => {
             eprintln!(

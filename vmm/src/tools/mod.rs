@@ -22,8 +22,11 @@ pub mod qmp_shell;
 pub mod report;
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::qmp::client::QmpClient;
 
 /// How many SIGINT / SIGTERM / SIGHUP arrived since [`catch_interrupts`].
 static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
@@ -63,6 +66,20 @@ pub fn interactive() -> bool {
 /// The socket path of a `--qmp` option: `unix:PATH` or a plain path.
 pub fn qmp_socket_path(spec: &str) -> PathBuf {
     PathBuf::from(spec.strip_prefix("unix:").unwrap_or(spec))
+}
+
+/// Connects to the QMP monitor at `path`, retrying for up to `timeout` while the socket does
+/// not exist yet or refuses (a VM that is still starting) — unless its directory does not
+/// exist either, which no wait will fix.
+pub fn connect_qmp(
+    path: &Path,
+    timeout: Duration,
+) -> Result<QmpClient, crate::qmp::client::QmpClientError> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if dir.is_some_and(|d| !d.is_dir()) {
+        return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory").into());
+    }
+    QmpClient::connect_retry(path, timeout)
 }
 
 /// Formats a byte count for people: `812 B`, `3.4 KiB`, `48.2 MiB`, `1.50 GiB`.

@@ -28,7 +28,7 @@ use rustyline::{Editor, ExternalPrinter, Helper};
 use serde_json::{Map, Value};
 
 use crate::cli::QmpArgs;
-use crate::qmp::client::{QmpClient, QmpClientError};
+use crate::qmp::client::QmpClientError;
 
 /// How long to wait for the monitor socket to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -312,6 +312,15 @@ impl ShellConnection {
 
 /// Connects, retrying briefly while the socket does not exist yet or refuses.
 fn connect_retry(path: &Path) -> std::io::Result<UnixStream> {
+    if path
+        .parent()
+        .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
+    {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no such directory",
+        ));
+    }
     let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
     loop {
         match UnixStream::connect(path) {
@@ -481,12 +490,11 @@ fn one_shot(path: &Path, command: &str, args: &[String]) -> Result<i32, QmpShell
         }
         pairs => Some(Value::Object(arguments(pairs)?)),
     };
-    let mut client = QmpClient::connect_retry(path, CONNECT_TIMEOUT).map_err(|source| {
-        QmpShellError::Monitor {
+    let mut client =
+        super::connect_qmp(path, CONNECT_TIMEOUT).map_err(|source| QmpShellError::Monitor {
             path: path.display().to_string(),
             source,
-        }
-    })?;
+        })?;
     match client.execute(command, arguments) {
         Ok(v) => {
             println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());

@@ -1,0 +1,157 @@
+//! The ACPI PM1 event and control registers of PIIX4's power-management block (ports
+//! 0x600–0x605), which the FADT points the guest at.
+//!
+//! Status bits are write-1-to-clear and the enable register masks them; the machine is always
+//! in ACPI mode, so SCI_EN reads as 1. Writing SLP_EN with SLP_TYP 0 (the DSDT's `\_S5_`) powers
+//! the machine off. Suspend to RAM (`\_S3_`) needs firmware to resume through, which hopvm
+//! does not have: the request is logged and the guest simply continues, as if the sleep had
+//! ended at once.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{fill_le, le_value, BusDevice, VmRequest};
+
+/// PM1 control: SCI_EN.
+const SCI_EN: u16 = 1 << 0;
+/// PM1 control: SLP_EN (write-only: starts the sleep).
+const SLP_EN: u16 = 1 << 13;
+/// PM1 control: the SLP_TYP field.
+const SLP_TYP_SHIFT: u16 = 10;
+const SLP_TYP_MASK: u16 = 7 << SLP_TYP_SHIFT;
+/// SLP_TYP that means soft-off (the DSDT's `\_S5_`).
+const SLP_TYP_S5: u16 = 0;
+/// PM1 status: WAK_STS, set when the machine wakes.
+const WAK_STS: u16 = 1 << 15;
+
+/// Everything the guest can observe of the PM1 block.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcpiPmState {
+    /// PM1 status (offset 0).
+    pub status: u16,
+    /// PM1 enable (offset 2).
+    pub enable: u16,
+    /// PM1 control (offset 4), without SLP_EN.
+    pub control: u16,
+}
+
+/// PM1a event (status, enable) and control registers, registered at 0x600 with length 6.
+#[derive(Debug, Default)]
+pub struct AcpiPm {
+    s: AcpiPmState,
+}
+
+impl AcpiPm {
+    /// The registers after power-on: SCI_EN set.
+    pub fn new() -> Self {
+        Self {
+            s: AcpiPmState {
+                control: SCI_EN,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The guest-visible state.
+    pub fn state(&self) -> AcpiPmState {
+        self.s.clone()
+    }
+
+    /// Restores a state from [`AcpiPm::state`].
+    pub fn restore(&mut self, state: &AcpiPmState) {
+        self.s = state.clone();
+    }
+
+    fn regs(&self) -> [u8; 6] {
+        let mut r = [0u8; 6];
+        r[0..2].copy_from_slice(&self.s.status.to_le_bytes());
+        r[2..4].copy_from_slice(&self.s.enable.to_le_bytes());
+        r[4..6].copy_from_slice(&self.s.control.to_le_bytes());
+        r
+    }
+}
+
+impl BusDevice for AcpiPm {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let regs = self.regs();
+        let mut value = 0u64;
+        for (i, b) in (offset..offset + data.len() as u64).enumerate() {
+            let byte = regs.get(b as usize).copied().unwrap_or(0);
+            value |= u64::from(byte) << (8 * i);
+        }
+        fill_le(data, value);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
+        let value = le_value(data);
+        let mut request = None;
+        for (i, addr) in (offset..offset + data.len() as u64).enumerate() {
+            let byte = (value >> (8 * i)) as u8;
+            let (reg, shift) = (addr / 2, (addr % 2) * 8);
+            let bits = u16::from(byte) << shift;
+            match reg {
+                0 => self.s.status &= !bits,
+                1 => self.s.enable = (self.s.enable & !(0xff << shift)) | bits,
+                2 => {
+                    let control = (self.s.control & !(0xff << shift)) | bits;
+                    self.s.control = (control & !SLP_EN) | SCI_EN;
+                    if control & SLP_EN != 0 {
+                        let typ = (control & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
+                        if typ == SLP_TYP_S5 {
+                            request = Some(VmRequest::PowerOff);
+                        } else {
+                            log::warn!("acpi sleep state {typ} requested: not supported, resuming");
+                            self.s.status |= WAK_STS;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        request
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registers_and_power_off() {
+        let mut pm = AcpiPm::new();
+        let mut d = [0u8; 2];
+        pm.read(4, &mut d);
+        assert_eq!(u16::from_le_bytes(d), SCI_EN);
+        assert_eq!(pm.write(2, &0x0121u16.to_le_bytes()), None);
+        pm.read(2, &mut d);
+        assert_eq!(u16::from_le_bytes(d), 0x0121);
+        // S3: not supported, the guest continues with WAK_STS set.
+        assert_eq!(
+            pm.write(4, &(SLP_EN | (1 << SLP_TYP_SHIFT)).to_le_bytes()),
+            None
+        );
+        pm.read(0, &mut d);
+        assert_eq!(u16::from_le_bytes(d) & WAK_STS, WAK_STS);
+        // Write 1 to clear.
+        pm.write(0, &WAK_STS.to_le_bytes());
+        pm.read(0, &mut d);
+        assert_eq!(u16::from_le_bytes(d), 0);
+        // S5: power off, also through a byte write of the high half.
+        assert_eq!(
+            pm.write(5, &[(SLP_EN >> 8) as u8]),
+            Some(VmRequest::PowerOff)
+        );
+    }
+
+    #[test]
+    fn state_round_trip() {
+        let mut pm = AcpiPm::new();
+        pm.write(2, &0x0400u16.to_le_bytes());
+        let mut fresh = AcpiPm::new();
+        fresh.restore(&pm.state());
+        let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
+        pm.read(2, &mut a);
+        fresh.read(2, &mut b);
+        assert_eq!(a, b);
+        assert_eq!(fresh.state(), pm.state());
+    }
+}
