@@ -5,17 +5,26 @@
 //! code at 4 MiB), then converted with `objcopy -O elf32-i386` so that
 //! Multiboot loaders (hopvm, `qemu-system-x86_64 -kernel`) accept it.
 //!
+//! Every `guests/<name>.S` is a standalone real-mode image in the style of
+//! kvm-unit-tests' `x86/realmode`: assembled with `gcc -m32`, linked without
+//! the runtime by `guests/lib/standalone16.ld` at 0x8000 as an ELF32 Multiboot
+//! image whose 32-bit entry code (`.text`) drops to real mode itself and runs
+//! 16-bit code (`.text16`).
+//!
 //! Outputs in `$OUT_DIR`:
 //! - `images/<name>.elf`: the bootable images (directory exported to the
 //!   crate as `HOPVM_GUEST_IMAGES_DIR`),
-//! - `obj/<name>.elf64`: the 64-bit ELF with symbols, for debugging,
-//! - `image_names.rs`: the list of image names.
+//! - `obj/<name>.elf64`: the 64-bit ELF with symbols, for debugging
+//!   (`obj/<name>.elf32` for standalone images),
+//! - `image_names.rs`: the lists of image names (`IMAGE_NAMES` for the C
+//!   guests, `STANDALONE_IMAGE_NAMES` for the real-mode ones).
 //!
 //! Tools: `gcc`, `ld`, `objcopy` and `objdump` from PATH, overridable with
 //! `HOPVM_GUEST_CC`, `HOPVM_GUEST_LD`, `HOPVM_GUEST_OBJCOPY` and
 //! `HOPVM_GUEST_OBJDUMP`.
 //!
-//! After linking, the code is disassembled and the build fails if it contains
+//! After linking, the code is disassembled (`.text16` as 8086 code) and the
+//! build fails if it contains
 //! an instruction that the test machine's instruction emulator cannot execute
 //! (SSE/AVX registers, XSAVE family, CMPXCHG16B, CLAC/STAC, INT3, FWAIT,
 //! POPCNT, MOVBE), except under a symbol whose name ends in `_probe` (used by
@@ -102,6 +111,7 @@ fn main() {
 
     let lib_sources = list_sources(&lib_dir, &["c", "S"]);
     let guest_sources = list_sources(&guests_dir, &["c"]);
+    let standalone_sources = list_sources(&guests_dir, &["S"]);
     // The directories catch added or removed files; every file is listed
     // too, since a directory's own timestamp does not change when a file in
     // it is edited.
@@ -109,6 +119,7 @@ fn main() {
     for f in list_sources(&lib_dir, &["c", "S", "h", "ld"])
         .iter()
         .chain(&guest_sources)
+        .chain(&standalone_sources)
     {
         println!("cargo:rerun-if-changed={}", f.display());
     }
@@ -119,17 +130,28 @@ fn main() {
     );
 
     // Compile everything (in parallel: gcc start-up dominates).
-    let mut jobs: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let mut jobs: Vec<(PathBuf, PathBuf, Kind)> = Vec::new();
     for src in &lib_sources {
-        jobs.push((src.clone(), obj_dir.join("lib").join(object_name(src))));
+        jobs.push((
+            src.clone(),
+            obj_dir.join("lib").join(object_name(src)),
+            Kind::Runtime,
+        ));
     }
     for src in &guest_sources {
-        jobs.push((src.clone(), obj_dir.join(object_name(src))));
+        jobs.push((src.clone(), obj_dir.join(object_name(src)), Kind::Runtime));
+    }
+    for src in &standalone_sources {
+        jobs.push((
+            src.clone(),
+            obj_dir.join(object_name(src)),
+            Kind::Standalone,
+        ));
     }
     let results: Vec<Result<(), String>> = std::thread::scope(|s| {
         let handles: Vec<_> = jobs
             .iter()
-            .map(|(src, obj)| s.spawn(|| tools.compile(src, obj, &lib_dir)))
+            .map(|(src, obj, kind)| s.spawn(|| tools.compile(src, obj, &lib_dir, *kind)))
             .collect();
         handles
             .into_iter()
@@ -162,7 +184,7 @@ fn main() {
         objs.extend(lib_objs.iter().cloned());
         if let Err(e) = tools
             .link(&linker_script, &objs, &elf64)
-            .and_then(|()| tools.check_instructions(&elf64))
+            .and_then(|()| tools.check_instructions(&elf64, &[]))
             .and_then(|()| tools.to_elf32(&elf64, &image))
         {
             panic!("building test guest {name} failed:\n{e}");
@@ -170,9 +192,34 @@ fn main() {
         names.push(name);
     }
 
+    let standalone_script = lib_dir.join("standalone16.ld");
+    let mut standalone_names = Vec::new();
+    for src in &standalone_sources {
+        let name = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_else(|| panic!("bad guest file name {}", src.display()))
+            .to_string();
+        let elf = obj_dir.join(format!("{name}.elf32"));
+        let image = images_dir.join(format!("{name}.elf"));
+        if let Err(e) = tools
+            .link_standalone(&standalone_script, &obj_dir.join(object_name(src)), &elf)
+            .and_then(|()| tools.check_instructions(&elf, &["-j", ".text"]))
+            .and_then(|()| tools.check_instructions(&elf, &["-j", ".text16", "-M", "i8086"]))
+            .and_then(|()| tools.strip(&elf, &image))
+        {
+            panic!("building standalone test guest {name} failed:\n{e}");
+        }
+        standalone_names.push(name);
+    }
+
     let list: String = names.iter().map(|n| format!("    {n:?},\n")).collect();
+    let standalone_list: String = standalone_names
+        .iter()
+        .map(|n| format!("    {n:?},\n"))
+        .collect();
     let rs = format!(
-        "/// Names of the test guest images built from `guests/*.c`.\npub const IMAGE_NAMES: &[&str] = &[\n{list}];\n"
+        "/// Names of the test guest images built from `guests/*.c`.\npub const IMAGE_NAMES: &[&str] = &[\n{list}];\n\n/// Names of the standalone real-mode images built from `guests/*.S`\n/// (Multiboot ELF32 linked at 0x8000, see `guests/lib/standalone16.ld`).\npub const STANDALONE_IMAGE_NAMES: &[&str] = &[\n{standalone_list}];\n"
     );
     let rs_path = out_dir.join("image_names.rs");
     fs::write(&rs_path, rs).unwrap_or_else(|e| panic!("writing {}: {e}", rs_path.display()));
@@ -210,6 +257,18 @@ fn object_name(src: &Path) -> String {
     format!("{stem}.{ext}.o")
 }
 
+/// How a source file is compiled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// 64-bit code linked with the runtime (`guests/*.c`, `guests/lib/`).
+    Runtime,
+    /// A standalone 32/16-bit image (`guests/*.S`).
+    Standalone,
+}
+
+/// Flags for standalone 32/16-bit assembly guests.
+const STANDALONE_FLAGS: &[&str] = &["-m32", "-ffreestanding", "-fno-pic", "-nostdlib"];
+
 struct Tools {
     cc: String,
     ld: String,
@@ -218,15 +277,18 @@ struct Tools {
 }
 
 impl Tools {
-    fn compile(&self, src: &Path, obj: &Path, lib_dir: &Path) -> Result<(), String> {
+    fn compile(&self, src: &Path, obj: &Path, lib_dir: &Path, kind: Kind) -> Result<(), String> {
         let mut cmd = Command::new(&self.cc);
-        cmd.args(CFLAGS)
-            .arg("-I")
-            .arg(lib_dir)
-            .arg("-c")
-            .arg(src)
-            .arg("-o")
-            .arg(obj);
+        cmd.args(match kind {
+            Kind::Runtime => CFLAGS,
+            Kind::Standalone => STANDALONE_FLAGS,
+        })
+        .arg("-I")
+        .arg(lib_dir)
+        .arg("-c")
+        .arg(src)
+        .arg("-o")
+        .arg(obj);
         run(&mut cmd)
     }
 
@@ -248,6 +310,27 @@ impl Tools {
         run(&mut cmd)
     }
 
+    fn link_standalone(&self, script: &Path, obj: &Path, out: &Path) -> Result<(), String> {
+        let mut cmd = Command::new(&self.ld);
+        cmd.args(["-m", "elf_i386", "-nostdlib", "-static", "--build-id=none"])
+            .args(["-z", "max-page-size=0x1000", "-z", "noexecstack"]);
+        // One RWX segment by design (it must fit in [0x8000, 0x9000)); binutils
+        // 2.39 and later warn about that unless told not to.
+        let help = Command::new(&self.ld).arg("--help").output();
+        if help.is_ok_and(|h| String::from_utf8_lossy(&h.stdout).contains("--no-warn-rwx-segments"))
+        {
+            cmd.arg("--no-warn-rwx-segments");
+        }
+        cmd.arg("-T").arg(script).arg("-o").arg(out).arg(obj);
+        run(&mut cmd)
+    }
+
+    fn strip(&self, elf: &Path, image: &Path) -> Result<(), String> {
+        let mut cmd = Command::new(&self.objcopy);
+        cmd.arg("--strip-debug").arg(elf).arg(image);
+        run(&mut cmd)
+    }
+
     fn to_elf32(&self, elf64: &Path, image: &Path) -> Result<(), String> {
         let mut cmd = Command::new(&self.objcopy);
         cmd.args(["-O", "elf32-i386", "--strip-debug"])
@@ -256,18 +339,20 @@ impl Tools {
         run(&mut cmd)
     }
 
-    /// Fails if the disassembly contains an instruction the emulator lacks.
-    fn check_instructions(&self, elf64: &Path) -> Result<(), String> {
+    /// Fails if the disassembly contains an instruction the emulator lacks;
+    /// `extra` adds objdump options (sections, `-M i8086`).
+    fn check_instructions(&self, elf: &Path, extra: &[&str]) -> Result<(), String> {
         let output = Command::new(&self.objdump)
             .args(["-d", "--no-show-raw-insn", "-M", "att"])
-            .arg(elf64)
+            .args(extra)
+            .arg(elf)
             .output();
         let output = match output {
             Ok(o) if o.status.success() => o,
             Ok(o) => {
                 println!(
                     "cargo:warning=objdump failed on {}: {}; skipping the instruction check",
-                    elf64.display(),
+                    elf.display(),
                     String::from_utf8_lossy(&o.stderr).trim()
                 );
                 return Ok(());
@@ -321,7 +406,7 @@ impl Tools {
         } else {
             Err(format!(
                 "{} contains instructions the test machine's emulator cannot execute:\n{}",
-                elf64.display(),
+                elf.display(),
                 bad.join("\n")
             ))
         }

@@ -32,6 +32,10 @@ venv=${HOPVM_VENV:-/opt/hopvm-venv}
 qmp_version=0.0.6
 if ! "$venv/bin/python" -c "import qemu.qmp, sys; from importlib.metadata import version; \
         sys.exit(version('qemu.qmp') != '$qmp_version')" >/dev/null 2>&1; then
+    if [ -e "$venv" ] && [ ! -f "$venv/pyvenv.cfg" ]; then
+        echo "error: $venv exists and is not a Python virtual environment" >&2
+        exit 1
+    fi
     echo "installing qemu.qmp $qmp_version into $venv"
     rm -rf "$venv"
     /usr/bin/python3 -m venv "$venv"

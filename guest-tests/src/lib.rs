@@ -4,9 +4,11 @@
 //! built by `build.rs` into Multiboot v1 ELF32 images; [`image_path`] and
 //! [`images_dir`] locate them.  The [`manifest`] module parses the test list
 //! (`unittests.cfg`) and the [`runner`] module runs each test by spawning the
-//! hopvm binary and judging its exit status and output.
+//! hopvm binary and judging its exit status and output ([`migrate`] runs the
+//! live-migration tests).
 
 pub mod manifest;
+pub mod migrate;
 pub mod pattern;
 pub mod runner;
 

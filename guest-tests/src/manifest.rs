@@ -15,7 +15,18 @@
 //! timeout = 60                # seconds; "90s" and "2m" also accepted (default 60)
 //! groups = smoke smp          # whitespace-separated group names
 //! emulation_failure_at = xrstor at
+//! no_reboot = false           # run without --no-reboot (default true)
+//! migrate = yes               # live-migrate the guest (default no)
 //! ```
+//!
+//! In `extra_params`, `{manifest_dir}` stands for the directory holding the
+//! manifest file (when it was loaded from a file), so that tests can name data
+//! files next to it, e.g. `--initrd {manifest_dir}/data/x.bin`.
+//!
+//! `migrate = yes` makes the runner migrate the guest live when it prints
+//! "Now migrate the VM" (kvm-unit-tests' migration tests): see
+//! [`crate::migrate`].  Booleans are `yes`/`no`, `true`/`false`, `on`/`off`
+//! or `1`/`0`.
 //!
 //! `emulation_failure_at = PREFIX` accepts a second outcome besides the one
 //! described by `expect_status`/`expect_output`: hopvm exiting with status 3
@@ -43,6 +54,8 @@ pub const DEFAULT_EXPECT_STATUS: i32 = 1;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Group whose tests only run when explicitly selected.
 pub const NODEFAULT_GROUP: &str = "nodefault";
+/// Stands for the manifest's directory in `extra_params`.
+pub const MANIFEST_DIR_PLACEHOLDER: &str = "{manifest_dir}";
 
 /// Keys a test section may contain.
 pub const KEYS: &[&str] = &[
@@ -56,6 +69,8 @@ pub const KEYS: &[&str] = &[
     "timeout",
     "groups",
     "emulation_failure_at",
+    "no_reboot",
+    "migrate",
 ];
 
 /// A guest RAM size as written in the manifest and in bytes.
@@ -140,6 +155,11 @@ pub struct TestSpec {
     /// Prefix of the guest's `PREFIX 0x<rip>` line for the emulation-failure
     /// outcome (`emulation_failure_at`).
     pub emulation_failure_at: Option<String>,
+    /// Pass `--no-reboot` (`no_reboot`, default true): a guest reset ends the
+    /// VM with status 0 instead of rebooting it.
+    pub no_reboot: bool,
+    /// Migrate the guest live when it asks to be (`migrate`, default false).
+    pub migrate: bool,
 }
 
 impl TestSpec {
@@ -162,6 +182,19 @@ impl Manifest {
     /// Looks a test up by name.
     pub fn get(&self, name: &str) -> Option<&TestSpec> {
         self.tests.iter().find(|t| t.name == name)
+    }
+
+    /// Replaces [`MANIFEST_DIR_PLACEHOLDER`] in every test's `extra_params`
+    /// with `dir` ([`load`] does this with the manifest's directory).
+    pub fn substitute_manifest_dir(&mut self, dir: &Path) {
+        let dir = dir.to_string_lossy();
+        for t in &mut self.tests {
+            for p in &mut t.extra_params {
+                if p.contains(MANIFEST_DIR_PLACEHOLDER) {
+                    *p = p.replace(MANIFEST_DIR_PLACEHOLDER, &dir);
+                }
+            }
+        }
     }
 }
 
@@ -212,6 +245,11 @@ pub fn load(path: &Path) -> Result<Manifest, ManifestError> {
         },
         other => other,
     })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    m.substitute_manifest_dir(&dir);
     m.path = Some(path.to_path_buf());
     Ok(m)
 }
@@ -383,6 +421,13 @@ fn build_test(s: Section) -> Result<TestSpec, (usize, String)> {
         Some((_, v)) => Some(unquote(v).to_string()),
         None => None,
     };
+    let boolean = |key: &str, default: bool| match get(key) {
+        Some((l, v)) => parse_bool(v)
+            .ok_or_else(|| (l, format!("[{name}]: {key} must be yes or no, not {v:?}"))),
+        None => Ok(default),
+    };
+    let no_reboot = boolean("no_reboot", true)?;
+    let migrate = boolean("migrate", false)?;
     Ok(TestSpec {
         name,
         line: s.line,
@@ -396,7 +441,18 @@ fn build_test(s: Section) -> Result<TestSpec, (usize, String)> {
         timeout,
         groups,
         emulation_failure_at,
+        no_reboot,
+        migrate,
     })
+}
+
+/// Parses a boolean value: yes/no, true/false, on/off, 1/0 (any case).
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "yes" | "true" | "on" | "1" => Some(true),
+        "no" | "false" | "off" | "0" => Some(false),
+        _ => None,
+    }
 }
 
 /// Parses a timeout: plain seconds, or with an `s` or `m` suffix.
@@ -508,6 +564,8 @@ expect_output = "  spaced  "
 timeout = 2m
 groups = smoke  smp
 emulation_failure_at = xrstor at
+no_reboot = false
+migrate = yes
 
 [other]
 file=x.elf
@@ -532,6 +590,7 @@ file=x.elf
         assert_eq!(t.groups, vec!["smoke", "smp"]);
         assert!(t.in_group("smp"));
         assert_eq!(t.emulation_failure_at.as_deref(), Some("xrstor at"));
+        assert!(!t.no_reboot && t.migrate);
 
         let o = m.get("other").unwrap();
         assert_eq!(o.smp, 1);
@@ -539,6 +598,7 @@ file=x.elf
         assert_eq!(o.expect_status, DEFAULT_EXPECT_STATUS);
         assert_eq!(o.timeout, DEFAULT_TIMEOUT);
         assert!(o.expect_output.is_empty() && o.groups.is_empty() && o.append.is_empty());
+        assert!(o.no_reboot && !o.migrate);
     }
 
     #[test]
@@ -589,6 +649,16 @@ file=x.elf
             ),
             ("[a]\nfile = x\njust words\n", 3, "expected `key = value`"),
             ("[a]\nfile = x\nemulation_failure_at =\n", 3, "empty"),
+            (
+                "[a]\nfile = x\nmigrate = maybe\n",
+                3,
+                "migrate must be yes or no",
+            ),
+            (
+                "[a]\nfile = x\nno_reboot = 2\n",
+                3,
+                "no_reboot must be yes or no",
+            ),
         ];
         for (text, line, msg) in cases {
             let (l, m) = syntax_error(text);
@@ -648,16 +718,60 @@ file=x.elf
     }
 
     #[test]
+    fn booleans() {
+        for v in ["yes", "YES", "true", "on", "1"] {
+            assert_eq!(parse_bool(v), Some(true), "{v}");
+        }
+        for v in ["no", "False", "off", "0"] {
+            assert_eq!(parse_bool(v), Some(false), "{v}");
+        }
+        assert_eq!(parse_bool(""), None);
+        assert_eq!(parse_bool("2"), None);
+    }
+
+    #[test]
+    fn manifest_dir_placeholder() {
+        let dir = std::env::temp_dir().join(format!("guest-tests-mdir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("m.cfg");
+        std::fs::write(
+            &path,
+            "[a]\nfile = x\nextra_params = --initrd {manifest_dir}/data/f --x=y\n",
+        )
+        .unwrap();
+        let m = load(&path).unwrap();
+        assert_eq!(
+            m.tests[0].extra_params,
+            vec![
+                "--initrd".to_string(),
+                format!("{}/data/f", dir.display()),
+                "--x=y".to_string()
+            ]
+        );
+        // Unsubstituted when parsed from text.
+        let m = parse("[a]\nfile = x\nextra_params = {manifest_dir}/f\n").unwrap();
+        assert_eq!(m.tests[0].extra_params, vec!["{manifest_dir}/f"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn real_manifest_parses() {
         let m = load(&crate::default_manifest_path()).unwrap();
         assert!(!m.tests.is_empty());
         for t in &m.tests {
+            let name = t.file.trim_end_matches(".elf");
             assert!(
-                crate::IMAGE_NAMES.contains(&t.file.trim_end_matches(".elf")),
+                crate::IMAGE_NAMES.contains(&name) || crate::STANDALONE_IMAGE_NAMES.contains(&name),
                 "[{}] uses unknown image {}",
                 t.name,
                 t.file
             );
+            // Data files named through {manifest_dir} must exist.
+            let dir = crate::default_manifest_path();
+            let dir = dir.parent().unwrap().to_string_lossy().into_owned();
+            for p in t.extra_params.iter().filter(|p| p.starts_with(&dir)) {
+                assert!(Path::new(p).exists(), "[{}]: {p} does not exist", t.name);
+            }
         }
     }
 }

@@ -7,7 +7,10 @@
 //!     --debug-exit iobase=0xf4,iosize=4 --no-reboot [--cmdline <append>] <extra_params...>
 //! ```
 //!
-//! with stdout and stderr captured and a hard timeout (the child is killed).
+//! (without `--no-reboot` for tests with `no_reboot = false`) with stdout
+//! and stderr captured and a hard timeout (the child is killed).  Tests with
+//! `migrate = yes` run as a source and a destination hopvm and are migrated
+//! live when the guest asks (see [`crate::migrate`]).
 //! A test passes when the exit status equals `expect_status` and every
 //! `expect_output` pattern is found in stdout followed by stderr.  A guest
 //! that exits with code 77 ("SKIP: ...", status 155) is reported as skipped.
@@ -19,6 +22,7 @@ use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -298,8 +302,10 @@ pub fn hopvm_args(spec: &TestSpec, image: &Path) -> Vec<OsString> {
         "stdio".into(),
         "--debug-exit".into(),
         "iobase=0xf4,iosize=4".into(),
-        "--no-reboot".into(),
     ];
+    if spec.no_reboot {
+        a.push("--no-reboot".into());
+    }
     if !spec.append.is_empty() {
         a.push("--cmdline".into());
         a.push(spec.append.clone().into());
@@ -373,7 +379,14 @@ pub fn run_test(spec: &TestSpec, config: &RunnerConfig) -> TestResult {
     };
     let args = hopvm_args(spec, &image);
     let mut command = vec![config.hopvm.clone().into_os_string()];
-    command.extend(args.iter().cloned());
+    let migration_dir = spec.migrate.then(new_migration_dir);
+    match &migration_dir {
+        Some(dir) => {
+            let sockets = crate::migrate::Sockets::in_dir(dir);
+            command.extend(crate::migrate::source_args(&args, &sockets));
+        }
+        None => command.extend(args.iter().cloned()),
+    }
     let start = Instant::now();
     let mut result = TestResult {
         name: spec.name.clone(),
@@ -384,6 +397,11 @@ pub fn run_test(spec: &TestSpec, config: &RunnerConfig) -> TestResult {
     };
     if !image.is_file() {
         result.verdict = Verdict::Fail(format!("image {} not found", image.display()));
+        return result;
+    }
+    if let Some(dir) = &migration_dir {
+        run_migration_test(spec, config, &args, dir, &mut result);
+        result.duration = start.elapsed();
         return result;
     }
     match run_with_timeout(&config.hopvm, &args, spec.timeout) {
@@ -400,13 +418,53 @@ pub fn run_test(spec: &TestSpec, config: &RunnerConfig) -> TestResult {
     result
 }
 
+/// A fresh temporary directory path for a migration test's sockets (short:
+/// Unix socket paths are limited to 107 bytes).
+fn new_migration_dir() -> PathBuf {
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    std::env::temp_dir().join(format!(
+        "hopvm-unittests-{}-{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Runs a `migrate = yes` test (source, destination, live migration) into
+/// `result`, with the sockets in `dir` (created and removed here).
+fn run_migration_test(
+    spec: &TestSpec,
+    config: &RunnerConfig,
+    args: &[OsString],
+    dir: &Path,
+    result: &mut TestResult,
+) {
+    let run = std::fs::create_dir_all(dir)
+        .and_then(|()| crate::migrate::run_migration(&config.hopvm, args, dir, spec.timeout));
+    let _ = std::fs::remove_dir_all(dir);
+    match run {
+        Ok(m) => {
+            result.verdict = match m.failure {
+                Some(f) => Verdict::Fail(match failure_hint(&m.outcome) {
+                    Some(h) => format!("{f}; {h}"),
+                    None => f,
+                }),
+                None => judge(spec, &m.outcome),
+            };
+            result.outcome = m.outcome;
+        }
+        Err(e) => {
+            result.verdict = Verdict::Fail(format!("cannot run {}: {e}", config.hopvm.display()));
+        }
+    }
+}
+
 /// A captured stream: the bytes so far plus a channel that signals EOF.
-struct Capture {
+pub(crate) struct Capture {
     buf: Arc<Mutex<Vec<u8>>>,
     done: mpsc::Receiver<()>,
 }
 
-fn capture(mut r: impl Read + Send + 'static) -> Capture {
+pub(crate) fn capture(mut r: impl Read + Send + 'static) -> Capture {
     let buf = Arc::new(Mutex::new(Vec::new()));
     let (tx, done) = mpsc::channel();
     let b = Arc::clone(&buf);
@@ -428,8 +486,14 @@ fn capture(mut r: impl Read + Send + 'static) -> Capture {
 }
 
 impl Capture {
+    /// The text captured so far.
+    pub(crate) fn text(&self) -> String {
+        let v = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        String::from_utf8_lossy(&v).into_owned()
+    }
+
     /// Waits (briefly) for EOF and returns the text captured.
-    fn finish(self, grace: Duration) -> String {
+    pub(crate) fn finish(self, grace: Duration) -> String {
         let _ = self.done.recv_timeout(grace);
         let v = self.buf.lock().unwrap_or_else(|e| e.into_inner());
         let mut s = String::from_utf8_lossy(&v).into_owned();
@@ -790,6 +854,13 @@ mod tests {
         assert!(!hopvm_args(&s, Path::new("x"))
             .iter()
             .any(|a| a == "--cmdline"));
+        assert!(hopvm_args(&s, Path::new("x"))
+            .iter()
+            .any(|a| a == "--no-reboot"));
+        let s = spec("no_reboot = false\n");
+        assert!(!hopvm_args(&s, Path::new("x"))
+            .iter()
+            .any(|a| a == "--no-reboot"));
     }
 
     #[test]

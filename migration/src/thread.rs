@@ -550,7 +550,6 @@ impl Migration {
 
         let mut limiter = RateLimiter::new(self.max_bandwidth(), Instant::now());
         let mut max_size = 0u64;
-        let mut pending = 0u64;
         let mut slot_bytes = 0u64;
         let mut slot_dirty = 0u64;
         let mut pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
@@ -563,7 +562,7 @@ impl Migration {
             if !limiter.exceeded() {
                 let mut g = lock(host.big_lock());
                 let mut reg = lock(host.registry());
-                pending = reg.pending(max_size);
+                let pending = reg.pending(max_size);
                 let now_pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
                 if now_pass != pass {
                     pass = now_pass;
@@ -601,6 +600,10 @@ impl Migration {
                         .and_then(|_| out.finish());
                     let final_pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
                     if final_pass != pass {
+                        lock(&self.inner)
+                            .timeline
+                            .passes
+                            .push((final_pass, ms(stop - start)));
                         self.notify(MigrationEvent::Pass(final_pass));
                     }
                     match result {
@@ -632,6 +635,9 @@ impl Migration {
             }
             let now = Instant::now();
             if limiter.slot_over(now) {
+                // What the sections still hold now, not before this slot's batches went out.
+                let pending =
+                    self.ram.remaining_pages.load(Ordering::Relaxed) * crate::ram::PAGE_SIZE;
                 let elapsed = now.duration_since(limiter.slot_start()).as_secs_f64();
                 limiter.new_slot(now);
                 let bandwidth = slot_bytes as f64 / elapsed.max(1e-6);

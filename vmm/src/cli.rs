@@ -28,7 +28,8 @@ pub enum Command {
     /// Boot a kernel and run it until it exits.
     Run(RunArgs),
     /// Live-migrate a memory-dirtying test guest between two hopvm processes on this machine,
-    /// showing progress and the guest's output, and check that no memory was corrupted.
+    /// showing progress and the guest's output, and check that no memory was corrupted; exit
+    /// status 0 when all checks pass, 1 on a failure, 130 when interrupted.
     Demo(DemoArgs),
     /// Drive a running hopvm's live migration over QMP with a progress bar; exit status 0
     /// completed, 1 failed, 2 cancelled (Ctrl-C cancels and leaves the source running).
@@ -36,6 +37,14 @@ pub enum Command {
     /// Send one QMP command to a running hopvm and print the reply, or open an interactive QMP
     /// shell when no command is given.
     Qmp(QmpArgs),
+    /// Run with QEMU's command line (the options kvm-unit-tests passes); the same as invoking
+    /// hopvm through a link named qemu-system-x86_64. `hopvm qemu -help` lists them.
+    #[command(disable_help_flag = true)]
+    Qemu {
+        /// QEMU options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 /// Migration parameters shared by `hopvm migrate` and `hopvm demo`; each is set over QMP
@@ -43,7 +52,7 @@ pub enum Command {
 #[derive(Debug, Clone, Default, Args)]
 pub struct MigrationParamArgs {
     /// Bandwidth limit in bytes per second, with an optional K, M or G suffix (1024-based), or
-    /// `unlimited`; hopvm's default is 32M, as QEMU's.
+    /// `unlimited`; a VM starts with 32M (QEMU's classic MAX_THROTTLE).
     #[arg(long, value_name = "BYTES/s|unlimited", value_parser = tools::migrate::parse_bandwidth)]
     pub max_bandwidth: Option<u64>,
     /// Longest acceptable downtime in ms: the guest is stopped for the final copy once what is
@@ -250,9 +259,7 @@ where
             return EXIT_USAGE;
         }
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("error"))
-        .format_timestamp_micros()
-        .init();
+    run::init_logging();
     match cli.command {
         Command::Run(args) => match run::run(&args.into()) {
             Ok(status) => status,
@@ -264,6 +271,7 @@ where
         Command::Demo(args) => tools::demo::command(&args),
         Command::Migrate(args) => tools::migrate::command(&args),
         Command::Qmp(args) => tools::qmp_shell::command(&args),
+        Command::Qemu { args } => crate::qemu_cli::main(&args),
     }
 }
 

@@ -124,6 +124,14 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
     if config.serial == SerialConfig::Stdio {
         spawn_input_thread(instance.clone(), terminal.is_some());
     }
+    instance.set_autostart(!config.paused);
+    // Listen for an incoming migration before the monitor comes up, so that a client that
+    // sees `inmigrate` can connect at once.
+    match config.incoming.as_deref() {
+        None => {}
+        Some("defer") => instance.defer_incoming(),
+        Some(uri) => instance.incoming(uri).map_err(RunError::Instance)?,
+    }
     let _monitor = match &config.qmp {
         Some(spec) => Some(
             crate::qmp::commands::start_monitor(&instance, spec)
@@ -131,12 +139,8 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
         ),
         None => None,
     };
-    instance.set_autostart(!config.paused);
-    match config.incoming.as_deref() {
-        None if config.paused => {}
-        None => instance.cont().map_err(RunError::Instance)?,
-        Some("defer") => instance.defer_incoming(),
-        Some(uri) => instance.incoming(uri).map_err(RunError::Instance)?,
+    if config.incoming.is_none() && !config.paused {
+        instance.cont().map_err(RunError::Instance)?;
     }
     let status = loop {
         match instance.vm.wait_event() {

@@ -94,3 +94,77 @@ fn bad_kernels_are_clear_errors() {
     assert!(stderr(&o).contains("cannot read /nonexistent/kernel"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// hopvm behind a link named `qemu-system-x86_64` speaks QEMU's command line, as
+/// kvm-unit-tests' scripts drive it.
+#[test]
+fn qemu_compatible_command_line() {
+    let dir = std::env::temp_dir().join(format!("hopvm-qemu-link-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let link = dir.join("qemu-system-x86_64");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_hopvm"), &link).unwrap();
+    let qemu = |args: &[&str]| Command::new(&link).args(args).output().unwrap();
+
+    let o = qemu(&["-device", "?"]);
+    let devices = String::from_utf8_lossy(&o.stdout);
+    assert!(devices.contains("\"pc-testdev\"") && devices.contains("\"pci-testdev\""));
+    let o = qemu(&["-help"]);
+    let first = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(first.starts_with("QEMU emulator version 7.2."), "{first}");
+
+    // x86/run's command line, with a guest that exits 0 through isa-debug-exit.
+    let hello = guest_tests::image_path("hello").display().to_string();
+    let o = qemu(&[
+        "-enable-kvm",
+        "-device",
+        "pc-testdev",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=0x4",
+        "-vnc",
+        "none",
+        "-serial",
+        "stdio",
+        "-device",
+        "pci-testdev",
+        "-kernel",
+        &hello,
+        "--no-reboot",
+        "-nodefaults",
+        "-global",
+        "kvm-pit.lost_tick_policy=discard",
+        "-display",
+        "none",
+        "-machine",
+        "accel=kvm",
+        "-smp",
+        "2",
+        "-m",
+        "64",
+        "-cpu",
+        "qemu64,+x2apic",
+        "-append",
+        "one two",
+    ]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("argv[2]=two"));
+    assert!(
+        o.stderr.is_empty(),
+        "stderr must stay quiet: {}",
+        stderr(&o)
+    );
+
+    let o = qemu(&["-kernel", &hello, "-usb"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stderr(&o), "hopvm: unsupported qemu option '-usb'\n");
+    let o = Command::new(env!("CARGO_BIN_EXE_hopvm"))
+        .args(["qemu", "-device", "help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("\"pc-testdev\""));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

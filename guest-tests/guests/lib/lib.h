@@ -125,6 +125,7 @@ size_t strlen(const char *s);
 int strcmp(const char *a, const char *b);
 int strncmp(const char *a, const char *b, size_t n);
 char *strchr(const char *s, int c);
+char *strstr(const char *haystack, const char *needle);
 /* Parse an unsigned number (decimal or 0x hex); returns false on junk. */
 bool parse_u64(const char *s, u64 *out);
 /*
@@ -147,11 +148,16 @@ void exit(int code) __attribute__((noreturn));
 /* Print "PASS: msg" or "FAIL: msg" and count it. */
 void report(bool pass, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void report_info(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+/* Print "SKIP: msg", count it and go on (kvm-unit-tests' report_skip). */
+void report_skipped(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 /* Print "SKIP: msg" and exit with EXIT_SKIP. */
 void report_skip(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 /* Print "ABORT: msg" and exit with EXIT_FAIL. */
 void report_abort(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
-/* Print "SUMMARY: ..." and return the exit code (0 if nothing failed). */
+/*
+ * Print "SUMMARY: N tests, M failures" (", K skipped" when report_skipped was
+ * used) and return the exit code (0 if nothing failed).
+ */
 int report_summary(void);
 int report_failures(void);
 
@@ -286,6 +292,25 @@ extern void (*volatile ap_function)(u32 index);
  * up to timeout_ms for it to increment ap_count.  Returns true if it arrived.
  */
 bool smp_start_ap(u8 apic_id, u32 timeout_ms);
+
+/* ---- fw_cfg (fwcfg.c): QEMU's legacy port I/O interface ---- */
+#define FW_CFG_PORT_SEL 0x510	/* 16-bit selector */
+#define FW_CFG_PORT_DATA 0x511	/* data, one byte per read */
+#define FW_CFG_SIGNATURE 0x00	/* "QEMU" */
+#define FW_CFG_ID 0x01		/* u32: bit 0 traditional interface, bit 1 DMA */
+#define FW_CFG_RAM_SIZE 0x03	/* u64 */
+#define FW_CFG_NB_CPUS 0x05	/* u16 */
+#define FW_CFG_MAX_CPUS 0x0f	/* u16 */
+#define FW_CFG_MAX_RAM 0x11	/* kvm-unit-tests' name; QEMU's FW_CFG_KERNEL_DATA */
+#define FW_CFG_FILE_DIR 0x19
+/* Select `key` and read `len` bytes of it. */
+void fwcfg_read(u16 key, void *buf, size_t len);
+/* Select `key` and read it as a little-endian number of `len` (<= 8) bytes. */
+u64 fwcfg_read_le(u16 key, size_t len);
+/* Whether the signature item reads "QEMU". */
+bool fwcfg_present(void);
+/* Boot CPUs (FW_CFG_NB_CPUS), as kvm-unit-tests' fwcfg_get_nb_cpus(). */
+u16 fwcfg_nb_cpus(void);
 
 /* Supplied by each guest. */
 int main(int argc, char **argv);

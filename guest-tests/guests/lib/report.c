@@ -3,7 +3,7 @@
 
 #define DEBUG_EXIT_PORT 0xf4
 
-static int tests, failures;
+static int tests, failures, skipped;
 
 void exit(int code)
 {
@@ -41,6 +41,15 @@ void report_info(const char *fmt, ...)
 	va_end(ap);
 }
 
+void report_skipped(const char *fmt, ...)
+{
+	va_list ap;
+	va_start(ap, fmt);
+	skipped++;
+	vreport("SKIP", fmt, ap);
+	va_end(ap);
+}
+
 void report_skip(const char *fmt, ...)
 {
 	va_list ap;
@@ -66,6 +75,9 @@ int report_failures(void)
 
 int report_summary(void)
 {
-	printf("SUMMARY: %d tests, %d failures\n", tests, failures);
+	if (skipped)
+		printf("SUMMARY: %d tests, %d failures, %d skipped\n", tests, failures, skipped);
+	else
+		printf("SUMMARY: %d tests, %d failures\n", tests, failures);
 	return failures ? EXIT_FAIL : EXIT_PASS;
 }

@@ -50,6 +50,8 @@ pub struct QmpClient {
     /// The server's greeting.
     pub greeting: Value,
     next_id: u64,
+    /// A line read in part when a timed read timed out; the rest follows.
+    partial: String,
 }
 
 fn parse_event(v: &Value) -> Option<QmpEvent> {
@@ -80,6 +82,7 @@ impl QmpClient {
             events: VecDeque::new(),
             greeting: Value::Null,
             next_id: 1,
+            partial: String::new(),
         };
         client.greeting = client.read_message(None)?;
         if client.greeting.get("QMP").is_none() {
@@ -113,11 +116,17 @@ impl QmpClient {
             return Err(QmpClientError::Timeout(String::from("a qmp message")));
         }
         self.reader.get_ref().set_read_timeout(timeout)?;
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
+        // `read_line` appends: bytes of a line cut short by a timeout stay in `partial`.
+        match self.reader.read_line(&mut self.partial) {
             Ok(0) => Err(QmpClientError::Io(std::io::ErrorKind::UnexpectedEof.into())),
-            Ok(_) => serde_json::from_str(&line)
-                .map_err(|e| QmpClientError::Protocol(format!("{e}: {line}"))),
+            Ok(_) if !self.partial.ends_with('\n') => {
+                Err(QmpClientError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+            }
+            Ok(_) => {
+                let line = std::mem::take(&mut self.partial);
+                serde_json::from_str(&line)
+                    .map_err(|e| QmpClientError::Protocol(format!("{e}: {line}")))
+            }
             Err(e)
                 if matches!(
                     e.kind(),

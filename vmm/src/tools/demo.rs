@@ -146,8 +146,8 @@ struct TempDir(PathBuf);
 /// Whether process `pid` exists.
 fn alive(pid: libc::pid_t) -> bool {
     // SAFETY: signal 0 only checks whether the process exists.
-    unsafe { libc::kill(pid, 0) == 0 }
-    || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+    let found = unsafe { libc::kill(pid, 0) } == 0;
+    found || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 /// The pid in a name of the demo's, `hopvm-demo-<pid>` or `hopvm-demo-<pid>-<side>`.
@@ -608,31 +608,25 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
         Transport::Netns => Some(NetnsPair::create()?),
         _ => None,
     };
-    let (listen, target, how) = match (&args.transport, &netns) {
-        (Transport::Netns, Some(ns)) => {
-            let uri = format!("tcp:{NETNS_DST_ADDR}:{NETNS_PORT}");
-            (
-                uri.clone(),
-                uri,
-                format!(
-                    "TCP between network namespaces {} ({NETNS_SRC_ADDR}) and {} ({NETNS_DST_ADDR}) over a veth pair",
-                    ns.src(),
-                    ns.dst()
-                ),
-            )
-        }
-        (Transport::Unix, _) => {
-            let uri = format!("unix:{}", dir.0.join("migrate.sock").display());
-            (uri.clone(), uri, String::from("a Unix socket"))
-        }
-        _ => {
-            let uri = format!("tcp:127.0.0.1:{}", free_port()?);
-            (
-                uri.clone(),
-                uri,
-                String::from("TCP on the loopback interface"),
-            )
-        }
+    // Where the destination listens and the source sends.
+    let (target, how) = match (&args.transport, &netns) {
+        (Transport::Netns, Some(ns)) => (
+            format!("tcp:{NETNS_DST_ADDR}:{NETNS_PORT}"),
+            format!(
+                "TCP between network namespaces {} ({NETNS_SRC_ADDR}) and {} \
+                 ({NETNS_DST_ADDR}) over a veth pair",
+                ns.src(),
+                ns.dst()
+            ),
+        ),
+        (Transport::Unix, _) => (
+            format!("unix:{}", dir.0.join("migrate.sock").display()),
+            String::from("a Unix socket"),
+        ),
+        _ => (
+            format!("tcp:127.0.0.1:{}", free_port()?),
+            String::from("TCP on the loopback interface"),
+        ),
     };
     let memory = crate::config::format_size(args.memory);
     let src_sock = dir.0.join("src.sock");
@@ -653,7 +647,7 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
         String::from("--memory"),
         memory,
         String::from("--incoming"),
-        listen,
+        target.clone(),
         String::from("--serial"),
         String::from("stdio"),
         String::from("--qmp"),

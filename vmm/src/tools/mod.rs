@@ -8,13 +8,15 @@
 //! well (except the hopvm-only timeline), and a bug in them cannot harm a guest.
 //!
 //! * [`migrate`] drives one migration: parameters, `migrate`, live progress from
-//!   `query-migrate` polling and the MIGRATION events, a summary, Ctrl-C = `migrate_cancel`;
+//!   `query-migrate` polling and the MIGRATION_PASS events, a summary, Ctrl-C =
+//!   `migrate_cancel`;
 //! * [`demo`] runs a whole live migration on one machine in one command;
 //! * [`qmp_shell`] sends one command, or is an interactive shell like QEMU's `qmp-shell`;
 //! * [`report`] draws the migration thread's timeline (`x-query-migration-timeline`) as SVG or
 //!   writes it as JSON.
 //!
-//! This module keeps what they share: Ctrl-C handling and number formatting.
+//! This module keeps what they share: Ctrl-C handling, connecting to a monitor, and number
+//! formatting.
 
 pub mod demo;
 pub mod migrate;

@@ -1,0 +1,854 @@
+//! Live migration of a test guest, as kvm-unit-tests' `migration` tests expect
+//! from their runner (`scripts/arch-run.bash`).
+//!
+//! A test with `migrate = yes` runs in two hopvm processes:
+//!
+//! ```text
+//! hopvm run <args> --qmp unix:<dir>/src.sock                                   # source
+//! hopvm run <args> --incoming unix:<dir>/mig.sock --qmp unix:<dir>/dst.sock    # destination
+//! ```
+//!
+//! where `<args>` are the test's usual `hopvm run` arguments (the destination
+//! gets the same kernel, memory and CPUs; the incoming stream replaces what it
+//! loads) and `<dir>` a fresh temporary directory.  When the source's console
+//! shows [`MIGRATE_MARKER`] ("Now migrate the VM"; newer tests print
+//! "Now migrate the VM, then press a key to continue..."), the runner asks the
+//! source over QMP to `migrate` to `unix:<dir>/mig.sock`, polls
+//! `query-migrate` until the status is `completed` (or `failed` /
+//! `cancelled`), writes a newline to the destination's stdin (which hopvm
+//! forwards to COM1, where the guest waits for a key), ends the source with
+//! `quit` and waits for the destination to finish.
+//!
+//! The test is judged like any other by the destination's exit status and by
+//! the source's output up to the migration followed by the destination's.
+//! The QMP client here is deliberately minimal: newline-delimited JSON over
+//! a Unix socket, parsed by the small [`Json`] reader below.
+
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::runner::{capture, Capture, Outcome, GUEST_SKIP_STATUS};
+
+/// What a migration test prints when it wants to be migrated.
+pub const MIGRATE_MARKER: &str = "Now migrate the VM";
+/// How often the runner polls processes and `query-migrate`.
+const POLL: Duration = Duration::from_millis(20);
+/// How long the source gets to exit after `quit`.
+const QUIT_GRACE: Duration = Duration::from_secs(5);
+
+/// The socket paths of one migration run.
+#[derive(Clone, Debug)]
+pub struct Sockets {
+    /// The source's QMP monitor.
+    pub src_qmp: PathBuf,
+    /// The destination's QMP monitor.
+    pub dst_qmp: PathBuf,
+    /// The destination's incoming migration socket.
+    pub migration: PathBuf,
+}
+
+impl Sockets {
+    /// The sockets in `dir`.
+    pub fn in_dir(dir: &Path) -> Sockets {
+        Sockets {
+            src_qmp: dir.join("src.sock"),
+            dst_qmp: dir.join("dst.sock"),
+            migration: dir.join("mig.sock"),
+        }
+    }
+
+    /// The migration URI, `unix:<path>`.
+    pub fn migration_uri(&self) -> String {
+        format!("unix:{}", self.migration.display())
+    }
+}
+
+fn unix_arg(p: &Path) -> OsString {
+    let mut s = OsString::from("unix:");
+    s.push(p.as_os_str());
+    s
+}
+
+/// The source's arguments: `base` plus its QMP monitor.
+pub fn source_args(base: &[OsString], sockets: &Sockets) -> Vec<OsString> {
+    let mut a = base.to_vec();
+    a.push("--qmp".into());
+    a.push(unix_arg(&sockets.src_qmp));
+    a
+}
+
+/// The destination's arguments: `base` plus `--incoming` and its QMP monitor.
+pub fn destination_args(base: &[OsString], sockets: &Sockets) -> Vec<OsString> {
+    let mut a = base.to_vec();
+    a.push("--incoming".into());
+    a.push(unix_arg(&sockets.migration));
+    a.push("--qmp".into());
+    a.push(unix_arg(&sockets.dst_qmp));
+    a
+}
+
+/// A child process that is killed (and reaped) when dropped.
+struct Proc {
+    child: Child,
+    stdout: Option<Capture>,
+    stderr: Option<Capture>,
+    status: Option<ExitStatus>,
+}
+
+impl Proc {
+    fn spawn(program: &Path, args: &[OsString], stdin: Stdio) -> io::Result<Proc> {
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stdout = child.stdout.take().map(capture);
+        let stderr = child.stderr.take().map(capture);
+        Ok(Proc {
+            child,
+            stdout,
+            stderr,
+            status: None,
+        })
+    }
+
+    /// Whether it has exited (the status is kept).
+    fn exited(&mut self) -> io::Result<bool> {
+        if self.status.is_none() {
+            self.status = self.child.try_wait()?;
+        }
+        Ok(self.status.is_some())
+    }
+
+    /// Waits until `deadline`; kills it then.  Returns whether it was killed.
+    fn wait_until(&mut self, deadline: Instant) -> io::Result<bool> {
+        while !self.exited()? {
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                self.status = Some(self.child.wait()?);
+                return Ok(true);
+            }
+            std::thread::sleep(POLL);
+        }
+        Ok(false)
+    }
+
+    fn stdout_text(&self) -> String {
+        self.stdout.as_ref().map_or_else(String::new, Capture::text)
+    }
+
+    /// Ends the output capture; returns (stdout, stderr).
+    fn finish(&mut self) -> (String, String) {
+        let grace = Duration::from_secs(2);
+        let out = self
+            .stdout
+            .take()
+            .map_or_else(String::new, |c| c.finish(grace));
+        let err = self
+            .stderr
+            .take()
+            .map_or_else(String::new, |c| c.finish(grace));
+        (out, err)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The result of a migration run: the outcome to judge and, if the run
+/// itself went wrong (migration failed, destination died early...), why.
+#[derive(Clone, Debug, Default)]
+pub struct MigrationOutcome {
+    /// Destination status, source output then destination output.
+    pub outcome: Outcome,
+    /// Why the migration did not happen as it should, if it did not.
+    pub failure: Option<String>,
+}
+
+/// Runs `program` as source and destination (see the module documentation)
+/// with the test's `base` arguments, sockets in `dir`, all within `timeout`.
+pub fn run_migration(
+    program: &Path,
+    base: &[OsString],
+    dir: &Path,
+    timeout: Duration,
+) -> io::Result<MigrationOutcome> {
+    let deadline = Instant::now() + timeout;
+    let sockets = Sockets::in_dir(dir);
+    let dst_args = destination_args(base, &sockets);
+    let mut notes: Vec<String> = vec![format!(
+        "runner: destination: {} {}",
+        program.display(),
+        dst_args
+            .iter()
+            .map(|a| a.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    )];
+
+    let mut dst = Proc::spawn(program, &dst_args, Stdio::piped())?;
+    let mut dst_in: Option<ChildStdin> = dst.child.stdin.take();
+    let mut src = Proc::spawn(program, &source_args(base, &sockets), Stdio::null())?;
+
+    // Wait for the guest to ask.
+    let mut failure = None;
+    let mut src_timed_out = false;
+    let asked = loop {
+        if src.stdout_text().contains(MIGRATE_MARKER) {
+            break true;
+        }
+        if src.exited()? {
+            break false;
+        }
+        if dst.exited()? {
+            failure = Some(format!(
+                "the destination exited ({}) before the migration",
+                describe(dst.status)
+            ));
+            break false;
+        }
+        if Instant::now() >= deadline {
+            src_timed_out = true;
+            break false;
+        }
+        std::thread::sleep(POLL);
+    };
+
+    if !asked {
+        // Judge the source alone; the destination never got a guest.
+        let killed = src.wait_until(Instant::now())?;
+        let (stdout, mut stderr) = src.finish();
+        let _ = dst.wait_until(Instant::now());
+        let (_, dst_err) = dst.finish();
+        let status = src.status;
+        if failure.is_none()
+            && !src_timed_out
+            && status.and_then(|s| s.code()) != Some(GUEST_SKIP_STATUS)
+        {
+            failure = Some(format!(
+                "the guest never printed \"{MIGRATE_MARKER}\" (source {})",
+                describe(status)
+            ));
+        }
+        for n in &notes {
+            append_section(&mut stderr, "", n);
+        }
+        append_section(&mut stderr, "destination stderr", &dst_err);
+        return Ok(MigrationOutcome {
+            outcome: outcome_of(status, src_timed_out || killed, stdout, stderr),
+            failure,
+        });
+    }
+
+    // Migrate over the source's QMP monitor.
+    let migrated = migrate(&sockets, deadline, &mut notes);
+    if let Err(e) = &migrated {
+        failure = Some(format!("migration failed: {e}"));
+    }
+    if migrated.is_ok() {
+        // The guest waits for a key on COM1.
+        if let Some(w) = dst_in.as_mut() {
+            if let Err(e) = w.write_all(b"\n").and_then(|()| w.flush()) {
+                notes.push(format!("runner: writing to the destination's stdin: {e}"));
+            }
+        }
+        // The source is paused for good: end it.
+        if let Ok(mut qmp) = Qmp::connect(&sockets.src_qmp, Instant::now() + QUIT_GRACE) {
+            let _ = qmp.execute("quit", None, Instant::now() + QUIT_GRACE);
+        }
+        src.wait_until(Instant::now() + QUIT_GRACE)?;
+    } else {
+        src.wait_until(Instant::now())?;
+    }
+    let dst_deadline = if migrated.is_ok() {
+        deadline
+    } else {
+        Instant::now()
+    };
+    let dst_killed = dst.wait_until(dst_deadline)?;
+    drop(dst_in);
+
+    let (src_out, src_err) = src.finish();
+    let (dst_out, dst_err) = dst.finish();
+    let mut stdout = src_out;
+    if !stdout.is_empty() && !stdout.ends_with('\n') {
+        stdout.push('\n');
+    }
+    stdout.push_str(&dst_out);
+    let mut stderr = src_err;
+    for n in &notes {
+        append_section(&mut stderr, "", n);
+    }
+    append_section(&mut stderr, "destination stderr", &dst_err);
+    Ok(MigrationOutcome {
+        outcome: outcome_of(dst.status, dst_killed && migrated.is_ok(), stdout, stderr),
+        failure,
+    })
+}
+
+fn append_section(s: &mut String, title: &str, text: &str) {
+    if text.is_empty() {
+        return;
+    }
+    if !s.is_empty() && !s.ends_with('\n') {
+        s.push('\n');
+    }
+    if !title.is_empty() {
+        s.push_str(&format!("--- {title} ---\n"));
+    }
+    s.push_str(text);
+    if !s.ends_with('\n') {
+        s.push('\n');
+    }
+}
+
+fn describe(status: Option<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match status {
+        Some(s) => match (s.code(), s.signal()) {
+            (Some(c), _) => format!("status {c}"),
+            (None, Some(sig)) => format!("signal {sig}"),
+            _ => "unknown status".into(),
+        },
+        None => "still running".into(),
+    }
+}
+
+fn outcome_of(
+    status: Option<ExitStatus>,
+    timed_out: bool,
+    stdout: String,
+    stderr: String,
+) -> Outcome {
+    use std::os::unix::process::ExitStatusExt;
+    Outcome {
+        status: status.and_then(|s| s.code()),
+        signal: status.and_then(|s| s.signal()),
+        timed_out,
+        stdout,
+        stderr,
+    }
+}
+
+/// Asks the source to migrate and waits for the result; notes the steps.
+fn migrate(sockets: &Sockets, deadline: Instant, notes: &mut Vec<String>) -> Result<(), String> {
+    wait_for_path(&sockets.migration, deadline).map_err(|e| {
+        format!(
+            "the destination is not listening on {}: {e}",
+            sockets.migration.display()
+        )
+    })?;
+    let mut qmp = Qmp::connect(&sockets.src_qmp, deadline)
+        .map_err(|e| format!("source QMP {}: {e}", sockets.src_qmp.display()))?;
+    let uri = sockets.migration_uri();
+    let args = format!("{{\"uri\": {}}}", json_string(&uri));
+    qmp.execute("migrate", Some(&args), deadline)
+        .map_err(|e| format!("migrate: {e}"))?
+        .map_err(|e| format!("migrate: {e}"))?;
+    let start = Instant::now();
+    loop {
+        let info = qmp
+            .execute("query-migrate", None, deadline)
+            .map_err(|e| format!("query-migrate: {e}"))?
+            .map_err(|e| format!("query-migrate: {e}"))?;
+        let status = info.get("status").and_then(Json::as_str).unwrap_or("");
+        match status {
+            "completed" => {
+                notes.push(format!(
+                    "runner: migrated to {uri} in {:.2}s",
+                    start.elapsed().as_secs_f64()
+                ));
+                return Ok(());
+            }
+            "failed" | "cancelled" => {
+                let why = info
+                    .get("error-desc")
+                    .and_then(Json::as_str)
+                    .unwrap_or("no error-desc");
+                return Err(format!("query-migrate says {status}: {why}"));
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("timeout; last status {status:?}"));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn wait_for_path(path: &Path, deadline: Instant) -> io::Result<()> {
+    while !path.exists() {
+        if Instant::now() >= deadline {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "timeout"));
+        }
+        std::thread::sleep(POLL);
+    }
+    Ok(())
+}
+
+/// A minimal QMP client: greeting, `qmp_capabilities`, then commands whose
+/// replies are read line by line, skipping events.
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    /// Connects to the monitor at `path` (retrying until it exists and
+    /// accepts, or `deadline`), reads the greeting and negotiates.
+    pub fn connect(path: &Path, deadline: Instant) -> io::Result<Qmp> {
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(POLL),
+            }
+        };
+        let writer = stream.try_clone()?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = qmp.read_message(deadline)?;
+        if greeting.get("QMP").is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no QMP greeting",
+            ));
+        }
+        qmp.execute("qmp_capabilities", None, deadline)?
+            .map_err(|e| io::Error::other(format!("qmp_capabilities: {e}")))?;
+        Ok(qmp)
+    }
+
+    /// Runs `command` with `arguments` (a JSON object, if any); returns the
+    /// `return` value, or the `error`'s description.
+    pub fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<&str>,
+        deadline: Instant,
+    ) -> io::Result<Result<Json, String>> {
+        let mut msg = format!("{{\"execute\": {}", json_string(command));
+        if let Some(a) = arguments {
+            msg.push_str(&format!(", \"arguments\": {a}"));
+        }
+        msg.push_str("}\n");
+        self.writer.write_all(msg.as_bytes())?;
+        loop {
+            let m = self.read_message(deadline)?;
+            if let Some(r) = m.get("return") {
+                return Ok(Ok(r.clone()));
+            }
+            if let Some(e) = m.get("error") {
+                let desc = e
+                    .get("desc")
+                    .and_then(Json::as_str)
+                    .unwrap_or("unknown error");
+                return Ok(Err(desc.to_string()));
+            }
+            // An event (or anything else): keep reading.
+        }
+    }
+
+    fn read_message(&mut self, deadline: Instant) -> io::Result<Json> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "QMP timeout"));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            let mut line = String::new();
+            if self.reader.read_line(&mut line)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "QMP connection closed",
+                ));
+            }
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            return Json::parse(line)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line}")));
+        }
+    }
+}
+
+/// `s` as a JSON string literal.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A parsed JSON value (numbers kept as their text).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Json {
+    /// `null`.
+    Null,
+    /// `true` / `false`.
+    Bool(bool),
+    /// A number, as written.
+    Number(String),
+    /// A string.
+    String(String),
+    /// An array.
+    Array(Vec<Json>),
+    /// An object, members in order.
+    Object(Vec<(String, Json)>),
+}
+
+impl Json {
+    /// Parses one JSON value (surrounding whitespace allowed).
+    pub fn parse(text: &str) -> Result<Json, String> {
+        let mut p = JsonParser {
+            s: text.as_bytes(),
+            i: 0,
+        };
+        let v = p.value(0)?;
+        p.ws();
+        if p.i != p.s.len() {
+            return Err(format!("trailing characters at offset {}", p.i));
+        }
+        Ok(v)
+    }
+
+    /// The member `key` of an object.
+    pub fn get(&self, key: &str) -> Option<&Json> {
+        match self {
+            Json::Object(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// The string, if this is one.
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Json::String(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+struct JsonParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl JsonParser<'_> {
+    fn ws(&mut self) {
+        while self.i < self.s.len() && matches!(self.s[self.i], b' ' | b'\t' | b'\n' | b'\r') {
+            self.i += 1;
+        }
+    }
+
+    fn err<T>(&self, what: &str) -> Result<T, String> {
+        Err(format!("{what} at offset {}", self.i))
+    }
+
+    fn eat(&mut self, b: u8) -> bool {
+        self.ws();
+        if self.s.get(self.i) == Some(&b) {
+            self.i += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn value(&mut self, depth: usize) -> Result<Json, String> {
+        if depth > 64 {
+            return self.err("nesting too deep");
+        }
+        self.ws();
+        match self.s.get(self.i) {
+            None => self.err("unexpected end"),
+            Some(b'{') => {
+                self.i += 1;
+                let mut members = Vec::new();
+                if self.eat(b'}') {
+                    return Ok(Json::Object(members));
+                }
+                loop {
+                    self.ws();
+                    let key = self.string()?;
+                    if !self.eat(b':') {
+                        return self.err("expected ':'");
+                    }
+                    members.push((key, self.value(depth + 1)?));
+                    if self.eat(b',') {
+                        continue;
+                    }
+                    if self.eat(b'}') {
+                        return Ok(Json::Object(members));
+                    }
+                    return self.err("expected ',' or '}'");
+                }
+            }
+            Some(b'[') => {
+                self.i += 1;
+                let mut items = Vec::new();
+                if self.eat(b']') {
+                    return Ok(Json::Array(items));
+                }
+                loop {
+                    items.push(self.value(depth + 1)?);
+                    if self.eat(b',') {
+                        continue;
+                    }
+                    if self.eat(b']') {
+                        return Ok(Json::Array(items));
+                    }
+                    return self.err("expected ',' or ']'");
+                }
+            }
+            Some(b'"') => Ok(Json::String(self.string()?)),
+            Some(b't') => self.word("true", Json::Bool(true)),
+            Some(b'f') => self.word("false", Json::Bool(false)),
+            Some(b'n') => self.word("null", Json::Null),
+            Some(c) if *c == b'-' || c.is_ascii_digit() => {
+                let start = self.i;
+                while self.i < self.s.len()
+                    && matches!(
+                        self.s[self.i],
+                        b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
+                    )
+                {
+                    self.i += 1;
+                }
+                let n = String::from_utf8_lossy(&self.s[start..self.i]).into_owned();
+                Ok(Json::Number(n))
+            }
+            Some(_) => self.err("unexpected character"),
+        }
+    }
+
+    fn word(&mut self, w: &str, v: Json) -> Result<Json, String> {
+        if self.s[self.i..].starts_with(w.as_bytes()) {
+            self.i += w.len();
+            Ok(v)
+        } else {
+            self.err("bad literal")
+        }
+    }
+
+    fn hex4(&mut self) -> Result<u32, String> {
+        let h = self
+            .s
+            .get(self.i..self.i + 4)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u32::from_str_radix(h, 16).ok());
+        match h {
+            Some(v) => {
+                self.i += 4;
+                Ok(v)
+            }
+            None => self.err("bad \\u escape"),
+        }
+    }
+
+    fn string(&mut self) -> Result<String, String> {
+        if self.s.get(self.i) != Some(&b'"') {
+            return self.err("expected a string");
+        }
+        self.i += 1;
+        let mut out: Vec<u8> = Vec::new();
+        loop {
+            let Some(&c) = self.s.get(self.i) else {
+                return self.err("unterminated string");
+            };
+            self.i += 1;
+            match c {
+                b'"' => return Ok(String::from_utf8_lossy(&out).into_owned()),
+                b'\\' => {
+                    let Some(&e) = self.s.get(self.i) else {
+                        return self.err("unterminated escape");
+                    };
+                    self.i += 1;
+                    let ch = match e {
+                        b'"' => '"',
+                        b'\\' => '\\',
+                        b'/' => '/',
+                        b'b' => '\u{8}',
+                        b'f' => '\u{c}',
+                        b'n' => '\n',
+                        b'r' => '\r',
+                        b't' => '\t',
+                        b'u' => {
+                            let mut cp = self.hex4()?;
+                            if (0xd800..0xdc00).contains(&cp)
+                                && self.s[self.i..].starts_with(b"\\u")
+                            {
+                                self.i += 2;
+                                let lo = self.hex4()?;
+                                cp = 0x10000
+                                    + ((cp - 0xd800) << 10)
+                                    + (lo.wrapping_sub(0xdc00) & 0x3ff);
+                            }
+                            char::from_u32(cp).unwrap_or('\u{fffd}')
+                        }
+                        _ => return self.err("bad escape"),
+                    };
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                }
+                c => out.push(c),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_parsing() {
+        let v = Json::parse(
+            r#" {"return": {"status": "completed", "ram": {"total": 268435456, "x": [1, -2.5e3, true, false, null]}, "s": "a\"b\\c\u00e9\n"}} "#,
+        )
+        .unwrap();
+        let r = v.get("return").unwrap();
+        assert_eq!(r.get("status").and_then(Json::as_str), Some("completed"));
+        assert_eq!(
+            r.get("ram").unwrap().get("total"),
+            Some(&Json::Number("268435456".into()))
+        );
+        assert_eq!(
+            r.get("ram").unwrap().get("x"),
+            Some(&Json::Array(vec![
+                Json::Number("1".into()),
+                Json::Number("-2.5e3".into()),
+                Json::Bool(true),
+                Json::Bool(false),
+                Json::Null
+            ]))
+        );
+        assert_eq!(r.get("s").and_then(Json::as_str), Some("a\"b\\c\u{e9}\n"));
+        assert_eq!(Json::parse("{}").unwrap(), Json::Object(vec![]));
+        assert_eq!(
+            Json::parse(r#""\ud83d\ude00""#).unwrap(),
+            Json::String("\u{1f600}".into())
+        );
+        for bad in [
+            "",
+            "{",
+            "{\"a\" 1}",
+            "[1,]",
+            "\"x",
+            "tru",
+            "{} x",
+            "{\"a\":1,}",
+        ] {
+            assert!(Json::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_strings() {
+        assert_eq!(json_string("unix:/tmp/a b\"c\\"), r#""unix:/tmp/a b\"c\\""#);
+        assert_eq!(json_string("\u{1}\n"), r#""\u0001\n""#);
+        let s = "x\"\\\t\r\nö";
+        assert_eq!(
+            Json::parse(&json_string(s)).unwrap(),
+            Json::String(s.into())
+        );
+    }
+
+    #[test]
+    fn arguments() {
+        let s = Sockets::in_dir(Path::new("/t"));
+        let base: Vec<OsString> = vec!["run".into(), "--kernel".into(), "k".into()];
+        assert_eq!(
+            source_args(&base, &s),
+            ["run", "--kernel", "k", "--qmp", "unix:/t/src.sock"]
+                .map(OsString::from)
+                .to_vec()
+        );
+        assert_eq!(
+            destination_args(&base, &s),
+            [
+                "run",
+                "--kernel",
+                "k",
+                "--incoming",
+                "unix:/t/mig.sock",
+                "--qmp",
+                "unix:/t/dst.sock"
+            ]
+            .map(OsString::from)
+            .to_vec()
+        );
+        assert_eq!(s.migration_uri(), "unix:/t/mig.sock");
+    }
+
+    /// A fake QMP server: greeting, capabilities, an event before a reply,
+    /// an error reply.
+    #[test]
+    fn qmp_client() {
+        use std::os::unix::net::UnixListener;
+        let dir = std::env::temp_dir().join(format!("guest-tests-qmp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("q.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            r.read_line(&mut line).unwrap();
+            assert!(line.contains("qmp_capabilities"), "{line}");
+            w.write_all(b"{\"return\": {}}\r\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert_eq!(
+                line,
+                "{\"execute\": \"migrate\", \"arguments\": {\"uri\": \"unix:/x\"}}\n"
+            );
+            w.write_all(b"{\"timestamp\": {\"seconds\": 1}, \"event\": \"MIGRATION\", \"data\": {\"status\": \"setup\"}}\r\n{\"return\": {}}\r\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            w.write_all(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}}\r\n")
+                .unwrap();
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut q = Qmp::connect(&path, deadline).unwrap();
+        assert_eq!(
+            q.execute("migrate", Some(r#"{"uri": "unix:/x"}"#), deadline)
+                .unwrap(),
+            Ok(Json::Object(vec![]))
+        );
+        assert_eq!(
+            q.execute("query-migrate", None, deadline).unwrap(),
+            Err("nope".to_string())
+        );
+        server.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
