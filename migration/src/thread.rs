@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ram::{RamCounters, XbzrleSettings};
 use crate::rate_limit::{BufferedOutput, RateLimiter};
@@ -136,7 +136,7 @@ pub trait MigrationHost: Send + Sync + 'static {
 }
 
 /// One 100 ms slot of the migration, for the timeline.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SlotRecord {
     /// End of the slot, in ms since `migrate`.
     pub t_ms: f64,
@@ -155,7 +155,7 @@ pub struct SlotRecord {
 }
 
 /// A whole migration's timeline.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Timeline {
     /// Every slot.
     pub slots: Vec<SlotRecord>,

@@ -56,39 +56,8 @@ pub enum ReportError {
     },
 }
 
-/// One 100 ms slot of the migration thread (migration/src/thread.rs `SlotRecord`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Slot {
-    /// End of the slot, ms since `migrate`.
-    pub t_ms: f64,
-    /// Bytes sent in the slot.
-    pub bytes: u64,
-    /// Bytes pending at the end of the slot.
-    pub pending: u64,
-    /// Pages the dirty syncs in this slot found.
-    pub dirty_pages: u64,
-    /// Measured bandwidth, bytes per second.
-    pub bandwidth: f64,
-    /// The completion threshold, bytes.
-    pub max_size: u64,
-    /// The pass at the end of the slot.
-    pub pass: u64,
-}
-
-/// A migration's timeline, as `x-query-migration-timeline` returns it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Timeline {
-    /// Every slot.
-    pub slots: Vec<Slot>,
-    /// `[pass, t_ms]`: when each pass began.
-    pub passes: Vec<(u64, f64)>,
-    /// When setup ended, ms.
-    pub setup_ms: Option<f64>,
-    /// When the vCPUs were stopped, ms.
-    pub stop_ms: Option<f64>,
-    /// When the migration ended, ms.
-    pub end_ms: Option<f64>,
-}
+/// The migration thread's record, as `x-query-migration-timeline` returns it.
+pub use migration::thread::{SlotRecord as Slot, Timeline};
 
 /// Everything a report shows: the timeline and the final `query-migrate` reply.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
