@@ -24,8 +24,8 @@
 //! `HOPVM_GUEST_OBJDUMP`.
 //!
 //! After linking, the code is disassembled (`.text16` as 8086 code) and the
-//! build fails if it contains
-//! an instruction that the test machine's instruction emulator cannot execute
+//! build fails if it contains an instruction that the test machine's
+//! instruction emulator cannot execute
 //! (SSE/AVX registers, XSAVE family, CMPXCHG16B, CLAC/STAC, INT3, FWAIT,
 //! POPCNT, MOVBE), except under a symbol whose name ends in `_probe` (used by
 //! guests that deliberately execute such an instruction).

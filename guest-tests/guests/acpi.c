@@ -14,7 +14,7 @@
  *    well-formed entries;
  *  - no table in memory the multiboot memory map reports as available;
  *  - the PM timer: 24-bit (unless the FADT says 32), never going backwards,
- *    advancing at 3.579545 MHz (+-20%) against the LAPIC timer.
+ *    advancing at 3.579545 MHz (+-10%) against the LAPIC timer.
  * Command line: cpus=N (required).
  */
 #include "lib/lib.h"
@@ -201,20 +201,37 @@ static void check_pm_timer(u16 port, bool ext)
 	report(back == 0, "PM timer never went backwards in 2000 reads (%u)", back);
 	report(prev != first, "PM timer advances (0x%x -> 0x%x)", first, prev);
 
-	/* Rate against the LAPIC timer (62.5 MHz after divide-by-16). */
-	u32 t0 = inl(port);
-	deadline_start(50);
-	u32 c0 = lapic_read(APIC_TIMER_CURRENT);
-	while (!deadline_passed())
-		cpu_relax();
-	u32 t1 = inl(port);
-	u64 lapic_ticks = c0; /* counted down from c0 to 0 */
-	u64 pm = (t1 - t0) & mask;
-	u64 expect = PM_TIMER_HZ * lapic_ticks / 62500000ULL;
+	/*
+	 * Rate against the LAPIC timer (62.5 MHz after divide-by-16) over
+	 * ~100 ms: each PM timer read is bracketed by two LAPIC reads, and a
+	 * measurement whose bracket is wider than 1 ms (the vCPU was scheduled
+	 * out) is retried.
+	 */
+	u64 pm = 0, lapic_ticks = 0, expect = 0;
+	for (int attempt = 0; attempt < 5; attempt++) {
+		deadline_start(300);
+		u32 a0 = lapic_read(APIC_TIMER_CURRENT);
+		u32 t0 = inl(port);
+		u32 b0 = lapic_read(APIC_TIMER_CURRENT);
+		while (lapic_read(APIC_TIMER_CURRENT) + 100 * 62500u > b0)
+			cpu_relax();
+		u32 a1 = lapic_read(APIC_TIMER_CURRENT);
+		u32 t1 = inl(port);
+		u32 b1 = lapic_read(APIC_TIMER_CURRENT);
+		pm = (t1 - t0) & mask;
+		/* The timer counts down: elapsed = midpoint0 - midpoint1. */
+		lapic_ticks = ((u64)a0 + b0) / 2 - ((u64)a1 + b1) / 2;
+		expect = PM_TIMER_HZ * lapic_ticks / 62500000ULL;
+		if (a0 - b0 <= 62500 && a1 - b1 <= 62500 && b1 != 0)
+			break;
+		printf("  PM timer rate: measurement disturbed (brackets %u/%u LAPIC ticks), again\n",
+		       a0 - b0, a1 - b1);
+	}
 	printf("  PM timer: %lu ticks in %lu LAPIC ticks (expected about %lu)\n", pm, lapic_ticks,
 	       expect);
-	report(pm * 10 >= expect * 8 && pm * 10 <= expect * 12,
-	       "PM timer runs at 3.579545 MHz +-20%% (%lu ticks in ~50 ms, expected %lu)", pm, expect);
+	report(pm * 10 >= expect * 9 && pm * 10 <= expect * 11,
+	       "PM timer runs at 3.579545 MHz +-10%% (%lu ticks in ~100 ms, expected %lu)", pm,
+	       expect);
 }
 
 int main(int argc, char **argv)

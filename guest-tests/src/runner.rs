@@ -445,8 +445,8 @@ fn run_migration_test(
         Ok(m) => {
             result.verdict = match m.failure {
                 Some(f) => Verdict::Fail(match failure_hint(&m.outcome) {
-                    Some(h) => format!("{f}; {h}"),
-                    None => f,
+                    Some(h) if !h.starts_with("runner:") => format!("{f}; {h}"),
+                    _ => f,
                 }),
                 None => judge(spec, &m.outcome),
             };

@@ -82,6 +82,8 @@ pub struct VcpuRunState {
     request: Request,
     parked: usize,
     alive: usize,
+    /// Counts resumes, so a vCPU parked after reporting an event knows when to go on.
+    resumes: u64,
 }
 
 impl Default for VcpuRunState {
@@ -90,6 +92,7 @@ impl Default for VcpuRunState {
             request: Request::Pause,
             parked: 0,
             alive: 0,
+            resumes: 0,
         }
     }
 }
@@ -233,6 +236,7 @@ impl VcpuControl {
     pub fn resume(&self, g: &mut Machine) {
         if g.vcpus.request != Request::Stop {
             g.vcpus.request = Request::Run;
+            g.vcpus.resumes += 1;
             self.not_running.store(false, Ordering::SeqCst);
         }
         self.request_cv.notify_all();
@@ -266,15 +270,18 @@ impl VcpuControl {
         g.vcpus.request == Request::Run
     }
 
-    /// Parks the calling vCPU until the VM stops it (after it reported a final event).
-    fn park_until_stopped(&self, machine: &Mutex<Machine>) {
+    /// Parks the calling vCPU after it reported an event, until the VM has dealt with it: the
+    /// vCPUs are resumed (after a reset) — return true — or stopped — return false.
+    fn park_after_event(&self, machine: &Mutex<Machine>) -> bool {
         let mut g = lock(machine);
+        let resumes = g.vcpus.resumes;
         g.vcpus.parked += 1;
         self.parked_cv.notify_all();
-        while g.vcpus.request != Request::Stop {
+        while g.vcpus.request != Request::Stop && g.vcpus.resumes == resumes {
             g = self.request_cv.wait(g).unwrap_or_else(|e| e.into_inner());
         }
         g.vcpus.parked -= 1;
+        g.vcpus.request != Request::Stop
     }
 
     /// Records that a vCPU thread ended.
@@ -361,8 +368,9 @@ fn run_loop(vcpu: Arc<Mutex<VcpuFd>>, id: usize, shared: VcpuShared) {
             };
             drop(fd);
             let _ = shared.events.send(event);
-            shared.control.park_until_stopped(&shared.machine);
-            break;
+            if !shared.control.park_after_event(&shared.machine) {
+                break;
+            }
         }
     }
     shared.control.exited(&shared.machine);
