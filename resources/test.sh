@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash resources/install-deps.sh
 bash resources/fetch-kernel.sh >/dev/null
 cargo build --workspace --bins
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"
