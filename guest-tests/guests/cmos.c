@@ -9,12 +9,6 @@
 
 #define HOLE_START (3 * GiB)
 
-static u8 cmos_read(u8 reg)
-{
-	outb(0x70, reg);
-	return inb(0x71);
-}
-
 static u32 cmos_read16(u8 lo)
 {
 	return cmos_read(lo) | ((u32)cmos_read(lo + 1) << 8);

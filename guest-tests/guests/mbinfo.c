@@ -27,25 +27,6 @@
 #define REQUIRED (MB_FLAG_MEM | MB_FLAG_CMDLINE | MB_FLAG_MODS | MB_FLAG_MMAP)
 #define ALLOWED (REQUIRED | MB_FLAG_BOOT_DEVICE | MB_FLAG_LOADER_NAME)
 
-extern u32 mb_magic, mb_info_ptr;
-
-struct mb_info {
-	u32 flags;
-	u32 mem_lower;
-	u32 mem_upper;
-	u32 boot_device;
-	u32 cmdline;
-	u32 mods_count;
-	u32 mods_addr;
-	u32 syms[4];
-	u32 mmap_length;
-	u32 mmap_addr;
-	u32 drives_length;
-	u32 drives_addr;
-	u32 config_table;
-	u32 boot_loader_name;
-} __attribute__((packed));
-
 struct mb_module {
 	u32 start, end, string, reserved;
 };

@@ -36,18 +36,6 @@ static u64 pattern(u64 i)
 	return (i * 0x9E3779B97F4A7C15ULL) ^ (i << 17) ^ 0xa5a5a5a5a5a5a5a5ULL;
 }
 
-static u8 cmos_read(u8 reg)
-{
-	outb(0x70, reg);
-	return inb(0x71);
-}
-
-static void cmos_write(u8 reg, u8 v)
-{
-	outb(0x70, reg);
-	outb(0x71, v);
-}
-
 static u64 rdtsc(void)
 {
 	u32 lo, hi;

@@ -16,18 +16,6 @@
 #define MARK_1 0xa1
 #define MARK_2 0xa2
 
-static u8 cmos_read(u8 reg)
-{
-	outb(0x70, reg);
-	return inb(0x71);
-}
-
-static void cmos_write(u8 reg, u8 v)
-{
-	outb(0x70, reg);
-	outb(0x71, v);
-}
-
 static int wait_for_reset(const char *how)
 {
 	deadline_start(3000);

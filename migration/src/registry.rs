@@ -319,6 +319,7 @@ impl Registry {
         let mut started: HashMap<u32, (usize, u32)> = HashMap::new();
         let mut seen = vec![false; self.entries.len()];
         while let Some(record) = r.next_record()? {
+            let full = matches!(record, Record::SectionFull { .. });
             match record {
                 Record::Header | Record::VmDescription(_) => {}
                 Record::Eof => {}
@@ -334,14 +335,8 @@ impl Registry {
                     idstr,
                     instance,
                     version,
-                } => self.load_section(
-                    r,
-                    &mut started,
-                    &mut seen,
-                    (id, idstr, instance, version),
-                    false,
-                )?,
-                Record::SectionFull {
+                }
+                | Record::SectionFull {
                     id,
                     idstr,
                     instance,
@@ -351,7 +346,7 @@ impl Registry {
                     &mut started,
                     &mut seen,
                     (id, idstr, instance, version),
-                    true,
+                    full,
                 )?,
                 Record::SectionPart { id } | Record::SectionEnd { id } => {
                     let (index, version) = *started

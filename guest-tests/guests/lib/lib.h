@@ -79,6 +79,36 @@ static inline void *phys_ptr(u64 addr)
 	asm("" : "+r"(addr));
 	return (void *)addr;
 }
+/* The Multiboot v1 information structure, and where cstart.S saved EAX and EBX. */
+struct mb_info {
+	u32 flags;
+	u32 mem_lower;
+	u32 mem_upper;
+	u32 boot_device;
+	u32 cmdline;
+	u32 mods_count;
+	u32 mods_addr;
+	u32 syms[4];
+	u32 mmap_length;
+	u32 mmap_addr;
+	u32 drives_length;
+	u32 drives_addr;
+	u32 config_table;
+	u32 boot_loader_name;
+} __attribute__((packed));
+extern u32 mb_magic, mb_info_ptr;
+
+/* CMOS / RTC registers (index 0x70, data 0x71). */
+static inline u8 cmos_read(u8 reg)
+{
+	outb(0x70, reg);
+	return inb(0x71);
+}
+static inline void cmos_write(u8 reg, u8 v)
+{
+	outb(0x70, reg);
+	outb(0x71, v);
+}
 static inline u32 mmio_read32(u64 addr) { return *(volatile u32 *)addr; }
 static inline void mmio_write32(u64 addr, u32 v) { *(volatile u32 *)addr = v; }
 

@@ -3,26 +3,12 @@
 
 #define MULTIBOOT_BOOTLOADER_MAGIC 0x2BADB002
 
-extern u32 mb_magic, mb_info_ptr;
 extern u64 pdpt[512];
 
 struct boot_info boot_info;
 int g_argc;
 char *g_argv[64];
 static char argbuf[4096];
-
-struct mb_info {
-	u32 flags;
-	u32 mem_lower;
-	u32 mem_upper;
-	u32 boot_device;
-	u32 cmdline;
-	u32 mods_count;
-	u32 mods_addr;
-	u32 syms[4];
-	u32 mmap_length;
-	u32 mmap_addr;
-} __attribute__((packed));
 
 static void copy_boot_info(void)
 {
