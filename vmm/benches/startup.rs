@@ -74,27 +74,37 @@ fn first_byte_latency(image: &std::path::Path) -> Duration {
     elapsed
 }
 
-/// (total RSS, RSS of the guest RAM mapping) in KiB, from /proc/PID/smaps.
-fn rss_kib(pid: u32, guest_bytes: u64) -> (u64, u64) {
+/// Resident memory in KiB, from /proc/PID/smaps.
+#[derive(Default)]
+struct Rss {
+    total: u64,
+    guest: u64,
+    /// Anonymous (private) memory outside guest RAM: hopvm's heap, stacks, data.
+    own_anon: u64,
+}
+
+fn rss_kib(pid: u32, guest_bytes: u64) -> Rss {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).expect("smaps readable");
-    let (mut total, mut guest, mut in_guest) = (0, 0, false);
+    let mut r = Rss::default();
+    let mut in_guest = false;
     for line in smaps.lines() {
         let mut words = line.split_whitespace();
-        match (words.next(), words.next()) {
-            (Some("Size:"), Some(kib)) => {
-                in_guest = kib.parse::<u64>().unwrap_or(0) * 1024 == guest_bytes;
+        let (key, kib) = match (words.next(), words.next()) {
+            (Some(k), Some(v)) => (k, v.parse::<u64>().unwrap_or(0)),
+            _ => continue,
+        };
+        match key {
+            "Size:" => in_guest = kib * 1024 == guest_bytes,
+            "Rss:" if in_guest => {
+                r.total += kib;
+                r.guest += kib;
             }
-            (Some("Rss:"), Some(kib)) => {
-                let kib: u64 = kib.parse().unwrap_or(0);
-                total += kib;
-                if in_guest {
-                    guest += kib;
-                }
-            }
+            "Rss:" => r.total += kib,
+            "Anonymous:" if !in_guest => r.own_anon += kib,
             _ => {}
         }
     }
-    (total, guest)
+    r
 }
 
 fn main() {
@@ -124,12 +134,16 @@ fn main() {
             break;
         }
     }
-    let (total, guest) = rss_kib(child.id(), memory);
+    let r = rss_kib(child.id(), memory);
     let _ = child.kill();
     let _ = child.wait();
     println!(
-        "resident memory: {total} KiB in all, {guest} KiB of it guest RAM the guest touched, \
-         {} KiB hopvm's own",
-        total - guest
+        "resident memory: {} KiB in all, {} KiB of it guest RAM the guest touched, {} KiB \
+         hopvm's own: {} KiB private (heap, stacks, data) + {} KiB of shared program text",
+        r.total,
+        r.guest,
+        r.total - r.guest,
+        r.own_anon,
+        r.total - r.guest - r.own_anon
     );
 }

@@ -392,9 +392,6 @@ impl Vm {
         let machine = Arc::new(Mutex::new(Machine::new(pio, mmio)));
 
         vcpu::install_kick_handler()?;
-        slots
-            .join()
-            .unwrap_or(Err(memory::MemoryError::SlotThread))?;
         let base_cpuid = cpu_model.apply(&cpu_model::supported_cpuid(&kvm)?)?;
         let mut opts = CpuidOptions {
             cpus: config.cpus,
@@ -457,6 +454,10 @@ impl Vm {
             kvm,
         };
         vm.load_kernel()?;
+        // The vCPUs are still parked: the slots only have to exist before they first run.
+        slots
+            .join()
+            .unwrap_or(Err(memory::MemoryError::SlotThread))?;
         Ok(vm)
     }
 
