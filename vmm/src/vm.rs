@@ -544,11 +544,6 @@ impl Vm {
             .unwrap_or_else(|_| VmEvent::Fatal(String::from("all vcpu threads ended")))
     }
 
-    /// Waits up to `timeout` for the next event from a vCPU.
-    pub fn wait_event_timeout(&self, timeout: std::time::Duration) -> Option<VmEvent> {
-        lock(&self.events).recv_timeout(timeout).ok()
-    }
-
     /// A sender that injects events as if a vCPU had reported them (terminal quit, QMP `quit`).
     pub fn event_sender(&self) -> std::sync::mpsc::Sender<VmEvent> {
         self.event_tx.clone()
