@@ -179,7 +179,8 @@ pub struct RunArgs {
     /// ,vendor=… (x2apic, pcid, invpcid, tsc-deadline, …).
     #[arg(long, value_name = "MODEL", default_value = crate::config::DEFAULT_CPU)]
     pub cpu: String,
-    /// Where COM1 goes: stdio (input too, when stdin is a terminal; Ctrl-A x quits), file:PATH or null.
+    /// Where COM1 goes: stdio (input from stdin too: a terminal in raw mode, where Ctrl-A x
+    /// quits, or a pipe), file:PATH or null.
     #[arg(long, value_name = "BACKEND", default_value = "stdio")]
     pub serial: SerialConfig,
     /// isa-debug-exit port range; a guest write of v ends hopvm with status (v << 1) | 1.
