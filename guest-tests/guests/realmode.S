@@ -395,8 +395,9 @@ putdec16:
 	popw %ax
 	ret
 
-/* report: AL = pass (1) or fail (0), SI = message.  Prints "PASS: msg". */
-report:
+/* report_head: AL = pass (1) or fail (0), SI = message.  Counts the test and
+   prints "PASS: msg" (or "FAIL: msg") without the newline. */
+report_head:
 	pushw %si
 	incw tests
 	movw $str_pass, %si
@@ -407,6 +408,11 @@ report:
 1:	call puts
 	popw %si
 	call puts
+	ret
+
+/* report: as report_head, then the newline. */
+report:
+	call report_head
 	pushw %ax
 	movb $'\n', %al
 	call putc
@@ -415,16 +421,7 @@ report:
 
 /* report_val: as report, then " (DX)" before the newline. */
 report_val:
-	pushw %si
-	incw tests
-	movw $str_pass, %si
-	testb %al, %al
-	jnz 1f
-	incw failures
-	movw $str_fail, %si
-1:	call puts
-	popw %si
-	call puts
+	call report_head
 	movw $str_open, %si
 	call puts
 	movw %dx, %ax
