@@ -3,9 +3,9 @@
 //!
 //! Status bits are write-1-to-clear and the enable register masks them; the machine is always
 //! in ACPI mode, so SCI_EN reads as 1. Writing SLP_EN with SLP_TYP 0 (the DSDT's `\_S5_`) powers
-//! the machine off. Suspend to RAM (`\_S3_`) needs firmware to resume through, which hopvm
-//! does not have: the request is logged and the guest simply continues, as if the sleep had
-//! ended at once.
+//! the machine off; SLP_TYP 1 (`\_S3_`) suspends it to RAM: the VMM stops the vCPUs and, when
+//! a wake event comes (the RTC alarm with RTC_EN set, or QMP `system_wakeup`), resets them and
+//! enters the FACS waking vector as firmware would, with WAK_STS set here.
 
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +20,12 @@ const SLP_TYP_SHIFT: u16 = 10;
 const SLP_TYP_MASK: u16 = 7 << SLP_TYP_SHIFT;
 /// SLP_TYP that means soft-off (the DSDT's `\_S5_`).
 const SLP_TYP_S5: u16 = 0;
+/// SLP_TYP that means suspend to RAM (the DSDT's `\_S3_`).
+const SLP_TYP_S3: u16 = 1;
 /// PM1 status: WAK_STS, set when the machine wakes.
 const WAK_STS: u16 = 1 << 15;
+/// PM1 status / enable: the RTC alarm (RTC_STS / RTC_EN).
+const RTC_BIT: u16 = 1 << 10;
 
 /// Everything the guest can observe of the PM1 block.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +65,16 @@ impl AcpiPm {
         self.s = state.clone();
     }
 
+    /// Whether the guest enabled waking up on the RTC alarm (PM1_EN.RTC_EN).
+    pub fn rtc_wake_enabled(&self) -> bool {
+        self.s.enable & RTC_BIT != 0
+    }
+
+    /// The machine woke from a sleep state: WAK_STS, and RTC_STS when the alarm woke it.
+    pub fn wake(&mut self, by_rtc: bool) {
+        self.s.status |= WAK_STS | if by_rtc { RTC_BIT } else { 0 };
+    }
+
     fn regs(&self) -> [u8; 6] {
         let mut r = [0u8; 6];
         r[0..2].copy_from_slice(&self.s.status.to_le_bytes());
@@ -96,11 +110,10 @@ impl BusDevice for AcpiPm {
                     self.s.control = (control & !SLP_EN) | SCI_EN;
                     if control & SLP_EN != 0 {
                         let typ = (control & SLP_TYP_MASK) >> SLP_TYP_SHIFT;
-                        if typ == SLP_TYP_S5 {
-                            request = Some(VmRequest::PowerOff);
-                        } else {
-                            log::warn!("acpi sleep state {typ} requested: not supported, resuming");
-                            self.s.status |= WAK_STS;
+                        match typ {
+                            SLP_TYP_S5 => request = Some(VmRequest::PowerOff),
+                            SLP_TYP_S3 => request = Some(VmRequest::Suspend),
+                            _ => log::warn!("acpi sleep type {typ} is not in the dsdt: ignored"),
                         }
                     }
                 }
@@ -124,15 +137,18 @@ mod tests {
         assert_eq!(pm.write(2, &0x0121u16.to_le_bytes()), None);
         pm.read(2, &mut d);
         assert_eq!(u16::from_le_bytes(d), 0x0121);
-        // S3: not supported, the guest continues with WAK_STS set.
+        // S3: suspend; the VMM wakes the machine later.
         assert_eq!(
             pm.write(4, &(SLP_EN | (1 << SLP_TYP_SHIFT)).to_le_bytes()),
-            None
+            Some(VmRequest::Suspend)
         );
+        pm.write(2, &RTC_BIT.to_le_bytes());
+        assert!(pm.rtc_wake_enabled());
+        pm.wake(true);
         pm.read(0, &mut d);
-        assert_eq!(u16::from_le_bytes(d) & WAK_STS, WAK_STS);
+        assert_eq!(u16::from_le_bytes(d), WAK_STS | RTC_BIT);
         // Write 1 to clear.
-        pm.write(0, &WAK_STS.to_le_bytes());
+        pm.write(0, &(WAK_STS | RTC_BIT).to_le_bytes());
         pm.read(0, &mut d);
         assert_eq!(u16::from_le_bytes(d), 0);
         // S5: power off, also through a byte write of the high half.

@@ -223,6 +223,12 @@ impl Cmos {
         }
     }
 
+    /// Whether the alarm has gone off with alarm interrupts enabled — what wakes a machine
+    /// suspended to RAM (the flag stays set until the guest reads status C).
+    pub fn alarm_fired(&self) -> bool {
+        self.shared.lock().alarm_fired()
+    }
+
     /// A snapshot of everything the guest can observe.
     pub fn state(&self) -> CmosState {
         self.shared.lock().s.clone()
@@ -330,6 +336,12 @@ impl Rtc {
             self.irq_level = level;
             self.irq.set_level(level);
         }
+    }
+
+    /// See [`Cmos::alarm_fired`].
+    fn alarm_fired(&mut self) -> bool {
+        self.sync_flags();
+        self.reg(RTC_REG_C) & REG_C_AF != 0 && self.reg(RTC_REG_B) & REG_B_AIE != 0
     }
 
     fn reg(&self, index: u8) -> u8 {

@@ -76,6 +76,8 @@ pub enum VmRequest {
     FlushPage(u64),
     /// Power the machine off (ACPI S5).
     PowerOff,
+    /// Suspend the machine to RAM (ACPI S3).
+    Suspend,
 }
 
 /// A device's interrupt line into the interrupt controllers.

@@ -242,12 +242,12 @@ impl Registry {
         Ok(out)
     }
 
-    /// Restores what [`save_snapshots`](Self::save_snapshots) returned, except the sections
-    /// named in `keep`, which stay as they are.
+    /// Restores what [`save_snapshots`](Self::save_snapshots) returned to the sections whose
+    /// id string `select` accepts; the others stay as they are.
     pub fn restore_snapshots(
         &mut self,
         states: &[Vec<u8>],
-        keep: &[&str],
+        select: &dyn Fn(&str) -> bool,
     ) -> Result<(), RegistryError> {
         let mut states = states.iter();
         for e in &mut self.entries {
@@ -255,7 +255,7 @@ impl Registry {
                 let data = states
                     .next()
                     .ok_or_else(|| RegistryError::Missing(e.idstr.clone()))?;
-                if keep.contains(&e.idstr.as_str()) {
+                if !select(&e.idstr) {
                     continue;
                 }
                 h.restore(data, e.version)
@@ -560,12 +560,12 @@ mod tests {
         *blob.lock().unwrap() = vec![7];
         let saved = r.save_snapshots().unwrap();
         *blob.lock().unwrap() = vec![8];
-        r.restore_snapshots(&saved, &[]).unwrap();
+        r.restore_snapshots(&saved, &|_| true).unwrap();
         assert_eq!(*blob.lock().unwrap(), vec![7]);
         *blob.lock().unwrap() = vec![9];
-        r.restore_snapshots(&saved, &["blob"]).unwrap();
+        r.restore_snapshots(&saved, &|name| name != "blob").unwrap();
         assert_eq!(*blob.lock().unwrap(), vec![9]);
-        assert!(r.restore_snapshots(&[], &[]).is_err());
+        assert!(r.restore_snapshots(&[], &|_| true).is_err());
     }
 
     #[test]

@@ -343,7 +343,7 @@ impl Instance {
         };
         self.vm.clear_memory();
         lock(&self.registry)
-            .restore_snapshots(&self.power_on, &[RTC_SECTION])
+            .restore_snapshots(&self.power_on, &|name| name != RTC_SECTION)
             .map_err(|e| VmError::State(e.to_string()))?;
         self.vm.load_kernel()?;
         self.emit(
@@ -353,6 +353,41 @@ impl Instance {
         if was_running {
             self.vm.control().resume(&mut g);
         }
+        Ok(())
+    }
+
+    /// The guest suspended the machine to RAM (ACPI S3): stop the vCPUs until a wake event.
+    pub fn suspend(&self) {
+        let g = lock(&self.vm.machine);
+        let (mut g, _) = self.stop_locked(g, RunState::Suspended);
+        g.runstate = RunState::Suspended;
+        self.emit("SUSPEND", None);
+    }
+
+    /// True when a suspended machine's wake source has fired: the RTC alarm, when the guest
+    /// enabled waking on it (PM1_EN.RTC_EN).
+    pub fn rtc_wake_due(&self) -> bool {
+        let _g = lock(&self.vm.machine);
+        lock(&self.vm.devices.acpi_pm).rtc_wake_enabled()
+            && lock(&self.vm.devices.cmos).alarm_fired()
+    }
+
+    /// Wakes a machine suspended to RAM as firmware would: every vCPU back to its power-on
+    /// state, the PICs and PIT as a BIOS leaves them, WAK_STS set, and the boot vCPU entering
+    /// the FACS waking vector in real mode. RAM and the devices keep their state.
+    pub fn wakeup(&self, by_rtc: bool) -> Result<(), VmError> {
+        let mut g = lock(&self.vm.machine);
+        if g.runstate != RunState::Suspended {
+            return Ok(());
+        }
+        lock(&self.registry)
+            .restore_snapshots(&self.power_on, &|name| name == "cpu")
+            .map_err(|e| VmError::State(e.to_string()))?;
+        crate::arch::bios::program_pic_and_pit(&self.vm.fd)?;
+        lock(&self.vm.devices.acpi_pm).wake(by_rtc);
+        self.vm.enter_waking_vector()?;
+        self.emit("WAKEUP", None);
+        self.start_locked(&mut g);
         Ok(())
     }
 

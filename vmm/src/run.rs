@@ -143,7 +143,24 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
         instance.cont().map_err(RunError::Instance)?;
     }
     let status = loop {
-        match instance.vm.wait_event() {
+        let event = if instance.runstate() == RunState::Suspended {
+            // Suspended to RAM: wake on the RTC alarm (checked every 20 ms, as a chipset
+            // would notice it) or on QMP system_wakeup.
+            match instance
+                .vm
+                .wait_event_timeout(std::time::Duration::from_millis(20))
+            {
+                Some(event) => event,
+                None if instance.rtc_wake_due() => {
+                    instance.wakeup(true)?;
+                    continue;
+                }
+                None => continue,
+            }
+        } else {
+            instance.vm.wait_event()
+        };
+        match event {
             VmEvent::Exit(code) => break code,
             VmEvent::PowerOff => {
                 instance.emit(
@@ -171,6 +188,8 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
                 log::info!("guest {event:?}: resetting");
                 instance.reset(true)?;
             }
+            VmEvent::Suspend => instance.suspend(),
+            VmEvent::Wakeup => instance.wakeup(false)?,
             VmEvent::Fatal(msg) => {
                 lock(&instance.vm.machine).runstate = RunState::InternalError;
                 drop(terminal);

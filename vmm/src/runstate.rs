@@ -18,6 +18,8 @@ pub enum RunState {
     FinishMigrate,
     /// The outgoing migration completed; the guest now runs on the destination.
     Postmigrate,
+    /// Suspended to RAM (ACPI S3), waiting for a wake event.
+    Suspended,
     /// The guest is being shut down.
     Shutdown,
     /// A vCPU failed.
@@ -34,6 +36,7 @@ impl RunState {
             Self::Inmigrate => "inmigrate",
             Self::FinishMigrate => "finish-migrate",
             Self::Postmigrate => "postmigrate",
+            Self::Suspended => "suspended",
             Self::Shutdown => "shutdown",
             Self::InternalError => "internal-error",
         }

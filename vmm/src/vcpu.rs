@@ -122,6 +122,10 @@ pub enum VmEvent {
     PowerOff,
     /// The host asked hopvm to quit (QMP `quit`, Ctrl-A x).
     Quit,
+    /// The guest suspended the machine to RAM (ACPI S3).
+    Suspend,
+    /// The host asked a suspended machine to wake up (QMP `system_wakeup`).
+    Wakeup,
     /// A vCPU cannot go on; the message says why.
     Fatal(String),
 }
@@ -317,6 +321,7 @@ fn request_event(req: Option<VmRequest>, shared: &VcpuShared) -> Next {
         Some(VmRequest::Reset) => Next::Report(VmEvent::Reset),
         Some(VmRequest::Exit(code)) => Next::Report(VmEvent::Exit(code)),
         Some(VmRequest::PowerOff) => Next::Report(VmEvent::PowerOff),
+        Some(VmRequest::Suspend) => Next::Report(VmEvent::Suspend),
         Some(VmRequest::FlushPage(gpa)) => {
             flush_page(&shared.memory, gpa);
             Next::Continue

@@ -498,6 +498,20 @@ impl Vm {
         Ok(())
     }
 
+    /// Points the boot vCPU at the ACPI FACS firmware waking vector, in real mode, as firmware
+    /// does when the machine wakes from S3.
+    pub fn enter_waking_vector(&self) -> Result<(), VmError> {
+        let vector = acpi::waking_vector(&self.memory, self.cpus)?;
+        let bsp = self.control.vcpus()[0].clone();
+        let bsp = lock(&bsp);
+        let sregs = bsp.get_sregs().map_err(kvm_err("get sregs"))?;
+        bsp.set_sregs(&regs::real_mode_sregs(sregs, vector))
+            .map_err(kvm_err("set sregs"))?;
+        bsp.set_regs(&regs::real_mode_regs(vector))
+            .map_err(kvm_err("set regs"))?;
+        Ok(())
+    }
+
     /// Zeroes all guest RAM by dropping its pages (a reset reloads the kernel afterwards).
     pub fn clear_memory(&self) {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -542,6 +556,11 @@ impl Vm {
         lock(&self.events)
             .recv()
             .unwrap_or_else(|_| VmEvent::Fatal(String::from("all vcpu threads ended")))
+    }
+
+    /// Waits up to `timeout` for the next event from a vCPU.
+    pub fn wait_event_timeout(&self, timeout: std::time::Duration) -> Option<VmEvent> {
+        lock(&self.events).recv_timeout(timeout).ok()
     }
 
     /// A sender that injects events as if a vCPU had reported them (terminal quit, QMP `quit`).

@@ -168,6 +168,10 @@ fn migration_parameters_and_errors() {
         error_of(&mut vm, "migrate-incoming", json!({"uri": "tcp:0:1"})),
         "GenericError: '-incoming' was not specified on the command line"
     );
+    assert_eq!(
+        error_of(&mut vm, "system_wakeup", json!({})),
+        "GenericError: Unable to wake up: guest is not in suspended state"
+    );
     // None of this disturbed the guest.
     let before = passes(&vm.out.text());
     vm.out.wait_for(LONG, "more passes", |t| passes(t) > before);

@@ -432,6 +432,17 @@ pub fn write_with(mem: &GuestMemoryMmap, config: &AcpiConfig) -> Result<u64, Acp
     Ok(RSDP_ADDR)
 }
 
+/// The firmware waking vector the guest left in the FACS (where S3 resume enters it).
+pub fn waking_vector(mem: &GuestMemoryMmap, cpus: u8) -> Result<u32, AcpiError> {
+    let (facs, _) = build(cpus, ACPI_START)?
+        .into_iter()
+        .find(|(_, t)| t.starts_with(b"FACS"))
+        .ok_or(AcpiError::TooLarge(ACPI_END))?;
+    // FACS offset 12: firmware_waking_vector.
+    mem.read_obj::<u32>(GuestAddress(facs + 12))
+        .map_err(AcpiError::Write)
+}
+
 /// Writes QEMU's `pc` tables for `cpus` CPUs into the BIOS area; returns the RSDP's address.
 pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<u64, AcpiError> {
     write_with(mem, &AcpiConfig::new(cpus))

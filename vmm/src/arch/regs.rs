@@ -170,6 +170,47 @@ pub fn entry_sregs(mut sregs: kvm_sregs, mode: EntryMode) -> kvm_sregs {
     sregs
 }
 
+/// Special registers for real mode with CS:IP at the real-mode address `vector` (the ACPI
+/// waking vector, which firmware enters as segment `vector >> 4`).
+pub fn real_mode_sregs(mut sregs: kvm_sregs, vector: u32) -> kvm_sregs {
+    let seg = |selector: u16, type_: u8| kvm_segment {
+        base: u64::from(selector) << 4,
+        limit: 0xffff,
+        selector,
+        type_,
+        present: 1,
+        s: 1,
+        ..Default::default()
+    };
+    sregs.cs = seg((vector >> 4) as u16, 0xb);
+    for s in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        *s = seg(0, 3);
+    }
+    sregs.cr0 = CR0_ET;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs.gdt.base = 0;
+    sregs.gdt.limit = 0xffff;
+    sregs.idt.base = 0;
+    sregs.idt.limit = 0x3ff;
+    sregs
+}
+
+/// General registers for real mode at the real-mode address `vector`.
+pub fn real_mode_regs(vector: u32) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2,
+        rip: u64::from(vector & 0xf),
+        ..Default::default()
+    }
+}
+
 /// General registers for `entry`.
 pub fn entry_regs(entry: &EntryState) -> kvm_regs {
     let mut regs = kvm_regs {

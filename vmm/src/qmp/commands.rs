@@ -22,6 +22,7 @@ pub const COMMANDS: &[&str] = &[
     "stop",
     "cont",
     "system_reset",
+    "system_wakeup",
     "quit",
     "migrate",
     "migrate-incoming",
@@ -396,6 +397,16 @@ impl QmpBackend for Commands {
                 inst.reset(false)
                     .map(|_| Value::Null)
                     .map_err(|e| QmpError::generic(e.to_string()))
+            }
+            "system_wakeup" => {
+                none(args)?;
+                if inst.runstate() != RunState::Suspended {
+                    return Err(QmpError::generic(
+                        "Unable to wake up: guest is not in suspended state",
+                    ));
+                }
+                let _ = inst.vm.event_sender().send(VmEvent::Wakeup);
+                Ok(Value::Null)
             }
             "quit" => none(args).map(|_| {
                 let _ = inst.vm.event_sender().send(VmEvent::Quit);
