@@ -392,7 +392,8 @@ impl Vm {
         let machine = Arc::new(Mutex::new(Machine::new(pio, mmio)));
 
         vcpu::install_kick_handler()?;
-        let base_cpuid = cpu_model.apply(&cpu_model::supported_cpuid(&kvm)?)?;
+        let arch_caps = cpu_model::arch_capabilities_msr(&kvm);
+        let base_cpuid = cpu_model.apply(&cpu_model::supported_cpuid(&kvm, arch_caps)?)?;
         let mut opts = CpuidOptions {
             cpus: config.cpus,
             hide_arch_capabilities: false,
@@ -413,7 +414,7 @@ impl Vm {
                 // Advertising IA32_ARCH_CAPABILITIES when KVM refuses the host's value for it
                 // is what makes QEMU's `-cpu host` abort on some hosts: probe, and hide it.
                 opts.hide_arch_capabilities =
-                    cpu_model::must_hide_arch_capabilities(&kvm, &vcpu, &base_cpuid);
+                    cpu_model::must_hide_arch_capabilities(&vcpu, &base_cpuid, arch_caps);
             }
             vcpu.set_cpuid2(&vcpu_cpuid(&base_cpuid, id, &opts))
                 .map_err(kvm_err("set cpuid"))?;

@@ -952,15 +952,16 @@ fn adjust_supported(cpuid: &mut CpuId, tsc_deadline: bool, arch_capabilities_msr
 }
 
 /// The CPUID KVM supports, with QEMU's adjustments (see the module docs): the table to pass
-/// to [`CpuModel::apply`].
-pub fn supported_cpuid(kvm: &Kvm) -> Result<CpuId, CpuModelError> {
+/// to [`CpuModel::apply`]. `arch_caps` is [`arch_capabilities_msr`]'s answer, asked once by
+/// the caller and also needed by [`must_hide_arch_capabilities`].
+pub fn supported_cpuid(kvm: &Kvm, arch_caps: Option<u64>) -> Result<CpuId, CpuModelError> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(CpuModelError::Kvm)?;
     adjust_supported(
         &mut cpuid,
         kvm.check_extension(Cap::TscDeadlineTimer),
-        arch_capabilities_msr(kvm).is_some(),
+        arch_caps.is_some(),
     );
     Ok(cpuid)
 }
@@ -990,17 +991,18 @@ pub fn arch_capabilities_msr(kvm: &Kvm) -> Option<u64> {
 }
 
 /// Whether the guest must not be shown ARCH_CAPABILITIES although `cpuid` shows it: true if
-/// KVM refuses the write of [`arch_capabilities_msr`]'s value to MSR 0x10a that QEMU does at
-/// vCPU creation (and that a guest relies on). False if `cpuid` does not show the feature.
+/// KVM refuses the write of `arch_caps` ([`arch_capabilities_msr`]'s value) to MSR 0x10a that
+/// QEMU does at vCPU creation (and that a guest relies on). False if `cpuid` does not show the
+/// feature.
 ///
 /// `vcpu` must be a vCPU of the VM that has not run yet: the probe sets its CPUID to `cpuid`
 /// (KVM only accepts host writes of the MSR when the guest has the feature) and leaves the
 /// MSR set on success. Set the vCPU's final CPUID afterwards.
-pub fn must_hide_arch_capabilities(kvm: &Kvm, vcpu: &VcpuFd, cpuid: &CpuId) -> bool {
+pub fn must_hide_arch_capabilities(vcpu: &VcpuFd, cpuid: &CpuId, arch_caps: Option<u64>) -> bool {
     if get(cpuid.as_slice(), L7_EDX) & LEAF7_EDX_ARCH_CAPABILITIES == 0 {
         return false;
     }
-    let Some(value) = arch_capabilities_msr(kvm) else {
+    let Some(value) = arch_caps else {
         return true;
     };
     if let Err(e) = vcpu.set_cpuid2(cpuid) {
@@ -1469,7 +1471,8 @@ mod tests {
         let Ok(kvm) = Kvm::new() else {
             return;
         };
-        let supported = supported_cpuid(&kvm).unwrap();
+        let arch_caps = arch_capabilities_msr(&kvm);
+        let supported = supported_cpuid(&kvm, arch_caps).unwrap();
         assert!(has(&supported, "hypervisor"));
         assert_eq!(
             has(&supported, "tsc-deadline"),
@@ -1490,7 +1493,7 @@ mod tests {
         {
             let cpuid = apply(spec, &supported);
             let vcpu = vm.create_vcpu(id as u64).unwrap();
-            let hide = must_hide_arch_capabilities(&kvm, &vcpu, &cpuid);
+            let hide = must_hide_arch_capabilities(&vcpu, &cpuid, arch_caps);
             if !has(&cpuid, "arch-capabilities") {
                 assert!(!hide);
             } else if !hide {
@@ -1500,7 +1503,7 @@ mod tests {
                 }])
                 .unwrap();
                 assert_eq!(vcpu.get_msrs(&mut msrs).unwrap(), 1);
-                assert_eq!(Some(msrs.as_slice()[0].data), arch_capabilities_msr(&kvm));
+                assert_eq!(Some(msrs.as_slice()[0].data), arch_caps);
             }
             vcpu.set_cpuid2(&cpuid)
                 .unwrap_or_else(|e| panic!("{spec}: {e}"));
