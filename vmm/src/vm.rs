@@ -37,6 +37,11 @@ pub enum VmError {
     /// A KVM ioctl failed while building the VM.
     #[error("kvm {0} failed: {1}")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// The kernel image could not be read. Worded as QEMU words it: kvm-unit-tests' runner
+    /// (`scripts/vmm.bash`) probes the command line with a missing kernel and only trusts a
+    /// VMM whose error says "could not load kernel".
+    #[error("could not load kernel '{0}': {1}")]
+    ReadKernel(String, #[source] std::io::Error),
     /// A file given on the command line could not be read.
     #[error("cannot read {0}: {1}")]
     ReadFile(String, #[source] std::io::Error),
@@ -193,7 +198,7 @@ struct BootImage {
 impl BootImage {
     fn read(path: &std::path::Path, config: &VmConfig) -> Result<Self, VmError> {
         let name = path.display().to_string();
-        let image = std::fs::read(path).map_err(|e| VmError::ReadFile(name.clone(), e))?;
+        let image = std::fs::read(path).map_err(|e| VmError::ReadKernel(name.clone(), e))?;
         let initrd = match &config.initrd {
             Some(p) => Some((
                 std::fs::read(p).map_err(|e| VmError::ReadFile(p.display().to_string(), e))?,

@@ -91,7 +91,7 @@ fn bad_kernels_are_clear_errors() {
     }
     let o = hopvm(&["run", "--kernel", "/nonexistent/kernel"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("cannot read /nonexistent/kernel"));
+    assert!(stderr(&o).contains("could not load kernel '/nonexistent/kernel'"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
