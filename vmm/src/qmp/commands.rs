@@ -168,11 +168,17 @@ impl Commands {
             .map_err(|e| QmpError::generic(e.to_string()))
     }
 
+    /// As QEMU's `qmp_query_migrate`: an outgoing migration, once one was started, is what
+    /// `query-migrate` describes; the incoming migration that brought the guest here shows only
+    /// until then.
     fn query_migrate(&self) -> Value {
-        if let Some(status) = self.instance.incoming_status() {
-            return json!({"status": status.as_str()});
+        let info = self.instance.migration.info();
+        if info.status == MigrationStatus::None {
+            if let Some(status) = self.instance.incoming_status() {
+                return json!({"status": status.as_str()});
+            }
         }
-        migrate_info_json(&self.instance.migration.info())
+        migrate_info_json(&info)
     }
 
     fn set_capabilities(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
