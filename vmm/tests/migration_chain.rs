@@ -120,10 +120,7 @@ fn twenty_hops_tcp_and_unix_with_one_cancelled() {
             let mut tool = Tool::spawn(&["migrate", "--qmp", &spec, &uri]);
             assert_eq!(tool.wait(LONG), 0, "{}", tool.outputs());
             let err = tool.err.text();
-            let last = err
-                .lines()
-                .filter(|l| l.starts_with("migrate: "))
-                .next_back();
+            let last = err.lines().rfind(|l| l.starts_with("migrate: "));
             assert!(
                 last.is_some_and(|l| l.starts_with("migrate: completed, pass ")),
                 "{err}"
