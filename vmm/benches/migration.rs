@@ -1,92 +1,474 @@
-//! Live migration benchmark, printed rather than asserted: a 1 GiB guest migrated over
-//! loopback TCP with no bandwidth limit and a 30 ms maximum downtime, once idle and once while
-//! the dirty guest rewrites a 256 MiB working set.
+//! Live migration benchmark, hopvm against QEMU 7.2 in the same run, printed rather than
+//! asserted.
 //!
-//! Run with `cargo bench -p vmm --bench migration`. Both VMs live in this process (the
-//! transport is a real TCP connection over loopback).
+//! Every scenario boots the same Multiboot guest in two processes of one VMM (source and
+//! `-incoming defer` destination, both with QEMU's command line: `-M pc -cpu qemu64
+//! -enable-kvm`), drives them with the same QMP commands (`events` capability, `max-bandwidth`
+//! 10 GiB/s — no limit —, `downtime-limit` 30 ms, `migrate-incoming` / `migrate` on loopback
+//! TCP) and reads the result from `query-migrate` and the events. Downtime is what the guest
+//! sees: the source's STOP event to the destination's RESUME event (both QMP timestamps).
+//! Scenarios:
+//!
+//! * busy 1 GiB / 256 MiB and busy 256 MiB / 64 MiB: the `stride` guest writes one word into
+//!   every page of its working set, pass after pass, verifying the previous value;
+//! * idle 1 GiB: the `idle` guest (halted);
+//! * stopped 1 GiB: `stride ws=max` fills every page of RAM above the image, the source is
+//!   `stop`ped, then migrated: the stream alone; the destination is `cont`inued afterwards.
+//!
+//! Correctness first: after every stride run the destination must print two more verified
+//! passes (each reads every page of the working set) and never `CORRUPT`; a run that does not
+//! is reported as failed. The idle guest has nothing to verify; its destination must run.
+//!
+//! Run with `cargo bench -p vmm --bench migration`. Environment: `HOPVM_BENCH_RUNS` (default
+//! 3) runs of every scenario, reported as median and range; `HOPVM_BENCH_ONLY=busy-1g,idle`
+//! picks scenarios by key; `HOPVM_BENCH_QEMU=0` skips QEMU (it is skipped anyway when
+//! `qemu-system-x86_64` is not installed).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::sync::mpsc;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::proc::TempDir;
 use common::Capture;
+use serde_json::{json, Value};
+use vmm::qmp::client::QmpClient;
 
-use migration::thread::{MigrationEvent, MigrationStatus};
-use vmm::config::{SerialConfig, VmConfig};
-use vmm::instance::Instance;
-use vmm::vm::SharedWriter;
+/// How long a migration may take before it is called non-converging and cancelled.
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn instance(image: &str, kernel: bool, cmdline: &str) -> (Arc<Instance>, Capture) {
-    let mut c = VmConfig::new(guest_tests::image_path(image));
-    if !kernel {
-        c.kernel = None;
-    }
-    c.cmdline = cmdline.to_string();
-    c.memory = 1 << 30;
-    c.serial = SerialConfig::Null;
-    let capture = Capture::default();
-    let i = Instance::new(&c, SharedWriter::new(Box::new(capture.clone()))).unwrap();
-    (i, capture)
+/// Which VMM runs a scenario.
+#[derive(Clone)]
+struct Vmm {
+    name: &'static str,
+    program: PathBuf,
+    prefix: Vec<&'static str>,
 }
 
-fn run(label: &str, image: &str, cmdline: &str, ready: &str, port: u16) {
-    let (src, out) = instance(image, true, cmdline);
-    let (dst, _) = instance(image, false, cmdline);
-    src.cont().unwrap();
-    // Idle: the guest has booted. Busy: the working set has been written and verified once.
-    out.wait_for(Duration::from_secs(600), ready, |t| {
-        t.lines().any(|l| l.starts_with(ready))
-    });
-    src.migration.set_max_bandwidth(0);
-    src.migration.set_downtime_limit_ms(30);
-    let (tx, rx) = mpsc::channel();
-    src.migration.add_notifier(move |e| {
-        if let MigrationEvent::Status(s) = e {
-            if !s.is_running() {
-                let _ = tx.send(*s);
+struct Scenario {
+    key: &'static str,
+    label: &'static str,
+    image: &'static str,
+    memory: &'static str,
+    append: &'static str,
+    /// `stop` the source before `migrate`.
+    stopped: bool,
+    /// The guest prints `pass N ok` lines to verify.
+    verifying: bool,
+    /// Serial line prefix that says the guest is ready to be migrated.
+    ready: &'static str,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        key: "busy-1g",
+        label: "busy 1 GiB, 256 MiB page-stride",
+        image: "stride",
+        memory: "1G",
+        append: "ws=256M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+    },
+    Scenario {
+        key: "busy-256m",
+        label: "busy 256 MiB, 64 MiB page-stride",
+        image: "stride",
+        memory: "256M",
+        append: "ws=64M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+    },
+    Scenario {
+        key: "idle",
+        label: "idle 1 GiB",
+        image: "idle",
+        memory: "1G",
+        append: "",
+        stopped: false,
+        verifying: false,
+        ready: "idle",
+    },
+    Scenario {
+        key: "stopped",
+        label: "stopped 1 GiB, every page non-zero",
+        image: "stride",
+        memory: "1G",
+        append: "ws=max",
+        stopped: true,
+        verifying: true,
+        ready: "fill ok",
+    },
+];
+
+/// One VMM process with its monitor and serial output.
+struct Proc {
+    child: Child,
+    qmp: QmpClient,
+    out: Capture,
+    err: Capture,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pump(mut from: impl std::io::Read + Send + 'static, mut to: Capture) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = from.read(&mut buf) {
+            if n == 0 {
+                break;
             }
+            std::io::Write::write_all(&mut to, &buf[..n]).unwrap();
         }
     });
-    let uri = format!("tcp:127.0.0.1:{port}");
-    dst.incoming(&uri).unwrap();
-    let start = Instant::now();
-    src.migrate(&uri).unwrap();
-    let status = rx.recv_timeout(Duration::from_secs(600)).unwrap();
-    let wall = start.elapsed();
-    let i = src.migration.info();
-    let t = src.migration.timeline();
-    assert_eq!(status, MigrationStatus::Completed, "{i:?}");
-    println!(
-        "{label}: total {} ms (wall {:.1} ms), downtime {} ms, setup {} ms, {} passes, \
-         {:.1} MiB sent, {} zero + {} full pages, throughput {:.2} GB/s",
-        i.total_time_ms,
-        wall.as_secs_f64() * 1e3,
-        i.downtime_ms,
-        i.setup_time_ms,
-        i.dirty_sync_count,
-        i.transferred as f64 / (1 << 20) as f64,
-        i.duplicate,
-        i.normal,
-        i.transferred as f64 / wall.as_secs_f64() / 1e9
-    );
-    if let (Some(stop), Some(end)) = (t.stop_ms, t.end_ms) {
-        println!(
-            "{label}: stop-and-copy from {stop:.1} ms to {end:.1} ms; {} slots measured",
-            t.slots.len()
+}
+
+impl Proc {
+    fn spawn(vmm: &Vmm, dir: &Path, name: &str, s: &Scenario, incoming: bool) -> Self {
+        let sock = dir.join(format!("{name}.sock"));
+        let mut cmd = Command::new(&vmm.program);
+        cmd.args(&vmm.prefix)
+            .args(["-M", "pc", "-cpu", "qemu64", "-enable-kvm", "-nodefaults"])
+            .args(["-display", "none", "-serial", "stdio", "-m", s.memory])
+            .arg("-kernel")
+            .arg(guest_tests::image_path(s.image))
+            .args(["-append", s.append])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if incoming {
+            cmd.args(["-incoming", "defer"]);
+        }
+        let mut child = cmd.spawn().expect("the vmm starts");
+        let (out, err) = (Capture::default(), Capture::default());
+        pump(child.stdout.take().unwrap(), out.clone());
+        pump(child.stderr.take().unwrap(), err.clone());
+        // Connecting negotiates the capabilities (`qmp_capabilities`).
+        let qmp = match QmpClient::connect_retry(&sock, Duration::from_secs(30)) {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = child.kill();
+                panic!("{}: no monitor: {e}; stderr: {}", vmm.name, err.text());
+            }
+        };
+        let mut p = Proc {
+            child,
+            qmp,
+            out,
+            err,
+        };
+        p.cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "events", "state": true}]}),
         );
+        p
     }
+
+    fn cmd(&mut self, command: &str, args: Value) -> Value {
+        let args = if args.is_null() { None } else { Some(args) };
+        self.qmp
+            .execute(command, args)
+            .unwrap_or_else(|e| panic!("{command}: {e}; stderr: {}", self.err.text()))
+    }
+
+    /// The QMP timestamp of the next `name` event.
+    fn event_time(&mut self, name: &str, timeout: Duration) -> Option<f64> {
+        self.qmp
+            .wait_event(name, timeout, |_| true)
+            .ok()
+            .map(|e| e.timestamp)
+    }
+}
+
+/// Highest `pass N ok` the guest printed.
+fn last_pass(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("pass ")?.strip_suffix(" ok")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+/// What one migration measured.
+#[derive(Clone, Debug)]
+struct Outcome {
+    completed: bool,
+    verified: Result<(), String>,
+    total_ms: f64,
+    downtime_ms: f64,
+    reported_downtime_ms: f64,
+    syncs: u64,
+    bytes: u64,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn run_one(vmm: &Vmm, s: &Scenario, run: usize) -> Outcome {
+    let dir = TempDir::new(&format!("bench-{}-{}-{run}", vmm.name, s.key));
+    let mut src = Proc::spawn(vmm, &dir.0, "src", s, false);
+    let mut dst = Proc::spawn(vmm, &dir.0, "dst", s, true);
+    src.out
+        .wait_for(Duration::from_secs(300), s.ready, |t| t.contains(s.ready));
+    let params = json!({"max-bandwidth": 10u64 << 30, "downtime-limit": 30});
+    src.cmd("migrate-set-parameters", params);
+    if s.stopped {
+        src.cmd("stop", Value::Null);
+        src.event_time("STOP", Duration::from_secs(10));
+    }
+    let uri = format!("tcp:127.0.0.1:{}", free_port());
+    dst.cmd("migrate-incoming", json!({ "uri": uri }));
+    src.cmd("migrate", json!({ "uri": uri }));
+    let finished = src.qmp.wait_event("MIGRATION", MIGRATION_TIMEOUT, |d| {
+        matches!(d["status"].as_str(), Some("completed" | "failed"))
+    });
+    let status = match finished {
+        Ok(e) => e.data["status"].as_str().unwrap_or("?").to_string(),
+        Err(_) => {
+            src.cmd("migrate_cancel", Value::Null);
+            String::from("not converged")
+        }
+    };
+    let stop = if s.stopped {
+        None
+    } else {
+        src.event_time("STOP", Duration::from_secs(5))
+    };
+    // QEMU sends the completed event a moment before it records the total time.
+    let mut info = src.cmd("query-migrate", Value::Null);
+    let t0 = Instant::now();
+    while info["total-time"].as_u64() == Some(0) && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+        info = src.cmd("query-migrate", Value::Null);
+    }
+    let completed = status == "completed";
+    let mut downtime_ms = f64::NAN;
+    let mut verified = Err(format!("migration {status}"));
+    if completed {
+        if s.stopped {
+            dst.qmp
+                .wait_event("MIGRATION", Duration::from_secs(30), |d| {
+                    d["status"] == "completed"
+                })
+                .ok();
+            let st = dst.cmd("query-status", Value::Null);
+            if st["running"] != json!(true) {
+                dst.cmd("cont", Value::Null);
+            }
+        }
+        let resume = dst.event_time("RESUME", Duration::from_secs(30));
+        if let (Some(a), Some(b)) = (stop, resume) {
+            downtime_ms = (b - a) * 1e3;
+        }
+        verified = if s.verifying {
+            // The pass under way at the stop, then one whole pass on the destination alone.
+            let want = last_pass(&src.out.text()) + 2;
+            let t0 = Instant::now();
+            loop {
+                let text = dst.out.text();
+                if let Some(l) = text
+                    .lines()
+                    .find(|l| l.starts_with("CORRUPT") || l.starts_with("FAIL"))
+                {
+                    break Err(l.to_string());
+                }
+                if last_pass(&text) >= want {
+                    break Ok(());
+                }
+                if t0.elapsed() > Duration::from_secs(120) {
+                    break Err(format!("destination did not reach pass {want}"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            let st = dst.cmd("query-status", Value::Null);
+            if st["status"] == "running" {
+                Ok(())
+            } else {
+                Err(format!("destination {st}"))
+            }
+        };
+    }
+    Outcome {
+        completed,
+        verified,
+        total_ms: info["total-time"].as_f64().unwrap_or(f64::NAN),
+        downtime_ms,
+        reported_downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
+        syncs: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+        bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+/// Median and range of a field over the completed runs.
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stat(runs: &[Outcome], f: impl Fn(&Outcome) -> f64) -> Stat {
+    let mut v: Vec<f64> = runs.iter().filter(|o| o.completed).map(f).collect();
+    let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    Stat {
+        median: median(&mut v),
+        min,
+        max,
+    }
+}
+
+fn fmt_stat(s: &Stat, scale: f64, prec: usize) -> String {
+    if s.median.is_nan() {
+        return String::from("-");
+    }
+    if s.min == s.max {
+        format!("{:.prec$}", s.median / scale)
+    } else {
+        format!(
+            "{:.prec$} ({:.prec$}–{:.prec$})",
+            s.median / scale,
+            s.min / scale,
+            s.max / scale
+        )
+    }
+}
+
+fn qemu_installed() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()))
 }
 
 fn main() {
-    run("idle 1 GiB", "idle", "", "idle", 47_311);
-    run(
-        "busy 1 GiB, 256 MiB working set",
-        "dirty",
-        "ws=256",
-        "pass ",
-        47_312,
+    let runs: usize = std::env::var("HOPVM_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    let only = std::env::var("HOPVM_BENCH_ONLY").ok();
+    let mut vmms = vec![Vmm {
+        name: "hopvm",
+        program: PathBuf::from(env!("CARGO_BIN_EXE_hopvm")),
+        prefix: vec!["qemu"],
+    }];
+    if std::env::var("HOPVM_BENCH_QEMU").as_deref() != Ok("0") && qemu_installed() {
+        vmms.push(Vmm {
+            name: "qemu-7.2",
+            program: PathBuf::from("qemu-system-x86_64"),
+            prefix: vec![],
+        });
+    } else {
+        println!("(QEMU not run)");
+    }
+    let mut rows = Vec::new();
+    for s in SCENARIOS {
+        if only
+            .as_deref()
+            .is_some_and(|o| !o.split(',').any(|k| k == s.key))
+        {
+            continue;
+        }
+        let mut per_vmm: Vec<(String, Vec<Outcome>)> = Vec::new();
+        for vmm in &vmms {
+            let mut outs = Vec::new();
+            for run in 0..runs {
+                let o = run_one(vmm, s, run);
+                eprintln!(
+                    "{} {} run {}: {} total {:.0} ms, downtime {:.1} ms (reported {:.0}), \
+                     {} syncs, {:.1} MiB, {}",
+                    s.key,
+                    vmm.name,
+                    run + 1,
+                    if o.completed { "completed" } else { "FAILED" },
+                    o.total_ms,
+                    o.downtime_ms,
+                    o.reported_downtime_ms,
+                    o.syncs,
+                    o.bytes as f64 / (1 << 20) as f64,
+                    match &o.verified {
+                        Ok(()) => String::from("verified"),
+                        Err(e) => format!("NOT VERIFIED: {e}"),
+                    }
+                );
+                outs.push(o);
+            }
+            per_vmm.push((vmm.name.to_string(), outs));
+        }
+        rows.push((s, per_vmm));
+    }
+    println!();
+    println!(
+        "| scenario | vmm | runs ok | total ms | × QEMU | downtime ms (STOP→RESUME) | syncs | MiB sent | GiB/s |"
     );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for (s, per_vmm) in &rows {
+        let qemu_total = per_vmm
+            .iter()
+            .find(|(n, _)| n.starts_with("qemu"))
+            .map(|(_, o)| stat(o, |o| o.total_ms).median);
+        for (name, outs) in per_vmm {
+            let ok = outs
+                .iter()
+                .filter(|o| o.completed && o.verified.is_ok())
+                .count();
+            let total = stat(outs, |o| o.total_ms);
+            let ratio = match qemu_total {
+                Some(q) if !name.starts_with("qemu") && q > 0.0 => {
+                    format!("{:.2}", total.median / q)
+                }
+                _ => String::from("-"),
+            };
+            let downtime = if s.stopped {
+                String::from("(stopped)")
+            } else {
+                fmt_stat(&stat(outs, |o| o.downtime_ms), 1.0, 1)
+            };
+            let gibs = stat(outs, |o| {
+                o.bytes as f64 / (1u64 << 30) as f64 / (o.total_ms / 1e3)
+            });
+            println!(
+                "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} |",
+                s.label,
+                name,
+                ok,
+                outs.len(),
+                fmt_stat(&total, 1.0, 0),
+                ratio,
+                downtime,
+                fmt_stat(&stat(outs, |o| o.syncs as f64), 1.0, 0),
+                fmt_stat(&stat(outs, |o| o.bytes as f64), (1 << 20) as f64, 0),
+                fmt_stat(&gibs, 1.0, 2),
+            );
+        }
+    }
+    let failures: usize = rows
+        .iter()
+        .flat_map(|(_, p)| p.iter().flat_map(|(_, o)| o.iter()))
+        .filter(|o| o.verified.is_err())
+        .count();
+    if failures > 0 {
+        println!("\n{failures} run(s) failed or were not verified (see above)");
+    }
 }
