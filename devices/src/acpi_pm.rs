@@ -29,6 +29,7 @@ const RTC_BIT: u16 = 1 << 10;
 
 /// Everything the guest can observe of the PM1 block.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AcpiPmState {
     /// PM1 status (offset 0).
     pub status: u16,
@@ -36,6 +37,17 @@ pub struct AcpiPmState {
     pub enable: u16,
     /// PM1 control (offset 4), without SLP_EN.
     pub control: u16,
+}
+
+/// Why an [`AcpiPmState`] cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcpiPmStateError {
+    /// PM1 status has bits that the device never sets.
+    #[error("pm1 status {0:#06x} has bits the device never sets")]
+    Status(u16),
+    /// PM1 control lacks SCI_EN or holds SLP_EN.
+    #[error("pm1 control {0:#06x} lacks SCI_EN or holds SLP_EN")]
+    Control(u16),
 }
 
 /// PM1a event (status, enable) and control registers, registered at 0x600 with length 6.
@@ -61,8 +73,18 @@ impl AcpiPm {
     }
 
     /// Restores a state from [`AcpiPm::state`].
-    pub fn restore(&mut self, state: &AcpiPmState) {
+    ///
+    /// Status bits other than WAK_STS and RTC_STS, or a control word without SCI_EN or with
+    /// SLP_EN (which never reads back), are rejected and the device is left as it was.
+    pub fn restore(&mut self, state: &AcpiPmState) -> Result<(), AcpiPmStateError> {
+        if state.status & !(WAK_STS | RTC_BIT) != 0 {
+            return Err(AcpiPmStateError::Status(state.status));
+        }
+        if state.control & SCI_EN == 0 || state.control & SLP_EN != 0 {
+            return Err(AcpiPmStateError::Control(state.control));
+        }
         self.s = state.clone();
+        Ok(())
     }
 
     /// Whether the guest enabled waking up on the RTC alarm (PM1_EN.RTC_EN).
@@ -163,11 +185,43 @@ mod tests {
         let mut pm = AcpiPm::new();
         pm.write(2, &0x0400u16.to_le_bytes());
         let mut fresh = AcpiPm::new();
-        fresh.restore(&pm.state());
+        fresh.restore(&pm.state()).unwrap();
         let (mut a, mut b) = ([0u8; 4], [0u8; 4]);
         pm.read(2, &mut a);
         fresh.read(2, &mut b);
         assert_eq!(a, b);
         assert_eq!(fresh.state(), pm.state());
+    }
+
+    #[test]
+    fn restore_rejects_invalid_state() {
+        let mut pm = AcpiPm::new();
+        let good = pm.state();
+        for (bad, want) in [
+            (
+                AcpiPmState {
+                    status: 1,
+                    ..good.clone()
+                },
+                AcpiPmStateError::Status(1),
+            ),
+            (
+                AcpiPmState {
+                    control: 0,
+                    ..good.clone()
+                },
+                AcpiPmStateError::Control(0),
+            ),
+            (
+                AcpiPmState {
+                    control: SCI_EN | SLP_EN,
+                    ..good.clone()
+                },
+                AcpiPmStateError::Control(SCI_EN | SLP_EN),
+            ),
+        ] {
+            assert_eq!(pm.restore(&bad), Err(want));
+            assert_eq!(pm.state(), good);
+        }
     }
 }

@@ -109,6 +109,7 @@ const MIB: u64 = 1024 * KIB;
 
 /// Everything the guest can observe of a [`Cmos`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CmosState {
     /// The selected register (0–127).
     pub index: u8,
@@ -235,17 +236,60 @@ impl Cmos {
     }
 
     /// Replaces the device's state with `state` and drives IRQ 8 to the level status C's IRQF
-    /// bit gives; the clock goes on from the host's UTC time plus the saved offset. A RAM image
-    /// of the wrong size is padded or truncated to 128 bytes.
-    pub fn restore(&mut self, state: &CmosState) {
+    /// bit gives; the clock goes on from the host's UTC time plus the saved offset.
+    ///
+    /// A RAM image that is not exactly 128 bytes, a register index past 127 or a clock more
+    /// than about 18 000 years from the epoch is rejected and the device is left as it was.
+    pub fn restore(&mut self, state: &CmosState) -> Result<(), CmosStateError> {
+        state.validate()?;
         let mut rtc = self.shared.lock();
         rtc.s = state.clone();
-        rtc.s.index &= 0x7f;
-        rtc.s.data.resize(CMOS_SIZE, 0);
         rtc.irq_level = rtc.reg(RTC_REG_C) & REG_C_IRQF != 0;
         rtc.irq.set_level(rtc.irq_level);
         drop(rtc);
         self.shared.wake.notify_all();
+        Ok(())
+    }
+}
+
+/// How far from the epoch (either way, in ns) a restored clock may be: beyond any date the
+/// RTC's registers can show (years 0–9999), far inside i128 arithmetic.
+const MAX_CLOCK_NS: i128 = 1 << 69;
+
+/// Why a [`CmosState`] cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CmosStateError {
+    /// CMOS RAM is not 128 bytes.
+    #[error("cmos ram of {0} bytes, the device has {CMOS_SIZE}")]
+    RamSize(usize),
+    /// The selected register is past the 128 bytes.
+    #[error("register index {0:#04x} is past the 128 registers")]
+    Index(u8),
+    /// A clock offset or flag time out of range.
+    #[error("{field} {value} ns is out of range")]
+    Clock {
+        /// `offset_ns` or `flags_ns`.
+        field: &'static str,
+        /// Its value.
+        value: i128,
+    },
+}
+
+impl CmosState {
+    /// Checks the state against what the device can reach (see [`Cmos::restore`]).
+    pub fn validate(&self) -> Result<(), CmosStateError> {
+        if self.data.len() != CMOS_SIZE {
+            return Err(CmosStateError::RamSize(self.data.len()));
+        }
+        if usize::from(self.index) >= CMOS_SIZE {
+            return Err(CmosStateError::Index(self.index));
+        }
+        for (field, value) in [("offset_ns", self.offset_ns), ("flags_ns", self.flags_ns)] {
+            if !(-MAX_CLOCK_NS..=MAX_CLOCK_NS).contains(&value) {
+                return Err(CmosStateError::Clock { field, value });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1012,7 +1056,7 @@ mod tests {
 
         // A different host starts with a different RAM layout; the state replaces it.
         let mut t = rig_with(&r.now, 64 * MIB, 8);
-        t.cmos.restore(&state);
+        t.cmos.restore(&state).unwrap();
         assert_eq!(t.cmos.state(), r.cmos.state());
         assert_eq!(t.irq.level(), r.irq.level());
         for i in (0..0x80).filter(|&i| i != 0x0c) {
@@ -1021,5 +1065,60 @@ mod tests {
         r.advance_ms(2000);
         assert_eq!(r.read(0x0c), t.read(0x0c));
         assert_eq!(r.time(), t.time());
+    }
+
+    #[test]
+    fn restore_rejects_invalid_state() {
+        let mut r = rig_at(T0);
+        r.write(0x50, 0x5a);
+        let good = r.cmos.state();
+        let cases = [
+            (
+                CmosState {
+                    data: vec![0; 129],
+                    ..good.clone()
+                },
+                CmosStateError::RamSize(129),
+            ),
+            (
+                CmosState {
+                    data: vec![0; 127],
+                    ..good.clone()
+                },
+                CmosStateError::RamSize(127),
+            ),
+            (
+                CmosState {
+                    index: 0x80,
+                    ..good.clone()
+                },
+                CmosStateError::Index(0x80),
+            ),
+            (
+                CmosState {
+                    offset_ns: i128::MAX,
+                    ..good.clone()
+                },
+                CmosStateError::Clock {
+                    field: "offset_ns",
+                    value: i128::MAX,
+                },
+            ),
+            (
+                CmosState {
+                    flags_ns: i128::MIN,
+                    ..good.clone()
+                },
+                CmosStateError::Clock {
+                    field: "flags_ns",
+                    value: i128::MIN,
+                },
+            ),
+        ];
+        for (bad, want) in cases {
+            assert_eq!(r.cmos.restore(&bad), Err(want.clone()), "{want}");
+            assert_eq!(r.cmos.state(), good);
+        }
+        assert_eq!(r.read(0x50), 0x5a);
     }
 }

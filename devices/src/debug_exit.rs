@@ -12,6 +12,8 @@
 //! ignored. Reads return 0. The device has no state; [`DebugExitState`] exists so that every
 //! device can be saved and restored alike.
 
+use std::convert::Infallible;
+
 use serde::{Deserialize, Serialize};
 
 use crate::{le_value, BusDevice, VmRequest};
@@ -23,6 +25,7 @@ pub const DEBUG_EXIT_LEN: u64 = 4;
 
 /// The (empty) guest-visible state of a [`DebugExit`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DebugExitState {}
 
 /// QEMU's `isa-debug-exit` device.
@@ -41,7 +44,12 @@ impl DebugExit {
     }
 
     /// Restores a snapshot; there is nothing to restore.
-    pub fn restore(&mut self, _state: &DebugExitState) {}
+    ///
+    /// The device has no state, so this never fails; it returns a `Result` like every
+    /// device's restore.
+    pub fn restore(&mut self, _state: &DebugExitState) -> Result<(), Infallible> {
+        Ok(())
+    }
 }
 
 impl BusDevice for DebugExit {
@@ -85,7 +93,7 @@ mod tests {
         let json = serde_json::to_string(&d.state()).unwrap();
         let state: DebugExitState = serde_json::from_str(&json).unwrap();
         let mut e = DebugExit::new();
-        e.restore(&state);
+        e.restore(&state).unwrap();
         assert_eq!(e.state(), d.state());
         assert_eq!(e.write(0, &[5]), Some(VmRequest::Exit(11)));
     }

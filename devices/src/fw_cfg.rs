@@ -104,10 +104,36 @@ pub enum FwCfgError {
     /// A file longer than 4 GiB − 1 (its size must fit the directory's u32).
     #[error("fw_cfg file of {0} bytes is too large")]
     TooLarge(usize),
+    /// A restored state's file name is empty or holds a NUL.
+    #[error("fw_cfg file name {0:?} is empty or holds a nul byte")]
+    BadName(String),
+    /// A restored state's items or files are out of order or repeated.
+    #[error("fw_cfg state: {0} is out of order or repeated")]
+    Unsorted(String),
+    /// A restored state's read position is past the end of the selected item.
+    #[error("fw_cfg state: read position {offset} is past the selected item's {len} bytes")]
+    ReadOffset {
+        /// The read position.
+        offset: u32,
+        /// The selected item's length.
+        len: usize,
+    },
+}
+
+/// Checks that `key` may hold an item (not a file, not the directory, in range).
+fn check_item_key(key: u16) -> Result<(), FwCfgError> {
+    if key & FW_CFG_WRITE_CHANNEL != 0 || key & FW_CFG_ENTRY_MASK >= MAX_ENTRY {
+        return Err(FwCfgError::KeyOutOfRange(key));
+    }
+    if key & FW_CFG_ARCH_LOCAL == 0 && (key == FW_CFG_FILE_DIR || key >= FW_CFG_FILE_FIRST) {
+        return Err(FwCfgError::ReservedKey(key));
+    }
+    Ok(())
 }
 
 /// Everything the guest can observe of a [`FwCfg`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FwCfgState {
     /// Items by key (files and the directory excluded), sorted by key.
     pub items: Vec<(u16, Vec<u8>)>,
@@ -159,12 +185,7 @@ impl FwCfg {
     /// `key` may be in the generic or (with [`FW_CFG_ARCH_LOCAL`]) the architecture key
     /// space, but not the directory or file keys of the generic space.
     pub fn add_item(&mut self, key: u16, data: Vec<u8>) -> Result<(), FwCfgError> {
-        if key & FW_CFG_WRITE_CHANNEL != 0 || key & FW_CFG_ENTRY_MASK >= MAX_ENTRY {
-            return Err(FwCfgError::KeyOutOfRange(key));
-        }
-        if key & FW_CFG_ARCH_LOCAL == 0 && (key == FW_CFG_FILE_DIR || key >= FW_CFG_FILE_FIRST) {
-            return Err(FwCfgError::ReservedKey(key));
-        }
+        check_item_key(key)?;
         match self.s.items.binary_search_by_key(&key, |(k, _)| *k) {
             Ok(i) => self.s.items[i].1 = data,
             Err(i) => self.s.items.insert(i, (key, data)),
@@ -211,14 +232,58 @@ impl FwCfg {
 
     /// Replaces the device's items, files and selection with those of `state`.
     ///
-    /// Files beyond the 32 slots are dropped and items are re-sorted, so a malformed state
-    /// cannot break the device.
-    pub fn restore(&mut self, state: &FwCfgState) {
-        self.s = state.clone();
-        self.s.items.sort_by_key(|(k, _)| *k);
-        self.s.files.sort_by(|a, b| a.0.cmp(&b.0));
-        self.s.files.truncate(usize::from(FW_CFG_FILE_SLOTS));
-        self.rebuild_dir();
+    /// A state that [`add_item`](Self::add_item) / [`add_file`](Self::add_file) and the guest
+    /// could not have produced (keys out of range or reserved, unsorted or duplicate entries,
+    /// more than 32 files, over-long names, a read position past the selected item) is
+    /// rejected and the device is left as it was.
+    pub fn restore(&mut self, state: &FwCfgState) -> Result<(), FwCfgError> {
+        let mut prev_key = None;
+        for (key, data) in &state.items {
+            check_item_key(*key)?;
+            if prev_key.is_some_and(|p| p >= *key) {
+                return Err(FwCfgError::Unsorted(format!("item {key:#06x}")));
+            }
+            prev_key = Some(*key);
+            if u32::try_from(data.len()).is_err() {
+                return Err(FwCfgError::TooLarge(data.len()));
+            }
+        }
+        if state.files.len() > usize::from(FW_CFG_FILE_SLOTS) {
+            return Err(FwCfgError::NoFileSlot);
+        }
+        let mut prev_name: Option<&str> = None;
+        for (name, data) in &state.files {
+            if name.len() >= FILE_NAME_LEN {
+                return Err(FwCfgError::NameTooLong(name.clone()));
+            }
+            if name.is_empty() || name.contains('\0') {
+                return Err(FwCfgError::BadName(name.clone()));
+            }
+            if prev_name.is_some_and(|p| p >= name.as_str()) {
+                return Err(FwCfgError::Unsorted(format!("file {name:?}")));
+            }
+            prev_name = Some(name);
+            if u32::try_from(data.len()).is_err() {
+                return Err(FwCfgError::TooLarge(data.len()));
+            }
+        }
+        if state.cur_entry != FW_CFG_INVALID && state.cur_entry & FW_CFG_ENTRY_MASK >= MAX_ENTRY {
+            return Err(FwCfgError::KeyOutOfRange(state.cur_entry));
+        }
+        let mut next = FwCfg {
+            s: state.clone(),
+            dir: Vec::new(),
+        };
+        next.rebuild_dir();
+        let len = next.item(next.s.cur_entry).map_or(0, <[u8]>::len);
+        if next.s.cur_offset as usize > len {
+            return Err(FwCfgError::ReadOffset {
+                offset: next.s.cur_offset,
+                len,
+            });
+        }
+        *self = next;
+        Ok(())
     }
 
     fn rebuild_dir(&mut self) {
@@ -425,7 +490,7 @@ mod tests {
         let json = serde_json::to_string(&d.state()).unwrap();
         let state: FwCfgState = serde_json::from_str(&json).unwrap();
         let mut e = FwCfg::new(1 << 20, 1, 1);
-        e.restore(&state);
+        e.restore(&state).unwrap();
         assert_eq!(e.state(), d.state());
         // Mid-item reads continue identically.
         for dev in [&mut d, &mut e] {
@@ -438,5 +503,55 @@ mod tests {
             get(&mut e, FW_CFG_FILE_DIR, 68)
         );
         assert_eq!(get_u(&mut e, FW_CFG_RAM_SIZE, 8), 2 << 30);
+    }
+
+    #[test]
+    fn restore_rejects_invalid_state() {
+        let mut d = FwCfg::new(2 << 30, 4, 8);
+        d.add_file("etc/a", vec![1, 2, 3]).unwrap();
+        d.add_file("etc/b", vec![4]).unwrap();
+        get(&mut d, FW_CFG_SIGNATURE, 2);
+        let good = d.state();
+        let mut unsorted = good.clone();
+        unsorted.items.swap(0, 1);
+        let mut dup_file = good.clone();
+        dup_file.files[1].0 = "etc/a".into();
+        let mut too_many = good.clone();
+        too_many.files = (0..33).map(|i| (format!("f{i:02}"), vec![])).collect();
+        let mut long_name = good.clone();
+        long_name.files[1].0 = "x".repeat(56);
+        let mut nul_name = good.clone();
+        nul_name.files[1].0 = "etc/\0".into();
+        let mut file_key = good.clone();
+        file_key.items.push((FW_CFG_FILE_FIRST, vec![]));
+        let cases = [
+            (unsorted, "out of order"),
+            (dup_file, "out of order"),
+            (too_many, "no free fw_cfg file slot"),
+            (long_name, "longer than 55"),
+            (nul_name, "nul byte"),
+            (file_key, "reserved for files"),
+            (
+                FwCfgState {
+                    cur_entry: 0x3fff,
+                    ..good.clone()
+                },
+                "out of range",
+            ),
+            (
+                FwCfgState {
+                    cur_offset: 5,
+                    ..good.clone()
+                },
+                "read position 5 is past the selected item's 4 bytes",
+            ),
+        ];
+        for (bad, want) in cases {
+            let e = d.restore(&bad).unwrap_err();
+            assert!(e.to_string().contains(want), "{e} lacks {want:?}");
+            assert_eq!(d.state(), good);
+        }
+        // Reading on continues where it was.
+        assert_eq!(get(&mut d, FW_CFG_FILE_FIRST, 3), [1, 2, 3]);
     }
 }

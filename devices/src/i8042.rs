@@ -159,6 +159,7 @@ const MOUSE_STATUS_SCALE21: u8 = 0x10;
 
 /// The PS/2 keyboard's state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Ps2KeyboardState {
     /// Bytes waiting to be read by the controller, oldest first (at most 16).
     pub queue: VecDeque<u8>,
@@ -192,6 +193,7 @@ impl Default for Ps2KeyboardState {
 
 /// The PS/2 mouse's state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Ps2MouseState {
     /// Bytes waiting to be read by the controller, oldest first (at most 16).
     pub queue: VecDeque<u8>,
@@ -215,6 +217,7 @@ pub struct Ps2MouseState {
 
 /// Everything the guest can observe of an [`I8042`], both PS/2 devices included.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct I8042State {
     /// Controller command byte (interrupt enables, interface disables, translation).
     pub mode: u8,
@@ -240,6 +243,76 @@ pub struct I8042State {
     pub kbd_irq_level: bool,
     /// Level of IRQ 12.
     pub aux_irq_level: bool,
+}
+
+/// Why an [`I8042State`] cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum I8042StateError {
+    /// A PS/2 device's reply queue is longer than its 16 bytes.
+    #[error("{device} queue of {len} bytes, at most {PS2_QUEUE_SIZE}")]
+    QueueTooLong {
+        /// `keyboard` or `mouse`.
+        device: &'static str,
+        /// The queue's length in the state.
+        len: usize,
+    },
+    /// The keyboard's scancode set is not 1, 2 or 3.
+    #[error("scancode set {0}, the keyboard has sets 1 to 3")]
+    ScancodeSet(u8),
+    /// The mouse type is not one the mouse emulates (0, 3 or 4).
+    #[error("mouse type {0}, the mouse is type 0, 3 or 4")]
+    MouseType(u8),
+    /// The IntelliMouse detection sequence is past its last step.
+    #[error("mouse detection step {0}, at most 3")]
+    DetectState(u8),
+    /// A bit field has bits the controller never sets.
+    #[error("{field} {value:#04x} has unknown bits set")]
+    UnknownBits {
+        /// The field's name.
+        field: &'static str,
+        /// Its value in the state.
+        value: u8,
+    },
+    /// A controller command awaiting data that takes none.
+    #[error("controller command {0:#04x} takes no data byte")]
+    WriteCmd(u8),
+}
+
+impl I8042State {
+    /// Checks the state against what the controller can reach (see [`I8042::restore`]).
+    pub fn validate(&self) -> Result<(), I8042StateError> {
+        for (device, len) in [
+            ("keyboard", self.kbd.queue.len()),
+            ("mouse", self.mouse.queue.len()),
+        ] {
+            if len > PS2_QUEUE_SIZE {
+                return Err(I8042StateError::QueueTooLong { device, len });
+            }
+        }
+        if !(1..=3).contains(&self.kbd.scancode_set) {
+            return Err(I8042StateError::ScancodeSet(self.kbd.scancode_set));
+        }
+        if !matches!(self.mouse.mouse_type, 0 | 3 | 4) {
+            return Err(I8042StateError::MouseType(self.mouse.mouse_type));
+        }
+        if self.mouse.detect_state > 3 {
+            return Err(I8042StateError::DetectState(self.mouse.detect_state));
+        }
+        let pending_bits = PENDING_CTRL_KBD | PENDING_CTRL_AUX | PENDING_KBD | PENDING_AUX;
+        for (field, value, allowed) in [
+            ("pending", self.pending, pending_bits),
+            ("obsrc", self.obsrc, OBSRC_KBD | OBSRC_MOUSE | OBSRC_CTRL),
+        ] {
+            if value & !allowed != 0 {
+                return Err(I8042StateError::UnknownBits { field, value });
+            }
+        }
+        match self.write_cmd {
+            0 | CCMD_WRITE_MODE | CCMD_WRITE_OBUF | CCMD_WRITE_AUX_OBUF | CCMD_WRITE_MOUSE
+            | CCMD_WRITE_OUTPORT => Ok(()),
+            other => Err(I8042StateError::WriteCmd(other)),
+        }
+    }
 }
 
 impl Default for I8042State {
@@ -285,12 +358,16 @@ impl I8042 {
     }
 
     /// Replaces the device's state with `state` and drives both lines to its levels.
-    pub fn restore(&mut self, state: &I8042State) {
+    ///
+    /// A state the controller could not have reached (an over-long reply queue, a scancode set
+    /// or mouse type it does not know, unknown pending or source bits) is rejected and the
+    /// device is left as it was.
+    pub fn restore(&mut self, state: &I8042State) -> Result<(), I8042StateError> {
+        state.validate()?;
         self.s = state.clone();
-        self.s.kbd.queue.truncate(PS2_QUEUE_SIZE);
-        self.s.mouse.queue.truncate(PS2_QUEUE_SIZE);
         self.kbd_irq.set_level(self.s.kbd_irq_level);
         self.aux_irq.set_level(self.s.aux_irq_level);
+        Ok(())
     }
 
     /// Pending sources whose interface is enabled.
@@ -978,7 +1055,7 @@ mod tests {
         let state: I8042State = serde_json::from_str(&json).unwrap();
 
         let mut t = rig();
-        t.dev.restore(&state);
+        t.dev.restore(&state).unwrap();
         assert_eq!(t.dev.state(), r.dev.state());
         assert_eq!(t.kbd.level(), r.kbd.level());
         assert_eq!(t.aux.level(), r.aux.level());
@@ -988,5 +1065,68 @@ mod tests {
         }
         assert_eq!(t.drain(), r.drain());
         assert_eq!(t.dev.state(), r.dev.state());
+    }
+
+    #[test]
+    fn restore_rejects_invalid_state() {
+        let mut r = rig();
+        r.cmd(0x60);
+        r.put(0x47);
+        let good = r.dev.state();
+        let mut long_queue = good.clone();
+        long_queue.mouse.queue = vec![0; PS2_QUEUE_SIZE + 1].into();
+        let mut set = good.clone();
+        set.kbd.scancode_set = 4;
+        let mut mouse = good.clone();
+        mouse.mouse.mouse_type = 2;
+        let mut detect = good.clone();
+        detect.mouse.detect_state = 4;
+        let cases = [
+            (
+                long_queue,
+                I8042StateError::QueueTooLong {
+                    device: "mouse",
+                    len: 17,
+                },
+            ),
+            (set, I8042StateError::ScancodeSet(4)),
+            (mouse, I8042StateError::MouseType(2)),
+            (detect, I8042StateError::DetectState(4)),
+            (
+                I8042State {
+                    pending: 0x80,
+                    ..good.clone()
+                },
+                I8042StateError::UnknownBits {
+                    field: "pending",
+                    value: 0x80,
+                },
+            ),
+            (
+                I8042State {
+                    obsrc: 0x08,
+                    ..good.clone()
+                },
+                I8042StateError::UnknownBits {
+                    field: "obsrc",
+                    value: 0x08,
+                },
+            ),
+            (
+                I8042State {
+                    write_cmd: 0x20,
+                    ..good.clone()
+                },
+                I8042StateError::WriteCmd(0x20),
+            ),
+        ];
+        for (bad, want) in cases {
+            assert_eq!(r.dev.restore(&bad), Err(want.clone()), "{want}");
+            assert_eq!(r.dev.state(), good);
+        }
+        // Unknown fields are refused by the decoder.
+        let mut v = serde_json::to_value(&good).unwrap();
+        v["extra"] = serde_json::json!(1);
+        assert!(serde_json::from_value::<I8042State>(v).is_err());
     }
 }

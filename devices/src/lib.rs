@@ -37,19 +37,19 @@ pub mod pm_timer;
 pub mod reset_ports;
 pub mod serial;
 
-pub use acpi_pm::{AcpiPm, AcpiPmState};
-pub use cmos::{Cmos, CmosState};
+pub use acpi_pm::{AcpiPm, AcpiPmState, AcpiPmStateError};
+pub use cmos::{Cmos, CmosState, CmosStateError};
 pub use debug_exit::{DebugExit, DebugExitState};
 pub use fw_cfg::{FwCfg, FwCfgError, FwCfgState};
-pub use i8042::{I8042State, I8042};
+pub use i8042::{I8042State, I8042StateError, I8042};
 pub use pc_testdev::{
     PcTestdevIrq, PcTestdevIrqState, PcTestdevMmio, PcTestdevMmioState, PcTestdevPorts,
-    PcTestdevPortsState,
+    PcTestdevPortsState, PcTestdevStateError,
 };
 pub use pci_host::{PciHost, PciHostState};
 pub use pm_timer::{PmTimer, PmTimerState};
-pub use reset_ports::{Port92, Port92State, ResetControl, ResetControlState};
-pub use serial::{Serial, SerialState};
+pub use reset_ports::{Port92, Port92State, ResetControl, ResetControlState, ResetPortsStateError};
+pub use serial::{Serial, SerialState, SerialStateError};
 
 /// A device on the I/O port or MMIO bus.
 ///

@@ -62,8 +62,20 @@ fn aligned(offset: u64, len: usize) -> bool {
     len.is_power_of_two() && offset % len as u64 == 0
 }
 
+/// Why a pc-testdev state cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PcTestdevStateError {
+    /// Levels of lines past the 24 interrupt lines.
+    #[error("interrupt levels {0:#010x} name lines past the device's 24")]
+    IrqLevels(u32),
+    /// The MMIO window's memory is not 64 KiB.
+    #[error("mmio memory of {0} bytes, the window has 65536")]
+    MmioSize(usize),
+}
+
 /// Everything the guest can observe of a [`PcTestdevPorts`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PcTestdevPortsState {
     /// The 32-bit scratch register behind 0xe0–0xe3 and 0xe8–0xeb.
     pub ioport_data: u32,
@@ -87,8 +99,12 @@ impl PcTestdevPorts {
     }
 
     /// Replaces the device's state with `state`.
-    pub fn restore(&mut self, state: &PcTestdevPortsState) {
+    ///
+    /// Every value of the register is valid, so this never fails; it returns a `Result` like
+    /// every device's restore.
+    pub fn restore(&mut self, state: &PcTestdevPortsState) -> Result<(), PcTestdevStateError> {
         self.s = state.clone();
+        Ok(())
     }
 
     /// QEMU's `test_ioport_read`: `len` bytes from lane `lane`.
@@ -150,6 +166,7 @@ impl BusDevice for PcTestdevPorts {
 
 /// Everything the guest can observe of a [`PcTestdevIrq`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PcTestdevIrqState {
     /// Bit n set: line n was last driven high by the device.
     pub levels: u32,
@@ -178,7 +195,12 @@ impl PcTestdevIrq {
 
     /// Replaces the device's state with `state` and raises the lines it had raised. Lines that
     /// were low are left alone: they may be shared with other devices.
-    pub fn restore(&mut self, state: &PcTestdevIrqState) {
+    ///
+    /// Levels of lines past the 24 the device has are rejected.
+    pub fn restore(&mut self, state: &PcTestdevIrqState) -> Result<(), PcTestdevStateError> {
+        if state.levels >> PC_TESTDEV_IRQ_LEN != 0 {
+            return Err(PcTestdevStateError::IrqLevels(state.levels));
+        }
         self.s = state.clone();
         for (n, line) in self
             .lines
@@ -190,6 +212,7 @@ impl PcTestdevIrq {
                 line.set_level(true);
             }
         }
+        Ok(())
     }
 }
 
@@ -219,6 +242,7 @@ impl BusDevice for PcTestdevIrq {
 
 /// Everything the guest can observe of a [`PcTestdevMmio`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PcTestdevMmioState {
     /// The 64 KiB of scratch memory.
     pub mem: Vec<u8>,
@@ -246,9 +270,14 @@ impl PcTestdevMmio {
     }
 
     /// Replaces the memory with `state`'s, padded or truncated to 64 KiB.
-    pub fn restore(&mut self, state: &PcTestdevMmioState) {
+    ///
+    /// Memory of any size but the device's 64 KiB is rejected.
+    pub fn restore(&mut self, state: &PcTestdevMmioState) -> Result<(), PcTestdevStateError> {
+        if state.mem.len() != PC_TESTDEV_MMIO_LEN as usize {
+            return Err(PcTestdevStateError::MmioSize(state.mem.len()));
+        }
         self.s = state.clone();
-        self.s.mem.resize(PC_TESTDEV_MMIO_LEN as usize, 0);
+        Ok(())
     }
 
     /// The bytes an access covers, if it is valid.
@@ -380,7 +409,7 @@ mod tests {
         let state: PcTestdevPortsState =
             serde_json::from_str(&serde_json::to_string(&p.state()).unwrap()).unwrap();
         let mut q = PcTestdevPorts::new();
-        q.restore(&state);
+        q.restore(&state).unwrap();
         for (off, len) in [(0, 4), (1, 1), (2, 2), (8, 4), (11, 1)] {
             assert_eq!(rd(&mut p, off, len), rd(&mut q, off, len));
         }
@@ -392,7 +421,7 @@ mod tests {
             serde_json::from_str(&serde_json::to_string(&d.state()).unwrap()).unwrap();
         let (r2, line2) = RecordingIrq::new();
         let mut e = PcTestdevIrq::new(vec![line2]);
-        e.restore(&state);
+        e.restore(&state).unwrap();
         assert_eq!(e.state(), d.state());
         assert_eq!(r2.level(), r.level());
 
@@ -402,10 +431,30 @@ mod tests {
         let state: PcTestdevMmioState =
             serde_json::from_str(&serde_json::to_string(&m.state()).unwrap()).unwrap();
         let mut n = PcTestdevMmio::new();
-        n.restore(&state);
+        n.restore(&state).unwrap();
         assert_eq!(n.state(), m.state());
         for off in [0x100, 0xfff0, 0x200] {
             assert_eq!(rd(&mut m, off, 8), rd(&mut n, off, 8));
+        }
+    }
+
+    #[test]
+    fn restore_rejects_invalid_state() {
+        let (_, line) = RecordingIrq::new();
+        let mut irq = PcTestdevIrq::new(vec![line]);
+        assert_eq!(
+            irq.restore(&PcTestdevIrqState { levels: 1 << 24 }),
+            Err(PcTestdevStateError::IrqLevels(1 << 24))
+        );
+        assert_eq!(irq.state(), PcTestdevIrqState::default());
+        let mut mmio = PcTestdevMmio::new();
+        let good = mmio.state();
+        for len in [0, 0xffff, 0x1_0001] {
+            assert_eq!(
+                mmio.restore(&PcTestdevMmioState { mem: vec![0; len] }),
+                Err(PcTestdevStateError::MmioSize(len))
+            );
+            assert_eq!(mmio.state(), good);
         }
     }
 }

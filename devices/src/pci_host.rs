@@ -19,7 +19,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::reset_ports::{ResetControl, ResetControlState};
+use crate::reset_ports::{ResetControl, ResetControlState, ResetPortsStateError};
 use crate::{fill_le, le_value, BusDevice, VmRequest};
 
 /// The port the device expects to be registered at.
@@ -34,6 +34,7 @@ const RESET_CONTROL_OFFSET: u64 = 1;
 
 /// Everything the guest can observe of a [`PciHost`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PciHostState {
     /// The CONFIG_ADDRESS latch (0xcf8).
     pub config_address: u32,
@@ -69,9 +70,12 @@ impl PciHost {
     }
 
     /// Replaces the device's state with `state`.
-    pub fn restore(&mut self, state: &PciHostState) {
+    ///
+    /// An invalid reset control register is rejected and the device is left as it was.
+    pub fn restore(&mut self, state: &PciHostState) -> Result<(), ResetPortsStateError> {
+        self.reset_control.restore(&state.reset_control)?;
         self.config_address = state.config_address;
-        self.reset_control.restore(&state.reset_control);
+        Ok(())
     }
 }
 
@@ -167,10 +171,24 @@ mod tests {
         let json = serde_json::to_string(&p.state()).unwrap();
         let state: PciHostState = serde_json::from_str(&json).unwrap();
         let mut q = PciHost::new();
-        q.restore(&state);
+        q.restore(&state).unwrap();
         assert_eq!(q.state(), p.state());
         for (off, len) in [(0, 4), (1, 1), (2, 2), (4, 4)] {
             assert_eq!(rd(&mut p, off, len), rd(&mut q, off, len));
         }
+    }
+
+    #[test]
+    fn restore_rejects_invalid_state() {
+        let mut p = PciHost::new();
+        let good = p.state();
+        let mut bad = p.state();
+        bad.config_address = 0x8000_0000;
+        bad.reset_control.rcr = 0xff;
+        assert_eq!(
+            p.restore(&bad),
+            Err(ResetPortsStateError::ResetControl(0xff))
+        );
+        assert_eq!(p.state(), good, "nothing applied");
     }
 }

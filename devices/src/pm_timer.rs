@@ -20,6 +20,7 @@
 //! it does not advance while the VM is not running between snapshot and restore — as QEMU's
 //! virtual clock.
 
+use std::convert::Infallible;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,7 @@ type Clock = Box<dyn Fn() -> u64 + Send>;
 
 /// Everything the guest can observe of a [`PmTimer`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PmTimerState {
     /// The timer's clock at the snapshot, in nanoseconds.
     pub clock_ns: u64,
@@ -89,9 +91,13 @@ impl PmTimer {
     }
 
     /// Continues the timer from the snapshot's clock value.
-    pub fn restore(&mut self, state: &PmTimerState) {
+    ///
+    /// Every clock value is valid (the counter wraps), so this never fails; it returns a
+    /// `Result` like every device's restore.
+    pub fn restore(&mut self, state: &PmTimerState) -> Result<(), Infallible> {
         self.base = (self.clock)();
         self.start_ns = state.clock_ns;
+        Ok(())
     }
 }
 
@@ -169,7 +175,7 @@ mod tests {
         // The destination's monotonic clock is unrelated (here: far behind).
         let host2 = Arc::new(AtomicU64::new(7));
         let mut u = timer_at(&host2);
-        u.restore(&state);
+        u.restore(&state).unwrap();
         assert_eq!(rd(&mut u), before);
         assert_eq!(u.state(), t.state());
         host2.fetch_add(1_000_000, Ordering::SeqCst);

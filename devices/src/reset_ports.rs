@@ -30,6 +30,7 @@ pub const RESET_CONTROL_PORT: u64 = 0xcf9;
 
 /// Everything the guest can observe of a [`Port92`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Port92State {
     /// The value last written (bit 0 fast reset, bit 1 A20 gate).
     pub outport: u8,
@@ -58,8 +59,12 @@ impl Port92 {
     }
 
     /// Replaces the device's state with `state`.
-    pub fn restore(&mut self, state: &Port92State) {
+    ///
+    /// Every value of the register is one the guest can write, so this never fails; it returns
+    /// a `Result` like every device's restore.
+    pub fn restore(&mut self, state: &Port92State) -> Result<(), ResetPortsStateError> {
         self.s = state.clone();
+        Ok(())
     }
 }
 
@@ -78,8 +83,17 @@ impl BusDevice for Port92 {
     }
 }
 
+/// Why a reset port's state cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResetPortsStateError {
+    /// The 0xcf9 register holds bits other than bit 1.
+    #[error("reset control register {0:#04x} holds bits other than bit 1")]
+    ResetControl(u8),
+}
+
 /// Everything the guest can observe of a [`ResetControl`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ResetControlState {
     /// The register's value (only bit 1, the reset type, is kept).
     pub rcr: u8,
@@ -121,9 +135,14 @@ impl ResetControl {
         self.s.clone()
     }
 
-    /// Replaces the register's state with `state`.
-    pub fn restore(&mut self, state: &ResetControlState) {
+    /// Replaces the register's state with `state`; bits other than bit 1 (which the
+    /// register never keeps) are rejected.
+    pub fn restore(&mut self, state: &ResetControlState) -> Result<(), ResetPortsStateError> {
+        if state.rcr & !2 != 0 {
+            return Err(ResetPortsStateError::ResetControl(state.rcr));
+        }
         self.s = state.clone();
+        Ok(())
     }
 }
 
@@ -172,7 +191,7 @@ mod tests {
         let json = serde_json::to_string(&p.state()).unwrap();
         let state: Port92State = serde_json::from_str(&json).unwrap();
         let mut q = Port92::new();
-        q.restore(&state);
+        q.restore(&state).unwrap();
         assert_eq!(q.state(), p.state());
         // Bit 0 is already set on both: no reset.
         assert_eq!(q.write(0, &[0x03]), p.write(0, &[0x03]));
@@ -186,7 +205,20 @@ mod tests {
         let json = serde_json::to_string(&r.state()).unwrap();
         let state: ResetControlState = serde_json::from_str(&json).unwrap();
         let mut s = ResetControl::new();
-        s.restore(&state);
+        s.restore(&state).unwrap();
         assert_eq!(s.read(), 0x02);
+    }
+
+    #[test]
+    fn restore_rejects_invalid_state() {
+        let mut r = ResetControl::new();
+        r.write(2);
+        assert_eq!(
+            r.restore(&ResetControlState { rcr: 4 }),
+            Err(ResetPortsStateError::ResetControl(4))
+        );
+        assert_eq!(r.read(), 2);
+        r.restore(&ResetControlState { rcr: 0 }).unwrap();
+        assert_eq!(r.read(), 0);
     }
 }

@@ -98,6 +98,7 @@ const MSR_ANY_DELTA: u8 = 0x0f;
 /// Everything the guest can observe of a [`Serial`]: registers, FIFO contents, pending
 /// interrupt conditions, the level of the interrupt line and host input not yet received.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SerialState {
     /// Baud rate divisor latch (DLL in the low byte, DLM in the high byte).
     pub divisor: u16,
@@ -129,6 +130,78 @@ pub struct SerialState {
     pub input: VecDeque<u8>,
     /// The level the interrupt line is driven to.
     pub irq_level: bool,
+}
+
+/// Why a [`SerialState`] cannot be restored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SerialStateError {
+    /// The receive FIFO holds more than the chip's 16 bytes.
+    #[error("receive fifo of {0} bytes, the 16550A holds {FIFO_LEN}")]
+    FifoTooLong(usize),
+    /// More host input is queued than the device buffers.
+    #[error("{0} bytes of queued input, at most {INPUT_BUFFER_CAPACITY} are buffered")]
+    InputTooLong(usize),
+    /// A register has bits set that the device always keeps clear.
+    #[error("{register} {value:#04x} has reserved bits set")]
+    ReservedBits {
+        /// The register's name.
+        register: &'static str,
+        /// Its value in the state.
+        value: u8,
+    },
+    /// IIR names no interrupt source, or its FIFO bits disagree with FCR.
+    #[error("iir {iir:#04x} is impossible with fcr {fcr:#04x}")]
+    BadIir {
+        /// IIR in the state.
+        iir: u8,
+        /// FCR in the state.
+        fcr: u8,
+    },
+    /// The interrupt line's level disagrees with the source IIR reports.
+    #[error("interrupt line {} while iir {iir:#04x} reports {}", if *.level { "high" } else { "low" }, if *.iir & 0x0f == IIR_NO_INT { "no interrupt" } else { "an interrupt" })]
+    IrqLevel {
+        /// IIR in the state.
+        iir: u8,
+        /// The line's level in the state.
+        level: bool,
+    },
+}
+
+impl SerialState {
+    /// Checks the state against what the device can reach (see [`Serial::restore`]).
+    pub fn validate(&self) -> Result<(), SerialStateError> {
+        if self.rx_fifo.len() > FIFO_LEN {
+            return Err(SerialStateError::FifoTooLong(self.rx_fifo.len()));
+        }
+        if self.input.len() > INPUT_BUFFER_CAPACITY {
+            return Err(SerialStateError::InputTooLong(self.input.len()));
+        }
+        for (register, value, allowed) in [
+            ("ier", self.ier, 0x0f),
+            ("mcr", self.mcr, 0x1f),
+            ("fcr", self.fcr, FCR_STICKY),
+        ] {
+            if value & !allowed != 0 {
+                return Err(SerialStateError::ReservedBits { register, value });
+            }
+        }
+        let id = self.iir & 0x0f;
+        let fifo_bits = if self.fcr & FCR_FE != 0 { IIR_FE } else { 0 };
+        let known = [IIR_NO_INT, IIR_MSI, IIR_THRI, IIR_RDI, IIR_RLSI, IIR_CTI].contains(&id);
+        if !known || self.iir & 0xf0 != fifo_bits {
+            return Err(SerialStateError::BadIir {
+                iir: self.iir,
+                fcr: self.fcr,
+            });
+        }
+        if self.irq_level != (id != IIR_NO_INT) {
+            return Err(SerialStateError::IrqLevel {
+                iir: self.iir,
+                level: self.irq_level,
+            });
+        }
+        Ok(())
+    }
 }
 
 impl Default for SerialState {
@@ -181,14 +254,14 @@ impl Serial {
 
     /// Replaces the device's state with `state` and drives the interrupt line to its level.
     ///
-    /// Oversized FIFO or input buffers in `state` are truncated to the device's limits.
-    pub fn restore(&mut self, state: &SerialState) {
+    /// A state the device could not have reached (an over-long FIFO or input buffer, reserved
+    /// register bits set, an IIR that disagrees with FCR or with the line's level) is rejected
+    /// and the device is left as it was.
+    pub fn restore(&mut self, state: &SerialState) -> Result<(), SerialStateError> {
+        state.validate()?;
         self.s = state.clone();
-        self.s.rx_fifo.truncate(FIFO_LEN);
-        self.s.input.truncate(INPUT_BUFFER_CAPACITY);
-        self.s.ier &= 0x0f;
-        self.s.mcr &= 0x1f;
         self.irq.set_level(self.s.irq_level);
+        Ok(())
     }
 
     /// Queues bytes the host typed for the guest and raises the received-data interrupt if it
@@ -719,7 +792,7 @@ mod tests {
         let (irq2, shared2) = RecordingIrq::new();
         let sink2 = Sink::default();
         let mut t = Serial::new(shared2, Box::new(sink2));
-        t.restore(&state);
+        t.restore(&state).unwrap();
         assert_eq!(t.state(), s.state());
         assert!(irq2.level());
         for off in [1, 2, 3, 4, 5, 6, 7, 2, 0, 0, 5, 2] {
@@ -750,5 +823,89 @@ mod tests {
         wr(&mut s, THR, b'a');
         wr(&mut s, THR, b'b');
         assert_eq!(rd(&mut s, LSR) & 0x60, 0x60);
+    }
+
+    #[test]
+    fn restore_rejects_invalid_state() {
+        let (mut s, irq, _) = serial();
+        wr(&mut s, SCR, 0x5a);
+        let good = s.state();
+        let cases: Vec<(SerialState, SerialStateError)> = vec![
+            (
+                SerialState {
+                    rx_fifo: vec![0; FIFO_LEN + 1].into(),
+                    ..good.clone()
+                },
+                SerialStateError::FifoTooLong(17),
+            ),
+            (
+                SerialState {
+                    input: vec![0; INPUT_BUFFER_CAPACITY + 1].into(),
+                    ..good.clone()
+                },
+                SerialStateError::InputTooLong(INPUT_BUFFER_CAPACITY + 1),
+            ),
+            (
+                SerialState {
+                    ier: 0x10,
+                    ..good.clone()
+                },
+                SerialStateError::ReservedBits {
+                    register: "ier",
+                    value: 0x10,
+                },
+            ),
+            (
+                SerialState {
+                    mcr: 0x20,
+                    ..good.clone()
+                },
+                SerialStateError::ReservedBits {
+                    register: "mcr",
+                    value: 0x20,
+                },
+            ),
+            (
+                SerialState {
+                    iir: 0x08,
+                    ..good.clone()
+                },
+                SerialStateError::BadIir { iir: 0x08, fcr: 0 },
+            ),
+            (
+                // FIFO bits in IIR without FIFOs enabled.
+                SerialState {
+                    iir: IIR_FE | IIR_NO_INT,
+                    ..good.clone()
+                },
+                SerialStateError::BadIir { iir: 0xc1, fcr: 0 },
+            ),
+            (
+                SerialState {
+                    irq_level: true,
+                    ..good.clone()
+                },
+                SerialStateError::IrqLevel {
+                    iir: IIR_NO_INT,
+                    level: true,
+                },
+            ),
+        ];
+        let edges = irq.levels.lock().unwrap().len();
+        for (bad, want) in cases {
+            assert_eq!(s.restore(&bad), Err(want.clone()), "{want}");
+            assert!(!want.to_string().is_empty());
+            // Nothing of the rejected state was applied, the line was not touched.
+            assert_eq!(s.state(), good);
+            assert_eq!(irq.levels.lock().unwrap().len(), edges);
+        }
+        // The limits themselves are fine.
+        let full = SerialState {
+            rx_fifo: vec![1; FIFO_LEN].into(),
+            input: vec![2; INPUT_BUFFER_CAPACITY].into(),
+            ..good.clone()
+        };
+        s.restore(&full).unwrap();
+        assert_eq!(s.state(), full);
     }
 }

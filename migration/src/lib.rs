@@ -49,6 +49,51 @@ pub enum SectionError {
     /// The component cannot take part in migration right now.
     #[error("{0}")]
     Unsupported(String),
+    /// The stream's version of this section is one this side cannot read.
+    #[error("unsupported {section} state version {version} (this side reads {min} to {max})")]
+    Version {
+        /// The section's id string.
+        section: String,
+        /// The version in the stream.
+        version: u32,
+        /// The oldest version this side reads.
+        min: u32,
+        /// The newest version this side reads.
+        max: u32,
+    },
+    /// The state decoded but the component rejected it (the component's own error says why).
+    #[error("invalid {section} state: {source}")]
+    State {
+        /// The section's id string.
+        section: String,
+        /// The component's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+impl SectionError {
+    /// Checks that `version` lies in `min..=max`, the versions section `section` reads.
+    pub fn check_version(section: &str, version: u32, min: u32, max: u32) -> Result<(), Self> {
+        if (min..=max).contains(&version) {
+            Ok(())
+        } else {
+            Err(SectionError::Version {
+                section: section.to_string(),
+                version,
+                min,
+                max,
+            })
+        }
+    }
+
+    /// Wraps a component's error about the state of section `section`.
+    pub fn state(section: &str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        SectionError::State {
+            section: section.to_string(),
+            source: Box::new(source),
+        }
+    }
 }
 
 /// A component whose state is sent once, while the guest is stopped (QEMU's `vmsd` devices).

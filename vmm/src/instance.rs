@@ -19,7 +19,9 @@ use crate::bus::lock;
 use crate::config::VmConfig;
 use crate::kvm_state::{SavedMsrs, VCPU_STATE_VERSION, VM_STATE_VERSION};
 use crate::runstate::RunState;
-use crate::sections::{DeviceSection, KvmDirtyLog, KvmVmSection, VcpuSection};
+use crate::sections::{
+    DeviceSection, KvmDirtyLog, KvmVmSection, VcpuSection, DEVICE_STATE_VERSION,
+};
 use crate::vcpu::{Machine, VmEvent};
 use crate::vm::{SharedWriter, Vm, VmError};
 
@@ -28,17 +30,21 @@ use crate::vm::{SharedWriter, Vm, VmError};
 const RTC_SECTION: &str = "mc146818rtc";
 
 /// Registers a device's state as a section of its own.
-fn device<D: Send + 'static, S: Serialize + DeserializeOwned + 'static>(
+fn device<D, S, E>(
     registry: &mut Registry,
     name: &'static str,
     dev: &Arc<Mutex<D>>,
     save: fn(&D) -> S,
-    restore: fn(&mut D, &S),
-) {
+    restore: fn(&mut D, &S) -> Result<(), E>,
+) where
+    D: Send + 'static,
+    S: Serialize + DeserializeOwned + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
     registry.register(
         name,
         0,
-        1,
+        DEVICE_STATE_VERSION,
         Box::new(DeviceSection::new(name, dev.clone(), save, restore)),
     );
 }

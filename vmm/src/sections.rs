@@ -5,10 +5,13 @@
 //! | `ram` | 0 | guest RAM, pre-copied with dirty logging | live |
 //! | `cpu` | vCPU index | registers, LAPIC, MSRs, events ([`crate::kvm_state::VcpuState`]) | full |
 //! | `kvm-vm` | 0 | PIT, PIC, IOAPIC, kvmclock ([`crate::kvm_state::VmState`]) | full |
-//! | `serial`, `i8042`, `mc146818rtc`, `pci-host` | 0 | each device's `…State` | full |
+//! | `serial`, `i8042`, `mc146818rtc`, `pci-host`, `fw_cfg`, `pc-testdev`, `pc-testdev-irq`, `pc-testdev-mmio`, `acpi-pm`, `acpi-pm-timer`, `port92` | 0 | each device's `…State` | full |
 //!
 //! Device and vCPU states travel as the JSON encoding of their plain state structs, so a
-//! section's format is its state type.
+//! section's format is its state type. On load every section checks its version first, then
+//! decodes (unknown fields are an error), then the component validates the state before it
+//! applies any of it: a state the device could not have reached fails the load with the
+//! section's name and the device's reason, and the device keeps its previous state.
 
 use std::sync::{Arc, Mutex};
 
@@ -44,21 +47,25 @@ fn decode<S: DeserializeOwned>(section: &str, data: &[u8]) -> Result<S, SectionE
     serde_json::from_slice(data).map_err(|e| invalid(section, e.to_string()))
 }
 
+/// The version of every device section: the JSON encoding of the device's `…State` struct.
+/// A state struct that gains a field bumps it (and keeps reading the older versions).
+pub const DEVICE_STATE_VERSION: u32 = 1;
+
 /// A device section: the device's `state()` / `restore()` pair, JSON on the wire.
-pub struct DeviceSection<D, S> {
+pub struct DeviceSection<D, S, E> {
     name: &'static str,
     device: Arc<Mutex<D>>,
     save: fn(&D) -> S,
-    restore: fn(&mut D, &S),
+    restore: fn(&mut D, &S) -> Result<(), E>,
 }
 
-impl<D, S> DeviceSection<D, S> {
+impl<D, S, E> DeviceSection<D, S, E> {
     /// A section for `device`.
     pub fn new(
         name: &'static str,
         device: Arc<Mutex<D>>,
         save: fn(&D) -> S,
-        restore: fn(&mut D, &S),
+        restore: fn(&mut D, &S) -> Result<(), E>,
     ) -> Self {
         Self {
             name,
@@ -69,15 +76,23 @@ impl<D, S> DeviceSection<D, S> {
     }
 }
 
-impl<D: Send, S: Serialize + DeserializeOwned> Snapshot for DeviceSection<D, S> {
+impl<D, S, E> Snapshot for DeviceSection<D, S, E>
+where
+    D: Send,
+    S: Serialize + DeserializeOwned,
+    E: std::error::Error + Send + Sync + 'static,
+{
     fn save(&mut self) -> Result<Vec<u8>, SectionError> {
         encode(&(self.save)(&lock(&self.device)))
     }
 
-    fn restore(&mut self, data: &[u8], _version: u32) -> Result<(), SectionError> {
+    /// Checks the section version, decodes the state and hands it to the device, which
+    /// rejects a state it could not have reached (and then keeps its own).
+    fn restore(&mut self, data: &[u8], version: u32) -> Result<(), SectionError> {
+        SectionError::check_version(self.name, version, 1, DEVICE_STATE_VERSION)?;
         let state: S = decode(self.name, data)?;
-        (self.restore)(&mut lock(&self.device), &state);
-        Ok(())
+        (self.restore)(&mut lock(&self.device), &state)
+            .map_err(|e| SectionError::state(self.name, e))
     }
 }
 
@@ -104,7 +119,7 @@ impl Snapshot for VcpuSection {
     fn restore(&mut self, data: &[u8], version: u32) -> Result<(), SectionError> {
         kvm_state::VcpuState::from_bytes(data, version)
             .and_then(|state| kvm_state::restore_vcpu(&lock(&self.vcpu), &state))
-            .map_err(|e| invalid("cpu", e.to_string()))
+            .map_err(|e| SectionError::state("cpu", e))
     }
 }
 
@@ -130,7 +145,7 @@ impl Snapshot for KvmVmSection {
     fn restore(&mut self, data: &[u8], version: u32) -> Result<(), SectionError> {
         kvm_state::VmState::from_bytes(data, version)
             .and_then(|state| kvm_state::restore_vm(&self.vm, &state))
-            .map_err(|e| invalid("kvm-vm", e.to_string()))
+            .map_err(|e| SectionError::state("kvm-vm", e))
     }
 }
 
@@ -161,5 +176,58 @@ impl DirtyLog for KvmDirtyLog {
         self.vm
             .get_dirty_log(index as u32, region.len() as usize)
             .map_err(std::io::Error::other)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use devices::{AcpiPm, AcpiPmState};
+
+    use super::*;
+
+    fn section() -> (
+        Arc<Mutex<AcpiPm>>,
+        DeviceSection<AcpiPm, AcpiPmState, devices::AcpiPmStateError>,
+    ) {
+        let dev = Arc::new(Mutex::new(AcpiPm::new()));
+        let s = DeviceSection::new("acpi-pm", dev.clone(), AcpiPm::state, AcpiPm::restore);
+        (dev, s)
+    }
+
+    #[test]
+    fn device_section_round_trip_and_rejections() {
+        let (dev, mut s) = section();
+        let saved = s.save().unwrap();
+        s.restore(&saved, DEVICE_STATE_VERSION).unwrap();
+        // Versions this side does not read.
+        for version in [0, DEVICE_STATE_VERSION + 1] {
+            let e = s.restore(&saved, version).unwrap_err();
+            assert!(matches!(e, SectionError::Version { .. }), "{e}");
+            assert!(e.to_string().contains("acpi-pm"), "{e}");
+        }
+        // Not JSON, unknown fields.
+        assert!(matches!(
+            s.restore(b"{", 1),
+            Err(SectionError::Invalid { .. })
+        ));
+        assert!(s
+            .restore(br#"{"status":0,"enable":0,"control":1,"x":1}"#, 1)
+            .is_err());
+        // Decodes, but the device rejects it: the error names the section and keeps the
+        // device's reason as its source.
+        let e = s
+            .restore(br#"{"status":1,"enable":0,"control":1}"#, 1)
+            .unwrap_err();
+        assert!(matches!(e, SectionError::State { .. }));
+        assert!(
+            e.to_string()
+                .starts_with("invalid acpi-pm state: pm1 status"),
+            "{e}"
+        );
+        let source = e.source().unwrap();
+        assert!(source.downcast_ref::<devices::AcpiPmStateError>().is_some());
+        assert_eq!(lock(&dev).state(), AcpiPm::new().state());
     }
 }
