@@ -7,7 +7,7 @@ error replies carry QEMU's error classes, cancels a rate-limited migration (the 
 on), and runs a full live migration, polling query-migrate and following the MIGRATION and
 MIGRATION_PASS events.
 
-It is run by vmm/tests/qmp_clients.rs, which starts the VMs:
+It is run by vmm/cli/tests/qmp_clients.rs, which starts the VMs:
 
     qmp-clients-test.py SRC_SOCK CANCEL_DST_URI FULL_DST_SOCK FULL_DST_URI
 

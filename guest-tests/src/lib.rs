@@ -10,6 +10,7 @@
 pub mod manifest;
 pub mod migrate;
 pub mod pattern;
+pub mod process;
 pub mod runner;
 
 use std::path::PathBuf;

@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::runner::{capture, Capture, Outcome, GUEST_SKIP_STATUS};
+use crate::process::{capture, Capture, Outcome, GUEST_SKIP_STATUS};
 
 /// What a migration test prints when it wants to be migrated.
 pub const MIGRATE_MARKER: &str = "Now migrate the VM";

@@ -153,6 +153,11 @@ pub fn format_size(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// Parses a guest RAM size (`256M`, `4G`) and checks it is one hopvm can give a guest.
+pub fn parse_memory(s: &str) -> Result<u64, ConfigError> {
+    check_memory(parse_size(s)?)
+}
+
 /// Checks that a guest RAM size is within hopvm's range.
 pub fn check_memory(bytes: u64) -> Result<u64, ConfigError> {
     if (MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {

@@ -1,9 +1,7 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests and benchmarks of the VMM core (the `hopvm` crate's
+//! tests include this file too).
 
 #![allow(dead_code)]
-
-pub mod proc;
-pub mod tools;
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};

@@ -18,12 +18,12 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::bus::lock;
-use crate::config::{SerialConfig, VmConfig};
-use crate::instance::Instance;
-use crate::runstate::RunState;
-use crate::vcpu::VmEvent;
-use crate::vm::{SharedWriter, VmError};
+use vmm::bus::lock;
+use vmm::config::{SerialConfig, VmConfig};
+use vmm::instance::Instance;
+use vmm::runstate::RunState;
+use vmm::vcpu::VmEvent;
+use vmm::vm::{SharedWriter, VmError};
 
 /// Exit status when hopvm cannot build or boot the VM.
 pub const EXIT_ERROR: i32 = 1;
@@ -134,7 +134,7 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
     }
     let _monitor = match &config.qmp {
         Some(spec) => Some(
-            crate::qmp::commands::start_monitor(&instance, spec)
+            qmp::commands::start_monitor(&instance, spec)
                 .map_err(|e| RunError::Monitor(e.to_string()))?,
         ),
         None => None,
@@ -211,7 +211,7 @@ pub enum RunError {
     Vm(#[from] VmError),
     /// Starting it (or its incoming migration) failed.
     #[error(transparent)]
-    Instance(#[from] crate::instance::InstanceError),
+    Instance(#[from] vmm::instance::InstanceError),
     /// The QMP monitor could not be started.
     #[error("cannot start the qmp monitor: {0}")]
     Monitor(String),

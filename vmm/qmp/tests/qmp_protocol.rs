@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Map, Value};
-use vmm::qmp::{
+use qmp::{
     Args, EventSender, QmpBackend, QmpError, QmpListenSpec, QmpServer, QmpServerConfig,
     QmpServerError,
 };
+use serde_json::{json, Map, Value};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 

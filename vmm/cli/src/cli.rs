@@ -7,11 +7,12 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{self, DebugExitConfig, SerialConfig, VmConfig};
 use crate::run::{self, EXIT_ERROR, EXIT_USAGE};
 use crate::tools;
-use crate::tools::migrate::{MigrationSettings, Xbzrle};
-use crate::tools::report::ReportTarget;
+use crate::tools::demo::DemoArgs;
+use crate::tools::migrate::MigrateArgs;
+use crate::tools::qmp_shell::QmpArgs;
+use vmm::config::{self, DebugExitConfig, SerialConfig, VmConfig};
 
 /// hopvm — a small x86-64 virtual machine monitor on Linux KVM.
 #[derive(Debug, Parser)]
@@ -47,115 +48,6 @@ pub enum Command {
     },
 }
 
-/// Migration parameters shared by `hopvm migrate` and `hopvm demo`; each is set over QMP
-/// before `migrate` (an option left out keeps the VM's setting).
-#[derive(Debug, Clone, Default, Args)]
-pub struct MigrationParamArgs {
-    /// Bandwidth limit in bytes per second, with an optional K, M or G suffix (1024-based), or
-    /// `unlimited`; a VM starts with 32M (QEMU's classic MAX_THROTTLE).
-    #[arg(long, value_name = "BYTES/s|unlimited", value_parser = tools::migrate::parse_bandwidth)]
-    pub max_bandwidth: Option<u64>,
-    /// Longest acceptable downtime in ms: the guest is stopped for the final copy once what is
-    /// left can be sent in this time (default 30).
-    #[arg(long, value_name = "MS")]
-    pub downtime_limit: Option<u64>,
-    /// Compress re-sent pages with XBZRLE; `--xbzrle=64M` also sets the cache size (a power of
-    /// two), `--xbzrle=off` turns it off.
-    #[arg(
-        long,
-        value_name = "CACHE",
-        num_args = 0..=1,
-        require_equals = true,
-        default_missing_value = "on",
-        value_parser = tools::migrate::parse_xbzrle
-    )]
-    pub xbzrle: Option<Xbzrle>,
-}
-
-impl MigrationParamArgs {
-    /// The settings to apply.
-    pub fn settings(&self) -> MigrationSettings {
-        MigrationSettings {
-            max_bandwidth: self.max_bandwidth,
-            downtime_limit_ms: self.downtime_limit,
-            xbzrle: self.xbzrle,
-        }
-    }
-}
-
-/// How `hopvm demo` carries the migration stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Transport {
-    /// TCP on the loopback interface.
-    Tcp,
-    /// A Unix socket.
-    Unix,
-    /// TCP between two network namespaces joined by a veth pair (needs root).
-    Netns,
-}
-
-/// `hopvm demo` options.
-#[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
-    /// Guest RAM of both VMs: a number with a K, M, G or T suffix.
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
-    pub memory: u64,
-    /// The guest's working set: the memory it rewrites and verifies over and over.
-    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = parse_size_arg)]
-    pub ws: u64,
-    /// Migration parameters.
-    #[command(flatten)]
-    pub params: MigrationParamArgs,
-    /// How the migration stream travels: tcp (loopback), unix (a socket), or netns (TCP
-    /// between two network namespaces joined by a veth pair; needs root).
-    #[arg(long, value_enum, value_name = "tcp|unix|netns", default_value_t = Transport::Tcp)]
-    pub transport: Transport,
-    /// Write the migration timeline: an SVG picture or the JSON data, by the file's extension
-    /// (repeatable).
-    #[arg(long, value_name = "FILE.svg|FILE.json", value_parser = tools::report::parse_target)]
-    pub report: Vec<ReportTarget>,
-    /// The guest image (default: the bundled memory-dirtying guest, built with hopvm).
-    #[arg(long, value_name = "PATH")]
-    pub kernel: Option<PathBuf>,
-}
-
-/// `hopvm migrate` options.
-#[derive(Debug, Clone, Args)]
-pub struct MigrateArgs {
-    /// The source VM's QMP monitor (`hopvm run --qmp unix:PATH`, or QEMU's -qmp).
-    #[arg(long, value_name = "unix:PATH")]
-    pub qmp: String,
-    /// Migration parameters.
-    #[command(flatten)]
-    pub params: MigrationParamArgs,
-    /// Print the final query-migrate reply as JSON instead of the summary table.
-    #[arg(long)]
-    pub json: bool,
-    /// Write the migration timeline: an SVG picture or the JSON data, by the file's extension
-    /// (repeatable).
-    #[arg(long, value_name = "FILE.svg|FILE.json", value_parser = tools::report::parse_target)]
-    pub report: Vec<ReportTarget>,
-    /// Where to send the VM: tcp:HOST:PORT, unix:PATH, exec:COMMAND or fd:N; the destination
-    /// must be waiting (`hopvm run --incoming URI`).
-    #[arg(value_name = "URI")]
-    pub uri: String,
-}
-
-/// `hopvm qmp` options.
-#[derive(Debug, Clone, Args)]
-pub struct QmpArgs {
-    /// The VM's QMP monitor (`hopvm run --qmp unix:PATH`, or QEMU's -qmp).
-    #[arg(long, value_name = "unix:PATH")]
-    pub qmp: String,
-    /// The command to run (e.g. query-status); without one, an interactive shell starts.
-    #[arg(value_name = "COMMAND")]
-    pub command: Option<String>,
-    /// The command's arguments: one JSON object, or key=value pairs (values are JSON when they
-    /// parse as JSON, strings otherwise; a.b=1 nests).
-    #[arg(value_name = "ARGS", requires = "command", allow_hyphen_values = true)]
-    pub args: Vec<String>,
-}
-
 /// `hopvm run` options.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -170,14 +62,14 @@ pub struct RunArgs {
     #[arg(long, value_name = "STR", default_value = "")]
     pub cmdline: String,
     /// Guest RAM: a number with a K, M, G or T suffix; RAM beyond 3G is placed above 4G.
-    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_memory)]
     pub memory: u64,
     /// Number of vCPUs; the first boots, the others wait for INIT/SIPI.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..))]
     pub cpus: u8,
     /// CPU model as QEMU's -cpu: host (all KVM offers), max, qemu64, with ,+feat / ,-feat /
     /// ,vendor=… (x2apic, pcid, invpcid, tsc-deadline, …).
-    #[arg(long, value_name = "MODEL", default_value = crate::config::DEFAULT_CPU)]
+    #[arg(long, value_name = "MODEL", default_value = vmm::config::DEFAULT_CPU)]
     pub cpu: String,
     /// Where COM1 goes: stdio (input from stdin too: a terminal in raw mode, where Ctrl-A x
     /// quits, or a pipe), file:PATH or null.
@@ -203,14 +95,6 @@ pub struct RunArgs {
     /// Do not start the vCPUs (QEMU's -S): `cont` over QMP starts them.
     #[arg(long)]
     pub paused: bool,
-}
-
-fn parse_memory(s: &str) -> Result<u64, config::ConfigError> {
-    config::check_memory(config::parse_size(s)?)
-}
-
-fn parse_size_arg(s: &str) -> Result<u64, config::ConfigError> {
-    config::parse_size(s)
 }
 
 impl From<RunArgs> for VmConfig {

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use migration::thread::{MigrationInfo, MigrationStatus};
 use serde_json::{json, Map, Value};
 
-use super::protocol::{version_info, Args, QmpBackend, QmpError};
-use super::server::{QmpListenSpec, QmpServer, QmpServerConfig, QmpServerError};
-use crate::bus::lock;
-use crate::instance::Instance;
-use crate::runstate::RunState;
-use crate::vcpu::VmEvent;
+use crate::protocol::{version_info, Args, QmpBackend, QmpError};
+use crate::server::{QmpListenSpec, QmpServer, QmpServerConfig, QmpServerError};
+use vmm::bus::lock;
+use vmm::instance::Instance;
+use vmm::runstate::RunState;
+use vmm::vcpu::VmEvent;
 
 /// Every command hopvm implements.
 pub const COMMANDS: &[&str] = &[

@@ -4,7 +4,7 @@
 //!   about 43 ms on the reference machine);
 //! * hopvm's own resident memory beyond the guest RAM the guest touched.
 //!
-//! Run with `cargo bench -p vmm --bench startup`.
+//! Run with `cargo bench -p hopvm --bench startup`.
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};

@@ -10,8 +10,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use crate::config::{self, DebugExitConfig, SerialConfig, VmConfig};
-use crate::qmp::protocol::QEMU_COMPAT_VERSION;
+use qmp::protocol::QEMU_COMPAT_VERSION;
+use vmm::config::{self, DebugExitConfig, SerialConfig, VmConfig};
 
 /// Errors in a QEMU command line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -19,7 +19,7 @@
 //! passes (each reads every page of the working set) and never `CORRUPT`; a run that does not
 //! is reported as failed. The idle guest has nothing to verify; its destination must run.
 //!
-//! Run with `cargo bench -p vmm --bench migration`. Environment: `HOPVM_BENCH_RUNS` (default
+//! Run with `cargo bench -p hopvm --bench migration`. Environment: `HOPVM_BENCH_RUNS` (default
 //! 3) runs of every scenario, reported as median and range; `HOPVM_BENCH_ONLY=busy-1g,idle`
 //! picks scenarios by key; `HOPVM_BENCH_QEMU=0` skips QEMU (it is skipped anyway when
 //! `qemu-system-x86_64` is not installed).
@@ -33,8 +33,8 @@ use std::time::{Duration, Instant};
 
 use common::proc::TempDir;
 use common::Capture;
+use qmp::client::QmpClient;
 use serde_json::{json, Value};
-use vmm::qmp::client::QmpClient;
 
 /// How long a migration may take before it is called non-converging and cancelled.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);

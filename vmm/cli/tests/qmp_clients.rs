@@ -47,7 +47,7 @@ fn venv_python() -> PathBuf {
 }
 
 fn script() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../resources/qmp-clients-test.py")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../resources/qmp-clients-test.py")
 }
 
 #[test]

@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 
-use super::json::{write_str, write_value, QmpJsonError};
+use crate::json::{write_str, write_value, QmpJsonError};
 
 /// A QEMU version number, as in `query-version`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -300,7 +300,7 @@ pub trait QmpBackend: Send + Sync {
 /// right type (`null` is not "absent").
 ///
 /// ```
-/// # use vmm::qmp::protocol::{Args, QmpError};
+/// # use qmp::protocol::{Args, QmpError};
 /// # fn f(arguments: &serde_json::Map<String, serde_json::Value>) -> Result<(), QmpError> {
 /// let mut args = Args::new(arguments);
 /// let uri = args.required_str("uri")?;

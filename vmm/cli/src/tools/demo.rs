@@ -27,11 +27,50 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use serde_json::Value;
+use vmm::config;
 
+use super::migrate::MigrationParamArgs;
 use super::migrate::{self, MigrateError, Outcome, ProgressView};
-use crate::cli::{DemoArgs, Transport};
-use crate::qmp::client::QmpClient;
+use super::report::{self, ReportTarget};
+use qmp::client::QmpClient;
+
+/// How `hopvm demo` carries the migration stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// TCP on the loopback interface.
+    Tcp,
+    /// A Unix socket.
+    Unix,
+    /// TCP between two network namespaces joined by a veth pair (needs root).
+    Netns,
+}
+
+/// `hopvm demo` options.
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Guest RAM of both VMs: a number with a K, M, G or T suffix.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = config::parse_memory)]
+    pub memory: u64,
+    /// The guest's working set: the memory it rewrites and verifies over and over.
+    #[arg(long, value_name = "SIZE", default_value = "32M", value_parser = config::parse_size)]
+    pub ws: u64,
+    /// Migration parameters.
+    #[command(flatten)]
+    pub params: MigrationParamArgs,
+    /// How the migration stream travels: tcp (loopback), unix (a socket), or netns (TCP
+    /// between two network namespaces joined by a veth pair; needs root).
+    #[arg(long, value_enum, value_name = "tcp|unix|netns", default_value_t = Transport::Tcp)]
+    pub transport: Transport,
+    /// Write the migration timeline: an SVG picture or the JSON data, by the file's extension
+    /// (repeatable).
+    #[arg(long, value_name = "FILE.svg|FILE.json", value_parser = report::parse_target)]
+    pub report: Vec<ReportTarget>,
+    /// The guest image (default: the bundled memory-dirtying guest, built with hopvm).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+}
 
 /// Exit status when the demo was interrupted (128 + SIGINT, as a shell reports it).
 pub const EXIT_INTERRUPTED: i32 = 130;
@@ -108,7 +147,7 @@ pub enum DemoError {
         /// Which VM.
         side: &'static str,
         /// The error.
-        source: crate::qmp::client::QmpClientError,
+        source: qmp::client::QmpClientError,
     },
     /// Driving the migration failed.
     #[error(transparent)]
@@ -544,7 +583,7 @@ impl Demo {
                         d.vms[i].qmp = Some(c);
                         Ok(true)
                     }
-                    Err(crate::qmp::client::QmpClientError::Io(_)) => Ok(false),
+                    Err(qmp::client::QmpClientError::Io(_)) => Ok(false),
                     Err(source) => Err(DemoError::Qmp { side, source }),
                 }
             },
@@ -628,7 +667,7 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
             String::from("TCP on the loopback interface"),
         ),
     };
-    let memory = crate::config::format_size(args.memory);
+    let memory = config::format_size(args.memory);
     let src_sock = dir.0.join("src.sock");
     let dst_sock = dir.0.join("dst.sock");
     let src_args = vec![

@@ -1,17 +1,17 @@
-//! The `hopvm` binary: see [`vmm::cli`]. Invoked through a link named `qemu-system-x86_64`
-//! it speaks QEMU's command line instead ([`vmm::qemu_cli`]).
+//! The `hopvm` binary: see [`hopvm::cli`]. Invoked through a link named `qemu-system-x86_64`
+//! it speaks QEMU's command line instead ([`hopvm::qemu_cli`]).
 
 fn main() {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let status = match args.first() {
-        Some(argv0) if vmm::qemu_cli::invoked_as_qemu(argv0) => {
+        Some(argv0) if hopvm::qemu_cli::invoked_as_qemu(argv0) => {
             let rest: Vec<String> = args[1..]
                 .iter()
                 .map(|a| a.to_string_lossy().into_owned())
                 .collect();
-            vmm::qemu_cli::main(&rest)
+            hopvm::qemu_cli::main(&rest)
         }
-        _ => vmm::cli::main_with_args(args),
+        _ => hopvm::cli::main_with_args(args),
     };
     std::process::exit(status);
 }

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use qmp::client::QmpClient;
 use serde_json::{json, Value};
-use vmm::qmp::client::QmpClient;
 
 use super::Capture;
 

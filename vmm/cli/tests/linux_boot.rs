@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 fn resources() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../resources")
 }
 
 fn kernel(name: &str) -> PathBuf {

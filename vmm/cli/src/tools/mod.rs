@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::qmp::client::QmpClient;
+use qmp::client::QmpClient;
 
 /// How many SIGINT / SIGTERM / SIGHUP arrived since [`catch_interrupts`].
 static INTERRUPTS: AtomicUsize = AtomicUsize::new(0);
@@ -76,7 +76,7 @@ pub fn qmp_socket_path(spec: &str) -> PathBuf {
 pub fn connect_qmp(
     path: &Path,
     timeout: Duration,
-) -> Result<QmpClient, crate::qmp::client::QmpClientError> {
+) -> Result<QmpClient, qmp::client::QmpClientError> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
     if dir.is_some_and(|d| !d.is_dir()) {
         return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory").into());

@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::json::{JsonLimits, JsonStreamParser};
-use super::protocol::{format_event, greeting, QmpBackend, Session, Timestamp};
+use crate::json::{JsonLimits, JsonStreamParser};
+use crate::protocol::{format_event, greeting, QmpBackend, Session, Timestamp};
 
 /// Errors setting up the QMP server.
 #[derive(Debug, thiserror::Error)]

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
+use clap::Args;
 use rustyline::completion::Completer;
 use rustyline::error::ReadlineError;
 use rustyline::highlight::Highlighter;
@@ -27,8 +28,22 @@ use rustyline::validate::Validator;
 use rustyline::{Editor, ExternalPrinter, Helper};
 use serde_json::{Map, Value};
 
-use crate::cli::QmpArgs;
-use crate::qmp::client::QmpClientError;
+use qmp::client::QmpClientError;
+
+/// `hopvm qmp` options.
+#[derive(Debug, Clone, Args)]
+pub struct QmpArgs {
+    /// The VM's QMP monitor (`hopvm run --qmp unix:PATH`, or QEMU's -qmp).
+    #[arg(long, value_name = "unix:PATH")]
+    pub qmp: String,
+    /// The command to run (e.g. query-status); without one, an interactive shell starts.
+    #[arg(value_name = "COMMAND")]
+    pub command: Option<String>,
+    /// The command's arguments: one JSON object, or key=value pairs (values are JSON when they
+    /// parse as JSON, strings otherwise; a.b=1 nests).
+    #[arg(value_name = "ARGS", requires = "command", allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
 
 /// How long to wait for the monitor socket to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -14,12 +14,70 @@
 
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::{json, Value};
 
 use super::report::{self, ReportError, ReportTarget};
-use crate::cli::MigrateArgs;
-use crate::qmp::client::{QmpClient, QmpClientError};
+use qmp::client::{QmpClient, QmpClientError};
+
+/// `hopvm migrate` options.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The source VM's QMP monitor (`hopvm run --qmp unix:PATH`, or QEMU's -qmp).
+    #[arg(long, value_name = "unix:PATH")]
+    pub qmp: String,
+    /// Migration parameters.
+    #[command(flatten)]
+    pub params: MigrationParamArgs,
+    /// Print the final query-migrate reply as JSON instead of the summary table.
+    #[arg(long)]
+    pub json: bool,
+    /// Write the migration timeline: an SVG picture or the JSON data, by the file's extension
+    /// (repeatable).
+    #[arg(long, value_name = "FILE.svg|FILE.json", value_parser = report::parse_target)]
+    pub report: Vec<ReportTarget>,
+    /// Where to send the VM: tcp:HOST:PORT, unix:PATH, exec:COMMAND or fd:N; the destination
+    /// must be waiting (`hopvm run --incoming URI`).
+    #[arg(value_name = "URI")]
+    pub uri: String,
+}
+
+/// Migration parameters shared by `hopvm migrate` and `hopvm demo`; each is set over QMP
+/// before `migrate` (an option left out keeps the VM's setting).
+#[derive(Debug, Clone, Default, Args)]
+pub struct MigrationParamArgs {
+    /// Bandwidth limit in bytes per second, with an optional K, M or G suffix (1024-based), or
+    /// `unlimited`; a VM starts with 32M (QEMU's classic MAX_THROTTLE).
+    #[arg(long, value_name = "BYTES/s|unlimited", value_parser = parse_bandwidth)]
+    pub max_bandwidth: Option<u64>,
+    /// Longest acceptable downtime in ms: the guest is stopped for the final copy once what is
+    /// left can be sent in this time (default 30).
+    #[arg(long, value_name = "MS")]
+    pub downtime_limit: Option<u64>,
+    /// Compress re-sent pages with XBZRLE; `--xbzrle=64M` also sets the cache size (a power of
+    /// two), `--xbzrle=off` turns it off.
+    #[arg(
+        long,
+        value_name = "CACHE",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "on",
+        value_parser = parse_xbzrle
+    )]
+    pub xbzrle: Option<Xbzrle>,
+}
+
+impl MigrationParamArgs {
+    /// The settings to apply.
+    pub fn settings(&self) -> MigrationSettings {
+        MigrationSettings {
+            max_bandwidth: self.max_bandwidth,
+            downtime_limit_ms: self.downtime_limit,
+            xbzrle: self.xbzrle,
+        }
+    }
+}
 
 /// How often `query-migrate` is polled (QEMU's migration thread measures every 100 ms too).
 pub const POLL: Duration = Duration::from_millis(100);
@@ -80,7 +138,7 @@ pub fn parse_xbzrle(s: &str) -> Result<Xbzrle, String> {
         "on" | "" => Ok(Xbzrle::On),
         "off" => Ok(Xbzrle::Off),
         size => {
-            let n = crate::config::parse_size(size).map_err(|e| e.to_string())?;
+            let n = vmm::config::parse_size(size).map_err(|e| e.to_string())?;
             if n < 4096 || !n.is_power_of_two() {
                 return Err(format!(
                     "invalid XBZRLE cache size '{size}': a power of two of at least 4K"
@@ -97,7 +155,7 @@ pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
     if s.eq_ignore_ascii_case("unlimited") {
         return Ok(0);
     }
-    crate::config::parse_size(s.trim_end_matches("/s"))
+    vmm::config::parse_size(s.trim_end_matches("/s"))
         .map_err(|_| format!("invalid bandwidth '{s}': bytes per second (e.g. 32M) or unlimited"))
 }
 
