@@ -12,6 +12,7 @@
 
 use std::io::{Read, Write};
 
+pub mod integrity;
 mod pagemap;
 pub mod ram;
 pub mod ram_format;
@@ -146,5 +147,11 @@ pub trait LiveSection: Send {
     /// Destination side: reads one part of this section (a START, PART or END body).
     fn load(&mut self, _input: &mut dyn Read, _version: u32) -> Result<(), SectionError> {
         Ok(())
+    }
+
+    /// Destination side: what the last [`load`](Self::load) covered, in words (RAM: the
+    /// guest-physical pages), for an error about that part; `None` if there is nothing to say.
+    fn last_load(&self) -> Option<String> {
+        None
     }
 }

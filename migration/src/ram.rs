@@ -167,6 +167,8 @@ pub struct RamSection {
     bulk_stage: bool,
     logging: bool,
     loading: bool,
+    /// Destination: the lowest and highest guest-physical page the last load part touched.
+    last_load: Option<(u64, u64)>,
     last_sync: Option<Instant>,
     page: Vec<u8>,
 }
@@ -231,6 +233,7 @@ impl RamSection {
             bulk_stage: true,
             logging: false,
             loading: false,
+            last_load: None,
             last_sync: None,
             page: vec![0; PAGE_SIZE as usize],
         }
@@ -403,7 +406,7 @@ impl RamSection {
         }
     }
 
-    fn check_offset(&self, block: &str, offset: u64) -> Result<(usize, u64), SectionError> {
+    fn check_offset(&mut self, block: &str, offset: u64) -> Result<(usize, u64), SectionError> {
         let (i, b) = self
             .blocks
             .iter()
@@ -415,7 +418,12 @@ impl RamSection {
                 "offset {offset:#x} outside ram block {block}"
             )));
         }
-        Ok((i, b.start + offset))
+        let addr = b.start + offset;
+        self.last_load = Some(match self.last_load {
+            Some((lo, hi)) => (lo.min(addr), hi.max(addr)),
+            None => (addr, addr),
+        });
+        Ok((i, addr))
     }
 }
 
@@ -551,6 +559,14 @@ impl LiveSection for RamSection {
         self.cache = None;
     }
 
+    fn last_load(&self) -> Option<String> {
+        let (lo, hi) = self.last_load?;
+        Some(format!(
+            "guest-physical pages {lo:#x}-{:#x}",
+            hi + (PAGE_SIZE - 1)
+        ))
+    }
+
     fn load(&mut self, input: &mut dyn Read, version: u32) -> Result<(), SectionError> {
         if version != RAM_SECTION_VERSION {
             return Err(invalid(format!(
@@ -558,6 +574,7 @@ impl LiveSection for RamSection {
             )));
         }
         self.load_populated();
+        self.last_load = None;
         loop {
             let record = self
                 .reader

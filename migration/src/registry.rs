@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 
+use crate::integrity::IntegrityError;
 use crate::stream::{Record, StreamError, StreamReader, StreamWriter};
 use crate::{LiveSection, SectionError, Snapshot};
 
@@ -79,6 +80,26 @@ fn section_err(idstr: &str, instance: u32) -> impl FnOnce(SectionError) -> Regis
         idstr: idstr.to_string(),
         instance,
         source,
+    }
+}
+
+/// Adds what a live section last loaded (RAM: the pages) to an integrity mismatch.
+fn with_load_detail(e: StreamError, h: &dyn LiveSection) -> RegistryError {
+    match (e, h.last_load()) {
+        (
+            StreamError::Integrity(IntegrityError::Mismatch {
+                what,
+                stream,
+                computed,
+            }),
+            Some(d),
+        ) => StreamError::Integrity(IntegrityError::Mismatch {
+            what: format!("{what}, {d}"),
+            stream,
+            computed,
+        })
+        .into(),
+        (e, _) => e.into(),
     }
 }
 
@@ -294,20 +315,24 @@ impl Registry {
             });
         }
         seen[index] = true;
-        let result = match (&mut entry.handler, full) {
+        match (&mut entry.handler, full) {
             (Handler::Snapshot(h), true) => {
                 let data = r.read_full_data()?;
+                // The footer (and with x-integrity the checksum) is checked before the
+                // component sees its state.
+                r.expect_footer(id)?;
                 h.restore(&data, version)
+                    .map_err(section_err(&entry.idstr, entry.instance))
             }
             (Handler::Live(h), false) => {
                 started.insert(id, (index, version));
-                h.load(r, version)
+                let result = h.load(r, version);
+                result.map_err(section_err(&entry.idstr, entry.instance))?;
+                r.expect_footer(id)
+                    .map_err(|e| with_load_detail(e, h.as_ref()))
             }
-            _ => return Err(RegistryError::WrongKind(idstr)),
-        };
-        result.map_err(section_err(&entry.idstr, entry.instance))?;
-        r.expect_footer(id)?;
-        Ok(())
+            _ => Err(RegistryError::WrongKind(idstr)),
+        }
     }
 
     /// Destination: reads a whole stream, handing every section to its handler.
@@ -353,11 +378,13 @@ impl Registry {
                         .get(&id)
                         .ok_or(RegistryError::UnknownSectionId(id))?;
                     let entry = &mut self.entries[index];
-                    if let Handler::Live(h) = &mut entry.handler {
-                        let result = h.load(r, version);
-                        result.map_err(section_err(&entry.idstr, entry.instance))?;
-                    }
-                    r.expect_footer(id)?;
+                    let Handler::Live(h) = &mut entry.handler else {
+                        return Err(RegistryError::WrongKind(entry.idstr.clone()));
+                    };
+                    let result = h.load(r, version);
+                    result.map_err(section_err(&entry.idstr, entry.instance))?;
+                    r.expect_footer(id)
+                        .map_err(|e| with_load_detail(e, h.as_ref()))?;
                 }
             }
         }
@@ -451,9 +478,12 @@ mod tests {
     }
 
     fn stream() -> Vec<u8> {
+        stream_with(StreamWriter::new(Vec::new()))
+    }
+
+    fn stream_with(mut w: StreamWriter<Vec<u8>>) -> Vec<u8> {
         let (mut src, blob, _) = pair();
         *blob.lock().unwrap() = vec![1, 2, 3];
-        let mut w = StreamWriter::new(Vec::new());
         src.begin(&mut w).unwrap();
         assert_eq!(src.pending(0), 3);
         while !src.iterate(&mut w, 1).unwrap() {}
@@ -576,5 +606,104 @@ mod tests {
         assert_eq!(r.blocker(), Some("device x cannot migrate"));
         r.remove_blocker(a);
         assert_eq!(r.blocker(), None);
+    }
+
+    fn integrity_stream() -> Vec<u8> {
+        stream_with(StreamWriter::with_integrity(Vec::new()))
+    }
+
+    #[test]
+    fn integrity_round_trip_and_format() {
+        let plain = stream();
+        let bytes = integrity_stream();
+        let (mut dst, blob, received) = pair();
+        dst.load(&mut StreamReader::with_integrity(&bytes[..]))
+            .unwrap();
+        assert_eq!(*blob.lock().unwrap(), vec![1, 2, 3]);
+        assert_eq!(*received.lock().unwrap(), vec![1, 2, 3, 0xee]);
+        // One 13-byte record after each of the 6 footers (START, 3 PARTs, END, FULL) and one
+        // at the end; without the capability nothing changes.
+        assert_eq!(bytes.len(), plain.len() + 7 * 13);
+        assert_eq!(
+            &bytes[bytes.len() - 13..bytes.len() - 8],
+            &[0x49, 0xff, 0xff, 0xff, 0xff]
+        );
+    }
+
+    #[test]
+    fn integrity_rejects_every_mutation_and_truncation() {
+        let bytes = integrity_stream();
+        for i in 0..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = bytes.clone();
+                bad[i] ^= flip;
+                let (mut dst, _, _) = pair();
+                let r = dst.load(&mut StreamReader::with_integrity(&bad[..]));
+                assert!(r.is_err(), "byte {i} ^ {flip:#x} loaded");
+            }
+        }
+        for len in 0..bytes.len() {
+            let (mut dst, _, _) = pair();
+            let r = dst.load(&mut StreamReader::with_integrity(&bytes[..len]));
+            assert!(r.is_err(), "cut at {len} loaded");
+        }
+        // What follows the final checksum is not read (the connection may stay open for
+        // the return path), so it cannot change what loaded.
+    }
+
+    #[test]
+    fn integrity_mismatch_names_the_section_before_it_is_applied() {
+        let bytes = integrity_stream();
+        // The blob's data: [1, 2, 3] after its be32 length; change the 2.
+        let pos = bytes
+            .windows(7)
+            .position(|w| w == [0, 0, 0, 3, 1, 2, 3])
+            .unwrap()
+            + 5;
+        let mut bad = bytes.clone();
+        bad[pos] = 9;
+        let (mut dst, blob, _) = pair();
+        let e = dst
+            .load(&mut StreamReader::with_integrity(&bad[..]))
+            .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("x-integrity checksum mismatch in section blob (instance 0)"),
+            "{msg}"
+        );
+        // The restore never ran.
+        assert!(blob.lock().unwrap().is_empty());
+        // Without the capability the same change loads.
+        let plain = stream();
+        let mut bad = plain.clone();
+        let pos = plain
+            .windows(7)
+            .position(|w| w == [0, 0, 0, 3, 1, 2, 3])
+            .unwrap()
+            + 5;
+        bad[pos] = 9;
+        let (mut dst, blob, _) = pair();
+        dst.load(&mut StreamReader::new(&bad[..])).unwrap();
+        assert_eq!(*blob.lock().unwrap(), vec![1, 9, 3]);
+    }
+
+    #[test]
+    fn integrity_capability_mismatch_is_explained() {
+        let (mut dst, _, _) = pair();
+        let e = dst
+            .load(&mut StreamReader::new(&integrity_stream()[..]))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("enable the x-integrity capability"),
+            "{e}"
+        );
+        let (mut dst, _, _) = pair();
+        let e = dst
+            .load(&mut StreamReader::with_integrity(&stream()[..]))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("is x-integrity on at the source"),
+            "{e}"
+        );
     }
 }

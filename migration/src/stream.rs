@@ -56,11 +56,12 @@
 //! registered device. Section ids of live sections should start at 1 (QEMU's own RAM section
 //! has id 2).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
 
 use serde::{Deserialize, Serialize};
 
+use crate::integrity::{self, Digest, IntegrityError, QEMU_VM_HOPVM_INTEGRITY, STREAM_END_ID};
 use crate::wire;
 
 /// The stream's magic number, "QEVM".
@@ -141,6 +142,9 @@ pub enum StreamError {
     /// The writer or reader was used in the wrong order.
     #[error("out of order: {0}")]
     OutOfOrder(&'static str),
+    /// An `x-integrity` check failed.
+    #[error(transparent)]
+    Integrity(#[from] IntegrityError),
 }
 
 impl From<io::Error> for StreamError {
@@ -283,10 +287,12 @@ pub struct StreamWriter<W: Write> {
     open: Option<u32>,
     devices: Vec<DeviceDescription>,
     seen: HashSet<(String, u32)>,
+    /// With `x-integrity`: the running digest of every byte written.
+    digest: Option<Digest>,
 }
 
 impl<W: Write> StreamWriter<W> {
-    /// A writer that has written nothing yet.
+    /// A writer that has written nothing yet (QEMU's format, no checksums).
     pub fn new(inner: W) -> Self {
         StreamWriter {
             inner,
@@ -295,7 +301,31 @@ impl<W: Write> StreamWriter<W> {
             open: None,
             devices: Vec::new(),
             seen: HashSet::new(),
+            digest: None,
         }
+    }
+
+    /// A writer that follows every footer, and the description, with an `x-integrity`
+    /// record (see [`crate::integrity`]).
+    pub fn with_integrity(inner: W) -> Self {
+        StreamWriter {
+            digest: Some(Digest::new()),
+            ..Self::new(inner)
+        }
+    }
+
+    /// Whether this writer adds `x-integrity` records.
+    pub fn integrity(&self) -> bool {
+        self.digest.is_some()
+    }
+
+    /// Writes the integrity record for section `id`, if the writer has the capability.
+    fn integrity_record(&mut self, id: u32) -> Result<(), StreamError> {
+        if let Some(d) = &self.digest {
+            let record = d.record(id);
+            self.put(&record)?;
+        }
+        Ok(())
     }
 
     /// Bytes written so far (framing and bodies).
@@ -329,6 +359,9 @@ impl<W: Write> StreamWriter<W> {
     fn put(&mut self, data: &[u8]) -> Result<(), StreamError> {
         self.inner.write_all(data).map_err(StreamError::Io)?;
         self.bytes += data.len() as u64;
+        if let Some(d) = &mut self.digest {
+            d.update(data);
+        }
         Ok(())
     }
 
@@ -427,7 +460,7 @@ impl<W: Write> StreamWriter<W> {
         b[1..].copy_from_slice(&id.to_be_bytes());
         self.put(&b)?;
         self.open = None;
-        Ok(())
+        self.integrity_record(id)
     }
 
     /// Writes a complete FULL section — header, `be32 len` + `data`, footer — and records it
@@ -479,6 +512,7 @@ impl<W: Write> StreamWriter<W> {
         b.extend_from_slice(&(json.len() as u32).to_be_bytes());
         b.extend_from_slice(&json);
         self.put(&b)?;
+        self.integrity_record(STREAM_END_ID)?;
         self.state = WriterState::Ended;
         Ok(())
     }
@@ -489,6 +523,9 @@ impl<W: Write> Write for StreamWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.bytes += n as u64;
+        if let Some(d) = &mut self.digest {
+            d.update(&buf[..n]);
+        }
         Ok(n)
     }
 
@@ -562,16 +599,80 @@ pub struct StreamReader<R: Read> {
     inner: R,
     bytes: u64,
     state: ReaderState,
+    /// With `x-integrity`: the running digest of every byte read.
+    digest: Option<Digest>,
+    /// Section id → "idstr instance", to name a section in integrity errors.
+    names: HashMap<u32, String>,
 }
 
 impl<R: Read> StreamReader<R> {
-    /// A reader at the start of a stream.
+    /// A reader at the start of a stream in QEMU's format (no checksums).
     pub fn new(inner: R) -> Self {
         StreamReader {
             inner,
             bytes: 0,
             state: ReaderState::Start,
+            digest: None,
+            names: HashMap::new(),
         }
+    }
+
+    /// A reader that requires and checks an `x-integrity` record after every footer and
+    /// after the description (see [`crate::integrity`]).
+    pub fn with_integrity(inner: R) -> Self {
+        StreamReader {
+            digest: Some(Digest::new()),
+            ..Self::new(inner)
+        }
+    }
+
+    /// Whether this reader checks `x-integrity` records.
+    pub fn integrity(&self) -> bool {
+        self.digest.is_some()
+    }
+
+    /// "section serial (instance 0)" for section `id`.
+    fn section_name(&self, id: u32) -> String {
+        match self.names.get(&id) {
+            Some(name) => format!("section {name}"),
+            None => format!("section id {id}"),
+        }
+    }
+
+    /// Reads and checks the integrity record that must follow section `id`'s footer (or,
+    /// for [`STREAM_END_ID`], the description) when the reader has the capability.
+    fn check_integrity(&mut self, id: u32) -> Result<(), StreamError> {
+        let Some(computed) = self.digest.as_ref().map(Digest::value) else {
+            return Ok(());
+        };
+        let name = if id == STREAM_END_ID {
+            String::from("the end of the stream")
+        } else {
+            self.section_name(id)
+        };
+        let what = || name.clone();
+        let kind = match self.u8() {
+            Ok(kind) => kind,
+            Err(StreamError::Truncated) => {
+                return Err(IntegrityError::Missing {
+                    what: what(),
+                    found: String::from("the end of the input"),
+                }
+                .into())
+            }
+            Err(e) => return Err(e),
+        };
+        if kind != QEMU_VM_HOPVM_INTEGRITY {
+            return Err(IntegrityError::Missing {
+                what: what(),
+                found: format!("byte {kind:#04x}"),
+            }
+            .into());
+        }
+        let record_id = self.be32()?;
+        let stream = wire::read_be64(self)?;
+        integrity::check(what, id, record_id, stream, computed)?;
+        Ok(())
     }
 
     /// Bytes consumed so far.
@@ -636,6 +737,10 @@ impl<R: Read> StreamReader<R> {
                 let idstr = self.idstr()?;
                 let instance = self.be32()?;
                 let version = self.be32()?;
+                if self.digest.is_some() {
+                    self.names
+                        .insert(id, format!("{idstr} (instance {instance})"));
+                }
                 if kind == QEMU_VM_SECTION_START {
                     Record::SectionStart {
                         id,
@@ -655,6 +760,9 @@ impl<R: Read> StreamReader<R> {
             QEMU_VM_SECTION_PART => Record::SectionPart { id: self.be32()? },
             QEMU_VM_SECTION_END => Record::SectionEnd { id: self.be32()? },
             QEMU_VM_SECTION_FOOTER => Record::Footer { id: self.be32()? },
+            QEMU_VM_HOPVM_INTEGRITY if self.digest.is_none() => {
+                return Err(IntegrityError::Unexpected.into())
+            }
             other => return Err(StreamError::UnknownSectionType(other)),
         };
         Ok(record)
@@ -671,10 +779,33 @@ impl<R: Read> StreamReader<R> {
             }
         };
         if n == 0 {
+            // With x-integrity the final record is missing.
+            self.check_integrity(STREAM_END_ID)?;
             self.state = ReaderState::Done;
             return Ok(None);
         }
         self.bytes += 1;
+        let computed_before = self.digest.as_ref().map(Digest::value);
+        if let Some(d) = &mut self.digest {
+            d.update(&kind);
+        }
+        if kind[0] == QEMU_VM_HOPVM_INTEGRITY {
+            if let Some(computed) = computed_before {
+                // A stream without a description: the final record follows EOF at once.
+                let record_id = self.be32()?;
+                let stream = wire::read_be64(self)?;
+                integrity::check(
+                    || String::from("the end of the stream"),
+                    STREAM_END_ID,
+                    record_id,
+                    stream,
+                    computed,
+                )?;
+                self.state = ReaderState::Done;
+                return Ok(None);
+            }
+            return Err(IntegrityError::Unexpected.into());
+        }
         if kind[0] != QEMU_VM_VMDESCRIPTION {
             return Err(StreamError::UnknownSectionType(kind[0]));
         }
@@ -688,6 +819,7 @@ impl<R: Read> StreamReader<R> {
         }
         let json =
             String::from_utf8(raw).map_err(|_| StreamError::BadDescription("not utf-8".into()))?;
+        self.check_integrity(STREAM_END_ID)?;
         self.state = ReaderState::Done;
         Ok(Some(Record::VmDescription(json)))
     }
@@ -698,7 +830,7 @@ impl<R: Read> StreamReader<R> {
             return Err(StreamError::OutOfOrder("footer outside the sections"));
         }
         match self.section_record() {
-            Ok(Record::Footer { id: found }) if found == id => Ok(()),
+            Ok(Record::Footer { id: found }) if found == id => self.check_integrity(id),
             Ok(Record::Footer { id: found }) => Err(StreamError::BadFooter {
                 expected: id,
                 found: format!("footer for section {found}"),
@@ -730,6 +862,9 @@ impl<R: Read> Read for StreamReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.bytes += n as u64;
+        if let Some(d) = &mut self.digest {
+            d.update(&buf[..n]);
+        }
         Ok(n)
     }
 }

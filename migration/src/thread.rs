@@ -233,6 +233,7 @@ struct Inner {
     downtime_limit_ms: u64,
     xbzrle_on: bool,
     events: bool,
+    integrity: bool,
     error: Option<String>,
     timeline: Timeline,
     canceller: Option<Canceller>,
@@ -280,6 +281,7 @@ impl Migration {
                 downtime_limit_ms: DEFAULT_DOWNTIME_LIMIT_MS,
                 xbzrle_on: false,
                 events: false,
+                integrity: false,
                 error: None,
                 timeline: Timeline::default(),
                 canceller: None,
@@ -350,6 +352,17 @@ impl Migration {
     /// Sets the `events` capability.
     pub fn set_events_enabled(&self, on: bool) {
         lock(&self.inner).events = on;
+    }
+
+    /// Whether the `x-integrity` capability is on: the stream written, or read, carries a
+    /// checksum after every section part ([`crate::integrity`]).
+    pub fn integrity_enabled(&self) -> bool {
+        lock(&self.inner).integrity
+    }
+
+    /// Sets the `x-integrity` capability (both ends must agree).
+    pub fn set_integrity_enabled(&self, on: bool) {
+        lock(&self.inner).integrity = on;
     }
 
     /// The timeline of the current or last migration.
@@ -526,7 +539,11 @@ impl Migration {
 
     fn run<H: MigrationHost>(self: Arc<Self>, host: Arc<H>, mut out: Box<dyn MigrationOutput>) {
         let start = lock(&self.inner).start.unwrap_or_else(Instant::now);
-        let mut w = StreamWriter::new(BufferedOutput::new());
+        let mut w = if self.integrity_enabled() {
+            StreamWriter::with_integrity(BufferedOutput::new())
+        } else {
+            StreamWriter::new(BufferedOutput::new())
+        };
 
         // Setup: every live section's begin, under the big lock.
         let begun = {

@@ -489,7 +489,12 @@ impl Instance {
     /// Loads a whole migration stream (the vCPUs are paused). Only the registry is locked:
     /// the load waits on the network, and the monitor must stay responsive meanwhile.
     pub fn load(&self, input: Box<dyn std::io::Read + Send>) -> Result<(), String> {
-        let mut reader = StreamReader::new(std::io::BufReader::with_capacity(1 << 20, input));
+        let input = std::io::BufReader::with_capacity(1 << 20, input);
+        let mut reader = if self.migration.integrity_enabled() {
+            StreamReader::with_integrity(input)
+        } else {
+            StreamReader::new(input)
+        };
         lock(&self.registry)
             .load(&mut reader)
             .map_err(|e| e.to_string())

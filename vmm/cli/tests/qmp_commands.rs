@@ -93,7 +93,11 @@ fn migration_parameters_and_errors() {
     assert_eq!(vm.cmd("query-migrate", Value::Null), json!({}));
     assert_eq!(
         vm.cmd("query-migrate-capabilities", Value::Null),
-        json!([{"state": false, "capability": "xbzrle"}, {"state": false, "capability": "events"}])
+        json!([
+            {"state": false, "capability": "xbzrle"},
+            {"state": false, "capability": "events"},
+            {"state": false, "capability": "x-integrity"}
+        ])
     );
     // The 2013 commands and the modern one change the same settings.
     vm.cmd("migrate_set_speed", json!({"value": 1000}));

@@ -60,7 +60,11 @@ fn one_shot_commands_print_pretty_replies() {
     assert_eq!(status, 0, "{out}");
     assert_eq!(
         vm.cmd("query-migrate-capabilities", Value::Null),
-        json!([{"state": false, "capability": "xbzrle"}, {"state": true, "capability": "events"}])
+        json!([
+            {"state": false, "capability": "xbzrle"},
+            {"state": true, "capability": "events"},
+            {"state": false, "capability": "x-integrity"}
+        ])
     );
 
     // Error replies: exit status 1, QEMU's class and description, nothing on stdout.

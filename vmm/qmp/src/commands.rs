@@ -40,7 +40,7 @@ pub const COMMANDS: &[&str] = &[
 ];
 
 /// Migration capabilities hopvm implements.
-const CAPABILITIES: &[&str] = &["xbzrle", "events"];
+const CAPABILITIES: &[&str] = &["xbzrle", "events", "x-integrity"];
 /// QEMU's other capabilities: known, refused with a clear error.
 const QEMU_CAPABILITIES: &[&str] = &[
     "rdma-pin-all",
@@ -207,6 +207,7 @@ impl Commands {
         for (name, state) in changes {
             match name {
                 "xbzrle" => lock(&m.xbzrle).enabled = state,
+                "x-integrity" => m.set_integrity_enabled(state),
                 _ => m.set_events_enabled(state),
             }
         }
@@ -218,6 +219,7 @@ impl Commands {
         json!([
             {"state": lock(&m.xbzrle).enabled, "capability": "xbzrle"},
             {"state": m.events_enabled(), "capability": "events"},
+            {"state": m.integrity_enabled(), "capability": "x-integrity"},
         ])
     }
 
