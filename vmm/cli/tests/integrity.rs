@@ -61,6 +61,16 @@ fn assert_refused(mut dst: Hopvm, what: &str, want: &[&str]) -> String {
     err
 }
 
+/// The self-verifying dirty guest, 32 MiB, working set `ws` MiB, after its first pass.
+fn dirty_source(dir: &TempDir, ws: &str) -> Hopvm {
+    let kernel = guest_tests::image_path("dirty").display().to_string();
+    let ws = format!("ws={ws}");
+    let args = ["--kernel", &kernel, "--memory", "32M", "--cmdline", &ws];
+    let src = Hopvm::spawn(&dir.0, "src", &args);
+    src.out.wait_for(LONG, "a first pass", |t| passes(t) >= 1);
+    src
+}
+
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
@@ -68,27 +78,10 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 #[test]
 fn snapshot_with_integrity_loads_and_every_change_is_refused() {
     let dir = TempDir::new("integrity");
-    let mut src = Hopvm::spawn(
-        &dir.0,
-        "src",
-        &[
-            "--kernel",
-            &guest_tests::image_path("dirty").display().to_string(),
-            "--memory",
-            "32M",
-            "--cmdline",
-            "ws=1",
-        ],
-    );
-    src.out.wait_for(LONG, "a first pass", |t| passes(t) >= 1);
+    let mut src = dirty_source(&dir, "1");
     integrity_on(&mut src);
-    src.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
     let file = dir.join("vm.img");
-    src.cmd(
-        "migrate",
-        json!({"uri": format!("exec:cat > {}", file.display())}),
-    );
-    src.wait_migration("completed", LONG);
+    src.save_to_file(&file, LONG);
     let stream = std::fs::read(&file).unwrap();
     assert_eq!(&stream[..8], b"QEVM\0\0\0\x03");
 
@@ -148,19 +141,7 @@ fn snapshot_with_integrity_loads_and_every_change_is_refused() {
 #[test]
 fn live_migration_with_integrity() {
     let dir = TempDir::new("integrity-live");
-    let mut src = Hopvm::spawn(
-        &dir.0,
-        "src",
-        &[
-            "--kernel",
-            &guest_tests::image_path("dirty").display().to_string(),
-            "--memory",
-            "32M",
-            "--cmdline",
-            "ws=2",
-        ],
-    );
-    src.out.wait_for(LONG, "a first pass", |t| passes(t) >= 1);
+    let mut src = dirty_source(&dir, "2");
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let mut dst = Hopvm::spawn(&dir.0, "dst", &["--memory", "32M", "--incoming", "defer"]);
     integrity_on(&mut dst);

@@ -142,13 +142,8 @@ fn snapshot(dir: &TempDir) -> (Hopvm, std::path::PathBuf) {
     let mut src = Hopvm::spawn(&dir.0, "src", &strs(&dirty("1")));
     src.out.wait_for(LONG, "a first pass", |t| passes(t) >= 1);
     events_on(&mut src);
-    src.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
     let file = dir.join("vm.img");
-    src.cmd(
-        "migrate",
-        json!({"uri": format!("exec:cat > {}", file.display())}),
-    );
-    src.wait_migration("completed", LONG);
+    src.save_to_file(&file, LONG);
     assert_eq!(src.status(), "postmigrate");
     (src, file)
 }

@@ -149,6 +149,17 @@ impl Hopvm {
         }
     }
 
+    /// Saves the guest to `file` with `exec:cat > file`, unthrottled, and waits for the
+    /// migration to complete (the `events` capability must be on).
+    pub fn save_to_file(&mut self, file: &Path, timeout: Duration) {
+        self.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
+        self.cmd(
+            "migrate",
+            json!({"uri": format!("exec:cat > {}", file.display())}),
+        );
+        self.wait_migration("completed", timeout);
+    }
+
     /// Waits for the process to end and returns its exit code.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + timeout;
