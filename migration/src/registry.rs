@@ -8,8 +8,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 
+use std::sync::Mutex;
+
 use crate::integrity::IntegrityError;
-use crate::stream::{Record, StreamError, StreamReader, StreamWriter};
+use crate::stream::{Record, StreamError, StreamReader, StreamWriter, MIG_CMD_OPEN_RETURN_PATH};
 use crate::{LiveSection, SectionError, Snapshot};
 
 /// Errors driving the registered sections.
@@ -56,6 +58,12 @@ pub enum RegistryError {
     /// The stream ended without sections this side needs.
     #[error("stream ended without sections: {0}")]
     Missing(String),
+    /// The stream ended before its last record, the VM description.
+    #[error("the stream ended before the source finished it (cancelled or cut off)")]
+    Unfinished,
+    /// A command record this side does not implement.
+    #[error("unsupported migration command {0}")]
+    UnsupportedCommand(u16),
 }
 
 /// What a registered section does.
@@ -296,58 +304,62 @@ impl Registry {
             })
     }
 
-    /// Destination: one START or FULL section (header already read).
-    fn load_section<R: Read>(
-        &mut self,
-        r: &mut StreamReader<R>,
-        started: &mut HashMap<u32, (usize, u32)>,
-        seen: &mut [bool],
-        (id, idstr, instance, version): (u32, String, u32, u32),
-        full: bool,
-    ) -> Result<(), RegistryError> {
-        let index = self.find(&idstr, instance)?;
+    /// Destination: takes the handler of live section `index` out for a load that reads the
+    /// network, leaving a placeholder, so the registry is not locked meanwhile.
+    fn take_live(&mut self, index: usize) -> Result<Box<dyn LiveSection>, RegistryError> {
         let entry = &mut self.entries[index];
-        if version > entry.version {
-            return Err(RegistryError::UnsupportedVersion {
-                idstr,
-                version,
-                supported: entry.version,
-            });
-        }
-        seen[index] = true;
-        match (&mut entry.handler, full) {
-            (Handler::Snapshot(h), true) => {
-                let data = r.read_full_data()?;
-                // The footer (and with x-integrity the checksum) is checked before the
-                // component sees its state.
-                r.expect_footer(id)?;
-                h.restore(&data, version)
-                    .map_err(section_err(&entry.idstr, entry.instance))
+        match std::mem::replace(&mut entry.handler, Handler::Live(Box::new(Loading))) {
+            Handler::Live(h) => Ok(h),
+            other => {
+                entry.handler = other;
+                Err(RegistryError::WrongKind(entry.idstr.clone()))
             }
-            (Handler::Live(h), false) => {
-                started.insert(id, (index, version));
-                let result = h.load(r, version);
-                result.map_err(section_err(&entry.idstr, entry.instance))?;
-                r.expect_footer(id)
-                    .map_err(|e| with_load_detail(e, h.as_ref()))
-            }
-            _ => Err(RegistryError::WrongKind(idstr)),
         }
+    }
+
+    fn put_live(&mut self, index: usize, h: Box<dyn LiveSection>) {
+        self.entries[index].handler = Handler::Live(h);
     }
 
     /// Destination: reads a whole stream, handing every section to its handler.
     ///
-    /// Every registered section must appear in the stream; an unknown section, a newer
-    /// version, a broken footer or a handler's error ends the load with an error.
-    pub fn load<R: Read>(&mut self, r: &mut StreamReader<R>) -> Result<(), RegistryError> {
-        // Stream section id → (entry index, stream version).
-        let mut started: HashMap<u32, (usize, u32)> = HashMap::new();
-        let mut seen = vec![false; self.entries.len()];
+    /// Every registered section must appear in the stream, and the stream must end with its
+    /// VM description (the last thing a source sends: a stream cut anywhere before it, by a
+    /// cancel or a broken connection, is refused); an unknown section, a newer version, a
+    /// broken footer or a handler's error ends the load with an error.
+    pub fn load<R: Read>(
+        &mut self,
+        r: &mut StreamReader<R>,
+    ) -> Result<IncomingLoad, RegistryError> {
+        let me = Mutex::new(std::mem::take(self));
+        let result = Self::load_locked(&me, r);
+        *self = me.into_inner().unwrap_or_else(|e| e.into_inner());
+        result
+    }
+
+    /// Like [`load`](Self::load) on a registry shared with other threads: the lock is taken
+    /// only to look sections up and hand them their data, never while waiting for the
+    /// stream — a FULL section's data is read first, a live section's handler is taken out of
+    /// the registry while it reads its part.
+    pub fn load_locked<R: Read>(
+        registry: &Mutex<Registry>,
+        r: &mut StreamReader<R>,
+    ) -> Result<IncomingLoad, RegistryError> {
+        let lock = || registry.lock().unwrap_or_else(|e| e.into_inner());
+        let mut load = IncomingLoad {
+            started: HashMap::new(),
+            seen: vec![false; lock().entries.len()],
+            described: false,
+            return_path: false,
+        };
         while let Some(record) = r.next_record()? {
-            let full = matches!(record, Record::SectionFull { .. });
             match record {
-                Record::Header | Record::VmDescription(_) => {}
-                Record::Eof => {}
+                Record::Header | Record::Eof => {}
+                Record::VmDescription(_) => load.described = true,
+                Record::Command { cmd, .. } if cmd == MIG_CMD_OPEN_RETURN_PATH => {
+                    load.return_path = true;
+                }
+                Record::Command { cmd, .. } => return Err(RegistryError::UnsupportedCommand(cmd)),
                 Record::Footer { id } => {
                     return Err(StreamError::BadFooter {
                         expected: id,
@@ -355,58 +367,138 @@ impl Registry {
                     }
                     .into())
                 }
+                Record::SectionFull {
+                    id,
+                    idstr,
+                    instance,
+                    version,
+                } => {
+                    let index = lock().check_section(&idstr, instance, version)?;
+                    let data = r.read_full_data()?;
+                    // The footer (and with x-integrity the checksum) is checked before the
+                    // component sees its state.
+                    r.expect_footer(id)?;
+                    {
+                        let mut reg = lock();
+                        let entry = &mut reg.entries[index];
+                        match &mut entry.handler {
+                            Handler::Snapshot(h) => h
+                                .restore(&data, version)
+                                .map_err(section_err(&entry.idstr, entry.instance))?,
+                            Handler::Live(_) => return Err(RegistryError::WrongKind(idstr)),
+                        }
+                    }
+                    load.seen[index] = true;
+                }
                 Record::SectionStart {
                     id,
                     idstr,
                     instance,
                     version,
+                } => {
+                    let index = lock().check_section(&idstr, instance, version)?;
+                    load.started.insert(id, (index, version));
+                    load.seen[index] = true;
+                    Self::load_live(registry, r, id, index, version)?;
                 }
-                | Record::SectionFull {
-                    id,
-                    idstr,
-                    instance,
-                    version,
-                } => self.load_section(
-                    r,
-                    &mut started,
-                    &mut seen,
-                    (id, idstr, instance, version),
-                    full,
-                )?,
                 Record::SectionPart { id } | Record::SectionEnd { id } => {
-                    let (index, version) = *started
+                    let (index, version) = *load
+                        .started
                         .get(&id)
                         .ok_or(RegistryError::UnknownSectionId(id))?;
-                    let entry = &mut self.entries[index];
-                    let Handler::Live(h) = &mut entry.handler else {
-                        return Err(RegistryError::WrongKind(entry.idstr.clone()));
-                    };
-                    let result = h.load(r, version);
-                    result.map_err(section_err(&entry.idstr, entry.instance))?;
-                    r.expect_footer(id)
-                        .map_err(|e| with_load_detail(e, h.as_ref()))?;
+                    Self::load_live(registry, r, id, index, version)?;
                 }
             }
         }
-        let missing: Vec<String> = self
+        let reg = lock();
+        let missing: Vec<String> = reg
             .entries
             .iter()
-            .zip(&seen)
+            .zip(&load.seen)
             .filter(|(_, seen)| !**seen)
             .map(|(e, _)| format!("{} {}", e.idstr, e.instance))
             .collect();
-        if missing.is_empty() {
-            Ok(())
-        } else {
-            Err(RegistryError::Missing(missing.join(", ")))
+        if !missing.is_empty() {
+            return Err(RegistryError::Missing(missing.join(", ")));
         }
+        if !load.described {
+            return Err(RegistryError::Unfinished);
+        }
+        Ok(load)
+    }
+
+    /// The entry for a START or FULL record, if its version is one this side reads.
+    fn check_section(
+        &self,
+        idstr: &str,
+        instance: u32,
+        version: u32,
+    ) -> Result<usize, RegistryError> {
+        let index = self.find(idstr, instance)?;
+        let supported = self.entries[index].version;
+        if version > supported {
+            return Err(RegistryError::UnsupportedVersion {
+                idstr: idstr.to_string(),
+                version,
+                supported,
+            });
+        }
+        Ok(index)
+    }
+
+    /// One part of live section `index` (stream id `id`) and its footer, read with the
+    /// handler out of the registry.
+    fn load_live<R: Read>(
+        registry: &Mutex<Registry>,
+        r: &mut StreamReader<R>,
+        id: u32,
+        index: usize,
+        version: u32,
+    ) -> Result<(), RegistryError> {
+        let lock = || registry.lock().unwrap_or_else(|e| e.into_inner());
+        let (mut h, idstr, instance) = {
+            let mut reg = lock();
+            let h = reg.take_live(index)?;
+            let e = &reg.entries[index];
+            (h, e.idstr.clone(), e.instance)
+        };
+        let result = h
+            .load(r, version)
+            .map_err(section_err(&idstr, instance))
+            .and_then(|()| {
+                r.expect_footer(id)
+                    .map_err(|e| with_load_detail(e, h.as_ref()))
+            });
+        lock().put_live(index, h);
+        result
+    }
+}
+
+/// Stands in for a live section's handler while the incoming thread has it.
+struct Loading;
+
+impl LiveSection for Loading {}
+
+/// What a finished load found besides the sections.
+#[derive(Debug)]
+pub struct IncomingLoad {
+    started: HashMap<u32, (usize, u32)>,
+    seen: Vec<bool>,
+    described: bool,
+    return_path: bool,
+}
+
+impl IncomingLoad {
+    /// Whether the source asked for a return path (`MIG_CMD_OPEN_RETURN_PATH`).
+    pub fn return_path(&self) -> bool {
+        self.return_path
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
     /// A snapshot section holding a byte vector shared with the test.
     struct Blob(Arc<Mutex<Vec<u8>>>);
@@ -555,11 +647,9 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn truncated_and_corrupted_streams_fail() {
-        let bytes = stream();
-        // Everything before the (optional) VM description is needed.
-        let desc_start = (0..bytes.len() - 6)
+    /// Where the EOF marker before the VM description is.
+    fn description_start(bytes: &[u8]) -> usize {
+        (0..bytes.len() - 6)
             .rev()
             .find(|&i| {
                 bytes[i] == 0 && bytes[i + 1] == 6 && {
@@ -567,8 +657,14 @@ mod tests {
                     i + 6 + n == bytes.len()
                 }
             })
-            .unwrap();
-        for len in 0..desc_start {
+            .unwrap()
+    }
+
+    #[test]
+    fn truncated_and_corrupted_streams_fail() {
+        let bytes = stream();
+        // Every byte is needed, the VM description included.
+        for len in 0..bytes.len() {
             let (mut dst, _, _) = pair();
             assert!(
                 dst.load(&mut StreamReader::new(&bytes[..len])).is_err(),
@@ -582,6 +678,60 @@ mod tests {
             // Must not panic; most corruptions are errors.
             let _ = dst.load(&mut StreamReader::new(&bad[..]));
         }
+    }
+
+    #[test]
+    fn a_stream_without_its_description_is_refused() {
+        let bytes = stream();
+        // Cut right after EOF: every section arrived, but not the source's last record.
+        let eof = description_start(&bytes) + 1;
+        assert_eq!(bytes[eof - 1], 0, "EOF marker");
+        let (mut dst, _, _) = pair();
+        assert!(matches!(
+            dst.load(&mut StreamReader::new(&bytes[..eof])),
+            Err(RegistryError::Unfinished)
+        ));
+        let (mut dst, _, _) = pair();
+        assert!(dst.load(&mut StreamReader::new(&bytes[..])).is_ok());
+    }
+
+    /// Reads `bytes`, asserting on every read that the registry is not locked.
+    struct Unlocked<'a> {
+        bytes: &'a [u8],
+        registry: &'a Mutex<Registry>,
+        reads: usize,
+    }
+
+    impl Read for Unlocked<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            assert!(
+                self.registry.try_lock().is_ok(),
+                "registry locked while reading the stream"
+            );
+            self.reads += 1;
+            // A byte at a time: every field is a separate wait on the "network".
+            let n = buf.len().min(self.bytes.len()).min(1);
+            buf[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn load_locked_never_holds_the_lock_while_reading() {
+        let bytes = stream();
+        let (dst, blob, received) = pair();
+        let registry = Mutex::new(dst);
+        let mut input = Unlocked {
+            bytes: &bytes,
+            registry: &registry,
+            reads: 0,
+        };
+        let load = Registry::load_locked(&registry, &mut StreamReader::new(&mut input)).unwrap();
+        assert!(!load.return_path());
+        assert!(input.reads >= bytes.len());
+        assert_eq!(*blob.lock().unwrap(), vec![1, 2, 3]);
+        assert_eq!(*received.lock().unwrap(), vec![1, 2, 3, 0xee]);
     }
 
     #[test]

@@ -49,7 +49,8 @@
 //! # Interoperating with QEMU
 //!
 //! hopvm writes no `QEMU_VM_CONFIGURATION` (0x07) record, and its reader rejects one (and
-//! subsections and commands), so a QEMU on either end needs
+//! subsections; of QEMU's commands (0x08) the registry accepts only `OPEN_RETURN_PATH`, which
+//! the source sends when the `return-path` capability is on), so a QEMU on either end needs
 //! `-global migration.send-configuration=off`. QEMU's loader finds the handler of a PART or
 //! END record by comparing the id with each handler's last START id, which is 0 for handlers
 //! that received none: a live section with id 0 is therefore mistaken for QEMU's first
@@ -80,6 +81,10 @@ pub const QEMU_VM_SECTION_END: u8 = 0x03;
 pub const QEMU_VM_SECTION_FULL: u8 = 0x04;
 /// The JSON VM description that follows EOF.
 pub const QEMU_VM_VMDESCRIPTION: u8 = 0x06;
+/// A command to the destination (QEMU's `QEMU_VM_COMMAND`): be16 command, be16 length, data.
+pub const QEMU_VM_COMMAND: u8 = 0x08;
+/// QEMU's `MIG_CMD_OPEN_RETURN_PATH`: the destination is to answer on the return path.
+pub const MIG_CMD_OPEN_RETURN_PATH: u16 = 1;
 /// Closes every section: the marker and the section id again.
 pub const QEMU_VM_SECTION_FOOTER: u8 = 0x7e;
 
@@ -443,6 +448,19 @@ impl<W: Write> StreamWriter<W> {
         Ok(())
     }
 
+    /// Writes a command record (QEMU's `qemu_savevm_command_send`) between sections.
+    pub fn command(&mut self, cmd: u16, data: &[u8]) -> Result<(), StreamError> {
+        self.ready_for_section()?;
+        let len = u16::try_from(data.len())
+            .map_err(|_| StreamError::OutOfOrder("command data longer than 65535 bytes"))?;
+        let mut b = Vec::with_capacity(5 + data.len());
+        b.push(QEMU_VM_COMMAND);
+        b.extend_from_slice(&cmd.to_be_bytes());
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(data);
+        self.put(&b)
+    }
+
     /// Closes the open section, which must be `id`.
     pub fn footer(&mut self, id: u32) -> Result<(), StreamError> {
         match self.open {
@@ -583,6 +601,13 @@ pub enum Record {
     Eof,
     /// The JSON VM description after EOF.
     VmDescription(String),
+    /// A command to the destination (`QEMU_VM_COMMAND`).
+    Command {
+        /// QEMU's `MIG_CMD_*` number.
+        cmd: u16,
+        /// Its data.
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -762,6 +787,12 @@ impl<R: Read> StreamReader<R> {
             QEMU_VM_SECTION_FOOTER => Record::Footer { id: self.be32()? },
             QEMU_VM_HOPVM_INTEGRITY if self.digest.is_none() => {
                 return Err(IntegrityError::Unexpected.into())
+            }
+            QEMU_VM_COMMAND => {
+                let cmd = wire::read_be16(self)?;
+                let len = wire::read_be16(self)?;
+                let data = wire::read_vec(self, usize::from(len))?;
+                Record::Command { cmd, data }
             }
             other => return Err(StreamError::UnknownSectionType(other)),
         };

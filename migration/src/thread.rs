@@ -237,6 +237,8 @@ struct Inner {
     error: Option<String>,
     timeline: Timeline,
     canceller: Option<Canceller>,
+    /// The whole stream has been handed to the transport: too late to cancel.
+    committed: bool,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -285,6 +287,7 @@ impl Migration {
                 error: None,
                 timeline: Timeline::default(),
                 canceller: None,
+                committed: false,
                 thread: None,
             }),
             ram: Arc::new(RamCounters::default()),
@@ -413,16 +416,26 @@ impl Migration {
         out: Box<dyn MigrationOutput>,
         canceller: Option<Canceller>,
     ) -> Result<(), MigrationError> {
-        {
+        // The previous migration's thread may still be telling the notifiers how it ended,
+        // and they take the state lock: join it without holding that lock.
+        let previous = {
             let mut i = lock(&self.inner);
             if i.status.is_running() {
                 return Err(MigrationError::InProgress);
             }
-            if let Some(reason) = lock(host.registry()).blocker() {
-                return Err(MigrationError::Blocked(reason.to_string()));
-            }
-            if let Some(t) = i.thread.take() {
-                let _ = t.join();
+            i.thread.take()
+        };
+        if let Some(t) = previous {
+            let _ = t.join();
+        }
+        // The registry is locked before the migration state, never while holding it.
+        if let Some(reason) = lock(host.registry()).blocker() {
+            return Err(MigrationError::Blocked(reason.to_string()));
+        }
+        {
+            let mut i = lock(&self.inner);
+            if i.status.is_running() {
+                return Err(MigrationError::InProgress);
             }
             for a in [
                 &self.ram.transferred,
@@ -450,6 +463,7 @@ impl Migration {
             i.timeline = Timeline::default();
             i.xbzrle_on = lock(&self.xbzrle).enabled;
             i.canceller = canceller;
+            i.committed = false;
             i.status = MigrationStatus::Setup;
         }
         self.notify(MigrationEvent::Status(MigrationStatus::Setup));
@@ -463,9 +477,11 @@ impl Migration {
     }
 
     /// Asks a running migration to stop (QMP `migrate_cancel`); the source keeps running.
+    /// Once the whole stream has been handed to the transport the destination may already
+    /// run the guest, so a cancel then does nothing and the migration completes.
     pub fn cancel(&self) {
         let mut i = lock(&self.inner);
-        if !i.status.is_running() {
+        if !i.status.is_running() || i.committed {
             return;
         }
         i.status = MigrationStatus::Cancelling;
@@ -614,7 +630,15 @@ impl Migration {
                     let result = result
                         .map_err(|e| e.to_string())
                         .and_then(|_| self.flush(host.as_ref(), &mut w, out.as_mut()))
-                        .and_then(|_| out.finish());
+                        .and_then(|_| {
+                            // The whole stream is with the transport: from here on a cancel
+                            // is too late (see below) and must not kill the channel.
+                            let mut i = lock(&self.inner);
+                            i.committed = true;
+                            i.canceller = None;
+                            drop(i);
+                            out.finish()
+                        });
                     let final_pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
                     if final_pass != pass {
                         lock(&self.inner)
@@ -623,8 +647,13 @@ impl Migration {
                             .push((final_pass, ms(stop - start)));
                         self.notify(MigrationEvent::Pass(final_pass));
                     }
+                    // Every byte, the VM description last, reached the transport: the
+                    // destination can load and start the guest, so a cancel that came in
+                    // meanwhile is too late — resuming here would run two copies. A cancel
+                    // that cut the flush short left the description incomplete, which the
+                    // destination refuses: then the guest resumes here.
                     match result {
-                        Ok(()) if !self.cancelling() => {
+                        Ok(()) => {
                             host.completed(&mut lock(host.big_lock()));
                             let mut i = lock(&self.inner);
                             i.downtime = stop.elapsed();
@@ -634,7 +663,6 @@ impl Migration {
                             drop(i);
                             self.set_status(MigrationStatus::Completed);
                         }
-                        Ok(()) => self.abort(host.as_ref(), was_running, None),
                         Err(e) => self.abort(host.as_ref(), was_running, Some(e)),
                     }
                     return;
@@ -680,6 +708,107 @@ impl Migration {
             } else if limiter.exceeded() {
                 std::thread::sleep(limiter.time_to_slot_end(now));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    /// A VMM with nothing but an empty registry.
+    struct Host {
+        big: Mutex<()>,
+        registry: Mutex<Registry>,
+    }
+
+    impl MigrationHost for Host {
+        type Locked = ();
+        fn big_lock(&self) -> &Mutex<()> {
+            &self.big
+        }
+        fn registry(&self) -> &Mutex<Registry> {
+            &self.registry
+        }
+        fn stop_vm<'a>(&self, g: MutexGuard<'a, ()>) -> (MutexGuard<'a, ()>, bool) {
+            (g, true)
+        }
+        fn aborted(&self, _: &mut (), _: bool) {}
+        fn completed(&self, _: &mut ()) {}
+    }
+
+    /// An output that keeps what it is sent.
+    struct Sink;
+
+    impl Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl MigrationOutput for Sink {
+        fn finish(self: Box<Self>) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn host() -> Arc<Host> {
+        Arc::new(Host {
+            big: Mutex::new(()),
+            registry: Mutex::new(Registry::new()),
+        })
+    }
+
+    /// Issue 14: `migrate` right after a migration ended used to join the old thread while
+    /// holding the state lock that the thread's last notifier takes.
+    #[test]
+    fn start_right_after_the_end_does_not_deadlock() {
+        let m = Arc::new(Migration::new());
+        let (ended_tx, ended_rx) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let started_rx = Mutex::new(started_rx);
+        let weak = Arc::downgrade(&m);
+        m.add_notifier(move |e| {
+            if *e == MigrationEvent::Status(MigrationStatus::Completed) {
+                let _ = ended_tx.send(());
+                // Give the next `start` time to take the state lock, then take it here as
+                // the event notifier does (events_enabled).
+                let _ = lock(&started_rx).recv_timeout(Duration::from_millis(100));
+                if let Some(m) = weak.upgrade() {
+                    let _ = m.events_enabled();
+                }
+            }
+        });
+        let h = host();
+        for round in 0..5 {
+            m.start(h.clone(), Box::new(Sink), None).unwrap();
+            ended_rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("migration completes");
+            let (done_tx, done_rx) = mpsc::channel();
+            let (m2, h2) = (m.clone(), h.clone());
+            std::thread::spawn(move || {
+                // The previous migration's thread is still in its notifier: this start must
+                // wait for it without blocking it.
+                while m2.status().is_running() {
+                    std::thread::yield_now();
+                }
+                let _ = done_tx.send(m2.start(h2, Box::new(Sink), None));
+            });
+            let result = done_rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("round {round}: migrate after a migration deadlocked"));
+            result.unwrap();
+            let _ = started_tx.send(());
+            ended_rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the second migration completes");
+            let _ = started_tx.send(());
+            m.join();
         }
     }
 }

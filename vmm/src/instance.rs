@@ -340,6 +340,13 @@ impl Instance {
     /// Resets the machine in place: RAM cleared and the kernel reloaded, every vCPU, the
     /// interrupt controllers and the devices back to their power-on state.
     pub fn reset(&self, guest: bool) -> Result<(), VmError> {
+        if *lock(&self.incoming) == Incoming::Active {
+            // The incoming stream is writing RAM and device state: a reset now would mix
+            // power-on state into the guest being loaded.
+            return Err(VmError::State(String::from(
+                "cannot reset while an incoming migration is loading",
+            )));
+        }
         let g = lock(&self.vm.machine);
         let was_running = g.vcpus_running();
         let mut g = if was_running {
@@ -473,7 +480,7 @@ impl Instance {
                 let result = listener
                     .accept()
                     .map_err(|e| e.to_string())
-                    .and_then(|input| me.load(input));
+                    .and_then(|input| me.load(input).map(drop));
                 match result {
                     Ok(()) => me.incoming_done(),
                     Err(e) => {
@@ -486,18 +493,20 @@ impl Instance {
         Ok(())
     }
 
-    /// Loads a whole migration stream (the vCPUs are paused). Only the registry is locked:
-    /// the load waits on the network, and the monitor must stay responsive meanwhile.
-    pub fn load(&self, input: Box<dyn std::io::Read + Send>) -> Result<(), String> {
+    /// Loads a whole migration stream (the vCPUs are paused). The registry is locked only
+    /// to hand each section its data, never while waiting on the network, so the monitor
+    /// stays responsive whatever the source does.
+    pub fn load(
+        &self,
+        input: Box<dyn std::io::Read + Send>,
+    ) -> Result<migration::registry::IncomingLoad, String> {
         let input = std::io::BufReader::with_capacity(1 << 20, input);
         let mut reader = if self.migration.integrity_enabled() {
             StreamReader::with_integrity(input)
         } else {
             StreamReader::new(input)
         };
-        lock(&self.registry)
-            .load(&mut reader)
-            .map_err(|e| e.to_string())
+        Registry::load_locked(&self.registry, &mut reader).map_err(|e| e.to_string())
     }
 
     /// Waits for QMP `migrate-incoming` (`--incoming defer`).

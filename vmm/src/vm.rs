@@ -529,6 +529,10 @@ impl Vm {
             // its pages makes them read as zero again, which is what a reset wants, and no
             // Rust reference into guest RAM exists.
             unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTNEED) };
+            // KVM's dirty log never sees pages dropped by the host: mark them in the VMM's
+            // own bitmap, so a migration under way sends every one of them again.
+            let mmap: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+            vm_memory::bitmap::Bitmap::mark_dirty(mmap.bitmap(), 0, region.len() as usize);
         }
     }
 

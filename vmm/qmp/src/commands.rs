@@ -37,6 +37,7 @@ pub const COMMANDS: &[&str] = &[
     "migrate-set-cache-size",
     "query-migrate-cache-size",
     "x-query-migration-timeline",
+    "pmemsave",
 ];
 
 /// Migration capabilities hopvm implements.
@@ -309,6 +310,33 @@ impl Commands {
     }
 }
 
+/// QEMU's `pmemsave`: writes `size` bytes of guest physical memory from `val` to a file.
+fn pmemsave(inst: &Instance, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut a = Args::new(args);
+    let addr = a.required_u64("val")?;
+    let size = a.required_u64("size")?;
+    let filename = a.required_str("filename")?;
+    a.finish()?;
+    let mut file = std::fs::File::create(filename)
+        .map_err(|e| QmpError::generic(format!("Could not open '{filename}': {e}")))?;
+    let invalid = || QmpError::generic(format!("Invalid addr {addr:#x}/size {size} specified"));
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < size {
+        let n = (size - done).min(buf.len() as u64) as usize;
+        let at = addr.checked_add(done).ok_or_else(invalid)?;
+        inst.vm
+            .memory
+            .read_slice(&mut buf[..n], GuestAddress(at))
+            .map_err(|_| invalid())?;
+        std::io::Write::write_all(&mut file, &buf[..n])
+            .map_err(|e| QmpError::generic(format!("writing {filename}: {e}")))?;
+        done += n as u64;
+    }
+    Ok(Value::Null)
+}
+
 fn check_cache_size(size: u64) -> Result<(), QmpError> {
     if size < 4096 || !size.is_power_of_two() {
         return Err(QmpError::invalid_parameter_value(
@@ -436,6 +464,7 @@ impl QmpBackend for Commands {
             "migrate-set-cache-size" => self.set_cache_size(args),
             "x-query-migration-timeline" => none(args)
                 .map(|_| serde_json::to_value(inst.migration.timeline()).unwrap_or(Value::Null)),
+            "pmemsave" => pmemsave(inst, args),
             "query-migrate-cache-size" => {
                 none(args).map(|_| json!(lock(&inst.migration.xbzrle).cache_size))
             }
