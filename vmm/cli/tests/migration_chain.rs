@@ -11,7 +11,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::proc::{Hopvm, TempDir};
-use common::tools::Tool;
+use common::tools::{free_tcp_port, Tool};
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(120);
@@ -25,11 +25,6 @@ fn last_pass(text: &str) -> Option<u64> {
     text.lines()
         .filter_map(|l| l.strip_prefix("pass ")?.strip_suffix(" ok")?.parse().ok())
         .next_back()
-}
-
-fn free_tcp_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// A fresh destination listening on tcp (even hops) or unix (odd hops), with the events

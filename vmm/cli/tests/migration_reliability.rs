@@ -20,19 +20,10 @@ const MEMORY: &str = "16M";
 const MEMORY_BYTES: u64 = 16 << 20;
 
 fn dirty(ws: &str) -> Vec<String> {
-    vec![
-        "--kernel".into(),
-        guest_tests::image_path("dirty").display().to_string(),
-        "--memory".into(),
-        MEMORY.into(),
-        "--cmdline".into(),
-        format!("ws={ws}"),
-    ]
+    common::tools::dirty_args(MEMORY, ws)
 }
 
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
+use common::tools::strs;
 
 fn events_on(vm: &mut Hopvm) {
     vm.cmd(
