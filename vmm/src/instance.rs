@@ -480,7 +480,7 @@ impl Instance {
                 let result = listener
                     .accept()
                     .map_err(|e| e.to_string())
-                    .and_then(|input| me.load(input).map(drop));
+                    .and_then(|input| me.load(input));
                 match result {
                     Ok(()) => me.incoming_done(),
                     Err(e) => {
@@ -496,7 +496,12 @@ impl Instance {
     /// Loads a whole migration stream (the vCPUs are paused). The registry is locked only
     /// to hand each section its data, never while waiting on the network, so the monitor
     /// stays responsive whatever the source does.
-    pub fn load(
+    pub fn load(&self, input: Box<dyn std::io::Read + Send>) -> Result<(), String> {
+        self.load_stream(input).map(drop)
+    }
+
+    /// [`load`](Self::load), returning what the stream asked for besides its sections.
+    pub fn load_stream(
         &self,
         input: Box<dyn std::io::Read + Send>,
     ) -> Result<migration::registry::IncomingLoad, String> {
