@@ -21,6 +21,10 @@
 //! footer  := u8 0x7e, be32 section id
 //! ```
 //!
+//! With the `x-integrity` capability ([`StreamWriter::with_integrity`] /
+//! [`StreamReader::with_integrity`]) every footer, and the description, is followed by a
+//! checksum record (see [`crate::integrity`]); without it the stream is exactly the above.
+//!
 //! Live sections (RAM) are sent as START, PART…, END with self-delimiting bodies. A non-live
 //! component's state is sent once, as a FULL section whose body is hopvm's *opaque buffer*:
 //! `be32 length` followed by `length` bytes. QEMU itself has no generic length prefix (its

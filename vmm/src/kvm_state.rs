@@ -63,6 +63,11 @@ pub const MAX_VM_STATE_BYTES: usize = 64 << 10;
 
 /// The most MSRs a [`VcpuState`] may hold (KVM lists a few dozen to a few hundred).
 const MAX_MSRS: usize = 4096;
+/// The guest TSC frequencies a state may ask for, in kHz: 1 MHz to 100 GHz. KVM accepts far
+/// more in `KVM_SET_TSC_KHZ`, but a frequency of 2^31 kHz or more comes back from
+/// `KVM_GET_TSC_KHZ` as a negative return value, i.e. an error, and the vCPU's state could
+/// never be saved again.
+const TSC_KHZ_RANGE: std::ops::RangeInclusive<u32> = 1_000..=100_000_000;
 /// The largest XSAVE area accepted (AMX makes it about 11 KiB today).
 const MAX_XSAVE_BYTES: usize = 256 << 10;
 /// The size of the classic `kvm_xsave` struct, which `KVM_GET_XSAVE` fills.
@@ -600,6 +605,13 @@ impl VcpuState {
                 self.msrs.len()
             )));
         }
+        if let Some(khz) = self.tsc_khz {
+            if !TSC_KHZ_RANGE.contains(&khz) {
+                return Err(KvmStateError::Invalid(format!(
+                    "tsc frequency of {khz} khz, outside 1 MHz to 100 GHz"
+                )));
+            }
+        }
         if let Some(xcrs) = &self.xcrs {
             if xcrs.nr_xcrs as usize > xcrs.xcrs.len() {
                 return Err(KvmStateError::Invalid(format!("{} xcrs", xcrs.nr_xcrs)));
@@ -1042,4 +1054,53 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
         vm.set_clock(&data).map_err(ioctl("KVM_SET_CLOCK"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> VcpuState {
+        VcpuState {
+            mp_state: kvm_mp_state::default(),
+            regs: kvm_regs::default(),
+            sregs: kvm_sregs::default(),
+            fpu: FpuState::Fpu(kvm_fpu::default()),
+            xcrs: None,
+            debugregs: None,
+            lapic: kvm_lapic_state::default(),
+            msrs: Vec::new(),
+            vcpu_events: None,
+            tsc_khz: Some(2_000_000),
+        }
+    }
+
+    #[test]
+    fn validate_rejects_impossible_states() {
+        state().validate().unwrap();
+        // A hostile stream's tsc frequency: KVM takes it, then cannot report it back.
+        for khz in [0, 999, 100_000_001, 0x8000_0000, u32::MAX] {
+            let s = VcpuState {
+                tsc_khz: Some(khz),
+                ..state()
+            };
+            let e = s.validate().unwrap_err();
+            assert!(e.to_string().contains("tsc frequency"), "{e}");
+        }
+        let s = VcpuState {
+            msrs: vec![MsrValue { index: 0, data: 0 }; MAX_MSRS + 1],
+            ..state()
+        };
+        assert!(s.validate().is_err());
+        let s = VcpuState {
+            fpu: FpuState::Xsave(vec![0; 100]),
+            ..state()
+        };
+        assert!(s.validate().is_err());
+        // Through the section decoder too.
+        let mut bytes = serde_json::to_value(state()).unwrap();
+        bytes["tsc_khz"] = serde_json::json!(u32::MAX);
+        let bytes = serde_json::to_vec(&bytes).unwrap();
+        assert!(VcpuState::from_bytes(&bytes, VCPU_STATE_VERSION).is_err());
+    }
 }

@@ -944,33 +944,46 @@ fn add_client(conn: Conn, shared: &Arc<Shared>) {
         conn.set_nonblocking(false)?;
         let client = Arc::new(Client::new(id, conn.try_clone()?));
         let writer_conn = conn.try_clone()?;
+        let reader_conn = conn.try_clone()?;
+        // Listed before its threads start: a client that disconnects at once has its writer
+        // remove it from the list, which must find it there (listing it afterwards would
+        // leak the entry, and `max_clients` leaked entries lock every client out).
+        {
+            let mut list = lock(&registry.list);
+            if list.closed {
+                drop(list);
+                client.close();
+                return Ok(());
+            }
+            list.clients.push(Arc::clone(&client));
+            list.accepted += 1;
+            registry.accepted.notify_all();
+        }
         let writer_client = Arc::clone(&client);
         let writer_registry = Arc::clone(registry);
-        let writer = thread::Builder::new()
+        let writer = match thread::Builder::new()
             .name(format!("qmp-write-{id}"))
-            .spawn(move || writer_loop(&writer_client, &writer_conn, &writer_registry))?;
+            .spawn(move || writer_loop(&writer_client, &writer_conn, &writer_registry))
+        {
+            Ok(writer) => writer,
+            Err(error) => {
+                client.close();
+                registry.remove(id);
+                return Err(error);
+            }
+        };
         *lock(&client.writer) = Some(writer);
 
         let reader_client = Arc::clone(&client);
         let reader_shared = Arc::clone(shared);
-        let reader_conn = conn.try_clone()?;
         if let Err(error) = thread::Builder::new()
             .name(format!("qmp-read-{id}"))
             .spawn(move || reader_loop(&reader_client, reader_conn, &reader_shared))
         {
+            // The writer sees the close and removes the client.
             client.close();
             return Err(error);
         }
-
-        let mut list = lock(&registry.list);
-        if list.closed {
-            drop(list);
-            client.close();
-            return Ok(());
-        }
-        list.clients.push(client);
-        list.accepted += 1;
-        registry.accepted.notify_all();
         log::debug!("qmp: client {id} connected");
         Ok(())
     };

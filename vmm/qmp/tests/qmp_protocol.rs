@@ -769,3 +769,36 @@ fn serves_over_tcp() {
         other => panic!("{other:?} {line:?}"),
     }
 }
+
+/// A client that connects and leaves at once used to be listed after its threads had already
+/// removed it: the stale entry stayed, and `max_clients` of them locked every client out.
+#[test]
+fn clients_that_leave_at_once_are_not_leaked() {
+    let config = QmpServerConfig {
+        max_clients: 2,
+        ..QmpServerConfig::default()
+    };
+    let fx = start_with("leave-at-once", config);
+    let socket = fx.dir.socket();
+    for _ in 0..300 {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        let _ = s.write_all(b"{\"execute\":\"qmp_capabilities\"}");
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    // Every one of them is gone from the server, and a new client is served.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while fx.server.client_count() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} clients leaked",
+            fx.server.client_count()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut client = Client::negotiated(&socket);
+    assert!(client
+        .cmd(r#"{"execute": "query-status"}"#)
+        .contains("running"));
+}

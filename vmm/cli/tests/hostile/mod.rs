@@ -166,7 +166,7 @@ pub fn mutate(data: &[u8], rng: &mut Rng) -> Vec<u8> {
 }
 
 /// Counts of one campaign.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Counts {
     /// Cases run.
     pub cases: u64,
@@ -176,6 +176,8 @@ pub struct Counts {
     pub accepted: u64,
     /// The slowest case.
     pub slowest: Duration,
+    /// Its description (seed and case number, to replay it).
+    pub slowest_case: String,
     /// The largest heap allocation of any case.
     pub largest_allocation: usize,
 }
@@ -195,7 +197,10 @@ impl Counts {
         } else {
             self.rejected += 1;
         }
-        self.slowest = self.slowest.max(took);
+        if took > self.slowest {
+            self.slowest = took;
+            self.slowest_case = what.to_string();
+        }
         self.largest_allocation = self.largest_allocation.max(big);
     }
 }
@@ -204,11 +209,12 @@ impl std::fmt::Display for Counts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} cases: {} rejected, {} accepted; slowest {:.1} ms; largest allocation {} KiB",
+            "{} cases: {} rejected, {} accepted; slowest {:.1} ms ({}); largest allocation {} KiB",
             self.cases,
             self.rejected,
             self.accepted,
             self.slowest.as_secs_f64() * 1e3,
+            self.slowest_case,
             self.largest_allocation >> 10
         )
     }
@@ -322,7 +328,14 @@ impl Streams {
             reset_largest();
             let start = Instant::now();
             let ok = self.load(bad, false).is_ok();
-            counts.case(start, ok, &format!("plain stream, seed {seed} case {case}"));
+            let what = format!("plain stream, seed {seed} case {case}");
+            if ok {
+                // What loaded can be migrated on.
+                if let Err(e) = lock(&self.dst.registry).save_snapshots() {
+                    panic!("{what}: loaded, but cannot be saved again: {e}");
+                }
+            }
+            counts.case(start, ok, &what);
         }
         counts
     }
@@ -354,6 +367,8 @@ impl Streams {
     pub fn device_campaign(&self, cases: u64, seed: u64) -> Counts {
         let mut counts = Counts::default();
         let mut rng = Rng::new(seed);
+        // From the real state (an earlier campaign's last case may have left anything).
+        self.load(self.plain.clone(), false).unwrap();
         let good = lock(&self.dst.registry).save_snapshots().unwrap();
         for case in 0..cases {
             let i = rng.below(good.len());
@@ -377,6 +392,11 @@ impl Streams {
                 }
             }
             exercise_devices(&self.dst);
+            if result.is_ok() {
+                if let Err(e) = lock(&self.dst.registry).save_snapshots() {
+                    panic!("{what}: restored, but cannot be saved again: {e}");
+                }
+            }
             counts.case(start, result.is_ok(), &what);
         }
         lock(&self.dst.registry)
@@ -610,7 +630,7 @@ pub fn qmp_server(dir: &Path) -> QmpServer {
 
 /// Sends `input` on a fresh connection, then ends it, and reads every reply to the end (the
 /// server must close its side: no hang). Returns the replies.
-fn qmp_send(path: &Path, input: &[u8]) -> String {
+fn qmp_send(path: &Path, input: &[u8]) -> std::io::Result<String> {
     let s = UnixStream::connect(path).unwrap();
     s.set_read_timeout(Some(CASE_DEADLINE)).unwrap();
     let reader = s.try_clone().unwrap();
@@ -629,12 +649,12 @@ fn qmp_send(path: &Path, input: &[u8]) -> String {
         match r.read_until(b'\n', &mut buf) {
             Ok(0) => break,
             Ok(_) => out.push_str(&String::from_utf8_lossy(&buf)),
-            Err(e) => panic!("qmp: no end of replies: {e}"),
+            Err(e) => return Err(e),
         }
     }
     writer.join().unwrap();
     drop(s);
-    out
+    Ok(out)
 }
 
 /// `cases` mutated QMP conversations through the server; after each, a clean client is
@@ -655,8 +675,13 @@ pub fn qmp_campaign(server: &QmpServer, cases: u64, seed: u64) -> Counts {
         };
         reset_largest();
         let start = Instant::now();
-        let replies = qmp_send(&path, &input);
         let what = format!("qmp seed {seed} case {case}");
+        let replies = qmp_send(&path, &input).unwrap_or_else(|e| {
+            panic!(
+                "{what}: {e}; input {:?}",
+                String::from_utf8_lossy(&input[..input.len().min(300)])
+            )
+        });
         assert!(
             replies.starts_with("{\"QMP\":"),
             "{what}: no greeting: {replies}"
@@ -673,12 +698,24 @@ pub fn qmp_campaign(server: &QmpServer, cases: u64, seed: u64) -> Counts {
         let check = qmp_send(
             &path,
             b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\",\"id\":7}\n",
-        );
+        )
+        .unwrap_or_else(|e| panic!("{what}: then a clean client: {e}"));
         let answered = check.lines().any(|l| {
             serde_json::from_str::<Value>(l)
                 .is_ok_and(|v| v["id"] == 7 && v["return"]["running"] == true)
         });
         assert!(answered, "{what}: then {check}");
+        // Both connections are gone from the server (no client leaks).
+        let deadline = Instant::now() + CASE_DEADLINE;
+        while server.client_count() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {} clients still connected; input {:?}",
+                server.client_count(),
+                String::from_utf8_lossy(&input[..input.len().min(300)])
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         counts.case(start, accepted, &what);
     }
     counts
