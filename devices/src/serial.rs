@@ -15,9 +15,8 @@
 //!
 //! # Timing
 //!
-//! Transmission is instantaneous: a byte written to THR is handed to the output sink (and
-//! flushed, so the first byte of output reaches the host with no delay) before the write
-//! returns, after which THR and the shift register are empty again. Because the line first goes
+//! Transmission is instantaneous: a byte written to THR is handed to the output sink before
+//! the write returns, after which THR and the shift register are empty again. Because the line first goes
 //! low when THR is written and high again once the byte is out, every transmitted byte gives an
 //! edge-triggered ISA PIC a fresh THRE interrupt, exactly as under QEMU.
 //!
@@ -25,6 +24,16 @@
 //! the last byte arrived when the FIFO holds fewer bytes than its trigger level; here the
 //! timeout is considered to have elapsed as soon as the host has no more input queued, which a
 //! guest cannot tell apart from a fast line.
+//!
+//! # Output to the host
+//!
+//! THR writes come from vCPU threads holding the big lock, so the sink must never block: the
+//! VMM wraps the host's stdout or file in an [`OutputQueue`], a bounded buffer (1 MiB) that a
+//! thread of its own drains into the sink outside every lock. A stalled host (a full stdout
+//! pipe nobody reads) therefore never stalls a vCPU, `stop` or a migration; if the host stays
+//! stalled until the buffer is full, further output is dropped and counted (logged once per
+//! stall), as a UART whose line is not listened to loses it. [`OutputQueue::flush`] waits
+//! (boundedly) for the buffer to drain, for hopvm's exit.
 //!
 //! # Input
 //!
@@ -227,6 +236,154 @@ impl Default for SerialState {
     }
 }
 
+/// How much output an [`OutputQueue`] holds while the host does not take it.
+pub const OUTPUT_QUEUE_BYTES: usize = 1 << 20;
+/// How long [`OutputQueue::flush`] waits for the host.
+const FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Default)]
+struct Queued {
+    bytes: Vec<u8>,
+    /// The drain thread is writing a batch.
+    writing: bool,
+    dropped: u64,
+    closed: bool,
+}
+
+struct QueueShared {
+    q: std::sync::Mutex<Queued>,
+    cv: std::sync::Condvar,
+}
+
+impl QueueShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
+        self.q.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A non-blocking writer in front of a host sink (see the module documentation): writes
+/// append to a bounded buffer, a thread of its own writes the buffer to the sink.
+pub struct OutputQueue {
+    shared: std::sync::Arc<QueueShared>,
+}
+
+impl OutputQueue {
+    /// Starts the drain thread for `sink`. If the thread cannot be started, output goes to
+    /// the sink directly from the writer.
+    pub fn new(sink: Box<dyn Write + Send>) -> Box<dyn Write + Send> {
+        let shared = std::sync::Arc::new(QueueShared {
+            q: std::sync::Mutex::new(Queued::default()),
+            cv: std::sync::Condvar::new(),
+        });
+        let drain = shared.clone();
+        let sink = std::sync::Arc::new(std::sync::Mutex::new(sink));
+        let thread_sink = sink.clone();
+        match std::thread::Builder::new()
+            .name(String::from("serial-out"))
+            .spawn(move || Self::drain(&drain, &thread_sink))
+        {
+            Ok(_) => Box::new(Self { shared }),
+            Err(e) => {
+                log::warn!("serial: no output thread ({e}); writing directly");
+                Box::new(DirectSink(sink))
+            }
+        }
+    }
+
+    fn drain(shared: &QueueShared, sink: &std::sync::Mutex<Box<dyn Write + Send>>) {
+        let mut failed = false;
+        loop {
+            let batch = {
+                let mut q = shared.lock();
+                q.writing = false;
+                shared.cv.notify_all();
+                while q.bytes.is_empty() && !q.closed {
+                    q = shared.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+                if q.bytes.is_empty() {
+                    return;
+                }
+                if q.dropped > 0 {
+                    log::warn!(
+                        "serial: the host did not take the guest's output; {} bytes dropped",
+                        q.dropped
+                    );
+                    q.dropped = 0;
+                }
+                q.writing = true;
+                std::mem::take(&mut q.bytes)
+            };
+            let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+            let result = sink.write_all(&batch).and_then(|()| sink.flush());
+            match result {
+                Ok(()) => failed = false,
+                Err(e) if !failed => {
+                    failed = true;
+                    log::warn!("serial: output failed: {e}");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+impl Write for OutputQueue {
+    /// Never blocks: what does not fit in the buffer is dropped (and counted).
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut q = self.shared.lock();
+        let room = OUTPUT_QUEUE_BYTES.saturating_sub(q.bytes.len());
+        let n = buf.len().min(room);
+        q.bytes.extend_from_slice(&buf[..n]);
+        q.dropped += (buf.len() - n) as u64;
+        self.shared.cv.notify_all();
+        Ok(buf.len())
+    }
+
+    /// Waits until everything written so far reached the sink, at most a few seconds.
+    fn flush(&mut self) -> std::io::Result<()> {
+        let deadline = std::time::Instant::now() + FLUSH_WAIT;
+        let mut q = self.shared.lock();
+        while !q.bytes.is_empty() || q.writing {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the host did not take the guest's serial output",
+                ));
+            }
+            q = self
+                .shared
+                .cv
+                .wait_timeout(q, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OutputQueue {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.cv.notify_all();
+    }
+}
+
+/// The sink itself, when no drain thread could be started.
+struct DirectSink(std::sync::Arc<std::sync::Mutex<Box<dyn Write + Send>>>);
+
+impl Write for DirectSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.write_all(buf)?;
+        s.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
+
 /// A 16550A UART; register it at [`COM1_BASE`] with length [`SERIAL_PORT_LEN`].
 pub struct Serial {
     s: SerialState,
@@ -396,8 +553,13 @@ impl Serial {
         self.update_irq();
     }
 
+    /// Waits until the output reached the host (see [`OutputQueue::flush`]).
+    pub fn flush_output(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+
     fn output(&mut self, byte: u8) {
-        let result = self.out.write_all(&[byte]).and_then(|()| self.out.flush());
+        let result = self.out.write_all(&[byte]);
         match result {
             Ok(()) => self.out_failed = false,
             Err(e) if !self.out_failed => {

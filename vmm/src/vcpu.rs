@@ -259,9 +259,9 @@ impl VcpuControl {
     }
 
     /// Parks the calling vCPU while paused; returns false when it must stop.
-    fn park(&self, vcpu: &Mutex<VcpuFd>, machine: &Mutex<Machine>) -> bool {
-        complete_pending_io(&mut lock(vcpu));
-        let mut g = lock(machine);
+    fn park(&self, vcpu: &Mutex<VcpuFd>, shared: &VcpuShared) -> bool {
+        complete_pending_io(&mut lock(vcpu), shared);
+        let mut g = lock(&shared.machine);
         if g.vcpus.request == Request::Run {
             return true;
         }
@@ -301,11 +301,32 @@ impl Default for VcpuControl {
     }
 }
 
-/// Runs `KVM_RUN` with `immediate_exit` set so KVM completes an in-flight port / MMIO access.
-fn complete_pending_io(vcpu: &mut VcpuFd) {
+/// Runs `KVM_RUN` with `immediate_exit` set so KVM completes an in-flight port / MMIO access
+/// (KVM's API: state read after an I/O exit is only consistent once userspace re-entered
+/// `KVM_RUN`). Finishing one access can start the next (a `rep outs` / `rep movs` over the
+/// bus): those are handed to the bus too, until KVM answers `EINTR`.
+fn complete_pending_io(vcpu: &mut VcpuFd, shared: &VcpuShared) {
     vcpu.set_kvm_immediate_exit(1);
-    // EINTR is the expected answer; anything else shows up again on the next real run.
-    let _ = vcpu.run();
+    // A string instruction has at most a page's worth of iterations per exit; the bound only
+    // guards against a KVM that never answers EINTR.
+    for _ in 0..4096 {
+        match vcpu.run() {
+            Ok(
+                exit @ (VcpuExit::IoIn(..)
+                | VcpuExit::IoOut(..)
+                | VcpuExit::MmioRead(..)
+                | VcpuExit::MmioWrite(..)),
+            ) => {
+                if let Next::Report(event) = handle_exit(exit, shared) {
+                    log::warn!("vcpu: {event:?} requested while parking; deferred to the next run");
+                    let _ = shared.events.send(event);
+                }
+            }
+            // EINTR: nothing (more) was pending. Anything else shows up again on the next
+            // real run.
+            _ => break,
+        }
+    }
     vcpu.set_kvm_immediate_exit(0);
 }
 
@@ -352,8 +373,7 @@ fn run_loop(vcpu: Arc<Mutex<VcpuFd>>, id: usize, shared: VcpuShared) {
     let run_ptr: *mut kvm_run = lock(&vcpu).get_kvm_run();
     KVM_RUN.with(|c| c.set(run_ptr));
     loop {
-        if shared.control.not_running.load(Ordering::SeqCst)
-            && !shared.control.park(&vcpu, &shared.machine)
+        if shared.control.not_running.load(Ordering::SeqCst) && !shared.control.park(&vcpu, &shared)
         {
             break;
         }
@@ -369,7 +389,13 @@ fn run_loop(vcpu: Arc<Mutex<VcpuFd>>, id: usize, shared: VcpuShared) {
         if let Next::Report(event) = next {
             let event = match event {
                 VmEvent::Fatal(msg) => VmEvent::Fatal(describe_failure(&mut fd, id, &msg, &shared)),
-                other => other,
+                other => {
+                    // The vCPU may stay parked for a while (a suspended machine, a migration
+                    // that saves it meanwhile): finish the access that reported the event
+                    // first, so the saved state never holds half an instruction.
+                    complete_pending_io(&mut fd, &shared);
+                    other
+                }
             };
             drop(fd);
             let _ = shared.events.send(event);

@@ -343,9 +343,11 @@ impl Vm {
                 gsi,
             })
         };
+        // The host may stop taking output (a full pipe): the UART writes into a queue that
+        // never blocks the vCPU holding the big lock.
         let serial = Arc::new(Mutex::new(devices::serial::Serial::new(
             irq(COM1_IRQ),
-            Box::new(serial_out),
+            devices::serial::OutputQueue::new(Box::new(serial_out)),
         )));
         let i8042 = Arc::new(Mutex::new(devices::i8042::I8042::new(
             irq(KBD_IRQ),

@@ -192,12 +192,15 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
             VmEvent::Wakeup => instance.wakeup(false)?,
             VmEvent::Fatal(msg) => {
                 lock(&instance.vm.machine).runstate = RunState::InternalError;
+                let _ = lock(&instance.vm.devices.serial).flush_output();
                 drop(terminal);
                 eprintln!("hopvm: {msg}");
                 return Ok(EXIT_VCPU_FAILURE);
             }
         }
     };
+    // Everything the guest printed reaches the host before hopvm ends.
+    let _ = lock(&instance.vm.devices.serial).flush_output();
     let mut out = out;
     let _ = std::io::Write::flush(&mut out);
     Ok(status)

@@ -194,3 +194,116 @@ fn destination_monitor_answers_while_the_stream_stalls() {
         dst.err.text()
     );
 }
+
+/// A pipe whose read end the test holds and never reads, shrunk to one page.
+fn stalled_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: pipe2 just created both descriptors and nothing else owns them.
+    let (r, w) = unsafe {
+        (
+            std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+            std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+        )
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_SETPIPE_SZ only resizes the pipe's buffer.
+    unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, 4096) };
+    (r, w)
+}
+
+/// Bytes waiting in a pipe.
+fn queued(fd: &std::os::fd::OwnedFd) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    n as usize
+}
+
+/// The last `pass N ok` number in `text`.
+fn last_pass(text: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("pass ")?.strip_suffix(" ok")?.parse().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_full_stdout_pipe_stalls_neither_vcpus_nor_monitor_nor_migration() {
+    use std::process::{Command, Stdio};
+    let dir = TempDir::new("full-pipe");
+    let (read_end, write_end) = stalled_pipe();
+    let qmp_path = dir.join("src.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hopvm"))
+        .arg("run")
+        .args(strs(&dirty("64K")))
+        .arg("--qmp")
+        .arg(format!("unix:{}", qmp_path.display()))
+        .args(["--serial", "stdio"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(write_end))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut qmp = qmp::client::QmpClient::connect_retry(&qmp_path, LONG).unwrap();
+    // The guest prints a line per pass until the pipe is full.
+    let deadline = Instant::now() + LONG;
+    while queued(&read_end) < 4096 {
+        assert!(Instant::now() < deadline, "the pipe never filled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut timed = |qmp: &mut qmp::client::QmpClient, cmd: &str, args: Option<Value>| {
+        let t = Instant::now();
+        let r = qmp.execute(cmd, args).unwrap();
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{cmd} took {:?}",
+            t.elapsed()
+        );
+        r
+    };
+    for _ in 0..3 {
+        timed(&mut qmp, "stop", None);
+        assert_eq!(timed(&mut qmp, "query-status", None)["status"], "paused");
+        timed(&mut qmp, "cont", None);
+    }
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Hopvm::spawn(&dir.0, "dst", &["--memory", MEMORY, "--incoming", &uri]);
+    timed(
+        &mut qmp,
+        "migrate-set-parameters",
+        Some(json!({"max-bandwidth": 0})),
+    );
+    timed(&mut qmp, "migrate", Some(json!({"uri": uri})));
+    let deadline = Instant::now() + LONG;
+    loop {
+        let info = timed(&mut qmp, "query-migrate", None);
+        if info["status"] == "completed" {
+            break;
+        }
+        assert!(
+            matches!(info["status"].as_str(), Some("setup" | "active")),
+            "{info}"
+        );
+        assert!(Instant::now() < deadline, "{info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst.out
+        .wait_for(LONG, "passes on the destination", |t| passes(t) >= 1);
+    assert!(!dst.out.text().contains("CORRUPT"), "{}", dst.out.text());
+    // The source's guest ran on after its output stopped being taken.
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut stalled = Vec::new();
+    std::io::Read::read_to_end(&mut std::fs::File::from(read_end), &mut stalled).ok();
+    let stalled_at = last_pass(&String::from_utf8_lossy(&stalled));
+    let arrived_at = last_pass(&dst.out.text());
+    assert!(
+        arrived_at > stalled_at,
+        "the guest stopped when its output did: pass {stalled_at} in the pipe, {arrived_at} after migrating"
+    );
+    let _ = dst.cmd("quit", Value::Null);
+}
