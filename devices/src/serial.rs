@@ -270,7 +270,7 @@ pub struct OutputQueue {
 impl OutputQueue {
     /// Starts the drain thread for `sink`. If the thread cannot be started, output goes to
     /// the sink directly from the writer.
-    pub fn new(sink: Box<dyn Write + Send>) -> Box<dyn Write + Send> {
+    pub fn spawn(sink: Box<dyn Write + Send>) -> Box<dyn Write + Send> {
         let shared = std::sync::Arc::new(QueueShared {
             q: std::sync::Mutex::new(Queued::default()),
             cv: std::sync::Condvar::new(),

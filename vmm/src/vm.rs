@@ -347,7 +347,7 @@ impl Vm {
         // never blocks the vCPU holding the big lock.
         let serial = Arc::new(Mutex::new(devices::serial::Serial::new(
             irq(COM1_IRQ),
-            devices::serial::OutputQueue::new(Box::new(serial_out)),
+            devices::serial::OutputQueue::spawn(Box::new(serial_out)),
         )));
         let i8042 = Arc::new(Mutex::new(devices::i8042::I8042::new(
             irq(KBD_IRQ),
