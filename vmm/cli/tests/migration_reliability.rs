@@ -255,7 +255,7 @@ fn a_full_stdout_pipe_stalls_neither_vcpus_nor_monitor_nor_migration() {
         assert!(Instant::now() < deadline, "the pipe never filled");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut timed = |qmp: &mut qmp::client::QmpClient, cmd: &str, args: Option<Value>| {
+    let timed = |qmp: &mut qmp::client::QmpClient, cmd: &str, args: Option<Value>| {
         let t = Instant::now();
         let r = qmp.execute(cmd, args).unwrap();
         assert!(
