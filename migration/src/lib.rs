@@ -144,6 +144,10 @@ pub trait LiveSection: Send {
     /// The migration failed or was cancelled: undo what `begin` set up.
     fn cancel(&mut self) {}
 
+    /// Destination side, before the stream arrives (`-incoming`, `migrate-incoming`): get
+    /// ready to load, e.g. fault memory in while the source connects.
+    fn prepare_load(&mut self) {}
+
     /// Destination side: reads one part of this section (a START, PART or END body).
     fn load(&mut self, _input: &mut dyn Read, _version: u32) -> Result<(), SectionError> {
         Ok(())

@@ -159,6 +159,21 @@ pub enum RamRecord {
     Eos,
 }
 
+/// What [`RamRecordReader::read_next`] read: a whole record, or the header of a `PAGE`
+/// record whose data follows in the input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RamItem {
+    /// A record other than `PAGE`.
+    Record(RamRecord),
+    /// A `PAGE` record's header; [`PAGE_SIZE`] bytes of data follow.
+    PageHeader {
+        /// Block id.
+        block: Arc<str>,
+        /// Page offset inside the block.
+        offset: u64,
+    },
+}
+
 fn check_block_id(id: &str) -> Result<(), RamFormatError> {
     if id.is_empty() || id.len() > 255 {
         return Err(RamFormatError::BadBlockId(id.to_owned()));
@@ -342,6 +357,24 @@ impl RamRecordReader {
 
     /// Reads the next record, validating flags, lengths and alignment.
     pub fn read_record(&mut self, input: &mut dyn Read) -> Result<RamRecord, RamFormatError> {
+        match self.read_next(input)? {
+            RamItem::Record(r) => Ok(r),
+            RamItem::PageHeader { block, offset } => {
+                let mut data = vec![0u8; PAGE_SIZE];
+                input.read_exact(&mut data)?;
+                Ok(RamRecord::Page {
+                    block,
+                    offset,
+                    data,
+                })
+            }
+        }
+    }
+
+    /// Like [`read_record`](Self::read_record), but a `PAGE` record stops after its header:
+    /// the caller reads its [`PAGE_SIZE`] bytes of data from `input` straight to where they
+    /// belong (guest memory), before reading anything else.
+    pub fn read_next(&mut self, input: &mut dyn Read) -> Result<RamItem, RamFormatError> {
         let raw = wire::read_be64(input)?;
         let flags = raw & FLAGS_MASK;
         let addr = raw & !FLAGS_MASK;
@@ -353,25 +386,22 @@ impl RamRecordReader {
                 if addr != 0 {
                     return Err(RamFormatError::BadEos(addr));
                 }
-                Ok(RamRecord::Eos)
+                Ok(RamItem::Record(RamRecord::Eos))
             }
             RAM_SAVE_FLAG_ZERO => {
                 let block = self.block(input, flags)?;
                 let fill = wire::read_u8(input)?;
-                Ok(RamRecord::Zero {
+                Ok(RamItem::Record(RamRecord::Zero {
                     block,
                     offset: addr,
                     fill,
-                })
+                }))
             }
             RAM_SAVE_FLAG_PAGE => {
                 let block = self.block(input, flags)?;
-                let mut data = vec![0u8; PAGE_SIZE];
-                input.read_exact(&mut data)?;
-                Ok(RamRecord::Page {
+                Ok(RamItem::PageHeader {
                     block,
                     offset: addr,
-                    data,
                 })
             }
             RAM_SAVE_FLAG_XBZRLE => {
@@ -386,17 +416,17 @@ impl RamRecordReader {
                 }
                 let mut data = vec![0u8; len];
                 input.read_exact(&mut data)?;
-                Ok(RamRecord::Xbzrle {
+                Ok(RamItem::Record(RamRecord::Xbzrle {
                     block,
                     offset: addr,
                     data,
-                })
+                }))
             }
             _ => Err(RamFormatError::UnknownFlags(flags)),
         }
     }
 
-    fn mem_size(&mut self, input: &mut dyn Read, total: u64) -> Result<RamRecord, RamFormatError> {
+    fn mem_size(&mut self, input: &mut dyn Read, total: u64) -> Result<RamItem, RamFormatError> {
         let mut remaining = total;
         let mut blocks = Vec::new();
         while remaining > 0 {
@@ -414,7 +444,7 @@ impl RamRecordReader {
             remaining -= size;
             blocks.push(RamBlockInfo { id, size });
         }
-        Ok(RamRecord::MemSize { blocks })
+        Ok(RamItem::Record(RamRecord::MemSize { blocks }))
     }
 }
 

@@ -259,6 +259,11 @@ impl Registry {
         self.live().for_each(|(_, h, _, _)| h.cancel());
     }
 
+    /// Destination: every live section's `prepare_load`, before the stream arrives.
+    pub fn prepare_load(&mut self) {
+        self.live().for_each(|(_, h, _, _)| h.prepare_load());
+    }
+
     /// Saves every non-live section, in order (a reset restores the power-on copy).
     pub fn save_snapshots(&mut self) -> Result<Vec<Vec<u8>>, RegistryError> {
         let mut out = Vec::new();

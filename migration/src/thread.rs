@@ -537,7 +537,10 @@ impl Migration {
         w: &mut StreamWriter<BufferedOutput>,
         out: &mut dyn Write,
     ) -> Result<u64, String> {
+        let t0 = Instant::now();
         let result = w.get_mut().flush_to(out);
+        let profile = &self.ram.profile;
+        profile.add_since(&profile.send_ns, t0);
         let _g = lock(host.big_lock());
         let mut reg = lock(host.registry());
         match result {
@@ -560,6 +563,8 @@ impl Migration {
         } else {
             StreamWriter::new(BufferedOutput::new())
         };
+        self.ram.profile.reset();
+        let faults0 = crate::ram::thread_faults();
 
         // Setup: every live section's begin, under the big lock.
         let begun = {
@@ -593,8 +598,10 @@ impl Migration {
             }
             limiter.set_bandwidth(self.max_bandwidth());
             if !limiter.exceeded() {
+                let t0 = Instant::now();
                 let mut g = lock(host.big_lock());
                 let mut reg = lock(host.registry());
+                self.ram.profile.add_since(&self.ram.profile.wait_ns, t0);
                 let pending = reg.pending(max_size);
                 let now_pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
                 if now_pass != pass {
@@ -661,6 +668,18 @@ impl Migration {
                             i.timeline.end_ms = Some(ms(i.total_time));
                             i.canceller = None;
                             drop(i);
+                            if std::env::var_os(crate::ram::PROFILE_ENV).is_some() {
+                                let p = &self.ram.profile;
+                                p.faults.store(
+                                    crate::ram::thread_faults() - faults0,
+                                    Ordering::Relaxed,
+                                );
+                                eprintln!(
+                                    "hopvm: migration profile (source, {} ms): {}",
+                                    start.elapsed().as_millis(),
+                                    p.source_summary()
+                                );
+                            }
                             self.set_status(MigrationStatus::Completed);
                         }
                         Err(e) => self.abort(host.as_ref(), was_running, Some(e)),

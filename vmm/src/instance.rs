@@ -473,6 +473,8 @@ impl Instance {
         if let Some(addr) = listener.local_addr() {
             log::info!("waiting for an incoming migration on {addr}");
         }
+        // RAM is faulted in while the source connects, not one fault per received page.
+        lock(&self.registry).prepare_load();
         let me = self.clone();
         std::thread::Builder::new()
             .name(String::from("incoming"))
@@ -511,11 +513,22 @@ impl Instance {
         } else {
             StreamReader::new(input)
         };
-        Registry::load_locked(&self.registry, &mut reader).map_err(|e| e.to_string())
+        let start = std::time::Instant::now();
+        self.migration.ram.profile.reset();
+        let result = Registry::load_locked(&self.registry, &mut reader).map_err(|e| e.to_string());
+        if std::env::var_os(migration::ram::PROFILE_ENV).is_some() {
+            eprintln!(
+                "hopvm: migration profile (destination, {} ms): {}",
+                start.elapsed().as_millis(),
+                self.migration.ram.profile.destination_summary()
+            );
+        }
+        result
     }
 
     /// Waits for QMP `migrate-incoming` (`--incoming defer`).
     pub fn defer_incoming(&self) {
+        lock(&self.registry).prepare_load();
         *lock(&self.incoming) = Incoming::Deferred;
         lock(&self.vm.machine).runstate = RunState::Inmigrate;
     }

@@ -22,7 +22,8 @@
 //! Run with `cargo bench -p hopvm --bench migration`. Environment: `HOPVM_BENCH_RUNS` (default
 //! 3) runs of every scenario, reported as median and range; `HOPVM_BENCH_ONLY=busy-1g,idle`
 //! picks scenarios by key; `HOPVM_BENCH_QEMU=0` skips QEMU (it is skipped anyway when
-//! `qemu-system-x86_64` is not installed).
+//! `qemu-system-x86_64` is not installed); `HOPVM_MIGRATION_PROFILE=1` has hopvm print where
+//! each side's time went (`migration::ram::RamProfile`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -301,6 +302,15 @@ fn run_one(vmm: &Vmm, s: &Scenario, run: usize) -> Outcome {
                 Err(format!("destination {st}"))
             }
         };
+    }
+    if std::env::var_os("HOPVM_MIGRATION_PROFILE").is_some() {
+        for line in [src.err.text(), dst.err.text()]
+            .iter()
+            .flat_map(|t| t.lines().map(str::to_string).collect::<Vec<_>>())
+            .filter(|l| l.contains("migration profile"))
+        {
+            eprintln!("{} {}: {line}", s.key, vmm.name);
+        }
     }
     Outcome {
         completed,
