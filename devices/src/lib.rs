@@ -4,7 +4,11 @@
 //! handles (an output sink, an interrupt line), and a plain `…State` struct of serde data that
 //! captures everything the guest can observe. `state()` takes a snapshot and `restore()` applies
 //! one; the migration stream carries the state structs, so a device's state type *is* its wire
-//! format. Each file has a save → restore round-trip test.
+//! format. `restore()` returns a `Result` with the device module's own error type: a state the
+//! device could not have reached (an over-long FIFO, reserved bits, an index out of range,
+//! fields that contradict each other) is rejected before anything is applied, and unknown
+//! fields are refused by the decoder. Each file has a save → restore round-trip test and a
+//! rejection test.
 //!
 //! Devices know nothing of KVM: the VMM dispatches port and MMIO accesses to them through
 //! [`BusDevice`], hands them an [`IrqLine`] for their interrupt, and acts on the [`VmRequest`]s

@@ -127,6 +127,18 @@ pub enum KvmStateError {
     /// The state decodes but makes no sense.
     #[error("invalid state: {0}")]
     Invalid(String),
+    /// A restored XSAVE area of impossible size.
+    #[error("invalid state: xsave area of {0} bytes")]
+    XsaveSize(usize),
+    /// More MSRs than any vCPU has.
+    #[error("invalid state: {0} msrs, at most {MAX_MSRS} allowed")]
+    TooManyMsrs(usize),
+    /// A guest TSC frequency no CPU has (and KVM could not report back).
+    #[error("invalid state: tsc frequency of {0} khz, outside 1 MHz to 100 GHz")]
+    TscKhz(u32),
+    /// More XCRs than the structure holds.
+    #[error("invalid state: {0} xcrs")]
+    Xcrs(u32),
 }
 
 /// Results of this module.
@@ -593,28 +605,20 @@ impl VcpuState {
                 || area.len() > MAX_XSAVE_BYTES
                 || area.len() % 4 != 0
             {
-                return Err(KvmStateError::Invalid(format!(
-                    "xsave area of {} bytes",
-                    area.len()
-                )));
+                return Err(KvmStateError::XsaveSize(area.len()));
             }
         }
         if self.msrs.len() > MAX_MSRS {
-            return Err(KvmStateError::Invalid(format!(
-                "{} msrs, at most {MAX_MSRS} allowed",
-                self.msrs.len()
-            )));
+            return Err(KvmStateError::TooManyMsrs(self.msrs.len()));
         }
         if let Some(khz) = self.tsc_khz {
             if !TSC_KHZ_RANGE.contains(&khz) {
-                return Err(KvmStateError::Invalid(format!(
-                    "tsc frequency of {khz} khz, outside 1 MHz to 100 GHz"
-                )));
+                return Err(KvmStateError::TscKhz(khz));
             }
         }
         if let Some(xcrs) = &self.xcrs {
             if xcrs.nr_xcrs as usize > xcrs.xcrs.len() {
-                return Err(KvmStateError::Invalid(format!("{} xcrs", xcrs.nr_xcrs)));
+                return Err(KvmStateError::Xcrs(xcrs.nr_xcrs));
             }
         }
         Ok(())
