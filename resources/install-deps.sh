@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what hopvm's build and tests need on a fresh Debian machine (idempotent, quiet).
-# Test guests are built with gcc/binutils; the real-kernel test unpacks Debian's kernel package;
+# Test guests are built with gcc/binutils (the upstream kvm-unit-tests with make too; its runner
+# uses getopt); the real-kernel test unpacks Debian's kernel package;
 # the QMP client tests use socat and the Python `qemu.qmp` library (from PyPI, in a virtual
 # environment: $HOPVM_VENV, default /opt/hopvm-venv); `hopvm demo --transport netns` uses ip(8).
 set -euo pipefail
 need=()
-for cmd_pkg in gcc:gcc as:binutils objcopy:binutils dpkg-deb:dpkg cpio:cpio socat:socat \
+for cmd_pkg in gcc:gcc as:binutils objcopy:binutils make:make getopt:util-linux dpkg-deb:dpkg cpio:cpio socat:socat \
     ip:iproute2 /usr/bin/python3:python3; do
     cmd=${cmd_pkg%%:*} pkg=${cmd_pkg##*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")

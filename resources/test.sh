@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The whole test suite: unit tests, the kvm-unit-tests-style guest suite, and the integration
-# tests (real kernel boot included). Usage: resources/test.sh [extra cargo test args]
+# The whole test suite: unit tests, the kvm-unit-tests-style guest suite, the integration
+# tests (real kernel boot included), and the upstream kvm-unit-tests x86 suite through its own
+# runner against guest-tests/kvm-unit-tests.expect. Usage: resources/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash resources/install-deps.sh
 bash resources/fetch-kernel.sh >/dev/null
 cargo build --workspace --bins
 cargo test --workspace --no-fail-fast "$@"
+bash resources/kvm-unit-tests.sh

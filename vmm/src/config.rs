@@ -199,6 +199,15 @@ pub struct VmConfig {
     /// Do not start the vCPUs (QEMU's `-S`): after boot set-up, or after an incoming
     /// migration loaded.
     pub paused: bool,
+    /// Give the VM KVM's in-kernel PIT (QEMU's `-machine pit=on`, the default); without it the
+    /// guest takes its timers from the LAPIC (and the ACPI PM timer, RTC).
+    pub pit: bool,
+    /// Lock all of hopvm's memory, guest RAM included, into host RAM (QEMU's
+    /// `-overcommit mem-lock=on`).
+    pub mem_lock: bool,
+    /// Let the guest's HLT, PAUSE (and MWAIT, C-state) run without VM exits where KVM allows
+    /// (QEMU's `-overcommit cpu-pm=on`): for vCPUs pinned to host CPUs of their own.
+    pub cpu_pm: bool,
 }
 
 impl VmConfig {
@@ -217,6 +226,9 @@ impl VmConfig {
             qmp: None,
             incoming: None,
             paused: false,
+            pit: true,
+            mem_lock: false,
+            cpu_pm: false,
         }
     }
 }

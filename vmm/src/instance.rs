@@ -396,7 +396,7 @@ impl Instance {
         lock(&self.registry)
             .restore_snapshots(&self.power_on, &|name| name == "cpu")
             .map_err(|e| VmError::State(e.to_string()))?;
-        crate::arch::bios::program_pic_and_pit(&self.vm.fd)?;
+        crate::arch::bios::program_pic_and_pit(&self.vm.fd, self.vm.has_pit())?;
         lock(&self.vm.devices.acpi_pm).wake(by_rtc);
         self.vm.enter_waking_vector()?;
         self.emit("WAKEUP", None);

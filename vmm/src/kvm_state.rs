@@ -946,9 +946,10 @@ impl<'de> Deserialize<'de> for IoapicState {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct VmState {
-    /// The PIT's three channels (`KVM_GET_PIT2`).
-    #[serde(with = "pod")]
-    pub pit: kvm_pit_state2,
+    /// The PIT's three channels (`KVM_GET_PIT2`); none for a VM without a PIT
+    /// (`-machine pit=off`).
+    #[serde(with = "pod_opt")]
+    pub pit: Option<kvm_pit_state2>,
     /// The master PIC.
     #[serde(with = "pod")]
     pub pic_master: kvm_pic_state,
@@ -990,11 +991,20 @@ fn get_irqchip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip> {
     Ok(chip)
 }
 
+/// The PIT's state, or none if the VM has no PIT (KVM answers ENXIO).
+fn get_pit(vm: &VmFd) -> Result<Option<kvm_pit_state2>> {
+    match vm.get_pit2() {
+        Ok(pit) => Ok(Some(pit)),
+        Err(e) if e.errno() == libc::ENXIO => Ok(None),
+        Err(e) => Err(KvmStateError::Ioctl("KVM_GET_PIT2", e)),
+    }
+}
+
 /// Saves the PIT, PICs, IOAPIC and kvmclock of a VM whose vCPUs are all paused: the
 /// controllers change under running vCPUs, and a clock read before the last vCPU stopped would
 /// let the guest see time run backwards after the restore.
 pub fn save_vm(vm: &VmFd) -> Result<VmState> {
-    let pit = vm.get_pit2().map_err(ioctl("KVM_GET_PIT2"))?;
+    let pit = get_pit(vm)?;
     let (master, slave, ioapic) = (
         get_irqchip(vm, KVM_IRQCHIP_PIC_MASTER)?,
         get_irqchip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
@@ -1040,7 +1050,15 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
     vm.set_irqchip(&chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
     // KVM_SET_PIT2 reloads each channel's count as of now: the part of channel 0's period that
     // had elapsed at the save is lost (QEMU's behaviour too).
-    vm.set_pit2(&state.pit).map_err(ioctl("KVM_SET_PIT2"))?;
+    match &state.pit {
+        Some(pit) => vm.set_pit2(pit).map_err(ioctl("KVM_SET_PIT2"))?,
+        None if get_pit(vm)?.is_some() => {
+            return Err(KvmStateError::Invalid(String::from(
+                "the source has no PIT (pit=off), this VM has one",
+            )))
+        }
+        None => {}
+    }
     if let Some(clock) = &state.clock {
         // KVM_SET_CLOCK must happen before any vCPU runs, or the guest could read kvmclock
         // before it jumps to the saved value.

@@ -12,9 +12,11 @@ use std::sync::{Arc, Mutex};
 
 use devices::{IrqLine, SharedIrq};
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1, kvm_irq_routing_irqchip,
-    kvm_pit_config, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1,
+    kvm_irq_routing_irqchip, kvm_pit_config, KvmIrqRouting, KVM_CAP_X86_DISABLE_EXITS,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_PIT_SPEAKER_DUMMY, KVM_X86_DISABLE_EXITS_CSTATE, KVM_X86_DISABLE_EXITS_HLT,
+    KVM_X86_DISABLE_EXITS_MWAIT, KVM_X86_DISABLE_EXITS_PAUSE,
 };
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -84,6 +86,9 @@ pub enum VmError {
     /// The serial output file could not be created.
     #[error("cannot open serial output {0}: {1}")]
     SerialFile(String, #[source] std::io::Error),
+    /// `mem-lock=on`: the memory could not be locked.
+    #[error("cannot lock memory (mem-lock=on): {0}")]
+    MemLock(#[source] std::io::Error),
 }
 
 /// Addresses KVM needs for its real-mode emulation helpers on Intel; below the test-device
@@ -237,6 +242,7 @@ pub struct Vm {
     events: Mutex<Receiver<VmEvent>>,
     event_tx: std::sync::mpsc::Sender<VmEvent>,
     kvm: Kvm,
+    pit: bool,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -278,6 +284,25 @@ fn gsi_routing() -> KvmIrqRouting {
     KvmIrqRouting::from_entries(&entries).expect("routing table within KVM's limit")
 }
 
+/// The VM exits `cpu-pm=on` asks KVM to disable, as QEMU does: HLT, PAUSE, MWAIT and C-state
+/// exits, of those this KVM can disable (`KVM_CHECK_EXTENSION(KVM_CAP_X86_DISABLE_EXITS)`).
+fn cpu_pm_exits(supported: u32) -> u32 {
+    supported
+        & (KVM_X86_DISABLE_EXITS_MWAIT
+            | KVM_X86_DISABLE_EXITS_HLT
+            | KVM_X86_DISABLE_EXITS_PAUSE
+            | KVM_X86_DISABLE_EXITS_CSTATE)
+}
+
+/// Locks hopvm's present and future memory (guest RAM included) into host RAM.
+fn lock_memory() -> Result<(), VmError> {
+    // SAFETY: mlockall only changes how the kernel pages this process's memory.
+    if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+        return Err(VmError::MemLock(std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
 /// Physical memory of the host, in bytes.
 fn host_memory() -> u64 {
     // SAFETY: sysconf only reads system information.
@@ -305,7 +330,12 @@ impl Vm {
             ));
         }
 
+        if config.mem_lock {
+            // Before guest RAM is mapped: MCL_FUTURE makes the kernel populate and lock it.
+            lock_memory()?;
+        }
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        cpu_model.check_hyperv(kvm.check_extension(kvm_ioctls::Cap::Hyperv))?;
         let max_cpus = kvm.get_max_vcpus().min(usize::from(mptable::IOAPIC_ID) - 1);
         if config.cpus == 0 || usize::from(config.cpus) > max_cpus {
             return Err(VmError::TooManyCpus(config.cpus, max_cpus));
@@ -327,15 +357,35 @@ impl Vm {
                 .spawn(move || memory::set_kvm_slots(&fd, &memory, false))
                 .map_err(|e| VmError::Vcpu(vcpu::VcpuError::Spawn(e)))?
         };
+        if config.cpu_pm {
+            // KVM only takes KVM_CAP_X86_DISABLE_EXITS before the first vCPU is created.
+            let supported = fd.check_extension_raw(KVM_CAP_X86_DISABLE_EXITS.into());
+            let exits = cpu_pm_exits(u32::try_from(supported).unwrap_or(0));
+            if exits == 0 {
+                log::warn!("cpu-pm=on: this kvm cannot disable any vm exit");
+            } else {
+                let mut cap = kvm_enable_cap {
+                    cap: KVM_CAP_X86_DISABLE_EXITS,
+                    ..Default::default()
+                };
+                cap.args[0] = u64::from(exits);
+                fd.enable_cap(&cap)
+                    .map_err(kvm_err("enable cap x86-disable-exits"))?;
+            }
+        }
         fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        fd.create_pit2(kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        })
-        .map_err(kvm_err("create pit"))?;
+        // The PIT after the irqchip (its interrupts go there). QEMU's `pit=off` has none: the
+        // guest's timers are then the LAPIC timer, the RTC and the PM timer.
+        if config.pit {
+            fd.create_pit2(kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            })
+            .map_err(kvm_err("create pit"))?;
+        }
         fd.set_gsi_routing(&gsi_routing())
             .map_err(kvm_err("set gsi routing"))?;
-        bios::program_pic_and_pit(&fd)?;
+        bios::program_pic_and_pit(&fd, config.pit)?;
 
         let irq = |gsi| -> SharedIrq {
             Arc::new(KvmIrq {
@@ -401,6 +451,18 @@ impl Vm {
         vcpu::install_kick_handler()?;
         let arch_caps = cpu_model::arch_capabilities_msr(&kvm);
         let base_cpuid = cpu_model.apply(&cpu_model::supported_cpuid(&kvm, arch_caps)?)?;
+        let vmx_msrs = cpu_model.vmx_msrs(&base_cpuid, |m| cpu_model::feature_msr(&kvm, m))?;
+        let vmx_msrs = kvm_bindings::Msrs::from_entries(
+            &vmx_msrs
+                .iter()
+                .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+                    index,
+                    data,
+                    ..Default::default()
+                })
+                .collect::<Vec<_>>(),
+        )
+        .map_err(|_| VmError::CpuModel(cpu_model::CpuModelError::TooManyEntries))?;
         let mut opts = CpuidOptions {
             cpus: config.cpus,
             hide_arch_capabilities: false,
@@ -425,6 +487,14 @@ impl Vm {
             }
             vcpu.set_cpuid2(&vcpu_cpuid(&base_cpuid, id, &opts))
                 .map_err(kvm_err("set cpuid"))?;
+            // The VMX capability MSRs after the CPUID: KVM only takes them from a vCPU whose
+            // CPUID shows VMX.
+            if !vmx_msrs.as_slice().is_empty() {
+                let set = vcpu.set_msrs(&vmx_msrs).map_err(kvm_err("set vmx msrs"))?;
+                if set != vmx_msrs.as_slice().len() {
+                    log::warn!("vcpu {id}: kvm accepted only {set} vmx capability msrs");
+                }
+            }
             let msrs = regs::boot_msrs();
             let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set msrs"))?;
             if set != msrs.as_slice().len() {
@@ -460,6 +530,7 @@ impl Vm {
             events: Mutex::new(events),
             event_tx: tx,
             kvm,
+            pit: config.pit,
         };
         vm.load_kernel()?;
         // The vCPUs are still parked: the slots only have to exist before they first run.
@@ -538,6 +609,11 @@ impl Vm {
         }
     }
 
+    /// Whether the VM has a PIT (QEMU's `-machine pit=on`).
+    pub fn has_pit(&self) -> bool {
+        self.pit
+    }
+
     /// The KVM system handle.
     pub fn kvm(&self) -> &Kvm {
         &self.kvm
@@ -611,5 +687,18 @@ mod tests {
         assert_eq!(ioapic_pin(4), Some(4));
         assert_eq!(ioapic_pin(23), Some(23));
         assert_eq!(entries.len(), 15 + 23);
+    }
+
+    #[test]
+    fn cpu_pm_disables_only_power_management_exits() {
+        assert_eq!(cpu_pm_exits(0), 0);
+        assert_eq!(
+            cpu_pm_exits(0xff),
+            KVM_X86_DISABLE_EXITS_MWAIT
+                | KVM_X86_DISABLE_EXITS_HLT
+                | KVM_X86_DISABLE_EXITS_PAUSE
+                | KVM_X86_DISABLE_EXITS_CSTATE
+        );
+        assert_eq!(cpu_pm_exits(0x6), 0x6);
     }
 }

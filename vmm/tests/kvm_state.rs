@@ -53,6 +53,10 @@ struct TestVm {
 }
 
 fn test_vm(cpus: u8) -> TestVm {
+    test_vm_with_pit(cpus, true)
+}
+
+fn test_vm_with_pit(cpus: u8, pit: bool) -> TestVm {
     let kvm = Kvm::new().expect("open /dev/kvm");
     let vm = kvm.create_vm().unwrap();
     vm.set_tss_address(0xfffb_d000).unwrap();
@@ -61,11 +65,13 @@ fn test_vm(cpus: u8) -> TestVm {
     memory::set_kvm_slots(&vm, &memory, false).unwrap();
     regs::write_boot_tables(&memory, EntryMode::Long64).unwrap();
     vm.create_irq_chip().unwrap();
-    vm.create_pit2(kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    })
-    .unwrap();
+    if pit {
+        vm.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .unwrap();
+    }
     let supported = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
     let opts = CpuidOptions {
         cpus,
@@ -337,14 +343,32 @@ fn vcpu_state_round_trips_into_a_fresh_vm() {
 }
 
 #[test]
+fn vm_state_without_a_pit() {
+    let src = test_vm_with_pit(1, false);
+    let state = save_vm(&src.vm).unwrap();
+    assert_eq!(state.pit, None);
+    let decoded = VmState::from_bytes(&state.to_bytes().unwrap(), VM_STATE_VERSION).unwrap();
+    assert_eq!(decoded, state);
+    restore_vm(&test_vm_with_pit(1, false).vm, &decoded).unwrap();
+    // A PIT on one side only is a different machine: refused either way.
+    assert!(matches!(
+        restore_vm(&test_vm(1).vm, &decoded),
+        Err(KvmStateError::Invalid(_))
+    ));
+    let with_pit = save_vm(&test_vm(1).vm).unwrap();
+    assert!(restore_vm(&src.vm, &with_pit).is_err());
+}
+
+#[test]
 fn vm_state_round_trips_into_a_fresh_vm() {
     let src = test_vm(1);
     let mut state = save_vm(&src.vm).unwrap();
     // Channel 2 (the speaker's, which raises no interrupt) reprogrammed; channel 0 stays off
     // so no PIT interrupt changes the PIC / IOAPIC between the saves.
-    state.pit.channels[2].count = 0x1234;
-    state.pit.channels[2].mode = 2;
-    state.pit.channels[2].rw_mode = 3;
+    let pit = state.pit.as_mut().expect("a pit");
+    pit.channels[2].count = 0x1234;
+    pit.channels[2].mode = 2;
+    pit.channels[2].rw_mode = 3;
     state.pic_master.irq_base = 0x20;
     state.pic_master.imr = 0xfa;
     state.pic_slave.irq_base = 0x28;
@@ -357,7 +381,7 @@ fn vm_state_round_trips_into_a_fresh_vm() {
     }
     restore_vm(&src.vm, &state).unwrap();
     let saved = save_vm(&src.vm).unwrap();
-    assert_eq!(saved.pit.channels[2].count, 0x1234);
+    assert_eq!(saved.pit.as_ref().unwrap().channels[2].count, 0x1234);
     assert_eq!(saved.pic_master.imr, 0xfa);
     assert_eq!(saved.ioapic.redirection(4), Some(entry));
     if let Some(clock) = &saved.clock {
@@ -371,7 +395,8 @@ fn vm_state_round_trips_into_a_fresh_vm() {
     restore_vm(&dst.vm, &decoded).unwrap();
     let mut again = save_vm(&dst.vm).unwrap();
     // KVM_SET_PIT2 stamps each channel with the load time (host nanoseconds) of its count.
-    for (e, l) in saved.pit.channels.iter().zip(again.pit.channels.iter_mut()) {
+    let (saved_pit, again_pit) = (saved.pit.as_ref().unwrap(), again.pit.as_mut().unwrap());
+    for (e, l) in saved_pit.channels.iter().zip(again_pit.channels.iter_mut()) {
         l.count_load_time = e.count_load_time;
     }
     // kvmclock continues from the restored value; its other fields describe the host clock

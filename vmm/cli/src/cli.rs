@@ -112,6 +112,7 @@ impl From<RunArgs> for VmConfig {
             qmp: a.qmp,
             incoming: a.incoming,
             paused: a.paused,
+            ..VmConfig::new("")
         }
     }
 }

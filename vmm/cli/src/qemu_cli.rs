@@ -46,7 +46,8 @@ pub enum QemuAction {
 const DEVICE_LIST: &str = "Misc devices:\n\
 name \"isa-debug-exit\", bus ISA\n\
 name \"pc-testdev\", bus ISA\n\
-name \"pci-testdev\", bus PCI, desc \"PCI Test Device\"\n";
+name \"pci-testdev\", bus PCI, desc \"PCI Test Device\"\n\
+name \"hyperv-testdev\", bus ISA\n";
 
 fn version_line() -> String {
     let v = QEMU_COMPAT_VERSION;
@@ -69,7 +70,8 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -m SIZE                 guest RAM (MiB unless suffixed)\n\
 -smp N                  number of vCPUs\n\
 -cpu MODEL[,+feat,...]  qemu64, max, host; +/-x2apic, pcid, invpcid, tsc-deadline, vendor=\n\
--machine pc,accel=kvm   the only machine\n\
+-machine pc,accel=kvm[,pit=on|off]   the only machine\n\
+-overcommit mem-lock=on|off,cpu-pm=on|off\n\
 -enable-kvm, -accel kvm\n\
 -serial stdio|null|file:PATH\n\
 -device pc-testdev | isa-debug-exit[,iobase=,iosize=] | pci-testdev | ? | help\n\
@@ -100,6 +102,15 @@ fn props(s: &str) -> (Option<&str>, HashMap<&str, &str>) {
         }
     }
     (first, map)
+}
+
+/// QEMU's boolean option values.
+fn on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "yes" | "true" => Some(true),
+        "off" | "no" | "false" => Some(false),
+        _ => None,
+    }
 }
 
 /// Parses QEMU's arguments (without argv[0]).
@@ -158,7 +169,11 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
                 for (k, val) in p {
                     match (k, val) {
                         ("type", _) => {}
-                        ("accel", "kvm") | ("kernel_irqchip", "on") => {}
+                        ("accel", "kvm") | ("kernel_irqchip" | "kernel-irqchip", "on") => {}
+                        ("pit", pit) => {
+                            config.pit =
+                                on_off(pit).ok_or_else(|| invalid(&v, format!("{k}={pit}")))?
+                        }
                         _ => {
                             return Err(QemuCliError::UnsupportedValue(
                                 opt.into(),
@@ -169,6 +184,18 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
                 }
             }
             "-enable-kvm" => {}
+            "-overcommit" => {
+                let v = value()?;
+                let (first, p) = props(&v);
+                for (k, val) in first.map(|f| (f, "on")).into_iter().chain(p) {
+                    let on = on_off(val).ok_or_else(|| invalid(&v, format!("{k}={val}")))?;
+                    match k {
+                        "mem-lock" => config.mem_lock = on,
+                        "cpu-pm" => config.cpu_pm = on,
+                        _ => return Err(QemuCliError::UnsupportedValue(opt.into(), k.into())),
+                    }
+                }
+            }
             "-accel" => {
                 let v = value()?;
                 if props(&v).0 != Some("kvm") {
@@ -211,6 +238,10 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
                     // Always present in hopvm; pci-testdev is accepted but not emulated
                     // (hopvm has no PCI bus), as if the slot were empty.
                     "pc-testdev" | "pci-testdev" => {}
+                    // QEMU's Hyper-V test device drives SynIC interrupt routes; hopvm gives
+                    // no guest a SynIC (see `-cpu hv-*`), so no guest can use it: accepted,
+                    // as QEMU accepts it on a host without KVM Hyper-V support.
+                    "hyperv-testdev" => {}
                     "isa-debug-exit" => {
                         let mut spec = Vec::new();
                         for k in ["iobase", "iosize"] {
@@ -345,6 +376,20 @@ mod tests {
         let c = run("-incoming defer -qmp unix:/tmp/q,server,nowait");
         assert_eq!(c.kernel, None);
         assert_eq!(c.qmp.as_deref(), Some("unix:/tmp/q,server,nowait"));
+    }
+
+    #[test]
+    fn machine_pit_and_overcommit() {
+        let c = run("-kernel k -machine pit=off");
+        assert!(!c.pit && !c.mem_lock && !c.cpu_pm);
+        assert!(run("-kernel k -M pc,pit=on").pit);
+        let c = run("-kernel k -overcommit cpu-pm=on -overcommit mem-lock=off");
+        assert!(c.cpu_pm && !c.mem_lock);
+        assert!(run("-kernel k -overcommit mem-lock=on,cpu-pm=off").mem_lock);
+        assert!(parse(&args("-kernel k -machine pit=maybe")).is_err());
+        assert!(parse(&args("-kernel k -overcommit cpu-pm=sometimes")).is_err());
+        assert!(run("-kernel k -overcommit mem-lock").mem_lock);
+        assert!(parse(&args("-kernel k -overcommit what=on")).is_err());
     }
 
     #[test]

@@ -95,8 +95,8 @@ fn pic(base: u8, imr: u8, elcr_mask: u8) -> kvm_pic_state {
 }
 
 /// Programs the PICs (bases 0x08 / 0x70; timer and cascade unmasked) and starts PIT channel 0
-/// in mode 3 with the BIOS's 18.2 Hz divisor.
-pub fn program_pic_and_pit(vm: &VmFd) -> Result<(), BiosError> {
+/// in mode 3 with the BIOS's 18.2 Hz divisor (when the VM has a PIT: `pit`).
+pub fn program_pic_and_pit(vm: &VmFd, pit: bool) -> Result<(), BiosError> {
     for (chip_id, state) in [
         (KVM_IRQCHIP_PIC_MASTER, pic(PIC_MASTER_BASE, 0xfa, 0xf8)),
         (KVM_IRQCHIP_PIC_SLAVE, pic(PIC_SLAVE_BASE, 0xff, 0xde)),
@@ -108,6 +108,9 @@ pub fn program_pic_and_pit(vm: &VmFd) -> Result<(), BiosError> {
         chip.chip.pic = state;
         vm.set_irqchip(&chip)
             .map_err(|e| BiosError::Kvm("set irqchip", e))?;
+    }
+    if !pit {
+        return Ok(());
     }
     let mut pit: kvm_pit_state2 = vm.get_pit2().map_err(|e| BiosError::Kvm("get pit", e))?;
     let ch0 = &mut pit.channels[0];

@@ -83,6 +83,15 @@ pub enum CpuModelError {
     /// KVM's supported CPUID could not be read.
     #[error("cannot get kvm's supported cpuid: {0}")]
     Kvm(#[source] kvm_ioctls::Error),
+    /// Hyper-V enlightenments asked for on a host whose KVM has no Hyper-V emulation.
+    #[error(
+        "{0}: Hyper-V enlightenments need KVM's Hyper-V support (KVM_CAP_HYPERV), \
+         which this host's kernel lacks"
+    )]
+    NoHyperv(String),
+    /// Hyper-V enlightenments on a host that has them: not implemented by hopvm.
+    #[error("{0}: Hyper-V enlightenments are not implemented by hopvm")]
+    HypervUnimplemented(String),
 }
 
 /// The IA32_ARCH_CAPABILITIES MSR.
@@ -150,17 +159,21 @@ const E1_ECX: Word = word(0x8000_0001, 0, Reg::Ecx);
 const E1_EDX: Word = word(0x8000_0001, 0, Reg::Edx);
 const E7_EDX: Word = word(0x8000_0007, 0, Reg::Edx);
 const E8_EBX: Word = word(0x8000_0008, 0, Reg::Ebx);
+const EA_EDX: Word = word(0x8000_000a, 0, Reg::Edx);
 const KVM_EAX: Word = word(0x4000_0001, 0, Reg::Eax);
 
 /// The words a named model defines; KVM's values for them are replaced.
-const MODEL_WORDS: [Word; 11] = [
+const MODEL_WORDS: [Word; 12] = [
     L1_ECX, L1_EDX, L6_EAX, L7_EBX, L7_ECX, L7_EDX, LD_1_EAX, E1_ECX, E1_EDX, E7_EDX, E8_EBX,
+    EA_EDX,
 ];
 
 const LEAF1_ECX_XSAVE: u32 = 1 << 26;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF7_EDX_ARCH_CAPABILITIES: u32 = 1 << 29;
+const LEAF1_ECX_VMX: u32 = 1 << 5;
+const EXT1_ECX_SVM: u32 = 1 << 2;
 /// Leaf 1 EDX bits that AMD CPUs mirror in leaf 0x8000_0001 EDX (QEMU's
 /// `CPUID_EXT2_AMD_ALIASES`).
 const AMD_ALIASES: u32 = 0x0183_f3ff;
@@ -360,6 +373,22 @@ static FEATURES: &[Feature] = &[
     feat("perfctr-nb", E1_ECX, 24),
     // CPUID 0x8000_0007 EDX
     feat("invtsc", E7_EDX, 8),
+    // CPUID 0x8000_000A EDX (SVM features)
+    feat("npt", EA_EDX, 0),
+    feat("lbrv", EA_EDX, 1),
+    feat("svm-lock", EA_EDX, 2),
+    feat("nrip-save", EA_EDX, 3),
+    feat("tsc-scale", EA_EDX, 4),
+    feat("vmcb-clean", EA_EDX, 5),
+    feat("flushbyasid", EA_EDX, 6),
+    feat("decodeassists", EA_EDX, 7),
+    feat("pause-filter", EA_EDX, 10),
+    feat("pfthreshold", EA_EDX, 12),
+    feat("avic", EA_EDX, 13),
+    feat("v-vmsave-vmload", EA_EDX, 15),
+    feat("vgif", EA_EDX, 16),
+    feat("vnmi", EA_EDX, 25),
+    feat("svme-addr-chk", EA_EDX, 28),
     // CPUID 0x8000_0008 EBX
     feat("clzero", E8_EBX, 0),
     feat("xsaveerptr", E8_EBX, 2),
@@ -391,6 +420,123 @@ static FEATURES: &[Feature] = &[
     feat("kvm-asyncpf-int", KVM_EAX, 14),
     feat("kvm-msi-ext-dest-id", KVM_EAX, 15),
     feat("kvmclock-stable-bit", KVM_EAX, 24),
+];
+
+/// A nested-VMX capability QEMU names `vmx-*`: a bit of a VMX capability MSR. For the control
+/// MSRs the bit is in the allowed-1 half (bits 63:32), in the MSR and in its `TRUE_` twin
+/// (`true_msr`, 0 if none).
+#[derive(Debug)]
+struct VmxFeature {
+    name: &'static str,
+    msr: u32,
+    true_msr: u32,
+    bit: u32,
+}
+
+const fn vmx_feat(name: &'static str, msr: u32, true_msr: u32, bit: u32) -> VmxFeature {
+    VmxFeature {
+        name,
+        msr,
+        true_msr,
+        bit,
+    }
+}
+
+/// QEMU's `vmx-*` features (`FEAT_VMX_*` in `target/i386/cpu.c`): IA32_VMX_BASIC (0x480),
+/// the pin-based, processor-based, exit and entry controls (0x481–0x484, TRUE_ 0x48d–0x490),
+/// MISC (0x485), the secondary controls (0x48b), EPT/VPID capabilities (0x48c), VMFUNC (0x491).
+static VMX_FEATURES: &[VmxFeature] = &[
+    vmx_feat("vmx-intr-exit", 0x481, 0x48d, 32),
+    vmx_feat("vmx-nmi-exit", 0x481, 0x48d, 35),
+    vmx_feat("vmx-vnmi", 0x481, 0x48d, 37),
+    vmx_feat("vmx-preemption-timer", 0x481, 0x48d, 38),
+    vmx_feat("vmx-posted-intr", 0x481, 0x48d, 39),
+    vmx_feat("vmx-vintr-pending", 0x482, 0x48e, 34),
+    vmx_feat("vmx-tsc-offset", 0x482, 0x48e, 35),
+    vmx_feat("vmx-hlt-exit", 0x482, 0x48e, 39),
+    vmx_feat("vmx-invlpg-exit", 0x482, 0x48e, 41),
+    vmx_feat("vmx-mwait-exit", 0x482, 0x48e, 42),
+    vmx_feat("vmx-rdpmc-exit", 0x482, 0x48e, 43),
+    vmx_feat("vmx-rdtsc-exit", 0x482, 0x48e, 44),
+    vmx_feat("vmx-cr3-load-noexit", 0x482, 0x48e, 47),
+    vmx_feat("vmx-cr3-store-noexit", 0x482, 0x48e, 48),
+    vmx_feat("vmx-cr8-load-exit", 0x482, 0x48e, 51),
+    vmx_feat("vmx-cr8-store-exit", 0x482, 0x48e, 52),
+    vmx_feat("vmx-flexpriority", 0x482, 0x48e, 53),
+    vmx_feat("vmx-vnmi-pending", 0x482, 0x48e, 54),
+    vmx_feat("vmx-movdr-exit", 0x482, 0x48e, 55),
+    vmx_feat("vmx-io-exit", 0x482, 0x48e, 56),
+    vmx_feat("vmx-io-bitmap", 0x482, 0x48e, 57),
+    vmx_feat("vmx-mtf", 0x482, 0x48e, 59),
+    vmx_feat("vmx-msr-bitmap", 0x482, 0x48e, 60),
+    vmx_feat("vmx-monitor-exit", 0x482, 0x48e, 61),
+    vmx_feat("vmx-pause-exit", 0x482, 0x48e, 62),
+    vmx_feat("vmx-secondary-ctls", 0x482, 0x48e, 63),
+    vmx_feat("vmx-apicv-xapic", 0x48b, 0x0, 32),
+    vmx_feat("vmx-ept", 0x48b, 0x0, 33),
+    vmx_feat("vmx-desc-exit", 0x48b, 0x0, 34),
+    vmx_feat("vmx-rdtscp-exit", 0x48b, 0x0, 35),
+    vmx_feat("vmx-apicv-x2apic", 0x48b, 0x0, 36),
+    vmx_feat("vmx-vpid", 0x48b, 0x0, 37),
+    vmx_feat("vmx-wbinvd-exit", 0x48b, 0x0, 38),
+    vmx_feat("vmx-unrestricted-guest", 0x48b, 0x0, 39),
+    vmx_feat("vmx-apicv-register", 0x48b, 0x0, 40),
+    vmx_feat("vmx-apicv-vid", 0x48b, 0x0, 41),
+    vmx_feat("vmx-ple", 0x48b, 0x0, 42),
+    vmx_feat("vmx-rdrand-exit", 0x48b, 0x0, 43),
+    vmx_feat("vmx-invpcid-exit", 0x48b, 0x0, 44),
+    vmx_feat("vmx-vmfunc", 0x48b, 0x0, 45),
+    vmx_feat("vmx-shadow-vmcs", 0x48b, 0x0, 46),
+    vmx_feat("vmx-encls-exit", 0x48b, 0x0, 47),
+    vmx_feat("vmx-rdseed-exit", 0x48b, 0x0, 48),
+    vmx_feat("vmx-pml", 0x48b, 0x0, 49),
+    vmx_feat("vmx-xsaves", 0x48b, 0x0, 52),
+    vmx_feat("vmx-mbec", 0x48b, 0x0, 54),
+    vmx_feat("vmx-tsc-scaling", 0x48b, 0x0, 57),
+    vmx_feat("vmx-enable-user-wait-pause", 0x48b, 0x0, 58),
+    vmx_feat("vmx-exit-nosave-debugctl", 0x483, 0x48f, 34),
+    vmx_feat("vmx-exit-load-perf-global-ctrl", 0x483, 0x48f, 44),
+    vmx_feat("vmx-exit-ack-intr", 0x483, 0x48f, 47),
+    vmx_feat("vmx-exit-save-pat", 0x483, 0x48f, 50),
+    vmx_feat("vmx-exit-load-pat", 0x483, 0x48f, 51),
+    vmx_feat("vmx-exit-save-efer", 0x483, 0x48f, 52),
+    vmx_feat("vmx-exit-load-efer", 0x483, 0x48f, 53),
+    vmx_feat("vmx-exit-save-preemption-timer", 0x483, 0x48f, 54),
+    vmx_feat("vmx-exit-clear-bndcfgs", 0x483, 0x48f, 55),
+    vmx_feat("vmx-exit-clear-rtit-ctl", 0x483, 0x48f, 57),
+    vmx_feat("vmx-exit-load-pkrs", 0x483, 0x48f, 61),
+    vmx_feat("vmx-entry-noload-debugctl", 0x484, 0x490, 34),
+    vmx_feat("vmx-entry-ia32e-mode", 0x484, 0x490, 41),
+    vmx_feat("vmx-entry-load-perf-global-ctrl", 0x484, 0x490, 45),
+    vmx_feat("vmx-entry-load-pat", 0x484, 0x490, 46),
+    vmx_feat("vmx-entry-load-efer", 0x484, 0x490, 47),
+    vmx_feat("vmx-entry-load-bndcfgs", 0x484, 0x490, 48),
+    vmx_feat("vmx-entry-load-rtit-ctl", 0x484, 0x490, 50),
+    vmx_feat("vmx-entry-load-pkrs", 0x484, 0x490, 54),
+    vmx_feat("vmx-store-lma", 0x485, 0x0, 5),
+    vmx_feat("vmx-activity-hlt", 0x485, 0x0, 6),
+    vmx_feat("vmx-activity-shutdown", 0x485, 0x0, 7),
+    vmx_feat("vmx-activity-wait-sipi", 0x485, 0x0, 8),
+    vmx_feat("vmx-vmwrite-vmexit-fields", 0x485, 0x0, 29),
+    vmx_feat("vmx-zero-len-inject", 0x485, 0x0, 30),
+    vmx_feat("vmx-ept-execonly", 0x48c, 0x0, 0),
+    vmx_feat("vmx-page-walk-4", 0x48c, 0x0, 6),
+    vmx_feat("vmx-page-walk-5", 0x48c, 0x0, 7),
+    vmx_feat("vmx-ept-2mb", 0x48c, 0x0, 16),
+    vmx_feat("vmx-ept-1gb", 0x48c, 0x0, 17),
+    vmx_feat("vmx-invept", 0x48c, 0x0, 20),
+    vmx_feat("vmx-eptad", 0x48c, 0x0, 21),
+    vmx_feat("vmx-ept-advanced-exitinfo", 0x48c, 0x0, 22),
+    vmx_feat("vmx-invept-single-context", 0x48c, 0x0, 25),
+    vmx_feat("vmx-invept-all-context", 0x48c, 0x0, 26),
+    vmx_feat("vmx-invvpid", 0x48c, 0x0, 32),
+    vmx_feat("vmx-invvpid-single-addr", 0x48c, 0x0, 40),
+    vmx_feat("vmx-invvpid-single-context", 0x48c, 0x0, 41),
+    vmx_feat("vmx-invvpid-all-context", 0x48c, 0x0, 42),
+    vmx_feat("vmx-invvpid-single-context-noglobals", 0x48c, 0x0, 43),
+    vmx_feat("vmx-ins-outs", 0x480, 0x0, 54),
+    vmx_feat("vmx-true-ctls", 0x480, 0x0, 55),
+    vmx_feat("vmx-eptp-switching", 0x491, 0x0, 0),
 ];
 
 /// QEMU's other names for features (after `_` → `-`).
@@ -476,6 +622,58 @@ static KVM64: ModelDef = ModelDef {
     ],
 };
 
+static OPTERON_G1: ModelDef = ModelDef {
+    level: 5,
+    xlevel: 0x8000_0008,
+    family: 15,
+    model: 6,
+    stepping: 1,
+    model_id: "AMD Opteron 240 (Gen 1 Class Opteron)",
+    words: &[
+        (L1_EDX, QEMU64_L1_EDX | bits(&[1])),
+        // SSE3, plus x2APIC (QEMU's KVM default).
+        (L1_ECX, bits(&[0, 21])),
+        (E1_EDX, MODEL_E1_EDX),
+    ],
+};
+
+static SKYLAKE_SERVER: ModelDef = ModelDef {
+    level: 0xd,
+    xlevel: 0x8000_0008,
+    family: 6,
+    model: 85,
+    stepping: 4,
+    model_id: "Intel Xeon Processor (Skylake)",
+    words: &[
+        (L1_EDX, QEMU64_L1_EDX | bits(&[1])),
+        // SSE3 PCLMULQDQ FMA SSSE3 CX16 PCID SSE4.1 SSE4.2 X2APIC MOVBE POPCNT TSC-DEADLINE AES
+        // XSAVE AVX F16C RDRAND.
+        (
+            L1_ECX,
+            bits(&[
+                0, 1, 9, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30,
+            ]),
+        ),
+        (L6_EAX, bits(&[2])),
+        // FSGSBASE BMI1 HLE AVX2 SMEP BMI2 ERMS INVPCID RTM MPX AVX512F AVX512DQ RDSEED ADX
+        // SMAP CLFLUSHOPT CLWB AVX512CD AVX512BW AVX512VL.
+        (
+            L7_EBX,
+            bits(&[
+                0, 3, 4, 5, 7, 8, 9, 10, 11, 14, 16, 17, 18, 19, 20, 23, 24, 28, 30, 31,
+            ]),
+        ),
+        // PKU.
+        (L7_ECX, bits(&[3])),
+        // XSAVEOPT XSAVEC XGETBV1.
+        (LD_1_EAX, bits(&[0, 1, 2])),
+        // SYSCALL NX PDPE1GB RDTSCP LM.
+        (E1_EDX, MODEL_E1_EDX | bits(&[26, 27])),
+        // LAHF_LM ABM 3DNOWPREFETCH.
+        (E1_ECX, bits(&[0, 5, 8])),
+    ],
+};
+
 /// The model a [`CpuModel`] starts from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BaseModel {
@@ -483,6 +681,10 @@ pub enum BaseModel {
     Qemu64,
     /// QEMU's `kvm64`.
     Kvm64,
+    /// QEMU's `Opteron_G1` (an AMD Opteron 240's features).
+    OpteronG1,
+    /// QEMU's `Skylake-Server` (v1: an Intel Xeon Skylake's features).
+    SkylakeServer,
     /// Everything KVM supports (QEMU's `max` under KVM).
     Max,
     /// Everything KVM supports, as the host.
@@ -495,6 +697,8 @@ impl BaseModel {
         match self {
             BaseModel::Qemu64 => "qemu64",
             BaseModel::Kvm64 => "kvm64",
+            BaseModel::OpteronG1 => "Opteron_G1",
+            BaseModel::SkylakeServer => "Skylake-Server",
             BaseModel::Max => "max",
             BaseModel::Host => "host",
         }
@@ -504,6 +708,8 @@ impl BaseModel {
         match self {
             BaseModel::Qemu64 => Some(&QEMU64),
             BaseModel::Kvm64 => Some(&KVM64),
+            BaseModel::OpteronG1 => Some(&OPTERON_G1),
+            BaseModel::SkylakeServer => Some(&SKYLAKE_SERVER),
             BaseModel::Max | BaseModel::Host => None,
         }
     }
@@ -512,6 +718,8 @@ impl BaseModel {
         Some(match name {
             "qemu64" | "qemu64-v1" => BaseModel::Qemu64,
             "kvm64" | "kvm64-v1" => BaseModel::Kvm64,
+            "Opteron_G1" | "Opteron_G1-v1" => BaseModel::OpteronG1,
+            "Skylake-Server" | "Skylake-Server-v1" => BaseModel::SkylakeServer,
             "max" => BaseModel::Max,
             "host" => BaseModel::Host,
             _ => return None,
@@ -531,8 +739,61 @@ pub struct CpuModel {
     model_id: Option<String>,
     /// (index into [`FEATURES`], on), in the order QEMU applies them.
     features: Vec<(usize, bool)>,
+    /// (index into [`VMX_FEATURES`], on), in the order QEMU applies them.
+    vmx_features: Vec<(usize, bool)>,
+    /// The Hyper-V enlightenments asked for (`hv-*` options, as given).
+    hyperv: Vec<String>,
     enforce: bool,
 }
+
+/// What a feature name names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FeatureRef {
+    /// A CPUID bit: index into [`FEATURES`].
+    Cpuid(usize),
+    /// A VMX capability: index into [`VMX_FEATURES`].
+    Vmx(usize),
+    /// A Hyper-V enlightenment (`hv-*`).
+    Hyperv,
+}
+
+/// QEMU's Hyper-V enlightenment options (`hv-*`, `kvm_hyperv_properties` and the `hv-*`
+/// properties of `x86_cpu_properties`).
+static HYPERV_OPTIONS: &[&str] = &[
+    "hv-relaxed",
+    "hv-vapic",
+    "hv-time",
+    "hv-crash",
+    "hv-reset",
+    "hv-vpindex",
+    "hv-runtime",
+    "hv-synic",
+    "hv-stimer",
+    "hv-stimer-direct",
+    "hv-frequencies",
+    "hv-reenlightenment",
+    "hv-tlbflush",
+    "hv-tlbflush-ext",
+    "hv-tlbflush-direct",
+    "hv-evmcs",
+    "hv-ipi",
+    "hv-avic",
+    "hv-apicv",
+    "hv-emsr-bitmap",
+    "hv-xmm-input",
+    "hv-syndbg",
+    "hv-passthrough",
+    "hv-enforce-cpuid",
+    "hv-spinlocks",
+    "hv-vendor-id",
+    "hv-version-id-build",
+    "hv-version-id-major",
+    "hv-version-id-minor",
+    "hv-version-id-spack",
+    "hv-version-id-sbranch",
+    "hv-version-id-snumber",
+    "hv-no-nonarch-coresharing",
+];
 
 /// Splits QEMU option syntax at commas; `,,` is a literal comma.
 fn split_options(s: &str) -> Vec<String> {
@@ -553,16 +814,22 @@ fn split_options(s: &str) -> Vec<String> {
     items
 }
 
-fn lookup_feature(name: &str) -> Result<usize, CpuModelError> {
+fn lookup_feature(name: &str) -> Result<FeatureRef, CpuModelError> {
     let normalized = name.replace('_', "-");
     let canonical = ALIASES
         .iter()
         .find(|(alias, _)| *alias == normalized)
         .map_or(normalized.as_str(), |(_, c)| c);
-    FEATURES
-        .iter()
-        .position(|f| f.name == canonical)
-        .ok_or_else(|| CpuModelError::UnknownFeature(name.to_string()))
+    if let Some(i) = FEATURES.iter().position(|f| f.name == canonical) {
+        return Ok(FeatureRef::Cpuid(i));
+    }
+    if let Some(i) = VMX_FEATURES.iter().position(|f| f.name == canonical) {
+        return Ok(FeatureRef::Vmx(i));
+    }
+    if HYPERV_OPTIONS.contains(&canonical) {
+        return Ok(FeatureRef::Hyperv);
+    }
+    Err(CpuModelError::UnknownFeature(name.to_string()))
 }
 
 fn parse_bool(key: &str, value: Option<&str>) -> Result<bool, CpuModelError> {
@@ -608,16 +875,24 @@ impl FromStr for CpuModel {
             stepping: None,
             model_id: None,
             features: Vec::new(),
+            vmx_features: Vec::new(),
+            hyperv: Vec::new(),
             enforce: false,
         };
         let (mut plus, mut minus) = (Vec::new(), Vec::new());
         for item in items.iter().skip(1).filter(|i| !i.is_empty()) {
             if let Some(f) = item.strip_prefix('+') {
-                plus.push(lookup_feature(f)?);
+                match lookup_feature(f)? {
+                    FeatureRef::Hyperv => model.hyperv.push(f.to_string()),
+                    r => plus.push(r),
+                }
                 continue;
             }
             if let Some(f) = item.strip_prefix('-') {
-                minus.push(lookup_feature(f)?);
+                match lookup_feature(f)? {
+                    FeatureRef::Hyperv => {}
+                    r => minus.push(r),
+                }
                 continue;
             }
             let (key, value) = match item.split_once('=') {
@@ -657,14 +932,28 @@ impl FromStr for CpuModel {
                         );
                     }
                 }
-                _ => {
-                    let idx = lookup_feature(key)?;
-                    model.features.push((idx, parse_bool(key, value)?));
+                _ => match lookup_feature(key)? {
+                    FeatureRef::Cpuid(i) => model.features.push((i, parse_bool(key, value)?)),
+                    FeatureRef::Vmx(i) => model.vmx_features.push((i, parse_bool(key, value)?)),
+                    FeatureRef::Hyperv => {
+                        // Values (hv-spinlocks=N, hv-vendor-id=…) or on/off switches.
+                        let on = parse_bool(key, value).unwrap_or(true);
+                        if on {
+                            model.hyperv.push(item.clone());
+                        }
+                    }
+                },
+            }
+        }
+        for (list, on) in [(plus, true), (minus, false)] {
+            for r in list {
+                match r {
+                    FeatureRef::Cpuid(i) => model.features.push((i, on)),
+                    FeatureRef::Vmx(i) => model.vmx_features.push((i, on)),
+                    FeatureRef::Hyperv => {}
                 }
             }
         }
-        model.features.extend(plus.into_iter().map(|i| (i, true)));
-        model.features.extend(minus.into_iter().map(|i| (i, false)));
         Ok(model)
     }
 }
@@ -816,6 +1105,77 @@ impl CpuModel {
         self.enforce
     }
 
+    /// Checks that this host can give the guest the Hyper-V enlightenments asked for (`hv-*`).
+    /// They need KVM's Hyper-V emulation (`KVM_CAP_HYPERV`, `has_kvm_hyperv`). As in QEMU,
+    /// `hv-passthrough` alone gives the guest what KVM offers, which on a host without it is
+    /// nothing (the guest sees no Hyper-V leaves); any other `hv-*` option is then an error.
+    /// hopvm does not yet build the Hyper-V CPUID leaves on a host that has them: that is an
+    /// error too, rather than a guest silently without its enlightenments.
+    pub fn check_hyperv(&self, has_kvm_hyperv: bool) -> Result<(), CpuModelError> {
+        if self.hyperv.is_empty() {
+            return Ok(());
+        }
+        let list = self.hyperv.join(",");
+        let passthrough_only = self
+            .hyperv
+            .iter()
+            .all(|h| h.replace('_', "-").starts_with("hv-passthrough"));
+        match (has_kvm_hyperv, passthrough_only) {
+            (false, true) => {
+                log::warn!("{list}: this host's KVM offers no Hyper-V enlightenments");
+                Ok(())
+            }
+            (false, false) => Err(CpuModelError::NoHyperv(list)),
+            (true, _) => Err(CpuModelError::HypervUnimplemented(list)),
+        }
+    }
+
+    /// The VMX capability MSRs a guest with this model's `vmx-*` options gets, given the guest
+    /// CPUID `cpuid` (nothing unless it shows VMX) and KVM's value of each VMX capability MSR
+    /// (`kvm_msr`, from `KVM_GET_MSRS` on /dev/kvm; `None` if KVM does not report it). As in
+    /// QEMU, `-vmx-FEAT` clears an allowed-1 bit; `+vmx-FEAT` keeps it if KVM allows it and is
+    /// otherwise left off with a warning (an error with `enforce`).
+    pub fn vmx_msrs(
+        &self,
+        cpuid: &CpuId,
+        kvm_msr: impl Fn(u32) -> Option<u64>,
+    ) -> Result<Vec<(u32, u64)>, CpuModelError> {
+        let vmx = get(cpuid.as_slice(), L1_ECX) & LEAF1_ECX_VMX != 0;
+        let mut out: Vec<(u32, u64)> = Vec::new();
+        for &(idx, on) in &self.vmx_features {
+            let Some(f) = VMX_FEATURES.get(idx) else {
+                continue;
+            };
+            let host = vmx.then(|| kvm_msr(f.msr)).flatten();
+            if on && host.is_none_or(|v| v & (1 << f.bit) == 0) {
+                if self.enforce {
+                    return Err(CpuModelError::Unsupported(f.name.to_string()));
+                }
+                log::warn!("host doesn't support requested feature: {}", f.name);
+                continue;
+            }
+            if on || host.is_none() {
+                continue;
+            }
+            for msr in [f.msr, f.true_msr].into_iter().filter(|m| *m != 0) {
+                let Some(current) = out
+                    .iter()
+                    .find(|(m, _)| *m == msr)
+                    .map(|(_, v)| *v)
+                    .or_else(|| kvm_msr(msr))
+                else {
+                    continue;
+                };
+                let value = current & !(1 << f.bit);
+                match out.iter_mut().find(|(m, _)| *m == msr) {
+                    Some(e) => e.1 = value,
+                    None => out.push((msr, value)),
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// The CPUID this model gives a guest on a host whose KVM supports `supported` (ideally
     /// [`supported_cpuid`]'s table). Apply it before the per-vCPU patching of
     /// [`cpuid::vcpu_cpuid`](super::cpuid::vcpu_cpuid).
@@ -909,6 +1269,25 @@ impl CpuModel {
                 .max()
                 .unwrap_or(0);
             set(&mut out, word(7, 0, Reg::Eax), max_sub);
+            // Features beyond the model's levels raise them (QEMU's cpuid_min_level and
+            // cpuid_min_xlevel): leaf 7 for a leaf-7 feature, 0x8000_000A for SVM.
+            let leaf7 = out
+                .iter()
+                .any(|e| e.function == 7 && e.eax | e.ebx | e.ecx | e.edx != 0);
+            if leaf7 && get(&out, word(0, 0, Reg::Eax)) < 7 {
+                set(&mut out, word(0, 0, Reg::Eax), 7);
+            }
+            if get(&out, E1_ECX) & EXT1_ECX_SVM != 0
+                && get(&out, word(0x8000_0000, 0, Reg::Eax)) < 0x8000_000a
+            {
+                set(&mut out, word(0x8000_0000, 0, Reg::Eax), 0x8000_000a);
+                for e in sup.iter().filter(|e| e.function == 0x8000_000a) {
+                    if find(&out, e.function, e.index).is_none() {
+                        out.push(*e);
+                        set(&mut out, EA_EDX, 0);
+                    }
+                }
+            }
         }
         if get(&out, L1_ECX) & LEAF1_ECX_XSAVE == 0 {
             // No XSAVE, no XSAVE leaf (as QEMU).
@@ -987,6 +1366,25 @@ pub fn arch_capabilities_msr(kvm: &Kvm) -> Option<u64> {
     match kvm.get_msrs(&mut msrs) {
         Ok(1) => Some(msrs.as_slice().first().map_or(0, |e| e.data)),
         _ => Some(0),
+    }
+}
+
+/// KVM's value of the feature MSR `index` (`KVM_GET_MSRS` on /dev/kvm), if KVM lists it in
+/// `KVM_GET_MSR_FEATURE_INDEX_LIST` (the VMX capability MSRs are there when KVM offers nested
+/// VMX).
+pub fn feature_msr(kvm: &Kvm, index: u32) -> Option<u64> {
+    let listed = kvm.get_msr_feature_index_list().ok()?;
+    if !listed.as_slice().contains(&index) {
+        return None;
+    }
+    let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .ok()?;
+    match kvm.get_msrs(&mut msrs) {
+        Ok(1) => msrs.as_slice().first().map(|e| e.data),
+        _ => None,
     }
 }
 
@@ -1110,7 +1508,10 @@ mod tests {
     }
 
     fn has(c: &CpuId, name: &str) -> bool {
-        let f = &FEATURES[lookup_feature(name).unwrap()];
+        let FeatureRef::Cpuid(i) = lookup_feature(name).unwrap() else {
+            panic!("{name} is not a cpuid feature");
+        };
+        let f = &FEATURES[i];
         get(c.as_slice(), f.word) & f.mask == f.mask
     }
 
@@ -1150,6 +1551,11 @@ mod tests {
             "kvm64,+rdtscp",
             "qemu64,+sse4_1,+tsc_deadline,lahf_lm=off,sse3=on",
             "qemu64,enforce,check=off,",
+            "Opteron_G1,vendor=AuthenticAMD",
+            "Skylake-Server,host-phys-bits,+vmx,+vmx-mbec",
+            "max,host-phys-bits,+vmx,-vmx-mbec",
+            "max,+svm,-npt",
+            "host,hv_passthrough",
         ] {
             let m: CpuModel = spec.parse().unwrap();
             assert_eq!(m.to_string(), spec);
@@ -1182,7 +1588,8 @@ mod tests {
         assert_eq!(err("Qemu64"), "unknown cpu model: Qemu64");
         assert_eq!(err("qemu64,+foo"), "unknown cpu feature: foo");
         assert_eq!(err("qemu64,-"), "unknown cpu feature: ");
-        assert_eq!(err("kvm64,hv_time"), "unknown cpu feature: hv_time");
+        assert_eq!(err("kvm64,hv_timer"), "unknown cpu feature: hv_timer");
+        assert_eq!(err("max,+vmx-nothing"), "unknown cpu feature: vmx-nothing");
         assert_eq!(err("qemu64,phys-bits=36"), "unknown cpu feature: phys-bits");
         assert_eq!(err("max,vendor=Intel"), "invalid value for vendor: Intel");
         assert_eq!(err("max,vendor"), "invalid value for vendor: ");
@@ -1415,6 +1822,113 @@ mod tests {
     }
 
     #[test]
+    fn opteron_g1_as_the_syscall_test_asks() {
+        let c = apply("Opteron_G1,vendor=AuthenticAMD", &intel_host());
+        assert_eq!(&vendor(&c), b"AuthenticAMD");
+        assert_eq!(reg(&c, 0, 0, Reg::Eax), 5);
+        assert_eq!(reg(&c, 0x8000_0000, 0, Reg::Eax), 0x8000_0008);
+        assert_eq!(reg(&c, 1, 0, Reg::Eax), encode_signature(15, 6, 1));
+        assert!(has(&c, "sse3") && has(&c, "vme") && has(&c, "x2apic") && has(&c, "lm"));
+        assert!(!has(&c, "cx16") && !has(&c, "pcid") && !has(&c, "rdtscp"));
+        // AMD: the leaf 1 EDX aliases in 0x8000_0001 EDX.
+        assert!(has(&c, "syscall") && has(&c, "nx"));
+        assert_ne!(reg(&c, 0x8000_0001, 0, Reg::Edx) & 1, 0, "fpu alias");
+        assert!(!c
+            .as_slice()
+            .iter()
+            .any(|e| e.function == 7 || e.function == 0xd));
+        assert_eq!(brand(&c), "AMD Opteron 240 (Gen 1 Class Opteron)");
+        // A leaf-7 feature raises the level to 7.
+        let c = apply("Opteron_G1,+smep", &intel_host());
+        assert_eq!(reg(&c, 0, 0, Reg::Eax), 7);
+        assert!(has(&c, "smep"));
+    }
+
+    #[test]
+    fn skylake_server() {
+        let c = apply(
+            "Skylake-Server,host-phys-bits,+vmx,+vmx-mbec",
+            &intel_host(),
+        );
+        assert_eq!(reg(&c, 1, 0, Reg::Eax), encode_signature(6, 85, 4));
+        assert_eq!(brand(&c), "Intel Xeon Processor (Skylake)");
+        for f in ["avx", "xsave", "pcid", "movbe", "smep", "invpcid", "vmx"] {
+            assert!(has(&c, f), "{f}");
+        }
+        assert!(has(&c, "avx512f") && has(&c, "pku"));
+        // The host's, not the model's: off.
+        for f in ["umip", "rdpid", "md-clear"] {
+            assert!(!has(&c, f), "{f}");
+        }
+        assert!(has(&c, "pdpe1gb") && has(&c, "lm") && !has(&c, "svm"));
+        assert_eq!(reg(&c, 0x8000_0000, 0, Reg::Eax), 0x8000_0008);
+    }
+
+    #[test]
+    fn svm_features() {
+        let mut entries = amd_host().as_slice().to_vec();
+        entries.push(e(0x8000_000a, 0, [1, 0x8000, 0, 0x1_3cff]));
+        let host = CpuId::from_entries(&entries).unwrap();
+        let c = apply("max,+svm,-npt", &host);
+        assert!(has(&c, "svm") && !has(&c, "npt") && has(&c, "nrip-save"));
+        let c = apply("qemu64,+svm,+npt", &host);
+        assert!(has(&c, "svm") && has(&c, "npt") && !has(&c, "nrip-save"));
+        assert_eq!(reg(&c, 0x8000_0000, 0, Reg::Eax), 0x8000_000a);
+        // The Intel host has no SVM: asked for, left off.
+        let c = apply("max,+svm,-npt", &intel_host());
+        assert!(!has(&c, "svm") && !has(&c, "npt"));
+    }
+
+    #[test]
+    fn vmx_capability_msrs() {
+        // IA32_VMX_PROCBASED_CTLS2 (0x48b): MBEC (bit 22) and EPT (bit 1) allowed.
+        let kvm = |msr: u32| match msr {
+            0x48b => Some(((1u64 << 22) | (1 << 1)) << 32),
+            0x482 | 0x48e => Some(0xfff9_fffe_0401_e172),
+            _ => None,
+        };
+        let host = intel_host();
+        let m: CpuModel = "max,+vmx,-vmx-mbec,-vmx-hlt-exit,+vmx-ept".parse().unwrap();
+        let msrs = m.vmx_msrs(&apply("max,+vmx", &host), kvm).unwrap();
+        assert!(msrs.contains(&(0x48b, 1 << 33)), "{msrs:x?}");
+        let proc = 0xfff9_fffe_0401_e172u64 & !(1 << (32 + 7));
+        assert!(msrs.contains(&(0x482, proc)) && msrs.contains(&(0x48e, proc)));
+        // Without VMX in the guest's CPUID, nothing to set.
+        let m: CpuModel = "max,-vmx,-vmx-mbec".parse().unwrap();
+        assert!(m
+            .vmx_msrs(&apply("max,-vmx", &host), kvm)
+            .unwrap()
+            .is_empty());
+        // Asked for but not offered: an error only with enforce.
+        let m: CpuModel = "max,+vmx,+vmx-pml".parse().unwrap();
+        assert!(m.vmx_msrs(&apply("max", &host), kvm).unwrap().is_empty());
+        let m: CpuModel = "max,+vmx,+vmx-pml,enforce".parse().unwrap();
+        assert!(m.vmx_msrs(&apply("max", &host), kvm).is_err());
+    }
+
+    #[test]
+    fn hyperv_options() {
+        let m: CpuModel = "host,hv_passthrough".parse().unwrap();
+        assert!(m.check_hyperv(false).is_ok(), "nothing to pass through");
+        assert!(matches!(
+            m.check_hyperv(true),
+            Err(CpuModelError::HypervUnimplemented(_))
+        ));
+        let m: CpuModel = "qemu64,hv-time,hv_spinlocks=0x1fff,+hv-relaxed"
+            .parse()
+            .unwrap();
+        assert_eq!(m.hyperv, ["hv-time", "hv_spinlocks=0x1fff", "hv-relaxed"]);
+        assert!(matches!(
+            m.check_hyperv(false),
+            Err(CpuModelError::NoHyperv(_))
+        ));
+        let m: CpuModel = "qemu64,hv-time=off".parse().unwrap();
+        assert!(m.check_hyperv(false).is_ok());
+        let m: CpuModel = "qemu64".parse().unwrap();
+        assert!(m.check_hyperv(false).is_ok() && m.check_hyperv(true).is_ok());
+    }
+
+    #[test]
     fn kvm64() {
         let host = intel_host();
         let c = apply("kvm64,+rdtscp", &host);
@@ -1487,6 +2001,9 @@ mod tests {
             "kvm64,+rdtscp",
             "max,vendor=GenuineIntel",
             "host",
+            "Opteron_G1,vendor=AuthenticAMD",
+            "Skylake-Server,host-phys-bits,+vmx,+vmx-mbec",
+            "max,+svm,-npt",
         ]
         .into_iter()
         .enumerate()
