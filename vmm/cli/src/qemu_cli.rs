@@ -69,12 +69,13 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -append STRING          kernel command line\n\
 -m SIZE                 guest RAM (MiB unless suffixed)\n\
 -smp N                  number of vCPUs\n\
--cpu MODEL[,+feat,...]  qemu64, max, host; +/-x2apic, pcid, invpcid, tsc-deadline, vendor=\n\
+-cpu MODEL[,+feat,...]  qemu64 kvm64 Opteron_G1 Skylake-Server max host; +feat -feat feat=on|off\n\
+                        (QEMU's CPUID, SVM and vmx-* names), vendor=, hv-passthrough\n\
 -machine pc,accel=kvm[,pit=on|off]   the only machine\n\
 -overcommit mem-lock=on|off,cpu-pm=on|off\n\
 -enable-kvm, -accel kvm\n\
 -serial stdio|null|file:PATH\n\
--device pc-testdev | isa-debug-exit[,iobase=,iosize=] | pci-testdev | ? | help\n\
+-device pc-testdev | isa-debug-exit[,iobase=,iosize=] | pci-testdev | hyperv-testdev | ? | help\n\
 -qmp unix:PATH[,server,nowait]\n\
 -chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control\n\
 -incoming URI | defer\n\
