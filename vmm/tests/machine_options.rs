@@ -1,0 +1,88 @@
+//! QEMU's machine options that change what the VM is built with: `-machine pit=off` (no PIT,
+//! migrated without one) and `-overcommit cpu-pm=on` (KVM_CAP_X86_DISABLE_EXITS).
+
+mod common;
+
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use common::{passes, Capture};
+use migration::thread::{MigrationEvent, MigrationStatus};
+use vmm::config::{SerialConfig, VmConfig};
+use vmm::instance::Instance;
+use vmm::runstate::RunState;
+use vmm::vcpu::VmEvent;
+use vmm::vm::SharedWriter;
+
+fn instance(kernel: bool, pit: bool, cpu_pm: bool) -> (Arc<Instance>, Capture) {
+    let mut c = VmConfig::new(guest_tests::image_path("dirty"));
+    if !kernel {
+        c.kernel = None;
+    }
+    c.cmdline = String::from("ws=4");
+    c.memory = 64 << 20;
+    c.serial = SerialConfig::Null;
+    c.pit = pit;
+    c.cpu_pm = cpu_pm;
+    let capture = Capture::default();
+    let i = Instance::new(&c, SharedWriter::new(Box::new(capture.clone()))).unwrap();
+    (i, capture)
+}
+
+fn unix_uri(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("hopvm-mo-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    format!("unix:{}", dir.join("sock").display())
+}
+
+/// Migrates a running guest of `src` into `dst`; returns how the migration ended.
+fn migrate(src: &Arc<Instance>, dst: &Arc<Instance>, uri: &str) -> MigrationStatus {
+    let (tx, rx) = mpsc::channel();
+    src.migration.add_notifier(move |e| {
+        if let MigrationEvent::Status(s) = e {
+            if !s.is_running() {
+                let _ = tx.send(*s);
+            }
+        }
+    });
+    dst.incoming(uri).unwrap();
+    src.migrate(uri).unwrap();
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("migration ends")
+}
+
+#[test]
+fn a_guest_without_a_pit_runs_and_migrates_to_a_vm_without_one() {
+    let (src, src_out) = instance(true, false, true);
+    src.cont().unwrap();
+    src_out.wait_for(Duration::from_secs(120), "a first pass", |t| passes(t) >= 1);
+
+    let (dst, dst_out) = instance(false, false, false);
+    let status = migrate(&src, &dst, &unix_uri("nopit"));
+    assert_eq!(
+        status,
+        MigrationStatus::Completed,
+        "{:?}",
+        src.migration.info()
+    );
+    dst_out.wait_for(Duration::from_secs(120), "passes on the destination", |t| {
+        passes(t) >= 2
+    });
+    assert_eq!(dst.runstate(), RunState::Running);
+    assert!(!dst_out.text().contains("CORRUPT"), "{}", dst_out.text());
+}
+
+#[test]
+fn a_vm_with_a_pit_refuses_the_state_of_one_without() {
+    let (src, src_out) = instance(true, false, false);
+    src.cont().unwrap();
+    src_out.wait_for(Duration::from_secs(120), "a first pass", |t| passes(t) >= 1);
+    let (dst, _) = instance(false, true, false);
+    // The source has sent everything; the destination fails loading the machine state and
+    // ends (hopvm exits with status 1) without running the guest.
+    migrate(&src, &dst, &unix_uri("pit"));
+    let event = dst.vm.wait_event_timeout(Duration::from_secs(60));
+    assert!(matches!(event, Some(VmEvent::Exit(1))), "{event:?}");
+    assert_ne!(dst.incoming_status(), Some(MigrationStatus::Completed));
+    assert_ne!(dst.runstate(), RunState::Running);
+}
