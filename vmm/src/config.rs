@@ -84,7 +84,10 @@ impl std::str::FromStr for DebugExitConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || ConfigError::InvalidDebugExit(s.to_string());
         let mut config = Self::default();
-        for part in s.split(',').filter(|p| !p.is_empty()) {
+        for part in crate::qemu_opts::split_options(s)
+            .iter()
+            .filter(|p| !p.is_empty())
+        {
             let (key, value) = part.split_once('=').ok_or_else(bad)?;
             let value = parse_int(value).ok_or_else(bad)?;
             let value = u16::try_from(value).map_err(|_| bad())?;

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 
 use qmp::protocol::QEMU_COMPAT_VERSION;
 use vmm::config::{self, DebugExitConfig, SerialConfig, VmConfig};
+use vmm::qemu_opts::split_options;
 
 /// Errors in a QEMU command line.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -87,11 +88,12 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
     )
 }
 
-/// Splits `key=value,flag,...` into a map; a bare first element is returned separately.
-fn props(s: &str) -> (Option<&str>, HashMap<&str, &str>) {
+/// Maps the items of `key=value,flag,...` (split by [`split_options`], so `,,` is a literal
+/// comma); a bare first element is returned separately.
+fn props(parts: &[String]) -> (Option<&str>, HashMap<&str, &str>) {
     let mut first = None;
     let mut map = HashMap::new();
-    for (i, part) in s.split(',').enumerate() {
+    for (i, part) in parts.iter().map(String::as_str).enumerate() {
         match part.split_once('=') {
             Some((k, v)) => {
                 map.insert(k, v);
@@ -142,7 +144,8 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             "-append" => config.cmdline = value()?,
             "-m" => {
                 let v = value()?;
-                let (first, p) = props(&v);
+                let parts = split_options(&v);
+                let (first, p) = props(&parts);
                 let size = first.or(p.get("size").copied()).unwrap_or("");
                 config.memory = config::parse_size_with_unit(size, 1 << 20)
                     .and_then(config::check_memory)
@@ -150,7 +153,8 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             }
             "-smp" => {
                 let v = value()?;
-                let (first, p) = props(&v);
+                let parts = split_options(&v);
+                let (first, p) = props(&parts);
                 let n = first.or(p.get("cpus").copied()).unwrap_or("1");
                 config.cpus = n
                     .parse()
@@ -161,7 +165,8 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             "-cpu" => config.cpu = value()?,
             "-machine" | "-M" => {
                 let v = value()?;
-                let (first, p) = props(&v);
+                let parts = split_options(&v);
+                let (first, p) = props(&parts);
                 if let Some(t) = first.or(p.get("type").copied()) {
                     if !matches!(t, "pc" | "pc-i440fx" | "none") && !t.starts_with("pc-i440fx-") {
                         return Err(QemuCliError::UnsupportedValue(opt.into(), t.into()));
@@ -199,7 +204,7 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             }
             "-accel" => {
                 let v = value()?;
-                if props(&v).0 != Some("kvm") {
+                if props(&split_options(&v)).0 != Some("kvm") {
                     return Err(QemuCliError::UnsupportedValue(opt.into(), v));
                 }
             }
@@ -233,7 +238,8 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             }
             "-device" => {
                 let v = value()?;
-                let (first, p) = props(&v);
+                let parts = split_options(&v);
+                let (first, p) = props(&parts);
                 match first.unwrap_or("") {
                     "?" | "help" => return Ok(QemuAction::Print(DEVICE_LIST.to_string())),
                     // Always present in hopvm; pci-testdev is accepted but not emulated
@@ -264,10 +270,12 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             }
             "-chardev" => {
                 let v = value()?;
-                let (backend, p) = props(&v);
+                let parts = split_options(&v);
+                let (backend, p) = props(&parts);
                 match (backend, p.get("id"), p.get("path")) {
                     (Some("socket"), Some(id), Some(path)) => {
-                        let mut spec = format!("unix:{path}");
+                        // The path goes back into option syntax: re-escape its commas.
+                        let mut spec = format!("unix:{}", path.replace(',', ",,"));
                         if p.get("server").is_some_and(|s| *s != "off") {
                             spec.push_str(",server=on");
                         }
@@ -278,7 +286,8 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             }
             "-mon" => {
                 let v = value()?;
-                let (_, p) = props(&v);
+                let parts = split_options(&v);
+                let (_, p) = props(&parts);
                 match (p.get("chardev"), p.get("mode")) {
                     (Some(id), Some(&"control")) => monitors.push((*id).to_string()),
                     _ => return Err(QemuCliError::UnsupportedValue(opt.into(), v)),
@@ -374,6 +383,16 @@ mod tests {
         assert_eq!(c.qmp.as_deref(), Some("unix:/tmp/q,server=on"));
         assert_eq!(c.incoming.as_deref(), Some("unix:/tmp/m"));
         assert!(c.paused);
+        // `,,` is a literal comma in a path, as in QEMU.
+        let c = run(
+            "-kernel k -chardev socket,id=m,path=/tmp/a,,b,server=on -mon chardev=m,mode=control",
+        );
+        assert_eq!(c.qmp.as_deref(), Some("unix:/tmp/a,,b,server=on"));
+        let spec: qmp::QmpListenSpec = c.qmp.unwrap().parse().unwrap();
+        assert_eq!(
+            spec.address,
+            qmp::QmpAddress::Unix(PathBuf::from("/tmp/a,b"))
+        );
         let c = run("-incoming defer -qmp unix:/tmp/q,server,nowait");
         assert_eq!(c.kernel, None);
         assert_eq!(c.qmp.as_deref(), Some("unix:/tmp/q,server,nowait"));

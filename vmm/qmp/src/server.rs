@@ -120,7 +120,7 @@ impl QmpListenSpec {
     pub fn parse(spec: &str) -> Result<Self, QmpServerError> {
         let invalid = || QmpServerError::InvalidAddress(spec.to_string());
         let (kind, rest) = spec.split_once(':').ok_or_else(invalid)?;
-        let mut parts = split_options(rest).into_iter();
+        let mut parts = vmm::qemu_opts::split_options(rest).into_iter();
         let target = parts.next().unwrap_or_default();
         let address = match kind {
             "unix" if !target.is_empty() => QmpAddress::Unix(PathBuf::from(target)),
@@ -161,26 +161,6 @@ impl FromStr for QmpListenSpec {
     fn from_str(spec: &str) -> Result<Self, Self::Err> {
         Self::parse(spec)
     }
-}
-
-/// Splits QEMU-style options at single commas; `,,` stands for a comma.
-fn split_options(s: &str) -> Vec<String> {
-    let mut parts = vec![String::new()];
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == ',' {
-            if chars.peek() == Some(&',') {
-                chars.next();
-            } else {
-                parts.push(String::new());
-                continue;
-            }
-        }
-        if let Some(last) = parts.last_mut() {
-            last.push(c);
-        }
-    }
-    parts
 }
 
 /// QEMU's boolean option values; a bare flag is `on`.

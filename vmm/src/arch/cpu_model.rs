@@ -795,25 +795,6 @@ static HYPERV_OPTIONS: &[&str] = &[
     "hv-no-nonarch-coresharing",
 ];
 
-/// Splits QEMU option syntax at commas; `,,` is a literal comma.
-fn split_options(s: &str) -> Vec<String> {
-    let mut items = Vec::new();
-    let mut current = String::new();
-    let mut chars = s.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c != ',' {
-            current.push(c);
-        } else if chars.peek() == Some(&',') {
-            chars.next();
-            current.push(',');
-        } else {
-            items.push(std::mem::take(&mut current));
-        }
-    }
-    items.push(current);
-    items
-}
-
 fn lookup_feature(name: &str) -> Result<FeatureRef, CpuModelError> {
     let normalized = name.replace('_', "-");
     let canonical = ALIASES
@@ -859,7 +840,7 @@ impl FromStr for CpuModel {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let spec = s.trim();
-        let items = split_options(spec);
+        let items = crate::qemu_opts::split_options(spec);
         let name = items.first().map(String::as_str).unwrap_or("");
         if name.is_empty() {
             return Err(CpuModelError::Empty);
