@@ -29,8 +29,7 @@ use crate::{LiveSection, SectionError};
 /// Guest memory as hopvm maps it: with vm-memory's bitmap of the VMM's own writes.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
 
-/// Page size.
-pub const PAGE_SIZE: u64 = 4096;
+pub use crate::stream::PAGE_SIZE;
 /// Longest time one iteration may hold the big lock, as QEMU's `MAX_WAIT` (50 ms).
 const MAX_ITERATE_TIME: Duration = Duration::from_millis(50);
 

@@ -32,8 +32,8 @@ use std::sync::Arc;
 
 use crate::wire;
 
-/// Target page size: the unit of RAM records.
-pub const PAGE_SIZE: usize = 4096;
+/// [`crate::stream::PAGE_SIZE`] as a length: the unit of RAM records.
+pub const PAGE_SIZE: usize = crate::stream::PAGE_SIZE as usize;
 /// Mask of the flag bits in a record's be64.
 pub const FLAGS_MASK: u64 = PAGE_SIZE as u64 - 1;
 

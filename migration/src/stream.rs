@@ -96,7 +96,8 @@ pub const QEMU_VM_SECTION_FOOTER: u8 = 0x7e;
 pub const MAX_VMDESCRIPTION: usize = 16 << 20;
 /// Largest FULL section buffer (one component's state) either side accepts.
 pub const MAX_FULL_DATA: usize = 64 << 20;
-/// Target page size written into the description (x86-64).
+/// The guest page size (x86-64): the unit of guest RAM and of dirty tracking, written into the
+/// VM description as QEMU's target page size. The one definition hopvm has.
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Errors of the savevm framing.

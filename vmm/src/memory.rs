@@ -22,8 +22,8 @@ use kvm_ioctls::VmFd;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-/// Guest RAM with a dirty bitmap of the VMM's own writes.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// Guest RAM with a dirty bitmap of the VMM's own writes (the migration crate's alias).
+pub use migration::ram::GuestMemoryMmap;
 /// One region of [`GuestMemoryMmap`].
 pub type GuestRegionMmap = vm_memory::GuestRegionMmap<AtomicBitmap>;
 
@@ -41,8 +41,8 @@ pub enum MemoryError {
     SlotThread,
 }
 
-/// Guest page size.
-pub const PAGE_SIZE: u64 = 4096;
+/// Guest page size (the migration stream's, one definition).
+pub use migration::ram::PAGE_SIZE;
 /// Start of the Extended BIOS Data Area (the last KiB of base memory).
 pub const EBDA_START: u64 = 0x9fc00;
 /// Start of the reserved BIOS area (ACPI tables and the MP floating pointer live here).
