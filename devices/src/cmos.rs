@@ -306,6 +306,10 @@ impl Drop for Cmos {
 }
 
 /// The timer thread: keeps status C (and so IRQ 8) up to date while an interrupt is enabled.
+///
+/// It takes only the inner `rtc` mutex, not the VMM's big lock: every other path to the RTC's
+/// state takes that mutex too, `KVM_IRQ_LINE` is serialised by KVM, and restore re-derives the
+/// line from IRQF (see `docs/architecture.md`, "The RTC timer thread and the big lock").
 fn timer_loop(shared: &Shared) {
     let mut rtc = shared.lock();
     while !rtc.stop {

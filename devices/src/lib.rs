@@ -58,7 +58,9 @@ pub use serial::{Serial, SerialState, SerialStateError};
 /// A device on the I/O port or MMIO bus.
 ///
 /// `offset` is relative to the base address the device was registered at; `data` has the
-/// access width (1, 2, 4 or 8 bytes). Calls are serialised by the VMM's big lock.
+/// access width (1, 2, 4 or 8 bytes). Calls are serialised by the VMM's big lock. A device with
+/// a thread of its own (the RTC timer) keeps what that thread touches behind the device's inner
+/// mutex and says why it needs no big lock; `docs/architecture.md` has the whole lock order.
 pub trait BusDevice: Send {
     /// Reads `data.len()` bytes at `offset`.
     fn read(&mut self, offset: u64, data: &mut [u8]);

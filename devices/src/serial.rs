@@ -5,7 +5,9 @@
 //! IER and the scratch register, runs a loopback test through MCR/MSR, detects the 16550A by the
 //! FIFO bits in IIR, and then relies on the precise interrupt rules of the chip. QEMU's
 //! `hw/char/serial.c` is the reference implementation; this module follows it register by
-//! register, including its quirks:
+//! register, including its quirks. It is hand-written on purpose: rust-vmm's `vm-superio`
+//! serial does not emulate FCR (its FIFO is always on, so the 16550A FIFO detection through
+//! FCR/IIR and the trigger levels are missing) nor the character timeout. The quirks:
 //!
 //! * interrupt identification priority: line status > character timeout > received data >
 //!   THR empty > modem status;

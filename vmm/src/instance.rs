@@ -2,7 +2,8 @@
 //! events it reports — what the QMP commands act on.
 //!
 //! Every operation that changes whether the vCPUs run takes the big lock (the VM's
-//! [`Machine`]) first; the migration registry is always locked after it, never before.
+//! [`Machine`]) first; the migration registry is always locked after it, never before. The
+//! threads and the whole lock order are in `docs/architecture.md`.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 

@@ -1,7 +1,8 @@
 //! A small, defensive ELF reader for kernel images: program headers and notes, ELF32 and ELF64.
 //!
 //! Multiboot images (kvm-unit-tests) are ELF32 files holding 64-bit code, and PVH kernels may be
-//! either class, so hopvm reads both itself. Every offset and size in the file is checked
+//! either class, so hopvm reads both itself: linux-loader's ELF loader reads only ELF64 headers
+//! and so cannot load the ELF32 files Multiboot kernels are. Every offset and size in the file is checked
 //! against the file before use: a corrupt image yields an [`ElfError`], never a panic.
 
 use vm_memory::{Bytes, GuestAddress};

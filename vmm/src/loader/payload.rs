@@ -16,6 +16,11 @@
 //! rejected with a clear error. Output is capped at [`MAX_DECOMPRESSED_SIZE`]
 //! and every length field is bounds-checked, so a corrupt image gives an
 //! error instead of a panic or an unbounded allocation.
+//!
+//! The decompression itself is done by crates (flate2, lzma-rs, ruzstd, lz4_flex); hand-written
+//! is only the kernel-specific framing around them, because linux-loader loads a bzImage as is
+//! (no payload extraction) and no crate reads the kernel's legacy lz4 framing or undoes the
+//! x86 BCJ filter behind lzma-rs.
 
 use std::fmt;
 use std::io::{self, Read, Write};
