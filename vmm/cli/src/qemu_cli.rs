@@ -192,7 +192,8 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             "-enable-kvm" => {}
             "-overcommit" => {
                 let v = value()?;
-                let (first, p) = props(&v);
+                let parts = split_options(&v);
+                let (first, p) = props(&parts);
                 for (k, val) in first.map(|f| (f, "on")).into_iter().chain(p) {
                     let on = on_off(val).ok_or_else(|| invalid(&v, format!("{k}={val}")))?;
                     match k {
