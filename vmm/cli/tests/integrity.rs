@@ -51,6 +51,10 @@ fn load(dir: &TempDir, name: &str, file: &Path, integrity: bool) -> Hopvm {
 /// guest never ran (no line of its output).
 fn assert_refused(mut dst: Hopvm, what: &str, want: &[&str]) -> String {
     let code = dst.wait_exit(LONG);
+    // The process has ended; its last stderr line may still be in the pipe.
+    dst.err.wait_for(LONG, "the reason on stderr", |t| {
+        t.contains("incoming migration failed")
+    });
     let err = dst.err.text();
     assert_eq!(code, Some(1), "{what}: stderr {err}");
     assert!(!err.contains("panicked"), "{what}: {err}");
