@@ -4,7 +4,16 @@
 //! enter them in a `XEN_ELFNOTE_PHYS32_ENTRY` note. They start in flat 32-bit protected mode
 //! with paging off and EBX pointing at an `hvm_start_info` that describes the command line, the
 //! memory map and module 0 (`--initrd`).
+//!
+//! The start info, memory map and module list are linux-loader's structures, written by its
+//! `PvhBootConfigurator`. Finding the entry note stays here: linux-loader reads PVH notes only
+//! from ELF64 images, and PVH kernels may be ELF32 ([`super::elf`] reads both).
 
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::elf::{Elf, Note};
@@ -48,15 +57,6 @@ pub struct PvhParams<'a> {
     pub module: Option<&'a [u8]>,
 }
 
-fn write<T: vm_memory::ByteValued>(
-    mem: &GuestMemoryMmap,
-    v: T,
-    at: u64,
-) -> Result<(), LoaderError> {
-    mem.write_obj(v, GuestAddress(at))
-        .map_err(|_| LoaderError::NoRoom("the pvh start info"))
-}
-
 /// Loads a PVH kernel and writes its start info; returns the entry state.
 pub fn load(
     mem: &GuestMemoryMmap,
@@ -78,15 +78,26 @@ pub fn load(
     mem.write_slice(&cmdline, GuestAddress(CMDLINE_ADDR))
         .map_err(|_| LoaderError::NoRoom("the command line"))?;
 
-    let map = layout.memory_map();
-    for (i, e) in map.iter().enumerate() {
-        let at = MEMMAP_ADDR + 24 * i as u64;
-        write(mem, e.start, at)?;
-        write(mem, e.len, at + 8)?;
-        write(mem, e.kind as u32, at + 16)?;
-        write(mem, 0u32, at + 20)?;
-    }
-    let mut nr_modules = 0u32;
+    let memmap: Vec<hvm_memmap_table_entry> = layout
+        .memory_map()
+        .iter()
+        .map(|e| hvm_memmap_table_entry {
+            addr: e.start,
+            size: e.len,
+            type_: e.kind as u32,
+            reserved: 0,
+        })
+        .collect();
+    let mut start_info = hvm_start_info {
+        magic: START_INFO_MAGIC,
+        version: 1,
+        modlist_paddr: MODLIST_ADDR,
+        cmdline_paddr: CMDLINE_ADDR,
+        memmap_paddr: MEMMAP_ADDR,
+        memmap_entries: memmap.len() as u32,
+        ..Default::default()
+    };
+    let mut modules = Vec::new();
     if let Some(module) = p.module {
         let addr = layout
             .low_ram_end()
@@ -96,23 +107,20 @@ pub fn load(
             .ok_or(LoaderError::NoRoom("the initrd"))?;
         mem.write_slice(module, GuestAddress(addr))
             .map_err(|_| LoaderError::NoRoom("the initrd"))?;
-        write(mem, addr, MODLIST_ADDR)?;
-        write(mem, module.len() as u64, MODLIST_ADDR + 8)?;
-        write(mem, 0u64, MODLIST_ADDR + 16)?;
-        write(mem, 0u64, MODLIST_ADDR + 24)?;
-        nr_modules = 1;
+        modules.push(hvm_modlist_entry {
+            paddr: addr,
+            size: module.len() as u64,
+            ..Default::default()
+        });
+        start_info.nr_modules = 1;
     }
-    // hvm_start_info, version 1.
-    write(mem, START_INFO_MAGIC, START_INFO_ADDR)?;
-    write(mem, 1u32, START_INFO_ADDR + 4)?;
-    write(mem, 0u32, START_INFO_ADDR + 8)?;
-    write(mem, nr_modules, START_INFO_ADDR + 12)?;
-    write(mem, MODLIST_ADDR, START_INFO_ADDR + 16)?;
-    write(mem, CMDLINE_ADDR, START_INFO_ADDR + 24)?;
-    write(mem, 0u64, START_INFO_ADDR + 32)?; // rsdp
-    write(mem, MEMMAP_ADDR, START_INFO_ADDR + 40)?;
-    write(mem, map.len() as u32, START_INFO_ADDR + 48)?;
-    write(mem, 0u32, START_INFO_ADDR + 52)?;
+    let mut params = BootParams::new(&start_info, GuestAddress(START_INFO_ADDR));
+    params.set_sections(&memmap, GuestAddress(MEMMAP_ADDR));
+    if !modules.is_empty() {
+        params.set_modules(&modules, GuestAddress(MODLIST_ADDR));
+    }
+    PvhBootConfigurator::write_bootparams(&params, mem)
+        .map_err(|_| LoaderError::NoRoom("the pvh start info"))?;
 
     Ok(EntryState {
         mode: EntryMode::Protected32,
@@ -155,6 +163,21 @@ mod tests {
         assert_eq!(entries as usize, layout.memory_map().len());
         let modaddr: u64 = mem.read_obj(GuestAddress(MODLIST_ADDR)).unwrap();
         assert_eq!(mem.read_obj::<u8>(GuestAddress(modaddr)).unwrap(), 5);
+        let info: hvm_start_info = mem.read_obj(GuestAddress(START_INFO_ADDR)).unwrap();
+        assert_eq!((info.version, info.nr_modules), (1, 1));
+        assert_eq!(
+            (info.modlist_paddr, info.cmdline_paddr, info.memmap_paddr),
+            (MODLIST_ADDR, CMDLINE_ADDR, MEMMAP_ADDR)
+        );
+        let module: hvm_modlist_entry = mem.read_obj(GuestAddress(MODLIST_ADDR)).unwrap();
+        assert_eq!((module.paddr, module.size), (modaddr, 10));
+        let first: hvm_memmap_table_entry = mem.read_obj(GuestAddress(MEMMAP_ADDR)).unwrap();
+        let map = layout.memory_map();
+        assert_eq!((first.addr, first.size), (map[0].start, map[0].len));
+        let mut cmdline = [0u8; 14];
+        mem.read_slice(&mut cmdline, GuestAddress(CMDLINE_ADDR))
+            .unwrap();
+        assert_eq!(&cmdline, b"console=ttyS0\0");
     }
 
     #[test]
