@@ -9,64 +9,10 @@ use std::time::Duration;
 
 use common::passes;
 use common::proc::{Hopvm, TempDir};
+use hopvm::tools::netns::{NetnsPair, DST_ADDR};
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(180);
-/// The veth ends' addresses: TEST-NET-1, only ever assigned inside the test's own namespaces.
-const ADDR_A: &str = "192.0.2.1";
-const ADDR_B: &str = "192.0.2.2";
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-/// Two namespaces joined by a veth pair, deleted on drop.
-struct TwoHosts {
-    a: String,
-    b: String,
-}
-
-impl TwoHosts {
-    fn create() -> Result<Self, String> {
-        let id = std::process::id();
-        let hosts = Self {
-            a: format!("hopvm-a-{id}"),
-            b: format!("hopvm-b-{id}"),
-        };
-        let (va, vb) = (format!("hva{id}"), format!("hvb{id}"));
-        ip(&["netns", "add", &hosts.a])?;
-        ip(&["netns", "add", &hosts.b])?;
-        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
-        ip(&["link", "set", &va, "netns", &hosts.a])?;
-        ip(&["link", "set", &vb, "netns", &hosts.b])?;
-        for (ns, dev, addr) in [(&hosts.a, &va, ADDR_A), (&hosts.b, &vb, ADDR_B)] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(hosts)
-    }
-}
-
-impl Drop for TwoHosts {
-    fn drop(&mut self) {
-        let _ = ip(&["netns", "del", &self.a]);
-        let _ = ip(&["netns", "del", &self.b]);
-    }
-}
-
 /// `hopvm run ARGS` inside namespace `ns`.
 fn in_netns(ns: &str) -> impl FnOnce(&mut Command) + '_ {
     move |cmd: &mut Command| {
@@ -89,7 +35,7 @@ fn tcp_between_two_network_namespaces() {
         println!("SKIP tcp_between_two_network_namespaces (needs root to create namespaces)");
         return;
     }
-    let hosts = match TwoHosts::create() {
+    let hosts = match NetnsPair::create("hopvm-test-") {
         Ok(h) => h,
         Err(e) => panic!("cannot create the two hosts: {e}"),
     };
@@ -99,14 +45,14 @@ fn tcp_between_two_network_namespaces() {
         &dir.0,
         "src",
         &["--kernel", &dirty, "--memory", "64M", "--cmdline", "ws=4"],
-        in_netns(&hosts.a),
+        in_netns(hosts.src()),
     );
     src.out.wait_for(LONG, "a first pass", |t| passes(t) >= 1);
     let mut dst = Hopvm::spawn_with(
         &dir.0,
         "dst",
         &["--memory", "64M", "--incoming", "tcp:0:4444"],
-        in_netns(&hosts.b),
+        in_netns(hosts.dst()),
     );
     for vm in [&mut src, &mut dst] {
         vm.cmd(
@@ -115,7 +61,7 @@ fn tcp_between_two_network_namespaces() {
         );
     }
     src.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
-    src.cmd("migrate", json!({"uri": format!("tcp:{ADDR_B}:4444")}));
+    src.cmd("migrate", json!({"uri": format!("tcp:{DST_ADDR}:4444")}));
     src.wait_migration("completed", LONG);
     dst.out
         .wait_for(LONG, "passes on host B", |t| passes(t) >= 2);

@@ -33,6 +33,7 @@ use vmm::config;
 
 use super::migrate::MigrationParamArgs;
 use super::migrate::{self, MigrateError, Outcome, ProgressView};
+use super::netns::{self, NetnsError, NetnsPair, DST_ADDR, SRC_ADDR};
 use super::report::{self, ReportTarget};
 use qmp::client::QmpClient;
 
@@ -78,9 +79,6 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 const PASSES_AFTER: usize = 2;
 /// The guest's memory besides its working set: image, page tables, the 2 MiB alignment.
 const GUEST_OVERHEAD: u64 = 8 << 20;
-/// The veth addresses of `--transport netns` (TEST-NET-1, RFC 5737).
-const NETNS_SRC_ADDR: &str = "192.0.2.1";
-const NETNS_DST_ADDR: &str = "192.0.2.2";
 /// The migration port inside the namespaces.
 const NETNS_PORT: u16 = 4444;
 /// Prefix of the demo's network namespaces: `hopvm-demo-<pid>-src|dst`.
@@ -115,14 +113,9 @@ pub enum DemoError {
         /// Why it failed.
         source: std::io::Error,
     },
-    /// A helper command failed.
-    #[error("`{command}` failed: {output}")]
-    Helper {
-        /// The command line.
-        command: String,
-        /// Its stderr.
-        output: String,
-    },
+    /// The network namespaces could not be made.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
     /// A VM process ended when it should not have.
     #[error("the {side} hopvm exited ({status}); its stderr: {stderr}")]
     Exited {
@@ -222,73 +215,6 @@ impl Drop for TempDir {
     }
 }
 
-/// Runs `ip ARGS`, failing with its stderr.
-fn ip(args: &[&str]) -> Result<(), DemoError> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .map_err(io_err("running ip (from iproute2)"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(DemoError::Helper {
-            command: format!("ip {}", args.join(" ")),
-            output: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
-}
-
-/// Two network namespaces joined by a veth pair; deleted on drop.
-struct NetnsPair {
-    names: Vec<String>,
-}
-
-impl NetnsPair {
-    fn src(&self) -> &str {
-        &self.names[0]
-    }
-
-    fn dst(&self) -> &str {
-        &self.names[1]
-    }
-
-    fn create() -> Result<Self, DemoError> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return Err(DemoError::NeedRoot);
-        }
-        remove_stale_namespaces();
-        let pid = std::process::id();
-        let mut pair = Self { names: Vec::new() };
-        for side in ["src", "dst"] {
-            let name = format!("{NETNS_PREFIX}{pid}-{side}");
-            ip(&["netns", "add", &name])?;
-            pair.names.push(name);
-        }
-        let (a, b) = (format!("hvd{pid}a"), format!("hvd{pid}b"));
-        let (ns_a, ns_b) = (pair.src().to_string(), pair.dst().to_string());
-        ip(&[
-            "link", "add", &a, "netns", &ns_a, "type", "veth", "peer", "name", &b, "netns", &ns_b,
-        ])?;
-        for (ns, dev, addr) in [(&ns_a, &a, NETNS_SRC_ADDR), (&ns_b, &b, NETNS_DST_ADDR)] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
-            ip(&["-n", ns, "link", "set", dev, "up"])?;
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(pair)
-    }
-}
-
-impl Drop for NetnsPair {
-    fn drop(&mut self) {
-        // Deleting a namespace also deletes its end of the veth pair.
-        for name in &self.names {
-            let _ = ip(&["netns", "delete", name]);
-        }
-    }
-}
-
 /// Deletes namespaces of demos that were killed before they could clean up.
 fn remove_stale_namespaces() {
     let Ok(entries) = std::fs::read_dir("/run/netns") else {
@@ -297,7 +223,7 @@ fn remove_stale_namespaces() {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if demo_pid(&name).is_some_and(|pid| !alive(pid)) {
-            let _ = ip(&["netns", "delete", &name]);
+            let _ = netns::ip(&["netns", "delete", &name]);
         }
     }
 }
@@ -323,9 +249,7 @@ impl Output {
                     break;
                 }
                 let chunk = String::from_utf8_lossy(&buf[..n]);
-                sink.lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push_str(&chunk);
+                vmm_sync::lock(&sink).push_str(&chunk);
                 partial.push_str(&chunk);
                 while let Some(i) = partial.find('\n') {
                     let line: String = partial.drain(..=i).collect();
@@ -341,7 +265,7 @@ impl Output {
     }
 
     fn text(&self) -> String {
-        self.text.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        vmm_sync::lock(&self.text).clone()
     }
 
     /// Waits until the process's end of the pipe is closed and everything is collected.
@@ -644,16 +568,23 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
     }
     let dir = TempDir::new()?;
     let netns = match args.transport {
-        Transport::Netns => Some(NetnsPair::create()?),
+        Transport::Netns => {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                return Err(DemoError::NeedRoot);
+            }
+            remove_stale_namespaces();
+            Some(NetnsPair::create(NETNS_PREFIX)?)
+        }
         _ => None,
     };
     // Where the destination listens and the source sends.
     let (target, how) = match (&args.transport, &netns) {
         (Transport::Netns, Some(ns)) => (
-            format!("tcp:{NETNS_DST_ADDR}:{NETNS_PORT}"),
+            format!("tcp:{DST_ADDR}:{NETNS_PORT}"),
             format!(
-                "TCP between network namespaces {} ({NETNS_SRC_ADDR}) and {} \
-                 ({NETNS_DST_ADDR}) over a veth pair",
+                "TCP between network namespaces {} ({SRC_ADDR}) and {} \
+                 ({DST_ADDR}) over a veth pair",
                 ns.src(),
                 ns.dst()
             ),

@@ -20,6 +20,7 @@
 
 pub mod demo;
 pub mod migrate;
+pub mod netns;
 pub mod qmp_shell;
 pub mod report;
 
