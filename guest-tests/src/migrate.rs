@@ -22,7 +22,8 @@
 //! The test is judged like any other by the destination's exit status and by
 //! the source's output up to the migration followed by the destination's.
 //! The QMP client here is deliberately minimal: newline-delimited JSON over
-//! a Unix socket, parsed by the small [`Json`] reader below.
+//! a Unix socket, parsed with serde_json, every read bounded by the test's
+//! deadline.
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Write};
@@ -30,6 +31,8 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
 
 use crate::process::{capture, Capture, Outcome, GUEST_SKIP_STATUS};
 
@@ -352,8 +355,7 @@ fn migrate(sockets: &Sockets, deadline: Instant, notes: &mut Vec<String>) -> Res
     let mut qmp = Qmp::connect(&sockets.src_qmp, deadline)
         .map_err(|e| format!("source QMP {}: {e}", sockets.src_qmp.display()))?;
     let uri = sockets.migration_uri();
-    let args = format!("{{\"uri\": {}}}", json_string(&uri));
-    qmp.execute("migrate", Some(&args), deadline)
+    qmp.execute("migrate", Some(json!({ "uri": uri })), deadline)
         .map_err(|e| format!("migrate: {e}"))?
         .map_err(|e| format!("migrate: {e}"))?;
     let start = Instant::now();
@@ -362,7 +364,7 @@ fn migrate(sockets: &Sockets, deadline: Instant, notes: &mut Vec<String>) -> Res
             .execute("query-migrate", None, deadline)
             .map_err(|e| format!("query-migrate: {e}"))?
             .map_err(|e| format!("query-migrate: {e}"))?;
-        let status = info.get("status").and_then(Json::as_str).unwrap_or("");
+        let status = info.get("status").and_then(Value::as_str).unwrap_or("");
         match status {
             "completed" => {
                 notes.push(format!(
@@ -374,7 +376,7 @@ fn migrate(sockets: &Sockets, deadline: Instant, notes: &mut Vec<String>) -> Res
             "failed" | "cancelled" => {
                 let why = info
                     .get("error-desc")
-                    .and_then(Json::as_str)
+                    .and_then(Value::as_str)
                     .unwrap_or("no error-desc");
                 return Err(format!("query-migrate says {status}: {why}"));
             }
@@ -437,15 +439,14 @@ impl Qmp {
     pub fn execute(
         &mut self,
         command: &str,
-        arguments: Option<&str>,
+        arguments: Option<Value>,
         deadline: Instant,
-    ) -> io::Result<Result<Json, String>> {
-        let mut msg = format!("{{\"execute\": {}", json_string(command));
+    ) -> io::Result<Result<Value, String>> {
+        let mut request = json!({ "execute": command });
         if let Some(a) = arguments {
-            msg.push_str(&format!(", \"arguments\": {a}"));
+            request["arguments"] = a;
         }
-        msg.push_str("}\n");
-        self.writer.write_all(msg.as_bytes())?;
+        self.writer.write_all(format!("{request}\n").as_bytes())?;
         loop {
             let m = self.read_message(deadline)?;
             if let Some(r) = m.get("return") {
@@ -454,7 +455,7 @@ impl Qmp {
             if let Some(e) = m.get("error") {
                 let desc = e
                     .get("desc")
-                    .and_then(Json::as_str)
+                    .and_then(Value::as_str)
                     .unwrap_or("unknown error");
                 return Ok(Err(desc.to_string()));
             }
@@ -462,7 +463,7 @@ impl Qmp {
         }
     }
 
-    fn read_message(&mut self, deadline: Instant) -> io::Result<Json> {
+    fn read_message(&mut self, deadline: Instant) -> io::Result<Value> {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -480,244 +481,8 @@ impl Qmp {
             if line.is_empty() {
                 continue;
             }
-            return Json::parse(line)
+            return serde_json::from_str(line)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line}")));
-        }
-    }
-}
-
-/// `s` as a JSON string literal.
-pub fn json_string(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// A parsed JSON value (numbers kept as their text).
-#[derive(Clone, Debug, PartialEq)]
-pub enum Json {
-    /// `null`.
-    Null,
-    /// `true` / `false`.
-    Bool(bool),
-    /// A number, as written.
-    Number(String),
-    /// A string.
-    String(String),
-    /// An array.
-    Array(Vec<Json>),
-    /// An object, members in order.
-    Object(Vec<(String, Json)>),
-}
-
-impl Json {
-    /// Parses one JSON value (surrounding whitespace allowed).
-    pub fn parse(text: &str) -> Result<Json, String> {
-        let mut p = JsonParser {
-            s: text.as_bytes(),
-            i: 0,
-        };
-        let v = p.value(0)?;
-        p.ws();
-        if p.i != p.s.len() {
-            return Err(format!("trailing characters at offset {}", p.i));
-        }
-        Ok(v)
-    }
-
-    /// The member `key` of an object.
-    pub fn get(&self, key: &str) -> Option<&Json> {
-        match self {
-            Json::Object(m) => m.iter().find(|(k, _)| k == key).map(|(_, v)| v),
-            _ => None,
-        }
-    }
-
-    /// The string, if this is one.
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Json::String(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-struct JsonParser<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl JsonParser<'_> {
-    fn ws(&mut self) {
-        while self.i < self.s.len() && matches!(self.s[self.i], b' ' | b'\t' | b'\n' | b'\r') {
-            self.i += 1;
-        }
-    }
-
-    fn err<T>(&self, what: &str) -> Result<T, String> {
-        Err(format!("{what} at offset {}", self.i))
-    }
-
-    fn eat(&mut self, b: u8) -> bool {
-        self.ws();
-        if self.s.get(self.i) == Some(&b) {
-            self.i += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    fn value(&mut self, depth: usize) -> Result<Json, String> {
-        if depth > 64 {
-            return self.err("nesting too deep");
-        }
-        self.ws();
-        match self.s.get(self.i) {
-            None => self.err("unexpected end"),
-            Some(b'{') => {
-                self.i += 1;
-                let mut members = Vec::new();
-                if self.eat(b'}') {
-                    return Ok(Json::Object(members));
-                }
-                loop {
-                    self.ws();
-                    let key = self.string()?;
-                    if !self.eat(b':') {
-                        return self.err("expected ':'");
-                    }
-                    members.push((key, self.value(depth + 1)?));
-                    if self.eat(b',') {
-                        continue;
-                    }
-                    if self.eat(b'}') {
-                        return Ok(Json::Object(members));
-                    }
-                    return self.err("expected ',' or '}'");
-                }
-            }
-            Some(b'[') => {
-                self.i += 1;
-                let mut items = Vec::new();
-                if self.eat(b']') {
-                    return Ok(Json::Array(items));
-                }
-                loop {
-                    items.push(self.value(depth + 1)?);
-                    if self.eat(b',') {
-                        continue;
-                    }
-                    if self.eat(b']') {
-                        return Ok(Json::Array(items));
-                    }
-                    return self.err("expected ',' or ']'");
-                }
-            }
-            Some(b'"') => Ok(Json::String(self.string()?)),
-            Some(b't') => self.word("true", Json::Bool(true)),
-            Some(b'f') => self.word("false", Json::Bool(false)),
-            Some(b'n') => self.word("null", Json::Null),
-            Some(c) if *c == b'-' || c.is_ascii_digit() => {
-                let start = self.i;
-                while self.i < self.s.len()
-                    && matches!(
-                        self.s[self.i],
-                        b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'
-                    )
-                {
-                    self.i += 1;
-                }
-                let n = String::from_utf8_lossy(&self.s[start..self.i]).into_owned();
-                Ok(Json::Number(n))
-            }
-            Some(_) => self.err("unexpected character"),
-        }
-    }
-
-    fn word(&mut self, w: &str, v: Json) -> Result<Json, String> {
-        if self.s[self.i..].starts_with(w.as_bytes()) {
-            self.i += w.len();
-            Ok(v)
-        } else {
-            self.err("bad literal")
-        }
-    }
-
-    fn hex4(&mut self) -> Result<u32, String> {
-        let h = self
-            .s
-            .get(self.i..self.i + 4)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u32::from_str_radix(h, 16).ok());
-        match h {
-            Some(v) => {
-                self.i += 4;
-                Ok(v)
-            }
-            None => self.err("bad \\u escape"),
-        }
-    }
-
-    fn string(&mut self) -> Result<String, String> {
-        if self.s.get(self.i) != Some(&b'"') {
-            return self.err("expected a string");
-        }
-        self.i += 1;
-        let mut out: Vec<u8> = Vec::new();
-        loop {
-            let Some(&c) = self.s.get(self.i) else {
-                return self.err("unterminated string");
-            };
-            self.i += 1;
-            match c {
-                b'"' => return Ok(String::from_utf8_lossy(&out).into_owned()),
-                b'\\' => {
-                    let Some(&e) = self.s.get(self.i) else {
-                        return self.err("unterminated escape");
-                    };
-                    self.i += 1;
-                    let ch = match e {
-                        b'"' => '"',
-                        b'\\' => '\\',
-                        b'/' => '/',
-                        b'b' => '\u{8}',
-                        b'f' => '\u{c}',
-                        b'n' => '\n',
-                        b'r' => '\r',
-                        b't' => '\t',
-                        b'u' => {
-                            let mut cp = self.hex4()?;
-                            if (0xd800..0xdc00).contains(&cp)
-                                && self.s[self.i..].starts_with(b"\\u")
-                            {
-                                self.i += 2;
-                                let lo = self.hex4()?;
-                                cp = 0x10000
-                                    + ((cp - 0xd800) << 10)
-                                    + (lo.wrapping_sub(0xdc00) & 0x3ff);
-                            }
-                            char::from_u32(cp).unwrap_or('\u{fffd}')
-                        }
-                        _ => return self.err("bad escape"),
-                    };
-                    let mut buf = [0u8; 4];
-                    out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-                }
-                c => out.push(c),
-            }
         }
     }
 }
@@ -725,59 +490,6 @@ impl JsonParser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn json_parsing() {
-        let v = Json::parse(
-            r#" {"return": {"status": "completed", "ram": {"total": 268435456, "x": [1, -2.5e3, true, false, null]}, "s": "a\"b\\c\u00e9\n"}} "#,
-        )
-        .unwrap();
-        let r = v.get("return").unwrap();
-        assert_eq!(r.get("status").and_then(Json::as_str), Some("completed"));
-        assert_eq!(
-            r.get("ram").unwrap().get("total"),
-            Some(&Json::Number("268435456".into()))
-        );
-        assert_eq!(
-            r.get("ram").unwrap().get("x"),
-            Some(&Json::Array(vec![
-                Json::Number("1".into()),
-                Json::Number("-2.5e3".into()),
-                Json::Bool(true),
-                Json::Bool(false),
-                Json::Null
-            ]))
-        );
-        assert_eq!(r.get("s").and_then(Json::as_str), Some("a\"b\\c\u{e9}\n"));
-        assert_eq!(Json::parse("{}").unwrap(), Json::Object(vec![]));
-        assert_eq!(
-            Json::parse(r#""\ud83d\ude00""#).unwrap(),
-            Json::String("\u{1f600}".into())
-        );
-        for bad in [
-            "",
-            "{",
-            "{\"a\" 1}",
-            "[1,]",
-            "\"x",
-            "tru",
-            "{} x",
-            "{\"a\":1,}",
-        ] {
-            assert!(Json::parse(bad).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn json_strings() {
-        assert_eq!(json_string("unix:/tmp/a b\"c\\"), r#""unix:/tmp/a b\"c\\""#);
-        assert_eq!(json_string("\u{1}\n"), r#""\u0001\n""#);
-        let s = "x\"\\\t\r\nö";
-        assert_eq!(
-            Json::parse(&json_string(s)).unwrap(),
-            Json::String(s.into())
-        );
-    }
 
     #[test]
     fn arguments() {
@@ -827,9 +539,10 @@ mod tests {
             w.write_all(b"{\"return\": {}}\r\n").unwrap();
             line.clear();
             r.read_line(&mut line).unwrap();
+            assert!(line.ends_with('\n'), "{line:?}");
             assert_eq!(
-                line,
-                "{\"execute\": \"migrate\", \"arguments\": {\"uri\": \"unix:/x\"}}\n"
+                serde_json::from_str::<Value>(&line).unwrap(),
+                json!({"execute": "migrate", "arguments": {"uri": "unix:/x"}})
             );
             w.write_all(b"{\"timestamp\": {\"seconds\": 1}, \"event\": \"MIGRATION\", \"data\": {\"status\": \"setup\"}}\r\n{\"return\": {}}\r\n").unwrap();
             line.clear();
@@ -840,9 +553,9 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut q = Qmp::connect(&path, deadline).unwrap();
         assert_eq!(
-            q.execute("migrate", Some(r#"{"uri": "unix:/x"}"#), deadline)
+            q.execute("migrate", Some(json!({"uri": "unix:/x"})), deadline)
                 .unwrap(),
-            Ok(Json::Object(vec![]))
+            Ok(json!({}))
         );
         assert_eq!(
             q.execute("query-migrate", None, deadline).unwrap(),
