@@ -48,7 +48,7 @@
 //! only) are not emulated. The equipment byte 0x14 is set like QEMU's (FPU and PS/2 mouse
 //! present). No CMOS checksum is kept, as in QEMU.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -174,7 +174,7 @@ struct Shared {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Rtc> {
-        self.rtc.lock().unwrap_or_else(PoisonError::into_inner)
+        vmm_sync::lock(&self.rtc)
     }
 }
 
@@ -315,17 +315,8 @@ fn timer_loop(shared: &Shared) {
     while !rtc.stop {
         rtc.sync_flags();
         rtc = match rtc.next_event_in() {
-            Some(timeout) => {
-                shared
-                    .wake
-                    .wait_timeout(rtc, timeout)
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .0
-            }
-            None => shared
-                .wake
-                .wait(rtc)
-                .unwrap_or_else(PoisonError::into_inner),
+            Some(timeout) => vmm_sync::wait_timeout(&shared.wake, rtc, timeout).0,
+            None => vmm_sync::wait(&shared.wake, rtc),
         };
     }
 }

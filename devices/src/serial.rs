@@ -259,7 +259,7 @@ struct QueueShared {
 
 impl QueueShared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
-        self.q.lock().unwrap_or_else(|e| e.into_inner())
+        vmm_sync::lock(&self.q)
     }
 }
 
@@ -300,7 +300,7 @@ impl OutputQueue {
                 q.writing = false;
                 shared.cv.notify_all();
                 while q.bytes.is_empty() && !q.closed {
-                    q = shared.cv.wait(q).unwrap_or_else(|e| e.into_inner());
+                    q = vmm_sync::wait(&shared.cv, q);
                 }
                 if q.bytes.is_empty() {
                     return;
@@ -315,7 +315,7 @@ impl OutputQueue {
                 q.writing = true;
                 std::mem::take(&mut q.bytes)
             };
-            let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+            let mut sink = vmm_sync::lock(sink);
             let result = sink.write_all(&batch).and_then(|()| sink.flush());
             match result {
                 Ok(()) => failed = false,
@@ -353,12 +353,7 @@ impl Write for OutputQueue {
                     "the host did not take the guest's serial output",
                 ));
             }
-            q = self
-                .shared
-                .cv
-                .wait_timeout(q, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            q = vmm_sync::wait_timeout(&self.shared.cv, q, left).0;
         }
         Ok(())
     }
@@ -376,13 +371,13 @@ struct DirectSink(std::sync::Arc<std::sync::Mutex<Box<dyn Write + Send>>>);
 
 impl Write for DirectSink {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = vmm_sync::lock(&self.0);
         s.write_all(buf)?;
         s.flush()?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
+        vmm_sync::lock(&self.0).flush()
     }
 }
 

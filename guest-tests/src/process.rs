@@ -51,7 +51,7 @@ pub(crate) fn capture(mut r: impl Read + Send + 'static) -> Capture {
             match r.read(&mut chunk) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    let mut v = b.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut v = vmm_sync::lock(&b);
                     let room = MAX_OUTPUT.saturating_sub(v.len());
                     v.extend_from_slice(&chunk[..n.min(room)]);
                 }
@@ -65,14 +65,14 @@ pub(crate) fn capture(mut r: impl Read + Send + 'static) -> Capture {
 impl Capture {
     /// The text captured so far.
     pub(crate) fn text(&self) -> String {
-        let v = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let v = vmm_sync::lock(&self.buf);
         String::from_utf8_lossy(&v).into_owned()
     }
 
     /// Waits (briefly) for EOF and returns the text captured.
     pub(crate) fn finish(self, grace: Duration) -> String {
         let _ = self.done.recv_timeout(grace);
-        let v = self.buf.lock().unwrap_or_else(|e| e.into_inner());
+        let v = vmm_sync::lock(&self.buf);
         let mut s = String::from_utf8_lossy(&v).into_owned();
         if v.len() >= MAX_OUTPUT {
             s.push_str("\n[output truncated]\n");

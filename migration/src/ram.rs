@@ -534,11 +534,7 @@ impl RamSection {
     }
 
     fn apply_cache_size(&mut self) {
-        let want = self
-            .settings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .cache_size;
+        let want = vmm_sync::lock(&self.settings).cache_size;
         if let Some(cache) = self.cache.as_mut() {
             if cache.size() != want {
                 if let Err(e) = cache.set_size(want) {
@@ -604,7 +600,7 @@ fn invalid(reason: String) -> SectionError {
 
 impl LiveSection for RamSection {
     fn begin(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
-        let settings = *self.settings.lock().unwrap_or_else(|e| e.into_inner());
+        let settings = *vmm_sync::lock(&self.settings);
         self.cache = if settings.enabled {
             Some(
                 XbzrleCache::new(settings.cache_size)

@@ -350,7 +350,7 @@ impl Registry {
         registry: &Mutex<Registry>,
         r: &mut StreamReader<R>,
     ) -> Result<IncomingLoad, RegistryError> {
-        let lock = || registry.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = || vmm_sync::lock(registry);
         let mut load = IncomingLoad {
             started: HashMap::new(),
             seen: vec![false; lock().entries.len()],
@@ -460,7 +460,7 @@ impl Registry {
         index: usize,
         version: u32,
     ) -> Result<(), RegistryError> {
-        let lock = || registry.lock().unwrap_or_else(|e| e.into_inner());
+        let lock = || vmm_sync::lock(registry);
         let (mut h, idstr, instance) = {
             let mut reg = lock();
             let h = reg.take_live(index)?;

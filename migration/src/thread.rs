@@ -252,9 +252,7 @@ pub struct Migration {
     notifiers: Mutex<Vec<Notifier>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use vmm_sync::lock;
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3

@@ -111,11 +111,9 @@ impl Bus {
     }
 }
 
-/// Locks a device. The big lock already serialises device access, so a poisoned device lock
-/// only means a device panicked earlier; its state is still the best there is.
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+/// Locks a device (or any mutex), ignoring poisoning: hopvm's one lock helper, re-exported
+/// here for the core's callers.
+pub use vmm_sync::lock;
 
 /// A port that swallows writes and reads as zero (port 0x80, the POST-code port).
 pub struct Sink;

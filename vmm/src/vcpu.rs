@@ -231,7 +231,7 @@ impl VcpuControl {
         self.not_running.store(true, Ordering::SeqCst);
         self.kick_all();
         while g.vcpus.parked < g.vcpus.alive && g.vcpus.request == Request::Pause {
-            g = self.parked_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = vmm_sync::wait(&self.parked_cv, g);
         }
         g
     }
@@ -268,7 +268,7 @@ impl VcpuControl {
         g.vcpus.parked += 1;
         self.parked_cv.notify_all();
         while g.vcpus.request == Request::Pause {
-            g = self.request_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = vmm_sync::wait(&self.request_cv, g);
         }
         g.vcpus.parked -= 1;
         g.vcpus.request == Request::Run
@@ -282,7 +282,7 @@ impl VcpuControl {
         g.vcpus.parked += 1;
         self.parked_cv.notify_all();
         while g.vcpus.request != Request::Stop && g.vcpus.resumes == resumes {
-            g = self.request_cv.wait(g).unwrap_or_else(|e| e.into_inner());
+            g = vmm_sync::wait(&self.request_cv, g);
         }
         g.vcpus.parked -= 1;
         g.vcpus.request != Request::Stop

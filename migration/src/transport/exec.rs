@@ -37,7 +37,7 @@ pub(super) struct ChildSlot {
 
 impl ChildSlot {
     fn lock(&self) -> MutexGuard<'_, Child> {
-        self.child.lock().unwrap_or_else(|e| e.into_inner())
+        vmm_sync::lock(&self.child)
     }
 
     /// The command line.

@@ -22,7 +22,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use devices::BusDevice;
@@ -220,9 +220,7 @@ impl std::fmt::Display for Counts {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use vmm_sync::lock;
 
 fn config(kernel: bool) -> VmConfig {
     let mut c = VmConfig::new(guest_tests::image_path("dirty"));
