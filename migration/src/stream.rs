@@ -299,6 +299,8 @@ pub struct StreamWriter<W: Write> {
     seen: HashSet<(String, u32)>,
     /// With `x-integrity`: the running digest of every byte written.
     digest: Option<Digest>,
+    /// With `x-integrity`: a stable copy of a body write (see the `Write` impl).
+    scratch: Vec<u8>,
 }
 
 impl<W: Write> StreamWriter<W> {
@@ -312,6 +314,7 @@ impl<W: Write> StreamWriter<W> {
             devices: Vec::new(),
             seen: HashSet::new(),
             digest: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -544,11 +547,18 @@ impl<W: Write> StreamWriter<W> {
 /// Section bodies are written through the stream writer so that they are counted.
 impl<W: Write> Write for StreamWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
+        let Some(d) = &mut self.digest else {
+            let n = self.inner.write(buf)?;
+            self.bytes += n as u64;
+            return Ok(n);
+        };
+        // `buf` may be guest memory that the guest writes meanwhile (RAM pages are sent in
+        // place): copied once, so that the bytes hashed are exactly the bytes written.
+        self.scratch.clear();
+        self.scratch.extend_from_slice(buf);
+        let n = self.inner.write(&self.scratch)?;
+        d.update(&self.scratch[..n]);
         self.bytes += n as u64;
-        if let Some(d) = &mut self.digest {
-            d.update(&buf[..n]);
-        }
         Ok(n)
     }
 

@@ -151,10 +151,33 @@ fn live_migration_with_integrity() {
     integrity_on(&mut dst);
     dst.cmd("migrate-incoming", json!({ "uri": uri }));
     integrity_on(&mut src);
-    // Rate-limited, so that the RAM goes in many parts over several passes.
-    src.cmd("migrate-set-parameters", json!({"max-bandwidth": 64 << 20}));
+    // Unthrottled, with room to converge on a loaded machine; the RAM still goes in many
+    // parts (one per ~50 ms batch) over several passes.
+    src.cmd(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 0, "downtime-limit": 300}),
+    );
     src.cmd("migrate", json!({ "uri": uri }));
-    src.wait_migration("completed", LONG);
+    // Polled, so that a failure shows query-migrate's reason rather than a timeout.
+    let deadline = std::time::Instant::now() + LONG;
+    let info = loop {
+        let info = src.cmd("query-migrate", Value::Null);
+        if !matches!(info["status"].as_str(), Some("setup" | "active" | "device")) {
+            break info;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no end: {info}; stderr {}",
+            src.err.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        info["status"],
+        "completed",
+        "{info}; dst stderr {}",
+        dst.err.text()
+    );
     dst.out
         .wait_for(LONG, "passes on the destination", |t| passes(t) >= 2);
     assert_eq!(dst.status(), "running");
