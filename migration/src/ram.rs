@@ -38,9 +38,36 @@ pub trait DirtyLog: Send {
     /// Switches dirty logging on or off for every slot.
     fn set_logging(&mut self, on: bool) -> std::io::Result<()>;
 
-    /// Fetches and clears the dirty bitmap of region `index`: one bit per page, LSB first.
+    /// Fetches the dirty bitmap of region `index`: one bit per page, LSB first. It is also
+    /// cleared, unless manual protection is on ([`enable_manual_protect`](Self::enable_manual_protect)).
     fn take_dirty(&mut self, index: usize) -> std::io::Result<Vec<u64>>;
+
+    /// Switches to manual protection if the host offers it (KVM's
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with `KVM_DIRTY_LOG_INITIALLY_SET`): `take_dirty`
+    /// then only reads the log, a region that starts logging starts all dirty, and
+    /// [`clear_dirty`](Self::clear_dirty) clears pages just before they are sent. Called
+    /// before logging is first switched on; returns whether manual protection is on.
+    fn enable_manual_protect(&mut self) -> bool {
+        false
+    }
+
+    /// Manual protection: clears the bits set in `bitmap` (bit i = page `first_page + i`,
+    /// `first_page` a multiple of 64, `pages` long) of region `index` and write-protects
+    /// those pages, so the guest's next write to each is logged again.
+    fn clear_dirty(
+        &mut self,
+        _index: usize,
+        _first_page: usize,
+        _pages: usize,
+        _bitmap: &[u64],
+    ) -> std::io::Result<()> {
+        Ok(())
+    }
 }
+
+/// Pages per `clear_dirty` call with manual protection: 16 MiB, cleared just before the
+/// first of its pages is sent.
+const CLEAR_CHUNK_PAGES: usize = 4096;
 
 /// RAM counters, readable without any lock (for `query-migrate`).
 #[derive(Debug, Default)]
@@ -205,6 +232,10 @@ struct Block {
     dirty: Vec<u64>,
     /// Where the next search for a dirty page starts.
     cursor: usize,
+    /// Manual protection: dirty bits fetched from the log but not yet cleared in it.
+    uncleared: Vec<u64>,
+    /// Manual protection: chunks of [`CLEAR_CHUNK_PAGES`] with bits in `uncleared`.
+    clear_pending: Vec<bool>,
     /// Pages that may hold data ([`pagemap::populated`]); `None` means all may. On the source
     /// it is taken when a migration begins (pages written later are dirty anyway); on the
     /// destination it also records every page the load wrote.
@@ -279,6 +310,8 @@ pub struct RamSection {
     page: Vec<u8>,
     /// `HOPVM_MIGRATION_PROFILE` is set: time each step into [`RamCounters::profile`].
     profiling: bool,
+    /// Whether the dirty log uses manual protection (asked once, at the first `begin`).
+    manual_protect: Option<bool>,
 }
 
 /// What a never-populated page reads as.
@@ -334,6 +367,8 @@ impl RamSection {
                     pages,
                     dirty: vec![0; pages.div_ceil(64)],
                     cursor: 0,
+                    uncleared: Vec::new(),
+                    clear_pending: Vec::new(),
                     populated: None,
                 }
             })
@@ -355,6 +390,7 @@ impl RamSection {
             last_sync: None,
             page: vec![0; PAGE_SIZE as usize],
             profiling: std::env::var_os(PROFILE_ENV).is_some(),
+            manual_protect: None,
         }
     }
 
@@ -385,6 +421,14 @@ impl RamSection {
                 let new = kvm.get(w).copied().unwrap_or(0) | vmm.get(w).copied().unwrap_or(0);
                 found += u64::from((new & !*word).count_ones());
                 *word |= new;
+            }
+            if self.manual_protect == Some(true) {
+                for (w, bits) in kvm.iter().enumerate().take(block.uncleared.len()) {
+                    if *bits != 0 {
+                        block.uncleared[w] |= bits;
+                        block.clear_pending[w * 64 / CLEAR_CHUNK_PAGES] = true;
+                    }
+                }
             }
         }
         let now = Instant::now();
@@ -418,6 +462,9 @@ impl RamSection {
         page: usize,
         last_stage: bool,
     ) -> Result<u64, SectionError> {
+        if !last_stage {
+            self.clear_before_send(block, page);
+        }
         let t0 = self.profiling.then(Instant::now);
         let b = &self.blocks[block];
         let offset = page as u64 * PAGE_SIZE;
@@ -496,6 +543,34 @@ impl RamSection {
             p.add(&p.copy_ns, t1.elapsed());
         }
         Ok(written)
+    }
+
+    /// Manual protection: before the first page of a chunk is read, clears the chunk's
+    /// fetched dirty bits in KVM (and write-protects those pages), so a write from now on is
+    /// logged and one made since the fetch is in what is read, not sent twice.
+    fn clear_before_send(&mut self, block: usize, page: usize) {
+        let chunk = page / CLEAR_CHUNK_PAGES;
+        let b = &mut self.blocks[block];
+        if !b.clear_pending.get(chunk).copied().unwrap_or(false) {
+            return;
+        }
+        b.clear_pending[chunk] = false;
+        let first = chunk * CLEAR_CHUNK_PAGES;
+        let pages = CLEAR_CHUNK_PAGES.min(b.pages - first);
+        let words = first / 64..(first + pages).div_ceil(64);
+        let t0 = self.profiling.then(Instant::now);
+        if let Err(e) = self
+            .dirty_log
+            .clear_dirty(block, first, pages, &b.uncleared[words.clone()])
+        {
+            // The bits stay set in KVM: those pages are sent once more, nothing is lost.
+            log::warn!("cannot clear the dirty log: {e}");
+        }
+        b.uncleared[words].fill(0);
+        if let Some(t0) = t0 {
+            let p = &self.counters.profile;
+            p.add_since(&p.sync_ns, t0);
+        }
     }
 
     /// Zero-check plus copy time so far (to split an iteration's time).
@@ -609,7 +684,21 @@ impl LiveSection for RamSection {
         } else {
             None
         };
+        if self.manual_protect.is_none() {
+            let on = self.dirty_log.enable_manual_protect();
+            log::info!(
+                "dirty log: {}",
+                if on {
+                    "manual protection, cleared in 16 MiB chunks before sending"
+                } else {
+                    "cleared at every fetch"
+                }
+            );
+            self.manual_protect = Some(on);
+        }
         // Log first, then mark everything dirty: a write between the two is covered by both.
+        // With manual protection the log starts all set and nothing write-protected; each
+        // chunk is cleared (protected) just before its first page is sent.
         self.dirty_log.set_logging(true)?;
         self.logging = true;
         for (i, region) in self.memory.iter().enumerate() {
@@ -623,6 +712,10 @@ impl LiveSection for RamSection {
                 }
             }
             b.cursor = 0;
+            if self.manual_protect == Some(true) {
+                b.uncleared = b.dirty.clone();
+                b.clear_pending = vec![true; b.pages.div_ceil(CLEAR_CHUNK_PAGES)];
+            }
             b.populated = host_range(region)
                 .and_then(|(host, len)| pagemap::populated(host, (len / PAGE_SIZE) as usize));
         }
@@ -923,6 +1016,79 @@ mod tests {
         }
     }
 
+    /// A dirty log with manual protection: fetching does not clear; `clear_dirty` does, and
+    /// logging starts with every page dirty.
+    struct ManualLog(Arc<Mutex<Vec<u64>>>, Arc<Mutex<u64>>);
+
+    impl DirtyLog for ManualLog {
+        fn set_logging(&mut self, on: bool) -> std::io::Result<()> {
+            if on {
+                self.0.lock().unwrap().fill(!0);
+            }
+            Ok(())
+        }
+        fn take_dirty(&mut self, _index: usize) -> std::io::Result<Vec<u64>> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        fn enable_manual_protect(&mut self) -> bool {
+            true
+        }
+        fn clear_dirty(
+            &mut self,
+            _index: usize,
+            first: usize,
+            pages: usize,
+            bitmap: &[u64],
+        ) -> std::io::Result<()> {
+            assert_eq!(first % 64, 0);
+            *self.1.lock().unwrap() += 1;
+            let mut l = self.0.lock().unwrap();
+            for (i, b) in bitmap.iter().enumerate().take(pages.div_ceil(64)) {
+                l[first / 64 + i] &= !b;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn manual_protect_clears_before_sending_and_loses_nothing() {
+        let size = 64 << 20; // 4 chunks of CLEAR_CHUNK_PAGES
+        let src = mem(size);
+        let dst = mem(size);
+        let pages = size / PAGE_SIZE as usize;
+        let log = Arc::new(Mutex::new(vec![0u64; pages / 64]));
+        let clears = Arc::new(Mutex::new(0u64));
+        let mut s = RamSection::new(
+            src.clone(),
+            Box::new(ManualLog(log.clone(), clears.clone())),
+            Arc::new(Mutex::new(XbzrleSettings::default())),
+            Arc::new(RamCounters::default()),
+        );
+        let (mut d, _) = section(&dst, false);
+        let mut out = Vec::new();
+        s.begin(&mut out).unwrap();
+        while !s.iterate(&mut out, u64::MAX).unwrap() {}
+        // The first pass cleared every chunk: nothing is dirty in the log any more.
+        assert_eq!(*clears.lock().unwrap(), 4);
+        assert!(log.lock().unwrap().iter().all(|w| *w == 0));
+        assert_eq!(
+            s.pending(u64::MAX),
+            0,
+            "initially-set bits are not sent twice"
+        );
+        // A guest write after the pass is logged and sent.
+        src.write_obj(0x1234_5678u32, GuestAddress(5 * PAGE_SIZE + 12))
+            .unwrap();
+        log.lock().unwrap()[0] |= 1 << 5;
+        assert_eq!(s.pending(u64::MAX), PAGE_SIZE);
+        s.complete(&mut out).unwrap();
+        let mut input = &out[..];
+        while !input.is_empty() {
+            d.load(&mut input, RAM_SECTION_VERSION).unwrap();
+        }
+        same(&src, &dst, size);
+    }
+
     fn section(mem: &GuestMemoryMmap, xbzrle: bool) -> (RamSection, Arc<Mutex<Vec<Vec<u64>>>>) {
         let log = Arc::new(Mutex::new(vec![Vec::new(); mem.num_regions()]));
         let settings = Arc::new(Mutex::new(XbzrleSettings {
@@ -1027,6 +1193,8 @@ mod tests {
             pages: 130,
             dirty: vec![0; 3],
             cursor: 70,
+            uncleared: Vec::new(),
+            clear_pending: Vec::new(),
             populated: None,
         };
         for p in [1usize, 64, 69, 70, 129] {

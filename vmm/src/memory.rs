@@ -173,6 +173,71 @@ pub fn set_kvm_slots(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Resul
     Ok(())
 }
 
+/// KVM_CLEAR_DIRTY_LOG is not wrapped by kvm-ioctls: _IOWR(KVMIO, 0xc0, kvm_clear_dirty_log).
+mod ioctls {
+    vmm_sys_util::ioctl_iowr_nr!(
+        KVM_CLEAR_DIRTY_LOG,
+        kvm_bindings::KVMIO,
+        0xc0,
+        kvm_bindings::kvm_clear_dirty_log
+    );
+}
+
+/// Switches `vm` to manual dirty-log protection, as QEMU does when the host offers it:
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with `KVM_DIRTY_LOG_INITIALLY_SET`. Then
+/// `KVM_GET_DIRTY_LOG` only reads the log (it neither clears it nor write-protects pages), a
+/// slot that starts logging starts with every page dirty and nothing write-protected, and
+/// [`clear_dirty_log`] clears and write-protects pages just before they are sent. Returns
+/// whether it is on. Must be called before dirty logging is switched on for any slot.
+pub fn enable_manual_dirty_protect(vm: &VmFd) -> bool {
+    use kvm_bindings::{
+        kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_INITIALLY_SET,
+        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    };
+    let want = u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET);
+    let offered = vm.check_extension_raw(u64::from(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2));
+    if offered < 0 || (offered as u64) & want != want {
+        return false;
+    }
+    let mut cap = kvm_enable_cap {
+        cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+        ..Default::default()
+    };
+    cap.args[0] = want;
+    vm.enable_cap(&cap).is_ok()
+}
+
+/// Clears KVM's dirty bits of slot `slot` that are set in `bitmap` (bit i = page
+/// `first_page + i`) and write-protects those pages again, so that the guest's next write
+/// to each is logged (manual protection, [`enable_manual_dirty_protect`]). `first_page` must
+/// be a multiple of 64; the range may end at the slot's end.
+pub fn clear_dirty_log(
+    vm: &VmFd,
+    slot: u32,
+    first_page: u64,
+    num_pages: u32,
+    bitmap: &[u64],
+) -> std::io::Result<()> {
+    if bitmap.len() * 64 < num_pages as usize {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
+    let mut clear = kvm_bindings::kvm_clear_dirty_log {
+        slot,
+        num_pages,
+        first_page,
+        ..Default::default()
+    };
+    clear.__bindgen_anon_1.dirty_bitmap = bitmap.as_ptr() as *mut _;
+    // SAFETY: the struct is valid for the ioctl; KVM reads num_pages bits of `bitmap`, which
+    // is at least that long (checked above), and writes nothing back into it.
+    let r =
+        unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, ioctls::KVM_CLEAR_DIRTY_LOG(), &clear) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

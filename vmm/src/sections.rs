@@ -177,6 +177,26 @@ impl DirtyLog for KvmDirtyLog {
             .get_dirty_log(index as u32, region.len() as usize)
             .map_err(std::io::Error::other)
     }
+
+    fn enable_manual_protect(&mut self) -> bool {
+        memory::enable_manual_dirty_protect(&self.vm)
+    }
+
+    fn clear_dirty(
+        &mut self,
+        index: usize,
+        first_page: usize,
+        pages: usize,
+        bitmap: &[u64],
+    ) -> std::io::Result<()> {
+        memory::clear_dirty_log(
+            &self.vm,
+            index as u32,
+            first_page as u64,
+            pages as u32,
+            bitmap,
+        )
+    }
 }
 
 #[cfg(test)]
