@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::proc::TempDir;
+use common::proc::{pump, TempDir};
 use common::Capture;
 use qmp::client::QmpClient;
 use serde_json::{json, Value};
@@ -118,18 +118,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn pump(mut from: impl std::io::Read + Send + 'static, mut to: Capture) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            std::io::Write::write_all(&mut to, &buf[..n]).unwrap();
-        }
-    });
 }
 
 impl Proc {

@@ -48,7 +48,8 @@ pub struct Hopvm {
     pub qmp_path: PathBuf,
 }
 
-fn pump(mut from: impl Read + Send + 'static, mut to: Capture) {
+/// Copies `from` into `to` on a thread until it ends.
+pub fn pump(mut from: impl Read + Send + 'static, mut to: Capture) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = from.read(&mut buf) {
