@@ -388,6 +388,8 @@ pub struct Serial {
     out: Box<dyn Write + Send>,
     /// Output errors are logged once, not once per byte.
     out_failed: bool,
+    /// Host input is queued but not fed to the receiver (see [`Serial::hold_input`]).
+    input_held: bool,
 }
 
 impl Serial {
@@ -398,6 +400,22 @@ impl Serial {
             irq,
             out,
             out_failed: false,
+            input_held: false,
+        }
+    }
+
+    /// Keeps host input queued instead of feeding it to the receiver, for a device whose state
+    /// an incoming migration is about to replace: what the host types meanwhile survives the
+    /// [`restore`](Self::restore) and reaches the guest after [`release_input`](Self::release_input).
+    pub fn hold_input(&mut self) {
+        self.input_held = true;
+    }
+
+    /// Ends [`hold_input`](Self::hold_input): queued host input flows into the receiver.
+    pub fn release_input(&mut self) {
+        if std::mem::take(&mut self.input_held) {
+            self.pump_input();
+            self.update_irq();
         }
     }
 
@@ -411,9 +429,15 @@ impl Serial {
     /// A state the device could not have reached (an over-long FIFO or input buffer, reserved
     /// register bits set, an IIR that disagrees with FCR or with the line's level) is rejected
     /// and the device is left as it was.
+    ///
+    /// Host input queued here and not yet received (typed while an incoming migration loaded)
+    /// stays queued after the state's own, as far as the input buffer has room.
     pub fn restore(&mut self, state: &SerialState) -> Result<(), SerialStateError> {
         state.validate()?;
+        let local = std::mem::take(&mut self.s.input);
         self.s = state.clone();
+        let room = INPUT_BUFFER_CAPACITY.saturating_sub(self.s.input.len());
+        self.s.input.extend(local.into_iter().take(room));
         self.irq.set_level(self.s.irq_level);
         Ok(())
     }
@@ -504,6 +528,9 @@ impl Serial {
     /// Moves queued host input into the receiver as far as it has room, then decides whether
     /// the character timeout has elapsed (see the module documentation).
     fn pump_input(&mut self) {
+        if self.input_held {
+            return;
+        }
         if self.s.mcr & MCR_LOOP == 0 {
             if self.fifo_enabled() {
                 while self.s.rx_fifo.len() < FIFO_LEN {
@@ -883,6 +910,27 @@ mod tests {
         assert_eq!(s.pending_input(), INPUT_BUFFER_CAPACITY - 1);
         s.enqueue_input(b"more");
         assert_eq!(s.pending_input(), INPUT_BUFFER_CAPACITY);
+    }
+
+    #[test]
+    fn input_held_for_an_incoming_migration_survives_the_restore() {
+        // The source guest enabled FIFOs and the received-data interrupt, and had "ab" queued.
+        let (mut src, _, _) = serial();
+        wr(&mut src, FCR, FCR_FE);
+        wr(&mut src, IER, IER_RDI);
+        src.enqueue_input(b"ab");
+        let saved = src.state();
+        // The destination's host types "\n" while the stream loads.
+        let (mut dst, irq, _) = serial();
+        dst.hold_input();
+        dst.enqueue_input(b"\n");
+        assert_eq!(dst.pending_input(), 1, "held input must stay queued");
+        dst.restore(&saved).unwrap();
+        dst.release_input();
+        assert!(irq.level());
+        let got: Vec<u8> = (0..3).map(|_| rd(&mut dst, THR)).collect();
+        assert_eq!(got, b"ab\n");
+        assert_eq!(dst.pending_input(), 0);
     }
 
     #[test]

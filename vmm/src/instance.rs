@@ -466,6 +466,7 @@ impl Instance {
             }
             g.runstate = RunState::Inmigrate;
             *current = Incoming::Active;
+            lock(&self.vm.devices.serial).hold_input();
         }
         let listener = listen_incoming(&parsed).map_err(|e| {
             *lock(&self.incoming) = Incoming::Deferred;
@@ -531,7 +532,10 @@ impl Instance {
     pub fn defer_incoming(&self) {
         lock(&self.registry).prepare_load();
         *lock(&self.incoming) = Incoming::Deferred;
-        lock(&self.vm.machine).runstate = RunState::Inmigrate;
+        let mut g = lock(&self.vm.machine);
+        g.runstate = RunState::Inmigrate;
+        // Typed input waits for the guest the stream brings (Serial::restore keeps it).
+        lock(&self.vm.devices.serial).hold_input();
     }
 
     /// True while waiting for `migrate-incoming`.
@@ -552,6 +556,7 @@ impl Instance {
     fn incoming_done(&self) {
         *lock(&self.incoming) = Incoming::Completed;
         let mut g = lock(&self.vm.machine);
+        lock(&self.vm.devices.serial).release_input();
         if *lock(&self.autostart) {
             self.start_locked(&mut g);
         } else {
