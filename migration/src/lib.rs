@@ -18,6 +18,7 @@ pub mod ram;
 pub mod ram_format;
 pub mod rate_limit;
 pub mod registry;
+pub mod return_path;
 pub mod stream;
 pub mod thread;
 pub mod transport;
@@ -28,8 +29,8 @@ pub use ram_format::{RamBlockInfo, RamFormatError, RamRecord, RamRecordReader, R
 pub use rate_limit::{BufferedOutput, RateLimitError, RateLimiter, SlotSummary};
 pub use stream::{Record, StreamError, StreamReader, StreamWriter, VmDescription};
 pub use transport::{
-    connect_outgoing, listen_incoming, Incoming, MigrationUri, Outgoing, ShutdownHandle,
-    TransportError,
+    connect_outgoing, connect_outgoing_cancellable, listen_incoming, ConnectCancel, Incoming,
+    IncomingChannel, MigrationUri, Outgoing, ShutdownHandle, TransportError,
 };
 pub use xbzrle::{XbzrleCache, XbzrleError, XbzrleOutcome, XbzrleStats};
 

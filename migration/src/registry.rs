@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::sync::Mutex;
 
 use crate::integrity::IntegrityError;
+use crate::return_path;
 use crate::stream::{Record, StreamError, StreamReader, StreamWriter, MIG_CMD_OPEN_RETURN_PATH};
 use crate::{LiveSection, SectionError, Snapshot};
 
@@ -190,7 +191,10 @@ impl Registry {
 
     /// Source: the stream header and every live section's START.
     pub fn begin<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), RegistryError> {
-        w.header()?;
+        // The caller may have written the header and commands (the return path) already.
+        if !w.has_header() {
+            w.header()?;
+        }
         for e in &mut self.entries {
             if let Handler::Live(h) = &mut e.handler {
                 w.section_start(e.section_id, &e.idstr, e.instance, e.version)?;
@@ -350,21 +354,38 @@ impl Registry {
         registry: &Mutex<Registry>,
         r: &mut StreamReader<R>,
     ) -> Result<IncomingLoad, RegistryError> {
+        Self::load_locked_with(registry, r, &mut |_, _| Ok(()))
+    }
+
+    /// [`load_locked`](Self::load_locked), handing every command record the stream carries
+    /// (`MIG_CMD_*`: the return path's open and ping, hopvm's switchover handshake) to
+    /// `on_command` as it arrives; unknown commands are refused before it sees them.
+    pub fn load_locked_with<R: Read>(
+        registry: &Mutex<Registry>,
+        r: &mut StreamReader<R>,
+        on_command: &mut CommandHandler<'_>,
+    ) -> Result<IncomingLoad, RegistryError> {
         let lock = || vmm_sync::lock(registry);
         let mut load = IncomingLoad {
             started: HashMap::new(),
             seen: vec![false; lock().entries.len()],
             described: false,
             return_path: false,
+            switchover: false,
         };
         while let Some(record) = r.next_record()? {
             match record {
                 Record::Header | Record::Eof => {}
                 Record::VmDescription(_) => load.described = true,
-                Record::Command { cmd, .. } if cmd == MIG_CMD_OPEN_RETURN_PATH => {
-                    load.return_path = true;
+                Record::Command { cmd, data } => {
+                    match cmd {
+                        MIG_CMD_OPEN_RETURN_PATH => load.return_path = true,
+                        return_path::MIG_CMD_PING => {}
+                        return_path::MIG_CMD_X_HOPVM_SWITCHOVER => load.switchover = true,
+                        _ => return Err(RegistryError::UnsupportedCommand(cmd)),
+                    }
+                    on_command(cmd, &data)?;
                 }
-                Record::Command { cmd, .. } => return Err(RegistryError::UnsupportedCommand(cmd)),
                 Record::Footer { id } => {
                     return Err(StreamError::BadFooter {
                         expected: id,
@@ -479,6 +500,9 @@ impl Registry {
     }
 }
 
+/// What a destination does with a command record of the stream (`MIG_CMD_*` number, data).
+pub type CommandHandler<'a> = dyn FnMut(u16, &[u8]) -> Result<(), RegistryError> + 'a;
+
 /// Stands in for a live section's handler while the incoming thread has it.
 struct Loading;
 
@@ -491,12 +515,19 @@ pub struct IncomingLoad {
     seen: Vec<bool>,
     described: bool,
     return_path: bool,
+    switchover: bool,
 }
 
 impl IncomingLoad {
     /// Whether the source asked for a return path (`MIG_CMD_OPEN_RETURN_PATH`).
     pub fn return_path(&self) -> bool {
         self.return_path
+    }
+
+    /// Whether the source runs hopvm's switchover handshake: the destination waits for its
+    /// go-ahead before starting the guest ([`crate::return_path`]).
+    pub fn switchover_handshake(&self) -> bool {
+        self.switchover
     }
 }
 

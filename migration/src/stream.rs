@@ -389,6 +389,11 @@ impl<W: Write> StreamWriter<W> {
         }
     }
 
+    /// Whether the header has been written.
+    pub fn has_header(&self) -> bool {
+        self.state != WriterState::Start
+    }
+
     /// Writes the magic and version; must come first.
     pub fn header(&mut self) -> Result<(), StreamError> {
         if self.state != WriterState::Start {

@@ -13,7 +13,7 @@
 //! Downtime is the time from stopping the vCPUs to completion; total time runs from `migrate`
 //! to completion. A failed or cancelled migration restarts the vCPUs if they had been running.
 
-use std::io::Write;
+use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -22,9 +22,11 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::ram::{RamCounters, XbzrleSettings};
-use crate::rate_limit::{BufferedOutput, RateLimiter};
-use crate::registry::Registry;
-use crate::stream::StreamWriter;
+use crate::rate_limit::{BufferedOutput, RateLimitError, RateLimiter};
+use crate::registry::{Registry, RegistryError};
+use crate::return_path::{self, SourceReturnPath, Verdict};
+use crate::stream::{StreamError, StreamWriter, MIG_CMD_OPEN_RETURN_PATH};
+use crate::transport::{ConnectCancel, Outgoing, TransportError};
 
 /// Default bandwidth limit: 32 MiB/s, as QEMU's `MAX_THROTTLE` of 2013.
 pub const DEFAULT_MAX_BANDWIDTH: u64 = 32 << 20;
@@ -36,7 +38,7 @@ pub const SLOT: Duration = Duration::from_millis(100);
 const UNLIMITED_BATCH: u64 = 16 << 20;
 
 /// Errors starting a migration.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     /// One is already running.
     #[error("There's a migration process in progress")]
@@ -46,7 +48,10 @@ pub enum MigrationError {
     Blocked(String),
     /// The thread could not be started.
     #[error("cannot start the migration thread: {0}")]
-    Thread(String),
+    Thread(#[source] io::Error),
+    /// The connect's cancel descriptor could not be made.
+    #[error("{0}")]
+    Cancel(#[source] TransportError),
 }
 
 /// A migration's state, with QEMU's names.
@@ -103,14 +108,85 @@ pub enum MigrationEvent {
 /// unfinished aborts the channel.
 pub trait MigrationOutput: Write + Send {
     /// Flushes and closes the channel.
-    fn finish(self: Box<Self>) -> Result<(), String>;
-}
+    fn finish(self: Box<Self>) -> Result<(), TransportError>;
 
-impl MigrationOutput for crate::transport::Outgoing {
-    fn finish(self: Box<Self>) -> Result<(), String> {
-        crate::transport::Outgoing::finish(*self).map_err(|e| e.to_string())
+    /// Interrupts a write blocked on a stalled peer, from another thread (`migrate_cancel`).
+    fn canceller(&self) -> Option<Canceller> {
+        None
+    }
+
+    /// The channel back from the destination (QEMU's return path), for two-way transports.
+    fn return_path(&self) -> Option<Box<dyn Read + Send>> {
+        None
     }
 }
+
+impl MigrationOutput for Outgoing {
+    fn finish(self: Box<Self>) -> Result<(), TransportError> {
+        Outgoing::finish(*self)
+    }
+
+    fn canceller(&self) -> Option<Canceller> {
+        let handle = self.shutdown_handle();
+        Some(Box::new(move || {
+            let _ = handle.shutdown();
+        }))
+    }
+
+    fn return_path(&self) -> Option<Box<dyn Read + Send>> {
+        Outgoing::return_path(self)
+    }
+}
+
+/// Opens the outgoing channel. It runs on the migration thread — `migrate` returns at once
+/// and the monitor stays free while a destination does not answer — and must give up when
+/// its [`ConnectCancel`] fires (`migrate_cancel`).
+pub type Connector =
+    Box<dyn FnOnce(&ConnectCancel) -> Result<Box<dyn MigrationOutput>, TransportError> + Send>;
+
+/// Why a running migration failed (`query-migrate`'s `error-desc`).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationRunError {
+    /// The channel could not be opened.
+    #[error("{0}")]
+    Connect(#[source] TransportError),
+    /// A section failed, or the stream could not be framed.
+    #[error("{0}")]
+    Section(#[from] RegistryError),
+    /// The stream framing failed (return-path commands).
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    /// Sending to the transport failed.
+    #[error("{0}")]
+    Send(#[from] RateLimitError),
+    /// Closing the channel failed (an `exec:` command's failure, say).
+    #[error("{0}")]
+    Finish(#[source] TransportError),
+    /// The return-path reader could not be started.
+    #[error("cannot start the return-path thread: {0}")]
+    ReturnPathThread(#[source] io::Error),
+    /// The destination reported a failed load, with its reason.
+    #[error("the destination failed to load the migration: {0}")]
+    Destination(String),
+    /// The connection ended before the destination's verdict.
+    #[error("the destination gave no verdict on the load ({0}); the guest runs on here")]
+    NoVerdict(String),
+    /// The go-ahead could not be sent: the destination cannot have it.
+    #[error("cannot send the go-ahead to the destination ({0}); the guest runs on here")]
+    GoAhead(#[source] io::Error),
+    /// The go-ahead went out but the destination never said it started.
+    #[error(
+        "the destination confirmed the load and was sent the go-ahead, but did not confirm that \
+         it started; it may be running the guest, so this copy stays paused (check the \
+         destination before 'cont')"
+    )]
+    OutcomeUnknown,
+}
+
+/// How long the source waits for STARTED after the go-ahead.
+const STARTED_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a failed source waits for the destination's reason on the return path.
+const REASON_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the migration thread needs from the VMM.
 pub trait MigrationHost: Send + Sync + 'static {
@@ -234,8 +310,11 @@ struct Inner {
     xbzrle_on: bool,
     events: bool,
     integrity: bool,
+    return_path: bool,
     error: Option<String>,
     timeline: Timeline,
+    /// Interrupts the connect while the channel is being opened.
+    connect_cancel: Option<Arc<ConnectCancel>>,
     canceller: Option<Canceller>,
     /// The whole stream has been handed to the transport: too late to cancel.
     committed: bool,
@@ -282,8 +361,10 @@ impl Migration {
                 xbzrle_on: false,
                 events: false,
                 integrity: false,
+                return_path: true,
                 error: None,
                 timeline: Timeline::default(),
+                connect_cancel: None,
                 canceller: None,
                 committed: false,
                 thread: None,
@@ -366,6 +447,18 @@ impl Migration {
         lock(&self.inner).integrity = on;
     }
 
+    /// Whether the `return-path` capability is on (the default): on a two-way transport the
+    /// source waits for the destination's verdict and runs the switchover handshake
+    /// ([`crate::return_path`]); one-way transports (`exec:`, a pipe `fd:`) ignore it.
+    pub fn return_path_enabled(&self) -> bool {
+        lock(&self.inner).return_path
+    }
+
+    /// Sets the `return-path` capability.
+    pub fn set_return_path_enabled(&self, on: bool) {
+        lock(&self.inner).return_path = on;
+    }
+
     /// The timeline of the current or last migration.
     pub fn timeline(&self) -> Timeline {
         lock(&self.inner).timeline.clone()
@@ -406,13 +499,13 @@ impl Migration {
         }
     }
 
-    /// Starts a migration to `out`. `canceller` interrupts a blocked write (it shuts the
-    /// transport down) when the migration is cancelled.
+    /// Starts a migration on the channel `connect` opens. `migrate` returns at once: the
+    /// connect runs on the migration thread in the `setup` state, where `migrate_cancel` ends
+    /// it.
     pub fn start<H: MigrationHost>(
         self: &Arc<Self>,
         host: Arc<H>,
-        out: Box<dyn MigrationOutput>,
-        canceller: Option<Canceller>,
+        connect: Connector,
     ) -> Result<(), MigrationError> {
         // The previous migration's thread may still be telling the notifiers how it ended,
         // and they take the state lock: join it without holding that lock.
@@ -430,6 +523,7 @@ impl Migration {
         if let Some(reason) = lock(host.registry()).blocker() {
             return Err(MigrationError::Blocked(reason.to_string()));
         }
+        let cancel = Arc::new(ConnectCancel::new().map_err(MigrationError::Cancel)?);
         {
             let mut i = lock(&self.inner);
             if i.status.is_running() {
@@ -460,7 +554,8 @@ impl Migration {
             i.error = None;
             i.timeline = Timeline::default();
             i.xbzrle_on = lock(&self.xbzrle).enabled;
-            i.canceller = canceller;
+            i.connect_cancel = Some(cancel.clone());
+            i.canceller = None;
             i.committed = false;
             i.status = MigrationStatus::Setup;
         }
@@ -468,21 +563,38 @@ impl Migration {
         let me = self.clone();
         let thread = std::thread::Builder::new()
             .name(String::from("migration"))
-            .spawn(move || me.run(host, out))
-            .map_err(|e| MigrationError::Thread(e.to_string()))?;
-        lock(&self.inner).thread = Some(thread);
-        Ok(())
+            .spawn(move || me.run(host, connect, cancel));
+        match thread {
+            Ok(t) => {
+                lock(&self.inner).thread = Some(t);
+                Ok(())
+            }
+            Err(e) => {
+                {
+                    let mut i = lock(&self.inner);
+                    i.error = Some(format!("cannot start the migration thread: {e}"));
+                    i.connect_cancel = None;
+                }
+                self.set_status(MigrationStatus::Failed);
+                Err(MigrationError::Thread(e))
+            }
+        }
     }
 
     /// Asks a running migration to stop (QMP `migrate_cancel`); the source keeps running.
-    /// Once the whole stream has been handed to the transport the destination may already
-    /// run the guest, so a cancel then does nothing and the migration completes.
+    /// A connect in progress is interrupted. Once the go-ahead has gone to the destination
+    /// (or, without a return path, the whole stream has been handed to the transport) the
+    /// destination may run the guest, so a cancel then does nothing and the migration ends
+    /// as it would have.
     pub fn cancel(&self) {
         let mut i = lock(&self.inner);
         if !i.status.is_running() || i.committed {
             return;
         }
         i.status = MigrationStatus::Cancelling;
+        if let Some(c) = &i.connect_cancel {
+            c.cancel();
+        }
         if let Some(c) = &i.canceller {
             c();
         }
@@ -502,8 +614,27 @@ impl Migration {
         lock(&self.inner).status == MigrationStatus::Cancelling
     }
 
-    /// Ends the migration unsuccessfully: sections cancelled, vCPUs restarted if needed.
-    fn abort<H: MigrationHost>(&self, host: &H, was_running: bool, error: Option<String>) {
+    /// Ends the migration unsuccessfully: sections cancelled, vCPUs restarted if needed. With
+    /// a return path, the destination's own reason replaces a transport error when it has
+    /// one (it usually is why the transport failed).
+    fn abort<H: MigrationHost>(
+        &self,
+        host: &H,
+        was_running: bool,
+        rp: Option<&SourceReturnPath>,
+        error: Option<MigrationRunError>,
+    ) {
+        let error = match (error, rp) {
+            (Some(e @ (MigrationRunError::Send(_) | MigrationRunError::Finish(_))), Some(rp))
+                if !self.cancelling() =>
+            {
+                Some(
+                    rp.destination_error(REASON_TIMEOUT)
+                        .map_or(e, MigrationRunError::Destination),
+                )
+            }
+            (e, _) => e,
+        };
         {
             let mut g = lock(host.big_lock());
             lock(host.registry()).cancel();
@@ -514,15 +645,23 @@ impl Migration {
         } else {
             MigrationStatus::Failed
         };
+        self.ended(status, error);
+    }
+
+    /// Records how the migration ended and tells the notifiers.
+    fn ended(&self, status: MigrationStatus, error: Option<MigrationRunError>) {
         {
             let mut i = lock(&self.inner);
             if let Some(e) = &error {
                 log::warn!("migration failed: {e}");
             }
-            i.error = error.filter(|_| status == MigrationStatus::Failed);
+            i.error = error
+                .filter(|_| status == MigrationStatus::Failed)
+                .map(|e| e.to_string());
             i.total_time = i.start.map(|s| s.elapsed()).unwrap_or_default();
             i.timeline.end_ms = Some(ms(i.total_time));
             i.canceller = None;
+            i.connect_cancel = None;
         }
         self.set_status(status);
     }
@@ -534,7 +673,7 @@ impl Migration {
         host: &H,
         w: &mut StreamWriter<BufferedOutput>,
         out: &mut dyn Write,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, MigrationRunError> {
         let t0 = Instant::now();
         let result = w.get_mut().flush_to(out);
         let profile = &self.ram.profile;
@@ -549,13 +688,80 @@ impl Migration {
             }
             Err(e) => {
                 reg.flush_failed();
-                Err(e.to_string())
+                Err(e.into())
             }
         }
     }
 
-    fn run<H: MigrationHost>(self: Arc<Self>, host: Arc<H>, mut out: Box<dyn MigrationOutput>) {
+    /// Opens the channel and, with the `return-path` capability on a two-way transport, the
+    /// return path; `None` when the migration already ended (failed or cancelled).
+    fn connect<H: MigrationHost>(
+        &self,
+        host: &H,
+        connect: Connector,
+        cancel: &ConnectCancel,
+    ) -> Option<(Box<dyn MigrationOutput>, Option<SourceReturnPath>)> {
+        let out = match connect(cancel) {
+            Ok(out) => out,
+            Err(e) => {
+                self.abort(host, false, None, Some(MigrationRunError::Connect(e)));
+                return None;
+            }
+        };
+        {
+            // Connected: from now on a cancel shuts the channel down.
+            let mut i = lock(&self.inner);
+            i.connect_cancel = None;
+            i.canceller = out.canceller();
+        }
+        if self.cancelling() {
+            self.abort(host, false, None, None);
+            return None;
+        }
+        let reader = if self.return_path_enabled() {
+            out.return_path()
+        } else {
+            None
+        };
+        let rp = match reader {
+            None => None,
+            Some(reader) => {
+                // A destination that reports a failed load stops the stream at once.
+                let stop = out.canceller();
+                let on_failure = Box::new(move || {
+                    if let Some(stop) = &stop {
+                        stop();
+                    }
+                });
+                match SourceReturnPath::spawn(reader, on_failure) {
+                    Ok(rp) => Some(rp),
+                    Err(e) => {
+                        self.abort(
+                            host,
+                            false,
+                            None,
+                            Some(MigrationRunError::ReturnPathThread(e)),
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
+        Some((out, rp))
+    }
+
+    fn run<H: MigrationHost>(
+        self: Arc<Self>,
+        host: Arc<H>,
+        connect: Connector,
+        cancel: Arc<ConnectCancel>,
+    ) {
         let start = lock(&self.inner).start.unwrap_or_else(Instant::now);
+        let Some((mut out, rp)) = self.connect(host.as_ref(), connect, &cancel) else {
+            return;
+        };
+        drop(cancel);
+        let rp = rp.as_ref();
         let mut w = if self.integrity_enabled() {
             StreamWriter::with_integrity(BufferedOutput::new())
         } else {
@@ -564,14 +770,28 @@ impl Migration {
         self.ram.profile.reset();
         let faults0 = crate::ram::thread_faults();
 
-        // Setup: every live section's begin, under the big lock.
+        // Setup: the return-path commands (as QEMU's migration_thread: open it, ping once)
+        // and hopvm's switchover handshake, then every live section's begin, under the big
+        // lock.
         let begun = {
             let _g = lock(host.big_lock());
-            let result = lock(host.registry()).begin(&mut w);
-            result.map_err(|e| e.to_string())
+            let commands = if rp.is_some() {
+                w.header()
+                    .and_then(|()| w.command(MIG_CMD_OPEN_RETURN_PATH, &[]))
+                    .and_then(|()| w.command(return_path::MIG_CMD_PING, &1u32.to_be_bytes()))
+                    .and_then(|()| w.command(return_path::MIG_CMD_X_HOPVM_SWITCHOVER, &[]))
+                    .map_err(MigrationRunError::from)
+            } else {
+                Ok(())
+            };
+            commands.and_then(|()| {
+                lock(host.registry())
+                    .begin(&mut w)
+                    .map_err(MigrationRunError::from)
+            })
         };
         if let Err(e) = begun.and_then(|_| self.flush(host.as_ref(), &mut w, out.as_mut())) {
-            self.abort(host.as_ref(), false, Some(e));
+            self.abort(host.as_ref(), false, rp, Some(e));
             return;
         }
         {
@@ -591,7 +811,7 @@ impl Migration {
         let mut pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
         loop {
             if self.cancelling() {
-                self.abort(host.as_ref(), false, None);
+                self.abort(host.as_ref(), false, rp, None);
                 return;
             }
             limiter.set_bandwidth(self.max_bandwidth());
@@ -619,7 +839,7 @@ impl Migration {
                     if let Err(e) = reg.iterate(&mut w, budget) {
                         drop(reg);
                         drop(g);
-                        self.abort(host.as_ref(), false, Some(e.to_string()));
+                        self.abort(host.as_ref(), false, rp, Some(e.into()));
                         return;
                     }
                 } else {
@@ -632,18 +852,9 @@ impl Migration {
                     lock(&self.inner).timeline.stop_ms = Some(ms(stop - start));
                     let result = lock(host.registry()).complete(&mut w);
                     drop(g);
-                    let result = result
-                        .map_err(|e| e.to_string())
-                        .and_then(|_| self.flush(host.as_ref(), &mut w, out.as_mut()))
-                        .and_then(|_| {
-                            // The whole stream is with the transport: from here on a cancel
-                            // is too late (see below) and must not kill the channel.
-                            let mut i = lock(&self.inner);
-                            i.committed = true;
-                            i.canceller = None;
-                            drop(i);
-                            out.finish()
-                        });
+                    let sent = result
+                        .map_err(MigrationRunError::from)
+                        .and_then(|_| self.flush(host.as_ref(), &mut w, out.as_mut()));
                     let final_pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
                     if final_pass != pass {
                         lock(&self.inner)
@@ -652,13 +863,15 @@ impl Migration {
                             .push((final_pass, ms(stop - start)));
                         self.notify(MigrationEvent::Pass(final_pass));
                     }
-                    // Every byte, the VM description last, reached the transport: the
-                    // destination can load and start the guest, so a cancel that came in
-                    // meanwhile is too late — resuming here would run two copies. A cancel
-                    // that cut the flush short left the description incomplete, which the
-                    // destination refuses: then the guest resumes here.
-                    match result {
-                        Ok(()) => {
+                    let outcome = match sent {
+                        Err(e) => Switchover::Resume(Some(e)),
+                        Ok(_) => match rp {
+                            Some(rp) => self.handshake(rp, out),
+                            None => self.hand_over(out),
+                        },
+                    };
+                    match outcome {
+                        Switchover::Done => {
                             host.completed(&mut lock(host.big_lock()));
                             let mut i = lock(&self.inner);
                             i.downtime = stop.elapsed();
@@ -680,7 +893,15 @@ impl Migration {
                             }
                             self.set_status(MigrationStatus::Completed);
                         }
-                        Err(e) => self.abort(host.as_ref(), was_running, Some(e)),
+                        Switchover::Resume(e) => self.abort(host.as_ref(), was_running, rp, e),
+                        Switchover::Unknown => {
+                            // Never resume a guest the destination may be running.
+                            host.completed(&mut lock(host.big_lock()));
+                            self.ended(
+                                MigrationStatus::Failed,
+                                Some(MigrationRunError::OutcomeUnknown),
+                            );
+                        }
                     }
                     return;
                 }
@@ -691,7 +912,7 @@ impl Migration {
                     slot_bytes += n;
                 }
                 Err(e) => {
-                    self.abort(host.as_ref(), false, Some(e));
+                    self.abort(host.as_ref(), false, rp, Some(e));
                     return;
                 }
             }
@@ -727,6 +948,82 @@ impl Migration {
             }
         }
     }
+
+    /// Without a return path: the whole stream, the VM description last, is with the
+    /// transport. From here a cancel is too late — the destination can load and start the
+    /// guest, so resuming here would run two copies. A cancel that cut the flush short left
+    /// the description incomplete, which the destination refuses: then the guest resumes.
+    fn hand_over(&self, out: Box<dyn MigrationOutput>) -> Switchover {
+        {
+            let mut i = lock(&self.inner);
+            i.committed = true;
+            i.canceller = None;
+        }
+        match out.finish() {
+            Ok(()) => Switchover::Done,
+            Err(e) => Switchover::Resume(Some(MigrationRunError::Finish(e))),
+        }
+    }
+
+    /// With a return path: the switchover handshake ([`crate::return_path`]). The stream is
+    /// sent; wait for the destination's verdict, then send the go-ahead and wait for STARTED.
+    fn handshake(&self, rp: &SourceReturnPath, mut out: Box<dyn MigrationOutput>) -> Switchover {
+        {
+            // A cancel now wakes the wait instead of killing the channel, so that the
+            // destination can be told to drop what it loaded.
+            let waker = rp.waker();
+            lock(&self.inner).canceller = Some(Box::new(move || waker.wake()));
+        }
+        let verdict = if self.cancelling() {
+            Verdict::Woken
+        } else {
+            rp.wait_verdict()
+        };
+        let go = match verdict {
+            Verdict::Loaded => {
+                let mut i = lock(&self.inner);
+                if i.status == MigrationStatus::Cancelling {
+                    false
+                } else {
+                    // The last moment a cancel could win.
+                    i.committed = true;
+                    i.canceller = None;
+                    true
+                }
+            }
+            Verdict::Failed(why) => {
+                return Switchover::Resume(Some(MigrationRunError::Destination(why)))
+            }
+            Verdict::Lost(why) => {
+                return Switchover::Resume(Some(MigrationRunError::NoVerdict(why)))
+            }
+            Verdict::Woken => false,
+        };
+        if !go {
+            let _ = return_path::send_command(out.as_mut(), return_path::MIG_CMD_X_HOPVM_ABORT);
+            return Switchover::Resume(None);
+        }
+        // A write that fails queued nothing: the destination cannot have the go-ahead.
+        if let Err(e) = return_path::send_command(out.as_mut(), return_path::MIG_CMD_X_HOPVM_GO) {
+            return Switchover::Resume(Some(MigrationRunError::GoAhead(e)));
+        }
+        let _ = out.finish();
+        if rp.wait_started(STARTED_TIMEOUT) {
+            Switchover::Done
+        } else {
+            Switchover::Unknown
+        }
+    }
+}
+
+/// How a migration's switchover ended.
+enum Switchover {
+    /// The destination has the guest.
+    Done,
+    /// The destination does not run the guest: resume it here (with why, unless cancelled).
+    Resume(Option<MigrationRunError>),
+    /// The destination may run the guest: stay paused.
+    Unknown,
 }
 
 #[cfg(test)]
@@ -759,18 +1056,22 @@ mod tests {
     struct Sink;
 
     impl Write for Sink {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
             Ok(buf.len())
         }
-        fn flush(&mut self) -> std::io::Result<()> {
+        fn flush(&mut self) -> io::Result<()> {
             Ok(())
         }
     }
 
     impl MigrationOutput for Sink {
-        fn finish(self: Box<Self>) -> Result<(), String> {
+        fn finish(self: Box<Self>) -> Result<(), TransportError> {
             Ok(())
         }
+    }
+
+    fn sink() -> Connector {
+        Box::new(|_| Ok(Box::new(Sink) as Box<dyn MigrationOutput>))
     }
 
     fn host() -> Arc<Host> {
@@ -802,7 +1103,7 @@ mod tests {
         });
         let h = host();
         for round in 0..5 {
-            m.start(h.clone(), Box::new(Sink), None).unwrap();
+            m.start(h.clone(), sink()).unwrap();
             ended_rx
                 .recv_timeout(Duration::from_secs(30))
                 .expect("migration completes");
@@ -814,7 +1115,7 @@ mod tests {
                 while m2.status().is_running() {
                     std::thread::yield_now();
                 }
-                let _ = done_tx.send(m2.start(h2, Box::new(Sink), None));
+                let _ = done_tx.send(m2.start(h2, sink()));
             });
             let result = done_rx
                 .recv_timeout(Duration::from_secs(10))

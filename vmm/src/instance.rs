@@ -10,8 +10,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use migration::ram::RamSection;
 use migration::registry::Registry;
 use migration::stream::StreamReader;
+use migration::thread::MigrationOutput;
 use migration::thread::{Migration, MigrationEvent, MigrationHost};
-use migration::transport::{connect_outgoing, listen_incoming, MigrationUri};
+use migration::transport::{
+    connect_outgoing_cancellable, listen_incoming, IncomingChannel, MigrationUri,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -90,6 +93,32 @@ enum Incoming {
     Active,
     /// Loaded.
     Completed,
+    /// Loaded, but the source never gave its go-ahead: paused.
+    Unconfirmed,
+}
+
+/// How an incoming migration ended, when it did not fail.
+enum Received {
+    /// Loaded: start the guest (or leave it paused without autostart).
+    Run,
+    /// Loaded and already started (and the source told).
+    Started,
+    /// Loaded, but the source never confirmed the switchover: stay paused.
+    Unconfirmed(String),
+}
+
+/// Reads and drops what the source still sends, for up to two seconds, so that it can read
+/// the destination's verdict before the connection closes (closing with unread input would
+/// reset it).
+fn drain_briefly<R: std::io::Read + Send + 'static>(mut input: R) {
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let _ = std::thread::Builder::new()
+        .name(String::from("incoming-drain"))
+        .spawn(move || {
+            let _ = std::io::copy(&mut input, &mut std::io::sink());
+            let _ = done_tx.send(());
+        });
+    let _ = done_rx.recv_timeout(std::time::Duration::from_secs(2));
 }
 
 impl Instance {
@@ -425,15 +454,15 @@ impl Instance {
                 .map_err(|e: migration::transport::TransportError| {
                     InstanceError::Migration(e.to_string())
                 })?;
-        let out = connect_outgoing(&uri).map_err(|e| InstanceError::Migration(e.to_string()))?;
-        let handle = out.shutdown_handle();
+        // The connect runs on the migration thread: `migrate` returns at once, in `setup`,
+        // and `migrate_cancel` interrupts a destination that does not answer.
         self.migration
             .start(
                 self.clone(),
-                Box::new(out),
-                Some(Box::new(move || {
-                    let _ = handle.shutdown();
-                })),
+                Box::new(move |cancel| {
+                    connect_outgoing_cancellable(&uri, cancel)
+                        .map(|out| Box::new(out) as Box<dyn MigrationOutput>)
+                }),
             )
             .map_err(|e| InstanceError::Migration(e.to_string()))
     }
@@ -458,7 +487,7 @@ impl Instance {
                         "'-incoming' was not specified on the command line",
                     )))
                 }
-                Incoming::Active | Incoming::Completed => {
+                Incoming::Active | Incoming::Completed | Incoming::Unconfirmed => {
                     return Err(InstanceError::State(String::from(
                         "The incoming migration has already been started",
                     )))
@@ -481,12 +510,14 @@ impl Instance {
         std::thread::Builder::new()
             .name(String::from("incoming"))
             .spawn(move || {
-                let result = listener
-                    .accept()
+                let received = listener
+                    .accept_channel()
                     .map_err(|e| e.to_string())
-                    .and_then(|input| me.load(input));
-                match result {
-                    Ok(()) => me.incoming_done(),
+                    .and_then(|channel| me.receive(channel));
+                match received {
+                    Ok(Received::Run) => me.incoming_done(),
+                    Ok(Received::Started) => {}
+                    Ok(Received::Unconfirmed(why)) => me.incoming_unconfirmed(&why),
                     Err(e) => {
                         eprintln!("hopvm: incoming migration failed: {e}");
                         let _ = me.vm.event_sender().send(VmEvent::Exit(1));
@@ -495,6 +526,121 @@ impl Instance {
             })
             .map_err(|e| InstanceError::Migration(e.to_string()))?;
         Ok(())
+    }
+
+    /// Loads an accepted incoming migration and, when the source asks for it, answers on the
+    /// return path and runs the switchover handshake ([`migration::return_path`]): the
+    /// verdict on the load goes back to the source (with the reason if it failed), and the
+    /// guest starts only on the source's go-ahead.
+    fn receive(&self, channel: IncomingChannel) -> Result<Received, String> {
+        use migration::return_path::{self as rp, GoAhead, RpMessage};
+        let IncomingChannel {
+            input,
+            return_path: mut back,
+        } = channel;
+        let mut reader = self.stream_reader(input);
+        let mut rp_open = false;
+        let mut handshake = false;
+        let result = {
+            let mut on_command = |cmd: u16, data: &[u8]| {
+                match cmd {
+                    migration::stream::MIG_CMD_OPEN_RETURN_PATH => rp_open = back.is_some(),
+                    rp::MIG_CMD_X_HOPVM_SWITCHOVER => handshake = true,
+                    rp::MIG_CMD_PING => {
+                        if let (true, Some(w), Ok(v)) =
+                            (rp_open, back.as_mut(), <[u8; 4]>::try_from(data))
+                        {
+                            let _ = RpMessage::Pong(u32::from_be_bytes(v)).send(w.as_mut());
+                        }
+                    }
+                    _ => {}
+                }
+                Ok(())
+            };
+            self.load_reader(&mut reader, &mut on_command)
+        };
+        let back = back.as_mut().filter(|_| rp_open);
+        let Some(back) = back else {
+            return result.map(|_| Received::Run);
+        };
+        if let Err(e) = result {
+            if handshake {
+                let _ = RpMessage::Error(e.clone()).send(back.as_mut());
+            }
+            let _ = RpMessage::Shut { failed: true }.send(back.as_mut());
+            // Let the source read the verdict before the connection goes: it stops sending
+            // and closes once it has it.
+            drain_briefly(reader.into_inner());
+            return Err(e);
+        }
+        if !handshake {
+            // A QEMU source: QEMU's order, run the guest, then report.
+            self.incoming_done();
+            let _ = RpMessage::Shut { failed: false }.send(back.as_mut());
+            return Ok(Received::Started);
+        }
+        if let Err(e) = (RpMessage::Shut { failed: false }).send(back.as_mut()) {
+            // The source cannot learn that the load succeeded: it resumes its guest.
+            return Err(format!("cannot confirm the load to the source: {e}"));
+        }
+        let mut rest = reader.into_inner();
+        match rp::read_go_ahead(&mut rest) {
+            Ok(GoAhead::Go) => {
+                self.incoming_done();
+                let _ = RpMessage::Started.send(back.as_mut());
+                Ok(Received::Started)
+            }
+            Ok(GoAhead::Abort) => Err(String::from(
+                "the source cancelled the migration after the load and runs the guest on",
+            )),
+            Err(e) => Ok(Received::Unconfirmed(format!(
+                "the source did not send its go-ahead after the load ({e}): it may have \
+                 resumed the guest, so this copy stays paused ('cont' runs it only if the \
+                 source is known to be stopped)"
+            ))),
+        }
+    }
+
+    /// The loaded guest was never confirmed by the source: it stays paused here.
+    fn incoming_unconfirmed(&self, why: &str) {
+        *lock(&self.incoming) = Incoming::Unconfirmed;
+        {
+            let mut g = lock(&self.vm.machine);
+            lock(&self.vm.devices.serial).release_input();
+            g.runstate = RunState::Paused;
+        }
+        eprintln!("hopvm: incoming migration not confirmed: {why}");
+    }
+
+    fn stream_reader(
+        &self,
+        input: Box<dyn std::io::Read + Send>,
+    ) -> StreamReader<std::io::BufReader<Box<dyn std::io::Read + Send>>> {
+        let input = std::io::BufReader::with_capacity(1 << 20, input);
+        if self.migration.integrity_enabled() {
+            StreamReader::with_integrity(input)
+        } else {
+            StreamReader::new(input)
+        }
+    }
+
+    fn load_reader<R: std::io::Read>(
+        &self,
+        reader: &mut StreamReader<R>,
+        on_command: &mut migration::registry::CommandHandler<'_>,
+    ) -> Result<migration::registry::IncomingLoad, String> {
+        let start = std::time::Instant::now();
+        self.migration.ram.profile.reset();
+        let result = Registry::load_locked_with(&self.registry, reader, on_command)
+            .map_err(|e| e.to_string());
+        if std::env::var_os(migration::ram::PROFILE_ENV).is_some() {
+            eprintln!(
+                "hopvm: migration profile (destination, {} ms): {}",
+                start.elapsed().as_millis(),
+                self.migration.ram.profile.destination_summary()
+            );
+        }
+        result
     }
 
     /// Loads a whole migration stream (the vCPUs are paused). The registry is locked only
@@ -509,23 +655,8 @@ impl Instance {
         &self,
         input: Box<dyn std::io::Read + Send>,
     ) -> Result<migration::registry::IncomingLoad, String> {
-        let input = std::io::BufReader::with_capacity(1 << 20, input);
-        let mut reader = if self.migration.integrity_enabled() {
-            StreamReader::with_integrity(input)
-        } else {
-            StreamReader::new(input)
-        };
-        let start = std::time::Instant::now();
-        self.migration.ram.profile.reset();
-        let result = Registry::load_locked(&self.registry, &mut reader).map_err(|e| e.to_string());
-        if std::env::var_os(migration::ram::PROFILE_ENV).is_some() {
-            eprintln!(
-                "hopvm: migration profile (destination, {} ms): {}",
-                start.elapsed().as_millis(),
-                self.migration.ram.profile.destination_summary()
-            );
-        }
-        result
+        let mut reader = self.stream_reader(input);
+        self.load_reader(&mut reader, &mut |_, _| Ok(()))
     }
 
     /// Waits for QMP `migrate-incoming` (`--incoming defer`).
@@ -550,6 +681,7 @@ impl Instance {
             Incoming::No | Incoming::Deferred => None,
             Incoming::Active => Some(MigrationStatus::Active),
             Incoming::Completed => Some(MigrationStatus::Completed),
+            Incoming::Unconfirmed => Some(MigrationStatus::Failed),
         }
     }
 

@@ -109,6 +109,49 @@ pub enum TransportError {
     /// Writing, flushing or closing the channel failed.
     #[error("i/o: {0}")]
     Io(#[source] io::Error),
+    /// `migrate_cancel` ended the connection attempt.
+    #[error("connection cancelled")]
+    Cancelled,
+    /// The cancel descriptor could not be created.
+    #[error("cannot create the cancel descriptor: {0}")]
+    CancelFd(#[source] io::Error),
+}
+
+/// Interrupts [`connect_outgoing_cancellable`] from another thread (a `migrate_cancel` while
+/// the destination does not answer): an eventfd the connecting thread polls beside its socket.
+#[derive(Debug)]
+pub struct ConnectCancel {
+    fd: vmm_sys_util::eventfd::EventFd,
+    cancelled: std::sync::atomic::AtomicBool,
+}
+
+impl ConnectCancel {
+    /// A cancel that has not fired.
+    pub fn new() -> Result<Self, TransportError> {
+        Ok(Self {
+            fd: vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(TransportError::CancelFd)?,
+            cancelled: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Fires: a connect in progress returns [`TransportError::Cancelled`], later ones too.
+    pub fn cancel(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self.fd.write(1);
+    }
+
+    /// Whether it has fired.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl AsRawFd for ConnectCancel {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
 }
 
 /// A parsed migration URI.
@@ -339,6 +382,27 @@ impl Outgoing {
         ShutdownHandle(Arc::new(target))
     }
 
+    /// A second handle on the channel for reading what the destination sends back (QEMU's
+    /// return path): a duplicate of the socket for `tcp:`, `unix:` and a socket `fd:`; `None`
+    /// for one-way channels (`exec:`, an `fd:` pipe or file).
+    pub fn return_path(&self) -> Option<Box<dyn Read + Send>> {
+        match &self.conn {
+            Conn::Tcp(s) => s
+                .try_clone()
+                .ok()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            Conn::Unix(s) => s
+                .try_clone()
+                .ok()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+            Conn::Fd(f) if is_socket(f.as_raw_fd()) => f
+                .try_clone()
+                .ok()
+                .map(|f| Box::new(f) as Box<dyn Read + Send>),
+            _ => None,
+        }
+    }
+
     /// Shuts the channel down now (see [`ShutdownHandle::shutdown`]).
     pub fn shutdown(&self) -> Result<(), TransportError> {
         self.shutdown_handle().shutdown()
@@ -438,6 +502,34 @@ impl Drop for Outgoing {
     }
 }
 
+/// Whether `fd` is a socket.
+fn is_socket(fd: RawFd) -> bool {
+    // SAFETY: fstat only writes the stat buffer it is given; `fd` is borrowed from a live
+    // object of the caller.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `st` is a valid stat buffer.
+    let rc = unsafe { libc::fstat(fd, &mut st) };
+    rc == 0 && st.st_mode & libc::S_IFMT == libc::S_IFSOCK
+}
+
+/// [`connect_outgoing`] that `cancel` can interrupt while a TCP destination does not answer,
+/// for the migration thread (the monitor never waits for a connect).
+pub fn connect_outgoing_cancellable(
+    uri: &MigrationUri,
+    cancel: &ConnectCancel,
+) -> Result<Outgoing, TransportError> {
+    if cancel.is_cancelled() {
+        return Err(TransportError::Cancelled);
+    }
+    match uri {
+        MigrationUri::Tcp { host, port } if !host.is_empty() => Ok(Outgoing {
+            conn: Conn::Tcp(Arc::new(tcp::connect_cancellable(host, *port, cancel)?)),
+            uri: uri.clone(),
+        }),
+        _ => connect_outgoing(uri),
+    }
+}
+
 /// Opens the outgoing channel for `uri`.
 pub fn connect_outgoing(uri: &MigrationUri) -> Result<Outgoing, TransportError> {
     let conn = match uri {
@@ -512,6 +604,44 @@ impl Incoming {
         }
     }
 
+    /// Like [`accept`](Self::accept), with a channel back to the source where the transport
+    /// has one (QEMU's return path: `tcp:`, `unix:` and a socket `fd:`).
+    pub fn accept_channel(self) -> Result<IncomingChannel, TransportError> {
+        Ok(match self.listener {
+            Listener::Tcp(l) => {
+                let s = l.accept().map_err(TransportError::Accept)?.0;
+                let back = s.try_clone().ok();
+                IncomingChannel {
+                    input: Box::new(s),
+                    return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
+                }
+            }
+            Listener::Unix(l) => {
+                let s = l.accept()?;
+                let back = s.try_clone().ok();
+                IncomingChannel {
+                    input: Box::new(s),
+                    return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
+                }
+            }
+            Listener::Exec(r) => IncomingChannel {
+                input: Box::new(r),
+                return_path: None,
+            },
+            Listener::Fd(f) => {
+                let back = if is_socket(f.as_raw_fd()) {
+                    f.try_clone().ok()
+                } else {
+                    None
+                };
+                IncomingChannel {
+                    input: Box::new(f),
+                    return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
+                }
+            }
+        })
+    }
+
     /// Waits for the source and returns the stream to read the migration from. For `exec:`
     /// the reader reports the command's failure when it reaches the end of its output.
     pub fn accept(self) -> Result<Box<dyn Read + Send>, TransportError> {
@@ -521,6 +651,23 @@ impl Incoming {
             Listener::Exec(r) => Box::new(r),
             Listener::Fd(f) => Box::new(f),
         })
+    }
+}
+
+/// An accepted incoming migration: the stream, and the way back to the source if the
+/// transport has one.
+pub struct IncomingChannel {
+    /// The migration stream.
+    pub input: Box<dyn Read + Send>,
+    /// Writes to the source (the return path), for two-way transports.
+    pub return_path: Option<Box<dyn Write + Send>>,
+}
+
+impl fmt::Debug for IncomingChannel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IncomingChannel")
+            .field("return_path", &self.return_path.is_some())
+            .finish()
     }
 }
 

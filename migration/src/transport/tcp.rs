@@ -42,6 +42,91 @@ pub(super) fn connect(host: &str, port: u16) -> Result<TcpStream, TransportError
     Err(err(last.unwrap_or_else(|| io::ErrorKind::NotFound.into())))
 }
 
+/// Like [`connect`], but the wait for each address's answer ends at once when `cancel` fires
+/// (a destination whose SYNs go nowhere would otherwise block for the kernel's whole SYN
+/// retry time, about two minutes). Name resolution itself is not interruptible.
+pub(super) fn connect_cancellable(
+    host: &str,
+    port: u16,
+    cancel: &super::ConnectCancel,
+) -> Result<TcpStream, TransportError> {
+    let err = |source| TransportError::Connect {
+        addr: display(host, port),
+        source,
+    };
+    let mut last = None;
+    for addr in resolve(host, port).map_err(err)? {
+        if cancel.is_cancelled() {
+            return Err(TransportError::Cancelled);
+        }
+        match connect_one(addr, cancel) {
+            Ok(s) => return Ok(s),
+            Err(ConnectOne::Cancelled) => return Err(TransportError::Cancelled),
+            Err(ConnectOne::Failed(e)) => last = Some(e),
+        }
+    }
+    Err(err(last.unwrap_or_else(|| io::ErrorKind::NotFound.into())))
+}
+
+enum ConnectOne {
+    Cancelled,
+    Failed(io::Error),
+}
+
+impl From<io::Error> for ConnectOne {
+    fn from(e: io::Error) -> Self {
+        ConnectOne::Failed(e)
+    }
+}
+
+/// A non-blocking connect to `addr`, waited for with poll(2) on the socket and the cancel
+/// descriptor.
+fn connect_one(addr: SocketAddr, cancel: &super::ConnectCancel) -> Result<TcpStream, ConnectOne> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    use std::os::fd::AsRawFd;
+    // socket2 opens the socket close-on-exec.
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_nonblocking(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {
+            let mut fds = [
+                libc::pollfd {
+                    fd: sock.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: cancel.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            loop {
+                // SAFETY: `fds` is a valid array of two pollfds for the duration of the call;
+                // both descriptors are owned by objects borrowed for this function.
+                let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+                if rc >= 0 {
+                    break;
+                }
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e.into());
+                }
+            }
+            if fds[1].revents != 0 || cancel.is_cancelled() {
+                return Err(ConnectOne::Cancelled);
+            }
+            if let Some(e) = sock.take_error()? {
+                return Err(e.into());
+            }
+        }
+        Err(e) => return Err(e.into()),
+    }
+    sock.set_nonblocking(false)?;
+    Ok(sock.into())
+}
+
 /// Binds and listens; an empty host or `0` is any IPv4 address, as in QEMU.
 pub(super) fn listen(host: &str, port: u16) -> Result<TcpListener, TransportError> {
     let bind_host = if host.is_empty() || host == "0" {

@@ -96,7 +96,8 @@ fn migration_parameters_and_errors() {
         json!([
             {"state": false, "capability": "xbzrle"},
             {"state": false, "capability": "events"},
-            {"state": false, "capability": "x-integrity"}
+            {"state": false, "capability": "x-integrity"},
+            {"state": true, "capability": "return-path"}
         ])
     );
     // The 2013 commands and the modern one change the same settings.

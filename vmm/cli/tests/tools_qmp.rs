@@ -63,7 +63,8 @@ fn one_shot_commands_print_pretty_replies() {
         json!([
             {"state": false, "capability": "xbzrle"},
             {"state": true, "capability": "events"},
-            {"state": false, "capability": "x-integrity"}
+            {"state": false, "capability": "x-integrity"},
+            {"state": true, "capability": "return-path"}
         ])
     );
 

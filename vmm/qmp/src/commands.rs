@@ -41,7 +41,7 @@ pub const COMMANDS: &[&str] = &[
 ];
 
 /// Migration capabilities hopvm implements.
-const CAPABILITIES: &[&str] = &["xbzrle", "events", "x-integrity"];
+const CAPABILITIES: &[&str] = &["xbzrle", "events", "x-integrity", "return-path"];
 /// QEMU's other capabilities: known, refused with a clear error.
 const QEMU_CAPABILITIES: &[&str] = &[
     "rdma-pin-all",
@@ -52,7 +52,6 @@ const QEMU_CAPABILITIES: &[&str] = &[
     "x-colo",
     "release-ram",
     "block",
-    "return-path",
     "pause-before-switchover",
     "multifd",
     "dirty-bitmaps",
@@ -209,6 +208,7 @@ impl Commands {
             match name {
                 "xbzrle" => lock(&m.xbzrle).enabled = state,
                 "x-integrity" => m.set_integrity_enabled(state),
+                "return-path" => m.set_return_path_enabled(state),
                 _ => m.set_events_enabled(state),
             }
         }
@@ -221,6 +221,7 @@ impl Commands {
             {"state": lock(&m.xbzrle).enabled, "capability": "xbzrle"},
             {"state": m.events_enabled(), "capability": "events"},
             {"state": m.integrity_enabled(), "capability": "x-integrity"},
+            {"state": m.return_path_enabled(), "capability": "return-path"},
         ])
     }
 

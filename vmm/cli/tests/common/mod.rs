@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod proc;
+pub mod proxy;
+pub mod rng;
 pub mod tools;
 
 #[path = "../../../tests/common/mod.rs"]
