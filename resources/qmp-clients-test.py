@@ -5,7 +5,8 @@ hopvm promises to speak QMP as QEMU does, so a real QEMU client must work agains
 this script connects, queries, pauses and resumes (checking STOP / RESUME events), checks that
 error replies carry QEMU's error classes, cancels a rate-limited migration (the source must run
 on), and runs a full live migration, polling query-migrate and following the MIGRATION and
-MIGRATION_PASS events.
+MIGRATION_PASS events, and passes a descriptor with
+SCM_RIGHTS for getfd / closefd.
 
 It is run by vmm/cli/tests/qmp_clients.rs, which starts the VMs:
 
@@ -197,6 +198,21 @@ async def full_migration(qmp, dst_sock, uri):
         await dst.disconnect()
 
 
+async def pass_fd(qmp):
+    """getfd with a descriptor sent by the library's send_fd_scm, then closefd."""
+    await expect_error(qmp, "GenericError", "getfd", {"fdname": "py"},
+                       "No file descriptor supplied via SCM_RIGHTS")
+    with open("/dev/null", "rb") as f:
+        qmp.send_fd_scm(f.fileno())
+        await qmp.execute("getfd", {"fdname": "py"})
+    ok("send_fd_scm + getfd py")
+    await qmp.execute("closefd", {"fdname": "py"})
+    await expect_error(qmp, "GenericError", "closefd", {"fdname": "py"},
+                       "File descriptor named 'py' not found")
+    await expect_error(qmp, "GenericError", "migrate", {"uri": "fd:py"},
+                       "File descriptor named 'py' has not been found")
+
+
 async def main():
     src_sock, cancel_uri, dst_sock, full_uri = sys.argv[1:5]
     qmp = QMPClient("source")
@@ -205,6 +221,7 @@ async def main():
         await basics(qmp)
         await stop_cont(qmp)
         await errors(qmp)
+        await pass_fd(qmp)
         await cancel(qmp, cancel_uri)
         await full_migration(qmp, dst_sock, full_uri)
     finally:

@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use migration::ram::RamSection;
 use migration::registry::Registry;
 use migration::stream::StreamReader;
-use migration::thread::MigrationOutput;
-use migration::thread::{Migration, MigrationEvent, MigrationHost};
+use migration::thread::{Connector, Migration, MigrationEvent, MigrationHost, MigrationOutput};
 use migration::transport::{
-    connect_outgoing_cancellable, listen_incoming, IncomingChannel, MigrationUri,
+    connect_outgoing_cancellable, connect_outgoing_with, listen_incoming_with, IncomingChannel,
+    MigrationUri, NamedFds, TransportError,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -434,8 +434,19 @@ impl Instance {
         Ok(())
     }
 
-    /// Starts an outgoing migration to `uri` (QMP `migrate`).
+    /// Starts an outgoing migration to `uri` (QMP `migrate`); `fd:` takes inherited
+    /// descriptor numbers only.
     pub fn migrate(self: &Arc<Self>, uri: &str) -> Result<(), InstanceError> {
+        self.migrate_with(uri, None)
+    }
+
+    /// [`migrate`](Self::migrate), taking `fd:NAME` from `named` (the monitor's `getfd`
+    /// table). The descriptor is taken only once every other check has passed.
+    pub fn migrate_with(
+        self: &Arc<Self>,
+        uri: &str,
+        named: Option<&dyn NamedFds>,
+    ) -> Result<(), InstanceError> {
         if self.migration.status().is_running() {
             return Err(InstanceError::Migration(String::from(
                 "There's a migration process in progress",
@@ -449,21 +460,22 @@ impl Instance {
         if let Some(reason) = lock(&self.registry).blocker() {
             return Err(InstanceError::Migration(reason.to_string()));
         }
-        let uri: MigrationUri =
-            uri.parse()
-                .map_err(|e: migration::transport::TransportError| {
-                    InstanceError::Migration(e.to_string())
-                })?;
-        // The connect runs on the migration thread: `migrate` returns at once, in `setup`,
+        let transport_error = |e: TransportError| InstanceError::Migration(e.to_string());
+        let uri: MigrationUri = uri.parse().map_err(transport_error)?;
+        // A descriptor is opened at once (QEMU reports a missing name from `migrate`); every
+        // other connect runs on the migration thread: `migrate` returns at once, in `setup`,
         // and `migrate_cancel` interrupts a destination that does not answer.
+        let connector: Connector = if let MigrationUri::Fd(_) = uri {
+            let out = connect_outgoing_with(&uri, named).map_err(transport_error)?;
+            Box::new(move |_| Ok(Box::new(out) as Box<dyn MigrationOutput>))
+        } else {
+            Box::new(move |cancel| {
+                connect_outgoing_cancellable(&uri, cancel)
+                    .map(|out| Box::new(out) as Box<dyn MigrationOutput>)
+            })
+        };
         self.migration
-            .start(
-                self.clone(),
-                Box::new(move |cancel| {
-                    connect_outgoing_cancellable(&uri, cancel)
-                        .map(|out| Box::new(out) as Box<dyn MigrationOutput>)
-                }),
-            )
+            .start(self.clone(), connector)
             .map_err(|e| InstanceError::Migration(e.to_string()))
     }
 
@@ -471,11 +483,19 @@ impl Instance {
     /// the guest runs (or stays paused without autostart). A failed load ends hopvm with
     /// status 1 and a clear message.
     pub fn incoming(self: &Arc<Self>, uri: &str) -> Result<(), InstanceError> {
-        let parsed: MigrationUri =
-            uri.parse()
-                .map_err(|e: migration::transport::TransportError| {
-                    InstanceError::Migration(e.to_string())
-                })?;
+        self.incoming_with(uri, None)
+    }
+
+    /// [`incoming`](Self::incoming), taking `fd:NAME` from `named` (the monitor's `getfd`
+    /// table).
+    pub fn incoming_with(
+        self: &Arc<Self>,
+        uri: &str,
+        named: Option<&dyn NamedFds>,
+    ) -> Result<(), InstanceError> {
+        let parsed: MigrationUri = uri
+            .parse()
+            .map_err(|e: TransportError| InstanceError::Migration(e.to_string()))?;
         {
             let mut current = lock(&self.incoming);
             let mut g = lock(&self.vm.machine);
@@ -497,7 +517,7 @@ impl Instance {
             *current = Incoming::Active;
             lock(&self.vm.devices.serial).hold_input();
         }
-        let listener = listen_incoming(&parsed).map_err(|e| {
+        let listener = listen_incoming_with(&parsed, named).map_err(|e| {
             *lock(&self.incoming) = Incoming::Deferred;
             InstanceError::Migration(e.to_string())
         })?;

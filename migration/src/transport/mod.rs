@@ -8,7 +8,7 @@
 //! | `tcp:HOST:PORT` | connect | listen (`tcp:0:PORT`, `tcp::PORT`: any IPv4 address; IPv6 as `tcp:[::1]:PORT`) |
 //! | `unix:PATH` | connect | listen (a stale socket file at PATH is replaced) |
 //! | `exec:COMMAND` | `sh -c COMMAND`, stream to its stdin | `sh -c COMMAND`, stream from its stdout |
-//! | `fd:N` | write to inherited descriptor N | read from inherited descriptor N |
+//! | `fd:NAME` | write to the descriptor passed to the monitor with `getfd` as NAME, or to descriptor N inherited at start-up (`fd:N`) | read from it |
 //!
 //! Anything else fails with QEMU's message, `unknown migration protocol: <uri>`.
 //!
@@ -23,12 +23,14 @@
 //! away without waiting for the next write to fail, and [`Outgoing::finish`] to close the
 //! channel and, for `exec:`, reap the command and report its failure.
 //!
-//! `fd:N` follows QEMU: the descriptor is *handed over* to the migration, which closes it when
-//! done. It must be open (with the right access mode) and not used by anything else in the
-//! process.
+//! `fd:` follows QEMU: the descriptor is *handed over* to the migration, which closes it when
+//! done. A name comes from the monitor's `getfd` table ([`NamedFds`]); a number must have been
+//! inherited when the process started ([`record_inherited_fds`]) — never one of hopvm's own.
 
 mod exec;
 mod fd;
+
+pub use fd::{record_inherited_fds, NamedFds};
 mod tcp;
 mod unix;
 
@@ -101,8 +103,14 @@ pub enum TransportError {
         /// The descriptor.
         fd: RawFd,
         /// What is wrong.
-        reason: String,
+        reason: &'static str,
     },
+    /// `fd:NAME` names no descriptor passed to the monitor (QEMU's wording).
+    #[error("File descriptor named '{0}' has not been found")]
+    FdNotFound(String),
+    /// `fd:N` is a descriptor the process did not inherit at start-up.
+    #[error("fd {0} was not handed to hopvm at start-up (pass it with the monitor's getfd)")]
+    FdNotHandedOver(RawFd),
     /// Shutting the channel down failed.
     #[error("shutdown failed: {0}")]
     Shutdown(#[source] io::Error),
@@ -168,8 +176,8 @@ pub enum MigrationUri {
     Unix(PathBuf),
     /// `exec:COMMAND`, run with `sh -c`.
     Exec(String),
-    /// `fd:N`, an inherited descriptor.
-    Fd(RawFd),
+    /// `fd:NAME`: a descriptor passed to the monitor as NAME, or inherited descriptor N.
+    Fd(String),
 }
 
 fn invalid(uri: &str, reason: &'static str) -> TransportError {
@@ -239,15 +247,19 @@ impl FromStr for MigrationUri {
             Ok(MigrationUri::Exec(cmd.to_owned()))
         } else if let Some(n) = uri.strip_prefix("fd:") {
             if n.is_empty() {
-                return Err(invalid(uri, "missing descriptor number"));
+                return Err(invalid(uri, "missing descriptor name"));
             }
-            if !n.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(invalid(uri, "descriptor is not a non-negative number"));
+            if fd::is_number(n) {
+                if !n.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(invalid(
+                        uri,
+                        "a descriptor name must not start with a digit",
+                    ));
+                }
+                n.parse::<RawFd>()
+                    .map_err(|_| invalid(uri, "descriptor out of range"))?;
             }
-            let fd = n
-                .parse::<RawFd>()
-                .map_err(|_| invalid(uri, "descriptor out of range"))?;
-            Ok(MigrationUri::Fd(fd))
+            Ok(MigrationUri::Fd(n.to_owned()))
         } else {
             Err(TransportError::UnknownProtocol(uri.to_owned()))
         }
@@ -530,8 +542,16 @@ pub fn connect_outgoing_cancellable(
     }
 }
 
-/// Opens the outgoing channel for `uri`.
+/// Opens the outgoing channel for `uri`; `fd:` takes an inherited descriptor number only.
 pub fn connect_outgoing(uri: &MigrationUri) -> Result<Outgoing, TransportError> {
+    connect_outgoing_with(uri, None)
+}
+
+/// Opens the outgoing channel for `uri`, taking `fd:NAME` from `named` (the monitor).
+pub fn connect_outgoing_with(
+    uri: &MigrationUri,
+    named: Option<&dyn NamedFds>,
+) -> Result<Outgoing, TransportError> {
     let conn = match uri {
         MigrationUri::Tcp { host, port } => {
             if host.is_empty() {
@@ -547,7 +567,7 @@ pub fn connect_outgoing(uri: &MigrationUri) -> Result<Outgoing, TransportError> 
                 child: Arc::new(child),
             }
         }
-        MigrationUri::Fd(n) => Conn::Fd(Arc::new(fd::take(*n, fd::Access::Write)?)),
+        MigrationUri::Fd(n) => Conn::Fd(Arc::new(fd::resolve(n, named, fd::Access::Write)?)),
     };
     Ok(Outgoing {
         conn,
@@ -576,13 +596,21 @@ impl fmt::Debug for Incoming {
 }
 
 /// Starts listening for `uri` at once: binds the TCP or Unix socket, starts the `exec:`
-/// command, or checks and takes over the `fd:` descriptor.
+/// command, or checks and takes over the `fd:` descriptor (an inherited number only).
 pub fn listen_incoming(uri: &MigrationUri) -> Result<Incoming, TransportError> {
+    listen_incoming_with(uri, None)
+}
+
+/// [`listen_incoming`], taking `fd:NAME` from `named` (the monitor).
+pub fn listen_incoming_with(
+    uri: &MigrationUri,
+    named: Option<&dyn NamedFds>,
+) -> Result<Incoming, TransportError> {
     let listener = match uri {
         MigrationUri::Tcp { host, port } => Listener::Tcp(tcp::listen(host, *port)?),
         MigrationUri::Unix(path) => Listener::Unix(unix::listen(path)?),
         MigrationUri::Exec(cmd) => Listener::Exec(exec::spawn_incoming(cmd)?),
-        MigrationUri::Fd(n) => Listener::Fd(fd::take(*n, fd::Access::Read)?),
+        MigrationUri::Fd(n) => Listener::Fd(fd::resolve(n, named, fd::Access::Read)?),
     };
     Ok(Incoming {
         listener,
@@ -674,7 +702,6 @@ impl fmt::Debug for IncomingChannel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::IntoRawFd;
     use std::os::unix::net::UnixListener;
     use std::thread;
 
@@ -728,7 +755,8 @@ mod tests {
                 "exec:cat > /tmp/x",
                 MigrationUri::Exec("cat > /tmp/x".into()),
             ),
-            ("fd:3", MigrationUri::Fd(3)),
+            ("fd:3", MigrationUri::Fd("3".into())),
+            ("fd:migrate", MigrationUri::Fd("migrate".into())),
         ];
         for (s, expect) in cases {
             let parsed = uri(s);
@@ -755,9 +783,8 @@ mod tests {
             ("unix:", "missing path"),
             ("exec:", "missing command"),
             ("exec:   ", "missing command"),
-            ("fd:", "missing descriptor number"),
-            ("fd:-1", "descriptor is not a non-negative number"),
-            ("fd:abc", "descriptor is not a non-negative number"),
+            ("fd:", "missing descriptor name"),
+            ("fd:3abc", "a descriptor name must not start with a digit"),
             ("fd:99999999999", "descriptor out of range"),
         ];
         for (s, reason) in cases {
@@ -1023,34 +1050,70 @@ mod tests {
         }
     }
 
+    /// A monitor's `getfd` table, for the tests.
+    struct Named(std::sync::Mutex<std::collections::BTreeMap<String, std::os::fd::OwnedFd>>);
+
+    impl Named {
+        fn new(fds: Vec<(&str, std::os::fd::OwnedFd)>) -> Self {
+            Named(std::sync::Mutex::new(
+                fds.into_iter().map(|(n, f)| (n.to_owned(), f)).collect(),
+            ))
+        }
+    }
+
+    impl NamedFds for Named {
+        fn take_fd(&self, name: &str) -> Option<std::os::fd::OwnedFd> {
+            vmm_sync::lock(&self.0).remove(name)
+        }
+    }
+
+    fn fd_uri(name: &str) -> MigrationUri {
+        MigrationUri::Fd(name.to_owned())
+    }
+
     #[test]
     fn fd_round_trip() {
         let (r, w) = pipe();
-        let rfd = r.into_raw_fd();
-        let wfd = w.into_raw_fd();
-        round_trip(&MigrationUri::Fd(rfd), &MigrationUri::Fd(wfd));
+        let named = Named::new(vec![("in", r.into()), ("out", w.into())]);
+        let incoming = listen_incoming_with(&fd_uri("in"), Some(&named)).unwrap();
+        let mut out = connect_outgoing_with(&fd_uri("out"), Some(&named)).unwrap();
+        let reader = thread::spawn(move || {
+            let mut data = Vec::new();
+            incoming.accept().unwrap().read_to_end(&mut data).unwrap();
+            data
+        });
+        out.write_all(b"QEVM stream").unwrap();
+        out.finish().unwrap();
+        assert_eq!(reader.join().unwrap(), b"QEVM stream");
     }
 
     #[test]
     fn fd_errors() {
-        // A descriptor that is not open (far above anything this process opens; closing a
-        // real one here would race with the other tests' descriptors).
-        let closed: RawFd = 999_983;
-        // SAFETY: F_GETFD only queries the descriptor table.
-        assert_eq!(unsafe { libc::fcntl(closed, libc::F_GETFD) }, -1);
         let (r, w) = pipe();
-        drop(r);
-        let err = connect_outgoing(&MigrationUri::Fd(closed)).unwrap_err();
-        assert!(matches!(err, TransportError::BadFd { .. }), "{err}");
-        assert!(err.to_string().contains("not open"), "{err}");
-        let err = listen_incoming(&MigrationUri::Fd(closed)).unwrap_err();
-        assert!(matches!(err, TransportError::BadFd { .. }));
+        // hopvm's own descriptors (here: a pipe this process made) are never `fd:N` targets.
+        let own = w.as_raw_fd();
+        let err = connect_outgoing(&fd_uri(&own.to_string())).unwrap_err();
+        assert!(
+            matches!(err, TransportError::FdNotHandedOver(n) if n == own),
+            "{err}"
+        );
+        let err = listen_incoming(&fd_uri("nosuch")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "File descriptor named 'nosuch' has not been found"
+        );
         // Wrong direction: a write end cannot be the incoming side.
-        let wfd = w.into_raw_fd();
-        let err = listen_incoming(&MigrationUri::Fd(wfd)).unwrap_err();
+        let named = Named::new(vec![("w", w.into()), ("r", r.into())]);
+        let err = listen_incoming_with(&fd_uri("w"), Some(&named)).unwrap_err();
         assert!(err.to_string().contains("not open for reading"), "{err}");
-        // The failed attempt did not take the descriptor.
-        let out = connect_outgoing(&MigrationUri::Fd(wfd)).unwrap();
+        let out = connect_outgoing_with(&fd_uri("r"), Some(&named));
+        assert!(out
+            .unwrap_err()
+            .to_string()
+            .contains("not open for writing"));
+        let (_r2, w2) = pipe();
+        let named = Named::new(vec![("w", w2.into())]);
+        let out = connect_outgoing_with(&fd_uri("w"), Some(&named)).unwrap();
         // A pipe cannot be shut down.
         assert!(matches!(out.shutdown(), Err(TransportError::Shutdown(_))));
         drop(out);
@@ -1059,7 +1122,8 @@ mod tests {
     #[test]
     fn fd_socket_shutdown_and_peer_death() {
         let (a, b) = UnixStream::pair().unwrap();
-        let out = connect_outgoing(&MigrationUri::Fd(a.into_raw_fd())).unwrap();
+        let named = Named::new(vec![("sock", a.into())]);
+        let out = connect_outgoing_with(&fd_uri("sock"), Some(&named)).unwrap();
         assert!(!out.peer_gone());
         drop(b);
         assert!(out.peer_gone());

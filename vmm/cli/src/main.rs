@@ -2,6 +2,9 @@
 //! it speaks QEMU's command line instead ([`hopvm::qemu_cli`]).
 
 fn main() {
+    // Before anything opens a descriptor: what is open now was handed over by the parent,
+    // and only those can be named as `fd:N` (monitor-passed ones go by name, `getfd`).
+    migration::transport::record_inherited_fds();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let status = match args.first() {
         Some(argv0) if hopvm::qemu_cli::invoked_as_qemu(argv0) => {

@@ -90,6 +90,8 @@ fn qemu_qmp_library_drives_hopvm() {
         "cont: RESUME event, status running",
         "frobnicate -> CommandNotFound: The command frobnicate has not been found",
         "-> GenericError: Invalid parameter type for 'uri', expected: string",
+        "send_fd_scm + getfd py",
+        "closefd {'fdname': 'py'} -> GenericError: File descriptor named 'py' not found",
         "migrate_cancel: MIGRATION ",
         "MIGRATION events setup -> active -> completed, MIGRATION_PASS [1, ",
         "destination: running, query-migrate completed",

@@ -3,11 +3,13 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 /// Errors talking to a QMP server.
 #[derive(Debug, thiserror::Error)]
@@ -163,6 +165,31 @@ impl QmpClient {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpClientError> {
+        let (id, line) = self.request(command, arguments);
+        self.send_raw(&line)?;
+        self.reply_to(id)
+    }
+
+    /// Runs a command with descriptor `fd` attached to its bytes (SCM_RIGHTS), as libvirt
+    /// sends `getfd`.
+    pub fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpClientError> {
+        let (id, line) = self.request(command, arguments);
+        let sent = self
+            .writer
+            .send_with_fd(line.as_bytes(), fd.as_raw_fd())
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        if sent < line.len() {
+            self.send_raw(line.get(sent..).unwrap_or_default())?;
+        }
+        self.reply_to(id)
+    }
+
+    fn request(&mut self, command: &str, arguments: Option<Value>) -> (u64, String) {
         let id = self.next_id;
         self.next_id += 1;
         let mut req = Map::new();
@@ -171,7 +198,10 @@ impl QmpClient {
             req.insert("arguments".into(), a);
         }
         req.insert("id".into(), json!(id));
-        self.send_raw(&format!("{}\n", Value::Object(req)))?;
+        (id, format!("{}\n", Value::Object(req)))
+    }
+
+    fn reply_to(&mut self, id: u64) -> Result<Value, QmpClientError> {
         let reply = self.read_reply()?;
         if reply.get("id") != Some(&json!(id)) {
             return Err(QmpClientError::Protocol(format!(

@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use migration::thread::{MigrationInfo, MigrationStatus};
+use migration::transport::NamedFds;
 use serde_json::{json, Map, Value};
 
+use crate::fds::MonitorFds;
 use crate::protocol::{version_info, Args, QmpBackend, QmpError};
 use crate::server::{QmpListenSpec, QmpServer, QmpServerConfig, QmpServerError};
 use vmm::bus::lock;
@@ -38,6 +40,8 @@ pub const COMMANDS: &[&str] = &[
     "query-migrate-cache-size",
     "x-query-migration-timeline",
     "pmemsave",
+    "getfd",
+    "closefd",
 ];
 
 /// Migration capabilities hopvm implements.
@@ -124,7 +128,7 @@ impl Commands {
         json!({"status": rs.as_str(), "singlestep": false, "running": rs == RunState::Running})
     }
 
-    fn migrate(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    fn migrate(&self, args: &Map<String, Value>, fds: &MonitorFds) -> Result<Value, QmpError> {
         let mut a = Args::new(args);
         let uri = a.required_str("uri")?;
         let blk = a.optional_bool("blk")?.unwrap_or(false);
@@ -143,12 +147,16 @@ impl Commands {
             ));
         }
         self.instance
-            .migrate(uri)
+            .migrate_with(uri, Some(fds as &dyn NamedFds))
             .map(|_| Value::Null)
             .map_err(|e| QmpError::generic(e.to_string()))
     }
 
-    fn migrate_incoming(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    fn migrate_incoming(
+        &self,
+        args: &Map<String, Value>,
+        fds: &MonitorFds,
+    ) -> Result<Value, QmpError> {
         let mut a = Args::new(args);
         let uri = a.required_str("uri")?;
         a.finish()?;
@@ -163,7 +171,7 @@ impl Commands {
             ));
         }
         self.instance
-            .incoming(uri)
+            .incoming_with(uri, Some(fds as &dyn NamedFds))
             .map(|_| Value::Null)
             .map_err(|e| QmpError::generic(e.to_string()))
     }
@@ -449,8 +457,9 @@ impl QmpBackend for Commands {
                 let _ = inst.vm.event_sender().send(VmEvent::Quit);
                 Value::Null
             }),
-            "migrate" => self.migrate(args),
-            "migrate-incoming" => self.migrate_incoming(args),
+            // Without the monitor's table `fd:` takes inherited numbers only.
+            "migrate" => self.migrate(args, &MonitorFds::new()),
+            "migrate-incoming" => self.migrate_incoming(args, &MonitorFds::new()),
             "migrate_cancel" => none(args).map(|_| {
                 inst.migration.cancel();
                 Value::Null
@@ -470,6 +479,19 @@ impl QmpBackend for Commands {
                 none(args).map(|_| json!(lock(&inst.migration.xbzrle).cache_size))
             }
             other => Err(QmpError::command_not_found(other)),
+        }
+    }
+
+    fn execute_with_fds(
+        &self,
+        command: &str,
+        args: &Map<String, Value>,
+        fds: &MonitorFds,
+    ) -> Result<Value, QmpError> {
+        match command {
+            "migrate" => self.migrate(args, fds),
+            "migrate-incoming" => self.migrate_incoming(args, fds),
+            _ => self.execute(command, args),
         }
     }
 

@@ -9,11 +9,14 @@
 //! * [`protocol`] is the per-connection state machine ([`Session`]), the reply and event
 //!   formats, the [`QmpBackend`] trait the VMM implements its commands behind, and [`Args`]
 //!   for checking command arguments with QEMU's messages;
+//! * [`fds`] keeps the descriptors clients pass with SCM_RIGHTS (`getfd`, `closefd`) for
+//!   `migrate fd:NAME`;
 //! * [`server`] serves sessions on a Unix (or TCP) socket to several clients at once and
 //!   broadcasts events through [`EventSender`] without ever blocking the VMM.
 
 pub mod client;
 pub mod commands;
+pub mod fds;
 pub mod json;
 pub mod protocol;
 pub mod server;

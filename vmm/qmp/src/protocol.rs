@@ -19,6 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 
+use crate::fds::{MonitorFds, ReceivedFds};
 use crate::json::{write_str, write_value, QmpJsonError};
 
 /// A QEMU version number, as in `query-version`.
@@ -275,8 +276,8 @@ pub fn format_event(name: &str, data: Option<&Value>, timestamp: Timestamp) -> S
 
 /// The commands of a VM, implemented by the VMM.
 ///
-/// [`Session`] handles `qmp_capabilities` itself and asks the backend only about other
-/// commands, after negotiation. The server runs one command at a time across all clients (as
+/// [`Session`] handles `qmp_capabilities`, `getfd` and `closefd` itself and asks the backend
+/// only about other commands, after negotiation. The server runs one command at a time across all clients (as
 /// QEMU does), on the thread of the client that sent it, so a command that blocks stalls every
 /// monitor: long work (migration) should be started and polled, like in QEMU. Do not shut the
 /// server down from inside [`QmpBackend::execute`]; request it and do it from another thread.
@@ -287,6 +288,18 @@ pub trait QmpBackend: Send + Sync {
     /// error QEMU would report first. `Ok(Value::Null)` is sent as `{}`, like a QAPI command
     /// without a return type.
     fn execute(&self, command: &str, arguments: &Map<String, Value>) -> Result<Value, QmpError>;
+
+    /// [`execute`](Self::execute) for a command that may use the descriptors the client
+    /// named with `getfd` (`migrate fd:NAME`). By default the table is not needed.
+    fn execute_with_fds(
+        &self,
+        command: &str,
+        arguments: &Map<String, Value>,
+        fds: &MonitorFds,
+    ) -> Result<Value, QmpError> {
+        let _ = fds;
+        self.execute(command, arguments)
+    }
 
     /// Whether `command` exists; unknown commands get `CommandNotFound`.
     fn has_command(&self, command: &str) -> bool;
@@ -640,25 +653,58 @@ impl Session {
     }
 
     /// Answers one message from the JSON splitter; returns the reply line, newline included.
+    /// The connection carries no descriptors (`getfd` finds none).
     pub fn handle(
         &mut self,
         backend: &dyn QmpBackend,
         message: Result<Value, QmpJsonError>,
     ) -> String {
+        self.handle_with_fds(
+            backend,
+            message,
+            &MonitorFds::new(),
+            &mut ReceivedFds::new(),
+        )
+    }
+
+    /// [`handle`](Self::handle) on a connection that can pass descriptors: `received` holds
+    /// what arrived with the message (for `getfd`), `fds` is the monitor's table.
+    pub fn handle_with_fds(
+        &mut self,
+        backend: &dyn QmpBackend,
+        message: Result<Value, QmpJsonError>,
+        fds: &MonitorFds,
+        received: &mut ReceivedFds,
+    ) -> String {
         match message {
             // Parse errors never carry an id.
             Err(error) => format_error(&error.into(), None),
-            Ok(request) => self.handle_request(backend, request),
+            Ok(request) => self.answer(backend, request, fds, received),
         }
     }
 
     /// Answers one request; returns the reply line, newline included.
     pub fn handle_request(&mut self, backend: &dyn QmpBackend, request: Value) -> String {
+        self.answer(
+            backend,
+            request,
+            &MonitorFds::new(),
+            &mut ReceivedFds::new(),
+        )
+    }
+
+    fn answer(
+        &mut self,
+        backend: &dyn QmpBackend,
+        request: Value,
+        fds: &MonitorFds,
+        received: &mut ReceivedFds,
+    ) -> String {
         let Value::Object(request) = request else {
             return format_error(&QmpError::generic("QMP input must be a JSON object"), None);
         };
         let id = request.get("id");
-        match self.dispatch(backend, &request) {
+        match self.dispatch(backend, &request, fds, received) {
             Ok(Value::Null) => format_return(&Value::Object(Map::new()), id),
             Ok(value) => format_return(&value, id),
             Err(mut error) => {
@@ -676,6 +722,8 @@ impl Session {
         &mut self,
         backend: &dyn QmpBackend,
         request: &Map<String, Value>,
+        fds: &MonitorFds,
+        received: &mut ReceivedFds,
     ) -> Result<Value, QmpError> {
         let command = check_request(request)?;
         let empty = Map::new();
@@ -686,10 +734,17 @@ impl Session {
         if command == "qmp_capabilities" {
             return self.qmp_capabilities(arguments);
         }
+        if self.negotiated {
+            match command {
+                "getfd" => return fds.getfd(arguments, received).map(|()| Value::Null),
+                "closefd" => return fds.closefd(arguments).map(|()| Value::Null),
+                _ => {}
+            }
+        }
         if !self.negotiated || !backend.has_command(command) {
             return Err(QmpError::command_not_found(command));
         }
-        backend.execute(command, arguments)
+        backend.execute_with_fds(command, arguments, fds)
     }
 
     /// `qmp_capabilities`, as in QEMU: arguments first, then the negotiation state.

@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::fds::{MonitorFds, ReceivedFds};
 use crate::json::{JsonLimits, JsonStreamParser};
 use crate::protocol::{format_event, greeting, QmpBackend, Session, Timestamp};
 
@@ -213,6 +215,10 @@ impl Default for QmpServerConfig {
 
 use vmm_sync::{lock, wait};
 
+/// Most descriptors taken from one read (QEMU's `TCP_MAX_FDS`); a message with more is an
+/// error and ends the connection (the kernel closes the excess).
+const MAX_FDS_PER_READ: usize = 16;
+
 /// An accepted connection.
 #[derive(Debug)]
 enum Conn {
@@ -236,9 +242,46 @@ impl Conn {
         };
     }
 
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads input; on a unix socket also the descriptors sent with it (SCM_RIGHTS, at most
+    /// [`MAX_FDS_PER_READ`], close-on-exec), which replace those not yet claimed by `getfd`.
+    fn read(&mut self, buf: &mut [u8], received: &mut ReceivedFds) -> io::Result<usize> {
         match self {
-            Conn::Unix(s) => s.read(buf),
+            Conn::Unix(s) => {
+                let mut raw = [-1; MAX_FDS_PER_READ];
+                let mut iov = [libc::iovec {
+                    iov_base: buf.as_mut_ptr().cast(),
+                    iov_len: buf.len(),
+                }];
+                // SAFETY: the iovec covers `buf`, a live, writable slice that any bytes may be
+                // written to, for the duration of the call.
+                let (n, count) = unsafe { s.recv_with_fds(&mut iov, &mut raw) }
+                    .map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+                let fds = raw
+                    .get(..count)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|&fd| {
+                        // SAFETY: recvmsg just installed `fd` in this process for us; nothing
+                        // else knows the number, so the OwnedFd is its only owner.
+                        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+                        // SAFETY: F_GETFD/F_SETFD only change the close-on-exec flag of the
+                        // descriptor just received.
+                        unsafe {
+                            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFD);
+                            if flags != -1 {
+                                libc::fcntl(
+                                    fd.as_raw_fd(),
+                                    libc::F_SETFD,
+                                    flags | libc::FD_CLOEXEC,
+                                );
+                            }
+                        }
+                        fd
+                    })
+                    .collect();
+                received.replace(fds);
+                Ok(n)
+            }
             Conn::Tcp(s) => s.read(buf),
         }
     }
@@ -534,6 +577,8 @@ struct Shared {
     registry: Arc<Registry>,
     /// Serialises command execution across clients.
     dispatch: Mutex<()>,
+    /// Descriptors passed with `getfd`, shared by the monitor's clients as in QEMU.
+    fds: MonitorFds,
 }
 
 /// Where the server listens, for callers and for cleanup.
@@ -601,6 +646,7 @@ impl QmpServer {
             config,
             registry: Arc::default(),
             dispatch: Mutex::new(()),
+            fds: MonitorFds::new(),
         });
         let acceptor_shared = Arc::clone(&shared);
         let acceptor = thread::Builder::new()
@@ -973,11 +1019,12 @@ fn reader_loop(client: &Client, mut conn: Conn, shared: &Shared) {
     let mut session = Session::new();
     let mut parser = JsonStreamParser::new(shared.config.json_limits);
     let mut buf = vec![0u8; 16 * 1024];
+    let mut received = ReceivedFds::new();
     loop {
         if !client.wait_for_room(capacity) {
             return;
         }
-        let n = match conn.read(&mut buf) {
+        let n = match conn.read(&mut buf, &mut received) {
             Ok(0) => return,
             Ok(n) => n,
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
@@ -991,7 +1038,12 @@ fn reader_loop(client: &Client, mut conn: Conn, shared: &Shared) {
             let was_negotiated = session.is_negotiated();
             let reply = {
                 let _dispatch = lock(&shared.dispatch);
-                session.handle(shared.backend.as_ref(), message)
+                session.handle_with_fds(
+                    shared.backend.as_ref(),
+                    message,
+                    &shared.fds,
+                    &mut received,
+                )
             };
             client.push_reply(reply.into(), !was_negotiated && session.is_negotiated());
             open = client.wait_for_room(capacity);
