@@ -24,7 +24,7 @@ use crate::ram_format::{
     RamBlockInfo, RamItem, RamRecord, RamRecordReader, RamRecordWriter, RAM_SECTION_VERSION,
 };
 use crate::xbzrle::{self, XbzrleCache, XbzrleOutcome};
-use crate::{LiveSection, SectionError};
+use crate::{LiveSection, SectionError, SectionOutput};
 
 /// Guest memory as hopvm maps it: with vm-memory's bitmap of the VMM's own writes.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
@@ -457,7 +457,7 @@ impl RamSection {
     /// must hold exactly what the destination got, works on a private copy.
     fn send_page(
         &mut self,
-        out: &mut dyn Write,
+        out: &mut dyn SectionOutput,
         block: usize,
         page: usize,
         last_stage: bool,
@@ -526,12 +526,14 @@ impl RamSection {
                         };
                     }
                     c.normal.fetch_add(1, Ordering::Relaxed);
-                    let page = if self.cache.is_some() && !self.bulk_stage {
-                        &self.page[..]
+                    if self.cache.is_some() && !self.bulk_stage {
+                        self.writer.page(out, id, offset, &self.page)
                     } else {
-                        data
-                    };
-                    self.writer.page(out, id, offset, page)
+                        // SAFETY: `data` is the guest page (a zero page never gets here),
+                        // which `memory` keeps mapped for as long as this section exists,
+                        // longer than any output it writes to.
+                        unsafe { self.writer.page_in_place(out, id, offset, data.as_ptr()) }
+                    }
                 }
             }
         }
@@ -674,7 +676,7 @@ fn invalid(reason: String) -> SectionError {
 }
 
 impl LiveSection for RamSection {
-    fn begin(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+    fn begin(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
         let settings = *vmm_sync::lock(&self.settings);
         self.cache = if settings.enabled {
             Some(
@@ -755,7 +757,7 @@ impl LiveSection for RamSection {
         remaining
     }
 
-    fn iterate(&mut self, out: &mut dyn Write, budget: u64) -> Result<bool, SectionError> {
+    fn iterate(&mut self, out: &mut dyn SectionOutput, budget: u64) -> Result<bool, SectionError> {
         self.apply_cache_size();
         let start = Instant::now();
         let before = self.profiling.then(|| self.profile_split());
@@ -788,7 +790,7 @@ impl LiveSection for RamSection {
         Ok(done)
     }
 
-    fn complete(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+    fn complete(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
         self.sync()?;
         let start = Instant::now();
         let before = self.profiling.then(|| self.profile_split());
