@@ -585,7 +585,7 @@ mod tests {
     /// More pieces than one vectored write takes.
     #[test]
     fn many_pieces_are_split_across_writes() {
-        let page = vec![7u8; 64];
+        let page = [7u8; 64];
         let mut b = BufferedOutput::new();
         for i in 0..(3 * MAX_IOV) {
             b.write_all(&[i as u8]).unwrap();
