@@ -180,6 +180,10 @@ pub trait LiveSection: Send {
         Ok(())
     }
 
+    /// Destination side: the section's END part has loaded; nothing more comes for it
+    /// (RAM stops faulting memory in ahead of the stream: the guest takes over).
+    fn load_end(&mut self) {}
+
     /// Destination side: what the last [`load`](Self::load) covered, in words (RAM: the
     /// guest-physical pages), for an error about that part; `None` if there is nothing to say.
     fn last_load(&self) -> Option<String> {

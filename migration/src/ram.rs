@@ -304,6 +304,8 @@ pub struct RamSection {
     bulk_stage: bool,
     logging: bool,
     loading: bool,
+    /// Destination: tells the populate thread to stop ([`LiveSection::load_end`]).
+    populate_stop: Arc<std::sync::atomic::AtomicBool>,
     /// Destination: the lowest and highest guest-physical page the last load part touched.
     last_load: Option<(u64, u64)>,
     last_sync: Option<Instant>,
@@ -386,6 +388,7 @@ impl RamSection {
             bulk_stage: true,
             logging: false,
             loading: false,
+            populate_stop: Arc::default(),
             last_load: None,
             last_sync: None,
             page: vec![0; PAGE_SIZE as usize],
@@ -847,9 +850,16 @@ impl LiveSection for RamSection {
             // SAFETY: one private anonymous mapping of guest RAM, owned by `memory`.
             unsafe { pagemap::advise_huge_pages(host as *mut u8, len) };
         }
+        self.populate_stop = Arc::default();
         // SAFETY: the ranges are guest RAM mappings, kept alive by the `memory` handle the
         // thread holds; nothing makes guest RAM read-only.
-        unsafe { pagemap::populate(ranges, self.memory.clone()) };
+        unsafe { pagemap::populate(ranges, self.memory.clone(), self.populate_stop.clone()) };
+    }
+
+    fn load_end(&mut self) {
+        // What the populate thread has not reached yet the guest faults in on demand: it
+        // must not keep a core busy while the guest resumes.
+        self.populate_stop.store(true, Ordering::Relaxed);
     }
 
     fn load(&mut self, input: &mut dyn Read, version: u32) -> Result<(), SectionError> {

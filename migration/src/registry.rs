@@ -439,6 +439,11 @@ impl Registry {
                         .get(&id)
                         .ok_or(RegistryError::UnknownSectionId(id))?;
                     Self::load_live(registry, r, id, index, version)?;
+                    if matches!(record, Record::SectionEnd { .. }) {
+                        if let Handler::Live(h) = &mut lock().entries[index].handler {
+                            h.load_end();
+                        }
+                    }
                 }
             }
         }

@@ -743,4 +743,8 @@ impl MigrationHost for Instance {
     fn completed(&self, g: &mut Machine) {
         g.runstate = RunState::Postmigrate;
     }
+
+    fn throttle_vcpus(&self, pct: u32) {
+        self.vm.control().set_throttle(pct);
+    }
 }
