@@ -88,6 +88,13 @@ pub unsafe fn populate(
         .name(String::from("populate"))
         .spawn(move || {
             let _keep = keep;
+            // Only spare CPU time: the stream and the vCPUs come first (a page the stream
+            // reaches first is faulted in by the incoming thread anyway).
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: changes this thread's own policy; `param` is a valid sched_param.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                log::debug!("SCHED_IDLE: {}", std::io::Error::last_os_error());
+            }
             for (host, len) in ranges {
                 for off in (0..len).step_by(4096) {
                     if off % (2 << 20) == 0 && stop.load(std::sync::atomic::Ordering::Relaxed) {

@@ -472,7 +472,8 @@ impl RamSection {
         let b = &self.blocks[block];
         let offset = page as u64 * PAGE_SIZE;
         let addr = b.start + offset;
-        let data: &[u8] = if b.may_hold_data(page) {
+        let known_zero = !b.may_hold_data(page);
+        let data: &[u8] = if !known_zero {
             // SAFETY: the page lies inside the block's mapping (page < pages), which `memory`
             // keeps mapped; the guest may write it meanwhile (see above), never unmap it.
             unsafe {
@@ -487,7 +488,8 @@ impl RamSection {
         };
         self.in_flight.push((block, page));
         let c = &self.counters;
-        let zero = is_zero(data);
+        // A never-populated page needs no scan.
+        let zero = known_zero || is_zero(data);
         let t1 = self.profiling.then(Instant::now);
         let id = self.blocks[block].id.as_str();
         let written = if zero {
