@@ -128,9 +128,12 @@ pub enum KvmStateError {
     /// The bytes are not a valid encoding.
     #[error("cannot decode state: {0}")]
     Decode(#[source] serde_json::Error),
-    /// The state decodes but makes no sense.
-    #[error("invalid state: {0}")]
-    Invalid(String),
+    /// A KVM argument buffer (MSR batch, XSAVE area) could not be allocated.
+    #[error("cannot build the {0} buffer: {1}")]
+    Buffer(&'static str, #[source] vmm_sys_util::fam::Error),
+    /// The source had no PIT (`-machine pit=off`), this VM has one.
+    #[error("invalid state: the source has no PIT (pit=off), this VM has one")]
+    NoPit,
     /// A restored XSAVE area of impossible size.
     #[error("invalid state: xsave area of {0} bytes")]
     XsaveSize(usize),
@@ -363,8 +366,7 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32], skip_refused: bool) -> Result<Vec<M
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| KvmStateError::Invalid(format!("msr batch: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| KvmStateError::Buffer("msr", e))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
         let n = n.min(batch.len());
         out.extend(msrs.as_slice()[..n].iter().map(|e| MsrValue {
@@ -565,7 +567,7 @@ fn host_xsave_max() -> usize {
 fn xsave_buffer(bytes: usize) -> Result<Xsave> {
     let total = bytes.max(host_xsave_max()).max(XSAVE_LEGACY_BYTES);
     let fam = (total - XSAVE_LEGACY_BYTES).div_ceil(4);
-    Xsave::new(fam).map_err(|e| KvmStateError::Invalid(format!("xsave buffer: {e:?}")))
+    Xsave::new(fam).map_err(|e| KvmStateError::Buffer("xsave", e))
 }
 
 fn xsave_words_to_bytes(region: &[u32], extra: &[u32], len: usize) -> Vec<u8> {
@@ -800,8 +802,7 @@ fn restore_msrs(vcpu: &VcpuFd, msrs: &[MsrValue]) -> Result<()> {
                 ..Default::default()
             })
             .collect();
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|e| KvmStateError::Invalid(format!("msr batch: {e:?}")))?;
+        let msrs = Msrs::from_entries(&entries).map_err(|e| KvmStateError::Buffer("msr", e))?;
         let n = vcpu.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
         if n < batch.len() {
             return Err(KvmStateError::MsrSet(batch[n].index));
@@ -983,11 +984,7 @@ pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
     // had elapsed at the save is lost (QEMU's behaviour too).
     match &state.pit {
         Some(pit) => vm.set_pit2(pit).map_err(ioctl("KVM_SET_PIT2"))?,
-        None if get_pit(vm)?.is_some() => {
-            return Err(KvmStateError::Invalid(String::from(
-                "the source has no PIT (pit=off), this VM has one",
-            )))
-        }
+        None if get_pit(vm)?.is_some() => return Err(KvmStateError::NoPit),
         None => {}
     }
     if let Some(clock) = &state.clock {

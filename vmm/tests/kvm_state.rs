@@ -353,7 +353,7 @@ fn vm_state_without_a_pit() {
     // A PIT on one side only is a different machine: refused either way.
     assert!(matches!(
         restore_vm(&test_vm(1).vm, &decoded),
-        Err(KvmStateError::Invalid(_))
+        Err(KvmStateError::NoPit)
     ));
     let with_pit = save_vm(&test_vm(1).vm).unwrap();
     assert!(restore_vm(&src.vm, &with_pit).is_err());
