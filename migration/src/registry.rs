@@ -348,7 +348,7 @@ impl Registry {
     ) -> Result<IncomingLoad, RegistryError> {
         let me = Mutex::new(std::mem::take(self));
         let result = Self::load_locked(&me, r);
-        *self = me.into_inner().unwrap_or_else(|e| e.into_inner());
+        *self = vmm_sync::into_inner(me);
         result
     }
 

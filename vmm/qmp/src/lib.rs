@@ -14,12 +14,15 @@
 //! * [`server`] serves sessions on a Unix (or TCP) socket to several clients at once and
 //!   broadcasts events through [`EventSender`] without ever blocking the VMM.
 
-pub mod client;
 pub mod commands;
 pub mod fds;
 pub mod json;
 pub mod protocol;
 pub mod server;
+
+/// The QMP client, crate `qmp-client` (its own crate so that guest-tests can use it without
+/// depending on the VMM).
+pub use qmp_client as client;
 
 pub use protocol::{ArgList, Args, ErrorClass, QmpBackend, QmpError, Session, Timestamp};
 pub use server::{
