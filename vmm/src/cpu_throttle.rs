@@ -144,7 +144,9 @@ mod tests {
     fn ticks_while_on_and_stops_when_off() {
         let t = Arc::new(CpuThrottle::default());
         let (tx, rx) = std::sync::mpsc::channel();
-        t.set(50, move || drop(tx.send(())));
+        t.set(50, move || {
+            let _ = tx.send(());
+        });
         assert_eq!(t.percentage(), 50);
         // Two kicks arrive: the timer runs.
         rx.recv_timeout(Duration::from_secs(10)).expect("a tick");
