@@ -573,7 +573,18 @@ impl RamSection {
             // The bits stay set in KVM: those pages are sent once more, nothing is lost.
             log::warn!("cannot clear the dirty log: {e}");
         }
-        b.uncleared[words].fill(0);
+        b.uncleared[words.clone()].fill(0);
+        // A never-populated page the guest wrote since `begin` is not logged anew (its bit
+        // was set from the start, and the clear just wiped it): learn which pages hold data
+        // now, after the clear, so such a page is read, never sent as zero. A write from
+        // here on is logged again.
+        if let Some(populated) = b.populated.as_mut() {
+            let host = (b.host + first * PAGE_SIZE as usize) as *const u8;
+            match pagemap::populated(host, pages) {
+                Some(now) => populated[words].copy_from_slice(&now),
+                None => b.populated = None,
+            }
+        }
         if let Some(t0) = t0 {
             let p = &self.counters.profile;
             p.add_since(&p.sync_ns, t0);
@@ -1100,6 +1111,45 @@ mod tests {
         while !input.is_empty() {
             d.load(&mut input, RAM_SECTION_VERSION).unwrap();
         }
+        same(&src, &dst, size);
+    }
+
+    /// A page the guest first writes during the first pass, before its chunk is cleared,
+    /// is not logged again (its bit was set from the start): it must still be sent with its
+    /// data, not as the zero page it was when the migration began.
+    #[test]
+    fn page_first_written_during_the_bulk_pass_is_sent() {
+        let size = 64 << 20;
+        let src = mem(size);
+        let dst = mem(size);
+        let log = Arc::new(Mutex::new(vec![0u64; size / PAGE_SIZE as usize / 64]));
+        let mut s = RamSection::new(
+            src.clone(),
+            Box::new(ManualLog(log.clone(), Arc::default())),
+            Arc::new(Mutex::new(XbzrleSettings::default())),
+            Arc::new(RamCounters::default()),
+        );
+        let (mut d, _) = section(&dst, false);
+        let mut out = Vec::new();
+        s.begin(&mut out).unwrap();
+        // As the guest writes: straight into the mapping, past vm-memory's bitmap, into the
+        // third chunk (not reached yet) — a page never populated at `begin`.
+        let page = 2 * CLEAR_CHUNK_PAGES as u64 + 17;
+        let host = src
+            .get_host_address(GuestAddress(page * PAGE_SIZE))
+            .unwrap();
+        // SAFETY: inside the 64 MiB mapping `src` owns.
+        unsafe { host.cast::<u64>().write_volatile(0x5eed_0f_da7a) };
+        while !s.iterate(&mut out, u64::MAX).unwrap() {}
+        s.complete(&mut out).unwrap();
+        let mut input = &out[..];
+        while !input.is_empty() {
+            d.load(&mut input, RAM_SECTION_VERSION).unwrap();
+        }
+        assert_eq!(
+            dst.read_obj::<u64>(GuestAddress(page * PAGE_SIZE)).unwrap(),
+            0x5eed_0f_da7a
+        );
         same(&src, &dst, size);
     }
 

@@ -60,7 +60,16 @@ struct Scenario {
     verifying: bool,
     /// Serial line prefix that says the guest is ready to be migrated.
     ready: &'static str,
+    /// `max-bandwidth`, bytes/s.
+    bandwidth: u64,
+    /// The `auto-converge` capability.
+    auto_converge: bool,
+    /// How long before the migration is called non-converging and cancelled.
+    timeout: Duration,
 }
+
+/// No limit, as far as this machine goes.
+const UNLIMITED: u64 = 10 << 30;
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -72,6 +81,9 @@ const SCENARIOS: &[Scenario] = &[
         stopped: false,
         verifying: true,
         ready: "pass 1 ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
     },
     Scenario {
         key: "busy-256m",
@@ -82,6 +94,9 @@ const SCENARIOS: &[Scenario] = &[
         stopped: false,
         verifying: true,
         ready: "pass 1 ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
     },
     Scenario {
         key: "idle",
@@ -92,6 +107,9 @@ const SCENARIOS: &[Scenario] = &[
         stopped: false,
         verifying: false,
         ready: "idle",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
     },
     Scenario {
         key: "stopped",
@@ -102,6 +120,37 @@ const SCENARIOS: &[Scenario] = &[
         stopped: true,
         verifying: true,
         ready: "fill ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+    },
+    // A link slower than the guest's dirtying (≈ 600 MiB/s here): without auto-converge no
+    // pass ever gets small enough; with it, the vCPUs are throttled until one does.
+    Scenario {
+        key: "limited",
+        label: "busy 1 GiB / 256 MiB, 256 MiB/s link, no auto-converge",
+        image: "stride",
+        memory: "1G",
+        append: "ws=256M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+        bandwidth: 256 << 20,
+        auto_converge: false,
+        timeout: Duration::from_secs(30),
+    },
+    Scenario {
+        key: "converge",
+        label: "busy 1 GiB / 256 MiB, 256 MiB/s link, auto-converge",
+        image: "stride",
+        memory: "1G",
+        append: "ws=256M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+        bandwidth: 256 << 20,
+        auto_converge: true,
+        timeout: MIGRATION_TIMEOUT,
     },
 ];
 
@@ -197,6 +246,9 @@ struct Outcome {
     reported_downtime_ms: f64,
     syncs: u64,
     bytes: u64,
+    /// Highest `cpu-throttle-percentage` seen, and for how long the guest was throttled, s.
+    throttle_max: u64,
+    throttled_s: f64,
 }
 
 fn free_port() -> u16 {
@@ -212,8 +264,14 @@ fn run_one(vmm: &Vmm, s: &Scenario, run: usize) -> Outcome {
     let mut dst = Proc::spawn(vmm, &dir.0, "dst", s, true);
     src.out
         .wait_for(Duration::from_secs(300), s.ready, |t| t.contains(s.ready));
-    let params = json!({"max-bandwidth": 10u64 << 30, "downtime-limit": 30});
+    let params = json!({"max-bandwidth": s.bandwidth, "downtime-limit": 30});
     src.cmd("migrate-set-parameters", params);
+    if s.auto_converge {
+        src.cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": [{"capability": "auto-converge", "state": true}]}),
+        );
+    }
     if s.stopped {
         src.cmd("stop", Value::Null);
         src.event_time("STOP", Duration::from_secs(10));
@@ -221,16 +279,31 @@ fn run_one(vmm: &Vmm, s: &Scenario, run: usize) -> Outcome {
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     dst.cmd("migrate-incoming", json!({ "uri": uri }));
     src.cmd("migrate", json!({ "uri": uri }));
-    let finished = src.qmp.wait_event("MIGRATION", MIGRATION_TIMEOUT, |d| {
-        matches!(d["status"].as_str(), Some("completed" | "failed"))
-    });
-    let status = match finished {
-        Ok(e) => e.data["status"].as_str().unwrap_or("?").to_string(),
-        Err(_) => {
+    // Every second without an end, query-migrate says how hard the guest is throttled.
+    let started = Instant::now();
+    let (mut throttle_max, mut throttled_since) = (0, None);
+    let status = loop {
+        let finished = src
+            .qmp
+            .wait_event("MIGRATION", Duration::from_secs(1), |d| {
+                matches!(d["status"].as_str(), Some("completed" | "failed"))
+            });
+        if let Ok(e) = finished {
+            break e.data["status"].as_str().unwrap_or("?").to_string();
+        }
+        if started.elapsed() > s.timeout {
             src.cmd("migrate_cancel", Value::Null);
-            String::from("not converged")
+            break String::from("not converged");
+        }
+        let pct = src.cmd("query-migrate", Value::Null)["cpu-throttle-percentage"]
+            .as_u64()
+            .unwrap_or(0);
+        if pct > 0 {
+            throttle_max = throttle_max.max(pct);
+            throttled_since.get_or_insert_with(Instant::now);
         }
     };
+    let throttled_s = throttled_since.map_or(0.0, |t| t.elapsed().as_secs_f64());
     let stop = if s.stopped {
         None
     } else {
@@ -308,6 +381,8 @@ fn run_one(vmm: &Vmm, s: &Scenario, run: usize) -> Outcome {
         reported_downtime_ms: info["downtime"].as_f64().unwrap_or(f64::NAN),
         syncs: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
         bytes: info["ram"]["transferred"].as_u64().unwrap_or(0),
+        throttle_max,
+        throttled_s,
     }
 }
 
@@ -395,7 +470,7 @@ fn main() {
                 let o = run_one(vmm, s, run);
                 eprintln!(
                     "{} {} run {}: {} total {:.0} ms, downtime {:.1} ms (reported {:.0}), \
-                     {} syncs, {:.1} MiB, {}",
+                     {} syncs, {:.1} MiB, throttle max {} % for {:.1} s, {}",
                     s.key,
                     vmm.name,
                     run + 1,
@@ -405,6 +480,8 @@ fn main() {
                     o.reported_downtime_ms,
                     o.syncs,
                     o.bytes as f64 / (1 << 20) as f64,
+                    o.throttle_max,
+                    o.throttled_s,
                     match &o.verified {
                         Ok(()) => String::from("verified"),
                         Err(e) => format!("NOT VERIFIED: {e}"),
@@ -418,9 +495,9 @@ fn main() {
     }
     println!();
     println!(
-        "| scenario | vmm | runs ok | total ms | × QEMU | downtime ms (STOP→RESUME) | syncs | MiB sent | GiB/s |"
+        "| scenario | vmm | runs ok | total ms | × QEMU | downtime ms (STOP→RESUME) | syncs | MiB sent | GiB/s | throttle max % (s throttled) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for (s, per_vmm) in &rows {
         let qemu_total = per_vmm
             .iter()
@@ -446,8 +523,17 @@ fn main() {
             let gibs = stat(outs, |o| {
                 o.bytes as f64 / (1u64 << 30) as f64 / (o.total_ms / 1e3)
             });
+            let throttle = if outs.iter().any(|o| o.throttle_max > 0) {
+                format!(
+                    "{} ({})",
+                    fmt_stat(&stat(outs, |o| o.throttle_max as f64), 1.0, 0),
+                    fmt_stat(&stat(outs, |o| o.throttled_s), 1.0, 1)
+                )
+            } else {
+                String::from("-")
+            };
             println!(
-                "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {}/{} | {} | {} | {} | {} | {} | {} | {} |",
                 s.label,
                 name,
                 ok,
@@ -458,6 +544,7 @@ fn main() {
                 fmt_stat(&stat(outs, |o| o.syncs as f64), 1.0, 0),
                 fmt_stat(&stat(outs, |o| o.bytes as f64), (1 << 20) as f64, 0),
                 fmt_stat(&gibs, 1.0, 2),
+                throttle,
             );
         }
     }
