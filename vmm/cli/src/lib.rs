@@ -7,5 +7,6 @@
 
 pub mod cli;
 pub mod qemu_cli;
+pub mod qemu_launch;
 pub mod run;
 pub mod tools;

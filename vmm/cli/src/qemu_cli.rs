@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use crate::qemu_launch::{Launch, ProbeConfig};
 use qmp::protocol::QEMU_COMPAT_VERSION;
 use vmm::config::{self, DebugExitConfig, SerialConfig, VmConfig};
 use vmm::qemu_opts::split_options;
@@ -41,6 +42,8 @@ pub enum QemuAction {
     Run(Box<VmConfig>),
     /// Print this text and exit 0 (`-help`, `-version`, `-device ?`).
     Print(String),
+    /// Run no machine (`-machine none`): only the monitor, for capability probes.
+    Probe(Box<ProbeConfig>),
 }
 
 /// The devices `-device ?` lists, as QEMU prints them.
@@ -118,6 +121,29 @@ fn on_off(v: &str) -> Option<bool> {
 
 /// Parses QEMU's arguments (without argv[0]).
 pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
+    parse_with_launch(args).map(|(action, _)| action)
+}
+
+/// QEMU's accelerator list (`kvm`, `kvm:tcg`, `tcg`): whether it includes KVM; an unknown
+/// accelerator is an error.
+fn accel_has_kvm(opt: &str, list: &str) -> Result<bool, QemuCliError> {
+    let mut kvm = false;
+    for accel in list.split(':') {
+        match accel {
+            "kvm" => kvm = true,
+            "tcg" => {}
+            other => return Err(QemuCliError::UnsupportedValue(opt.into(), other.into())),
+        }
+    }
+    Ok(kvm)
+}
+
+/// Parses QEMU's arguments (without argv[0]): what to run, and how the process starts
+/// (`-pidfile`, `-daemonize`).
+pub fn parse_with_launch(args: &[String]) -> Result<(QemuAction, Launch), QemuCliError> {
+    let mut launch = Launch::default();
+    let mut machine_none = false;
+    let mut kvm = true;
     let mut config = VmConfig::new("");
     config.kernel = None;
     let mut chardevs: HashMap<String, String> = HashMap::new();
@@ -137,8 +163,8 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
         };
         let invalid = |v: &str, why: String| QemuCliError::Invalid(format!("{opt} {v}"), why);
         match opt {
-            "-h" | "-help" => return Ok(QemuAction::Print(help_text())),
-            "-version" => return Ok(QemuAction::Print(format!("{}\n", version_line()))),
+            "-h" | "-help" => return Ok((QemuAction::Print(help_text()), launch)),
+            "-version" => return Ok((QemuAction::Print(format!("{}\n", version_line())), launch)),
             "-kernel" => config.kernel = Some(PathBuf::from(value()?)),
             "-initrd" => config.initrd = Some(PathBuf::from(value()?)),
             "-append" => config.cmdline = value()?,
@@ -171,11 +197,13 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
                     if !matches!(t, "pc" | "pc-i440fx" | "none") && !t.starts_with("pc-i440fx-") {
                         return Err(QemuCliError::UnsupportedValue(opt.into(), t.into()));
                     }
+                    machine_none = t == "none";
                 }
                 for (k, val) in p {
                     match (k, val) {
                         ("type", _) => {}
-                        ("accel", "kvm") | ("kernel_irqchip" | "kernel-irqchip", "on") => {}
+                        ("accel", list) => kvm = accel_has_kvm(opt, list)?,
+                        ("kernel_irqchip" | "kernel-irqchip", "on") => {}
                         ("pit", pit) => {
                             config.pit =
                                 on_off(pit).ok_or_else(|| invalid(&v, format!("{k}={pit}")))?
@@ -205,12 +233,15 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             }
             "-accel" => {
                 let v = value()?;
-                if props(&split_options(&v)).0 != Some("kvm") {
-                    return Err(QemuCliError::UnsupportedValue(opt.into(), v));
-                }
+                let parts = split_options(&v);
+                let (first, p) = props(&parts);
+                kvm = accel_has_kvm(opt, first.or(p.get("accel").copied()).unwrap_or(""))?;
             }
             "-no-reboot" => config.no_reboot = true,
-            "-nodefaults" | "-nographic" => {}
+            // hopvm reads no configuration files and creates no default devices.
+            "-nodefaults" | "-nographic" | "-no-user-config" => {}
+            "-pidfile" => launch.pidfile = Some(PathBuf::from(value()?)),
+            "-daemonize" => launch.daemonize = true,
             "-S" => config.paused = true,
             "-name" => {
                 value()?;
@@ -242,7 +273,9 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
                 let parts = split_options(&v);
                 let (first, p) = props(&parts);
                 match first.unwrap_or("") {
-                    "?" | "help" => return Ok(QemuAction::Print(DEVICE_LIST.to_string())),
+                    "?" | "help" => {
+                        return Ok((QemuAction::Print(DEVICE_LIST.to_string()), launch))
+                    }
                     // Always present in hopvm; pci-testdev is accepted but not emulated
                     // (hopvm has no PCI bus), as if the slot were empty.
                     "pc-testdev" | "pci-testdev" => {}
@@ -304,20 +337,39 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
         })?;
         config.qmp = Some(spec.clone());
     }
+    if machine_none {
+        let probe = ProbeConfig {
+            qmp: config.qmp,
+            qmp_fd: None,
+            paused: config.paused,
+            kvm,
+        };
+        return Ok((QemuAction::Probe(Box::new(probe)), launch));
+    }
+    if !kvm {
+        return Err(QemuCliError::UnsupportedValue(
+            String::from("-accel"),
+            String::from("tcg (hopvm runs guests under KVM only)"),
+        ));
+    }
     if config.kernel.is_none() && config.incoming.is_none() {
         return Err(QemuCliError::NoKernel);
     }
-    Ok(QemuAction::Run(Box::new(config)))
+    Ok((QemuAction::Run(Box::new(config)), launch))
 }
 
 /// Runs hopvm with QEMU's arguments (without argv[0]); returns the process exit status.
 pub fn main(args: &[String]) -> i32 {
-    match parse(args) {
-        Ok(QemuAction::Print(text)) => {
+    match parse_with_launch(args) {
+        Ok((QemuAction::Print(text), _)) => {
             print!("{text}");
             0
         }
-        Ok(QemuAction::Run(config)) => {
+        Ok((QemuAction::Probe(probe), launch)) => {
+            crate::run::init_logging();
+            crate::qemu_launch::run_probe(&probe, &launch)
+        }
+        Ok((QemuAction::Run(config), _launch)) => {
             crate::run::init_logging();
             match crate::run::run(&config) {
                 Ok(status) => status,

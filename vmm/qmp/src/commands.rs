@@ -115,12 +115,22 @@ pub fn start_monitor(instance: &Arc<Instance>, spec: &str) -> Result<QmpServer, 
 /// The QMP commands of one [`Instance`].
 pub struct Commands {
     instance: Arc<Instance>,
+    host: std::sync::OnceLock<crate::probe::HostInfo>,
 }
 
 impl Commands {
     /// Commands acting on `instance`.
     pub fn new(instance: Arc<Instance>) -> Self {
-        Self { instance }
+        Self {
+            instance,
+            host: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The host as the introspection commands describe it (looked at once, on first use).
+    fn host(&self) -> &crate::probe::HostInfo {
+        self.host
+            .get_or_init(|| crate::probe::HostInfo::probe(true))
     }
 
     fn query_status(&self) -> Value {
@@ -424,8 +434,10 @@ impl QmpBackend for Commands {
         let inst = &self.instance;
         match command {
             "query-version" => none(args).map(|_| version_info()),
-            "query-commands" => none(args)
-                .map(|_| Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
+            "query-commands" => none(args).map(|_| {
+                let all = COMMANDS.iter().chain(crate::probe::INTROSPECTION_COMMANDS);
+                Value::Array(all.map(|c| json!({"name": c})).collect())
+            }),
             "query-status" => none(args).map(|_| self.query_status()),
             "stop" => none(args).map(|_| {
                 inst.stop();
@@ -478,7 +490,8 @@ impl QmpBackend for Commands {
             "query-migrate-cache-size" => {
                 none(args).map(|_| json!(lock(&inst.migration.xbzrle).cache_size))
             }
-            other => Err(QmpError::command_not_found(other)),
+            other => crate::probe::execute(self.host(), other, args)
+                .unwrap_or_else(|| Err(QmpError::command_not_found(other))),
         }
     }
 
@@ -496,6 +509,32 @@ impl QmpBackend for Commands {
     }
 
     fn has_command(&self, command: &str) -> bool {
-        COMMANDS.contains(&command)
+        COMMANDS.contains(&command) || crate::probe::INTROSPECTION_COMMANDS.contains(&command)
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::COMMANDS;
+    use crate::probe::INTROSPECTION_COMMANDS;
+    use crate::schema::COMMAND_DEFS;
+
+    /// The schema describes exactly the commands the monitor implements.
+    #[test]
+    fn schema_lists_every_command() {
+        let implemented: Vec<&str> = COMMANDS
+            .iter()
+            .chain(INTROSPECTION_COMMANDS)
+            .copied()
+            .collect();
+        for c in &implemented {
+            assert!(
+                COMMAND_DEFS.iter().any(|d| d.name == *c),
+                "{c} not in schema"
+            );
+        }
+        for d in COMMAND_DEFS {
+            assert!(implemented.contains(&d.name), "{} not implemented", d.name);
+        }
     }
 }

@@ -11,6 +11,9 @@
 //!   for checking command arguments with QEMU's messages;
 //! * [`fds`] keeps the descriptors clients pass with SCM_RIGHTS (`getfd`, `closefd`) for
 //!   `migrate fd:NAME`;
+//! * [`schema`] is the table of hopvm's commands and events and `query-qmp-schema` made from
+//!   it; [`probe`] answers the introspection commands (machines, CPU models, types) and is the
+//!   whole monitor of a machine-less hopvm (`-machine none`, libvirt's capability probe);
 //! * [`server`] serves sessions on a Unix (or TCP) socket to several clients at once and
 //!   broadcasts events through [`EventSender`] without ever blocking the VMM.
 
@@ -18,7 +21,9 @@ pub mod client;
 pub mod commands;
 pub mod fds;
 pub mod json;
+pub mod probe;
 pub mod protocol;
+pub mod schema;
 pub mod server;
 
 pub use protocol::{ArgList, Args, ErrorClass, QmpBackend, QmpError, Session, Timestamp};

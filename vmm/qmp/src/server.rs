@@ -629,6 +629,37 @@ impl QmpServer {
             QmpAddress::Unix(path) => bind_unix(path)?,
             QmpAddress::Tcp { host, port } => bind_tcp(host, *port)?,
         };
+        Self::serve(listener, local, backend, config)
+    }
+
+    /// Serves `backend` on a listening Unix socket handed over by the parent process (QEMU's
+    /// `-chardev socket,fd=N,server=on`, as libvirt passes the monitor). The socket file is
+    /// the parent's: it is left in place at shutdown.
+    pub fn from_unix_listener(
+        listener: UnixListener,
+        backend: Arc<dyn QmpBackend>,
+        config: QmpServerConfig,
+    ) -> Result<Self, QmpServerError> {
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_default();
+        // dev/ino 0 never match a file, so shutdown never removes the parent's socket.
+        let local = Local::Unix {
+            path,
+            dev: 0,
+            ino: 0,
+        };
+        Self::serve(Listener::Unix(listener), local, backend, config)
+    }
+
+    fn serve(
+        listener: Listener,
+        local: Local,
+        backend: Arc<dyn QmpBackend>,
+        config: QmpServerConfig,
+    ) -> Result<Self, QmpServerError> {
         let listen_error = |source| QmpServerError::Listen {
             address: local.to_string(),
             source,
