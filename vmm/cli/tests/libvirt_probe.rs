@@ -149,7 +149,7 @@ fn libvirt_probe_is_answered() {
     assert!(serial.contains(&"chardev".to_string()));
     match qmp.execute(
         "qom-list-properties",
-        Some(json!({"typename": "memory-backend-file"})),
+        Some(json!({"typename": "memory-backend-epc"})),
     ) {
         Err(QmpClientError::Command { class, .. }) => assert_eq!(class, "DeviceNotFound"),
         other => panic!("{other:?}"),
@@ -241,6 +241,17 @@ fn libvirt_probe_is_answered() {
         ok(&mut qmp, "query-status", Value::Null)["status"],
         "prelaunch"
     );
+    // Lines end in CRLF as QEMU's: libvirt reads nothing else.
+    let mut raw = std::os::unix::net::UnixStream::connect(dir.join("qmp.monitor")).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut greeting = Vec::new();
+    let mut byte = [0u8; 1];
+    while !greeting.ends_with(b"\n") {
+        std::io::Read::read_exact(&mut raw, &mut byte).unwrap();
+        greeting.push(byte[0]);
+    }
+    assert!(greeting.ends_with(b"}\r\n"), "{greeting:?}");
+    drop(raw);
     ok(&mut qmp, "quit", Value::Null);
     wait_gone(pid);
     assert!(!dir.join("qmp.pid").exists(), "pid file removed at exit");

@@ -1085,6 +1085,19 @@ fn reader_loop(client: &Client, mut conn: Conn, shared: &Shared) {
     }
 }
 
+/// A line as QEMU's monitor puts it on the wire: every `\n` as `\r\n` (`monitor_puts`).
+/// libvirt cuts its input at `\r\n` and sees nothing in a bare `\n` stream.
+fn crlf(line: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len() + 1);
+    for &b in line.as_bytes() {
+        if b == b'\n' {
+            out.push(b'\r');
+        }
+        out.push(b);
+    }
+    out
+}
+
 /// Writes queued lines until the client closes, then disconnects it.
 fn writer_loop(client: &Client, conn: &Conn, registry: &Registry) {
     loop {
@@ -1106,7 +1119,7 @@ fn writer_loop(client: &Client, conn: &Conn, registry: &Registry) {
             }
         };
         let Some(line) = line else { break };
-        if let Err(error) = conn.send_all(line.as_bytes()) {
+        if let Err(error) = conn.send_all(&crlf(&line)) {
             log::debug!("qmp: client {} went away: {error}", client.id);
             break;
         }
