@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod qemu_cli;
+pub mod qemu_domain;
 pub mod qemu_launch;
 pub mod run;
 pub mod tools;

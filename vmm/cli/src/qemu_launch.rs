@@ -9,10 +9,15 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
+use crate::qemu_domain::{DomainSetup, SerialTarget};
+use qmp::domain::{ChardevInfo, DomainInfo};
 use qmp::probe::{HostInfo, ProbeCommands};
 use qmp::{QmpListenSpec, QmpServer, QmpServerConfig};
+use vmm::config::VmConfig;
+use vmm::vcpu::VmEvent;
+use vmm::vm::SharedWriter;
 
 /// Process-level options of a QEMU command line.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -54,6 +59,15 @@ pub enum LaunchError {
     /// The monitor could not be started.
     #[error("cannot start the qmp monitor: {0}")]
     Monitor(#[from] qmp::QmpServerError),
+    /// The serial port's file could not be opened.
+    #[error("cannot open serial output {path}: {source}")]
+    Serial {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A descriptor named on the command line is not a listening socket.
     #[error("fd {0} is not a listening socket: {1}")]
     BadFd(i32, #[source] std::io::Error),
@@ -325,4 +339,103 @@ pub fn run_probe(config: &ProbeConfig, launch: &Launch) -> i32 {
     let _ = quit_rx.recv();
     drop(server);
     0
+}
+
+/// Opens where COM1 writes for a `-device isa-serial,chardev=…` file chardev.
+fn open_serial(target: &SerialTarget) -> Result<File, LaunchError> {
+    match target {
+        SerialTarget::Fd { fd } => migration::transport::take_inherited_fd(*fd)
+            .map(File::from)
+            .ok_or_else(|| LaunchError::BadFd(*fd, std::io::Error::from_raw_os_error(libc::EBADF))),
+        SerialTarget::Path { path, append } => std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .append(*append)
+            .truncate(!*append)
+            .open(path)
+            .map_err(|source| LaunchError::Serial {
+                path: path.display().to_string(),
+                source,
+            }),
+    }
+}
+
+/// Runs a guest from a QEMU command line: daemonizes if asked, ends on SIGTERM / SIGINT /
+/// SIGHUP with SHUTDOWN (reason `host-signal`), writes the pid file once the monitor listens.
+pub fn run_domain(
+    config: &VmConfig,
+    launch: &Launch,
+    domain: &DomainSetup,
+) -> Result<i32, crate::run::RunError> {
+    let daemon = if launch.daemonize {
+        Some(daemonize()?)
+    } else {
+        None
+    };
+    let daemon = Arc::new(Mutex::new(daemon));
+    // Set once the VM exists: a signal before that ends the process at once.
+    let quit: Arc<Mutex<Option<mpsc::Sender<VmEvent>>>> = Arc::default();
+    let signal_quit = Arc::clone(&quit);
+    handle_termination_signals(move || match vmm_sync::lock(&signal_quit).as_ref() {
+        Some(tx) => {
+            let _ = tx.send(VmEvent::Quit);
+        }
+        None => std::process::exit(0),
+    });
+    let result = (|| {
+        let serial_out = domain
+            .serial
+            .as_ref()
+            .map(open_serial)
+            .transpose()?
+            .map(|f| SharedWriter::new(Box::new(f)));
+        let monitor = domain
+            .monitor_fd
+            .map(inherited_listener)
+            .transpose()?
+            .map(qmp::commands::MonitorListen::Listener);
+        let mut info = DomainInfo::new(&config.cpu, config.cpus);
+        info.cores = domain.cores;
+        info.threads = domain.threads;
+        info.peripherals.clone_from(&domain.peripherals);
+        info.chardevs = domain
+            .chardevs
+            .iter()
+            .map(|(label, filename)| ChardevInfo {
+                label: label.clone(),
+                filename: filename.clone(),
+            })
+            .collect();
+        let ready_daemon = Arc::clone(&daemon);
+        let pidfile_path = launch.pidfile.clone();
+        let pidfile: Arc<Mutex<Option<Pidfile>>> = Arc::default();
+        let held = Arc::clone(&pidfile);
+        let on_ready: crate::run::OnReady = Box::new(move |instance| {
+            *vmm_sync::lock(&quit) = Some(instance.vm.event_sender());
+            if let Some(path) = &pidfile_path {
+                *vmm_sync::lock(&held) = Some(Pidfile::create(path)?);
+            }
+            if let Some(d) = vmm_sync::lock(&ready_daemon).as_mut() {
+                d.ready();
+            }
+            Ok(())
+        });
+        let options = crate::run::RunOptions {
+            serial_out,
+            monitor,
+            domain: Some(info),
+            no_shutdown: domain.no_shutdown,
+            no_dump_guest_core: !domain.dump_guest_core,
+            on_ready: Some(on_ready),
+        };
+        let status = crate::run::run_with(config, options);
+        drop(pidfile);
+        status
+    })();
+    if let Err(e) = &result {
+        if let Some(d) = vmm_sync::lock(&daemon).as_mut() {
+            d.failed(&e.to_string());
+        }
+    }
+    result
 }

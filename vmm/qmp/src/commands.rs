@@ -99,7 +99,7 @@ const QEMU_PARAMETERS: &[&str] = &[
 const MAX_DOWNTIME_MS: u64 = 2_000_000;
 
 /// Starts the QMP monitor for `instance` on `spec` (`unix:PATH`) and routes the instance's
-/// events to it.
+/// events to it; the guest is described as one `host` vCPU (see [`start_monitor_with`]).
 pub fn start_monitor(instance: &Arc<Instance>, spec: &str) -> Result<QmpServer, QmpServerError> {
     let spec: QmpListenSpec = spec.parse()?;
     let server = QmpServer::bind(
@@ -112,10 +112,44 @@ pub fn start_monitor(instance: &Arc<Instance>, spec: &str) -> Result<QmpServer, 
     Ok(server)
 }
 
+/// Where a monitor listens: a `--qmp` address, or a listening socket handed over by the
+/// parent (`-chardev socket,fd=N,server=on`).
+pub enum MonitorListen {
+    /// `unix:PATH` / `tcp:HOST:PORT` with options.
+    Spec(String),
+    /// An inherited listening socket.
+    Listener(std::os::unix::net::UnixListener),
+}
+
+/// Starts the QMP monitor for `instance`, describing the guest with `domain` (its chardevs,
+/// vCPUs and devices), and routes the instance's events to it.
+pub fn start_monitor_with(
+    instance: &Arc<Instance>,
+    listen: MonitorListen,
+    domain: crate::domain::DomainInfo,
+) -> Result<QmpServer, QmpServerError> {
+    let mut commands = Commands::new(instance.clone());
+    commands.domain = Arc::new(domain);
+    let backend = Arc::new(commands);
+    let server = match listen {
+        MonitorListen::Spec(spec) => {
+            let spec: QmpListenSpec = spec.parse()?;
+            QmpServer::bind(&spec, backend, QmpServerConfig::default())?
+        }
+        MonitorListen::Listener(l) => {
+            QmpServer::from_unix_listener(l, backend, QmpServerConfig::default())?
+        }
+    };
+    let events = server.events();
+    instance.set_event_emitter(Box::new(move |name, data| events.emit(name, data)));
+    Ok(server)
+}
+
 /// The QMP commands of one [`Instance`].
 pub struct Commands {
     instance: Arc<Instance>,
     host: std::sync::OnceLock<crate::probe::HostInfo>,
+    domain: Arc<crate::domain::DomainInfo>,
 }
 
 impl Commands {
@@ -124,6 +158,7 @@ impl Commands {
         Self {
             instance,
             host: std::sync::OnceLock::new(),
+            domain: Arc::new(crate::domain::DomainInfo::new("host", 1)),
         }
     }
 
@@ -435,7 +470,10 @@ impl QmpBackend for Commands {
         match command {
             "query-version" => none(args).map(|_| version_info()),
             "query-commands" => none(args).map(|_| {
-                let all = COMMANDS.iter().chain(crate::probe::INTROSPECTION_COMMANDS);
+                let all = COMMANDS
+                    .iter()
+                    .chain(crate::probe::INTROSPECTION_COMMANDS)
+                    .chain(crate::domain::DOMAIN_COMMANDS);
                 Value::Array(all.map(|c| json!({"name": c})).collect())
             }),
             "query-status" => none(args).map(|_| self.query_status()),
@@ -491,6 +529,7 @@ impl QmpBackend for Commands {
                 none(args).map(|_| json!(lock(&inst.migration.xbzrle).cache_size))
             }
             other => crate::probe::execute(self.host(), other, args)
+                .or_else(|| crate::domain::execute(&self.domain, other, args))
                 .unwrap_or_else(|| Err(QmpError::command_not_found(other))),
         }
     }
@@ -509,7 +548,9 @@ impl QmpBackend for Commands {
     }
 
     fn has_command(&self, command: &str) -> bool {
-        COMMANDS.contains(&command) || crate::probe::INTROSPECTION_COMMANDS.contains(&command)
+        COMMANDS.contains(&command)
+            || crate::probe::INTROSPECTION_COMMANDS.contains(&command)
+            || crate::domain::DOMAIN_COMMANDS.contains(&command)
     }
 }
 
@@ -525,6 +566,7 @@ mod schema_tests {
         let implemented: Vec<&str> = COMMANDS
             .iter()
             .chain(INTROSPECTION_COMMANDS)
+            .chain(crate::domain::DOMAIN_COMMANDS)
             .copied()
             .collect();
         for c in &implemented {

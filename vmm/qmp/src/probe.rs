@@ -272,7 +272,19 @@ fn prop_json(name: &str, ty: &str, description: &str) -> Value {
 
 /// A CPU type's properties: its type name and one boolean per feature.
 fn cpu_props() -> Vec<Value> {
-    let mut out = vec![prop_json("type", "string", "")];
+    let mut out = vec![
+        prop_json("type", "string", ""),
+        prop_json("vendor", "string", "CPUID vendor string"),
+        prop_json("family", "int", ""),
+        prop_json("model", "int", ""),
+        prop_json("stepping", "int", ""),
+        prop_json("model-id", "string", "CPUID brand string"),
+        prop_json(
+            "unavailable-features",
+            "strList",
+            "Features the host cannot give this model",
+        ),
+    ];
     out.extend(cpu_model::feature_names().map(|name| prop_json(name, "bool", "on/off")));
     out
 }
@@ -496,10 +508,18 @@ fn cpu_model_expansion(host: &HostInfo, args: &Map<String, Value>) -> Result<Val
     let cpuid = cpu
         .apply(supported)
         .map_err(|e| QmpError::generic(e.to_string()))?;
-    let features: Map<String, Value> = cpu_model::feature_states(&cpuid)
+    let mut features: Map<String, Value> = cpu_model::feature_states(&cpuid)
         .into_iter()
         .map(|(n, on)| (n.to_string(), json!(on)))
         .collect();
+    if kind == "full" {
+        let id = cpu_model::identity(&cpuid);
+        features.insert("vendor".into(), json!(id.vendor));
+        features.insert("family".into(), json!(id.family));
+        features.insert("model".into(), json!(id.model));
+        features.insert("stepping".into(), json!(id.stepping));
+        features.insert("model-id".into(), json!(id.model_id));
+    }
     let name = if kind == "static" { "base" } else { name };
     Ok(json!({"model": {"name": name, "props": features}}))
 }

@@ -344,6 +344,47 @@ static SCHEMA_INFO: ObjectDef = ObjectDef {
         m("meta-type", Ty::Enum(&SCHEMA_META_TYPE)),
     ],
 };
+static CHARDEV_INFO: ObjectDef = ObjectDef {
+    name: "ChardevInfo",
+    members: &[
+        m("label", Ty::Str),
+        m("filename", Ty::Str),
+        m("frontend-open", Ty::Bool),
+    ],
+};
+static CPU_INSTANCE_PROPERTIES: ObjectDef = ObjectDef {
+    name: "CpuInstanceProperties",
+    members: &[
+        opt("socket-id", Ty::Int),
+        opt("core-id", Ty::Int),
+        opt("thread-id", Ty::Int),
+    ],
+};
+static CPU_INFO_FAST: ObjectDef = ObjectDef {
+    name: "CpuInfoFast",
+    members: &[
+        m("cpu-index", Ty::Int),
+        m("qom-path", Ty::Str),
+        m("thread-id", Ty::Int),
+        opt("props", Ty::Object(&CPU_INSTANCE_PROPERTIES)),
+        m("target", Ty::Enum(&SYS_EMU_TARGET)),
+    ],
+};
+/// hopvm has no I/O threads and no block devices: these lists are always empty, so their
+/// element types carry only the members that identify an entry.
+static IOTHREAD_INFO: ObjectDef = ObjectDef {
+    name: "IOThreadInfo",
+    members: &[m("id", Ty::Str), m("thread-id", Ty::Int)],
+};
+static BLOCK_DEVICE_INFO: ObjectDef = ObjectDef {
+    name: "BlockDeviceInfo",
+    members: &[m("node-name", Ty::Str), m("file", Ty::Str)],
+};
+static BLOCK_INFO: ObjectDef = ObjectDef {
+    name: "BlockInfo",
+    members: &[m("device", Ty::Str), m("locked", Ty::Bool)],
+};
+
 /// Every command hopvm's monitor implements. `getfd` / `closefd` are answered by the session
 /// itself ([`crate::fds`]).
 pub static COMMAND_DEFS: &[CommandDef] = &[
@@ -467,6 +508,38 @@ pub static COMMAND_DEFS: &[CommandDef] = &[
         &[],
         Some(Ty::List(&Ty::Object(&SCHEMA_INFO))),
     ),
+    // The running machine (crate::domain).
+    cmd(
+        "query-chardev",
+        &[],
+        Some(Ty::List(&Ty::Object(&CHARDEV_INFO))),
+    ),
+    cmd(
+        "query-cpus-fast",
+        &[],
+        Some(Ty::List(&Ty::Object(&CPU_INFO_FAST))),
+    ),
+    cmd(
+        "qom-list",
+        &[m("path", Ty::Str)],
+        Some(Ty::List(&Ty::Object(&OBJECT_PROPERTY_INFO))),
+    ),
+    cmd(
+        "qom-get",
+        &[m("path", Ty::Str), m("property", Ty::Str)],
+        Some(Ty::Any),
+    ),
+    cmd(
+        "query-iothreads",
+        &[],
+        Some(Ty::List(&Ty::Object(&IOTHREAD_INFO))),
+    ),
+    cmd(
+        "query-named-block-nodes",
+        &[opt("flat", Ty::Bool)],
+        Some(Ty::List(&Ty::Object(&BLOCK_DEVICE_INFO))),
+    ),
+    cmd("query-block", &[], Some(Ty::List(&Ty::Object(&BLOCK_INFO)))),
 ];
 
 /// Every event hopvm sends.
@@ -711,6 +784,14 @@ mod tests {
             "migrate-set-parameters/arg-type/max-bandwidth"
         ));
         assert!(path_exists(&schema, "query-migrate/ret-type/ram/mbps"));
+        assert!(path_exists(
+            &schema,
+            "query-named-block-nodes/arg-type/flat"
+        ));
+        assert!(path_exists(
+            &schema,
+            "query-cpus-fast/ret-type/props/core-id"
+        ));
         // What hopvm does not implement is not there.
         assert!(!path_exists(
             &schema,

@@ -1435,6 +1435,42 @@ pub fn feature_states(cpuid: &CpuId) -> Vec<(&'static str, bool)> {
         .collect()
 }
 
+/// The identity a guest CPUID gives: vendor, family, model, stepping and brand string, as
+/// QEMU's CPU properties `vendor`, `family`, `model`, `stepping` and `model-id` report them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuIdentity {
+    /// `GenuineIntel`, `AuthenticAMD`, ...
+    pub vendor: String,
+    /// Family (base + extended).
+    pub family: u32,
+    /// Model (with the extended model).
+    pub model: u32,
+    /// Stepping.
+    pub stepping: u32,
+    /// The brand string of leaves 0x8000_0002..4.
+    pub model_id: String,
+}
+
+/// [`CpuIdentity`] of a guest CPUID.
+pub fn identity(cpuid: &CpuId) -> CpuIdentity {
+    let entries = cpuid.as_slice();
+    let (family, model, stepping) = decode_signature(get(entries, word(1, 0, Reg::Eax)));
+    let mut brand = Vec::with_capacity(48);
+    for leaf in 0x8000_0002..=0x8000_0004 {
+        for reg in [Reg::Eax, Reg::Ebx, Reg::Ecx, Reg::Edx] {
+            brand.extend_from_slice(&get(entries, word(leaf, 0, reg)).to_le_bytes());
+        }
+    }
+    let end = brand.iter().position(|&b| b == 0).unwrap_or(brand.len());
+    CpuIdentity {
+        vendor: String::from_utf8_lossy(&vendor_of(entries)).into_owned(),
+        family,
+        model,
+        stepping,
+        model_id: String::from_utf8_lossy(&brand[..end]).trim().to_string(),
+    }
+}
+
 impl CpuModel {
     /// The features this model asks for that a host whose KVM supports `supported` cannot
     /// give (QEMU's `unavailable-features` of `query-cpu-definitions`): empty for `max` and
