@@ -367,17 +367,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 let _timestamp = k.bool("timestamp")?;
                 k.finish()?;
             }
-            "-sandbox" => {
-                let v = value()?;
-                let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "enable")?);
-                if k.bool("enable")? != Some(false) {
-                    return Err(QemuCliError::UnsupportedValue(
-                        opt.into(),
-                        format!("{v} (hopvm has no seccomp sandbox: -sandbox off only)"),
-                    ));
-                }
-                k.finish()?;
-            }
+            "-sandbox" => domain.sandbox = crate::sandbox::parse(&value()?)?,
             "-pidfile" => launch.pidfile = Some(PathBuf::from(value()?)),
             "-daemonize" => launch.daemonize = true,
             "-S" => config.paused = true,
@@ -815,6 +805,8 @@ mod tests {
         assert!(parse(&args("-kernel k -rtc base=localtime")).is_err());
         assert!(parse(&args("-kernel k -audiodev id=a,driver=pa")).is_err());
         assert!(run("-kernel k -sandbox off").kernel.is_some());
+        let (_, _, d) = parse_full(&args("-kernel k -sandbox on,spawn=deny")).unwrap();
+        assert!(d.sandbox.is_some_and(|s| s.spawn && !s.obsolete));
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct DomainSetup {
     pub cores: u8,
     /// `-smp threads=`.
     pub threads: u8,
+    /// `-sandbox on,…`: the seccomp filter to install.
+    pub sandbox: Option<crate::sandbox::Sandbox>,
 }
 
 impl DomainSetup {

@@ -59,6 +59,9 @@ pub enum LaunchError {
     /// The monitor could not be started.
     #[error("cannot start the qmp monitor: {0}")]
     Monitor(#[from] qmp::QmpServerError),
+    /// The seccomp sandbox could not be installed.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
     /// The serial port's file could not be opened.
     #[error("cannot open serial output {path}: {source}")]
     Serial {
@@ -372,6 +375,15 @@ pub fn run_domain(
     } else {
         None
     };
+    if let Some(sandbox) = &domain.sandbox {
+        if let Err(e) = sandbox.install() {
+            let e = LaunchError::from(e);
+            if let Some(mut d) = daemon {
+                d.failed(&e.to_string());
+            }
+            return Err(e.into());
+        }
+    }
     let daemon = Arc::new(Mutex::new(daemon));
     // Set once the VM exists: a signal before that ends the process at once.
     let quit: Arc<Mutex<Option<mpsc::Sender<VmEvent>>>> = Arc::default();

@@ -70,6 +70,8 @@ fn domain_args(dir: &TempDir, kernel: &str, key: &str) -> Vec<String> {
         r#"{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}"#,
         "-audiodev",
         r#"{"id":"audio1","driver":"none"}"#,
+        "-sandbox",
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-msg",
         "timestamp=on",
     ];
@@ -262,7 +264,10 @@ fn domain_command_line_errors_are_clear() {
             vec!["-smp", "2,sockets=1,cores=1,threads=1"],
             "Invalid CPU topology",
         ),
-        (vec!["-sandbox", "on,obsolete=deny"], "no seccomp sandbox"),
+        (
+            vec!["-sandbox", "on,obsolete=maybe"],
+            "invalid argument for obsolete",
+        ),
         (
             vec!["-machine", "pc,memory-backend=nope"],
             "memory-backend=nope",

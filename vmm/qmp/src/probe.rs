@@ -395,6 +395,16 @@ const COMMAND_LINE_OPTIONS: &[(&str, &[(&str, &str)])] = &[
         &[("fd", "number"), ("set", "number"), ("opaque", "string")],
     ),
     ("memory", &[("size", "size")]),
+    (
+        "sandbox",
+        &[
+            ("enable", "boolean"),
+            ("obsolete", "string"),
+            ("elevateprivileges", "string"),
+            ("spawn", "string"),
+            ("resourcecontrol", "string"),
+        ],
+    ),
 ];
 
 fn query_command_line_options(args: &Map<String, Value>) -> Result<Value, QmpError> {
