@@ -71,6 +71,10 @@ pub enum LaunchError {
         #[source]
         source: std::io::Error,
     },
+    /// A descriptor named on the command line was not open when hopvm started (or is named
+    /// twice).
+    #[error("fd {0} was not passed to hopvm at start-up")]
+    NotInherited(i32),
     /// A descriptor named on the command line is not a listening socket.
     #[error("fd {0} is not a listening socket: {1}")]
     BadFd(i32, #[source] std::io::Error),
@@ -260,8 +264,7 @@ pub fn handle_termination_signals(on_signal: impl Fn() + Send + 'static) {
 
 /// Turns an inherited descriptor into a listening Unix socket for the monitor.
 pub fn inherited_listener(fd: i32) -> Result<std::os::unix::net::UnixListener, LaunchError> {
-    let owned = migration::transport::take_inherited_fd(fd)
-        .ok_or_else(|| LaunchError::BadFd(fd, std::io::Error::from_raw_os_error(libc::EBADF)))?;
+    let owned = migration::transport::take_inherited_fd(fd).ok_or(LaunchError::NotInherited(fd))?;
     let mut accepting: libc::c_int = 0;
     let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `accepting`.
@@ -349,7 +352,7 @@ fn open_serial(target: &SerialTarget) -> Result<File, LaunchError> {
     match target {
         SerialTarget::Fd { fd } => migration::transport::take_inherited_fd(*fd)
             .map(File::from)
-            .ok_or_else(|| LaunchError::BadFd(*fd, std::io::Error::from_raw_os_error(libc::EBADF))),
+            .ok_or(LaunchError::NotInherited(*fd)),
         SerialTarget::Path { path, append } => std::fs::OpenOptions::new()
             .write(true)
             .create(true)

@@ -275,11 +275,11 @@ fn domain_command_line_errors_are_clear() {
         (
             vec![
                 "-chardev",
-                "socket,id=m,fd=30,server=on",
+                "socket,id=m,fd=200,server=on",
                 "-mon",
                 "chardev=m,mode=control",
             ],
-            "fd 30",
+            "fd 200 was not passed to hopvm",
         ),
         (
             vec!["-device", r#"{"driver":"virtio-blk-pci"}"#],
