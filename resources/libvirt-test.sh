@@ -4,7 +4,7 @@
 # namespaces: the settings below, as in ../shared/reference/libvirt-9.0-qemu-7.2/config/), and
 # drives hopvm's qemu-system-x86_64 link with virsh: domcapabilities (the probe), define and
 # start a Multiboot test guest (its serial output must appear), suspend / resume, dominfo,
-# domstats, destroy (SIGTERM: the SHUTDOWN event must carry reason host-signal), undefine.
+# domstats, a libvirtd restart (it reconnects), destroy (SIGTERM ends hopvm), undefine.
 # Daemons it started it stops again. Usage: resources/libvirt-test.sh [HOPVM_BINARY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -134,6 +134,20 @@ echo "ok suspend / resume"
 info=$(virsh dominfo "$name") && grep -q "^CPU(s): *1" <<<"$info" || fail "dominfo: $info"
 stats=$(virsh domstats "$name") && grep -q "vcpu.0.state=1" <<<"$stats" || fail "domstats: $stats"
 echo "ok dominfo / domstats"
+
+# A restarted libvirtd reconnects to the running guest (only with a daemon of our own).
+if [ -s "$work/libvirtd.pid" ]; then
+    daemon=$(cat "$work/libvirtd.pid")
+    kill "$daemon"
+    for _ in $(seq 50); do kill -0 "$daemon" 2>/dev/null || break; sleep 0.1; done
+    /usr/sbin/libvirtd -d -p "$work/libvirtd.pid"
+    for _ in $(seq 50); do virsh version >/dev/null 2>&1 && break; sleep 0.2; done
+    for _ in $(seq 50); do [ "$(virsh domstate "$name" 2>/dev/null)" = running ] && break; sleep 0.2; done
+    [ "$(virsh domstate "$name")" = running ] || fail "not running after a libvirtd restart"
+    virsh suspend "$name" >/dev/null && virsh resume "$name" >/dev/null ||
+        fail "suspend / resume after a libvirtd restart"
+    echo "ok libvirtd restart (reconnected)"
+fi
 
 pid=$(cat "/run/libvirt/qemu/$name.pid")
 virsh destroy "$name" >/dev/null || fail "destroy"

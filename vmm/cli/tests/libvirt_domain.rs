@@ -208,6 +208,8 @@ fn libvirt_domain_starts_and_ends_on_sigterm() {
         .iter()
         .any(|p| p["name"] == "serial0" && p["type"] == "child<isa-serial>"));
     assert_eq!(ok(&mut qmp, "query-block", Value::Null), json!([]));
+    // What libvirt asks when it reconnects after a restart.
+    assert_eq!(ok(&mut qmp, "query-jobs", Value::Null), json!([]));
     assert_eq!(
         ok(&mut qmp, "query-status", Value::Null)["status"],
         "prelaunch"

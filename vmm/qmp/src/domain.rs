@@ -3,7 +3,7 @@
 //! vCPUs and their host threads (`query-cpus-fast`), the QOM tree libvirt reads — the vCPU
 //! objects at `/machine/unattached/device[N]` with one property per CPU feature, and
 //! `/machine/peripheral` with the devices named on the command line (`qom-list`, `qom-get`) —
-//! and the I/O threads and block devices hopvm does not have (empty lists).
+//! and the I/O threads, block devices and block jobs hopvm does not have (empty lists).
 
 use std::sync::OnceLock;
 
@@ -21,6 +21,7 @@ pub const DOMAIN_COMMANDS: &[&str] = &[
     "query-iothreads",
     "query-named-block-nodes",
     "query-block",
+    "query-jobs",
 ];
 
 /// A character device: its id and QEMU's description of its backend.
@@ -255,7 +256,9 @@ pub fn execute(
             a.finish()?;
             qom_get(d, path, property)
         })(),
-        "query-iothreads" | "query-block" => none(args).map(|_| json!([])),
+        // No I/O threads, block devices or block jobs: libvirt asks for the jobs when it
+        // reconnects to a running guest (after a libvirtd restart).
+        "query-iothreads" | "query-block" | "query-jobs" => none(args).map(|_| json!([])),
         "query-named-block-nodes" => (|| {
             let mut a = Args::new(args);
             let _flat = a.optional_bool("flat")?;

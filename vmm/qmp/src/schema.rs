@@ -370,7 +370,7 @@ static CPU_INFO_FAST: ObjectDef = ObjectDef {
         m("target", Ty::Enum(&SYS_EMU_TARGET)),
     ],
 };
-/// hopvm has no I/O threads and no block devices: these lists are always empty, so their
+/// hopvm has no I/O threads, block devices or block jobs: these lists are always empty, so their
 /// element types carry only the members that identify an entry.
 static IOTHREAD_INFO: ObjectDef = ObjectDef {
     name: "IOThreadInfo",
@@ -379,6 +379,10 @@ static IOTHREAD_INFO: ObjectDef = ObjectDef {
 static BLOCK_DEVICE_INFO: ObjectDef = ObjectDef {
     name: "BlockDeviceInfo",
     members: &[m("node-name", Ty::Str), m("file", Ty::Str)],
+};
+static JOB_INFO: ObjectDef = ObjectDef {
+    name: "JobInfo",
+    members: &[m("id", Ty::Str), m("status", Ty::Str)],
 };
 static BLOCK_INFO: ObjectDef = ObjectDef {
     name: "BlockInfo",
@@ -540,6 +544,7 @@ pub static COMMAND_DEFS: &[CommandDef] = &[
         Some(Ty::List(&Ty::Object(&BLOCK_DEVICE_INFO))),
     ),
     cmd("query-block", &[], Some(Ty::List(&Ty::Object(&BLOCK_INFO)))),
+    cmd("query-jobs", &[], Some(Ty::List(&Ty::Object(&JOB_INFO)))),
 ];
 
 /// Every event hopvm sends.
