@@ -48,7 +48,7 @@
 //! only) are not emulated. The equipment byte 0x14 is set like QEMU's (FPU and PS/2 mouse
 //! present). No CMOS checksum is kept, as in QEMU.
 
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -172,12 +172,6 @@ struct Shared {
     wake: Condvar,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Rtc> {
-        vmm_sync::lock(&self.rtc)
-    }
-}
-
 /// The device proper.
 struct Rtc {
     s: CmosState,
@@ -227,12 +221,12 @@ impl Cmos {
     /// Whether the alarm has gone off with alarm interrupts enabled — what wakes a machine
     /// suspended to RAM (the flag stays set until the guest reads status C).
     pub fn alarm_fired(&self) -> bool {
-        self.shared.lock().alarm_fired()
+        vmm_sync::lock(&self.shared.rtc).alarm_fired()
     }
 
     /// A snapshot of everything the guest can observe.
     pub fn state(&self) -> CmosState {
-        self.shared.lock().s.clone()
+        vmm_sync::lock(&self.shared.rtc).s.clone()
     }
 
     /// Replaces the device's state with `state` and drives IRQ 8 to the level status C's IRQF
@@ -242,7 +236,7 @@ impl Cmos {
     /// than about 18 000 years from the epoch is rejected and the device is left as it was.
     pub fn restore(&mut self, state: &CmosState) -> Result<(), CmosStateError> {
         state.validate()?;
-        let mut rtc = self.shared.lock();
+        let mut rtc = vmm_sync::lock(&self.shared.rtc);
         rtc.s = state.clone();
         rtc.irq_level = rtc.reg(RTC_REG_C) & REG_C_IRQF != 0;
         rtc.irq.set_level(rtc.irq_level);
@@ -295,7 +289,7 @@ impl CmosState {
 
 impl Drop for Cmos {
     fn drop(&mut self) {
-        self.shared.lock().stop = true;
+        vmm_sync::lock(&self.shared.rtc).stop = true;
         self.shared.wake.notify_all();
         if let Some(handle) = self.timer.take() {
             if handle.join().is_err() {
@@ -311,7 +305,7 @@ impl Drop for Cmos {
 /// state takes that mutex too, `KVM_IRQ_LINE` is serialised by KVM, and restore re-derives the
 /// line from IRQF (see `docs/architecture.md`, "The RTC timer thread and the big lock").
 fn timer_loop(shared: &Shared) {
-    let mut rtc = shared.lock();
+    let mut rtc = vmm_sync::lock(&shared.rtc);
     while !rtc.stop {
         rtc.sync_flags();
         rtc = match rtc.next_event_in() {
@@ -692,7 +686,7 @@ impl Rtc {
 
 impl BusDevice for Cmos {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let mut rtc = self.shared.lock();
+        let mut rtc = vmm_sync::lock(&self.shared.rtc);
         let mut wake = false;
         for (i, b) in data.iter_mut().enumerate() {
             *b = if offset.wrapping_add(i as u64) & 1 == 0 {
@@ -710,7 +704,7 @@ impl BusDevice for Cmos {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
-        let mut rtc = self.shared.lock();
+        let mut rtc = vmm_sync::lock(&self.shared.rtc);
         let mut wake = false;
         for (i, &b) in data.iter().enumerate() {
             if offset.wrapping_add(i as u64) & 1 == 0 {
@@ -967,11 +961,11 @@ mod tests {
         assert!(!r.irq.level());
         assert_eq!(r.irq.rising_edges(), 2);
         // Without a timer thread nothing happens between accesses.
-        assert_eq!(r.cmos.shared.lock().next_event_in(), None);
+        assert_eq!(vmm_sync::lock(&r.cmos.shared.rtc).next_event_in(), None);
         r.write(0x0b, 0x12);
         r.read(0x0c);
         assert_eq!(
-            r.cmos.shared.lock().next_event_in(),
+            vmm_sync::lock(&r.cmos.shared.rtc).next_event_in(),
             Some(Duration::from_secs(1))
         );
     }

@@ -257,12 +257,6 @@ struct QueueShared {
     cv: std::sync::Condvar,
 }
 
-impl QueueShared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Queued> {
-        vmm_sync::lock(&self.q)
-    }
-}
-
 /// A non-blocking writer in front of a host sink (see the module documentation): writes
 /// append to a bounded buffer, a thread of its own writes the buffer to the sink.
 pub struct OutputQueue {
@@ -296,7 +290,7 @@ impl OutputQueue {
         let mut failed = false;
         loop {
             let batch = {
-                let mut q = shared.lock();
+                let mut q = vmm_sync::lock(&shared.q);
                 q.writing = false;
                 shared.cv.notify_all();
                 while q.bytes.is_empty() && !q.closed {
@@ -332,7 +326,7 @@ impl OutputQueue {
 impl Write for OutputQueue {
     /// Never blocks: what does not fit in the buffer is dropped (and counted).
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut q = self.shared.lock();
+        let mut q = vmm_sync::lock(&self.shared.q);
         let room = OUTPUT_QUEUE_BYTES.saturating_sub(q.bytes.len());
         let n = buf.len().min(room);
         q.bytes.extend_from_slice(&buf[..n]);
@@ -344,7 +338,7 @@ impl Write for OutputQueue {
     /// Waits until everything written so far reached the sink, at most a few seconds.
     fn flush(&mut self) -> std::io::Result<()> {
         let deadline = std::time::Instant::now() + FLUSH_WAIT;
-        let mut q = self.shared.lock();
+        let mut q = vmm_sync::lock(&self.shared.q);
         while !q.bytes.is_empty() || q.writing {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
@@ -361,7 +355,7 @@ impl Write for OutputQueue {
 
 impl Drop for OutputQueue {
     fn drop(&mut self) {
-        self.shared.lock().closed = true;
+        vmm_sync::lock(&self.shared.q).closed = true;
         self.shared.cv.notify_all();
     }
 }

@@ -21,17 +21,16 @@
 //!
 //! The test is judged like any other by the destination's exit status and by
 //! the source's output up to the migration followed by the destination's.
-//! The QMP client here is deliberately minimal: newline-delimited JSON over
-//! a Unix socket, parsed with serde_json, every read bounded by the test's
-//! deadline.
+//! QMP goes through hopvm's client (crate `qmp-client`), every read bounded
+//! by the test's deadline.
 
 use std::ffi::OsString;
-use std::io::{self, BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use qmp_client::{QmpClient, QmpClientError};
 use serde_json::{json, Value};
 
 use crate::process::{capture, Capture, Outcome, GUEST_SKIP_STATUS};
@@ -267,8 +266,10 @@ pub fn run_migration(
             }
         }
         // The source is paused for good: end it.
-        if let Ok(mut qmp) = Qmp::connect(&sockets.src_qmp, Instant::now() + QUIT_GRACE) {
-            let _ = qmp.execute("quit", None, Instant::now() + QUIT_GRACE);
+        if let Ok(mut qmp) = QmpClient::connect_until(&sockets.src_qmp, Instant::now() + QUIT_GRACE)
+        {
+            qmp.set_deadline(Some(Instant::now() + QUIT_GRACE));
+            let _ = qmp.execute("quit", None);
         }
         src.wait_until(Instant::now() + QUIT_GRACE)?;
     } else {
@@ -352,18 +353,16 @@ fn migrate(sockets: &Sockets, deadline: Instant, notes: &mut Vec<String>) -> Res
             sockets.migration.display()
         )
     })?;
-    let mut qmp = Qmp::connect(&sockets.src_qmp, deadline)
+    let mut qmp = QmpClient::connect_until(&sockets.src_qmp, deadline)
         .map_err(|e| format!("source QMP {}: {e}", sockets.src_qmp.display()))?;
     let uri = sockets.migration_uri();
-    qmp.execute("migrate", Some(json!({ "uri": uri })), deadline)
-        .map_err(|e| format!("migrate: {e}"))?
-        .map_err(|e| format!("migrate: {e}"))?;
+    qmp.execute("migrate", Some(json!({ "uri": uri })))
+        .map_err(|e| format!("migrate: {}", qmp_error(e)))?;
     let start = Instant::now();
     loop {
         let info = qmp
-            .execute("query-migrate", None, deadline)
-            .map_err(|e| format!("query-migrate: {e}"))?
-            .map_err(|e| format!("query-migrate: {e}"))?;
+            .execute("query-migrate", None)
+            .map_err(|e| format!("query-migrate: {}", qmp_error(e)))?;
         let status = info.get("status").and_then(Value::as_str).unwrap_or("");
         match status {
             "completed" => {
@@ -389,6 +388,15 @@ fn migrate(sockets: &Sockets, deadline: Instant, notes: &mut Vec<String>) -> Res
     }
 }
 
+/// A failed command as its description (the runner's notes quote the server), anything else
+/// as the client says it.
+fn qmp_error(e: QmpClientError) -> String {
+    match e {
+        QmpClientError::Command { desc, .. } => desc,
+        e => e.to_string(),
+    }
+}
+
 fn wait_for_path(path: &Path, deadline: Instant) -> io::Result<()> {
     while !path.exists() {
         if Instant::now() >= deadline {
@@ -397,94 +405,6 @@ fn wait_for_path(path: &Path, deadline: Instant) -> io::Result<()> {
         std::thread::sleep(POLL);
     }
     Ok(())
-}
-
-/// A minimal QMP client: greeting, `qmp_capabilities`, then commands whose
-/// replies are read line by line, skipping events.
-pub struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Qmp {
-    /// Connects to the monitor at `path` (retrying until it exists and
-    /// accepts, or `deadline`), reads the greeting and negotiates.
-    pub fn connect(path: &Path, deadline: Instant) -> io::Result<Qmp> {
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => return Err(e),
-                Err(_) => std::thread::sleep(POLL),
-            }
-        };
-        let writer = stream.try_clone()?;
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-        };
-        let greeting = qmp.read_message(deadline)?;
-        if greeting.get("QMP").is_none() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "no QMP greeting",
-            ));
-        }
-        qmp.execute("qmp_capabilities", None, deadline)?
-            .map_err(|e| io::Error::other(format!("qmp_capabilities: {e}")))?;
-        Ok(qmp)
-    }
-
-    /// Runs `command` with `arguments` (a JSON object, if any); returns the
-    /// `return` value, or the `error`'s description.
-    pub fn execute(
-        &mut self,
-        command: &str,
-        arguments: Option<Value>,
-        deadline: Instant,
-    ) -> io::Result<Result<Value, String>> {
-        let mut request = json!({ "execute": command });
-        if let Some(a) = arguments {
-            request["arguments"] = a;
-        }
-        self.writer.write_all(format!("{request}\n").as_bytes())?;
-        loop {
-            let m = self.read_message(deadline)?;
-            if let Some(r) = m.get("return") {
-                return Ok(Ok(r.clone()));
-            }
-            if let Some(e) = m.get("error") {
-                let desc = e
-                    .get("desc")
-                    .and_then(Value::as_str)
-                    .unwrap_or("unknown error");
-                return Ok(Err(desc.to_string()));
-            }
-            // An event (or anything else): keep reading.
-        }
-    }
-
-    fn read_message(&mut self, deadline: Instant) -> io::Result<Value> {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "QMP timeout"));
-            }
-            self.reader.get_ref().set_read_timeout(Some(left))?;
-            let mut line = String::new();
-            if self.reader.read_line(&mut line)? == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "QMP connection closed",
-                ));
-            }
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            return serde_json::from_str(line)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e}: {line}")));
-        }
-    }
 }
 
 #[cfg(test)]
@@ -516,52 +436,5 @@ mod tests {
             .to_vec()
         );
         assert_eq!(s.migration_uri(), "unix:/t/mig.sock");
-    }
-
-    /// A fake QMP server: greeting, capabilities, an event before a reply,
-    /// an error reply.
-    #[test]
-    fn qmp_client() {
-        use std::os::unix::net::UnixListener;
-        let dir = std::env::temp_dir().join(format!("guest-tests-qmp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("q.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        let server = std::thread::spawn(move || {
-            let (s, _) = listener.accept().unwrap();
-            let mut w = s.try_clone().unwrap();
-            let mut r = BufReader::new(s);
-            let mut line = String::new();
-            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
-                .unwrap();
-            r.read_line(&mut line).unwrap();
-            assert!(line.contains("qmp_capabilities"), "{line}");
-            w.write_all(b"{\"return\": {}}\r\n").unwrap();
-            line.clear();
-            r.read_line(&mut line).unwrap();
-            assert!(line.ends_with('\n'), "{line:?}");
-            assert_eq!(
-                serde_json::from_str::<Value>(&line).unwrap(),
-                json!({"execute": "migrate", "arguments": {"uri": "unix:/x"}})
-            );
-            w.write_all(b"{\"timestamp\": {\"seconds\": 1}, \"event\": \"MIGRATION\", \"data\": {\"status\": \"setup\"}}\r\n{\"return\": {}}\r\n").unwrap();
-            line.clear();
-            r.read_line(&mut line).unwrap();
-            w.write_all(b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}}\r\n")
-                .unwrap();
-        });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut q = Qmp::connect(&path, deadline).unwrap();
-        assert_eq!(
-            q.execute("migrate", Some(json!({"uri": "unix:/x"})), deadline)
-                .unwrap(),
-            Ok(json!({}))
-        );
-        assert_eq!(
-            q.execute("query-migrate", None, deadline).unwrap(),
-            Err("nope".to_string())
-        );
-        server.join().unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

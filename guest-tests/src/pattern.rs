@@ -17,14 +17,15 @@ pub enum Pattern {
     Regex(Regex),
 }
 
-/// Error in a pattern, with a human-readable description.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("bad regular expression {pattern:?}: {message}")]
+/// A regular expression in a pattern that does not compile.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("bad regular expression {pattern:?}: {source}")]
 pub struct PatternError {
     /// The expression as written.
     pub pattern: String,
     /// What is wrong with it.
-    pub message: String,
+    #[source]
+    pub source: regex::Error,
 }
 
 impl Pattern {
@@ -79,7 +80,7 @@ impl Regex {
             .build()
             .map_err(|e| PatternError {
                 pattern: source.to_string(),
-                message: e.to_string(),
+                source: e,
             })?;
         Ok(Regex {
             source: source.to_string(),

@@ -10,7 +10,7 @@
 //! Hypervisor's `Pausable` / `Snapshottable` / `Migratable` do, so a component implements only
 //! what it needs.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 
 pub mod integrity;
 mod pagemap;
@@ -39,7 +39,7 @@ pub use xbzrle::{XbzrleCache, XbzrleError, XbzrleOutcome, XbzrleStats};
 pub enum SectionError {
     /// Reading or writing the stream failed.
     #[error("i/o: {0}")]
-    Io(#[from] std::io::Error),
+    Io(#[from] io::Error),
     /// The incoming data is not what this section expects.
     #[error("invalid {section} data: {reason}")]
     Invalid {
@@ -110,11 +110,33 @@ pub trait Snapshot: Send {
     fn restore(&mut self, data: &[u8], version: u32) -> Result<(), SectionError>;
 }
 
+/// Where a live section writes its body: bytes, and guest memory that the output may send
+/// by reference, straight from the guest's mapping (one vectored write for many pages, no
+/// copy), as QEMU's `qemu_put_buffer_async` does.
+pub trait SectionOutput: Write {
+    /// Writes the `len` bytes at `data`, which may be read only when the output is flushed;
+    /// the default copies them at once.
+    ///
+    /// # Safety
+    /// `data..data + len` must be readable now and stay mapped until the output has been
+    /// flushed or dropped (guest memory: its mapping outlives the migration). The bytes may
+    /// change meanwhile; what is sent is what they hold at flush time, so the caller must
+    /// track such writes (RAM: the page's dirty bit was taken before, so a later write
+    /// dirties it again and it is sent again).
+    unsafe fn write_guest(&mut self, data: *const u8, len: usize) -> io::Result<()> {
+        // SAFETY: readable now, per this function's contract.
+        self.write_all(unsafe { std::slice::from_raw_parts(data, len) })
+    }
+}
+
+/// A plain buffer copies (tests, snapshots to memory).
+impl SectionOutput for Vec<u8> {}
+
 /// A component sent in rounds while the guest runs (QEMU's `SaveVMHandlers` with the
 /// `save_live_*` hooks). Every method has a no-op default.
 pub trait LiveSection: Send {
     /// Starts the migration: switch on dirty tracking, write the section's set-up data.
-    fn begin(&mut self, _out: &mut dyn Write) -> Result<(), SectionError> {
+    fn begin(&mut self, _out: &mut dyn SectionOutput) -> Result<(), SectionError> {
         Ok(())
     }
 
@@ -126,12 +148,16 @@ pub trait LiveSection: Send {
 
     /// Sends a batch of about `budget` bytes (at least one item, and holding the big lock for
     /// at most ~50 ms); returns true when nothing is left for this round.
-    fn iterate(&mut self, _out: &mut dyn Write, _budget: u64) -> Result<bool, SectionError> {
+    fn iterate(
+        &mut self,
+        _out: &mut dyn SectionOutput,
+        _budget: u64,
+    ) -> Result<bool, SectionError> {
         Ok(true)
     }
 
     /// With the guest stopped: sends everything that is left.
-    fn complete(&mut self, _out: &mut dyn Write) -> Result<(), SectionError> {
+    fn complete(&mut self, _out: &mut dyn SectionOutput) -> Result<(), SectionError> {
         Ok(())
     }
 
@@ -153,6 +179,10 @@ pub trait LiveSection: Send {
     fn load(&mut self, _input: &mut dyn Read, _version: u32) -> Result<(), SectionError> {
         Ok(())
     }
+
+    /// Destination side: the section's END part has loaded; nothing more comes for it
+    /// (RAM stops faulting memory in ahead of the stream: the guest takes over).
+    fn load_end(&mut self) {}
 
     /// Destination side: what the last [`load`](Self::load) covered, in words (RAM: the
     /// guest-physical pages), for an error about that part; `None` if there is nothing to say.

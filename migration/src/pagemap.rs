@@ -67,6 +67,7 @@ pub unsafe fn advise_huge_pages(host: *mut u8, len: usize) {
 
 /// Faults every page of `ranges` (host address, length) in, front to back, on a helper
 /// thread named `populate` that keeps `keep` (what owns the mappings) alive; returns at once.
+/// The thread gives up early once `stop` is set (checked every 2 MiB).
 ///
 /// Each page gets an atomic `lock or qword [page], 0`: a write fault that maps it (a huge
 /// page where the range is advised so) without changing a byte, even while another thread
@@ -78,18 +79,39 @@ pub unsafe fn advise_huge_pages(host: *mut u8, len: usize) {
 ///
 /// Every range must lie inside a readable and writable mapping that `keep` keeps alive, and
 /// may be written by other threads only with ordinary stores (never made read-only).
-pub unsafe fn populate(ranges: Vec<(usize, usize)>, keep: impl Send + 'static) {
+pub unsafe fn populate(
+    ranges: Vec<(usize, usize)>,
+    keep: impl Send + 'static,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     let spawned = std::thread::Builder::new()
         .name(String::from("populate"))
         .spawn(move || {
             let _keep = keep;
+            // Only spare CPU time: the stream and the vCPUs come first (a page the stream
+            // reaches first is faulted in by the incoming thread anyway).
+            let param = libc::sched_param { sched_priority: 0 };
+            // SAFETY: changes this thread's own policy; `param` is a valid sched_param.
+            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
+                log::debug!("SCHED_IDLE: {}", std::io::Error::last_os_error());
+            }
             for (host, len) in ranges {
                 for off in (0..len).step_by(4096) {
+                    if off % (2 << 20) == 0 && stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return;
+                    }
                     // SAFETY: inside a live mapping (the caller's contract), 8-aligned (page
-                    // aligned); fetch_or(0) stores back exactly what it read, atomically.
-                    let word =
-                        unsafe { std::sync::atomic::AtomicU64::from_ptr((host + off) as *mut u64) };
-                    word.fetch_or(0, std::sync::atomic::Ordering::Relaxed);
+                    // aligned); `lock or [p], 0` stores back exactly what it read,
+                    // atomically. Written as assembly because the compiler turns an
+                    // `AtomicU64::fetch_or(0)` into a plain load, and a read fault maps the
+                    // shared zero page instead of allocating the page.
+                    unsafe {
+                        std::arch::asm!(
+                            "lock or qword ptr [{p}], 0",
+                            p = in(reg) host + off,
+                            options(nostack, preserves_flags)
+                        );
+                    }
                 }
             }
         });
@@ -129,13 +151,16 @@ mod tests {
         // Populating maps every page and changes none.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         // SAFETY: the mapping stays until the populate thread has dropped `tx`.
-        unsafe { populate(vec![(p as usize, len)], tx) };
+        unsafe { populate(vec![(p as usize, len)], tx, Default::default()) };
         assert!(
             rx.recv().is_err(),
             "the thread ends by dropping its keep value"
         );
         let map = populated(p, 64).expect("pagemap readable");
         assert!((0..64).all(|i| is_set(&map, i)));
+        // Allocated, not merely mapped to the shared zero page (which pagemap also shows
+        // present, but which is not resident memory of the mapping).
+        assert_eq!(resident_kib(addr as usize), len / 1024);
         // SAFETY: inside the mapping.
         unsafe {
             assert_eq!(p.add(3 * 4096).read_volatile(), 1);
@@ -144,5 +169,21 @@ mod tests {
         }
         // SAFETY: the mapping created above.
         unsafe { libc::munmap(addr, len) };
+    }
+
+    /// The `Rss:` of the mapping that starts at `start`, from /proc/self/smaps.
+    fn resident_kib(start: usize) -> usize {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("smaps readable");
+        let head = format!("{start:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head));
+        lines.next().expect("mapping listed");
+        let rss = lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .expect("Rss line");
+        rss.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .expect("a number")
     }
 }

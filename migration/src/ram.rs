@@ -24,7 +24,7 @@ use crate::ram_format::{
     RamBlockInfo, RamItem, RamRecord, RamRecordReader, RamRecordWriter, RAM_SECTION_VERSION,
 };
 use crate::xbzrle::{self, XbzrleCache, XbzrleOutcome};
-use crate::{LiveSection, SectionError};
+use crate::{LiveSection, SectionError, SectionOutput};
 
 /// Guest memory as hopvm maps it: with vm-memory's bitmap of the VMM's own writes.
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<AtomicBitmap>;
@@ -304,6 +304,8 @@ pub struct RamSection {
     bulk_stage: bool,
     logging: bool,
     loading: bool,
+    /// Destination: tells the populate thread to stop ([`LiveSection::load_end`]).
+    populate_stop: Arc<std::sync::atomic::AtomicBool>,
     /// Destination: the lowest and highest guest-physical page the last load part touched.
     last_load: Option<(u64, u64)>,
     last_sync: Option<Instant>,
@@ -386,6 +388,7 @@ impl RamSection {
             bulk_stage: true,
             logging: false,
             loading: false,
+            populate_stop: Arc::default(),
             last_load: None,
             last_sync: None,
             page: vec![0; PAGE_SIZE as usize],
@@ -457,7 +460,7 @@ impl RamSection {
     /// must hold exactly what the destination got, works on a private copy.
     fn send_page(
         &mut self,
-        out: &mut dyn Write,
+        out: &mut dyn SectionOutput,
         block: usize,
         page: usize,
         last_stage: bool,
@@ -469,7 +472,8 @@ impl RamSection {
         let b = &self.blocks[block];
         let offset = page as u64 * PAGE_SIZE;
         let addr = b.start + offset;
-        let data: &[u8] = if b.may_hold_data(page) {
+        let known_zero = !b.may_hold_data(page);
+        let data: &[u8] = if !known_zero {
             // SAFETY: the page lies inside the block's mapping (page < pages), which `memory`
             // keeps mapped; the guest may write it meanwhile (see above), never unmap it.
             unsafe {
@@ -484,7 +488,8 @@ impl RamSection {
         };
         self.in_flight.push((block, page));
         let c = &self.counters;
-        let zero = is_zero(data);
+        // A never-populated page needs no scan.
+        let zero = known_zero || is_zero(data);
         let t1 = self.profiling.then(Instant::now);
         let id = self.blocks[block].id.as_str();
         let written = if zero {
@@ -526,12 +531,14 @@ impl RamSection {
                         };
                     }
                     c.normal.fetch_add(1, Ordering::Relaxed);
-                    let page = if self.cache.is_some() && !self.bulk_stage {
-                        &self.page[..]
+                    if self.cache.is_some() && !self.bulk_stage {
+                        self.writer.page(out, id, offset, &self.page)
                     } else {
-                        data
-                    };
-                    self.writer.page(out, id, offset, page)
+                        // SAFETY: `data` is the guest page (a zero page never gets here),
+                        // which `memory` keeps mapped for as long as this section exists,
+                        // longer than any output it writes to.
+                        unsafe { self.writer.page_in_place(out, id, offset, data.as_ptr()) }
+                    }
                 }
             }
         }
@@ -674,7 +681,7 @@ fn invalid(reason: String) -> SectionError {
 }
 
 impl LiveSection for RamSection {
-    fn begin(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+    fn begin(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
         let settings = *vmm_sync::lock(&self.settings);
         self.cache = if settings.enabled {
             Some(
@@ -755,7 +762,7 @@ impl LiveSection for RamSection {
         remaining
     }
 
-    fn iterate(&mut self, out: &mut dyn Write, budget: u64) -> Result<bool, SectionError> {
+    fn iterate(&mut self, out: &mut dyn SectionOutput, budget: u64) -> Result<bool, SectionError> {
         self.apply_cache_size();
         let start = Instant::now();
         let before = self.profiling.then(|| self.profile_split());
@@ -788,7 +795,7 @@ impl LiveSection for RamSection {
         Ok(done)
     }
 
-    fn complete(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+    fn complete(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
         self.sync()?;
         let start = Instant::now();
         let before = self.profiling.then(|| self.profile_split());
@@ -845,9 +852,16 @@ impl LiveSection for RamSection {
             // SAFETY: one private anonymous mapping of guest RAM, owned by `memory`.
             unsafe { pagemap::advise_huge_pages(host as *mut u8, len) };
         }
+        self.populate_stop = Arc::default();
         // SAFETY: the ranges are guest RAM mappings, kept alive by the `memory` handle the
         // thread holds; nothing makes guest RAM read-only.
-        unsafe { pagemap::populate(ranges, self.memory.clone()) };
+        unsafe { pagemap::populate(ranges, self.memory.clone(), self.populate_stop.clone()) };
+    }
+
+    fn load_end(&mut self) {
+        // What the populate thread has not reached yet the guest faults in on demand: it
+        // must not keep a core busy while the guest resumes.
+        self.populate_stop.store(true, Ordering::Relaxed);
     }
 
     fn load(&mut self, input: &mut dyn Read, version: u32) -> Result<(), SectionError> {

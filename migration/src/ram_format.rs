@@ -31,6 +31,7 @@ use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use crate::wire;
+use crate::SectionOutput;
 
 /// [`crate::stream::PAGE_SIZE`] as a length: the unit of RAM records.
 pub const PAGE_SIZE: usize = crate::stream::PAGE_SIZE as usize;
@@ -218,18 +219,22 @@ impl RamRecordWriter {
         check_block_id(block)?;
         check_aligned(offset)?;
         let same = self.last_block.as_deref() == Some(block);
-        let mut hdr = Vec::with_capacity(8 + 1 + block.len());
-        if same {
-            hdr.extend_from_slice(&(offset | flag | RAM_SAVE_FLAG_CONTINUE).to_be_bytes());
+        // be64 + u8 length + id (at most 255 bytes): on the stack, no allocation per page.
+        let mut hdr = [0u8; 8 + 1 + 255];
+        let len = if same {
+            hdr[..8].copy_from_slice(&(offset | flag | RAM_SAVE_FLAG_CONTINUE).to_be_bytes());
+            8
         } else {
-            hdr.extend_from_slice(&(offset | flag).to_be_bytes());
-            wire::write_counted(&mut hdr, block.as_bytes())?;
-        }
-        out.write_all(&hdr)?;
+            hdr[..8].copy_from_slice(&(offset | flag).to_be_bytes());
+            hdr[8] = block.len() as u8;
+            hdr[9..9 + block.len()].copy_from_slice(block.as_bytes());
+            9 + block.len()
+        };
+        out.write_all(&hdr[..len])?;
         if !same {
             self.last_block = Some(block.to_owned());
         }
-        Ok(hdr.len())
+        Ok(len)
     }
 
     /// Writes the `MEM_SIZE` record listing every RAM block.
@@ -291,6 +296,24 @@ impl RamRecordWriter {
         }
         let n = self.page_header(out, block, offset, RAM_SAVE_FLAG_PAGE)?;
         out.write_all(data)?;
+        Ok(n + PAGE_SIZE)
+    }
+
+    /// Writes a full page that the output may send in place, straight from guest memory
+    /// ([`SectionOutput::write_guest`]).
+    ///
+    /// # Safety
+    /// `data` points to [`PAGE_SIZE`] bytes that satisfy `write_guest`'s contract.
+    pub unsafe fn page_in_place(
+        &mut self,
+        out: &mut dyn SectionOutput,
+        block: &str,
+        offset: u64,
+        data: *const u8,
+    ) -> Result<usize, RamFormatError> {
+        let n = self.page_header(out, block, offset, RAM_SAVE_FLAG_PAGE)?;
+        // SAFETY: the caller's contract.
+        unsafe { out.write_guest(data, PAGE_SIZE) }?;
         Ok(n + PAGE_SIZE)
     }
 

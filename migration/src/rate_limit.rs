@@ -20,6 +20,8 @@
 use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
+use crate::SectionOutput;
+
 /// Length of a rate-limiting slot.
 pub const BUFFER_DELAY: Duration = Duration::from_millis(100);
 /// Slots per second: the per-slot allowance is `bandwidth / XFER_LIMIT_RATIO`.
@@ -158,10 +160,40 @@ impl RateLimiter {
 
 /// An in-memory output buffer (QEMU's `QEMUFile` buffer): sections write into it with the
 /// VMM lock held, and it is flushed to the transport without the lock.
+///
+/// Besides bytes it holds *guest pieces* ([`SectionOutput::write_guest`]): RAM pages
+/// referenced in place, sent straight from guest memory by vectored writes (up to
+/// [`MAX_IOV`] pieces per system call) instead of being copied into the buffer first.
 #[derive(Debug, Default)]
 pub struct BufferedOutput {
     buf: Vec<u8>,
+    /// Guest pieces in stream order; each goes before `buf[at..]`.
+    guest: Vec<GuestPiece>,
+    guest_len: usize,
     flushed: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct GuestPiece {
+    at: usize,
+    ptr: *const u8,
+    len: usize,
+}
+
+// SAFETY: the pieces point into guest memory mappings, which every thread of the VMM may
+// read; `write_guest`'s contract keeps them mapped while the buffer holds them.
+unsafe impl Send for BufferedOutput {}
+
+/// Most pieces handed to one vectored write (Linux's `UIO_MAXIOV`).
+pub const MAX_IOV: usize = 1024;
+
+/// How far a flush got: bytes of `buf` consumed, whole guest pieces consumed, and bytes of
+/// the next guest piece consumed.
+#[derive(Debug, Clone, Copy, Default)]
+struct FlushCursor {
+    head: usize,
+    piece: usize,
+    piece_off: usize,
 }
 
 impl BufferedOutput {
@@ -172,16 +204,15 @@ impl BufferedOutput {
 
     /// Bytes buffered and not yet flushed.
     pub fn pending(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.guest_len
     }
 
     /// Whether nothing is buffered.
     pub fn is_empty(&self) -> bool {
-        self.buf.is_empty()
+        self.pending() == 0
     }
 
-    /// Bytes handed to the transport so far (by [`flush_to`](Self::flush_to) or
-    /// [`take`](Self::take)).
+    /// Bytes handed to the transport so far (by [`flush_to`](Self::flush_to)).
     pub fn flushed(&self) -> u64 {
         self.flushed
     }
@@ -189,37 +220,113 @@ impl BufferedOutput {
     /// All bytes produced so far, flushed or not (QEMU's `qemu_file_transferred`, which is
     /// what the rate limit counts).
     pub fn transferred(&self) -> u64 {
-        self.flushed + self.buf.len() as u64
+        self.flushed + self.pending() as u64
     }
 
-    /// The buffered bytes.
-    pub fn as_slice(&self) -> &[u8] {
-        &self.buf
+    /// A copy of everything buffered, in stream order.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.pending());
+        self.segments(FlushCursor::default(), usize::MAX)
+            .iter()
+            .for_each(|s| v.extend_from_slice(s));
+        v
     }
 
-    /// Hands the buffered bytes over, counting them as flushed: the caller sends them.
-    pub fn take(&mut self) -> Vec<u8> {
-        let out = std::mem::take(&mut self.buf);
-        self.flushed += out.len() as u64;
+    /// Up to `max` slices from `c` on, in stream order.
+    fn segments(&self, c: FlushCursor, max: usize) -> Vec<io::IoSlice<'_>> {
+        let mut out = Vec::new();
+        let mut head = c.head;
+        let mut off = c.piece_off;
+        for g in &self.guest[c.piece..] {
+            if out.len() >= max {
+                return out;
+            }
+            if head < g.at {
+                out.push(io::IoSlice::new(&self.buf[head..g.at]));
+                head = g.at;
+                if out.len() >= max {
+                    return out;
+                }
+            }
+            // SAFETY: write_guest's contract keeps the piece mapped while it is buffered.
+            let piece = unsafe { std::slice::from_raw_parts(g.ptr.add(off), g.len - off) };
+            out.push(io::IoSlice::new(piece));
+            off = 0;
+        }
+        if head < self.buf.len() && out.len() < max {
+            out.push(io::IoSlice::new(&self.buf[head..]));
+        }
         out
     }
 
-    /// Writes everything buffered to `out`, returning the byte count. On error the bytes not
-    /// written stay buffered and the error says how many were.
+    /// Moves `c` past `n` more bytes.
+    fn advance(&self, c: &mut FlushCursor, mut n: usize) {
+        while n > 0 {
+            let next_at = self.guest.get(c.piece).map_or(self.buf.len(), |g| g.at);
+            if c.head < next_at {
+                let k = n.min(next_at - c.head);
+                c.head += k;
+                n -= k;
+                continue;
+            }
+            let g = &self.guest[c.piece];
+            let k = n.min(g.len - c.piece_off);
+            c.piece_off += k;
+            n -= k;
+            if c.piece_off == g.len {
+                c.piece += 1;
+                c.piece_off = 0;
+            }
+        }
+    }
+
+    /// Drops what a flush up to `c` sent.
+    fn consume(&mut self, c: FlushCursor) {
+        if c.head == self.buf.len() && c.piece == self.guest.len() {
+            // Everything went: keep the allocations for the next batch.
+            self.buf.clear();
+            self.guest.clear();
+            self.guest_len = 0;
+            return;
+        }
+        self.buf.drain(..c.head);
+        self.guest.drain(..c.piece);
+        for g in &mut self.guest {
+            g.at -= c.head;
+        }
+        if let Some(g) = self.guest.first_mut() {
+            // SAFETY: c.piece_off < g.len, inside the piece.
+            g.ptr = unsafe { g.ptr.add(c.piece_off) };
+            g.len -= c.piece_off;
+        }
+        self.guest_len = self.guest.iter().map(|g| g.len).sum();
+    }
+
+    /// Writes everything buffered to `out` (vectored), returning the byte count. On error
+    /// the bytes not written stay buffered and the error says how many were.
     pub fn flush_to(&mut self, out: &mut dyn Write) -> Result<u64, RateLimitError> {
+        let total = self.pending();
+        let mut c = FlushCursor::default();
         let mut written = 0usize;
         let result = loop {
-            if written == self.buf.len() {
+            if written == total {
                 break out.flush();
             }
-            match out.write(&self.buf[written..]) {
+            let r = {
+                let iov = self.segments(c, MAX_IOV);
+                out.write_vectored(&iov)
+            };
+            match r {
                 Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
+                Ok(n) => {
+                    self.advance(&mut c, n);
+                    written += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => break Err(e),
             }
         };
-        self.buf.drain(..written);
+        self.consume(c);
         self.flushed += written as u64;
         match result {
             Ok(()) => Ok(written as u64),
@@ -244,6 +351,27 @@ impl Write for BufferedOutput {
 
     /// Flushing is [`flush_to`](BufferedOutput::flush_to)'s job; this does nothing.
     fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SectionOutput for BufferedOutput {
+    unsafe fn write_guest(&mut self, data: *const u8, len: usize) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let at = self.buf.len();
+        // Adjacent guest memory (consecutive pages) becomes one piece.
+        if let Some(last) = self.guest.last_mut() {
+            // SAFETY: one past the end of the previous piece, for comparison only.
+            if last.at == at && unsafe { last.ptr.add(last.len) } == data {
+                last.len += len;
+                self.guest_len += len;
+                return Ok(());
+            }
+        }
+        self.guest.push(GuestPiece { at, ptr: data, len });
+        self.guest_len += len;
         Ok(())
     }
 }
@@ -338,7 +466,7 @@ mod tests {
         assert_eq!(b.pending(), 11);
         assert_eq!(b.transferred(), 11);
         assert_eq!(b.flushed(), 0);
-        assert_eq!(b.as_slice(), b"hello world");
+        assert_eq!(b.to_vec(), b"hello world");
         let mut sink = Vec::new();
         assert_eq!(b.flush_to(&mut sink).unwrap(), 11);
         assert_eq!(sink, b"hello world");
@@ -346,7 +474,7 @@ mod tests {
         assert_eq!(b.flushed(), 11);
         b.write_all(b"abc").unwrap();
         assert_eq!(b.transferred(), 14);
-        assert_eq!(b.take(), b"abc");
+        assert_eq!(b.flush_to(&mut sink).unwrap(), 3);
         assert_eq!(b.flushed(), 14);
         assert_eq!(b.flush_to(&mut sink).unwrap(), 0);
     }
@@ -394,7 +522,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(out.got, b"0123456");
-        assert_eq!(b.as_slice(), b"789");
+        assert_eq!(b.to_vec(), b"789");
         assert_eq!(b.flushed(), 7);
         assert_eq!(b.transferred(), 10);
         let mut sink = Vec::new();
@@ -413,5 +541,61 @@ mod tests {
         b.write_all(b"x").unwrap();
         assert!(b.flush_to(&mut Zero).is_err());
         assert_eq!(b.pending(), 1);
+    }
+    /// Guest pieces go out in place, in order with the bytes around them, through partial
+    /// and failing writes alike.
+    #[test]
+    fn guest_pieces_keep_their_place() {
+        let pages: Vec<u8> = (0..=255u8).cycle().take(3 * 4096).collect();
+        let mut b = BufferedOutput::new();
+        b.write_all(b"hdr0").unwrap();
+        // SAFETY: `pages` outlives `b`'s use of it.
+        unsafe {
+            b.write_guest(pages.as_ptr(), 4096).unwrap();
+            b.write_guest(pages.as_ptr().add(4096), 4096).unwrap();
+        }
+        b.write_all(b"hdr2").unwrap();
+        // SAFETY: as above.
+        unsafe { b.write_guest(pages.as_ptr().add(8192), 4096).unwrap() };
+        b.write_all(b"end").unwrap();
+        let mut want = b"hdr0".to_vec();
+        want.extend_from_slice(&pages[..8192]);
+        want.extend_from_slice(b"hdr2");
+        want.extend_from_slice(&pages[8192..]);
+        want.extend_from_slice(b"end");
+        assert_eq!(b.pending(), want.len());
+        assert_eq!(b.to_vec(), want);
+
+        // A writer that takes 5 bytes, then fails: the rest stays, guest pieces included.
+        let mut out = Choking {
+            got: Vec::new(),
+            room: 5,
+            interrupted: false,
+        };
+        assert!(b.flush_to(&mut out).is_err());
+        assert_eq!(out.got, &want[..5]);
+        assert_eq!(b.to_vec(), &want[5..]);
+        let mut sink = Vec::new();
+        assert_eq!(b.flush_to(&mut sink).unwrap() as usize, want.len() - 5);
+        assert_eq!(sink, &want[5..]);
+        assert!(b.is_empty());
+        assert_eq!(b.flushed() as usize, want.len());
+    }
+
+    /// More pieces than one vectored write takes.
+    #[test]
+    fn many_pieces_are_split_across_writes() {
+        let page = [7u8; 64];
+        let mut b = BufferedOutput::new();
+        for i in 0..(3 * MAX_IOV) {
+            b.write_all(&[i as u8]).unwrap();
+            // SAFETY: `page` outlives `b`'s use of it.
+            unsafe { b.write_guest(page.as_ptr(), page.len()).unwrap() };
+        }
+        let want = b.to_vec();
+        assert_eq!(want.len(), 3 * MAX_IOV * 65);
+        let mut sink = Vec::new();
+        assert_eq!(b.flush_to(&mut sink).unwrap() as usize, want.len());
+        assert_eq!(sink, want);
     }
 }

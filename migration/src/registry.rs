@@ -6,14 +6,14 @@
 //! `migrate_add_blocker`); `migrate` refuses to start while any blocker is registered.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Write};
+use std::io::Read;
 
 use std::sync::Mutex;
 
 use crate::integrity::IntegrityError;
 use crate::return_path;
 use crate::stream::{Record, StreamError, StreamReader, StreamWriter, MIG_CMD_OPEN_RETURN_PATH};
-use crate::{LiveSection, SectionError, Snapshot};
+use crate::{LiveSection, SectionError, SectionOutput, Snapshot};
 
 /// Errors driving the registered sections.
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +190,10 @@ impl Registry {
     }
 
     /// Source: the stream header and every live section's START.
-    pub fn begin<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), RegistryError> {
+    pub fn begin<W: SectionOutput>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+    ) -> Result<(), RegistryError> {
         // The caller may have written the header and commands (the return path) already.
         if !w.has_header() {
             w.header()?;
@@ -212,7 +215,7 @@ impl Registry {
     }
 
     /// Source: one PART of every live section; true when all have nothing left this round.
-    pub fn iterate<W: Write>(
+    pub fn iterate<W: SectionOutput>(
         &mut self,
         w: &mut StreamWriter<W>,
         budget: u64,
@@ -229,7 +232,10 @@ impl Registry {
 
     /// Source, guest stopped: every live section's END, every other section in full, EOF and
     /// the VM description.
-    pub fn complete<W: Write>(&mut self, w: &mut StreamWriter<W>) -> Result<(), RegistryError> {
+    pub fn complete<W: SectionOutput>(
+        &mut self,
+        w: &mut StreamWriter<W>,
+    ) -> Result<(), RegistryError> {
         for e in &mut self.entries {
             match &mut e.handler {
                 Handler::Live(h) => {
@@ -342,7 +348,7 @@ impl Registry {
     ) -> Result<IncomingLoad, RegistryError> {
         let me = Mutex::new(std::mem::take(self));
         let result = Self::load_locked(&me, r);
-        *self = me.into_inner().unwrap_or_else(|e| e.into_inner());
+        *self = vmm_sync::into_inner(me);
         result
     }
 
@@ -433,6 +439,11 @@ impl Registry {
                         .get(&id)
                         .ok_or(RegistryError::UnknownSectionId(id))?;
                     Self::load_live(registry, r, id, index, version)?;
+                    if matches!(record, Record::SectionEnd { .. }) {
+                        if let Handler::Live(h) = &mut lock().entries[index].handler {
+                            h.load_end();
+                        }
+                    }
                 }
             }
         }
@@ -563,12 +574,16 @@ mod tests {
         fn pending(&mut self, _max: u64) -> u64 {
             u64::from(self.rounds - self.sent)
         }
-        fn iterate(&mut self, out: &mut dyn Write, _budget: u64) -> Result<bool, SectionError> {
+        fn iterate(
+            &mut self,
+            out: &mut dyn SectionOutput,
+            _budget: u64,
+        ) -> Result<bool, SectionError> {
             self.sent += 1;
             out.write_all(&[self.sent])?;
             Ok(self.sent == self.rounds)
         }
-        fn complete(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+        fn complete(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
             out.write_all(&[0xee])?;
             Ok(())
         }

@@ -277,7 +277,7 @@ impl SourceReturnPath {
             if let Some(why) = &st.ended {
                 return Verdict::Lost(why.clone());
             }
-            st = c.wait(st).unwrap_or_else(|e| e.into_inner());
+            st = vmm_sync::wait(c, st);
         }
     }
 

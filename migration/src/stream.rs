@@ -68,6 +68,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::integrity::{self, Digest, IntegrityError, QEMU_VM_HOPVM_INTEGRITY, STREAM_END_ID};
 use crate::wire;
+use crate::SectionOutput;
 
 /// The stream's magic number, "QEVM".
 pub const QEMU_VM_FILE_MAGIC: u32 = 0x5145_564d;
@@ -569,6 +570,21 @@ impl<W: Write> Write for StreamWriter<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+/// Guest memory goes through by reference, unless `x-integrity` must hash it: then one
+/// stable copy is hashed and buffered, as for any other body write.
+impl<W: SectionOutput> SectionOutput for StreamWriter<W> {
+    unsafe fn write_guest(&mut self, data: *const u8, len: usize) -> io::Result<()> {
+        if self.digest.is_some() {
+            // SAFETY: readable now, per the caller's contract.
+            return self.write_all(unsafe { std::slice::from_raw_parts(data, len) });
+        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.inner.write_guest(data, len) }?;
+        self.bytes += len as u64;
+        Ok(())
     }
 }
 

@@ -199,6 +199,10 @@ pub trait MigrationHost: Send + Sync + 'static {
     /// The registered sections (locked after the big lock, never before it).
     fn registry(&self) -> &Mutex<Registry>;
 
+    /// `auto-converge`: makes the vCPUs sleep `pct` % of the time (0: full speed). Called
+    /// without any lock held.
+    fn throttle_vcpus(&self, _pct: u32) {}
+
     /// Stops the vCPUs; may release the big lock while it waits. Returns whether they were
     /// running.
     fn stop_vm<'a>(&self, g: MutexGuard<'a, Self::Locked>) -> (MutexGuard<'a, Self::Locked>, bool);
@@ -245,6 +249,71 @@ pub struct Timeline {
     pub end_ms: Option<f64>,
 }
 
+/// QEMU's CPU throttling parameters, which `auto-converge` uses (`migrate-set-parameters`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ThrottleParameters {
+    /// First percentage, once the dirty rate outruns the transfer (`cpu-throttle-initial`).
+    pub initial: u32,
+    /// Added each time it still does (`cpu-throttle-increment`).
+    pub increment: u32,
+    /// Add only what the measured rates call for, at most the increment
+    /// (`cpu-throttle-tailslow`).
+    pub tailslow: bool,
+    /// Upper bound (`max-cpu-throttle`).
+    pub max: u32,
+    /// Throttle when the bytes dirtied in a period exceed this share, in %, of the bytes sent
+    /// (`throttle-trigger-threshold`).
+    pub trigger_threshold: u32,
+}
+
+impl Default for ThrottleParameters {
+    /// QEMU 7.2's defaults.
+    fn default() -> Self {
+        Self {
+            initial: 20,
+            increment: 10,
+            tailslow: false,
+            max: 99,
+            trigger_threshold: 50,
+        }
+    }
+}
+
+/// The length of a dirty-rate period for `auto-converge` (QEMU compares rates at the first
+/// dirty sync at least a second after the previous comparison).
+const THROTTLE_PERIOD: Duration = Duration::from_secs(1);
+
+/// `auto-converge`'s decision at the end of a period (QEMU's `migration_trigger_throttle` and
+/// `mig_throttle_guest_down`): the new percentage, or `None` to leave it.
+fn next_throttle(
+    p: &ThrottleParameters,
+    now: u32,
+    bytes_dirty: u64,
+    bytes_xfer: u64,
+    high_count: &mut u32,
+) -> Option<u32> {
+    let threshold = bytes_xfer.saturating_mul(u64::from(p.trigger_threshold)) / 100;
+    if bytes_dirty <= threshold {
+        return None;
+    }
+    *high_count += 1;
+    if *high_count < 2 {
+        return None;
+    }
+    *high_count = 0;
+    if now == 0 {
+        return Some(p.initial);
+    }
+    let inc = if p.tailslow {
+        let cpu_now = f64::from(100 - now);
+        let cpu_ideal = cpu_now * (threshold as f64 / bytes_dirty as f64);
+        ((cpu_now - cpu_ideal) as u32).min(p.increment)
+    } else {
+        p.increment
+    };
+    Some((now + inc).min(p.max))
+}
+
 /// What `query-migrate` reports.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct MigrationInfo {
@@ -288,6 +357,14 @@ pub struct MigrationInfo {
     pub xbzrle_cache_miss: u64,
     /// XBZRLE overflows.
     pub xbzrle_overflow: u64,
+    /// Pages sent per second in the last 100 ms slot.
+    pub pages_per_second: u64,
+    /// Bytes sent before the guest stopped.
+    pub precopy_bytes: u64,
+    /// Bytes sent while the guest was stopped.
+    pub downtime_bytes: u64,
+    /// `auto-converge`'s current throttle, % (0: not throttled).
+    pub cpu_throttle_percentage: u32,
     /// Why it failed.
     pub error: Option<String>,
 }
@@ -311,6 +388,12 @@ struct Inner {
     events: bool,
     integrity: bool,
     return_path: bool,
+    auto_converge: bool,
+    throttle_params: ThrottleParameters,
+    throttle_pct: u32,
+    pages_per_second: u64,
+    precopy_bytes: u64,
+    downtime_bytes: u64,
     error: Option<String>,
     timeline: Timeline,
     /// Interrupts the connect while the channel is being opened.
@@ -362,6 +445,12 @@ impl Migration {
                 events: false,
                 integrity: false,
                 return_path: true,
+                auto_converge: false,
+                throttle_params: ThrottleParameters::default(),
+                throttle_pct: 0,
+                pages_per_second: 0,
+                precopy_bytes: 0,
+                downtime_bytes: 0,
                 error: None,
                 timeline: Timeline::default(),
                 connect_cancel: None,
@@ -459,6 +548,34 @@ impl Migration {
         lock(&self.inner).return_path = on;
     }
 
+    /// Whether the `auto-converge` capability is on: the vCPUs are slowed down while the
+    /// guest dirties memory faster than it is sent.
+    pub fn auto_converge_enabled(&self) -> bool {
+        lock(&self.inner).auto_converge
+    }
+
+    /// Sets the `auto-converge` capability.
+    pub fn set_auto_converge_enabled(&self, on: bool) {
+        lock(&self.inner).auto_converge = on;
+    }
+
+    /// The CPU throttling parameters.
+    pub fn throttle_parameters(&self) -> ThrottleParameters {
+        lock(&self.inner).throttle_params
+    }
+
+    /// Sets the CPU throttling parameters (a running migration uses them from its next
+    /// period on).
+    pub fn set_throttle_parameters(&self, p: ThrottleParameters) {
+        lock(&self.inner).throttle_params = p;
+    }
+
+    /// Applies `auto-converge`'s percentage to the vCPUs and records it.
+    fn set_throttle<H: MigrationHost>(&self, host: &H, pct: u32) {
+        lock(&self.inner).throttle_pct = pct;
+        host.throttle_vcpus(pct);
+    }
+
     /// The timeline of the current or last migration.
     pub fn timeline(&self) -> Timeline {
         lock(&self.inner).timeline.clone()
@@ -495,6 +612,14 @@ impl Migration {
             xbzrle_bytes: get(&c.xbzrle_bytes),
             xbzrle_cache_miss: get(&c.xbzrle_cache_miss),
             xbzrle_overflow: get(&c.xbzrle_overflow),
+            pages_per_second: i.pages_per_second,
+            precopy_bytes: if i.status == MigrationStatus::Completed {
+                i.precopy_bytes
+            } else {
+                i.transferred
+            },
+            downtime_bytes: i.downtime_bytes,
+            cpu_throttle_percentage: i.throttle_pct,
             error: i.error.clone(),
         }
     }
@@ -551,6 +676,10 @@ impl Migration {
             i.expected_downtime = Duration::ZERO;
             i.mbps = 0.0;
             i.transferred = 0;
+            i.throttle_pct = 0;
+            i.pages_per_second = 0;
+            i.precopy_bytes = 0;
+            i.downtime_bytes = 0;
             i.error = None;
             i.timeline = Timeline::default();
             i.xbzrle_on = lock(&self.xbzrle).enabled;
@@ -635,6 +764,9 @@ impl Migration {
             }
             (e, _) => e,
         };
+        if lock(&self.inner).throttle_pct != 0 {
+            self.set_throttle(host, 0);
+        }
         {
             let mut g = lock(host.big_lock());
             lock(host.registry()).cancel();
@@ -809,7 +941,14 @@ impl Migration {
         let mut slot_bytes = 0u64;
         let mut slot_dirty = 0u64;
         let mut pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
+        // auto-converge: the current dirty-rate period.
+        let mut period_start = Instant::now();
+        let mut period_dirty = 0u64;
+        let mut period_xfer0 = self.ram.transferred.load(Ordering::Relaxed);
+        let mut high_count = 0u32;
+        let mut slot_pages0 = 0u64;
         loop {
+            let mut new_throttle = None;
             if self.cancelling() {
                 self.abort(host.as_ref(), false, rp, None);
                 return;
@@ -824,7 +963,28 @@ impl Migration {
                 let now_pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
                 if now_pass != pass {
                     pass = now_pass;
-                    slot_dirty += self.ram.last_sync_dirty.load(Ordering::Relaxed);
+                    let dirty = self.ram.last_sync_dirty.load(Ordering::Relaxed);
+                    slot_dirty += dirty;
+                    period_dirty += dirty;
+                    if period_start.elapsed() >= THROTTLE_PERIOD {
+                        let xfer = self.ram.transferred.load(Ordering::Relaxed);
+                        let (on, params, now) = {
+                            let i = lock(&self.inner);
+                            (i.auto_converge, i.throttle_params, i.throttle_pct)
+                        };
+                        if on {
+                            new_throttle = next_throttle(
+                                &params,
+                                now,
+                                period_dirty * crate::ram::PAGE_SIZE,
+                                xfer - period_xfer0,
+                                &mut high_count,
+                            );
+                        }
+                        period_start = Instant::now();
+                        period_dirty = 0;
+                        period_xfer0 = xfer;
+                    }
                     lock(&self.inner)
                         .timeline
                         .passes
@@ -849,9 +1009,15 @@ impl Migration {
                     let (g2, was_running) = host.stop_vm(g);
                     g = g2;
                     let stop = Instant::now();
+                    let precopy_bytes =
+                        lock(&self.inner).transferred + w.get_ref().pending() as u64;
                     lock(&self.inner).timeline.stop_ms = Some(ms(stop - start));
                     let result = lock(host.registry()).complete(&mut w);
                     drop(g);
+                    // The guest is stopped: whatever happens next, it runs at full speed.
+                    if lock(&self.inner).throttle_pct != 0 {
+                        self.set_throttle(host.as_ref(), 0);
+                    }
                     let sent = result
                         .map_err(MigrationRunError::from)
                         .and_then(|_| self.flush(host.as_ref(), &mut w, out.as_mut()));
@@ -875,6 +1041,8 @@ impl Migration {
                             host.completed(&mut lock(host.big_lock()));
                             let mut i = lock(&self.inner);
                             i.downtime = stop.elapsed();
+                            i.precopy_bytes = precopy_bytes;
+                            i.downtime_bytes = i.transferred.saturating_sub(precopy_bytes);
                             i.total_time = start.elapsed();
                             i.timeline.end_ms = Some(ms(i.total_time));
                             i.canceller = None;
@@ -906,6 +1074,10 @@ impl Migration {
                     return;
                 }
             }
+            if let Some(pct) = new_throttle {
+                log::info!("auto-converge: throttling the vCPUs to {pct} %");
+                self.set_throttle(host.as_ref(), pct);
+            }
             match self.flush(host.as_ref(), &mut w, out.as_mut()) {
                 Ok(n) => {
                     limiter.record(n);
@@ -925,8 +1097,13 @@ impl Migration {
                 limiter.new_slot(now);
                 let bandwidth = slot_bytes as f64 / elapsed.max(1e-6);
                 max_size = (bandwidth * self.downtime_limit_ms() as f64 / 1e3) as u64;
+                let pages = self.ram.normal.load(Ordering::Relaxed)
+                    + self.ram.duplicate.load(Ordering::Relaxed);
                 let mut i = lock(&self.inner);
                 i.mbps = bandwidth * 8.0 / 1e6;
+                i.pages_per_second =
+                    (pages.saturating_sub(slot_pages0) as f64 / elapsed.max(1e-6)) as u64;
+                slot_pages0 = pages;
                 i.expected_downtime = if bandwidth > 0.0 {
                     Duration::from_secs_f64(pending as f64 / bandwidth)
                 } else {
@@ -1128,5 +1305,38 @@ mod tests {
             let _ = started_tx.send(());
             m.join();
         }
+    }
+
+    /// QEMU's rule: throttle after the second period in a row whose dirtying outran half the
+    /// transfer; then step up by the increment (or, tail-slow, by what the rates call for), never
+    /// past the maximum.
+    #[test]
+    fn throttle_steps_as_qemu() {
+        let p = ThrottleParameters::default();
+        let mut high = 0;
+        // Dirtying below the threshold: nothing, and the count does not move.
+        assert_eq!(next_throttle(&p, 0, 40, 100, &mut high), None);
+        assert_eq!(high, 0);
+        // First high period: not yet; second: the initial percentage.
+        assert_eq!(next_throttle(&p, 0, 60, 100, &mut high), None);
+        assert_eq!(next_throttle(&p, 0, 60, 100, &mut high), Some(20));
+        assert_eq!(high, 0);
+        assert_eq!(next_throttle(&p, 20, 60, 100, &mut high), None);
+        assert_eq!(next_throttle(&p, 20, 60, 100, &mut high), Some(30));
+        high = 1;
+        assert_eq!(next_throttle(&p, 95, 600, 100, &mut high), Some(99));
+        // Tail-slow: at 50 %, dirtying twice the threshold calls for 25 more, capped at 10;
+        // just over it calls for less.
+        let slow = ThrottleParameters {
+            tailslow: true,
+            ..p
+        };
+        high = 1;
+        assert_eq!(next_throttle(&slow, 50, 100, 100, &mut high), Some(60));
+        high = 1;
+        assert_eq!(next_throttle(&slow, 50, 52, 100, &mut high), Some(50 + 1));
+        let capped = ThrottleParameters { max: 40, ..p };
+        high = 1;
+        assert_eq!(next_throttle(&capped, 35, 100, 100, &mut high), Some(40));
     }
 }

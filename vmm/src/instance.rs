@@ -8,9 +8,12 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use migration::ram::RamSection;
-use migration::registry::Registry;
+use migration::registry::{Registry, RegistryError};
+use migration::return_path::ReturnPathError;
 use migration::stream::StreamReader;
-use migration::thread::{Connector, Migration, MigrationEvent, MigrationHost, MigrationOutput};
+use migration::thread::{
+    Connector, Migration, MigrationError, MigrationEvent, MigrationHost, MigrationOutput,
+};
 use migration::transport::{
     connect_outgoing_cancellable, connect_outgoing_with, listen_incoming_with, IncomingChannel,
     MigrationUri, NamedFds, TransportError,
@@ -56,15 +59,53 @@ fn device<D, S, E>(
 /// Emits a QMP event: name and optional data.
 pub type EventEmitter = Box<dyn Fn(&str, Option<Value>) + Send + Sync>;
 
-/// Errors of instance operations, worded for QMP replies.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// Errors of instance operations, worded for QMP replies (QEMU's texts where QEMU has one).
+#[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
-    /// The request does not fit the current state.
+    /// `cont` in a state the guest cannot run from.
+    #[error("cannot continue a VM in state {}", .0.as_str())]
+    CannotContinue(RunState),
+    /// `migrate` while a migration runs.
+    #[error("There's a migration process in progress")]
+    MigrationInProgress,
+    /// `migrate` on a destination that has not loaded yet.
+    #[error("Guest is waiting for an incoming migration")]
+    WaitingForIncoming,
+    /// A migration blocker is registered; its reason.
     #[error("{0}")]
-    State(String),
-    /// A migration could not start.
-    #[error("{0}")]
-    Migration(String),
+    Blocked(String),
+    /// The migration URI is invalid, or its channel could not be opened.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The migration thread refused to start.
+    #[error(transparent)]
+    Start(#[from] MigrationError),
+    /// `migrate-incoming` without `-incoming`.
+    #[error("'-incoming' was not specified on the command line")]
+    NotIncoming,
+    /// A second `migrate-incoming`.
+    #[error("The incoming migration has already been started")]
+    IncomingStarted,
+    /// The incoming thread could not be spawned.
+    #[error(transparent)]
+    Thread(std::io::Error),
+}
+
+/// Why an incoming migration, or a stream given to [`Instance::load`], failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IncomingError {
+    /// No source connected.
+    #[error(transparent)]
+    Accept(TransportError),
+    /// The stream did not load.
+    #[error(transparent)]
+    Load(#[from] RegistryError),
+    /// Loaded, but the source could not be told so (it resumes its guest).
+    #[error("cannot confirm the load to the source: {0}")]
+    Confirm(#[source] std::io::Error),
+    /// The source cancelled after the load.
+    #[error("the source cancelled the migration after the load and runs the guest on")]
+    SourceCancelled,
 }
 
 /// A running hopvm.
@@ -103,8 +144,8 @@ enum Received {
     Run,
     /// Loaded and already started (and the source told).
     Started,
-    /// Loaded, but the source never confirmed the switchover: stay paused.
-    Unconfirmed(String),
+    /// Loaded, but the source never sent its go-ahead (why): stay paused.
+    Unconfirmed(ReturnPathError),
 }
 
 /// Reads and drops what the source still sends, for up to two seconds, so that it can read
@@ -141,8 +182,7 @@ impl Instance {
         );
         let vcpus = vm.control().vcpus();
         let msrs = Arc::new(
-            SavedMsrs::probe(vm.kvm(), &vm.fd, &lock(&vcpus[0]))
-                .map_err(|e| VmError::State(e.to_string()))?,
+            SavedMsrs::probe(vm.kvm(), &vm.fd, &lock(&vcpus[0])).map_err(VmError::KvmState)?,
         );
         // Without these, part of a vCPU's state cannot be read back from KVM: migrating
         // would silently lose it, so migration is blocked instead.
@@ -255,9 +295,7 @@ impl Instance {
         );
         // The power-on state of every non-RAM section, taken before any vCPU ran: a reset
         // restores it.
-        let power_on = registry
-            .save_snapshots()
-            .map_err(|e| VmError::State(e.to_string()))?;
+        let power_on = registry.save_snapshots().map_err(VmError::Sections)?;
         lock(&vm.machine).runstate = RunState::Prelaunch;
         let instance = Arc::new(Self {
             vm,
@@ -350,10 +388,7 @@ impl Instance {
                 self.start_locked(&mut g);
                 Ok(())
             }
-            s => Err(InstanceError::State(format!(
-                "cannot continue a VM in state {}",
-                s.as_str()
-            ))),
+            s => Err(InstanceError::CannotContinue(s)),
         }
     }
 
@@ -373,9 +408,7 @@ impl Instance {
         if *lock(&self.incoming) == Incoming::Active {
             // The incoming stream is writing RAM and device state: a reset now would mix
             // power-on state into the guest being loaded.
-            return Err(VmError::State(String::from(
-                "cannot reset while an incoming migration is loading",
-            )));
+            return Err(VmError::ResetWhileLoading);
         }
         let g = lock(&self.vm.machine);
         let was_running = g.vcpus_running();
@@ -387,7 +420,7 @@ impl Instance {
         self.vm.clear_memory();
         lock(&self.registry)
             .restore_snapshots(&self.power_on, &|name| name != RTC_SECTION)
-            .map_err(|e| VmError::State(e.to_string()))?;
+            .map_err(VmError::Sections)?;
         self.vm.load_kernel()?;
         self.emit(
             "RESET",
@@ -425,7 +458,7 @@ impl Instance {
         }
         lock(&self.registry)
             .restore_snapshots(&self.power_on, &|name| name == "cpu")
-            .map_err(|e| VmError::State(e.to_string()))?;
+            .map_err(VmError::Sections)?;
         crate::arch::bios::program_pic_and_pit(&self.vm.fd, self.vm.has_pit())?;
         lock(&self.vm.devices.acpi_pm).wake(by_rtc);
         self.vm.enter_waking_vector()?;
@@ -448,25 +481,20 @@ impl Instance {
         named: Option<&dyn NamedFds>,
     ) -> Result<(), InstanceError> {
         if self.migration.status().is_running() {
-            return Err(InstanceError::Migration(String::from(
-                "There's a migration process in progress",
-            )));
+            return Err(InstanceError::MigrationInProgress);
         }
         if self.runstate() == RunState::Inmigrate {
-            return Err(InstanceError::State(String::from(
-                "Guest is waiting for an incoming migration",
-            )));
+            return Err(InstanceError::WaitingForIncoming);
         }
         if let Some(reason) = lock(&self.registry).blocker() {
-            return Err(InstanceError::Migration(reason.to_string()));
+            return Err(InstanceError::Blocked(reason.to_string()));
         }
-        let transport_error = |e: TransportError| InstanceError::Migration(e.to_string());
-        let uri: MigrationUri = uri.parse().map_err(transport_error)?;
+        let uri: MigrationUri = uri.parse()?;
         // A descriptor is opened at once (QEMU reports a missing name from `migrate`); every
         // other connect runs on the migration thread: `migrate` returns at once, in `setup`,
         // and `migrate_cancel` interrupts a destination that does not answer.
         let connector: Connector = if let MigrationUri::Fd(_) = uri {
-            let out = connect_outgoing_with(&uri, named).map_err(transport_error)?;
+            let out = connect_outgoing_with(&uri, named)?;
             Box::new(move |_| Ok(Box::new(out) as Box<dyn MigrationOutput>))
         } else {
             Box::new(move |cancel| {
@@ -474,9 +502,7 @@ impl Instance {
                     .map(|out| Box::new(out) as Box<dyn MigrationOutput>)
             })
         };
-        self.migration
-            .start(self.clone(), connector)
-            .map_err(|e| InstanceError::Migration(e.to_string()))
+        Ok(self.migration.start(self.clone(), connector)?)
     }
 
     /// Listens on `uri` for an incoming migration and loads it in the background; once loaded
@@ -493,24 +519,16 @@ impl Instance {
         uri: &str,
         named: Option<&dyn NamedFds>,
     ) -> Result<(), InstanceError> {
-        let parsed: MigrationUri = uri
-            .parse()
-            .map_err(|e: TransportError| InstanceError::Migration(e.to_string()))?;
+        let parsed: MigrationUri = uri.parse()?;
         {
             let mut current = lock(&self.incoming);
             let mut g = lock(&self.vm.machine);
             match *current {
                 Incoming::No if g.runstate == RunState::Prelaunch => {}
                 Incoming::Deferred => {}
-                Incoming::No => {
-                    return Err(InstanceError::State(String::from(
-                        "'-incoming' was not specified on the command line",
-                    )))
-                }
+                Incoming::No => return Err(InstanceError::NotIncoming),
                 Incoming::Active | Incoming::Completed | Incoming::Unconfirmed => {
-                    return Err(InstanceError::State(String::from(
-                        "The incoming migration has already been started",
-                    )))
+                    return Err(InstanceError::IncomingStarted)
                 }
             }
             g.runstate = RunState::Inmigrate;
@@ -519,7 +537,7 @@ impl Instance {
         }
         let listener = listen_incoming_with(&parsed, named).map_err(|e| {
             *lock(&self.incoming) = Incoming::Deferred;
-            InstanceError::Migration(e.to_string())
+            InstanceError::Transport(e)
         })?;
         if let Some(addr) = listener.local_addr() {
             log::info!("waiting for an incoming migration on {addr}");
@@ -532,7 +550,7 @@ impl Instance {
             .spawn(move || {
                 let received = listener
                     .accept_channel()
-                    .map_err(|e| e.to_string())
+                    .map_err(IncomingError::Accept)
                     .and_then(|channel| me.receive(channel));
                 match received {
                     Ok(Received::Run) => me.incoming_done(),
@@ -544,7 +562,7 @@ impl Instance {
                     }
                 }
             })
-            .map_err(|e| InstanceError::Migration(e.to_string()))?;
+            .map_err(InstanceError::Thread)?;
         Ok(())
     }
 
@@ -552,7 +570,7 @@ impl Instance {
     /// return path and runs the switchover handshake ([`migration::return_path`]): the
     /// verdict on the load goes back to the source (with the reason if it failed), and the
     /// guest starts only on the source's go-ahead.
-    fn receive(&self, channel: IncomingChannel) -> Result<Received, String> {
+    fn receive(&self, channel: IncomingChannel) -> Result<Received, IncomingError> {
         use migration::return_path::{self as rp, GoAhead, RpMessage};
         let IncomingChannel {
             input,
@@ -581,17 +599,17 @@ impl Instance {
         };
         let back = back.as_mut().filter(|_| rp_open);
         let Some(back) = back else {
-            return result.map(|_| Received::Run);
+            return Ok(result.map(|_| Received::Run)?);
         };
         if let Err(e) = result {
             if handshake {
-                let _ = RpMessage::Error(e.clone()).send(back.as_mut());
+                let _ = RpMessage::Error(e.to_string()).send(back.as_mut());
             }
             let _ = RpMessage::Shut { failed: true }.send(back.as_mut());
             // Let the source read the verdict before the connection goes: it stops sending
             // and closes once it has it.
             drain_briefly(reader.into_inner());
-            return Err(e);
+            return Err(e.into());
         }
         if !handshake {
             // A QEMU source: QEMU's order, run the guest, then report.
@@ -601,7 +619,7 @@ impl Instance {
         }
         if let Err(e) = (RpMessage::Shut { failed: false }).send(back.as_mut()) {
             // The source cannot learn that the load succeeded: it resumes its guest.
-            return Err(format!("cannot confirm the load to the source: {e}"));
+            return Err(IncomingError::Confirm(e));
         }
         let mut rest = reader.into_inner();
         match rp::read_go_ahead(&mut rest) {
@@ -610,26 +628,24 @@ impl Instance {
                 let _ = RpMessage::Started.send(back.as_mut());
                 Ok(Received::Started)
             }
-            Ok(GoAhead::Abort) => Err(String::from(
-                "the source cancelled the migration after the load and runs the guest on",
-            )),
-            Err(e) => Ok(Received::Unconfirmed(format!(
-                "the source did not send its go-ahead after the load ({e}): it may have \
-                 resumed the guest, so this copy stays paused ('cont' runs it only if the \
-                 source is known to be stopped)"
-            ))),
+            Ok(GoAhead::Abort) => Err(IncomingError::SourceCancelled),
+            Err(e) => Ok(Received::Unconfirmed(e)),
         }
     }
 
     /// The loaded guest was never confirmed by the source: it stays paused here.
-    fn incoming_unconfirmed(&self, why: &str) {
+    fn incoming_unconfirmed(&self, why: &ReturnPathError) {
         *lock(&self.incoming) = Incoming::Unconfirmed;
         {
             let mut g = lock(&self.vm.machine);
             lock(&self.vm.devices.serial).release_input();
             g.runstate = RunState::Paused;
         }
-        eprintln!("hopvm: incoming migration not confirmed: {why}");
+        eprintln!(
+            "hopvm: incoming migration not confirmed: the source did not send its go-ahead \
+             after the load ({why}): it may have resumed the guest, so this copy stays paused \
+             ('cont' runs it only if the source is known to be stopped)"
+        );
     }
 
     fn stream_reader(
@@ -648,11 +664,10 @@ impl Instance {
         &self,
         reader: &mut StreamReader<R>,
         on_command: &mut migration::registry::CommandHandler<'_>,
-    ) -> Result<migration::registry::IncomingLoad, String> {
+    ) -> Result<migration::registry::IncomingLoad, RegistryError> {
         let start = std::time::Instant::now();
         self.migration.ram.profile.reset();
-        let result = Registry::load_locked_with(&self.registry, reader, on_command)
-            .map_err(|e| e.to_string());
+        let result = Registry::load_locked_with(&self.registry, reader, on_command);
         if std::env::var_os(migration::ram::PROFILE_ENV).is_some() {
             eprintln!(
                 "hopvm: migration profile (destination, {} ms): {}",
@@ -666,7 +681,7 @@ impl Instance {
     /// Loads a whole migration stream (the vCPUs are paused). The registry is locked only
     /// to hand each section its data, never while waiting on the network, so the monitor
     /// stays responsive whatever the source does.
-    pub fn load(&self, input: Box<dyn std::io::Read + Send>) -> Result<(), String> {
+    pub fn load(&self, input: Box<dyn std::io::Read + Send>) -> Result<(), IncomingError> {
         self.load_stream(input).map(drop)
     }
 
@@ -674,9 +689,9 @@ impl Instance {
     pub fn load_stream(
         &self,
         input: Box<dyn std::io::Read + Send>,
-    ) -> Result<migration::registry::IncomingLoad, String> {
+    ) -> Result<migration::registry::IncomingLoad, IncomingError> {
         let mut reader = self.stream_reader(input);
-        self.load_reader(&mut reader, &mut |_, _| Ok(()))
+        Ok(self.load_reader(&mut reader, &mut |_, _| Ok(()))?)
     }
 
     /// Waits for QMP `migrate-incoming` (`--incoming defer`).
@@ -742,5 +757,9 @@ impl MigrationHost for Instance {
 
     fn completed(&self, g: &mut Machine) {
         g.runstate = RunState::Postmigrate;
+    }
+
+    fn throttle_vcpus(&self, pct: u32) {
+        self.vm.control().set_throttle(pct);
     }
 }

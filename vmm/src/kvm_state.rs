@@ -31,11 +31,14 @@
 //!
 //! The structs are encoded as JSON ([`VcpuState::to_bytes`], [`VmState::to_bytes`]), like every
 //! hopvm migration section, with the version numbers [`VCPU_STATE_VERSION`] and
-//! [`VM_STATE_VERSION`] carried by the section header. The KVM structs inside are plain old
-//! data and are stored as their raw bytes, in hex: that works for the structs kvm-bindings gives
-//! no serde or `PartialEq` implementation (`kvm_fpu`, the `XSAVE` area, the IOAPIC), and decoding
-//! checks every length exactly, so a damaged blob is an error rather than a zero-padded struct.
-//! Decoding is bounded in size and never panics.
+//! [`VM_STATE_VERSION`] carried by the section header. The KVM structs inside use
+//! kvm-bindings' serde implementations (its `serde` feature: each struct as its raw bytes, a
+//! JSON array of numbers); the PICs and the IOAPIC travel as the `kvm_irqchip` that carries
+//! them, the XSAVE area as a byte array, and `kvm_fpu`, which kvm-bindings does not serialise,
+//! field by field. Decoding checks every struct's length exactly (kvm-bindings' decoder would
+//! zero-pad or truncate), so a damaged blob is an error rather than a plausible state; it is
+//! bounded in size and never panics. These sections are hopvm's own, not QEMU's (whose `cpu`
+//! section is its vmstate format), so nothing outside hopvm reads this encoding.
 
 use std::fmt;
 use std::mem::size_of;
@@ -48,17 +51,18 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 
-/// Version of the [`VcpuState`] encoding.
-pub const VCPU_STATE_VERSION: u32 = 1;
-/// Version of the [`VmState`] encoding.
-pub const VM_STATE_VERSION: u32 = 1;
+/// Version of the [`VcpuState`] encoding (1 stored the KVM structs as hex strings).
+pub const VCPU_STATE_VERSION: u32 = 2;
+/// Version of the [`VmState`] encoding (1 stored the KVM structs as hex strings).
+pub const VM_STATE_VERSION: u32 = 2;
 
 /// The largest encoded [`VcpuState`] accepted (a 4 KiB XSAVE area and 1 KiB LAPIC page take
-/// about 11 KiB in hex; AMX state would add 8 KiB more).
-pub const MAX_VCPU_STATE_BYTES: usize = 1 << 20;
-/// The largest encoded [`VmState`] accepted (about 2 KiB in practice).
+/// 12 to 25 KiB as JSON byte arrays; AMX state adds 8 KiB of bytes; the largest XSAVE area
+/// accepted fits too).
+pub const MAX_VCPU_STATE_BYTES: usize = 2 << 20;
+/// The largest encoded [`VmState`] accepted (about 4 KiB in practice).
 pub const MAX_VM_STATE_BYTES: usize = 64 << 10;
 
 /// The most MSRs a [`VcpuState`] may hold (KVM lists a few dozen to a few hundred).
@@ -124,9 +128,12 @@ pub enum KvmStateError {
     /// The bytes are not a valid encoding.
     #[error("cannot decode state: {0}")]
     Decode(#[source] serde_json::Error),
-    /// The state decodes but makes no sense.
-    #[error("invalid state: {0}")]
-    Invalid(String),
+    /// A KVM argument buffer (MSR batch, XSAVE area) could not be allocated.
+    #[error("cannot build the {0} buffer: {1}")]
+    Buffer(&'static str, #[source] vmm_sys_util::fam::Error),
+    /// The source had no PIT (`-machine pit=off`), this VM has one.
+    #[error("invalid state: the source has no PIT (pit=off), this VM has one")]
+    NoPit,
     /// A restored XSAVE area of impossible size.
     #[error("invalid state: xsave area of {0} bytes")]
     XsaveSize(usize),
@@ -149,174 +156,96 @@ fn ioctl(name: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmStateError 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Plain old data.
+// Encoding of the KVM structs.
 
-/// KVM structs that can be viewed as, and rebuilt from, their raw bytes (vm-memory's
-/// `ByteValued`, which cannot be implemented for kvm-bindings' types from here).
-///
-/// # Safety
-///
-/// Implementors must be `repr(C)` plain old data: no padding bytes (so every byte of a value is
-/// initialised), no pointers or references, and every bit pattern a valid value.
-unsafe trait Pod: Copy {
-    /// The value's bytes.
-    fn as_bytes(&self) -> &[u8] {
-        // SAFETY: `Self: Pod` has no padding, so all `size_of::<Self>()` bytes behind `self` are
-        // initialised; the slice borrows `self` and so cannot outlive it.
-        unsafe { std::slice::from_raw_parts((self as *const Self).cast::<u8>(), size_of::<Self>()) }
-    }
+/// `#[serde(deserialize_with)]` for a KVM struct that kvm-bindings serialises (as its raw bytes):
+/// the bytes must be exactly the struct's size. kvm-bindings' own decoder zero-pads a short
+/// blob and truncates a long one, which would turn a damaged stream into a plausible state.
+fn exact<'de, T: DeserializeOwned, D: Deserializer<'de>>(d: D) -> std::result::Result<T, D::Error> {
+    let bytes = Vec::<u8>::deserialize(d)?;
+    exact_from(&bytes)
+}
 
-    /// The value with these bytes; `None` unless `bytes` has exactly the size of `Self`.
-    fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != size_of::<Self>() {
-            return None;
-        }
-        // SAFETY: `bytes` holds exactly `size_of::<Self>()` readable bytes, `read_unaligned`
-        // needs no alignment, and every bit pattern is a valid `Self: Pod`.
-        Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<Self>()) })
+/// `#[serde(deserialize_with)]` for an optional KVM struct, see [`exact`].
+fn exact_opt<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<T>, D::Error> {
+    match Option::<Vec<u8>>::deserialize(d)? {
+        Some(bytes) => exact_from(&bytes).map(Some),
+        None => Ok(None),
     }
 }
 
-// The types below derive zerocopy's `IntoBytes` and `FromBytes` in kvm-bindings (with its
-// `serde` feature, which hopvm enables); those derives fail to compile for a type with padding
-// or with invalid bit patterns. `kvm_fpu` lacks the derives; its fields (8×16 + 2+2+1+1+2 + 8+8
-// + 16×16 + 4+4 bytes = 416) are laid out without gaps, which the assertion below pins down.
-const _: () = assert!(size_of::<kvm_fpu>() == 416);
-const _: () = assert!(size_of::<kvm_lapic_state>() == 1024);
-const _: () = assert!(size_of::<kvm_xsave>() == 4096);
-
-// SAFETY: repr(C) integers only, no padding (zerocopy IntoBytes + FromBytes in kvm-bindings).
-unsafe impl Pod for kvm_regs {}
-// SAFETY: as for kvm_regs.
-unsafe impl Pod for kvm_sregs {}
-// SAFETY: repr(C) integers only, laid out without padding (size asserted above).
-unsafe impl Pod for kvm_fpu {}
-// SAFETY: as for kvm_regs.
-unsafe impl Pod for kvm_xcrs {}
-// SAFETY: as for kvm_regs.
-unsafe impl Pod for kvm_debugregs {}
-// SAFETY: as for kvm_regs (a 1 KiB byte array).
-unsafe impl Pod for kvm_lapic_state {}
-// SAFETY: as for kvm_regs.
-unsafe impl Pod for kvm_vcpu_events {}
-// SAFETY: as for kvm_regs (one u32).
-unsafe impl Pod for kvm_mp_state {}
-// SAFETY: as for kvm_regs.
-unsafe impl Pod for kvm_pit_state2 {}
-// SAFETY: as for kvm_regs (16 u8).
-unsafe impl Pod for kvm_pic_state {}
-// SAFETY: as for kvm_regs; the redirection entries are unions of a u64 and an 8-byte struct,
-// so no byte of them is ever uninitialised.
-unsafe impl Pod for kvm_ioapic_state {}
-// SAFETY: as for kvm_regs.
-unsafe impl Pod for kvm_clock_data {}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-fn hex_encode(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    s
-}
-
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    }
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    s.as_bytes()
-        .chunks_exact(2)
-        .map(|p| Some((nibble(p[0])? << 4) | nibble(p[1])?))
-        .collect()
-}
-
-/// Bytes serialised as a hex string.
-struct HexRef<'a>(&'a [u8]);
-
-impl Serialize for HexRef<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(&hex_encode(self.0))
-    }
-}
-
-fn decode_hex<E: serde::de::Error>(s: &str, max: usize) -> std::result::Result<Vec<u8>, E> {
-    if s.len() > max.saturating_mul(2) {
-        return Err(E::custom(format!("hex field longer than {max} bytes")));
-    }
-    hex_decode(s).ok_or_else(|| E::custom("malformed hex field"))
-}
-
-fn decode_pod<T: Pod, E: serde::de::Error>(s: &str) -> std::result::Result<T, E> {
-    let bytes = decode_hex::<E>(s, size_of::<T>())?;
-    T::from_bytes(&bytes).ok_or_else(|| {
-        E::custom(format!(
+fn exact_from<T: DeserializeOwned, E: serde::de::Error>(bytes: &[u8]) -> std::result::Result<T, E> {
+    if bytes.len() != size_of::<T>() {
+        return Err(E::custom(format!(
             "{} bytes where {} were expected",
             bytes.len(),
             size_of::<T>()
-        ))
-    })
+        )));
+    }
+    T::deserialize(serde::de::value::BytesDeserializer::<E>::new(bytes))
 }
 
-/// `#[serde(with)]` for a [`Pod`] KVM struct: its bytes as hex, exact length on decode.
-mod pod {
-    use super::{decode_pod, HexRef, Pod};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub(super) fn serialize<T: Pod, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-        HexRef(v.as_bytes()).serialize(s)
-    }
-
-    pub(super) fn deserialize<'de, T: Pod, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
-        let s = std::borrow::Cow::<str>::deserialize(d)?;
-        decode_pod(&s)
-    }
+/// kvm-bindings gives `kvm_fpu` no serde implementation: its fields, by name.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "kvm_fpu", deny_unknown_fields)]
+struct KvmFpu {
+    fpr: [[u8; 16]; 8],
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    pad1: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: [[u8; 16]; 16],
+    mxcsr: u32,
+    pad2: u32,
 }
 
-/// `#[serde(with)]` for an optional [`Pod`] KVM struct.
-mod pod_opt {
-    use super::{decode_pod, HexRef, Pod};
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub(super) fn serialize<T: Pod, S: Serializer>(v: &Option<T>, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            Some(v) => s.serialize_some(&HexRef(v.as_bytes())),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub(super) fn deserialize<'de, T: Pod, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<T>, D::Error> {
-        match Option::<std::borrow::Cow<'de, str>>::deserialize(d)? {
-            Some(s) => decode_pod(&s).map(Some),
-            None => Ok(None),
-        }
-    }
+/// The `kvm_irqchip` that carries a PIC's state (`KVM_SET_IRQCHIP`'s argument, and the form
+/// kvm-bindings serialises).
+fn pic_chip(chip_id: u32, pic: &kvm_pic_state) -> kvm_irqchip {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    chip.chip.pic = *pic;
+    chip
 }
 
-/// `#[serde(with)]` for a byte vector of bounded length, as hex.
-mod hex_bytes {
-    use super::{decode_hex, HexRef, MAX_XSAVE_BYTES};
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+/// The `kvm_irqchip` that carries the IOAPIC's state.
+fn ioapic_chip(ioapic: &kvm_ioapic_state) -> kvm_irqchip {
+    let mut chip = kvm_irqchip {
+        chip_id: KVM_IRQCHIP_IOAPIC,
+        ..Default::default()
+    };
+    chip.chip.ioapic = *ioapic;
+    chip
+}
 
-    pub(super) fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        HexRef(v).serialize(s)
-    }
+fn serialize_pic_master<S: serde::Serializer>(
+    pic: &kvm_pic_state,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    pic_chip(KVM_IRQCHIP_PIC_MASTER, pic).serialize(s)
+}
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = std::borrow::Cow::<str>::deserialize(d)?;
-        decode_hex(&s, MAX_XSAVE_BYTES)
-    }
+fn serialize_pic_slave<S: serde::Serializer>(
+    pic: &kvm_pic_state,
+    s: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    pic_chip(KVM_IRQCHIP_PIC_SLAVE, pic).serialize(s)
+}
+
+fn deserialize_pic<'de, D: Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<kvm_pic_state, D::Error> {
+    let chip: kvm_irqchip = exact(d)?;
+    // SAFETY: every member of the union is plain integers over bytes the decoder filled, so
+    // reading the PIC view is defined.
+    Ok(unsafe { chip.chip.pic })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -437,8 +366,7 @@ fn read_msrs(vcpu: &VcpuFd, indices: &[u32], skip_refused: bool) -> Result<Vec<M
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| KvmStateError::Invalid(format!("msr batch: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| KvmStateError::Buffer("msr", e))?;
         let n = vcpu.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
         let n = n.min(batch.len());
         out.extend(msrs.as_slice()[..n].iter().map(|e| MsrValue {
@@ -528,9 +456,9 @@ pub struct MsrValue {
 #[serde(rename_all = "snake_case")]
 pub enum FpuState {
     /// The raw XSAVE area (`KVM_GET_XSAVE` / `KVM_GET_XSAVE2`), standard format, 4 KiB or more.
-    Xsave(#[serde(with = "hex_bytes")] Vec<u8>),
+    Xsave(Vec<u8>),
     /// The legacy FPU / SSE state, on hosts without `KVM_CAP_XSAVE`.
-    Fpu(#[serde(with = "pod")] kvm_fpu),
+    Fpu(#[serde(with = "KvmFpu")] kvm_fpu),
 }
 
 /// Everything KVM holds for one vCPU, besides its CPUID (which the destination sets when it
@@ -539,30 +467,30 @@ pub enum FpuState {
 #[serde(deny_unknown_fields)]
 pub struct VcpuState {
     /// Running, halted, waiting for INIT / SIPI (`KVM_GET_MP_STATE`).
-    #[serde(with = "pod")]
+    #[serde(deserialize_with = "exact")]
     pub mp_state: kvm_mp_state,
     /// General registers, RIP, RFLAGS.
-    #[serde(with = "pod")]
+    #[serde(deserialize_with = "exact")]
     pub regs: kvm_regs,
     /// Segments, descriptor tables, control registers, EFER, APIC base, pending interrupt.
-    #[serde(with = "pod")]
+    #[serde(deserialize_with = "exact")]
     pub sregs: kvm_sregs,
     /// FPU and vector registers.
     pub fpu: FpuState,
     /// Extended control registers (XCR0), if the host has `KVM_CAP_XCRS`.
-    #[serde(with = "pod_opt")]
+    #[serde(deserialize_with = "exact_opt")]
     pub xcrs: Option<kvm_xcrs>,
     /// Debug registers, if the host has `KVM_CAP_DEBUGREGS`.
-    #[serde(with = "pod_opt")]
+    #[serde(deserialize_with = "exact_opt")]
     pub debugregs: Option<kvm_debugregs>,
     /// The in-kernel local APIC's register page.
-    #[serde(with = "pod")]
+    #[serde(deserialize_with = "exact")]
     pub lapic: kvm_lapic_state,
     /// MSRs, in restore order (TSC first, TSC deadline last).
     pub msrs: Vec<MsrValue>,
     /// Pending and injected exceptions, interrupts, NMIs, SMIs, if the host has
     /// `KVM_CAP_VCPU_EVENTS`.
-    #[serde(with = "pod_opt")]
+    #[serde(deserialize_with = "exact_opt")]
     pub vcpu_events: Option<kvm_vcpu_events>,
     /// The guest TSC frequency in kHz, if the host can tell.
     pub tsc_khz: Option<u32>,
@@ -639,7 +567,7 @@ fn host_xsave_max() -> usize {
 fn xsave_buffer(bytes: usize) -> Result<Xsave> {
     let total = bytes.max(host_xsave_max()).max(XSAVE_LEGACY_BYTES);
     let fam = (total - XSAVE_LEGACY_BYTES).div_ceil(4);
-    Xsave::new(fam).map_err(|e| KvmStateError::Invalid(format!("xsave buffer: {e:?}")))
+    Xsave::new(fam).map_err(|e| KvmStateError::Buffer("xsave", e))
 }
 
 fn xsave_words_to_bytes(region: &[u32], extra: &[u32], len: usize) -> Vec<u8> {
@@ -874,8 +802,7 @@ fn restore_msrs(vcpu: &VcpuFd, msrs: &[MsrValue]) -> Result<()> {
                 ..Default::default()
             })
             .collect();
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|e| KvmStateError::Invalid(format!("msr batch: {e:?}")))?;
+        let msrs = Msrs::from_entries(&entries).map_err(|e| KvmStateError::Buffer("msr", e))?;
         let n = vcpu.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
         if n < batch.len() {
             return Err(KvmStateError::MsrSet(batch[n].index));
@@ -910,7 +837,10 @@ impl IoapicState {
 
 impl PartialEq for IoapicState {
     fn eq(&self, other: &Self) -> bool {
-        self.0.as_bytes() == other.0.as_bytes()
+        let (a, b) = (&self.0, &other.0);
+        (a.base_address, a.ioregsel, a.id, a.irr, a.pad)
+            == (b.base_address, b.ioregsel, b.id, b.irr, b.pad)
+            && (0..a.redirtbl.len()).all(|pin| self.redirection(pin) == other.redirection(pin))
     }
 }
 
@@ -930,15 +860,19 @@ impl fmt::Debug for IoapicState {
     }
 }
 
+/// Encoded as the `kvm_irqchip` that carries it, which kvm-bindings serialises.
 impl Serialize for IoapicState {
     fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        pod::serialize(&self.0, s)
+        ioapic_chip(&self.0).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for IoapicState {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        pod::deserialize(d).map(Self)
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let chip: kvm_irqchip = exact(d)?;
+        // SAFETY: every member of the union is plain integers over bytes the decoder filled, so
+        // reading the IOAPIC view is defined.
+        Ok(Self(unsafe { chip.chip.ioapic }))
     }
 }
 
@@ -948,18 +882,24 @@ impl<'de> Deserialize<'de> for IoapicState {
 pub struct VmState {
     /// The PIT's three channels (`KVM_GET_PIT2`); none for a VM without a PIT
     /// (`-machine pit=off`).
-    #[serde(with = "pod_opt")]
+    #[serde(deserialize_with = "exact_opt")]
     pub pit: Option<kvm_pit_state2>,
     /// The master PIC.
-    #[serde(with = "pod")]
+    #[serde(
+        serialize_with = "serialize_pic_master",
+        deserialize_with = "deserialize_pic"
+    )]
     pub pic_master: kvm_pic_state,
     /// The slave PIC.
-    #[serde(with = "pod")]
+    #[serde(
+        serialize_with = "serialize_pic_slave",
+        deserialize_with = "deserialize_pic"
+    )]
     pub pic_slave: kvm_pic_state,
     /// The IOAPIC.
     pub ioapic: IoapicState,
     /// kvmclock (`KVM_GET_CLOCK`), if the host has `KVM_CAP_ADJUST_CLOCK`.
-    #[serde(with = "pod_opt")]
+    #[serde(deserialize_with = "exact_opt")]
     pub clock: Option<kvm_clock_data>,
 }
 
@@ -1033,30 +973,18 @@ pub fn save_vm(vm: &VmFd) -> Result<VmState> {
 /// its vCPUs runs.
 pub fn restore_vm(vm: &VmFd, state: &VmState) -> Result<()> {
     // The interrupt controllers before the PIT, whose timer may fire into them at once.
-    let mut chip = kvm_irqchip {
-        chip_id: KVM_IRQCHIP_PIC_MASTER,
-        ..Default::default()
-    };
-    chip.chip.pic = state.pic_master;
-    vm.set_irqchip(&chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
-    chip.chip_id = KVM_IRQCHIP_PIC_SLAVE;
-    chip.chip.pic = state.pic_slave;
-    vm.set_irqchip(&chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
-    let mut chip = kvm_irqchip {
-        chip_id: KVM_IRQCHIP_IOAPIC,
-        ..Default::default()
-    };
-    chip.chip.ioapic = state.ioapic.0;
-    vm.set_irqchip(&chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+    for chip in [
+        pic_chip(KVM_IRQCHIP_PIC_MASTER, &state.pic_master),
+        pic_chip(KVM_IRQCHIP_PIC_SLAVE, &state.pic_slave),
+        ioapic_chip(&state.ioapic.0),
+    ] {
+        vm.set_irqchip(&chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+    }
     // KVM_SET_PIT2 reloads each channel's count as of now: the part of channel 0's period that
     // had elapsed at the save is lost (QEMU's behaviour too).
     match &state.pit {
         Some(pit) => vm.set_pit2(pit).map_err(ioctl("KVM_SET_PIT2"))?,
-        None if get_pit(vm)?.is_some() => {
-            return Err(KvmStateError::Invalid(String::from(
-                "the source has no PIT (pit=off), this VM has one",
-            )))
-        }
+        None if get_pit(vm)?.is_some() => return Err(KvmStateError::NoPit),
         None => {}
     }
     if let Some(clock) = &state.clock {

@@ -13,6 +13,7 @@
 pub mod arch;
 pub mod bus;
 pub mod config;
+pub mod cpu_throttle;
 pub mod instance;
 pub mod kvm_state;
 pub mod loader;

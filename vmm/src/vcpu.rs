@@ -25,6 +25,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::bus::{lock, Bus};
+use crate::cpu_throttle::CpuThrottle;
 use crate::memory::GuestMemoryMmap;
 
 /// Errors setting up vCPU threads.
@@ -107,6 +108,8 @@ pub struct VcpuControl {
     request_cv: Condvar,
     threads: Mutex<Vec<JoinHandle<()>>>,
     vcpus: Mutex<Vec<Arc<Mutex<VcpuFd>>>>,
+    /// `auto-converge`'s slow-down ([`crate::cpu_throttle`]).
+    throttle: Arc<CpuThrottle>,
 }
 
 /// Something a vCPU reports to the VM's owner.
@@ -181,6 +184,7 @@ impl VcpuControl {
             request_cv: Condvar::new(),
             threads: Mutex::new(Vec::new()),
             vcpus: Mutex::new(Vec::new()),
+            throttle: Arc::default(),
         }
     }
 
@@ -221,6 +225,21 @@ impl VcpuControl {
         }
     }
 
+    /// Throttles the vCPUs to run only `100 − pct` % of the time (0: full speed again).
+    pub fn set_throttle(self: &Arc<Self>, pct: u32) {
+        let me = Arc::downgrade(self);
+        self.throttle.set(pct, move || {
+            if let Some(c) = me.upgrade() {
+                c.kick_all();
+            }
+        });
+    }
+
+    /// The throttle percentage now (QEMU's `cpu-throttle-percentage`).
+    pub fn throttle_percentage(&self) -> u32 {
+        self.throttle.percentage()
+    }
+
     /// Stops every vCPU outside `KVM_RUN` and waits until all are parked. Takes and returns the
     /// big lock, which is released while waiting.
     pub fn pause<'a>(&self, mut g: MutexGuard<'a, Machine>) -> MutexGuard<'a, Machine> {
@@ -230,6 +249,7 @@ impl VcpuControl {
         g.vcpus.request = Request::Pause;
         self.not_running.store(true, Ordering::SeqCst);
         self.kick_all();
+        self.throttle.wake();
         while g.vcpus.parked < g.vcpus.alive && g.vcpus.request == Request::Pause {
             g = vmm_sync::wait(&self.parked_cv, g);
         }
@@ -252,6 +272,7 @@ impl VcpuControl {
         self.not_running.store(true, Ordering::SeqCst);
         self.request_cv.notify_all();
         self.kick_all();
+        self.throttle.set(0, || {});
         let threads = std::mem::take(&mut *lock(&self.threads));
         for t in threads {
             let _ = t.join();
@@ -372,9 +393,14 @@ fn flush_page(mem: &GuestMemoryMmap, gpa: u64) {
 fn run_loop(vcpu: Arc<Mutex<VcpuFd>>, id: usize, shared: VcpuShared) {
     let run_ptr: *mut kvm_run = lock(&vcpu).get_kvm_run();
     KVM_RUN.with(|c| c.set(run_ptr));
+    let control = &shared.control;
+    let mut throttle_seen = 0;
     loop {
-        if shared.control.not_running.load(Ordering::SeqCst) && !shared.control.park(&vcpu, &shared)
-        {
+        // A throttle tick: sleep this vCPU's share first, holding no lock.
+        control.throttle.throttle_vcpu(&mut throttle_seen, || {
+            control.not_running.load(Ordering::SeqCst)
+        });
+        if control.not_running.load(Ordering::SeqCst) && !control.park(&vcpu, &shared) {
             break;
         }
         let mut fd = lock(&vcpu);

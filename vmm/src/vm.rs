@@ -80,9 +80,15 @@ pub enum VmError {
     /// vCPU threads could not be started.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
-    /// Saving or restoring machine state failed.
+    /// KVM's state could not be probed.
     #[error("machine state: {0}")]
-    State(String),
+    KvmState(#[source] crate::kvm_state::KvmStateError),
+    /// Saving or restoring the machine's sections (a reset's power-on state) failed.
+    #[error("machine state: {0}")]
+    Sections(#[source] migration::registry::RegistryError),
+    /// A reset was asked for while an incoming migration writes the machine.
+    #[error("machine state: cannot reset while an incoming migration is loading")]
+    ResetWhileLoading,
     /// The serial output file could not be created.
     #[error("cannot open serial output {0}: {1}")]
     SerialFile(String, #[source] std::io::Error),

@@ -353,7 +353,7 @@ fn vm_state_without_a_pit() {
     // A PIT on one side only is a different machine: refused either way.
     assert!(matches!(
         restore_vm(&test_vm(1).vm, &decoded),
-        Err(KvmStateError::Invalid(_))
+        Err(KvmStateError::NoPit)
     ));
     let with_pit = save_vm(&test_vm(1).vm).unwrap();
     assert!(restore_vm(&src.vm, &with_pit).is_err());
@@ -462,17 +462,17 @@ fn damaged_encodings_are_rejected_without_panicking() {
     );
     let text = String::from_utf8(good.clone()).unwrap();
 
-    // Damage at every byte of the JSON structure, and at every 31st byte inside the long hex
-    // strings (all positions would take seconds in a debug build).
+    // Damage at every byte of the JSON structure, and at every 31st byte inside the long byte
+    // arrays (all positions would take seconds in a debug build).
     let positions: Vec<usize> = (0..good.len())
-        .filter(|&i| i % 31 == 0 || !good[i].is_ascii_hexdigit())
+        .filter(|&i| i % 31 == 0 || !(good[i].is_ascii_digit() || good[i] == b','))
         .collect();
     // Truncations.
     for &cut in &positions {
         assert!(VcpuState::from_bytes(&good[..cut], VCPU_STATE_VERSION).is_err());
     }
-    // Single-byte damage: an error, or (a hex digit turned into another, a digit of a number
-    // changed) a state that still validates; never a panic.
+    // Single-byte damage: an error, or (a digit of a number changed) a state that still
+    // validates; never a panic.
     let mut seed = 1;
     for &pos in &positions {
         let mut bad = good.clone();
@@ -493,16 +493,24 @@ fn damaged_encodings_are_rejected_without_panicking() {
         assert!(r.is_err(), "accepted: {}", &json[..json.len().min(200)]);
         r.unwrap_err()
     };
-    let lapic_hex = "00".repeat(1024);
-    // A struct one byte short, one byte long, or with a non-hex digit.
-    rejects(&text.replacen(&lapic_hex, &"00".repeat(1023), 1));
-    rejects(&text.replacen(&lapic_hex, &"00".repeat(1025), 1));
-    rejects(&text.replacen(&lapic_hex, &format!("zz{}", "00".repeat(1023)), 1));
-    rejects(&text.replacen(&lapic_hex, &format!("0{}", "00".repeat(1023)), 1));
+    // `n` bytes of value `b` as a JSON array.
+    let bytes = |b: &str, n: usize| format!("[{}]", vec![b; n].join(","));
+    let lapic = format!("\"lapic\":{}", bytes("0", 1024));
+    assert!(text.contains(&lapic));
+    // A struct one byte short, one byte long, with a value that is no byte, or in the hex
+    // string of encoding version 1.
+    let with_lapic = |v: String| text.replacen(&lapic, &format!("\"lapic\":{v}"), 1);
+    rejects(&with_lapic(bytes("0", 1023)));
+    rejects(&with_lapic(bytes("0", 1025)));
+    rejects(&with_lapic(format!("[256{}", &bytes("0", 1023)[1..])));
+    rejects(&with_lapic(format!("[-1{}", &bytes("0", 1023)[1..])));
+    rejects(&with_lapic(format!("[\"zz\"{}", &bytes("0", 1023)[1..])));
+    rejects(&with_lapic(format!("\"{}\"", "00".repeat(1024))));
     // An XSAVE area that is too small, or not whole words.
-    let area = "5a".repeat(4096);
-    rejects(&text.replacen(&area, &"5a".repeat(4095), 1));
-    rejects(&text.replacen(&area, &"5a".repeat(4098), 1));
+    let area = bytes("90", 4096);
+    assert!(text.contains(&area));
+    rejects(&text.replacen(&area, &bytes("90", 4095), 1));
+    rejects(&text.replacen(&area, &bytes("90", 4098), 1));
     // Unknown and missing fields, wrong types.
     rejects(&text.replacen("\"tsc_khz\"", "\"tsc_hz\"", 1));
     rejects(&text.replacen(
@@ -551,10 +559,10 @@ fn damaged_encodings_are_rejected_without_panicking() {
         legacy
     );
     let text = String::from_utf8(bytes).unwrap();
-    let start = text.find("\"fpu\":\"").unwrap() + 7;
-    let mut short = text.clone();
-    short.replace_range(start..start + 2, "");
-    rejects(&short);
+    // One byte short of a register.
+    let fpr = "\"fpu\":{\"fpu\":{\"fpr\":[[0,0,";
+    assert!(text.contains(fpr));
+    rejects(&text.replacen(fpr, "\"fpu\":{\"fpu\":{\"fpr\":[[0,", 1));
 }
 
 #[test]
@@ -567,9 +575,10 @@ fn damaged_vm_state_is_rejected() {
     }
     let text = String::from_utf8(good).unwrap();
     // The IOAPIC state one byte short.
-    let start = text.find("\"ioapic\":\"").unwrap() + 10;
+    let start = text.find("\"ioapic\":[").unwrap() + 10;
     let mut short = text.clone();
-    short.replace_range(start..start + 2, "");
+    let first = short[start..].find(',').unwrap() + 1;
+    short.replace_range(start..start + first, "");
     assert!(VmState::from_bytes(short.as_bytes(), VM_STATE_VERSION).is_err());
     let mut oversized = text.clone();
     oversized.push_str(&" ".repeat(70 << 10));

@@ -14,7 +14,7 @@
 
 use std::io::{self, Read};
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use super::TransportError;
@@ -36,10 +36,6 @@ pub(super) struct ChildSlot {
 }
 
 impl ChildSlot {
-    fn lock(&self) -> MutexGuard<'_, Child> {
-        vmm_sync::lock(&self.child)
-    }
-
     /// The command line.
     pub(super) fn command(&self) -> &str {
         &self.command
@@ -47,7 +43,7 @@ impl ChildSlot {
 
     /// Kills the command (no-op once it has been reaped).
     pub(super) fn kill(&self) -> io::Result<()> {
-        match self.lock().kill() {
+        match vmm_sync::lock(&self.child).kill() {
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(()),
             r => r,
         }
@@ -55,14 +51,14 @@ impl ChildSlot {
 
     /// Whether the command has exited (reaping it if so).
     pub(super) fn exited(&self) -> bool {
-        !matches!(self.lock().try_wait(), Ok(None))
+        !matches!(vmm_sync::lock(&self.child).try_wait(), Ok(None))
     }
 
     /// Waits for the command to exit and reaps it. The wait itself happens without the lock
     /// (`waitid` with `WNOWAIT` leaves the child unreaped), so a shutdown handle can still
     /// kill a command that does not exit.
     pub(super) fn wait(&self) -> io::Result<ExitStatus> {
-        let pid = self.lock().id();
+        let pid = vmm_sync::lock(&self.child).id();
         // SAFETY: an all-zero siginfo_t is a valid value of this plain C struct.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         loop {
@@ -75,7 +71,7 @@ impl ChildSlot {
                 break;
             }
         }
-        self.lock().wait()
+        vmm_sync::lock(&self.child).wait()
     }
 
     /// Stops a command whose channel was abandoned: waits briefly for it to exit on its own
@@ -88,7 +84,7 @@ impl ChildSlot {
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = self.kill();
-        let _ = self.lock().wait();
+        let _ = vmm_sync::lock(&self.child).wait();
     }
 }
 

@@ -479,6 +479,17 @@ impl Write for Outgoing {
         }
     }
 
+    /// One `writev` for many pieces (RAM pages sent from guest memory in place).
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match &mut self.conn {
+            Conn::Tcp(s) => (&**s).write_vectored(bufs),
+            Conn::Unix(s) => (&**s).write_vectored(bufs),
+            Conn::Fd(f) => (&**f).write_vectored(bufs),
+            Conn::Exec { stdin: Some(s), .. } => s.write_vectored(bufs),
+            Conn::Exec { stdin: None, .. } | Conn::Closed => Err(closed_error()),
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match &mut self.conn {
             Conn::Tcp(s) => (&**s).flush(),

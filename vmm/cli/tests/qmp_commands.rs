@@ -88,7 +88,8 @@ fn migration_parameters_and_errors() {
     // Defaults as in the 2013 code: 32 MiB/s, 30 ms, 64 MiB.
     assert_eq!(
         vm.cmd("query-migrate-parameters", Value::Null),
-        json!({"max-bandwidth": 32 << 20, "downtime-limit": 30, "xbzrle-cache-size": 64 << 20})
+        json!({"max-bandwidth": 32 << 20, "downtime-limit": 30, "xbzrle-cache-size": 64 << 20,
+            "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "cpu-throttle-tailslow": false, "max-cpu-throttle": 99})
     );
     assert_eq!(vm.cmd("query-migrate", Value::Null), json!({}));
     assert_eq!(
@@ -97,7 +98,8 @@ fn migration_parameters_and_errors() {
             {"state": false, "capability": "xbzrle"},
             {"state": false, "capability": "events"},
             {"state": false, "capability": "x-integrity"},
-            {"state": true, "capability": "return-path"}
+            {"state": true, "capability": "return-path"},
+            {"state": false, "capability": "auto-converge"}
         ])
     );
     // The 2013 commands and the modern one change the same settings.
@@ -110,7 +112,8 @@ fn migration_parameters_and_errors() {
     );
     assert_eq!(
         vm.cmd("query-migrate-parameters", Value::Null),
-        json!({"max-bandwidth": 1000, "downtime-limit": 250, "xbzrle-cache-size": 1 << 20})
+        json!({"max-bandwidth": 1000, "downtime-limit": 250, "xbzrle-cache-size": 1 << 20,
+            "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "cpu-throttle-tailslow": false, "max-cpu-throttle": 99})
     );
     vm.cmd(
         "migrate-set-parameters",
@@ -119,6 +122,39 @@ fn migration_parameters_and_errors() {
     assert_eq!(
         vm.cmd("query-migrate-parameters", Value::Null)["xbzrle-cache-size"],
         4 << 20
+    );
+    // auto-converge's parameters, with QEMU's bounds and texts.
+    vm.cmd(
+        "migrate-set-parameters",
+        json!({"cpu-throttle-initial": 30, "cpu-throttle-increment": 5,
+               "cpu-throttle-tailslow": true, "max-cpu-throttle": 80,
+               "throttle-trigger-threshold": 70}),
+    );
+    let p = vm.cmd("query-migrate-parameters", Value::Null);
+    assert_eq!(
+        (
+            &p["cpu-throttle-initial"],
+            &p["cpu-throttle-increment"],
+            &p["cpu-throttle-tailslow"]
+        ),
+        (&json!(30), &json!(5), &json!(true))
+    );
+    assert_eq!(
+        (&p["max-cpu-throttle"], &p["throttle-trigger-threshold"]),
+        (&json!(80), &json!(70))
+    );
+    for (args, want) in [
+        (json!({"cpu-throttle-initial": 0}), "Parameter 'cpu_throttle_initial' expects an integer in the range of 1 to 99"),
+        (json!({"cpu-throttle-increment": 100}), "Parameter 'cpu_throttle_increment' expects an integer in the range of 1 to 99"),
+        (json!({"throttle-trigger-threshold": 101}), "Parameter 'throttle_trigger_threshold' expects an integer in the range of 1 to 100"),
+        (json!({"max-cpu-throttle": 20}), "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
+    ] {
+        assert_eq!(error_of(&mut vm, "migrate-set-parameters", args), format!("GenericError: {want}"));
+    }
+    // A refused set changes nothing.
+    assert_eq!(
+        vm.cmd("query-migrate-parameters", Value::Null)["max-cpu-throttle"],
+        80
     );
 
     assert_eq!(

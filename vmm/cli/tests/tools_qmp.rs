@@ -64,7 +64,8 @@ fn one_shot_commands_print_pretty_replies() {
             {"state": false, "capability": "xbzrle"},
             {"state": true, "capability": "events"},
             {"state": false, "capability": "x-integrity"},
-            {"state": true, "capability": "return-path"}
+            {"state": true, "capability": "return-path"},
+            {"state": false, "capability": "auto-converge"}
         ])
     );
 

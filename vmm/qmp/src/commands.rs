@@ -45,11 +45,16 @@ pub const COMMANDS: &[&str] = &[
 ];
 
 /// Migration capabilities hopvm implements.
-const CAPABILITIES: &[&str] = &["xbzrle", "events", "x-integrity", "return-path"];
+const CAPABILITIES: &[&str] = &[
+    "xbzrle",
+    "events",
+    "x-integrity",
+    "return-path",
+    "auto-converge",
+];
 /// QEMU's other capabilities: known, refused with a clear error.
 const QEMU_CAPABILITIES: &[&str] = &[
     "rdma-pin-all",
-    "auto-converge",
     "zero-blocks",
     "compress",
     "postcopy-ram",
@@ -78,10 +83,6 @@ const QEMU_PARAMETERS: &[&str] = &[
     "compress-threads",
     "compress-wait-thread",
     "decompress-threads",
-    "throttle-trigger-threshold",
-    "cpu-throttle-initial",
-    "cpu-throttle-increment",
-    "cpu-throttle-tailslow",
     "tls-creds",
     "tls-hostname",
     "tls-authz",
@@ -92,7 +93,6 @@ const QEMU_PARAMETERS: &[&str] = &[
     "multifd-zlib-level",
     "multifd-zstd-level",
     "max-postcopy-bandwidth",
-    "max-cpu-throttle",
 ];
 
 /// Largest downtime limit, ms (QEMU's MAX_MIGRATE_DOWNTIME: 2000 s).
@@ -262,6 +262,7 @@ impl Commands {
                 "xbzrle" => lock(&m.xbzrle).enabled = state,
                 "x-integrity" => m.set_integrity_enabled(state),
                 "return-path" => m.set_return_path_enabled(state),
+                "auto-converge" => m.set_auto_converge_enabled(state),
                 _ => m.set_events_enabled(state),
             }
         }
@@ -275,6 +276,7 @@ impl Commands {
             {"state": m.events_enabled(), "capability": "events"},
             {"state": m.integrity_enabled(), "capability": "x-integrity"},
             {"state": m.return_path_enabled(), "capability": "return-path"},
+            {"state": m.auto_converge_enabled(), "capability": "auto-converge"},
         ])
     }
 
@@ -288,7 +290,46 @@ impl Commands {
         let bandwidth = a.optional_u64("max-bandwidth")?;
         let downtime = a.optional_u64("downtime-limit")?;
         let cache = a.optional_u64("xbzrle-cache-size")?;
+        let m = &self.instance.migration;
+        let mut throttle = m.throttle_parameters();
+        let percent =
+            |a: &mut Args, name: &str, field: &str, max: u64| match a.optional_u64(name)? {
+                Some(v) if v < 1 || v > max => Err(QmpError::invalid_parameter_value(
+                    field,
+                    &format!("an integer in the range of 1 to {max}"),
+                )),
+                v => Ok(v.map(|v| v as u32)),
+            };
+        let threshold = percent(
+            &mut a,
+            "throttle-trigger-threshold",
+            "throttle_trigger_threshold",
+            100,
+        )?;
+        let initial = percent(&mut a, "cpu-throttle-initial", "cpu_throttle_initial", 99)?;
+        let increment = percent(
+            &mut a,
+            "cpu-throttle-increment",
+            "cpu_throttle_increment",
+            99,
+        )?;
+        let tailslow = a.optional_bool("cpu-throttle-tailslow")?;
+        let max_throttle = a.optional_u64("max-cpu-throttle")?;
         a.finish()?;
+        throttle.trigger_threshold = threshold.unwrap_or(throttle.trigger_threshold);
+        throttle.initial = initial.unwrap_or(throttle.initial);
+        throttle.increment = increment.unwrap_or(throttle.increment);
+        throttle.tailslow = tailslow.unwrap_or(throttle.tailslow);
+        if let Some(v) = max_throttle {
+            // As QEMU: checked against the initial percentage being set with it.
+            if v < u64::from(throttle.initial) || v > 99 {
+                return Err(QmpError::invalid_parameter_value(
+                    "max_cpu_throttle",
+                    "an integer in the range of cpu_throttle_initial to 99",
+                ));
+            }
+            throttle.max = v as u32;
+        }
         if let Some(d) = downtime {
             if d > MAX_DOWNTIME_MS {
                 return Err(QmpError::invalid_parameter_value(
@@ -300,7 +341,7 @@ impl Commands {
         if let Some(c) = cache {
             check_cache_size(c)?;
         }
-        let m = &self.instance.migration;
+        m.set_throttle_parameters(throttle);
         if let Some(b) = bandwidth {
             m.set_max_bandwidth(b);
         }
@@ -315,10 +356,16 @@ impl Commands {
 
     fn query_parameters(&self) -> Value {
         let m = &self.instance.migration;
+        let t = m.throttle_parameters();
         json!({
             "max-bandwidth": m.max_bandwidth(),
             "downtime-limit": m.downtime_limit_ms(),
             "xbzrle-cache-size": lock(&m.xbzrle).cache_size,
+            "throttle-trigger-threshold": t.trigger_threshold,
+            "cpu-throttle-initial": t.initial,
+            "cpu-throttle-increment": t.increment,
+            "cpu-throttle-tailslow": t.tailslow,
+            "max-cpu-throttle": t.max,
         })
     }
 
@@ -443,8 +490,21 @@ pub fn migrate_info_json(i: &MigrationInfo) -> Value {
             "mbps": i.mbps,
             "dirty-sync-count": i.dirty_sync_count,
             "page-size": 4096,
+            "pages-per-second": i.pages_per_second,
+            "precopy-bytes": i.precopy_bytes,
+            "downtime-bytes": i.downtime_bytes,
+            "postcopy-bytes": 0,
+            "postcopy-requests": 0,
+            "multifd-bytes": 0,
+            "dirty-sync-missed-zero-copy": 0,
         }),
     );
+    if i.cpu_throttle_percentage > 0 {
+        v.insert(
+            "cpu-throttle-percentage".into(),
+            json!(i.cpu_throttle_percentage),
+        );
+    }
     if i.xbzrle {
         let lookups = i.xbzrle_pages + i.xbzrle_cache_miss;
         v.insert(
@@ -577,6 +637,40 @@ mod schema_tests {
         }
         for d in COMMAND_DEFS {
             assert!(implemented.contains(&d.name), "{} not implemented", d.name);
+        }
+    }
+
+    /// The schema's migration capabilities and parameters are the ones the monitor takes.
+    #[test]
+    fn schema_lists_migration_settings() {
+        let schema = crate::schema::qmp_schema();
+        let entry = |name: &str| {
+            schema
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .cloned()
+                .unwrap()
+        };
+        let caps: Vec<String> = entry("MigrationCapability")["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let mut want: Vec<String> = super::CAPABILITIES.iter().map(|c| c.to_string()).collect();
+        let mut have = caps;
+        want.sort();
+        have.sort();
+        assert_eq!(have, want);
+        for p in super::QEMU_PARAMETERS {
+            assert!(
+                !crate::schema::MIGRATION_PARAMETER_MEMBERS
+                    .iter()
+                    .any(|m| m.name == *p),
+                "{p} is refused by migrate-set-parameters but in the schema"
+            );
         }
     }
 }

@@ -28,11 +28,18 @@
 //!   so after `[}` it waits for the `]` forever; here a negative count of either kind ends the
 //!   message (and the parser then answers `expecting value`).
 //!
-//! The writer ([`write_value`]) formats like QEMU's `json-writer.c`: `", "` and `": "` separators
-//! and pure-ASCII strings with `\uXXXX` escapes, so replies look byte-for-byte like QEMU's.
+//! serde_json cannot take this part over: it reports its own error texts and positions, not
+//! QEMU's, takes the last of duplicate keys, rejects single-quoted strings and accepts
+//! noncharacters, and it needs the message already cut out. Everything else is serde_json: the
+//! values are its [`Value`]s, and the writer ([`write_value`]) is its serializer with a
+//! formatter (`QemuFormatter`) in the form of QEMU's `json-writer.c` — `", "` and `": "`
+//! separators, pure-ASCII strings with `\uXXXX` escapes — so replies look byte-for-byte like
+//! QEMU's.
 
-use std::fmt::Write as _;
+use std::io;
 
+use serde::Serialize;
+use serde_json::ser::{CharEscape, Formatter};
 use serde_json::{Map, Number, Value};
 
 /// Default bound on one message: the bytes of its tokens (whitespace is free), or of one token.
@@ -658,38 +665,109 @@ fn parse_string(token: &[u8]) -> ParseResult<String> {
     Ok(out)
 }
 
-/// Appends `value` to `out` formatted like QEMU's JSON writer (compact form).
-pub fn write_value(out: &mut String, value: &Value) {
-    match value {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => {
-            let _ = write!(out, "{n}");
-        }
-        Value::String(s) => write_str(out, s),
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_value(out, item);
-            }
-            out.push(']');
-        }
-        Value::Object(map) => {
-            out.push('{');
-            for (i, (key, item)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_str(out, key);
-                out.push_str(": ");
-                write_value(out, item);
-            }
-            out.push('}');
+/// serde_json's output in the form of QEMU's JSON writer (`json-writer.c`, compact form):
+/// `", "` and `": "` separators, and pure-ASCII strings escaped like its `quoted_str`
+/// (`\uXXXX` in upper case, a surrogate pair past the BMP, DEL escaped too).
+struct QemuFormatter;
+
+impl QemuFormatter {
+    fn write_u_escape<W: ?Sized + io::Write>(w: &mut W, unit: u32) -> io::Result<()> {
+        write!(w, "\\u{unit:04X}")
+    }
+}
+
+impl Formatter for QemuFormatter {
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        if first {
+            Ok(())
+        } else {
+            w.write_all(b", ")
         }
     }
+
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        // The same separator as between list items.
+        self.begin_array_value(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        w.write_all(b": ")
+    }
+
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        // serde_json escapes the quote, the backslash and C0 controls itself
+        // ([`Formatter::write_char_escape`]); everything else outside printable ASCII is
+        // escaped here.
+        let mut plain = 0;
+        for (i, c) in fragment.char_indices() {
+            if (' '..'\u{7f}').contains(&c) {
+                continue;
+            }
+            w.write_all(&fragment.as_bytes()[plain..i])?;
+            plain = i + c.len_utf8();
+            let cp = u32::from(c);
+            if cp > 0xffff {
+                let cp = cp - 0x10000;
+                Self::write_u_escape(w, 0xd800 + (cp >> 10))?;
+                Self::write_u_escape(w, 0xdc00 + (cp & 0x3ff))?;
+            } else {
+                Self::write_u_escape(w, cp)?;
+            }
+        }
+        w.write_all(&fragment.as_bytes()[plain..])
+    }
+
+    fn write_char_escape<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        escape: CharEscape,
+    ) -> io::Result<()> {
+        let text: &[u8] = match escape {
+            CharEscape::Quote => b"\\\"",
+            CharEscape::ReverseSolidus => b"\\\\",
+            CharEscape::Solidus => b"\\/",
+            CharEscape::Backspace => b"\\b",
+            CharEscape::FormFeed => b"\\f",
+            CharEscape::LineFeed => b"\\n",
+            CharEscape::CarriageReturn => b"\\r",
+            CharEscape::Tab => b"\\t",
+            CharEscape::AsciiControl(byte) => return Self::write_u_escape(w, u32::from(byte)),
+        };
+        w.write_all(text)
+    }
+}
+
+/// Appends `value` serialised in QEMU's form ([`QemuFormatter`]).
+fn write_qemu<T: Serialize + ?Sized>(out: &mut String, value: &T) {
+    let mut bytes = Vec::new();
+    // Serialising a JSON value or a string into memory cannot fail, and the formatter writes
+    // only ASCII.
+    if value
+        .serialize(&mut serde_json::Serializer::with_formatter(
+            &mut bytes,
+            QemuFormatter,
+        ))
+        .is_ok()
+    {
+        out.push_str(&String::from_utf8_lossy(&bytes));
+    }
+}
+
+/// Appends `value` to `out` formatted like QEMU's JSON writer (compact form).
+pub fn write_value(out: &mut String, value: &Value) {
+    write_qemu(out, value);
 }
 
 /// `value` formatted like QEMU's JSON writer.
@@ -701,32 +779,7 @@ pub fn to_qemu_json(value: &Value) -> String {
 
 /// Appends `s` as a JSON string, escaped like QEMU's `quoted_str` (pure ASCII output).
 pub fn write_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if u32::from(c) > 0xffff => {
-                let cp = u32::from(c) - 0x10000;
-                let _ = write!(
-                    out,
-                    "\\u{:04X}\\u{:04X}",
-                    0xd800 + (cp >> 10),
-                    0xdc00 + (cp & 0x3ff)
-                );
-            }
-            c if u32::from(c) < 0x20 || u32::from(c) >= 0x7f => {
-                let _ = write!(out, "\\u{:04X}", u32::from(c));
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    write_qemu(out, s);
 }
 
 #[cfg(test)]
@@ -918,6 +971,20 @@ mod tests {
         assert_eq!(
             to_qemu_json(&value),
             r#"{"a": [1, "x\u00E9\uD83D\uDE00\n"], "b": {}}"#
+        );
+        let value = serde_json::json!([
+            "\"\\/\u{8}\u{c}\r\t\u{1}\u{1f}\u{7f} ~\u{ffff}",
+            -1.5,
+            1e300,
+            u64::MAX,
+            i64::MIN,
+            null,
+            true,
+            []
+        ]);
+        assert_eq!(
+            to_qemu_json(&value),
+            r#"["\"\\/\b\f\r\t\u0001\u001F\u007F ~\uFFFF", -1.5, 1e+300, 18446744073709551615, -9223372036854775808, null, true, []]"#
         );
     }
 }

@@ -19,7 +19,6 @@
 //! * [`server`] serves sessions on a Unix (or TCP) socket to several clients at once and
 //!   broadcasts events through [`EventSender`] without ever blocking the VMM.
 
-pub mod client;
 pub mod commands;
 pub mod domain;
 pub mod fds;
@@ -28,6 +27,10 @@ pub mod probe;
 pub mod protocol;
 pub mod schema;
 pub mod server;
+
+/// The QMP client, crate `qmp-client` (its own crate so that guest-tests can use it without
+/// depending on the VMM).
+pub use qmp_client as client;
 
 pub use protocol::{ArgList, Args, ErrorClass, QmpBackend, QmpError, Session, Timestamp};
 pub use server::{

@@ -618,13 +618,20 @@ impl QmpBackend for ProbeCommands {
                     {"state": m.events_enabled(), "capability": "events"},
                     {"state": m.integrity_enabled(), "capability": "x-integrity"},
                     {"state": m.return_path_enabled(), "capability": "return-path"},
+                    {"state": m.auto_converge_enabled(), "capability": "auto-converge"},
                 ])
             }),
             "query-migrate-parameters" => none(args).map(|_| {
+                let t = m.throttle_parameters();
                 json!({
                     "max-bandwidth": m.max_bandwidth(),
                     "downtime-limit": m.downtime_limit_ms(),
                     "xbzrle-cache-size": vmm_sync::lock(&m.xbzrle).cache_size,
+                    "throttle-trigger-threshold": t.trigger_threshold,
+                    "cpu-throttle-initial": t.initial,
+                    "cpu-throttle-increment": t.increment,
+                    "cpu-throttle-tailslow": t.tailslow,
+                    "max-cpu-throttle": t.max,
                 })
             }),
             other if schema::has_command(other) => Err(QmpError::generic(format!(

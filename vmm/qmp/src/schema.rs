@@ -137,7 +137,13 @@ static MIGRATION_STATUS: EnumDef = EnumDef {
 /// The migration capabilities hopvm implements.
 static MIGRATION_CAPABILITY: EnumDef = EnumDef {
     name: "MigrationCapability",
-    values: &["xbzrle", "events", "return-path", "x-integrity"],
+    values: &[
+        "xbzrle",
+        "events",
+        "return-path",
+        "x-integrity",
+        "auto-converge",
+    ],
 };
 static SYS_EMU_TARGET: EnumDef = EnumDef {
     name: "SysEmuTarget",
@@ -217,6 +223,13 @@ static MIGRATION_STATS: ObjectDef = ObjectDef {
         m("mbps", Ty::Number),
         m("dirty-sync-count", Ty::Int),
         m("page-size", Ty::Int),
+        m("pages-per-second", Ty::Int),
+        m("precopy-bytes", Ty::Int),
+        m("downtime-bytes", Ty::Int),
+        m("postcopy-bytes", Ty::Int),
+        m("postcopy-requests", Ty::Int),
+        m("multifd-bytes", Ty::Int),
+        m("dirty-sync-missed-zero-copy", Ty::Int),
     ],
 };
 static XBZRLE_CACHE_STATS: ObjectDef = ObjectDef {
@@ -241,6 +254,7 @@ static MIGRATION_INFO: ObjectDef = ObjectDef {
         opt("expected-downtime", Ty::Int),
         opt("downtime", Ty::Int),
         opt("setup-time", Ty::Int),
+        opt("cpu-throttle-percentage", Ty::Int),
         opt("error-desc", Ty::Str),
     ],
 };
@@ -251,13 +265,20 @@ static MIGRATION_CAPABILITY_STATUS: ObjectDef = ObjectDef {
         m("state", Ty::Bool),
     ],
 };
+/// The migration parameters hopvm implements.
+pub(crate) static MIGRATION_PARAMETER_MEMBERS: &[Member] = &[
+    opt("max-bandwidth", Ty::Int),
+    opt("downtime-limit", Ty::Int),
+    opt("xbzrle-cache-size", Ty::Int),
+    opt("throttle-trigger-threshold", Ty::Int),
+    opt("cpu-throttle-initial", Ty::Int),
+    opt("cpu-throttle-increment", Ty::Int),
+    opt("cpu-throttle-tailslow", Ty::Bool),
+    opt("max-cpu-throttle", Ty::Int),
+];
 static MIGRATION_PARAMETERS: ObjectDef = ObjectDef {
     name: "MigrationParameters",
-    members: &[
-        opt("max-bandwidth", Ty::Int),
-        opt("downtime-limit", Ty::Int),
-        opt("xbzrle-cache-size", Ty::Int),
-    ],
+    members: MIGRATION_PARAMETER_MEMBERS,
 };
 static TARGET_INFO: ObjectDef = ObjectDef {
     name: "TargetInfo",
@@ -436,15 +457,7 @@ pub static COMMAND_DEFS: &[CommandDef] = &[
         &[],
         Some(Ty::List(&Ty::Object(&MIGRATION_CAPABILITY_STATUS))),
     ),
-    cmd(
-        "migrate-set-parameters",
-        &[
-            opt("max-bandwidth", Ty::Int),
-            opt("downtime-limit", Ty::Int),
-            opt("xbzrle-cache-size", Ty::Int),
-        ],
-        None,
-    ),
+    cmd("migrate-set-parameters", MIGRATION_PARAMETER_MEMBERS, None),
     cmd(
         "query-migrate-parameters",
         &[],

@@ -32,7 +32,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -213,7 +213,7 @@ impl Default for QmpServerConfig {
     }
 }
 
-use vmm_sync::{lock, wait};
+use vmm_sync::{lock, wait, wait_timeout};
 
 /// Most descriptors taken from one read (QEMU's `TCP_MAX_FDS`); a message with more is an
 /// error and ends the connection (the kernel closes the excess).
@@ -485,11 +485,7 @@ impl Client {
             if now >= deadline {
                 return;
             }
-            out = self
-                .changed
-                .wait_timeout(out, deadline - now)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
+            out = wait_timeout(&self.changed, out, deadline - now).0;
         }
     }
 }
@@ -736,11 +732,7 @@ impl QmpServer {
                     if now >= deadline {
                         break;
                     }
-                    list = registry
-                        .accepted
-                        .wait_timeout(list, deadline - now)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0;
+                    list = wait_timeout(&registry.accepted, list, deadline - now).0;
                 }
             }
         }

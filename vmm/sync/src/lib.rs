@@ -1,5 +1,6 @@
 //! The one place hopvm decides what a poisoned lock means: nothing. Every crate of hopvm locks
-//! through [`lock`] and waits through [`wait`] / [`wait_timeout`].
+//! through [`lock`] (or takes a mutex apart with [`into_inner`]) and waits through [`wait`] /
+//! [`wait_timeout`].
 //!
 //! A mutex is poisoned when a thread panicked while holding it. hopvm's locked data stays
 //! consistent across a panic — a device's registers, a queue, a run state are each updated
@@ -13,6 +14,11 @@ use std::time::Duration;
 /// Locks `m`, ignoring poisoning.
 pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The value in `m`, ignoring poisoning.
+pub fn into_inner<T>(m: Mutex<T>) -> T {
+    m.into_inner().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Waits on `cv`, releasing `guard` meanwhile, ignoring poisoning.
@@ -50,5 +56,8 @@ mod tests {
         let (g, r) = wait_timeout(&cv, lock(&m), Duration::from_millis(1));
         assert!(r.timed_out());
         assert_eq!(*g, 2);
+        drop(g);
+        let m = std::sync::Arc::into_inner(m).unwrap();
+        assert_eq!(into_inner(m), 2);
     }
 }

@@ -12,10 +12,8 @@
 //! scripted (`printf 'stop\ncont\n' | hopvm qmp --qmp unix:PATH`).
 
 use std::borrow::Cow;
-use std::io::{BufRead, BufReader, IsTerminal, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Receiver};
 use std::time::Duration;
 
 use clap::Args;
@@ -28,7 +26,7 @@ use rustyline::validate::Validator;
 use rustyline::{Editor, ExternalPrinter, Helper};
 use serde_json::{Map, Value};
 
-use qmp::client::QmpClientError;
+use qmp::client::{LiveQmpClient, QmpClientError};
 
 /// `hopvm qmp` options.
 #[derive(Debug, Clone, Args)]
@@ -233,12 +231,10 @@ pub fn format_reply(v: &Value) -> (bool, String) {
     }
 }
 
-/// A shell's connection: requests are written here, replies arrive through `replies` while a
-/// reader thread shows events as they come.
+/// A shell's connection: requests wait for their replies while the client's reader thread
+/// shows events as they come.
 struct ShellConnection {
-    writer: UnixStream,
-    replies: Receiver<Value>,
-    greeting: Value,
+    client: LiveQmpClient,
     path: PathBuf,
 }
 
@@ -249,68 +245,32 @@ impl ShellConnection {
         path: &Path,
         mut show_event: Box<dyn FnMut(String) + Send>,
     ) -> Result<Self, QmpShellError> {
-        let io_err = |source| QmpShellError::Connection {
+        let monitor_err = |source| QmpShellError::Monitor {
             path: path.display().to_string(),
             source,
         };
-        let stream = connect_retry(path).map_err(io_err)?;
-        let mut reader = BufReader::new(stream.try_clone().map_err(io_err)?);
-        let mut line = String::new();
-        reader.read_line(&mut line).map_err(io_err)?;
-        let greeting: Value = serde_json::from_str(&line)
-            .ok()
-            .filter(|g: &Value| g.get("QMP").is_some())
-            .ok_or_else(|| QmpShellError::Protocol(line.trim().to_string()))?;
-        let (tx, replies) = mpsc::channel();
-        std::thread::Builder::new()
-            .name(String::from("qmp-reader"))
-            .spawn(move || {
-                let mut line = String::new();
-                loop {
-                    line.clear();
-                    match reader.read_line(&mut line) {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                    let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                        continue;
-                    };
-                    if v.get("event").is_some() {
-                        show_event(format_event(&v));
-                    } else if tx.send(v).is_err() {
-                        break;
-                    }
-                }
-            })
-            .map_err(io_err)?;
-        let mut conn = Self {
-            writer: stream,
-            replies,
-            greeting,
+        let client = super::connect_qmp(path, CONNECT_TIMEOUT)
+            .and_then(|c| c.into_live(Box::new(move |event| show_event(format_event(event)))))
+            .map_err(monitor_err)?;
+        Ok(Self {
+            client,
             path: path.to_path_buf(),
-        };
-        let reply = conn.request(r#"{"execute": "qmp_capabilities"}"#)?;
-        if reply.get("return").is_none() {
-            return Err(QmpShellError::Protocol(reply.to_string()));
-        }
-        Ok(conn)
+        })
+    }
+
+    /// The server's greeting.
+    fn greeting(&self) -> &Value {
+        &self.client.greeting
     }
 
     /// Sends one request (a JSON text) and waits for its reply.
     fn request(&mut self, text: &str) -> Result<Value, QmpShellError> {
-        let io_err = |source| QmpShellError::Connection {
-            path: self.path.display().to_string(),
-            source,
-        };
-        self.writer
-            .write_all(format!("{text}\n").as_bytes())
-            .map_err(io_err)?;
-        self.replies.recv().map_err(|_| {
-            io_err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the monitor closed the connection",
-            ))
-        })
+        self.client
+            .request(text)
+            .map_err(|source| QmpShellError::Monitor {
+                path: self.path.display().to_string(),
+                source,
+            })
     }
 
     /// The command names the server offers, for completion.
@@ -322,27 +282,6 @@ impl ShellConnection {
             .iter()
             .filter_map(|c| c["name"].as_str().map(str::to_string))
             .collect()
-    }
-}
-
-/// Connects, retrying briefly while the socket does not exist yet or refuses.
-fn connect_retry(path: &Path) -> std::io::Result<UnixStream> {
-    if path
-        .parent()
-        .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
-    {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "no such directory",
-        ));
-    }
-    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
-    loop {
-        match UnixStream::connect(path) {
-            Ok(s) => return Ok(s),
-            Err(e) if std::time::Instant::now() >= deadline => return Err(e),
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
     }
 }
 
@@ -429,7 +368,7 @@ fn interactive_shell(path: &Path) -> Result<(), QmpShellError> {
             let _ = printer.print(format!("{line}\n"));
         }),
     )?;
-    let version = &conn.greeting["QMP"]["version"];
+    let version = &conn.greeting()["QMP"]["version"];
     println!(
         "Connected to {} (QEMU {}.{}.{} compatible). Type `command key=value …` or JSON; \
          Tab completes commands; Ctrl-D leaves.",

@@ -270,7 +270,7 @@ impl Streams {
         }
     }
 
-    fn load(&self, bytes: Vec<u8>, integrity: bool) -> Result<(), String> {
+    fn load(&self, bytes: Vec<u8>, integrity: bool) -> Result<(), vmm::instance::IncomingError> {
         self.dst.migration.set_integrity_enabled(integrity);
         self.dst.load(Box::new(std::io::Cursor::new(bytes)))
     }

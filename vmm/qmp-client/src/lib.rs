@@ -1,11 +1,14 @@
-//! A small QMP client: what `hopvm migrate`, `hopvm qmp` and the tests use to drive a running
-//! hopvm (or QEMU) over its monitor socket.
+//! A small QMP client: what `hopvm migrate`, `hopvm qmp`, the demo, the kvm-unit-tests
+//! runner's migration tests (guest-tests) and the tests use to drive a running hopvm (or QEMU)
+//! over its monitor socket. It is a crate of its own, apart from the monitor (crate `qmp`), so
+//! that guest-tests can use it without depending on the VMM.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
@@ -54,6 +57,8 @@ pub struct QmpClient {
     next_id: u64,
     /// A line read in part when a timed read timed out; the rest follows.
     partial: String,
+    /// What bounds every read of a reply (and of the greeting), if anything.
+    deadline: Option<Instant>,
 }
 
 fn parse_event(v: &Value) -> Option<QmpEvent> {
@@ -77,7 +82,32 @@ fn parse_event(v: &Value) -> Option<QmpEvent> {
 impl QmpClient {
     /// Connects to the Unix socket at `path` and negotiates capabilities.
     pub fn connect(path: &Path) -> Result<Self, QmpClientError> {
-        let stream = UnixStream::connect(path)?;
+        Self::negotiate(UnixStream::connect(path)?, None)
+    }
+
+    /// Connects like [`QmpClient::connect_retry`] until `deadline`, and bounds every read of
+    /// the connection (the greeting, every reply) by the same deadline: a server that stops
+    /// answering is a [`QmpClientError::Timeout`], never a hang.
+    pub fn connect_until(path: &Path, deadline: Instant) -> Result<Self, QmpClientError> {
+        loop {
+            match UnixStream::connect(path) {
+                Ok(stream) => return Self::negotiate(stream, Some(deadline)),
+                Err(e) if Instant::now() < deadline => {
+                    log::debug!("qmp connect: {e}; retrying");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Bounds every later read of a reply by `deadline` (`None`: wait as long as it takes).
+    pub fn set_deadline(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+    }
+
+    /// Reads the greeting and negotiates capabilities on a connected socket.
+    fn negotiate(stream: UnixStream, deadline: Option<Instant>) -> Result<Self, QmpClientError> {
         let mut client = Self {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
@@ -85,8 +115,9 @@ impl QmpClient {
             greeting: Value::Null,
             next_id: 1,
             partial: String::new(),
+            deadline,
         };
-        client.greeting = client.read_message(None)?;
+        client.greeting = client.read_message(deadline)?;
         if client.greeting.get("QMP").is_none() {
             return Err(QmpClientError::Protocol(format!(
                 "no greeting: {}",
@@ -151,7 +182,7 @@ impl QmpClient {
     /// Reads the next reply (`return` or `error`), queueing events that arrive before it.
     pub fn read_reply(&mut self) -> Result<Value, QmpClientError> {
         loop {
-            let v = self.read_message(None)?;
+            let v = self.read_message(self.deadline)?;
             match parse_event(&v) {
                 Some(e) => self.events.push_back(e),
                 None => return Ok(v),
@@ -254,5 +285,163 @@ impl QmpClient {
                 }
             }
         }
+    }
+}
+
+/// A negotiated connection for interactive use (`hopvm qmp`'s shell): a reader thread of its
+/// own hands every event to a callback the moment it arrives, while requests, any JSON text,
+/// wait for their replies in order. Made by [`QmpClient::into_live`].
+pub struct LiveQmpClient {
+    writer: UnixStream,
+    replies: Receiver<Value>,
+    /// The server's greeting.
+    pub greeting: Value,
+}
+
+impl QmpClient {
+    /// Turns the connection into a [`LiveQmpClient`]; events received so far go to `on_event`
+    /// first.
+    pub fn into_live(
+        self,
+        mut on_event: Box<dyn FnMut(&Value) + Send>,
+    ) -> Result<LiveQmpClient, QmpClientError> {
+        let Self {
+            mut reader,
+            writer,
+            events,
+            greeting,
+            mut partial,
+            ..
+        } = self;
+        for e in events {
+            on_event(&e.to_value());
+        }
+        reader.get_ref().set_read_timeout(None)?;
+        let (tx, replies) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(String::from("qmp-reader"))
+            .spawn(move || loop {
+                match reader.read_line(&mut partial) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = std::mem::take(&mut partial);
+                let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                    continue;
+                };
+                if v.get("event").is_some() {
+                    on_event(&v);
+                } else if tx.send(v).is_err() {
+                    break;
+                }
+            })?;
+        Ok(LiveQmpClient {
+            writer,
+            replies,
+            greeting,
+        })
+    }
+}
+
+impl QmpEvent {
+    /// The event as the server sent it (`timestamp`, `event`, `data`).
+    pub fn to_value(&self) -> Value {
+        let seconds = self.timestamp.trunc();
+        json!({
+            "timestamp": {
+                "seconds": seconds as u64,
+                "microseconds": ((self.timestamp - seconds) * 1e6).round() as u64,
+            },
+            "event": self.name,
+            "data": self.data,
+        })
+    }
+}
+
+impl LiveQmpClient {
+    /// Sends one request (a JSON text) and waits for its reply (the whole `return` or `error`
+    /// message).
+    pub fn request(&mut self, text: &str) -> Result<Value, QmpClientError> {
+        self.writer.write_all(format!("{text}\n").as_bytes())?;
+        self.replies.recv().map_err(|_| {
+            QmpClientError::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the monitor closed the connection",
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A fake QMP server: greeting, capabilities, an event before a reply, an error reply,
+    /// then silence, which the deadline turns into a timeout.
+    #[test]
+    fn commands_events_errors_and_deadline() {
+        let dir = std::env::temp_dir().join(format!("qmp-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("q.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            w.write_all(b"{\"QMP\": {\"version\": {}, \"capabilities\": []}}\r\n")
+                .unwrap();
+            r.read_line(&mut line).unwrap();
+            assert!(line.contains("qmp_capabilities"), "{line}");
+            w.write_all(b"{\"return\": {}, \"id\": 1}\r\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            assert!(line.ends_with('\n'), "{line:?}");
+            assert_eq!(
+                serde_json::from_str::<Value>(&line).unwrap(),
+                json!({"execute": "migrate", "arguments": {"uri": "unix:/x"}, "id": 2})
+            );
+            w.write_all(b"{\"timestamp\": {\"seconds\": 1, \"microseconds\": 500000}, \"event\": \"MIGRATION\", \"data\": {\"status\": \"setup\"}}\r\n{\"return\": {}, \"id\": 2}\r\n").unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            w.write_all(
+                b"{\"error\": {\"class\": \"GenericError\", \"desc\": \"nope\"}, \"id\": 3}\r\n",
+            )
+            .unwrap();
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            // No reply to the last command.
+            let _ = r.read_line(&mut line);
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut q = QmpClient::connect_until(&path, deadline).unwrap();
+        assert_eq!(
+            q.execute("migrate", Some(json!({"uri": "unix:/x"})))
+                .unwrap(),
+            json!({})
+        );
+        assert_eq!(
+            q.take_events(),
+            [QmpEvent {
+                name: String::from("MIGRATION"),
+                data: json!({"status": "setup"}),
+                timestamp: 1.5,
+            }]
+        );
+        match q.execute("query-migrate", None) {
+            Err(QmpClientError::Command { class, desc }) => {
+                assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "nope"))
+            }
+            other => panic!("{other:?}"),
+        }
+        q.set_deadline(Some(Instant::now() + Duration::from_millis(100)));
+        assert!(matches!(
+            q.execute("query-status", None),
+            Err(QmpClientError::Timeout(_))
+        ));
+        drop(q);
+        server.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
