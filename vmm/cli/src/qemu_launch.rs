@@ -412,6 +412,7 @@ pub fn run_domain(
         let mut info = DomainInfo::new(&config.cpu, config.cpus);
         info.cores = domain.cores;
         info.threads = domain.threads;
+        info.acpi = config.acpi;
         info.peripherals.clone_from(&domain.peripherals);
         info.chardevs = domain
             .chardevs

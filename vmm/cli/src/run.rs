@@ -192,10 +192,11 @@ pub fn run_with(config: &VmConfig, mut options: RunOptions) -> Result<i32, RunEr
     };
     let _monitor = match listen {
         Some(listen) => {
-            let domain = options
-                .domain
-                .take()
-                .unwrap_or_else(|| qmp::domain::DomainInfo::new(&config.cpu, config.cpus));
+            let domain = options.domain.take().unwrap_or_else(|| {
+                let mut d = qmp::domain::DomainInfo::new(&config.cpu, config.cpus);
+                d.acpi = config.acpi;
+                d
+            });
             Some(
                 qmp::commands::start_monitor_with(&instance, listen, domain)
                     .map_err(|e| RunError::Monitor(e.to_string()))?,

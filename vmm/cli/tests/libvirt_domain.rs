@@ -231,6 +231,10 @@ fn libvirt_domain_starts_and_ends_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // -no-acpi: as in QEMU, only the event.
+    ok(&mut qmp, "system_powerdown", Value::Null);
+    qmp.wait_event("POWERDOWN", Duration::from_secs(10), |_| true)
+        .unwrap();
     ok(&mut qmp, "stop", Value::Null);
     assert_eq!(
         ok(&mut qmp, "query-status", Value::Null)["status"],

@@ -563,6 +563,9 @@ impl QmpBackend for Commands {
                 let _ = inst.vm.event_sender().send(VmEvent::Wakeup);
                 Ok(Value::Null)
             }
+            "system_powerdown" => {
+                crate::domain::system_powerdown(&self.domain, args, |n, d| inst.emit(n, d))
+            }
             "quit" => none(args).map(|_| {
                 let _ = inst.vm.event_sender().send(VmEvent::Quit);
                 Value::Null

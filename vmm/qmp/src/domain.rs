@@ -22,6 +22,7 @@ pub const DOMAIN_COMMANDS: &[&str] = &[
     "query-named-block-nodes",
     "query-block",
     "query-jobs",
+    "system_powerdown",
 ];
 
 /// A character device: its id and QEMU's description of its backend.
@@ -48,6 +49,8 @@ pub struct DomainInfo {
     pub cores: u8,
     /// Threads per core.
     pub threads: u8,
+    /// The guest has ACPI tables (no `-no-acpi`).
+    pub acpi: bool,
     cpu_props: OnceLock<Result<CpuProps, String>>,
 }
 
@@ -71,6 +74,7 @@ impl DomainInfo {
             cpus,
             cores: 1,
             threads: 1,
+            acpi: true,
             ..Self::default()
         }
     }
@@ -222,6 +226,24 @@ fn query_cpus_fast(d: &DomainInfo) -> Value {
         })
         .collect();
     Value::Array(list)
+}
+
+/// QEMU's `system_powerdown`: the POWERDOWN event, and the ACPI power button for a guest with
+/// ACPI. hopvm's ACPI has no power button (no SCI) yet, so for such a guest it is refused
+/// rather than pressed in vain; without ACPI (`-no-acpi`) QEMU too only sends the event.
+pub fn system_powerdown(
+    d: &DomainInfo,
+    args: &Map<String, Value>,
+    emit: impl FnOnce(&str, Option<Value>),
+) -> Result<Value, QmpError> {
+    Args::expect_none(args)?;
+    if d.acpi {
+        return Err(QmpError::generic(
+            "hopvm has no ACPI power button yet: system_powerdown works only with -no-acpi",
+        ));
+    }
+    emit("POWERDOWN", None);
+    Ok(Value::Null)
 }
 
 /// Answers a domain command; `None` when `command` is not one.

@@ -558,6 +558,7 @@ pub static COMMAND_DEFS: &[CommandDef] = &[
     ),
     cmd("query-block", &[], Some(Ty::List(&Ty::Object(&BLOCK_INFO)))),
     cmd("query-jobs", &[], Some(Ty::List(&Ty::Object(&JOB_INFO)))),
+    cmd("system_powerdown", &[], None),
 ];
 
 /// Every event hopvm sends.
@@ -572,6 +573,10 @@ pub static EVENT_DEFS: &[EventDef] = &[
     },
     EventDef {
         name: "STOP",
+        data: &[],
+    },
+    EventDef {
+        name: "POWERDOWN",
         data: &[],
     },
     EventDef {
