@@ -735,6 +735,50 @@ mod tests {
     }
 
     #[test]
+    fn bad_arguments_are_qmp_errors() {
+        let h = host();
+        let cases = [
+            ("qom-list-types", json!({"implements": "no-such-type"})),
+            ("qom-list-types", json!({"abstract": "yes"})),
+            ("qom-list-properties", json!({})),
+            ("qom-list-properties", json!({"typename": 5})),
+            ("device-list-properties", json!({"typename": "device"})),
+            ("device-list-properties", json!({"typename": "secret"})),
+            (
+                "device-list-properties",
+                json!({"typename": "isa-serial", "x": 1}),
+            ),
+            ("query-cpu-model-expansion", json!({"type": "static"})),
+            (
+                "query-cpu-model-expansion",
+                json!({"type": "neither", "model": {"name": "max"}}),
+            ),
+            (
+                "query-cpu-model-expansion",
+                json!({"type": "full", "model": {"name": "max", "props": [1]}}),
+            ),
+            (
+                "query-cpu-model-expansion",
+                json!({"type": "full", "model": {"name": "max", "props": {"lm": [true]}}}),
+            ),
+            (
+                "query-cpu-model-expansion",
+                json!({"type": "full", "model": {"name": "max", "props": {"nosuch": true}}}),
+            ),
+            (
+                "query-cpu-model-expansion",
+                json!({"type": "full", "model": {"name": "max", "props": {"family": 1e300}}}),
+            ),
+            ("query-command-line-options", json!({"option": ""})),
+            ("query-machines", json!({"x": 1})),
+        ];
+        for (command, a) in cases {
+            let result = execute(&h, command, &args(a.clone())).unwrap();
+            assert!(result.is_err(), "{command} {a}: {result:?}");
+        }
+    }
+
+    #[test]
     fn introspection_commands_are_in_the_schema() {
         for c in INTROSPECTION_COMMANDS {
             assert!(schema::has_command(c), "{c}");
