@@ -211,6 +211,9 @@ pub struct VmConfig {
     /// Let the guest's HLT, PAUSE (and MWAIT, C-state) run without VM exits where KVM allows
     /// (QEMU's `-overcommit cpu-pm=on`): for vCPUs pinned to host CPUs of their own.
     pub cpu_pm: bool,
+    /// Give the guest ACPI tables (RSDP, FADT, MADT, DSDT…); off is QEMU's `-no-acpi`: the
+    /// guest finds its CPUs and interrupt routing in the MP table only.
+    pub acpi: bool,
 }
 
 impl VmConfig {
@@ -232,6 +235,7 @@ impl VmConfig {
             pit: true,
             mem_lock: false,
             cpu_pm: false,
+            acpi: true,
         }
     }
 }

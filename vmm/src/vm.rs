@@ -249,6 +249,7 @@ pub struct Vm {
     event_tx: std::sync::mpsc::Sender<VmEvent>,
     kvm: Kvm,
     pit: bool,
+    acpi: bool,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -537,6 +538,7 @@ impl Vm {
             event_tx: tx,
             kvm,
             pit: config.pit,
+            acpi: config.acpi,
         };
         vm.load_kernel()?;
         // The vCPUs are still parked: the slots only have to exist before they first run.
@@ -569,7 +571,9 @@ impl Vm {
         .map_err(|e| VmError::Load(boot.name.clone(), e))?;
         regs::write_boot_tables(&self.memory, entry.mode)?;
         mptable::write(&self.memory, usize::from(self.cpus))?;
-        acpi::write(&self.memory, self.cpus)?;
+        if self.acpi {
+            acpi::write(&self.memory, self.cpus)?;
+        }
         bios::write_ivt(&self.memory)?;
         // The boot vCPU starts at the loader's entry; the others stay in KVM's INIT-wait
         // state until the guest sends INIT + SIPI.

@@ -62,6 +62,19 @@ pub fn record_inherited_fds() {
     }
 }
 
+/// Takes an inherited descriptor for another use than a migration (a monitor socket or a
+/// serial port's file named on the command line): it is removed from the inherited set, so
+/// `fd:N` can no longer name it. `None` if `fd` was not inherited or was taken already.
+pub fn take_inherited_fd(fd: RawFd) -> Option<OwnedFd> {
+    let mut inherited = vmm_sync::lock(&INHERITED);
+    if !inherited.remove(&fd) {
+        return None;
+    }
+    // SAFETY: `fd` was open at start-up and was in the inherited set until the line above,
+    // under its lock, so nothing else owns it: the OwnedFd is its only owner.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Whether `name` is a descriptor number rather than a monitor name (QEMU: a name must not
 /// start with a digit).
 pub(super) fn is_number(name: &str) -> bool {

@@ -30,7 +30,7 @@
 mod exec;
 mod fd;
 
-pub use fd::{record_inherited_fds, NamedFds};
+pub use fd::{record_inherited_fds, take_inherited_fd, NamedFds};
 mod tcp;
 mod unix;
 

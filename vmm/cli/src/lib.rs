@@ -7,5 +7,8 @@
 
 pub mod cli;
 pub mod qemu_cli;
+pub mod qemu_domain;
+pub mod qemu_launch;
 pub mod run;
+pub mod sandbox;
 pub mod tools;

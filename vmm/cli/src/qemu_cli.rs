@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use crate::qemu_domain::{self, DomainSetup, Keys, QemuObject, SerialTarget};
+use crate::qemu_launch::{Launch, ProbeConfig};
 use qmp::protocol::QEMU_COMPAT_VERSION;
 use vmm::config::{self, DebugExitConfig, SerialConfig, VmConfig};
 use vmm::qemu_opts::split_options;
@@ -41,6 +43,8 @@ pub enum QemuAction {
     Run(Box<VmConfig>),
     /// Print this text and exit 0 (`-help`, `-version`, `-device ?`).
     Print(String),
+    /// Run no machine (`-machine none`): only the monitor, for capability probes.
+    Probe(Box<ProbeConfig>),
 }
 
 /// The devices `-device ?` lists, as QEMU prints them.
@@ -118,9 +122,51 @@ fn on_off(v: &str) -> Option<bool> {
 
 /// Parses QEMU's arguments (without argv[0]).
 pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
+    parse_full(args).map(|(action, _, _)| action)
+}
+
+/// A `-chardev` hopvm implements.
+#[derive(Debug, Clone)]
+enum Chardev {
+    /// A listening Unix socket by path, in `--qmp` syntax.
+    Socket(String),
+    /// A listening socket handed over by the parent.
+    SocketFd(i32),
+    /// A file (or an `-add-fd` set's descriptor).
+    File { path: String, append: bool },
+}
+
+/// QEMU's accelerator list (`kvm`, `kvm:tcg`, `tcg`): whether it includes KVM; an unknown
+/// accelerator is an error.
+fn accel_has_kvm(opt: &str, list: &str) -> Result<bool, QemuCliError> {
+    let mut kvm = false;
+    for accel in list.split(':') {
+        match accel {
+            "kvm" => kvm = true,
+            "tcg" => {}
+            other => return Err(QemuCliError::UnsupportedValue(opt.into(), other.into())),
+        }
+    }
+    Ok(kvm)
+}
+
+/// Parses QEMU's arguments (without argv[0]): what to run, how the process starts
+/// (`-pidfile`, `-daemonize`), and the domain's make-up beyond the VM configuration.
+pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), QemuCliError> {
+    let mut launch = Launch::default();
+    let mut domain = DomainSetup::new();
+    let mut machine_none = false;
+    let mut kvm = true;
     let mut config = VmConfig::new("");
     config.kernel = None;
-    let mut chardevs: HashMap<String, String> = HashMap::new();
+    let mut memory_given = false;
+    let mut memory_backend: Option<String> = None;
+    let mut backends: HashMap<String, u64> = HashMap::new();
+    let mut fdsets: HashMap<u32, Vec<i32>> = HashMap::new();
+    let mut serial_given = false;
+    let mut nodefaults = false;
+    let mut serial_chardev: Option<String> = None;
+    let mut chardevs: HashMap<String, Chardev> = HashMap::new();
     let mut monitors: Vec<String> = Vec::new();
     let mut it = args.iter();
     while let Some(raw) = it.next() {
@@ -137,8 +183,14 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
         };
         let invalid = |v: &str, why: String| QemuCliError::Invalid(format!("{opt} {v}"), why);
         match opt {
-            "-h" | "-help" => return Ok(QemuAction::Print(help_text())),
-            "-version" => return Ok(QemuAction::Print(format!("{}\n", version_line()))),
+            "-h" | "-help" => return Ok((QemuAction::Print(help_text()), launch, domain)),
+            "-version" => {
+                return Ok((
+                    QemuAction::Print(format!("{}\n", version_line())),
+                    launch,
+                    domain,
+                ))
+            }
             "-kernel" => config.kernel = Some(PathBuf::from(value()?)),
             "-initrd" => config.initrd = Some(PathBuf::from(value()?)),
             "-append" => config.cmdline = value()?,
@@ -150,6 +202,7 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
                 config.memory = config::parse_size_with_unit(size, 1 << 20)
                     .and_then(config::check_memory)
                     .map_err(|e| invalid(&v, e.to_string()))?;
+                memory_given = true;
             }
             "-smp" => {
                 let v = value()?;
@@ -161,6 +214,54 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
                     .ok()
                     .filter(|n| *n > 0)
                     .ok_or_else(|| invalid(&v, String::from("expected a vCPU count")))?;
+                let count = |key: &str| -> Result<u8, QemuCliError> {
+                    p.get(key).map_or(Ok(1), |n| {
+                        n.parse()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| invalid(&v, format!("{key}={n}")))
+                    })
+                };
+                let (sockets, dies, cores, threads) = (
+                    count("sockets")?,
+                    count("dies")?,
+                    count("cores")?,
+                    count("threads")?,
+                );
+                for key in p.keys() {
+                    if !matches!(
+                        *key,
+                        "cpus" | "sockets" | "dies" | "cores" | "threads" | "maxcpus"
+                    ) {
+                        return Err(QemuCliError::UnsupportedValue(opt.into(), (*key).into()));
+                    }
+                }
+                if p.contains_key("sockets") || p.contains_key("cores") || p.contains_key("threads")
+                {
+                    let product = u32::from(sockets)
+                        * u32::from(dies)
+                        * u32::from(cores)
+                        * u32::from(threads);
+                    if product != u32::from(config.cpus) {
+                        return Err(invalid(
+                            &v,
+                            format!(
+                                "Invalid CPU topology: product of the hierarchy must match \
+                                 maxcpus: sockets ({sockets}) * dies ({dies}) * cores ({cores}) \
+                                 * threads ({threads}) != maxcpus ({})",
+                                config.cpus
+                            ),
+                        ));
+                    }
+                }
+                if let Some(max) = p.get("maxcpus").filter(|m| **m != n) {
+                    return Err(QemuCliError::UnsupportedValue(
+                        opt.into(),
+                        format!("maxcpus={max} (hopvm cannot hot-plug vCPUs)"),
+                    ));
+                }
+                domain.cores = cores;
+                domain.threads = threads;
             }
             "-cpu" => config.cpu = value()?,
             "-machine" | "-M" => {
@@ -171,15 +272,24 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
                     if !matches!(t, "pc" | "pc-i440fx" | "none") && !t.starts_with("pc-i440fx-") {
                         return Err(QemuCliError::UnsupportedValue(opt.into(), t.into()));
                     }
+                    machine_none = t == "none";
                 }
                 for (k, val) in p {
                     match (k, val) {
                         ("type", _) => {}
-                        ("accel", "kvm") | ("kernel_irqchip" | "kernel-irqchip", "on") => {}
+                        ("accel", list) => kvm = accel_has_kvm(opt, list)?,
+                        ("kernel_irqchip" | "kernel-irqchip", "on") => {}
                         ("pit", pit) => {
                             config.pit =
                                 on_off(pit).ok_or_else(|| invalid(&v, format!("{k}={pit}")))?
                         }
+                        // hopvm has no USB controller.
+                        ("usb", "off" | "no" | "false") => {}
+                        ("dump-guest-core", d) => {
+                            domain.dump_guest_core =
+                                on_off(d).ok_or_else(|| invalid(&v, format!("{k}={d}")))?
+                        }
+                        ("memory-backend", id) => memory_backend = Some(id.to_string()),
                         _ => {
                             return Err(QemuCliError::UnsupportedValue(
                                 opt.into(),
@@ -205,15 +315,70 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             }
             "-accel" => {
                 let v = value()?;
-                if props(&split_options(&v)).0 != Some("kvm") {
-                    return Err(QemuCliError::UnsupportedValue(opt.into(), v));
-                }
+                let parts = split_options(&v);
+                let (first, p) = props(&parts);
+                kvm = accel_has_kvm(opt, first.or(p.get("accel").copied()).unwrap_or(""))?;
             }
             "-no-reboot" => config.no_reboot = true,
-            "-nodefaults" | "-nographic" => {}
+            // hopvm reads no configuration files and creates no default devices.
+            "-nographic" | "-no-user-config" => {}
+            "-nodefaults" => nodefaults = true,
+            "-no-shutdown" => domain.no_shutdown = true,
+            "-no-acpi" => config.acpi = false,
+            "-uuid" => qemu_domain::check_uuid(&value()?)?,
+            "-object" => match qemu_domain::parse_object(&value()?)? {
+                (_, QemuObject::Secret) => {}
+                (id, QemuObject::MemoryBackendRam(size)) => {
+                    backends.insert(id, size);
+                }
+            },
+            "-add-fd" => {
+                let (set, fd) = qemu_domain::parse_add_fd(&value()?)?;
+                fdsets.entry(set).or_default().push(fd);
+            }
+            "-rtc" => {
+                let v = value()?;
+                let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "")?);
+                // hopvm's RTC runs on the host's clock, in UTC.
+                k.only("base", "utc")?;
+                k.only("clock", "host")?;
+                k.finish()?;
+            }
+            "-boot" => {
+                let v = value()?;
+                let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "order")?);
+                // hopvm boots the -kernel image directly: there is no boot device list for
+                // strict to restrict.
+                let _strict = k.bool("strict")?;
+                k.finish()?;
+            }
+            "-audiodev" => {
+                let v = value()?;
+                let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "driver")?);
+                k.required("id")?;
+                // No sound devices: the only backend is none.
+                k.only("driver", "none")?;
+                k.finish()?;
+            }
+            "-msg" => {
+                let v = value()?;
+                let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "")?);
+                // hopvm's few messages carry no timestamp either way.
+                let _timestamp = k.bool("timestamp")?;
+                k.finish()?;
+            }
+            "-sandbox" => domain.sandbox = crate::sandbox::parse(&value()?)?,
+            "-pidfile" => launch.pidfile = Some(PathBuf::from(value()?)),
+            "-daemonize" => launch.daemonize = true,
             "-S" => config.paused = true,
             "-name" => {
-                value()?;
+                let v = value()?;
+                let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "guest")?);
+                let _guest = k.take("guest");
+                let _process = k.take("process");
+                // hopvm's threads always carry names (vcpu0, qmp-accept, …).
+                let _debug_threads = k.bool("debug-threads")?;
+                k.finish()?;
             }
             "-display" | "-vnc" => {
                 let v = value()?;
@@ -229,6 +394,7 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
                 }
             }
             "-serial" => {
+                serial_given = true;
                 let v = value()?;
                 config.serial = match v.as_str() {
                     "none" => SerialConfig::Null,
@@ -239,10 +405,44 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
             }
             "-device" => {
                 let v = value()?;
+                if v.trim_start().starts_with('{') {
+                    let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "driver")?);
+                    let driver = k.required("driver")?;
+                    let id = k.take("id");
+                    match driver.as_str() {
+                        "isa-serial" => {
+                            serial_chardev = Some(k.required("chardev")?);
+                            k.only("index", "0")?;
+                            serial_given = true;
+                        }
+                        other => {
+                            return Err(QemuCliError::UnsupportedValue(opt.into(), other.into()))
+                        }
+                    }
+                    k.finish()?;
+                    if let Some(id) = id {
+                        domain.peripherals.push((id, driver));
+                    }
+                    continue;
+                }
                 let parts = split_options(&v);
                 let (first, p) = props(&parts);
                 match first.unwrap_or("") {
-                    "?" | "help" => return Ok(QemuAction::Print(DEVICE_LIST.to_string())),
+                    "isa-serial" => {
+                        let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "driver")?);
+                        k.take("driver");
+                        let id = k.take("id");
+                        serial_chardev = Some(k.required("chardev")?);
+                        k.only("index", "0")?;
+                        k.finish()?;
+                        serial_given = true;
+                        if let Some(id) = id {
+                            domain.peripherals.push((id, String::from("isa-serial")));
+                        }
+                    }
+                    "?" | "help" => {
+                        return Ok((QemuAction::Print(DEVICE_LIST.to_string()), launch, domain))
+                    }
                     // Always present in hopvm; pci-testdev is accepted but not emulated
                     // (hopvm has no PCI bus), as if the slot were empty.
                     "pc-testdev" | "pci-testdev" => {}
@@ -273,14 +473,42 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
                 let v = value()?;
                 let parts = split_options(&v);
                 let (backend, p) = props(&parts);
-                match (backend, p.get("id"), p.get("path")) {
-                    (Some("socket"), Some(id), Some(path)) => {
+                match (backend, p.get("id"), p.get("path"), p.get("fd")) {
+                    (Some("socket"), Some(id), Some(path), None) => {
                         // The path goes back into option syntax: re-escape its commas.
                         let mut spec = format!("unix:{}", path.replace(',', ",,"));
                         if p.get("server").is_some_and(|s| *s != "off") {
                             spec.push_str(",server=on");
                         }
-                        chardevs.insert((*id).to_string(), spec);
+                        chardevs.insert((*id).to_string(), Chardev::Socket(spec));
+                    }
+                    (Some("socket"), Some(id), None, Some(fd)) => {
+                        if p.get("server")
+                            .is_none_or(|s| !matches!(*s, "on" | "yes" | "true"))
+                        {
+                            return Err(invalid(&v, String::from("fd= needs server=on")));
+                        }
+                        let fd = fd
+                            .parse()
+                            .ok()
+                            .filter(|fd| *fd > 2)
+                            .ok_or_else(|| invalid(&v, format!("fd={fd}")))?;
+                        chardevs.insert((*id).to_string(), Chardev::SocketFd(fd));
+                    }
+                    (Some("file"), Some(id), Some(path), None) => {
+                        let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "backend")?);
+                        for key in ["backend", "id", "path"] {
+                            k.take(key);
+                        }
+                        let append = k.bool("append")?.unwrap_or(false);
+                        k.finish()?;
+                        chardevs.insert(
+                            (*id).to_string(),
+                            Chardev::File {
+                                path: (*path).to_string(),
+                                append,
+                            },
+                        );
                     }
                     _ => return Err(QemuCliError::UnsupportedValue(opt.into(), v)),
                 }
@@ -299,27 +527,118 @@ pub fn parse(args: &[String]) -> Result<QemuAction, QemuCliError> {
         }
     }
     for id in monitors {
-        let spec = chardevs.get(&id).ok_or_else(|| {
+        let chardev = chardevs.get(&id).ok_or_else(|| {
             QemuCliError::Invalid(String::from("-mon"), format!("no chardev {id}"))
         })?;
-        config.qmp = Some(spec.clone());
+        match chardev {
+            Chardev::Socket(spec) => config.qmp = Some(spec.clone()),
+            Chardev::SocketFd(fd) => domain.monitor_fd = Some(*fd),
+            Chardev::File { .. } => {
+                return Err(QemuCliError::UnsupportedValue(
+                    String::from("-mon"),
+                    format!("chardev={id}: a monitor needs a socket"),
+                ))
+            }
+        }
+    }
+    // The chardevs as query-chardev describes them.
+    let mut ids: Vec<&String> = chardevs.keys().collect();
+    ids.sort();
+    for id in ids {
+        let filename = match &chardevs[id] {
+            Chardev::Socket(spec) => spec.clone(),
+            Chardev::SocketFd(_) => String::from("unix:,server=on"),
+            Chardev::File { .. } => String::from("file"),
+        };
+        domain.chardevs.push((id.clone(), filename));
+    }
+    if let Some(id) = serial_chardev {
+        let Some(Chardev::File { path, append }) = chardevs.get(&id) else {
+            return Err(QemuCliError::UnsupportedValue(
+                String::from("-device"),
+                format!("isa-serial,chardev={id}: hopvm's serial port writes to a file chardev"),
+            ));
+        };
+        let target = match path.strip_prefix("/dev/fdset/") {
+            Some(set) => {
+                let fd = set
+                    .parse()
+                    .ok()
+                    .and_then(|set: u32| fdsets.get(&set))
+                    .and_then(|fds| fds.first().copied())
+                    .ok_or_else(|| {
+                        QemuCliError::Invalid(
+                            String::from("-chardev"),
+                            format!("path={path}: no such -add-fd set"),
+                        )
+                    })?;
+                SerialTarget::Fd { fd }
+            }
+            None => SerialTarget::Path {
+                path: PathBuf::from(path),
+                append: *append,
+            },
+        };
+        domain.serial = Some(target);
+        config.serial = SerialConfig::Null;
+    } else if nodefaults && !serial_given {
+        // -nodefaults: no serial port unless one is asked for.
+        config.serial = SerialConfig::Null;
+    }
+    if let Some(id) = &memory_backend {
+        let size = *backends.get(id).ok_or_else(|| {
+            QemuCliError::Invalid(
+                String::from("-machine"),
+                format!("memory-backend={id}: no memory-backend-ram object with that id"),
+            )
+        })?;
+        if memory_given && size != config.memory {
+            return Err(QemuCliError::Invalid(
+                String::from("-machine"),
+                format!(
+                    "memory-backend={id}: its size ({size}) does not match -m ({})",
+                    config.memory
+                ),
+            ));
+        }
+        config.memory = config::check_memory(size)
+            .map_err(|e| QemuCliError::Invalid(String::from("-object"), e.to_string()))?;
+    }
+    if machine_none {
+        let probe = ProbeConfig {
+            qmp: config.qmp,
+            qmp_fd: domain.monitor_fd,
+            paused: config.paused,
+            kvm,
+        };
+        return Ok((QemuAction::Probe(Box::new(probe)), launch, domain));
+    }
+    if !kvm {
+        return Err(QemuCliError::UnsupportedValue(
+            String::from("-accel"),
+            String::from("tcg (hopvm runs guests under KVM only)"),
+        ));
     }
     if config.kernel.is_none() && config.incoming.is_none() {
         return Err(QemuCliError::NoKernel);
     }
-    Ok(QemuAction::Run(Box::new(config)))
+    Ok((QemuAction::Run(Box::new(config)), launch, domain))
 }
 
 /// Runs hopvm with QEMU's arguments (without argv[0]); returns the process exit status.
 pub fn main(args: &[String]) -> i32 {
-    match parse(args) {
-        Ok(QemuAction::Print(text)) => {
+    match parse_full(args) {
+        Ok((QemuAction::Print(text), _, _)) => {
             print!("{text}");
             0
         }
-        Ok(QemuAction::Run(config)) => {
+        Ok((QemuAction::Probe(probe), launch, _)) => {
             crate::run::init_logging();
-            match crate::run::run(&config) {
+            crate::qemu_launch::run_probe(&probe, &launch)
+        }
+        Ok((QemuAction::Run(config), launch, domain)) => {
+            crate::run::init_logging();
+            match crate::qemu_launch::run_domain(&config, &launch, &domain) {
                 Ok(status) => status,
                 Err(e) => {
                     eprintln!("hopvm: {e}");
@@ -439,5 +758,71 @@ mod tests {
             "/usr/bin/qemu-system-x86_64"
         )));
         assert!(!invoked_as_qemu(std::ffi::OsStr::new("hopvm")));
+    }
+
+    #[test]
+    fn libvirt_domain_command_line() {
+        // What libvirt 9.0 generates for hopvm (key=value objects, as hopvm's schema has no
+        // object-add / device_add).
+        let line = "-name guest=g,debug-threads=on -S \
+            -object secret,id=masterKey0,format=raw,data=abc \
+            -machine pc-i440fx-7.2,usb=off,dump-guest-core=off,memory-backend=pc.ram \
+            -accel kvm -cpu qemu64,svm=off -m 128 \
+            -object memory-backend-ram,id=pc.ram,size=134217728 -overcommit mem-lock=off \
+            -smp 2,sockets=1,cores=2,threads=1 -uuid 9a061521-ce5a-4da2-9fa7-8cd95e573f10 \
+            -display none -no-user-config -nodefaults \
+            -chardev socket,id=charmonitor,fd=30,server=on,wait=off \
+            -mon chardev=charmonitor,id=monitor,mode=control -rtc base=utc -no-shutdown \
+            -no-acpi -boot strict=on -kernel k -append ws=4 \
+            -add-fd set=0,fd=31,opaque=serial0-source \
+            -chardev file,id=charserial0,path=/dev/fdset/0,append=on \
+            -device isa-serial,chardev=charserial0,id=serial0,index=0 \
+            -audiodev {\"id\":\"audio1\",\"driver\":\"none\"} -msg timestamp=on";
+        let (action, launch, domain) = parse_full(&args(line)).unwrap();
+        let QemuAction::Run(c) = action else {
+            panic!("{action:?}")
+        };
+        assert_eq!((c.memory, c.cpus, c.acpi), (128 << 20, 2, false));
+        assert!(c.paused);
+        assert_eq!(c.serial, SerialConfig::Null);
+        assert_eq!(launch, Launch::default());
+        assert_eq!(domain.monitor_fd, Some(30));
+        assert_eq!(domain.serial, Some(SerialTarget::Fd { fd: 31 }));
+        assert!(domain.no_shutdown && !domain.dump_guest_core);
+        assert_eq!((domain.cores, domain.threads), (2, 1));
+        assert_eq!(
+            domain.peripherals,
+            vec![(String::from("serial0"), String::from("isa-serial"))]
+        );
+        assert_eq!(domain.chardevs.len(), 2);
+        // -m and the backend must agree; the backend alone sets the size.
+        let bad =
+            "-kernel k -m 64 -object memory-backend-ram,id=r,size=32M -machine memory-backend=r";
+        assert!(parse(&args(bad)).is_err());
+        let c = run("-kernel k -object memory-backend-ram,id=r,size=32M -machine memory-backend=r");
+        assert_eq!(c.memory, 32 << 20);
+        assert!(parse(&args("-kernel k -machine usb=on")).is_err());
+        assert!(parse(&args("-kernel k -rtc base=localtime")).is_err());
+        assert!(parse(&args("-kernel k -audiodev id=a,driver=pa")).is_err());
+        assert!(run("-kernel k -sandbox off").kernel.is_some());
+        let (_, _, d) = parse_full(&args("-kernel k -sandbox on,spawn=deny")).unwrap();
+        assert!(d.sandbox.is_some_and(|s| s.spawn && !s.obsolete));
+    }
+
+    #[test]
+    fn probe_command_line() {
+        let line = "-S -no-user-config -nodefaults -nographic -machine none,accel=kvm:tcg \
+            -qmp unix:/tmp/m,server=on,wait=off -pidfile /tmp/p -daemonize";
+        let (action, launch, _) = parse_full(&args(line)).unwrap();
+        let QemuAction::Probe(p) = action else {
+            panic!("{action:?}")
+        };
+        assert!(p.kvm && p.paused);
+        assert_eq!(p.qmp.as_deref(), Some("unix:/tmp/m,server=on,wait=off"));
+        assert_eq!(launch.pidfile, Some(PathBuf::from("/tmp/p")));
+        assert!(launch.daemonize);
+        let (action, _, _) = parse_full(&args("-machine none,accel=tcg")).unwrap();
+        assert!(matches!(action, QemuAction::Probe(p) if !p.kvm));
+        assert!(parse(&args("-machine none,accel=xen")).is_err());
     }
 }

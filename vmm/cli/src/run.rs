@@ -112,15 +112,69 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// What [`RunOptions::on_ready`] runs once the VM exists and its monitor listens.
+pub type OnReady = Box<dyn FnOnce(&Arc<Instance>) -> Result<(), crate::qemu_launch::LaunchError>>;
+
+/// How a QEMU-style start differs from `hopvm run`'s ([`run_with`]).
+#[derive(Default)]
+pub struct RunOptions {
+    /// COM1's output instead of the one `config.serial` names.
+    pub serial_out: Option<SharedWriter>,
+    /// The monitor, instead of `config.qmp`.
+    pub monitor: Option<qmp::commands::MonitorListen>,
+    /// The guest's make-up for the monitor (chardevs, devices, topology).
+    pub domain: Option<qmp::domain::DomainInfo>,
+    /// `-no-shutdown`: a guest power-off stops the guest (run state `shutdown`) and hopvm
+    /// waits for the monitor (`quit`, `system_reset`) instead of ending.
+    pub no_shutdown: bool,
+    /// `-machine dump-guest-core=off`: guest RAM is left out of hopvm's core dumps.
+    pub no_dump_guest_core: bool,
+    /// Called once the monitor listens (pid file, `-daemonize`'s parent released).
+    pub on_ready: Option<OnReady>,
+}
+
 /// Boots `config` (or waits for its incoming migration) and runs it until it ends; returns
 /// hopvm's exit status.
 pub fn run(config: &VmConfig) -> Result<i32, RunError> {
-    let out = SharedWriter::open(&config.serial)?;
+    run_with(config, RunOptions::default())
+}
+
+/// Marks guest RAM as left out of core dumps (QEMU's `dump-guest-core=off`).
+fn exclude_from_core_dumps(instance: &Instance) {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for region in instance.vm.memory.iter() {
+        let Some(ptr) = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .ok()
+        else {
+            continue;
+        };
+        // SAFETY: the range is one whole guest RAM mapping of this process; MADV_DONTDUMP
+        // only changes what a core dump includes.
+        unsafe {
+            libc::madvise(
+                ptr.cast(),
+                usize::try_from(region.len()).unwrap_or(0),
+                libc::MADV_DONTDUMP,
+            )
+        };
+    }
+}
+
+/// [`run`] with the differences of a QEMU-style start.
+pub fn run_with(config: &VmConfig, mut options: RunOptions) -> Result<i32, RunError> {
+    let out = match options.serial_out.take() {
+        Some(out) => out,
+        None => SharedWriter::open(&config.serial)?,
+    };
     let terminal = match config.serial {
         SerialConfig::Stdio => RawTerminal::enter(std::io::stdin().as_raw_fd()),
         _ => None,
     };
     let instance = Instance::new(config, out.clone())?;
+    if options.no_dump_guest_core {
+        exclude_from_core_dumps(&instance);
+    }
     if config.serial == SerialConfig::Stdio {
         spawn_input_thread(instance.clone(), terminal.is_some());
     }
@@ -132,13 +186,27 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
         Some("defer") => instance.defer_incoming(),
         Some(uri) => instance.incoming(uri).map_err(RunError::Instance)?,
     }
-    let _monitor = match &config.qmp {
-        Some(spec) => Some(
-            qmp::commands::start_monitor(&instance, spec)
-                .map_err(|e| RunError::Monitor(e.to_string()))?,
-        ),
+    let listen = match options.monitor.take() {
+        Some(listen) => Some(listen),
+        None => config.qmp.clone().map(qmp::commands::MonitorListen::Spec),
+    };
+    let _monitor = match listen {
+        Some(listen) => {
+            let domain = options.domain.take().unwrap_or_else(|| {
+                let mut d = qmp::domain::DomainInfo::new(&config.cpu, config.cpus);
+                d.acpi = config.acpi;
+                d
+            });
+            Some(
+                qmp::commands::start_monitor_with(&instance, listen, domain)
+                    .map_err(|e| RunError::Monitor(e.to_string()))?,
+            )
+        }
         None => None,
     };
+    if let Some(ready) = options.on_ready.take() {
+        ready(&instance)?;
+    }
     if config.incoming.is_none() && !config.paused {
         instance.cont().map_err(RunError::Instance)?;
     }
@@ -167,13 +235,21 @@ pub fn run(config: &VmConfig) -> Result<i32, RunError> {
                     "SHUTDOWN",
                     Some(json!({"guest": true, "reason": "guest-shutdown"})),
                 );
+                if options.no_shutdown {
+                    // As QEMU's -no-shutdown: stopped in state `shutdown`, for the monitor
+                    // to quit or reset.
+                    instance.stop();
+                    lock(&instance.vm.machine).runstate = RunState::Shutdown;
+                    continue;
+                }
                 break 0;
             }
             VmEvent::Quit => {
-                instance.emit(
-                    "SHUTDOWN",
-                    Some(json!({"guest": false, "reason": "host-qmp-quit"})),
-                );
+                let reason = match crate::qemu_launch::terminating_signal() {
+                    Some(_) => "host-signal",
+                    None => "host-qmp-quit",
+                };
+                instance.emit("SHUTDOWN", Some(json!({"guest": false, "reason": reason})));
                 break 0;
             }
             event @ (VmEvent::Reset | VmEvent::TripleFault) if config.no_reboot => {
@@ -218,4 +294,7 @@ pub enum RunError {
     /// The QMP monitor could not be started.
     #[error("cannot start the qmp monitor: {0}")]
     Monitor(String),
+    /// The process could not finish starting (pid file, monitor descriptor).
+    #[error(transparent)]
+    Launch(#[from] crate::qemu_launch::LaunchError),
 }

@@ -99,7 +99,7 @@ const QEMU_PARAMETERS: &[&str] = &[
 const MAX_DOWNTIME_MS: u64 = 2_000_000;
 
 /// Starts the QMP monitor for `instance` on `spec` (`unix:PATH`) and routes the instance's
-/// events to it.
+/// events to it; the guest is described as one `host` vCPU (see [`start_monitor_with`]).
 pub fn start_monitor(instance: &Arc<Instance>, spec: &str) -> Result<QmpServer, QmpServerError> {
     let spec: QmpListenSpec = spec.parse()?;
     let server = QmpServer::bind(
@@ -112,15 +112,60 @@ pub fn start_monitor(instance: &Arc<Instance>, spec: &str) -> Result<QmpServer, 
     Ok(server)
 }
 
+/// Where a monitor listens: a `--qmp` address, or a listening socket handed over by the
+/// parent (`-chardev socket,fd=N,server=on`).
+pub enum MonitorListen {
+    /// `unix:PATH` / `tcp:HOST:PORT` with options.
+    Spec(String),
+    /// An inherited listening socket.
+    Listener(std::os::unix::net::UnixListener),
+}
+
+/// Starts the QMP monitor for `instance`, describing the guest with `domain` (its chardevs,
+/// vCPUs and devices), and routes the instance's events to it.
+pub fn start_monitor_with(
+    instance: &Arc<Instance>,
+    listen: MonitorListen,
+    domain: crate::domain::DomainInfo,
+) -> Result<QmpServer, QmpServerError> {
+    let mut commands = Commands::new(instance.clone());
+    commands.domain = Arc::new(domain);
+    let backend = Arc::new(commands);
+    let server = match listen {
+        MonitorListen::Spec(spec) => {
+            let spec: QmpListenSpec = spec.parse()?;
+            QmpServer::bind(&spec, backend, QmpServerConfig::default())?
+        }
+        MonitorListen::Listener(l) => {
+            QmpServer::from_unix_listener(l, backend, QmpServerConfig::default())?
+        }
+    };
+    let events = server.events();
+    instance.set_event_emitter(Box::new(move |name, data| events.emit(name, data)));
+    Ok(server)
+}
+
 /// The QMP commands of one [`Instance`].
 pub struct Commands {
     instance: Arc<Instance>,
+    host: std::sync::OnceLock<crate::probe::HostInfo>,
+    domain: Arc<crate::domain::DomainInfo>,
 }
 
 impl Commands {
     /// Commands acting on `instance`.
     pub fn new(instance: Arc<Instance>) -> Self {
-        Self { instance }
+        Self {
+            instance,
+            host: std::sync::OnceLock::new(),
+            domain: Arc::new(crate::domain::DomainInfo::new("host", 1)),
+        }
+    }
+
+    /// The host as the introspection commands describe it (looked at once, on first use).
+    fn host(&self) -> &crate::probe::HostInfo {
+        self.host
+            .get_or_init(|| crate::probe::HostInfo::probe(true))
     }
 
     fn query_status(&self) -> Value {
@@ -484,8 +529,13 @@ impl QmpBackend for Commands {
         let inst = &self.instance;
         match command {
             "query-version" => none(args).map(|_| version_info()),
-            "query-commands" => none(args)
-                .map(|_| Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
+            "query-commands" => none(args).map(|_| {
+                let all = COMMANDS
+                    .iter()
+                    .chain(crate::probe::INTROSPECTION_COMMANDS)
+                    .chain(crate::domain::DOMAIN_COMMANDS);
+                Value::Array(all.map(|c| json!({"name": c})).collect())
+            }),
             "query-status" => none(args).map(|_| self.query_status()),
             "stop" => none(args).map(|_| {
                 inst.stop();
@@ -513,6 +563,9 @@ impl QmpBackend for Commands {
                 let _ = inst.vm.event_sender().send(VmEvent::Wakeup);
                 Ok(Value::Null)
             }
+            "system_powerdown" => {
+                crate::domain::system_powerdown(&self.domain, args, |n, d| inst.emit(n, d))
+            }
             "quit" => none(args).map(|_| {
                 let _ = inst.vm.event_sender().send(VmEvent::Quit);
                 Value::Null
@@ -538,7 +591,9 @@ impl QmpBackend for Commands {
             "query-migrate-cache-size" => {
                 none(args).map(|_| json!(lock(&inst.migration.xbzrle).cache_size))
             }
-            other => Err(QmpError::command_not_found(other)),
+            other => crate::probe::execute(self.host(), other, args)
+                .or_else(|| crate::domain::execute(&self.domain, other, args))
+                .unwrap_or_else(|| Err(QmpError::command_not_found(other))),
         }
     }
 
@@ -557,5 +612,68 @@ impl QmpBackend for Commands {
 
     fn has_command(&self, command: &str) -> bool {
         COMMANDS.contains(&command)
+            || crate::probe::INTROSPECTION_COMMANDS.contains(&command)
+            || crate::domain::DOMAIN_COMMANDS.contains(&command)
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    use super::COMMANDS;
+    use crate::probe::INTROSPECTION_COMMANDS;
+    use crate::schema::COMMAND_DEFS;
+
+    /// The schema describes exactly the commands the monitor implements.
+    #[test]
+    fn schema_lists_every_command() {
+        let implemented: Vec<&str> = COMMANDS
+            .iter()
+            .chain(INTROSPECTION_COMMANDS)
+            .chain(crate::domain::DOMAIN_COMMANDS)
+            .copied()
+            .collect();
+        for c in &implemented {
+            assert!(
+                COMMAND_DEFS.iter().any(|d| d.name == *c),
+                "{c} not in schema"
+            );
+        }
+        for d in COMMAND_DEFS {
+            assert!(implemented.contains(&d.name), "{} not implemented", d.name);
+        }
+    }
+
+    /// The schema's migration capabilities and parameters are the ones the monitor takes.
+    #[test]
+    fn schema_lists_migration_settings() {
+        let schema = crate::schema::qmp_schema();
+        let entry = |name: &str| {
+            schema
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == name)
+                .cloned()
+                .unwrap()
+        };
+        let caps: Vec<String> = entry("MigrationCapability")["values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let mut want: Vec<String> = super::CAPABILITIES.iter().map(|c| c.to_string()).collect();
+        let mut have = caps;
+        want.sort();
+        have.sort();
+        assert_eq!(have, want);
+        for p in super::QEMU_PARAMETERS {
+            assert!(
+                !crate::schema::MIGRATION_PARAMETER_MEMBERS
+                    .iter()
+                    .any(|m| m.name == *p),
+                "{p} is refused by migrate-set-parameters but in the schema"
+            );
+        }
     }
 }

@@ -11,13 +11,21 @@
 //!   for checking command arguments with QEMU's messages;
 //! * [`fds`] keeps the descriptors clients pass with SCM_RIGHTS (`getfd`, `closefd`) for
 //!   `migrate fd:NAME`;
+//! * [`schema`] is the table of hopvm's commands and events and `query-qmp-schema` made from
+//!   it; [`probe`] answers the introspection commands (machines, CPU models, types) and is the
+//!   whole monitor of a machine-less hopvm (`-machine none`, libvirt's capability probe);
+//! * [`domain`] describes a running guest's make-up (chardevs, vCPUs, the QOM tree libvirt
+//!   reads);
 //! * [`server`] serves sessions on a Unix (or TCP) socket to several clients at once and
 //!   broadcasts events through [`EventSender`] without ever blocking the VMM.
 
 pub mod commands;
+pub mod domain;
 pub mod fds;
 pub mod json;
+pub mod probe;
 pub mod protocol;
+pub mod schema;
 pub mod server;
 
 /// The QMP client, crate `qmp-client` (its own crate so that guest-tests can use it without

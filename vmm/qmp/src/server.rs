@@ -625,6 +625,37 @@ impl QmpServer {
             QmpAddress::Unix(path) => bind_unix(path)?,
             QmpAddress::Tcp { host, port } => bind_tcp(host, *port)?,
         };
+        Self::serve(listener, local, backend, config)
+    }
+
+    /// Serves `backend` on a listening Unix socket handed over by the parent process (QEMU's
+    /// `-chardev socket,fd=N,server=on`, as libvirt passes the monitor). The socket file is
+    /// the parent's: it is left in place at shutdown.
+    pub fn from_unix_listener(
+        listener: UnixListener,
+        backend: Arc<dyn QmpBackend>,
+        config: QmpServerConfig,
+    ) -> Result<Self, QmpServerError> {
+        let path = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            .unwrap_or_default();
+        // dev/ino 0 never match a file, so shutdown never removes the parent's socket.
+        let local = Local::Unix {
+            path,
+            dev: 0,
+            ino: 0,
+        };
+        Self::serve(Listener::Unix(listener), local, backend, config)
+    }
+
+    fn serve(
+        listener: Listener,
+        local: Local,
+        backend: Arc<dyn QmpBackend>,
+        config: QmpServerConfig,
+    ) -> Result<Self, QmpServerError> {
         let listen_error = |source| QmpServerError::Listen {
             address: local.to_string(),
             source,
@@ -1046,6 +1077,19 @@ fn reader_loop(client: &Client, mut conn: Conn, shared: &Shared) {
     }
 }
 
+/// A line as QEMU's monitor puts it on the wire: every `\n` as `\r\n` (`monitor_puts`).
+/// libvirt cuts its input at `\r\n` and sees nothing in a bare `\n` stream.
+fn crlf(line: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(line.len() + 1);
+    for &b in line.as_bytes() {
+        if b == b'\n' {
+            out.push(b'\r');
+        }
+        out.push(b);
+    }
+    out
+}
+
 /// Writes queued lines until the client closes, then disconnects it.
 fn writer_loop(client: &Client, conn: &Conn, registry: &Registry) {
     loop {
@@ -1067,7 +1111,7 @@ fn writer_loop(client: &Client, conn: &Conn, registry: &Registry) {
             }
         };
         let Some(line) = line else { break };
-        if let Err(error) = conn.send_all(line.as_bytes()) {
+        if let Err(error) = conn.send_all(&crlf(&line)) {
             log::debug!("qmp: client {} went away: {error}", client.id);
             break;
         }

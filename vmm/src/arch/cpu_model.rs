@@ -1402,6 +1402,107 @@ pub fn must_hide_arch_capabilities(vcpu: &VcpuFd, cpuid: &CpuId, arch_caps: Opti
     !settable
 }
 
+/// The CPUID this host's KVM supports, with QEMU's adjustments ([`supported_cpuid`] on a
+/// fresh `/dev/kvm` handle): what `query-cpu-definitions` and `query-cpu-model-expansion`
+/// describe.
+pub fn host_supported_cpuid() -> Result<CpuId, CpuModelError> {
+    let kvm = Kvm::new().map_err(CpuModelError::Kvm)?;
+    supported_cpuid(&kvm, arch_capabilities_msr(&kvm))
+}
+
+/// The models `-cpu` accepts, in the order `query-cpu-definitions` lists them.
+pub const BASE_MODELS: &[BaseModel] = &[
+    BaseModel::Qemu64,
+    BaseModel::Kvm64,
+    BaseModel::OpteronG1,
+    BaseModel::SkylakeServer,
+    BaseModel::Max,
+    BaseModel::Host,
+];
+
+/// Every CPUID feature name hopvm knows (QEMU's names).
+pub fn feature_names() -> impl Iterator<Item = &'static str> {
+    FEATURES.iter().map(|f| f.name)
+}
+
+/// Every CPUID feature name hopvm knows, with whether `cpuid` (a guest's CPUID, as
+/// [`CpuModel::apply`] builds it) has it: QEMU's boolean CPU properties.
+pub fn feature_states(cpuid: &CpuId) -> Vec<(&'static str, bool)> {
+    let entries = cpuid.as_slice();
+    FEATURES
+        .iter()
+        .map(|f| (f.name, get(entries, f.word) & f.mask == f.mask))
+        .collect()
+}
+
+/// The identity a guest CPUID gives: vendor, family, model, stepping and brand string, as
+/// QEMU's CPU properties `vendor`, `family`, `model`, `stepping` and `model-id` report them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuIdentity {
+    /// `GenuineIntel`, `AuthenticAMD`, ...
+    pub vendor: String,
+    /// Family (base + extended).
+    pub family: u32,
+    /// Model (with the extended model).
+    pub model: u32,
+    /// Stepping.
+    pub stepping: u32,
+    /// The brand string of leaves 0x8000_0002..4.
+    pub model_id: String,
+}
+
+/// [`CpuIdentity`] of a guest CPUID.
+pub fn identity(cpuid: &CpuId) -> CpuIdentity {
+    let entries = cpuid.as_slice();
+    let (family, model, stepping) = decode_signature(get(entries, word(1, 0, Reg::Eax)));
+    let mut brand = Vec::with_capacity(48);
+    for leaf in 0x8000_0002..=0x8000_0004 {
+        for reg in [Reg::Eax, Reg::Ebx, Reg::Ecx, Reg::Edx] {
+            brand.extend_from_slice(&get(entries, word(leaf, 0, reg)).to_le_bytes());
+        }
+    }
+    let end = brand.iter().position(|&b| b == 0).unwrap_or(brand.len());
+    CpuIdentity {
+        vendor: String::from_utf8_lossy(&vendor_of(entries)).into_owned(),
+        family,
+        model,
+        stepping,
+        model_id: String::from_utf8_lossy(&brand[..end]).trim().to_string(),
+    }
+}
+
+impl CpuModel {
+    /// The features this model asks for that a host whose KVM supports `supported` cannot
+    /// give (QEMU's `unavailable-features` of `query-cpu-definitions`): empty for `max` and
+    /// `host`, which take what there is.
+    pub fn unavailable_features(&self, supported: &CpuId) -> Vec<&'static str> {
+        let sup = supported.as_slice();
+        let host_bits = |w: Word| get(sup, w) | if w == L1_ECX { LEAF1_ECX_HYPERVISOR } else { 0 };
+        let mut missing = Vec::new();
+        let mut note = |w: Word, bits: u32| {
+            for f in FEATURES
+                .iter()
+                .filter(|f| f.word == w && f.mask & bits != 0)
+            {
+                if !missing.contains(&f.name) {
+                    missing.push(f.name);
+                }
+            }
+        };
+        if let Some(def) = self.base.def() {
+            for w in MODEL_WORDS {
+                note(w, def.word(w) & !host_bits(w));
+            }
+        }
+        for &(idx, on) in &self.features {
+            if let Some(f) = FEATURES.get(idx).filter(|_| on) {
+                note(f.word, f.mask & !host_bits(f.word));
+            }
+        }
+        missing
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
