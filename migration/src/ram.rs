@@ -1139,7 +1139,7 @@ mod tests {
             .get_host_address(GuestAddress(page * PAGE_SIZE))
             .unwrap();
         // SAFETY: inside the 64 MiB mapping `src` owns.
-        unsafe { host.cast::<u64>().write_volatile(0x5eed_0f_da7a) };
+        unsafe { host.cast::<u64>().write_volatile(0x5eed_0fda_7a00) };
         while !s.iterate(&mut out, u64::MAX).unwrap() {}
         s.complete(&mut out).unwrap();
         let mut input = &out[..];
@@ -1148,7 +1148,7 @@ mod tests {
         }
         assert_eq!(
             dst.read_obj::<u64>(GuestAddress(page * PAGE_SIZE)).unwrap(),
-            0x5eed_0f_da7a
+            0x5eed_0fda_7a00
         );
         same(&src, &dst, size);
     }
