@@ -237,9 +237,11 @@ struct Block {
     /// Manual protection: chunks of [`CLEAR_CHUNK_PAGES`] with bits in `uncleared`.
     clear_pending: Vec<bool>,
     /// Pages that may hold data ([`pagemap::populated`]); `None` means all may. On the source
-    /// it is taken when a migration begins (pages written later are dirty anyway); on the
-    /// destination it also records every page the load wrote.
+    /// it is taken when a migration begins and kept up to date with the guest's writes; on
+    /// the destination it also records every page the load wrote.
     populated: Option<Vec<u64>>,
+    /// Destination: pages some record of this load covered.
+    received: Vec<u64>,
 }
 
 impl Block {
@@ -252,6 +254,12 @@ impl Block {
     fn mark_populated(&mut self, page: usize) {
         if let Some(p) = self.populated.as_mut() {
             p[page / 64] |= 1 << (page % 64);
+        }
+    }
+
+    fn mark_received(&mut self, page: usize) {
+        if let Some(w) = self.received.get_mut(page / 64) {
+            *w |= 1 << (page % 64);
         }
     }
 }
@@ -372,6 +380,7 @@ impl RamSection {
                     uncleared: Vec::new(),
                     clear_pending: Vec::new(),
                     populated: None,
+                    received: Vec::new(),
                 }
             })
             .collect();
@@ -420,10 +429,21 @@ impl RamSection {
             let mmap: &MmapRegion<AtomicBitmap> = region;
             let vmm = mmap.bitmap().get_and_reset();
             let block = &mut self.blocks[i];
+            // A page written since `begin` may hold data whatever pagemap said then. With
+            // manual protection KVM's bits include the initially-set ones, so those pages
+            // are learnt from pagemap when their chunk is cleared instead.
+            let manual = self.manual_protect == Some(true);
             for (w, word) in block.dirty.iter_mut().enumerate() {
-                let new = kvm.get(w).copied().unwrap_or(0) | vmm.get(w).copied().unwrap_or(0);
+                let (k, v) = (
+                    kvm.get(w).copied().unwrap_or(0),
+                    vmm.get(w).copied().unwrap_or(0),
+                );
+                let new = k | v;
                 found += u64::from((new & !*word).count_ones());
                 *word |= new;
+                if let Some(p) = block.populated.as_mut() {
+                    p[w] |= if manual { v } else { new };
+                }
             }
             if self.manual_protect == Some(true) {
                 for (w, bits) in kvm.iter().enumerate().take(block.uncleared.len()) {
@@ -473,6 +493,14 @@ impl RamSection {
         let offset = page as u64 * PAGE_SIZE;
         let addr = b.start + offset;
         let known_zero = !b.may_hold_data(page);
+        if known_zero && self.bulk_stage {
+            // Never populated: no record at all. The destination's copy reads as zero too —
+            // fresh pages do, and `load_end` zeroes any page it held data in and got no
+            // record for. (QEMU sends a ZERO record per page: ~9 bytes and a record to
+            // decode for each page of an idle guest.)
+            self.counters.duplicate.fetch_add(1, Ordering::Relaxed);
+            return Ok(0);
+        }
         let data: &[u8] = if !known_zero {
             // SAFETY: the page lies inside the block's mapping (page < pages), which `memory`
             // keeps mapped; the guest may write it meanwhile (see above), never unmap it.
@@ -646,6 +674,17 @@ impl RamSection {
         }
     }
 
+    /// Source: which pages may hold data, read again from pagemap.
+    fn refresh_populated(&mut self) {
+        for (i, region) in self.memory.iter().enumerate() {
+            let b = &mut self.blocks[i];
+            if b.populated.is_some() {
+                b.populated = host_range(region)
+                    .and_then(|(host, len)| pagemap::populated(host, (len / PAGE_SIZE) as usize));
+            }
+        }
+    }
+
     /// Destination: learns which pages already hold data, once per load.
     fn load_populated(&mut self) {
         if self.loading {
@@ -653,8 +692,10 @@ impl RamSection {
         }
         self.loading = true;
         for (i, region) in self.memory.iter().enumerate() {
-            self.blocks[i].populated = host_range(region)
+            let b = &mut self.blocks[i];
+            b.populated = host_range(region)
                 .and_then(|(host, len)| pagemap::populated(host, (len / PAGE_SIZE) as usize));
+            b.received = vec![0; b.pages.div_ceil(64)];
         }
     }
 
@@ -671,6 +712,7 @@ impl RamSection {
             )));
         }
         let addr = b.start + offset;
+        self.blocks[i].mark_received((offset / PAGE_SIZE) as usize);
         self.last_load = Some(match self.last_load {
             Some((lo, hi)) => (lo.min(addr), hi.max(addr)),
             None => (addr, addr),
@@ -808,6 +850,11 @@ impl LiveSection for RamSection {
 
     fn complete(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
         self.sync()?;
+        if self.bulk_stage {
+            // Still in the first pass: chunks not cleared yet may hold pages the guest
+            // first wrote since `begin`; the guest is stopped now, so pagemap is final.
+            self.refresh_populated();
+        }
         let start = Instant::now();
         let before = self.profiling.then(|| self.profile_split());
         while let Some((block, page)) = self.next_dirty() {
@@ -873,6 +920,26 @@ impl LiveSection for RamSection {
         // What the populate thread has not reached yet the guest faults in on demand: it
         // must not keep a core busy while the guest resumes.
         self.populate_stop.store(true, Ordering::Relaxed);
+        // The source sends no record for a page it never populated (see `send_page`): such
+        // a page must read as zero here too. A fresh destination's pages are; one that held
+        // data before this load (an earlier, failed load) is zeroed now.
+        for i in 0..self.blocks.len() {
+            let b = &self.blocks[i];
+            let stale: Vec<usize> = (0..b.pages)
+                .filter(|&p| b.may_hold_data(p) && !pagemap::is_set(&b.received, p))
+                .collect();
+            for page in stale {
+                // SAFETY: page < pages, inside block i's mapping, which `memory` keeps
+                // mapped; the vCPUs do not run while a stream loads.
+                unsafe {
+                    std::slice::from_raw_parts_mut(
+                        self.host_page(i, page as u64 * PAGE_SIZE),
+                        PAGE_SIZE as usize,
+                    )
+                }
+                .fill(0);
+            }
+        }
     }
 
     fn load(&mut self, input: &mut dyn Read, version: u32) -> Result<(), SectionError> {
@@ -1153,6 +1220,46 @@ mod tests {
         same(&src, &dst, size);
     }
 
+    /// Never-populated source pages travel as no record at all; a destination page that
+    /// held data before the load (an earlier, failed one) still ends up zero, and the idle
+    /// gigabytes cost next to no bytes.
+    #[test]
+    fn unpopulated_pages_need_no_records_and_end_zero() {
+        let size = 16 << 20;
+        let src = mem(size);
+        let dst = mem(size);
+        src.write_obj(0x1111u64, GuestAddress(3 * PAGE_SIZE))
+            .unwrap();
+        // Left over on the destination where the source has nothing.
+        dst.write_obj(0xdeadu64, GuestAddress(100 * PAGE_SIZE))
+            .unwrap();
+        dst.write_obj(0xbeefu64, GuestAddress(3 * PAGE_SIZE + 8))
+            .unwrap();
+        let (mut s, _) = section(&src, false);
+        let (mut d, _) = section(&dst, false);
+        d.prepare_load();
+        let mut out = Vec::new();
+        s.begin(&mut out).unwrap();
+        while !s.iterate(&mut out, u64::MAX).unwrap() {}
+        s.complete(&mut out).unwrap();
+        assert!(
+            out.len() < 16 << 10,
+            "{} bytes for one page of data",
+            out.len()
+        );
+        assert_eq!(
+            s.counters.duplicate.load(Ordering::Relaxed)
+                + s.counters.normal.load(Ordering::Relaxed),
+            (size / PAGE_SIZE as usize) as u64
+        );
+        let mut input = &out[..];
+        while !input.is_empty() {
+            d.load(&mut input, RAM_SECTION_VERSION).unwrap();
+        }
+        d.load_end();
+        same(&src, &dst, size);
+    }
+
     fn section(mem: &GuestMemoryMmap, xbzrle: bool) -> (RamSection, Arc<Mutex<Vec<Vec<u64>>>>) {
         let log = Arc::new(Mutex::new(vec![Vec::new(); mem.num_regions()]));
         let settings = Arc::new(Mutex::new(XbzrleSettings {
@@ -1234,6 +1341,10 @@ mod tests {
     #[test]
     fn failed_flush_puts_pages_back() {
         let src = mem(64 << 10);
+        // Pages with data (never-populated ones go without any record to put back).
+        for p in 0..16u64 {
+            src.write_obj(p + 1, GuestAddress(p * PAGE_SIZE)).unwrap();
+        }
         let (mut s, _) = section(&src, false);
         let mut out = Vec::new();
         s.begin(&mut out).unwrap();
@@ -1260,6 +1371,7 @@ mod tests {
             uncleared: Vec::new(),
             clear_pending: Vec::new(),
             populated: None,
+            received: Vec::new(),
         };
         for p in [1usize, 64, 69, 70, 129] {
             b.dirty[p / 64] |= 1 << (p % 64);
