@@ -226,35 +226,48 @@ impl BufferedOutput {
     /// A copy of everything buffered, in stream order.
     pub fn to_vec(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(self.pending());
-        self.segments(FlushCursor::default(), usize::MAX)
+        self.segments(FlushCursor::default(), usize::MAX, usize::MAX)
             .iter()
             .for_each(|s| v.extend_from_slice(s));
         v
     }
 
-    /// Up to `max` slices from `c` on, in stream order.
-    fn segments(&self, c: FlushCursor, max: usize) -> Vec<io::IoSlice<'_>> {
+    /// Up to `max` slices and `limit` bytes from `c` on, in stream order.
+    fn segments(&self, c: FlushCursor, max: usize, mut limit: usize) -> Vec<io::IoSlice<'_>> {
         let mut out = Vec::new();
+        // Adds what fits; false once nothing more may be added.
+        fn push<'a>(
+            out: &mut Vec<io::IoSlice<'a>>,
+            piece: &'a [u8],
+            limit: &mut usize,
+            max: usize,
+        ) -> bool {
+            let piece = &piece[..piece.len().min(*limit)];
+            *limit -= piece.len();
+            out.push(io::IoSlice::new(piece));
+            *limit > 0 && out.len() < max
+        }
         let mut head = c.head;
         let mut off = c.piece_off;
+        if limit == 0 || max == 0 {
+            return out;
+        }
         for g in &self.guest[c.piece..] {
-            if out.len() >= max {
-                return out;
-            }
             if head < g.at {
-                out.push(io::IoSlice::new(&self.buf[head..g.at]));
-                head = g.at;
-                if out.len() >= max {
+                if !push(&mut out, &self.buf[head..g.at], &mut limit, max) {
                     return out;
                 }
+                head = g.at;
             }
             // SAFETY: write_guest's contract keeps the piece mapped while it is buffered.
             let piece = unsafe { std::slice::from_raw_parts(g.ptr.add(off), g.len - off) };
-            out.push(io::IoSlice::new(piece));
+            if !push(&mut out, piece, &mut limit, max) {
+                return out;
+            }
             off = 0;
         }
-        if head < self.buf.len() && out.len() < max {
-            out.push(io::IoSlice::new(&self.buf[head..]));
+        if head < self.buf.len() {
+            push(&mut out, &self.buf[head..], &mut limit, max);
         }
         out
     }
@@ -305,7 +318,17 @@ impl BufferedOutput {
     /// Writes everything buffered to `out` (vectored), returning the byte count. On error
     /// the bytes not written stay buffered and the error says how many were.
     pub fn flush_to(&mut self, out: &mut dyn Write) -> Result<u64, RateLimitError> {
-        let total = self.pending();
+        self.flush_keeping(out, 0)
+    }
+
+    /// [`flush_to`](Self::flush_to), but the last `keep` bytes stay buffered: the caller
+    /// decides when they go (the end of a stream, once nothing may undo the migration).
+    pub fn flush_keeping(
+        &mut self,
+        out: &mut dyn Write,
+        keep: usize,
+    ) -> Result<u64, RateLimitError> {
+        let total = self.pending().saturating_sub(keep);
         let mut c = FlushCursor::default();
         let mut written = 0usize;
         let result = loop {
@@ -313,7 +336,7 @@ impl BufferedOutput {
                 break out.flush();
             }
             let r = {
-                let iov = self.segments(c, MAX_IOV);
+                let iov = self.segments(c, MAX_IOV, total - written);
                 out.write_vectored(&iov)
             };
             match r {
@@ -580,6 +603,27 @@ mod tests {
         assert_eq!(sink, &want[5..]);
         assert!(b.is_empty());
         assert_eq!(b.flushed() as usize, want.len());
+    }
+
+    /// The kept tail stays until asked for, guest pieces or not.
+    #[test]
+    fn flush_keeping_holds_the_tail() {
+        let page = [9u8; 100];
+        let mut b = BufferedOutput::new();
+        b.write_all(b"head").unwrap();
+        // SAFETY: `page` outlives `b`'s use of it.
+        unsafe { b.write_guest(page.as_ptr(), page.len()).unwrap() };
+        b.write_all(b"tail").unwrap();
+        let want = b.to_vec();
+        let mut sink = Vec::new();
+        assert_eq!(
+            b.flush_keeping(&mut sink, 50).unwrap() as usize,
+            want.len() - 50
+        );
+        assert_eq!(sink, &want[..want.len() - 50]);
+        assert_eq!(b.pending(), 50);
+        assert_eq!(b.flush_to(&mut sink).unwrap(), 50);
+        assert_eq!(sink, want);
     }
 
     /// More pieces than one vectored write takes.

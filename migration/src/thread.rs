@@ -183,6 +183,9 @@ pub enum MigrationRunError {
     OutcomeUnknown,
 }
 
+/// Bytes of the stream's end held back until a migration without a return path commits.
+const STREAM_TAIL: usize = 4096;
+
 /// How long the source waits for STARTED after the go-ahead.
 const STARTED_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a failed source waits for the destination's reason on the return path.
@@ -806,8 +809,19 @@ impl Migration {
         w: &mut StreamWriter<BufferedOutput>,
         out: &mut dyn Write,
     ) -> Result<u64, MigrationRunError> {
+        self.flush_keeping(host, w, out, 0)
+    }
+
+    /// [`flush`](Self::flush) but for the last `keep` bytes.
+    fn flush_keeping<H: MigrationHost>(
+        &self,
+        host: &H,
+        w: &mut StreamWriter<BufferedOutput>,
+        out: &mut dyn Write,
+        keep: usize,
+    ) -> Result<u64, MigrationRunError> {
         let t0 = Instant::now();
-        let result = w.get_mut().flush_to(out);
+        let result = w.get_mut().flush_keeping(out, keep);
         let profile = &self.ram.profile;
         profile.add_since(&profile.send_ns, t0);
         let _g = lock(host.big_lock());
@@ -1018,9 +1032,12 @@ impl Migration {
                     if lock(&self.inner).throttle_pct != 0 {
                         self.set_throttle(host.as_ref(), 0);
                     }
-                    let sent = result
-                        .map_err(MigrationRunError::from)
-                        .and_then(|_| self.flush(host.as_ref(), &mut w, out.as_mut()));
+                    // Without a return path the stream's tail waits until the migration
+                    // is committed (`hand_over`): a cancel until then always wins safely.
+                    let keep = if rp.is_none() { STREAM_TAIL } else { 0 };
+                    let sent = result.map_err(MigrationRunError::from).and_then(|_| {
+                        self.flush_keeping(host.as_ref(), &mut w, out.as_mut(), keep)
+                    });
                     let final_pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
                     if final_pass != pass {
                         lock(&self.inner)
@@ -1033,7 +1050,7 @@ impl Migration {
                         Err(e) => Switchover::Resume(Some(e)),
                         Ok(_) => match rp {
                             Some(rp) => self.handshake(rp, out),
-                            None => self.hand_over(out),
+                            None => self.hand_over(host.as_ref(), &mut w, out),
                         },
                     };
                     match outcome {
@@ -1126,15 +1143,27 @@ impl Migration {
         }
     }
 
-    /// Without a return path: the whole stream, the VM description last, is with the
-    /// transport. From here a cancel is too late — the destination can load and start the
-    /// guest, so resuming here would run two copies. A cancel that cut the flush short left
-    /// the description incomplete, which the destination refuses: then the guest resumes.
-    fn hand_over(&self, out: Box<dyn MigrationOutput>) -> Switchover {
+    /// Without a return path: all of the stream but its last [`STREAM_TAIL`] bytes (the end
+    /// of the VM description, without which no destination loads it) is with the transport.
+    /// Unless a cancel came first, the migration commits — from here a cancel is too late —
+    /// and the tail goes. A cancel before that point, or a tail that cannot be sent, leaves
+    /// the destination an incomplete stream it refuses: then the guest resumes here.
+    fn hand_over<H: MigrationHost>(
+        &self,
+        host: &H,
+        w: &mut StreamWriter<BufferedOutput>,
+        mut out: Box<dyn MigrationOutput>,
+    ) -> Switchover {
         {
             let mut i = lock(&self.inner);
+            if i.status == MigrationStatus::Cancelling {
+                return Switchover::Resume(None);
+            }
             i.committed = true;
             i.canceller = None;
+        }
+        if let Err(e) = self.flush(host, w, out.as_mut()) {
+            return Switchover::Resume(Some(e));
         }
         match out.finish() {
             Ok(()) => Switchover::Done,
