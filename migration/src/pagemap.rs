@@ -8,6 +8,9 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::AtomicU8;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 /// pagemap entry: page present in RAM.
 const PRESENT: u64 = 1 << 63;
@@ -65,9 +68,34 @@ pub unsafe fn advise_huge_pages(host: *mut u8, len: usize) {
     }
 }
 
+/// How the `populate` thread goes on ([`populate`]); checked every 2 MiB.
+#[derive(Debug, Default)]
+pub struct PopulateControl(AtomicU8);
+
+impl PopulateControl {
+    const RUN: u8 = 0;
+    const BACKGROUND: u8 = 1;
+    const STOP: u8 = 2;
+
+    /// The stream has started: from now on only spare CPU time (`SCHED_IDLE`), so the
+    /// stream and the vCPUs come first; a page the stream reaches first is faulted in by the
+    /// incoming thread anyway.
+    pub fn background(&self) {
+        let _ = self
+            .0
+            .compare_exchange(Self::RUN, Self::BACKGROUND, Relaxed, Relaxed);
+    }
+
+    /// Give up: the guest faults in the rest on demand.
+    pub fn stop(&self) {
+        self.0.store(Self::STOP, Relaxed);
+    }
+}
+
 /// Faults every page of `ranges` (host address, length) in, front to back, on a helper
 /// thread named `populate` that keeps `keep` (what owns the mappings) alive; returns at once.
-/// The thread gives up early once `stop` is set (checked every 2 MiB).
+/// It runs at normal priority until `control` says the stream has started, then only on
+/// spare CPU; it gives up when told to.
 ///
 /// Each page gets an atomic `lock or qword [page], 0`: a write fault that maps it (a huge
 /// page where the range is advised so) without changing a byte, even while another thread
@@ -82,23 +110,31 @@ pub unsafe fn advise_huge_pages(host: *mut u8, len: usize) {
 pub unsafe fn populate(
     ranges: Vec<(usize, usize)>,
     keep: impl Send + 'static,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    control: Arc<PopulateControl>,
 ) {
     let spawned = std::thread::Builder::new()
         .name(String::from("populate"))
         .spawn(move || {
             let _keep = keep;
-            // Only spare CPU time: the stream and the vCPUs come first (a page the stream
-            // reaches first is faulted in by the incoming thread anyway).
-            let param = libc::sched_param { sched_priority: 0 };
-            // SAFETY: changes this thread's own policy; `param` is a valid sched_param.
-            if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) } != 0 {
-                log::debug!("SCHED_IDLE: {}", std::io::Error::last_os_error());
-            }
+            let mut background = false;
             for (host, len) in ranges {
                 for off in (0..len).step_by(4096) {
-                    if off % (2 << 20) == 0 && stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        return;
+                    if off % (2 << 20) == 0 {
+                        match control.0.load(Relaxed) {
+                            PopulateControl::STOP => return,
+                            PopulateControl::BACKGROUND if !background => {
+                                background = true;
+                                let param = libc::sched_param { sched_priority: 0 };
+                                // SAFETY: changes this thread's own policy; `param` is a
+                                // valid sched_param.
+                                if unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) }
+                                    != 0
+                                {
+                                    log::debug!("SCHED_IDLE: {}", std::io::Error::last_os_error());
+                                }
+                            }
+                            _ => {}
+                        }
                     }
                     // SAFETY: inside a live mapping (the caller's contract), 8-aligned (page
                     // aligned); `lock or [p], 0` stores back exactly what it read,
@@ -151,7 +187,7 @@ mod tests {
         // Populating maps every page and changes none.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         // SAFETY: the mapping stays until the populate thread has dropped `tx`.
-        unsafe { populate(vec![(p as usize, len)], tx, Default::default()) };
+        unsafe { populate(vec![(p as usize, len)], tx, Arc::default()) };
         assert!(
             rx.recv().is_err(),
             "the thread ends by dropping its keep value"

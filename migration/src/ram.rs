@@ -312,8 +312,9 @@ pub struct RamSection {
     bulk_stage: bool,
     logging: bool,
     loading: bool,
-    /// Destination: tells the populate thread to stop ([`LiveSection::load_end`]).
-    populate_stop: Arc<std::sync::atomic::AtomicBool>,
+    /// Destination: steers the populate thread (background once the stream starts, stop at
+    /// [`LiveSection::load_end`]).
+    populate: Arc<pagemap::PopulateControl>,
     /// Destination: the lowest and highest guest-physical page the last load part touched.
     last_load: Option<(u64, u64)>,
     last_sync: Option<Instant>,
@@ -397,7 +398,7 @@ impl RamSection {
             bulk_stage: true,
             logging: false,
             loading: false,
-            populate_stop: Arc::default(),
+            populate: Arc::default(),
             last_load: None,
             last_sync: None,
             page: vec![0; PAGE_SIZE as usize],
@@ -910,16 +911,16 @@ impl LiveSection for RamSection {
             // SAFETY: one private anonymous mapping of guest RAM, owned by `memory`.
             unsafe { pagemap::advise_huge_pages(host as *mut u8, len) };
         }
-        self.populate_stop = Arc::default();
+        self.populate = Arc::default();
         // SAFETY: the ranges are guest RAM mappings, kept alive by the `memory` handle the
         // thread holds; nothing makes guest RAM read-only.
-        unsafe { pagemap::populate(ranges, self.memory.clone(), self.populate_stop.clone()) };
+        unsafe { pagemap::populate(ranges, self.memory.clone(), self.populate.clone()) };
     }
 
     fn load_end(&mut self) {
         // What the populate thread has not reached yet the guest faults in on demand: it
         // must not keep a core busy while the guest resumes.
-        self.populate_stop.store(true, Ordering::Relaxed);
+        self.populate.stop();
         // The source sends no record for a page it never populated (see `send_page`): such
         // a page must read as zero here too. A fresh destination's pages are; one that held
         // data before this load (an earlier, failed load) is zeroed now.
@@ -949,6 +950,8 @@ impl LiveSection for RamSection {
             )));
         }
         self.load_populated();
+        // The stream is here: populating goes on only on spare CPU.
+        self.populate.background();
         self.last_load = None;
         let profiling = self.profiling;
         let faults0 = if profiling { thread_faults() } else { 0 };
