@@ -499,7 +499,16 @@ impl RamSection {
             // fresh pages do, and `load_end` zeroes any page it held data in and got no
             // record for. (QEMU sends a ZERO record per page: ~9 bytes and a record to
             // decode for each page of an idle guest.)
-            self.counters.duplicate.fetch_add(1, Ordering::Relaxed);
+            // And so are the other never-populated pages of its 64-page word: one step for
+            // them all (the word lies in the chunk just cleared and re-read above).
+            let b = &mut self.blocks[block];
+            let w = page / 64;
+            let populated = b.populated.as_ref().map_or(!0, |p| p[w]);
+            let rest = b.dirty[w] & !populated;
+            b.dirty[w] &= !rest;
+            self.counters
+                .duplicate
+                .fetch_add(1 + u64::from(rest.count_ones()), Ordering::Relaxed);
             return Ok(0);
         }
         let data: &[u8] = if !known_zero {
