@@ -29,6 +29,7 @@ pub const COMMANDS: &[&str] = &[
     "migrate",
     "migrate-incoming",
     "migrate_cancel",
+    "migrate-continue",
     "query-migrate",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
@@ -51,6 +52,8 @@ const CAPABILITIES: &[&str] = &[
     "x-integrity",
     "return-path",
     "auto-converge",
+    "pause-before-switchover",
+    "late-block-activate",
 ];
 /// QEMU's other capabilities: known, refused with a clear error.
 const QEMU_CAPABILITIES: &[&str] = &[
@@ -61,11 +64,9 @@ const QEMU_CAPABILITIES: &[&str] = &[
     "x-colo",
     "release-ram",
     "block",
-    "pause-before-switchover",
     "multifd",
     "dirty-bitmaps",
     "postcopy-blocktime",
-    "late-block-activate",
     "x-ignore-shared",
     "validate-uuid",
     "background-snapshot",
@@ -83,9 +84,6 @@ const QEMU_PARAMETERS: &[&str] = &[
     "compress-threads",
     "compress-wait-thread",
     "decompress-threads",
-    "tls-creds",
-    "tls-hostname",
-    "tls-authz",
     "x-checkpoint-delay",
     "block-incremental",
     "multifd-channels",
@@ -94,6 +92,9 @@ const QEMU_PARAMETERS: &[&str] = &[
     "multifd-zstd-level",
     "max-postcopy-bandwidth",
 ];
+
+/// QEMU's TLS parameters: hopvm takes them empty only.
+const TLS_PARAMETERS: &[&str] = &["tls-creds", "tls-hostname", "tls-authz"];
 
 /// Largest downtime limit, ms (QEMU's MAX_MIGRATE_DOWNTIME: 2000 s).
 const MAX_DOWNTIME_MS: u64 = 2_000_000;
@@ -221,6 +222,20 @@ impl Commands {
             .map_err(|e| QmpError::generic(e.to_string()))
     }
 
+    /// QEMU's `migrate-continue`: the paused (`pause-before-switchover`) migration goes on.
+    fn migrate_continue(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let name = a.required_str("state")?;
+        a.finish()?;
+        let m = &self.instance.migration;
+        // hopvm's states (the schema's MigrationStatus): no postcopy, COLO or unplug ones.
+        let state = MigrationStatus::from_qemu_name(name)
+            .ok_or_else(|| QmpError::invalid_enum_value("state", name))?;
+        m.continue_from(state)
+            .map(|()| Value::Null)
+            .map_err(|e| QmpError::generic(e.to_string()))
+    }
+
     /// As QEMU's `qmp_query_migrate`: an outgoing migration, once one was started, is what
     /// `query-migrate` describes; the incoming migration that brought the guest here shows only
     /// until then.
@@ -263,6 +278,8 @@ impl Commands {
                 "x-integrity" => m.set_integrity_enabled(state),
                 "return-path" => m.set_return_path_enabled(state),
                 "auto-converge" => m.set_auto_converge_enabled(state),
+                "pause-before-switchover" => m.set_pause_before_switchover_enabled(state),
+                "late-block-activate" => m.set_late_block_activate_enabled(state),
                 _ => m.set_events_enabled(state),
             }
         }
@@ -277,6 +294,8 @@ impl Commands {
             {"state": m.integrity_enabled(), "capability": "x-integrity"},
             {"state": m.return_path_enabled(), "capability": "return-path"},
             {"state": m.auto_converge_enabled(), "capability": "auto-converge"},
+            {"state": m.pause_before_switchover_enabled(), "capability": "pause-before-switchover"},
+            {"state": m.late_block_activate_enabled(), "capability": "late-block-activate"},
         ])
     }
 
@@ -315,6 +334,17 @@ impl Commands {
         )?;
         let tailslow = a.optional_bool("cpu-throttle-tailslow")?;
         let max_throttle = a.optional_u64("max-cpu-throttle")?;
+        // hopvm has no TLS: the empty string (QEMU's "no TLS", what libvirt sets for a plain
+        // migration) is all these take.
+        for name in TLS_PARAMETERS {
+            if let Some(v) = a.optional_str(name)? {
+                if !v.is_empty() {
+                    return Err(QmpError::generic(format!(
+                        "hopvm does not support TLS migration ('{name}' must be empty)"
+                    )));
+                }
+            }
+        }
         a.finish()?;
         throttle.trigger_threshold = threshold.unwrap_or(throttle.trigger_threshold);
         throttle.initial = initial.unwrap_or(throttle.initial);
@@ -366,6 +396,9 @@ impl Commands {
             "cpu-throttle-increment": t.increment,
             "cpu-throttle-tailslow": t.tailslow,
             "max-cpu-throttle": t.max,
+            "tls-creds": "",
+            "tls-hostname": "",
+            "tls-authz": "",
         })
     }
 
@@ -577,6 +610,7 @@ impl QmpBackend for Commands {
                 inst.migration.cancel();
                 Value::Null
             }),
+            "migrate-continue" => self.migrate_continue(args),
             "query-migrate" => none(args).map(|_| self.query_migrate()),
             "migrate-set-capabilities" => self.set_capabilities(args),
             "query-migrate-capabilities" => none(args).map(|_| self.query_capabilities()),
