@@ -182,13 +182,13 @@ impl Client {
         self.writer.write_all(text.as_bytes()).unwrap();
     }
 
-    /// The next line, without its newline.
+    /// The next line, without its end: `\r\n`, as QEMU's monitor_puts writes it.
     fn recv_line(&mut self) -> String {
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).unwrap();
         assert!(n > 0, "connection closed");
-        assert!(line.ends_with('\n'), "{line:?}");
-        line.pop();
+        assert!(line.ends_with("\r\n"), "{line:?}");
+        line.truncate(line.len() - 2);
         line
     }
 
@@ -760,7 +760,7 @@ fn serves_over_tcp() {
         .unwrap();
     line.clear();
     reader.read_line(&mut line).unwrap();
-    assert_eq!(line, "{\"return\": {}, \"id\": \"t\"}\n");
+    assert_eq!(line, "{\"return\": {}, \"id\": \"t\"}\r\n");
     server.shutdown();
     line.clear();
     match reader.read_line(&mut line) {
