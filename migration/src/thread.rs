@@ -1434,6 +1434,94 @@ mod tests {
         }
     }
 
+    /// `pause-before-switchover`, as QEMU's `migration_maybe_pause`: `pre-switchover` until
+    /// `migrate-continue` names that state, then `device` and `completed`; a cancel while
+    /// paused ends in `cancelled` with the guest given back.
+    #[test]
+    fn pause_before_switchover_waits_for_continue_or_cancel() {
+        use std::sync::atomic::AtomicBool;
+        struct Pausing {
+            inner: Arc<Host>,
+            resumed: AtomicBool,
+        }
+        impl MigrationHost for Pausing {
+            type Locked = ();
+            fn big_lock(&self) -> &Mutex<()> {
+                self.inner.big_lock()
+            }
+            fn registry(&self) -> &Mutex<Registry> {
+                self.inner.registry()
+            }
+            fn stop_vm<'a>(&self, g: MutexGuard<'a, ()>) -> (MutexGuard<'a, ()>, bool) {
+                (g, true)
+            }
+            fn aborted(&self, _: &mut (), was_running: bool) {
+                self.resumed.store(was_running, Ordering::SeqCst);
+            }
+            fn completed(&self, _: &mut ()) {}
+        }
+        let wait_for = |m: &Migration, want: MigrationStatus| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while m.status() != want {
+                assert!(Instant::now() < deadline, "{:?}, not {want:?}", m.status());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        for cancel in [false, true] {
+            let m = Arc::new(Migration::new());
+            m.set_pause_before_switchover_enabled(true);
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let s2 = seen.clone();
+            m.add_notifier(move |e| {
+                if let MigrationEvent::Status(s) = e {
+                    lock(&s2).push(*s);
+                }
+            });
+            assert_eq!(
+                m.continue_from(MigrationStatus::PreSwitchover)
+                    .unwrap_err()
+                    .to_string(),
+                "Migration not in expected state: none"
+            );
+            let h = Arc::new(Pausing {
+                inner: host(),
+                resumed: AtomicBool::new(false),
+            });
+            m.start(h.clone(), sink()).unwrap();
+            wait_for(&m, MigrationStatus::PreSwitchover);
+            // Still paused a while later; the wrong state is refused.
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(m.status(), MigrationStatus::PreSwitchover);
+            assert_eq!(
+                m.continue_from(MigrationStatus::Active),
+                Err(ContinueError::NotInState(MigrationStatus::PreSwitchover))
+            );
+            use MigrationStatus::*;
+            if cancel {
+                m.cancel();
+                wait_for(&m, Cancelled);
+                m.join();
+                assert!(
+                    h.resumed.load(Ordering::SeqCst),
+                    "the guest was not given back"
+                );
+                assert_eq!(
+                    *lock(&seen),
+                    [Setup, Active, PreSwitchover, Cancelling, Cancelled]
+                );
+            } else {
+                m.continue_from(PreSwitchover).unwrap();
+                wait_for(&m, Completed);
+                m.join();
+                assert!(!h.resumed.load(Ordering::SeqCst));
+                assert_eq!(
+                    *lock(&seen),
+                    [Setup, Active, PreSwitchover, Device, Completed]
+                );
+            }
+        }
+    }
+
     /// QEMU's rule: throttle after the second period in a row whose dirtying outran half the
     /// transfer; then step up by the increment (or, tail-slow, by what the rates call for), never
     /// past the maximum.
