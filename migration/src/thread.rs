@@ -1440,6 +1440,7 @@ mod tests {
     #[test]
     fn pause_before_switchover_waits_for_continue_or_cancel() {
         use std::sync::atomic::AtomicBool;
+        type S = MigrationStatus;
         struct Pausing {
             inner: Arc<Host>,
             resumed: AtomicBool,
@@ -1496,10 +1497,9 @@ mod tests {
                 m.continue_from(MigrationStatus::Active),
                 Err(ContinueError::NotInState(MigrationStatus::PreSwitchover))
             );
-            use MigrationStatus::*;
             if cancel {
                 m.cancel();
-                wait_for(&m, Cancelled);
+                wait_for(&m, S::Cancelled);
                 m.join();
                 assert!(
                     h.resumed.load(Ordering::SeqCst),
@@ -1507,16 +1507,28 @@ mod tests {
                 );
                 assert_eq!(
                     *lock(&seen),
-                    [Setup, Active, PreSwitchover, Cancelling, Cancelled]
+                    [
+                        S::Setup,
+                        S::Active,
+                        S::PreSwitchover,
+                        S::Cancelling,
+                        S::Cancelled
+                    ]
                 );
             } else {
-                m.continue_from(PreSwitchover).unwrap();
-                wait_for(&m, Completed);
+                m.continue_from(S::PreSwitchover).unwrap();
+                wait_for(&m, S::Completed);
                 m.join();
                 assert!(!h.resumed.load(Ordering::SeqCst));
                 assert_eq!(
                     *lock(&seen),
-                    [Setup, Active, PreSwitchover, Device, Completed]
+                    [
+                        S::Setup,
+                        S::Active,
+                        S::PreSwitchover,
+                        S::Device,
+                        S::Completed
+                    ]
                 );
             }
         }
