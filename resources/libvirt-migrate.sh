@@ -3,8 +3,10 @@
 # ../shared/reference/libvirt-9.0-qemu-7.2/README.md does (bind-mounted /run/libvirt,
 # /var/lib/libvirt, /etc/libvirt, /var/cache/libvirt, /var/log/libvirt, its own host_uuid and
 # virtlogd), and live-migrates the running self-verifying guest there and back with
-# `virsh migrate --live`: native (the virsh client drives both daemons), --p2p (the source's
-# daemon drives), --p2p --tunnelled (the stream goes through the two daemons' connection).
+# `virsh migrate --live`: native (the virsh client drives both daemons; with --verbose, which
+# polls query-migrate), --p2p (the source's daemon drives; with --auto-converge, then with
+# --compressed, i.e. xbzrle), --p2p --tunnelled (the stream goes through the two daemons'
+# connection), then a `virsh domjobabort`.
 # Each side writes the guest's serial output to a file of its own (--xml with the serial path
 # changed): after every migration the guest must print two more verified passes there, never
 # CORRUPT, run on the destination and be gone from the source. The second daemon and anything
@@ -77,8 +79,10 @@ migrate_to() {
         fail "$what: dumpxml"
     sed -i "s|<source path='[^']*'/>|<source path='$out'/>|" "$work/mig.xml"
     local t0=$SECONDS
-    command virsh -q -c "$from" migrate --live "$name" "$to" --xml "$work/mig.xml" "$@" ||
-        fail "$what: $(tail -3 "$dst_root/log/qemu/$name.log" /var/log/libvirt/qemu/$name.log 2>/dev/null)"
+    command virsh -q -c "$from" migrate --live "$name" "$to" --xml "$work/mig.xml" "$@" \
+        >"$work/virsh.out" 2>&1 ||
+        fail "$what: $(tr '\r' '\n' <"$work/virsh.out" | tail -2)
+$(tail -n 3 "$dst_root/log/qemu/$name.log" "/var/log/libvirt/qemu/$name.log" 2>/dev/null)"
     [ "$(command virsh -q -c "$to" domstate "$name" 2>/dev/null)" = running ] ||
         fail "$what: not running on the destination"
     [ "$(command virsh -q -c "$from" domstate "$name" 2>/dev/null)" != running ] ||
@@ -96,13 +100,15 @@ migrate_to() {
 
 sys_uri=qemu:///system
 port=$(free_port)
-migrate_to "$sys_uri" "$dst_uri" "$work/serial.$hop" --migrateuri "tcp://127.0.0.1:$port"
+migrate_to "$sys_uri" "$dst_uri" "$work/serial.$hop" --migrateuri "tcp://127.0.0.1:$port" --verbose
 port=$(free_port)
 migrate_to "$dst_uri" "$sys_uri" "$work/serial.$hop" --migrateuri "tcp://127.0.0.1:$port"
 port=$(free_port)
-migrate_to "$sys_uri" "$dst_uri" "$work/serial.$hop" --p2p --migrateuri "tcp://127.0.0.1:$port"
+migrate_to "$sys_uri" "$dst_uri" "$work/serial.$hop" --p2p --migrateuri "tcp://127.0.0.1:$port" \
+    --auto-converge
 port=$(free_port)
-migrate_to "$dst_uri" "$src_uri" "$work/serial.$hop" --p2p --migrateuri "tcp://127.0.0.1:$port"
+migrate_to "$dst_uri" "$src_uri" "$work/serial.$hop" --p2p --migrateuri "tcp://127.0.0.1:$port" \
+    --compressed
 migrate_to "$sys_uri" "$dst_uri" "$work/serial.$hop" --p2p --tunnelled
 migrate_to "$dst_uri" "$src_uri" "$work/serial.$hop" --p2p --tunnelled
 echo "ok live migration there and back: native, --p2p, --p2p --tunnelled"
