@@ -416,7 +416,10 @@ impl Instance {
     /// Resets the machine in place: RAM cleared and the kernel reloaded, every vCPU, the
     /// interrupt controllers and the devices back to their power-on state.
     pub fn reset(&self, guest: bool) -> Result<(), VmError> {
-        if *lock(&self.incoming) == Incoming::Active {
+        if matches!(
+            *lock(&self.incoming),
+            Incoming::Listening | Incoming::Active
+        ) {
             // The incoming stream is writing RAM and device state: a reset now would mix
             // power-on state into the guest being loaded.
             return Err(VmError::ResetWhileLoading);
