@@ -125,6 +125,7 @@ struct Domain {
     child: Child,
     qmp: QmpClient,
     serial: PathBuf,
+    monitor: PathBuf,
     name: &'static str,
 }
 
@@ -157,12 +158,21 @@ impl Domain {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        // SAFETY: between fork and exec only dup2 (async-signal-safe) runs, on descriptors
-        // this process owns and keeps open until spawn returns. dup2 clears close-on-exec.
+        // SAFETY: between fork and exec only fcntl and dup2 (async-signal-safe) run, on
+        // descriptors this process owns and keeps open until spawn returns. Every source is
+        // first copied above the targets (close-on-exec), so that a source that happens to
+        // be numbered like an earlier target is not overwritten; dup2 clears close-on-exec.
         unsafe {
             cmd.pre_exec(move || {
-                for &(from, to) in &fds {
-                    if libc::dup2(from, to) < 0 {
+                let mut high = [0; 3];
+                for (i, &(from, _)) in fds.iter().enumerate() {
+                    high[i] = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 100);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, &(_, to)) in fds.iter().enumerate() {
+                    if libc::dup2(high[i], to) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -182,6 +192,7 @@ impl Domain {
             child,
             qmp,
             serial,
+            monitor,
             name,
         };
         // domain-start-compact.log, the migration part: events on.
@@ -425,6 +436,10 @@ fn migrate(dir: &TempDir, mut src: Domain, name: &'static str, mode: Mode) -> Do
         .unwrap();
     drop(channel);
     let serial_before = passes(&src.serial_text());
+    // A second monitor client sees the source's events in order.
+    let mut observer = QmpClient::connect_retry(&src.monitor, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("second monitor client: {e}"));
+    observer.execute("query-status", None).unwrap();
     src.ok(
         "migrate",
         json!({"detach": true, "resume": false, "uri": "fd:migrate"}),
@@ -471,6 +486,34 @@ fn migrate(dir: &TempDir, mut src: Domain, name: &'static str, mode: Mode) -> Do
     assert!(info["downtime"].is_u64(), "{info}");
     assert_eq!(src.status(), "postmigrate");
     assert!(serial_before >= 1);
+    // QEMU's order (migrate-src.log): setup, MIGRATION_PASS 1, active, (more passes), STOP,
+    // pre-switchover, device, the last pass, completed.
+    observer
+        .wait_event("MIGRATION", LONG, |d| d["status"] == "completed")
+        .unwrap();
+    let seen: Vec<String> = observer
+        .take_events()
+        .iter()
+        .map(|e| match e.name.as_str() {
+            "MIGRATION" => e.data["status"].as_str().unwrap_or("?").to_string(),
+            other => other.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        seen.get(..3),
+        Some(&["setup", "MIGRATION_PASS", "active"].map(String::from)[..]),
+        "{seen:?}"
+    );
+    let states: Vec<&str> = seen
+        .iter()
+        .map(String::as_str)
+        .filter(|e| *e != "MIGRATION_PASS")
+        .collect();
+    assert_eq!(
+        states,
+        ["setup", "active", "STOP", "pre-switchover", "device"],
+        "{seen:?}"
+    );
 
     // migrate-dst-compact.log, after the stream.
     dst.event("MIGRATION", Some("completed"));
