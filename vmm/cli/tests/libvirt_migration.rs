@@ -238,7 +238,22 @@ impl Domain {
             .wait_event(name, LONG, |d| {
                 want.as_ref().is_none_or(|w| d["status"] == *w)
             })
-            .unwrap_or_else(|e| panic!("{}: no {name} {status:?}: {e}", self.name));
+            .unwrap_or_else(|e| {
+                let now = self.qmp.execute("query-status", None);
+                let mig = self.qmp.execute("query-migrate", None);
+                let late: Vec<String> = self
+                    .qmp
+                    .take_events()
+                    .iter()
+                    .map(|e| format!("{} {} {}", e.name, e.data, e.timestamp))
+                    .collect();
+                panic!(
+                    "{}: no {name} {status:?}: {e}; now {now:?}, {mig:?}; events since: \
+                     {late:?}; serial: {}",
+                    self.name,
+                    self.serial_text()
+                )
+            });
     }
 
     fn status(&mut self) -> String {

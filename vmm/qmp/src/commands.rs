@@ -103,13 +103,12 @@ const MAX_DOWNTIME_MS: u64 = 2_000_000;
 /// events to it; the guest is described as one `host` vCPU (see [`start_monitor_with`]).
 pub fn start_monitor(instance: &Arc<Instance>, spec: &str) -> Result<QmpServer, QmpServerError> {
     let spec: QmpListenSpec = spec.parse()?;
-    let server = QmpServer::bind(
-        &spec,
-        Arc::new(Commands::new(instance.clone())),
-        QmpServerConfig::default(),
-    )?;
+    let commands = Commands::new(instance.clone()).held();
+    let gate = Arc::clone(&commands.events_wired);
+    let server = QmpServer::bind(&spec, Arc::new(commands), QmpServerConfig::default())?;
     let events = server.events();
     instance.set_event_emitter(Box::new(move |name, data| events.emit(name, data)));
+    gate.open();
     Ok(server)
 }
 
@@ -129,8 +128,9 @@ pub fn start_monitor_with(
     listen: MonitorListen,
     domain: crate::domain::DomainInfo,
 ) -> Result<QmpServer, QmpServerError> {
-    let mut commands = Commands::new(instance.clone());
+    let mut commands = Commands::new(instance.clone()).held();
     commands.domain = Arc::new(domain);
+    let gate = Arc::clone(&commands.events_wired);
     let backend = Arc::new(commands);
     let server = match listen {
         MonitorListen::Spec(spec) => {
@@ -143,7 +143,31 @@ pub fn start_monitor_with(
     };
     let events = server.events();
     instance.set_event_emitter(Box::new(move |name, data| events.emit(name, data)));
+    gate.open();
     Ok(server)
+}
+
+/// Shut until the instance's events go to the monitor: a client quick enough to send
+/// commands while the monitor was being set up (the server accepts at once) would otherwise
+/// lose the events they cause (a `cont`'s RESUME, a `migrate-incoming`'s MIGRATION).
+#[derive(Debug, Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn open(&self) {
+        *lock(&self.open) = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = lock(&self.open);
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 /// The QMP commands of one [`Instance`].
@@ -151,6 +175,8 @@ pub struct Commands {
     instance: Arc<Instance>,
     host: std::sync::OnceLock<crate::probe::HostInfo>,
     domain: Arc<crate::domain::DomainInfo>,
+    /// Commands wait for it ([`Gate`]).
+    events_wired: Arc<Gate>,
 }
 
 impl Commands {
@@ -160,7 +186,17 @@ impl Commands {
             instance,
             host: std::sync::OnceLock::new(),
             domain: Arc::new(crate::domain::DomainInfo::new("host", 1)),
+            events_wired: Arc::new(Gate {
+                open: std::sync::Mutex::new(true),
+                opened: std::sync::Condvar::new(),
+            }),
         }
+    }
+
+    /// Commands that wait until [`Gate::open`] (the monitor's events are wired).
+    fn held(mut self) -> Self {
+        self.events_wired = Arc::new(Gate::default());
+        self
     }
 
     /// The host as the introspection commands describe it (looked at once, on first use).
@@ -558,6 +594,7 @@ pub fn migrate_info_json(i: &MigrationInfo) -> Value {
 
 impl QmpBackend for Commands {
     fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        self.events_wired.wait();
         let none = |args| Args::expect_none(args);
         let inst = &self.instance;
         match command {
@@ -637,6 +674,7 @@ impl QmpBackend for Commands {
         args: &Map<String, Value>,
         fds: &MonitorFds,
     ) -> Result<Value, QmpError> {
+        self.events_wired.wait();
         match command {
             "migrate" => self.migrate(args, fds),
             "migrate-incoming" => self.migrate_incoming(args, fds),
