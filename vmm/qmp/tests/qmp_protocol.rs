@@ -182,7 +182,7 @@ impl Client {
         self.writer.write_all(text.as_bytes()).unwrap();
     }
 
-    /// The next line, without its end: `\r\n`, as QEMU's monitor_puts writes it.
+    /// The next line, without its line end (QEMU's monitor ends every line with CR LF).
     fn recv_line(&mut self) -> String {
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).unwrap();
