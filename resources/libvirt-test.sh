@@ -4,7 +4,9 @@
 # namespaces: the settings below, as in ../shared/reference/libvirt-9.0-qemu-7.2/config/), and
 # drives hopvm's qemu-system-x86_64 link with virsh: domcapabilities (the probe), define and
 # start a Multiboot test guest (its serial output must appear), suspend / resume, dominfo,
-# domstats, a libvirtd restart (it reconnects), destroy (SIGTERM ends hopvm), undefine.
+# domstats, a libvirtd restart (it reconnects), live migration to a second libvirtd "host" and
+# back (native, --p2p, --p2p --tunnelled: resources/libvirt-migrate.sh; HOPVM_SKIP_LIBVIRT_MIGRATE=1
+# leaves it out), destroy (SIGTERM ends hopvm), undefine.
 # Daemons it started it stops again. Usage: resources/libvirt-test.sh [HOPVM_BINARY]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,12 +60,14 @@ fi
 
 started=()
 cleanup() {
+    if declare -F migrate_cleanup >/dev/null; then migrate_cleanup; fi
     command virsh -q -c qemu:///system destroy "$name" >/dev/null 2>&1 || true
     command virsh -q -c qemu:///system undefine "$name" >/dev/null 2>&1 || true
     for pidfile in "${started[@]}"; do
         [ -s "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
     done
-    rm -rf "$work"
+    # HOPVM_LIBVIRT_KEEP=1 keeps the logs, XML and serial files for a look.
+    if [ "${HOPVM_LIBVIRT_KEEP:-0}" = 1 ]; then echo "libvirt-test: kept $work" >&2; else rm -rf "$work"; fi
 }
 work=$(mktemp -d /var/tmp/hopvm-libvirt.XXXXXX)
 name=hopvm-libvirt-test-$$
@@ -147,6 +151,11 @@ if [ -s "$work/libvirtd.pid" ]; then
     virsh suspend "$name" >/dev/null && virsh resume "$name" >/dev/null ||
         fail "suspend / resume after a libvirtd restart"
     echo "ok libvirtd restart (reconnected)"
+fi
+
+if [ "${HOPVM_SKIP_LIBVIRT_MIGRATE:-0}" != 1 ]; then
+    # shellcheck source=resources/libvirt-migrate.sh
+    . resources/libvirt-migrate.sh
 fi
 
 pid=$(cat "/run/libvirt/qemu/$name.pid")

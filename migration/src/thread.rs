@@ -1,6 +1,8 @@
 //! The migration thread and its state machine, after QEMU's 2013 `migration_thread`.
 //!
-//! States: `setup` → `active` → `completed` | `failed` | `cancelled` (via `cancelling`).
+//! States: `setup` → `active` → `completed` | `failed` | `cancelled` (via `cancelling`); with
+//! `pause-before-switchover`, `active` → `pre-switchover` (the guest stopped, waiting for
+//! `migrate-continue`) → `device` → `completed`, as QEMU's `migration_maybe_pause`.
 //!
 //! The thread holds the big VMM lock while it runs the sections' hooks — *begin*, then in a loop
 //! *pending* and either *iterate* (send a bounded batch) or, once what is pending fits in
@@ -15,7 +17,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -72,6 +74,19 @@ pub enum MigrationStatus {
     Completed,
     /// Failed; the source runs on.
     Failed,
+    /// `pause-before-switchover`: the guest is stopped, waiting for `migrate-continue`.
+    #[serde(rename = "pre-switchover")]
+    PreSwitchover,
+    /// `pause-before-switchover`: continued, sending the devices' final state.
+    Device,
+}
+
+/// `migrate-continue` refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ContinueError {
+    /// The migration is in another state than the one named (QEMU's text).
+    #[error("Migration not in expected state: {}", .0.as_str())]
+    NotInState(MigrationStatus),
 }
 
 impl MigrationStatus {
@@ -85,12 +100,34 @@ impl MigrationStatus {
             Self::Cancelled => "cancelled",
             Self::Completed => "completed",
             Self::Failed => "failed",
+            Self::PreSwitchover => "pre-switchover",
+            Self::Device => "device",
         }
+    }
+
+    /// The status QEMU calls `name`, among those hopvm has.
+    pub fn from_qemu_name(name: &str) -> Option<Self> {
+        [
+            Self::None,
+            Self::Setup,
+            Self::Active,
+            Self::Cancelling,
+            Self::Cancelled,
+            Self::Completed,
+            Self::Failed,
+            Self::PreSwitchover,
+            Self::Device,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
     }
 
     /// True while a migration is under way.
     pub fn is_running(self) -> bool {
-        matches!(self, Self::Setup | Self::Active | Self::Cancelling)
+        matches!(
+            self,
+            Self::Setup | Self::Active | Self::Cancelling | Self::PreSwitchover | Self::Device
+        )
     }
 }
 
@@ -392,6 +429,12 @@ struct Inner {
     integrity: bool,
     return_path: bool,
     auto_converge: bool,
+    /// `pause-before-switchover`.
+    pause_before_switchover: bool,
+    /// `migrate-continue` arrived for the current `pre-switchover` pause.
+    continued: bool,
+    /// `late-block-activate` (destination; hopvm has no block devices to activate).
+    late_block_activate: bool,
     throttle_params: ThrottleParameters,
     throttle_pct: u32,
     pages_per_second: u64,
@@ -415,6 +458,8 @@ pub struct Migration {
     /// XBZRLE capability and cache size, shared with the RAM section.
     pub xbzrle: Arc<Mutex<XbzrleSettings>>,
     notifiers: Mutex<Vec<Notifier>>,
+    /// Wakes the `pre-switchover` pause (continue or cancel).
+    pause: Condvar,
 }
 
 use vmm_sync::lock;
@@ -449,6 +494,9 @@ impl Migration {
                 integrity: false,
                 return_path: true,
                 auto_converge: false,
+                pause_before_switchover: false,
+                continued: false,
+                late_block_activate: false,
                 throttle_params: ThrottleParameters::default(),
                 throttle_pct: 0,
                 pages_per_second: 0,
@@ -464,6 +512,7 @@ impl Migration {
             ram: Arc::new(RamCounters::default()),
             xbzrle: Arc::new(Mutex::new(XbzrleSettings::default())),
             notifiers: Mutex::new(Vec::new()),
+            pause: Condvar::new(),
         }
     }
 
@@ -488,7 +537,13 @@ impl Migration {
         {
             let mut i = lock(&self.inner);
             if i.status == status
-                || (i.status == MigrationStatus::Cancelling && status == MigrationStatus::Active)
+                || (i.status == MigrationStatus::Cancelling
+                    && matches!(
+                        status,
+                        MigrationStatus::Active
+                            | MigrationStatus::PreSwitchover
+                            | MigrationStatus::Device
+                    ))
             {
                 return;
             }
@@ -560,6 +615,62 @@ impl Migration {
     /// Sets the `auto-converge` capability.
     pub fn set_auto_converge_enabled(&self, on: bool) {
         lock(&self.inner).auto_converge = on;
+    }
+
+    /// Whether the `pause-before-switchover` capability is on: once the guest is stopped for
+    /// the switchover the migration waits in `pre-switchover` for `migrate-continue`.
+    pub fn pause_before_switchover_enabled(&self) -> bool {
+        lock(&self.inner).pause_before_switchover
+    }
+
+    /// Sets the `pause-before-switchover` capability.
+    pub fn set_pause_before_switchover_enabled(&self, on: bool) {
+        lock(&self.inner).pause_before_switchover = on;
+    }
+
+    /// Whether the `late-block-activate` capability is on. It is recorded and reported only:
+    /// hopvm has no block devices, so there is nothing to activate late.
+    pub fn late_block_activate_enabled(&self) -> bool {
+        lock(&self.inner).late_block_activate
+    }
+
+    /// Sets the `late-block-activate` capability.
+    pub fn set_late_block_activate_enabled(&self, on: bool) {
+        lock(&self.inner).late_block_activate = on;
+    }
+
+    /// QMP `migrate-continue`: `state` must be the current state (QEMU's check); in
+    /// `pre-switchover` the paused migration goes on to `device`.
+    pub fn continue_from(&self, state: MigrationStatus) -> Result<(), ContinueError> {
+        let mut i = lock(&self.inner);
+        if i.status != state {
+            return Err(ContinueError::NotInState(i.status));
+        }
+        if state == MigrationStatus::PreSwitchover {
+            i.continued = true;
+            self.pause.notify_all();
+        }
+        Ok(())
+    }
+
+    /// With `pause-before-switchover`: `pre-switchover` until `migrate-continue` (then
+    /// `device`, true) or a cancel (false). The guest is stopped and the big lock free.
+    fn pause_before_switchover(&self) -> bool {
+        {
+            let mut i = lock(&self.inner);
+            if !i.pause_before_switchover || i.status == MigrationStatus::Cancelling {
+                return i.status != MigrationStatus::Cancelling;
+            }
+            i.continued = false;
+        }
+        self.set_status(MigrationStatus::PreSwitchover);
+        let mut i = lock(&self.inner);
+        while !i.continued && i.status == MigrationStatus::PreSwitchover {
+            i = self.pause.wait(i).unwrap_or_else(|e| e.into_inner());
+        }
+        drop(i);
+        self.set_status(MigrationStatus::Device);
+        !self.cancelling()
     }
 
     /// The CPU throttling parameters.
@@ -731,6 +842,7 @@ impl Migration {
             c();
         }
         drop(i);
+        self.pause.notify_all();
         self.notify(MigrationEvent::Status(MigrationStatus::Cancelling));
     }
 
@@ -1008,7 +1120,12 @@ impl Migration {
                 if pending > 0 && pending >= max_size {
                     let budget = match limiter.bandwidth() {
                         0 => UNLIMITED_BATCH,
-                        _ => limiter.xfer_limit().saturating_sub(limiter.used()).max(1),
+                        // A limit near u64::MAX (libvirt's "unlimited") still sends
+                        // bounded batches.
+                        _ => limiter
+                            .xfer_limit()
+                            .saturating_sub(limiter.used())
+                            .clamp(1, UNLIMITED_BATCH),
                     };
                     if let Err(e) = reg.iterate(&mut w, budget) {
                         drop(reg);
@@ -1023,6 +1140,16 @@ impl Migration {
                     let (g2, was_running) = host.stop_vm(g);
                     g = g2;
                     let stop = Instant::now();
+                    if self.pause_before_switchover_enabled() {
+                        // As QEMU: paused with the guest stopped and the big lock free
+                        // (the monitor answers, `migrate_cancel` resumes the guest).
+                        drop(g);
+                        if !self.pause_before_switchover() {
+                            self.abort(host.as_ref(), was_running, rp, None);
+                            return;
+                        }
+                        g = lock(host.big_lock());
+                    }
                     let precopy_bytes =
                         lock(&self.inner).transferred + w.get_ref().pending() as u64;
                     lock(&self.inner).timeline.stop_ms = Some(ms(stop - start));
@@ -1333,6 +1460,106 @@ mod tests {
                 .expect("the second migration completes");
             let _ = started_tx.send(());
             m.join();
+        }
+    }
+
+    /// `pause-before-switchover`, as QEMU's `migration_maybe_pause`: `pre-switchover` until
+    /// `migrate-continue` names that state, then `device` and `completed`; a cancel while
+    /// paused ends in `cancelled` with the guest given back.
+    #[test]
+    fn pause_before_switchover_waits_for_continue_or_cancel() {
+        use std::sync::atomic::AtomicBool;
+        type S = MigrationStatus;
+        struct Pausing {
+            inner: Arc<Host>,
+            resumed: AtomicBool,
+        }
+        impl MigrationHost for Pausing {
+            type Locked = ();
+            fn big_lock(&self) -> &Mutex<()> {
+                self.inner.big_lock()
+            }
+            fn registry(&self) -> &Mutex<Registry> {
+                self.inner.registry()
+            }
+            fn stop_vm<'a>(&self, g: MutexGuard<'a, ()>) -> (MutexGuard<'a, ()>, bool) {
+                (g, true)
+            }
+            fn aborted(&self, _: &mut (), was_running: bool) {
+                self.resumed.store(was_running, Ordering::SeqCst);
+            }
+            fn completed(&self, _: &mut ()) {}
+        }
+        let wait_for = |m: &Migration, want: MigrationStatus| {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while m.status() != want {
+                assert!(Instant::now() < deadline, "{:?}, not {want:?}", m.status());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        for cancel in [false, true] {
+            let m = Arc::new(Migration::new());
+            m.set_pause_before_switchover_enabled(true);
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let s2 = seen.clone();
+            m.add_notifier(move |e| {
+                if let MigrationEvent::Status(s) = e {
+                    lock(&s2).push(*s);
+                }
+            });
+            assert_eq!(
+                m.continue_from(MigrationStatus::PreSwitchover)
+                    .unwrap_err()
+                    .to_string(),
+                "Migration not in expected state: none"
+            );
+            let h = Arc::new(Pausing {
+                inner: host(),
+                resumed: AtomicBool::new(false),
+            });
+            m.start(h.clone(), sink()).unwrap();
+            wait_for(&m, MigrationStatus::PreSwitchover);
+            // Still paused a while later; the wrong state is refused.
+            std::thread::sleep(Duration::from_millis(50));
+            assert_eq!(m.status(), MigrationStatus::PreSwitchover);
+            assert_eq!(
+                m.continue_from(MigrationStatus::Active),
+                Err(ContinueError::NotInState(MigrationStatus::PreSwitchover))
+            );
+            if cancel {
+                m.cancel();
+                wait_for(&m, S::Cancelled);
+                m.join();
+                assert!(
+                    h.resumed.load(Ordering::SeqCst),
+                    "the guest was not given back"
+                );
+                assert_eq!(
+                    *lock(&seen),
+                    [
+                        S::Setup,
+                        S::Active,
+                        S::PreSwitchover,
+                        S::Cancelling,
+                        S::Cancelled
+                    ]
+                );
+            } else {
+                m.continue_from(S::PreSwitchover).unwrap();
+                wait_for(&m, S::Completed);
+                m.join();
+                assert!(!h.resumed.load(Ordering::SeqCst));
+                assert_eq!(
+                    *lock(&seen),
+                    [
+                        S::Setup,
+                        S::Active,
+                        S::PreSwitchover,
+                        S::Device,
+                        S::Completed
+                    ]
+                );
+            }
         }
     }
 

@@ -130,12 +130,23 @@ enum Incoming {
     No,
     /// `--incoming defer`: waiting for QMP `migrate-incoming`.
     Deferred,
-    /// Listening or loading.
+    /// Listening (QEMU's `setup`).
+    Listening,
+    /// Loading.
     Active,
     /// Loaded.
     Completed,
     /// Loaded, but the source never gave its go-ahead: paused.
     Unconfirmed,
+}
+
+/// The destination's MIGRATION events.
+#[derive(Debug, Clone, Copy)]
+enum IncomingEvent {
+    Setup,
+    Active,
+    Completed,
+    Failed,
 }
 
 /// How an incoming migration ended, when it did not fail.
@@ -405,7 +416,10 @@ impl Instance {
     /// Resets the machine in place: RAM cleared and the kernel reloaded, every vCPU, the
     /// interrupt controllers and the devices back to their power-on state.
     pub fn reset(&self, guest: bool) -> Result<(), VmError> {
-        if *lock(&self.incoming) == Incoming::Active {
+        if matches!(
+            *lock(&self.incoming),
+            Incoming::Listening | Incoming::Active
+        ) {
             // The incoming stream is writing RAM and device state: a reset now would mix
             // power-on state into the guest being loaded.
             return Err(VmError::ResetWhileLoading);
@@ -527,18 +541,20 @@ impl Instance {
                 Incoming::No if g.runstate == RunState::Prelaunch => {}
                 Incoming::Deferred => {}
                 Incoming::No => return Err(InstanceError::NotIncoming),
-                Incoming::Active | Incoming::Completed | Incoming::Unconfirmed => {
-                    return Err(InstanceError::IncomingStarted)
-                }
+                Incoming::Listening
+                | Incoming::Active
+                | Incoming::Completed
+                | Incoming::Unconfirmed => return Err(InstanceError::IncomingStarted),
             }
             g.runstate = RunState::Inmigrate;
-            *current = Incoming::Active;
+            *current = Incoming::Listening;
             lock(&self.vm.devices.serial).hold_input();
         }
         let listener = listen_incoming_with(&parsed, named).map_err(|e| {
             *lock(&self.incoming) = Incoming::Deferred;
             InstanceError::Transport(e)
         })?;
+        self.incoming_event(IncomingEvent::Setup);
         if let Some(addr) = listener.local_addr() {
             log::info!("waiting for an incoming migration on {addr}");
         }
@@ -551,12 +567,17 @@ impl Instance {
                 let received = listener
                     .accept_channel()
                     .map_err(IncomingError::Accept)
-                    .and_then(|channel| me.receive(channel));
+                    .and_then(|channel| {
+                        *lock(&me.incoming) = Incoming::Active;
+                        me.incoming_event(IncomingEvent::Active);
+                        me.receive(channel)
+                    });
                 match received {
                     Ok(Received::Run) => me.incoming_done(),
                     Ok(Received::Started) => {}
                     Ok(Received::Unconfirmed(why)) => me.incoming_unconfirmed(&why),
                     Err(e) => {
+                        me.incoming_event(IncomingEvent::Failed);
                         eprintln!("hopvm: incoming migration failed: {e}");
                         let _ = me.vm.event_sender().send(VmEvent::Exit(1));
                     }
@@ -636,6 +657,7 @@ impl Instance {
     /// The loaded guest was never confirmed by the source: it stays paused here.
     fn incoming_unconfirmed(&self, why: &ReturnPathError) {
         *lock(&self.incoming) = Incoming::Unconfirmed;
+        self.incoming_event(IncomingEvent::Failed);
         {
             let mut g = lock(&self.vm.machine);
             lock(&self.vm.devices.serial).release_input();
@@ -714,6 +736,7 @@ impl Instance {
         use migration::thread::MigrationStatus;
         match *lock(&self.incoming) {
             Incoming::No | Incoming::Deferred => None,
+            Incoming::Listening => Some(MigrationStatus::Setup),
             Incoming::Active => Some(MigrationStatus::Active),
             Incoming::Completed => Some(MigrationStatus::Completed),
             Incoming::Unconfirmed => Some(MigrationStatus::Failed),
@@ -722,12 +745,29 @@ impl Instance {
 
     fn incoming_done(&self) {
         *lock(&self.incoming) = Incoming::Completed;
-        let mut g = lock(&self.vm.machine);
-        lock(&self.vm.devices.serial).release_input();
-        if *lock(&self.autostart) {
-            self.start_locked(&mut g);
-        } else {
-            g.runstate = RunState::Paused;
+        {
+            let mut g = lock(&self.vm.machine);
+            lock(&self.vm.devices.serial).release_input();
+            if *lock(&self.autostart) {
+                self.start_locked(&mut g);
+            } else {
+                g.runstate = RunState::Paused;
+            }
+        }
+        self.incoming_event(IncomingEvent::Completed);
+    }
+
+    /// The destination's MIGRATION event (with the `events` capability), as QEMU's: `setup`
+    /// once listening, `active` once the source connected, then `completed` or `failed`.
+    fn incoming_event(&self, status: IncomingEvent) {
+        if self.migration_events_enabled() {
+            let status = match status {
+                IncomingEvent::Setup => "setup",
+                IncomingEvent::Active => "active",
+                IncomingEvent::Completed => "completed",
+                IncomingEvent::Failed => "failed",
+            };
+            self.emit("MIGRATION", Some(json!({ "status": status })));
         }
     }
 }

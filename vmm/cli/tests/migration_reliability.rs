@@ -173,6 +173,12 @@ fn destination_monitor_answers_while_the_stream_stalls() {
     let stream = std::fs::read(&img).unwrap();
     let mut conn = std::os::unix::net::UnixStream::connect(&sock).unwrap();
     std::io::Write::write_all(&mut conn, &stream[..stream.len() / 2]).unwrap();
+    // `setup` until the incoming thread has accepted the connection, as QEMU's.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while dst.cmd("query-migrate", Value::Null)["status"] == "setup" {
+        assert!(Instant::now() < deadline, "never accepted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // The load is under way and waits for more: every command is answered at once.
     for _ in 0..3 {
         let t = Instant::now();

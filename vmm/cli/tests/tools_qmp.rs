@@ -65,7 +65,9 @@ fn one_shot_commands_print_pretty_replies() {
             {"state": true, "capability": "events"},
             {"state": false, "capability": "x-integrity"},
             {"state": true, "capability": "return-path"},
-            {"state": false, "capability": "auto-converge"}
+            {"state": false, "capability": "auto-converge"},
+            {"state": false, "capability": "pause-before-switchover"},
+            {"state": false, "capability": "late-block-activate"}
         ])
     );
 

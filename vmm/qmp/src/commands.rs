@@ -29,6 +29,7 @@ pub const COMMANDS: &[&str] = &[
     "migrate",
     "migrate-incoming",
     "migrate_cancel",
+    "migrate-continue",
     "query-migrate",
     "migrate-set-capabilities",
     "query-migrate-capabilities",
@@ -51,6 +52,8 @@ const CAPABILITIES: &[&str] = &[
     "x-integrity",
     "return-path",
     "auto-converge",
+    "pause-before-switchover",
+    "late-block-activate",
 ];
 /// QEMU's other capabilities: known, refused with a clear error.
 const QEMU_CAPABILITIES: &[&str] = &[
@@ -61,11 +64,9 @@ const QEMU_CAPABILITIES: &[&str] = &[
     "x-colo",
     "release-ram",
     "block",
-    "pause-before-switchover",
     "multifd",
     "dirty-bitmaps",
     "postcopy-blocktime",
-    "late-block-activate",
     "x-ignore-shared",
     "validate-uuid",
     "background-snapshot",
@@ -83,9 +84,6 @@ const QEMU_PARAMETERS: &[&str] = &[
     "compress-threads",
     "compress-wait-thread",
     "decompress-threads",
-    "tls-creds",
-    "tls-hostname",
-    "tls-authz",
     "x-checkpoint-delay",
     "block-incremental",
     "multifd-channels",
@@ -95,6 +93,9 @@ const QEMU_PARAMETERS: &[&str] = &[
     "max-postcopy-bandwidth",
 ];
 
+/// QEMU's TLS parameters: hopvm takes them empty only.
+const TLS_PARAMETERS: &[&str] = &["tls-creds", "tls-hostname", "tls-authz"];
+
 /// Largest downtime limit, ms (QEMU's MAX_MIGRATE_DOWNTIME: 2000 s).
 const MAX_DOWNTIME_MS: u64 = 2_000_000;
 
@@ -102,13 +103,12 @@ const MAX_DOWNTIME_MS: u64 = 2_000_000;
 /// events to it; the guest is described as one `host` vCPU (see [`start_monitor_with`]).
 pub fn start_monitor(instance: &Arc<Instance>, spec: &str) -> Result<QmpServer, QmpServerError> {
     let spec: QmpListenSpec = spec.parse()?;
-    let server = QmpServer::bind(
-        &spec,
-        Arc::new(Commands::new(instance.clone())),
-        QmpServerConfig::default(),
-    )?;
+    let commands = Commands::new(instance.clone()).held();
+    let gate = Arc::clone(&commands.events_wired);
+    let server = QmpServer::bind(&spec, Arc::new(commands), QmpServerConfig::default())?;
     let events = server.events();
     instance.set_event_emitter(Box::new(move |name, data| events.emit(name, data)));
+    gate.open();
     Ok(server)
 }
 
@@ -128,8 +128,9 @@ pub fn start_monitor_with(
     listen: MonitorListen,
     domain: crate::domain::DomainInfo,
 ) -> Result<QmpServer, QmpServerError> {
-    let mut commands = Commands::new(instance.clone());
+    let mut commands = Commands::new(instance.clone()).held();
     commands.domain = Arc::new(domain);
+    let gate = Arc::clone(&commands.events_wired);
     let backend = Arc::new(commands);
     let server = match listen {
         MonitorListen::Spec(spec) => {
@@ -142,7 +143,31 @@ pub fn start_monitor_with(
     };
     let events = server.events();
     instance.set_event_emitter(Box::new(move |name, data| events.emit(name, data)));
+    gate.open();
     Ok(server)
+}
+
+/// Shut until the instance's events go to the monitor: a client quick enough to send
+/// commands while the monitor was being set up (the server accepts at once) would otherwise
+/// lose the events they cause (a `cont`'s RESUME, a `migrate-incoming`'s MIGRATION).
+#[derive(Debug, Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    fn open(&self) {
+        *lock(&self.open) = true;
+        self.opened.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = lock(&self.open);
+        while !*open {
+            open = self.opened.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 /// The QMP commands of one [`Instance`].
@@ -150,6 +175,8 @@ pub struct Commands {
     instance: Arc<Instance>,
     host: std::sync::OnceLock<crate::probe::HostInfo>,
     domain: Arc<crate::domain::DomainInfo>,
+    /// Commands wait for it ([`Gate`]).
+    events_wired: Arc<Gate>,
 }
 
 impl Commands {
@@ -159,7 +186,17 @@ impl Commands {
             instance,
             host: std::sync::OnceLock::new(),
             domain: Arc::new(crate::domain::DomainInfo::new("host", 1)),
+            events_wired: Arc::new(Gate {
+                open: std::sync::Mutex::new(true),
+                opened: std::sync::Condvar::new(),
+            }),
         }
+    }
+
+    /// Commands that wait until [`Gate::open`] (the monitor's events are wired).
+    fn held(mut self) -> Self {
+        self.events_wired = Arc::new(Gate::default());
+        self
     }
 
     /// The host as the introspection commands describe it (looked at once, on first use).
@@ -221,6 +258,20 @@ impl Commands {
             .map_err(|e| QmpError::generic(e.to_string()))
     }
 
+    /// QEMU's `migrate-continue`: the paused (`pause-before-switchover`) migration goes on.
+    fn migrate_continue(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        let mut a = Args::new(args);
+        let name = a.required_str("state")?;
+        a.finish()?;
+        let m = &self.instance.migration;
+        // hopvm's states (the schema's MigrationStatus): no postcopy, COLO or unplug ones.
+        let state = MigrationStatus::from_qemu_name(name)
+            .ok_or_else(|| QmpError::invalid_enum_value("state", name))?;
+        m.continue_from(state)
+            .map(|()| Value::Null)
+            .map_err(|e| QmpError::generic(e.to_string()))
+    }
+
     /// As QEMU's `qmp_query_migrate`: an outgoing migration, once one was started, is what
     /// `query-migrate` describes; the incoming migration that brought the guest here shows only
     /// until then.
@@ -263,6 +314,8 @@ impl Commands {
                 "x-integrity" => m.set_integrity_enabled(state),
                 "return-path" => m.set_return_path_enabled(state),
                 "auto-converge" => m.set_auto_converge_enabled(state),
+                "pause-before-switchover" => m.set_pause_before_switchover_enabled(state),
+                "late-block-activate" => m.set_late_block_activate_enabled(state),
                 _ => m.set_events_enabled(state),
             }
         }
@@ -277,6 +330,8 @@ impl Commands {
             {"state": m.integrity_enabled(), "capability": "x-integrity"},
             {"state": m.return_path_enabled(), "capability": "return-path"},
             {"state": m.auto_converge_enabled(), "capability": "auto-converge"},
+            {"state": m.pause_before_switchover_enabled(), "capability": "pause-before-switchover"},
+            {"state": m.late_block_activate_enabled(), "capability": "late-block-activate"},
         ])
     }
 
@@ -315,6 +370,17 @@ impl Commands {
         )?;
         let tailslow = a.optional_bool("cpu-throttle-tailslow")?;
         let max_throttle = a.optional_u64("max-cpu-throttle")?;
+        // hopvm has no TLS: the empty string (QEMU's "no TLS", what libvirt sets for a plain
+        // migration) is all these take.
+        for name in TLS_PARAMETERS {
+            if let Some(v) = a.optional_str(name)? {
+                if !v.is_empty() {
+                    return Err(QmpError::generic(format!(
+                        "hopvm does not support TLS migration ('{name}' must be empty)"
+                    )));
+                }
+            }
+        }
         a.finish()?;
         throttle.trigger_threshold = threshold.unwrap_or(throttle.trigger_threshold);
         throttle.initial = initial.unwrap_or(throttle.initial);
@@ -366,6 +432,9 @@ impl Commands {
             "cpu-throttle-increment": t.increment,
             "cpu-throttle-tailslow": t.tailslow,
             "max-cpu-throttle": t.max,
+            "tls-creds": "",
+            "tls-hostname": "",
+            "tls-authz": "",
         })
     }
 
@@ -525,6 +594,7 @@ pub fn migrate_info_json(i: &MigrationInfo) -> Value {
 
 impl QmpBackend for Commands {
     fn execute(&self, command: &str, args: &Map<String, Value>) -> Result<Value, QmpError> {
+        self.events_wired.wait();
         let none = |args| Args::expect_none(args);
         let inst = &self.instance;
         match command {
@@ -577,6 +647,7 @@ impl QmpBackend for Commands {
                 inst.migration.cancel();
                 Value::Null
             }),
+            "migrate-continue" => self.migrate_continue(args),
             "query-migrate" => none(args).map(|_| self.query_migrate()),
             "migrate-set-capabilities" => self.set_capabilities(args),
             "query-migrate-capabilities" => none(args).map(|_| self.query_capabilities()),
@@ -603,6 +674,7 @@ impl QmpBackend for Commands {
         args: &Map<String, Value>,
         fds: &MonitorFds,
     ) -> Result<Value, QmpError> {
+        self.events_wired.wait();
         match command {
             "migrate" => self.migrate(args, fds),
             "migrate-incoming" => self.migrate_incoming(args, fds),

@@ -619,6 +619,8 @@ impl QmpBackend for ProbeCommands {
                     {"state": m.integrity_enabled(), "capability": "x-integrity"},
                     {"state": m.return_path_enabled(), "capability": "return-path"},
                     {"state": m.auto_converge_enabled(), "capability": "auto-converge"},
+                    {"state": m.pause_before_switchover_enabled(), "capability": "pause-before-switchover"},
+                    {"state": m.late_block_activate_enabled(), "capability": "late-block-activate"},
                 ])
             }),
             "query-migrate-parameters" => none(args).map(|_| {
@@ -632,6 +634,9 @@ impl QmpBackend for ProbeCommands {
                     "cpu-throttle-increment": t.increment,
                     "cpu-throttle-tailslow": t.tailslow,
                     "max-cpu-throttle": t.max,
+                    "tls-creds": "",
+                    "tls-hostname": "",
+                    "tls-authz": "",
                 })
             }),
             other if schema::has_command(other) => Err(QmpError::generic(format!(

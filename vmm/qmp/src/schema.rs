@@ -132,6 +132,8 @@ static MIGRATION_STATUS: EnumDef = EnumDef {
         "active",
         "completed",
         "failed",
+        "pre-switchover",
+        "device",
     ],
 };
 /// The migration capabilities hopvm implements.
@@ -143,6 +145,8 @@ static MIGRATION_CAPABILITY: EnumDef = EnumDef {
         "return-path",
         "x-integrity",
         "auto-converge",
+        "pause-before-switchover",
+        "late-block-activate",
     ],
 };
 static SYS_EMU_TARGET: EnumDef = EnumDef {
@@ -275,6 +279,9 @@ pub(crate) static MIGRATION_PARAMETER_MEMBERS: &[Member] = &[
     opt("cpu-throttle-increment", Ty::Int),
     opt("cpu-throttle-tailslow", Ty::Bool),
     opt("max-cpu-throttle", Ty::Int),
+    opt("tls-creds", Ty::Str),
+    opt("tls-hostname", Ty::Str),
+    opt("tls-authz", Ty::Str),
 ];
 static MIGRATION_PARAMETERS: ObjectDef = ObjectDef {
     name: "MigrationParameters",
@@ -443,6 +450,11 @@ pub static COMMAND_DEFS: &[CommandDef] = &[
     ),
     cmd("migrate-incoming", &[m("uri", Ty::Str)], None),
     cmd("migrate_cancel", &[], None),
+    cmd(
+        "migrate-continue",
+        &[m("state", Ty::Enum(&MIGRATION_STATUS))],
+        None,
+    ),
     cmd("query-migrate", &[], Some(Ty::Object(&MIGRATION_INFO))),
     cmd(
         "migrate-set-capabilities",

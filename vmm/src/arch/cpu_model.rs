@@ -1489,13 +1489,31 @@ impl CpuModel {
                 }
             }
         };
+        // As QEMU's x86_cpu_filter_features: what is asked for once the explicit `feat=on` /
+        // `feat=off` (the last one of each wins) are applied to the model's words — a model
+        // feature turned off is not missing.
+        let off = |w: Word| {
+            FEATURES
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| f.word == w)
+                .filter(|(i, _)| {
+                    self.features
+                        .iter()
+                        .rev()
+                        .find(|(j, _)| j == i)
+                        .is_some_and(|&(_, on)| !on)
+                })
+                .fold(0, |acc, (_, f)| acc | f.mask)
+        };
         if let Some(def) = self.base.def() {
             for w in MODEL_WORDS {
-                note(w, def.word(w) & !host_bits(w));
+                note(w, def.word(w) & !off(w) & !host_bits(w));
             }
         }
-        for &(idx, on) in &self.features {
-            if let Some(f) = FEATURES.get(idx).filter(|_| on) {
+        for (pos, &(idx, on)) in self.features.iter().enumerate() {
+            let last = !self.features[pos + 1..].iter().any(|&(j, _)| j == idx);
+            if let Some(f) = FEATURES.get(idx).filter(|_| on && last) {
                 note(f.word, f.mask & !host_bits(f.word));
             }
         }
@@ -1944,6 +1962,24 @@ mod tests {
         }
         assert!(has(&c, "pdpe1gb") && has(&c, "lm") && !has(&c, "svm"));
         assert_eq!(reg(&c, 0x8000_0000, 0, Reg::Eax), 0x8000_0008);
+    }
+
+    /// As QEMU's filtered features: a model feature the host lacks is unavailable unless
+    /// the command line turns it off (libvirt's `qemu64,pni=off` on a host without SSE3).
+    #[test]
+    fn unavailable_features_leave_out_what_is_turned_off() {
+        let mut entries = amd_host().as_slice().to_vec();
+        for e in entries.iter_mut().filter(|e| e.function == 1) {
+            e.ecx &= !1; // no SSE3
+        }
+        let host = CpuId::from_entries(&entries).unwrap();
+        let m = |s: &str| s.parse::<CpuModel>().unwrap().unavailable_features(&host);
+        assert!(m("qemu64").contains(&"pni"));
+        assert!(!m("qemu64,svm=off,pni=off").contains(&"pni"));
+        assert!(!m("qemu64,-pni").contains(&"pni"));
+        // As in QEMU, `+feat` wins over `feat=off` wherever it stands.
+        assert!(m("qemu64,pni=off,+pni").contains(&"pni"));
+        assert!(m("qemu64,+pni,pni=off").contains(&"pni"));
     }
 
     #[test]
