@@ -109,6 +109,12 @@ impl Proxy {
                         let _ = verdict_tx.send(());
                         let _ = release_rx.recv();
                     }
+                    // Stop passing the source's bytes *before* it sees the verdict: its
+                    // go-ahead follows at once and must not slip through. (The whole stream
+                    // is through already: the destination answers only after loading it.)
+                    (Policy::LoseGoAhead, SHUT) => {
+                        forward_stop.store(true, std::sync::atomic::Ordering::SeqCst)
+                    }
                     _ => {}
                 }
                 if src_w
@@ -119,7 +125,6 @@ impl Proxy {
                     break;
                 }
                 if (policy, kind) == (Policy::LoseGoAhead, SHUT) {
-                    forward_stop.store(true, std::sync::atomic::Ordering::SeqCst);
                     let _ = dst_r.shutdown(Shutdown::Both);
                     // The source's side stays open and silent.
                     let _ = release_rx.recv();
