@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use migration::thread::{MigrationInfo, MigrationStatus};
+use migration::thread::{Migration, MigrationInfo, MigrationStatus};
 use migration::transport::NamedFds;
 use serde_json::{json, Map, Value};
 
@@ -323,16 +323,7 @@ impl Commands {
     }
 
     fn query_capabilities(&self) -> Value {
-        let m = &self.instance.migration;
-        json!([
-            {"state": lock(&m.xbzrle).enabled, "capability": "xbzrle"},
-            {"state": m.events_enabled(), "capability": "events"},
-            {"state": m.integrity_enabled(), "capability": "x-integrity"},
-            {"state": m.return_path_enabled(), "capability": "return-path"},
-            {"state": m.auto_converge_enabled(), "capability": "auto-converge"},
-            {"state": m.pause_before_switchover_enabled(), "capability": "pause-before-switchover"},
-            {"state": m.late_block_activate_enabled(), "capability": "late-block-activate"},
-        ])
+        capabilities_json(&self.instance.migration)
     }
 
     fn set_parameters(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
@@ -421,21 +412,7 @@ impl Commands {
     }
 
     fn query_parameters(&self) -> Value {
-        let m = &self.instance.migration;
-        let t = m.throttle_parameters();
-        json!({
-            "max-bandwidth": m.max_bandwidth(),
-            "downtime-limit": m.downtime_limit_ms(),
-            "xbzrle-cache-size": lock(&m.xbzrle).cache_size,
-            "throttle-trigger-threshold": t.trigger_threshold,
-            "cpu-throttle-initial": t.initial,
-            "cpu-throttle-increment": t.increment,
-            "cpu-throttle-tailslow": t.tailslow,
-            "max-cpu-throttle": t.max,
-            "tls-creds": "",
-            "tls-hostname": "",
-            "tls-authz": "",
-        })
+        parameters_json(&self.instance.migration)
     }
 
     fn set_speed(&self, args: &Map<String, Value>) -> Result<Value, QmpError> {
@@ -515,6 +492,37 @@ fn check_cache_size(size: u64) -> Result<(), QmpError> {
         ));
     }
     Ok(())
+}
+
+/// `query-migrate-capabilities`' reply (also the probe's, with its defaults).
+pub(crate) fn capabilities_json(m: &Migration) -> Value {
+    json!([
+        {"state": lock(&m.xbzrle).enabled, "capability": "xbzrle"},
+        {"state": m.events_enabled(), "capability": "events"},
+        {"state": m.integrity_enabled(), "capability": "x-integrity"},
+        {"state": m.return_path_enabled(), "capability": "return-path"},
+        {"state": m.auto_converge_enabled(), "capability": "auto-converge"},
+        {"state": m.pause_before_switchover_enabled(), "capability": "pause-before-switchover"},
+        {"state": m.late_block_activate_enabled(), "capability": "late-block-activate"},
+    ])
+}
+
+/// `query-migrate-parameters`' reply (also the probe's, with its defaults).
+pub(crate) fn parameters_json(m: &Migration) -> Value {
+    let t = m.throttle_parameters();
+    json!({
+        "max-bandwidth": m.max_bandwidth(),
+        "downtime-limit": m.downtime_limit_ms(),
+        "xbzrle-cache-size": lock(&m.xbzrle).cache_size,
+        "throttle-trigger-threshold": t.trigger_threshold,
+        "cpu-throttle-initial": t.initial,
+        "cpu-throttle-increment": t.increment,
+        "cpu-throttle-tailslow": t.tailslow,
+        "max-cpu-throttle": t.max,
+        "tls-creds": "",
+        "tls-hostname": "",
+        "tls-authz": "",
+    })
 }
 
 /// `query-migrate`'s reply for the source, shaped per state as QEMU's

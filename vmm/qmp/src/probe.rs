@@ -18,7 +18,7 @@ use kvm_bindings::CpuId;
 use serde_json::{json, Map, Value};
 
 use crate::protocol::{version_info, Args, ErrorClass, QmpBackend, QmpError};
-use crate::schema;
+use crate::{commands, schema};
 use vmm::arch::cpu_model::{self, CpuModel};
 
 /// The machine type hopvm builds, its alias and the RAM object's id.
@@ -612,33 +612,8 @@ impl QmpBackend for ProbeCommands {
                 Value::Null
             }),
             "query-migrate" => none(args).map(|_| json!({})),
-            "query-migrate-capabilities" => none(args).map(|_| {
-                json!([
-                    {"state": false, "capability": "xbzrle"},
-                    {"state": m.events_enabled(), "capability": "events"},
-                    {"state": m.integrity_enabled(), "capability": "x-integrity"},
-                    {"state": m.return_path_enabled(), "capability": "return-path"},
-                    {"state": m.auto_converge_enabled(), "capability": "auto-converge"},
-                    {"state": m.pause_before_switchover_enabled(), "capability": "pause-before-switchover"},
-                    {"state": m.late_block_activate_enabled(), "capability": "late-block-activate"},
-                ])
-            }),
-            "query-migrate-parameters" => none(args).map(|_| {
-                let t = m.throttle_parameters();
-                json!({
-                    "max-bandwidth": m.max_bandwidth(),
-                    "downtime-limit": m.downtime_limit_ms(),
-                    "xbzrle-cache-size": vmm_sync::lock(&m.xbzrle).cache_size,
-                    "throttle-trigger-threshold": t.trigger_threshold,
-                    "cpu-throttle-initial": t.initial,
-                    "cpu-throttle-increment": t.increment,
-                    "cpu-throttle-tailslow": t.tailslow,
-                    "max-cpu-throttle": t.max,
-                    "tls-creds": "",
-                    "tls-hostname": "",
-                    "tls-authz": "",
-                })
-            }),
+            "query-migrate-capabilities" => none(args).map(|_| commands::capabilities_json(m)),
+            "query-migrate-parameters" => none(args).map(|_| commands::parameters_json(m)),
             other if schema::has_command(other) => Err(QmpError::generic(format!(
                 "{other}: this hopvm has no machine (-machine none)"
             ))),
