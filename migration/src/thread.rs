@@ -534,6 +534,10 @@ impl Migration {
 
     /// Sets the status and tells the notifiers; a cancel request wins over `active`.
     fn set_status(&self, status: MigrationStatus) {
+        // The notifier list is held from the change to its announcement, so that two changes
+        // (a cancel on a monitor thread, the migration thread's end) are announced in the
+        // order they were made.
+        let notifiers = lock(&self.notifiers);
         {
             let mut i = lock(&self.inner);
             if i.status == status
@@ -549,7 +553,8 @@ impl Migration {
             }
             i.status = status;
         }
-        self.notify(MigrationEvent::Status(status));
+        let e = MigrationEvent::Status(status);
+        notifiers.iter().for_each(|n| n(&e));
     }
 
     /// Bandwidth limit in bytes per second (0 = unlimited).
@@ -830,6 +835,8 @@ impl Migration {
     /// destination may run the guest, so a cancel then does nothing and the migration ends
     /// as it would have.
     pub fn cancel(&self) {
+        // As in `set_status`: announced before any later change.
+        let notifiers = lock(&self.notifiers);
         let mut i = lock(&self.inner);
         if !i.status.is_running() || i.committed {
             return;
@@ -843,7 +850,8 @@ impl Migration {
         }
         drop(i);
         self.pause.notify_all();
-        self.notify(MigrationEvent::Status(MigrationStatus::Cancelling));
+        let e = MigrationEvent::Status(MigrationStatus::Cancelling);
+        notifiers.iter().for_each(|n| n(&e));
     }
 
     /// Waits for the migration thread to end.
