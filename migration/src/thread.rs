@@ -702,6 +702,10 @@ impl Migration {
 
     /// What `query-migrate` reports.
     pub fn info(&self) -> MigrationInfo {
+        // Read under the notifier list, which `set_status` and `cancel` hold from a change to
+        // its announcement: a client that sees a status here has been sent its event first
+        // (QEMU's order: the MIGRATION event, then the `query-migrate` that shows it).
+        let _announced = lock(&self.notifiers);
         let i = lock(&self.inner);
         let c = &self.ram;
         let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
