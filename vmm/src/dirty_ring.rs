@@ -89,12 +89,16 @@ pub enum DirtyRingError {
 
 /// How KVM's dirty pages are collected: `hopvm run --dirty-ring off|auto|N`, QEMU's
 /// `-accel kvm,dirty-ring-size=N` (0 = off).
+///
+/// The default is `auto`: measured on the development host (README, "Migration benchmark"),
+/// the ring's dirty sync of a busy 1 GiB guest took 0.2–0.5 ms against the bitmap's
+/// 5.4–6.5 ms, and whole migrations were as fast or faster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DirtyRingConfig {
     /// KVM's dirty bitmap (`KVM_GET_DIRTY_LOG` with manual protection where offered).
-    #[default]
     Off,
     /// The ring of [`AUTO_ENTRIES`] where the host offers it, else the bitmap.
+    #[default]
     Auto,
     /// The ring with this many entries per vCPU; an error where the host has no ring.
     Entries(u32),

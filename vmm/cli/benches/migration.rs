@@ -252,7 +252,15 @@ impl Proc {
             None => String::from("kvm"),
         };
         cmd.args(&vmm.prefix)
-            .args(["-M", "pc", "-cpu", "qemu64", "-accel", &accel, "-nodefaults"])
+            .args([
+                "-M",
+                "pc",
+                "-cpu",
+                "qemu64",
+                "-accel",
+                &accel,
+                "-nodefaults",
+            ])
             .args(["-display", "none", "-serial", "stdio", "-m", s.memory])
             .arg("-kernel")
             .arg(guest_tests::image_path(s.image))

@@ -234,6 +234,19 @@ mod tests {
             let line = one_line(&e);
             assert!(!line.contains('\n') && !line.is_empty(), "{args:?}: {line}");
         }
+        let e = parse(&["run", "--kernel", "k", "--dirty-ring", "1000"]).unwrap_err();
+        assert!(
+            one_line(&e).contains("invalid dirty ring size '1000'"),
+            "{}",
+            one_line(&e)
+        );
+        let Command::Run(a) = parse(&["run", "--kernel", "k", "--dirty-ring", "off"])
+            .unwrap()
+            .command
+        else {
+            unreachable!()
+        };
+        assert_eq!(VmConfig::from(a).dirty_ring, DirtyRingConfig::Off);
         let e = parse(&["run", "--kernel", "k", "--memory", "lots"]).unwrap_err();
         assert!(
             one_line(&e).contains("invalid size 'lots'"),

@@ -742,6 +742,36 @@ mod tests {
     }
 
     #[test]
+    fn accel_dirty_ring_size() {
+        use vmm::dirty_ring::DirtyRingConfig;
+        assert_eq!(
+            run("-kernel k -accel kvm").dirty_ring,
+            DirtyRingConfig::default()
+        );
+        assert_eq!(
+            run("-kernel k -accel kvm,dirty-ring-size=0").dirty_ring,
+            DirtyRingConfig::Off
+        );
+        if vmm::dirty_ring::host_offers_ring() {
+            assert_eq!(
+                run("-kernel k -accel kvm,dirty-ring-size=1024").dirty_ring,
+                DirtyRingConfig::Entries(1024)
+            );
+        }
+        for bad in ["1000", "128", "131072", "x", ""] {
+            let e = parse(&args(&format!(
+                "-kernel k -accel kvm,dirty-ring-size={bad}"
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("invalid dirty ring size '{bad}'")),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
     fn probes_and_errors() {
         match parse(&args("-device ?")).unwrap() {
             QemuAction::Print(t) => {
