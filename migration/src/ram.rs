@@ -137,6 +137,8 @@ pub struct RamProfile {
     pub ring_full_exits: AtomicU64,
     /// Source, dirty ring: time the vCPU threads spent reaping on those exits.
     pub ring_full_ns: AtomicU64,
+    /// Source, dirty ring: 1 if KVM was found to have overrun a ring (the migration fails).
+    pub ring_overruns: AtomicU64,
 }
 
 impl RamProfile {
@@ -165,6 +167,7 @@ impl RamProfile {
             &self.harvest_ns,
             &self.ring_full_exits,
             &self.ring_full_ns,
+            &self.ring_overruns,
         ] {
             f.store(0, Ordering::Relaxed);
         }
@@ -176,7 +179,8 @@ impl RamProfile {
         format!(
             "dirty sync {:.1} ms (kvm harvest {:.1} ms), bitmap scan+bookkeeping {:.1} ms, \
              zero check {:.1} ms, copy {:.1} ms, send {:.1} ms, lock/rate wait {:.1} ms, \
-             {} page faults, {} dirty-ring-full exits ({:.1} ms reaping in vcpus)",
+             {} page faults, {} dirty-ring-full exits ({:.1} ms reaping in vcpus), \
+             dirty-ring overrun {}",
             ms(&self.sync_ns),
             ms(&self.harvest_ns),
             ms(&self.scan_ns),
@@ -186,7 +190,8 @@ impl RamProfile {
             ms(&self.wait_ns),
             self.faults.load(Ordering::Relaxed),
             self.ring_full_exits.load(Ordering::Relaxed),
-            ms(&self.ring_full_ns)
+            ms(&self.ring_full_ns),
+            self.ring_overruns.load(Ordering::Relaxed)
         )
     }
 

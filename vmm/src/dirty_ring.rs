@@ -28,13 +28,25 @@
 //!   on a ring VM), and manual protection must stay off: with `KVM_DIRTY_LOG_INITIALLY_SET`
 //!   KVM would not write-protect a slot when logging starts, so the ring would see no writes.
 //!
+//! - KVM keeps 64 entries in reserve: a vCPU is stopped once its ring is nearly full, before
+//!   it can fill it, so a ring is never seen with every entry in use. A host that breaks this
+//!   (kvm_pvm's batch emulation runs up to 1024 guest instructions per entry, each able to
+//!   log a page, without that stop — [`host_ring_unsafe`]) can write past the end of the ring
+//!   over entries not read yet, losing those pages, and its indices stay out of step after.
+//!   So every harvest checks for a full ring; once one is seen, the VM's dirty log is
+//!   unreliable for good: the sync under way fails (the migration fails, the source runs on
+//!   intact) and no migration starts again ([`DirtyRings::check`]). Nor can a vCPU be trusted
+//!   to run on: KVM still counts the lost entries, and a small ring stays "full" for good. So
+//!   hopvm refuses the ring on a host known to overrun it ([`resolve`]); the check is the
+//!   safety net for any other.
+//!
 //! Entries buffered in the CPU (Intel PML) when a sync runs with the vCPUs running reach the
 //! ring at the vCPU's next exit, so they show up in a later sync; the final sync runs with
 //! every vCPU stopped (exited), so the last one is complete.
 //!
 //! Locking: the harvest state is one mutex, a leaf — nothing else is taken while it is held.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -76,6 +88,12 @@ pub enum DirtyRingError {
     /// A ring size was asked for but this host's KVM has no dirty ring.
     #[error("dirty ring of {0} entries asked for, but this host's kvm has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")]
     NotOffered(u32),
+    /// This host's KVM is known to overrun rings ([`host_ring_unsafe`]).
+    #[error(
+        "dirty ring of {0} entries asked for, but this host's kvm can overrun it and lose \
+         dirty pages ({1}): use --dirty-ring off"
+    )]
+    Unsafe(u32, String),
     /// The size is more than this host's KVM allows.
     #[error("dirty ring of {0} entries asked for, but this host's kvm allows at most {1}")]
     TooBig(u32, u32),
@@ -90,15 +108,17 @@ pub enum DirtyRingError {
 /// How KVM's dirty pages are collected: `hopvm run --dirty-ring off|auto|N`, QEMU's
 /// `-accel kvm,dirty-ring-size=N` (0 = off).
 ///
-/// The default is `auto`: measured on the development host (README, "Migration benchmark"),
-/// the ring's dirty sync of a busy 1 GiB guest took 0.2–0.5 ms against the bitmap's
-/// 5.4–6.5 ms, and whole migrations were as fast or faster.
+/// The default is the bitmap, as QEMU's: on the development host (kvm_pvm) the ring's dirty
+/// sync was ten times cheaper, but KVM overran the rings of busy guests (see
+/// [`host_ring_unsafe`]), which makes the ring unusable for migration there; whole
+/// migrations were no faster (README, "Migration benchmark").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DirtyRingConfig {
     /// KVM's dirty bitmap (`KVM_GET_DIRTY_LOG` with manual protection where offered).
-    Off,
-    /// The ring of [`AUTO_ENTRIES`] where the host offers it, else the bitmap.
     #[default]
+    Off,
+    /// The ring of [`AUTO_ENTRIES`] where the host offers it and keeps its limit
+    /// ([`host_ring_unsafe`]), else the bitmap.
     Auto,
     /// The ring with this many entries per vCPU; an error where the host has no ring.
     Entries(u32),
@@ -168,14 +188,31 @@ pub fn host_offers_ring() -> bool {
     Kvm::new().is_ok_and(|kvm| host_ring(&kvm).is_some())
 }
 
+/// Whether this host's KVM is known to overrun dirty rings: kvm_pvm emulates up to
+/// `pvm_emul_batch` guest instructions per entry without stopping the vCPU when its ring
+/// reaches the soft limit, and a busy guest's writes then run past the entries KVM keeps in
+/// reserve — KVM writes over entries userspace has not read (the kernel warns "WARNING …
+/// kvm_dirty_ring_push", virt/kvm/dirty_ring.c) and those pages are lost for the dirty log.
+/// Seen on the development host with hopvm's and QEMU's busy guests.
+pub fn host_ring_unsafe() -> Option<String> {
+    let batch = std::fs::read_to_string("/sys/module/kvm_pvm/parameters/pvm_emul_batch").ok()?;
+    let batch: u64 = batch.trim().parse().ok()?;
+    (batch > 1).then(|| format!("kvm_pvm emulates up to {batch} instructions per entry (pvm_emul_batch) past the ring's limit"))
+}
+
 /// What `config` asks of this host: the ring size in entries, or `None` for the bitmap.
 pub fn resolve(kvm: &Kvm, config: DirtyRingConfig) -> Result<Option<u32>, DirtyRingError> {
     let host = host_ring(kvm);
     match config {
         DirtyRingConfig::Off => Ok(None),
+        DirtyRingConfig::Auto if host_ring_unsafe().is_some() => Ok(None),
         DirtyRingConfig::Auto => Ok(host.map(|(_, max)| AUTO_ENTRIES.min(max))),
         DirtyRingConfig::Entries(n) => match host {
             None => Err(DirtyRingError::NotOffered(n)),
+            Some(_) if host_ring_unsafe().is_some() => Err(DirtyRingError::Unsafe(
+                n,
+                host_ring_unsafe().unwrap_or_default(),
+            )),
             Some((_, max)) if n > max => Err(DirtyRingError::TooBig(n, max)),
             Some(_) => Ok(Some(n)),
         },
@@ -195,8 +232,6 @@ pub fn check_host(config: DirtyRingConfig) -> Result<DirtyRingConfig, DirtyRingE
 struct Ring {
     entries: *mut kvm_dirty_gfn,
     count: u32,
-    /// Free-running index of the next entry to harvest.
-    next: u32,
 }
 
 // SAFETY: the mapping belongs to this struct (unmapped on drop) and is only touched under
@@ -208,22 +243,38 @@ impl Ring {
         self.count as usize * size_of::<kvm_dirty_gfn>()
     }
 
-    /// Harvests every entry KVM published since the last call, calling `found(slot, page)`.
-    fn harvest(&mut self, mut found: impl FnMut(u32, u64)) -> u64 {
-        let mut n = 0;
-        loop {
-            let i = (self.next & (self.count - 1)) as usize;
-            // SAFETY: i < count: the entry lies inside the mapping.
-            let entry = unsafe { self.entries.add(i) };
-            // SAFETY: `flags` is the entry's first u32, 4-byte aligned in a mapping that
-            // outlives this borrow; KVM accesses it atomically too.
-            let flags = unsafe { &*(std::ptr::addr_of_mut!((*entry).flags) as *const AtomicU32) };
+    /// Entry `i`'s flags.
+    fn flags(&self, i: u32) -> &AtomicU32 {
+        // SAFETY: i is taken modulo count, so the entry lies inside the mapping, which lives
+        // as long as `self`; `flags` is the entry's first u32, 4-byte aligned, and KVM
+        // accesses it atomically too.
+        unsafe {
+            let entry = self.entries.add((i & (self.count - 1)) as usize);
+            &*(std::ptr::addr_of_mut!((*entry).flags) as *const AtomicU32)
+        }
+    }
+
+    /// Harvests every entry KVM published (flags DIRTY), calling `found(slot, page)` for
+    /// each and marking it RESET. The whole ring is scanned rather than walked from a cursor:
+    /// the set of pages is what matters, not their order. Returns the entries harvested and
+    /// whether every entry of the ring was in use (DIRTY, or RESET and not yet given back):
+    /// a full ring, which KVM never lets happen (see [`DirtyRings`]'s overrun check).
+    fn harvest(&mut self, mut found: impl FnMut(u32, u64)) -> (u64, bool) {
+        let (mut n, mut used) = (0, 0);
+        for i in 0..self.count {
+            let flags = self.flags(i);
             // Acquire: the entry's slot and offset are valid once DIRTY is seen.
-            if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
-                break;
+            let f = flags.load(Ordering::Acquire);
+            if f != 0 {
+                used += 1;
             }
-            // SAFETY: as above; KVM does not write a published entry again until it is reset.
+            if f & GFN_DIRTY == 0 {
+                continue;
+            }
+            // SAFETY: entry i lies inside the mapping (i < count); KVM does not write a
+            // published entry again before it was reset.
             let (slot, offset) = unsafe {
+                let entry = self.entries.add(i as usize);
                 (
                     std::ptr::addr_of!((*entry).slot).read_volatile(),
                     std::ptr::addr_of!((*entry).offset).read_volatile(),
@@ -232,10 +283,9 @@ impl Ring {
             found(slot, offset);
             // Release: hands the entry back only after it was read.
             flags.store(GFN_RESET, Ordering::Release);
-            self.next = self.next.wrapping_add(1);
             n += 1;
         }
-        n
+        (n, used == self.count)
     }
 }
 
@@ -264,6 +314,8 @@ pub struct DirtyRings {
     full_exits: AtomicU64,
     /// Time the vCPU threads spent reaping on those exits, ns.
     full_reap_ns: AtomicU64,
+    /// A ring was found full: KVM may have written over entries not read yet.
+    overrun: AtomicBool,
 }
 
 impl DirtyRings {
@@ -298,6 +350,7 @@ impl DirtyRings {
             }),
             full_exits: AtomicU64::new(0),
             full_reap_ns: AtomicU64::new(0),
+            overrun: AtomicBool::new(false),
         })
     }
 
@@ -329,7 +382,6 @@ impl DirtyRings {
         crate::bus::lock(&self.harvest).rings.push(Ring {
             entries: ptr.cast(),
             count: self.entries,
-            next: 0,
         });
         Ok(())
     }
@@ -340,8 +392,9 @@ impl DirtyRings {
     fn reap_locked(&self, h: &mut Harvest, always_reset: bool) -> std::io::Result<u64> {
         let Harvest { rings, dirty } = h;
         let mut n = 0;
+        let mut full = false;
         for ring in rings.iter_mut() {
-            n += ring.harvest(|slot, page| {
+            let (found, was_full) = ring.harvest(|slot, page| {
                 // Slot = address space << 16 | slot id; hopvm uses address space 0 only.
                 match dirty.get_mut(slot as usize) {
                     Some(bits) if page < self.slot_pages[slot as usize] => {
@@ -359,6 +412,16 @@ impl DirtyRings {
                     }
                 }
             });
+            n += found;
+            full |= was_full;
+        }
+        if full && !self.overrun.swap(true, Ordering::Relaxed) {
+            log::error!(
+                "dirty ring: a vcpu's ring was found full: this host's kvm let it overrun \
+                 (kvm_pvm's batch emulation does) and may have written over entries not yet \
+                 read; the dirty log of this vm is unreliable from now on, so it cannot be \
+                 migrated any more (run it with --dirty-ring off)"
+            );
         }
         if n > 0 || always_reset {
             self.reset()?;
@@ -369,14 +432,14 @@ impl DirtyRings {
     /// `KVM_RESET_DIRTY_RINGS`. Newer kernels stop a long reset for a pending signal
     /// (`EINTR`) — a vCPU thread reaping may be kicked meanwhile — having reset part of
     /// the entries: asked again, KVM goes on where it stopped.
-    fn reset(&self) -> std::io::Result<()> {
+    fn reset(&self) -> std::io::Result<u64> {
         loop {
             // SAFETY: KVM_RESET_DIRTY_RINGS takes no argument and only reads the rings of
             // this VM's vCPUs, whose RESET entries were all fully read before.
             let r =
                 unsafe { vmm_sys_util::ioctl::ioctl(&*self.vm, ioctls::KVM_RESET_DIRTY_RINGS()) };
             if r >= 0 {
-                return Ok(());
+                return Ok(r as u64);
             }
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
@@ -394,6 +457,7 @@ impl DirtyRings {
     pub fn take_slot(&self, slot: usize) -> std::io::Result<Vec<u64>> {
         let mut h = crate::bus::lock(&self.harvest);
         self.reap_locked(&mut h, false)?;
+        self.check()?;
         let words = h
             .dirty
             .get_mut(slot)
@@ -411,6 +475,23 @@ impl DirtyRings {
         self.full_reap_ns
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         r.map(drop)
+    }
+
+    /// Fails once a ring was found overrun ([`DirtyRings`]): from then on the dirty log
+    /// cannot be trusted, and a migration must fail rather than send a stale page.
+    pub fn check(&self) -> std::io::Result<()> {
+        if self.overrun.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other(
+                "kvm overran a vcpu's dirty ring and may have lost dirty pages: this vm \
+                 cannot be migrated safely (run it with --dirty-ring off)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a ring was found overrun.
+    pub fn overrun(&self) -> bool {
+        self.overrun.load(Ordering::Relaxed)
     }
 
     /// `KVM_EXIT_DIRTY_RING_FULL` exits so far, and the time the vCPUs spent reaping on them.

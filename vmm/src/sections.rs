@@ -202,6 +202,8 @@ impl KvmDirtyLog {
                 .store(n - self.full_base.0, Ordering::Relaxed);
             p.ring_full_ns
                 .store((t - self.full_base.1).as_nanos() as u64, Ordering::Relaxed);
+            p.ring_overruns
+                .store(u64::from(rings.overrun()), Ordering::Relaxed);
         }
     }
 }
@@ -210,6 +212,8 @@ impl DirtyLog for KvmDirtyLog {
     fn set_logging(&mut self, on: bool) -> std::io::Result<()> {
         if let (true, Some(rings)) = (on, &self.rings) {
             self.full_base = rings.full_exits();
+            // A ring KVM overran cannot be trusted again: no migration starts on it.
+            rings.check()?;
         }
         memory::set_kvm_slots(&self.vm, &self.memory, on).map_err(std::io::Error::other)?;
         if let (false, Some(rings)) = (on, &self.rings) {

@@ -393,6 +393,7 @@ impl Vm {
                 let pages = memory.iter().map(|r| r.len() / memory::PAGE_SIZE).collect();
                 let rings = DirtyRings::enable(&kvm, fd.clone(), entries, pages)?;
                 log::info!("dirty log: kvm dirty ring, {entries} entries per vcpu");
+
                 Some(Arc::new(rings))
             }
             None => None,

@@ -132,11 +132,13 @@ fn ring_reports_exactly_the_pages_written_as_the_bitmap_does() {
         assert_eq!(b[0], 0x5a, "page {p:#x}: the guest did not run as meant");
     }
 
-    // The smallest ring: 256 entries, 64 of them held in reserve by KVM, so 224 pages
-    // cannot go without a full ring on the way.
+    // The smallest ring: 256 entries, 64 of them held in reserve by KVM, so the vCPU is
+    // stopped on a full ring once it logged 192 pages — at the next entry to the guest,
+    // which a host that emulates instructions in batches (kvm_pvm) may not reach before the
+    // HLT: how many stops there are is the host's business, the pages are not.
     let mut ring = test_vm(Some(dirty_ring::MIN_ENTRIES));
     let full = run(&mut ring);
-    assert!(full >= 1, "the ring never filled");
+    eprintln!("{full} dirty-ring-full exits");
     assert_eq!(dirty_pages(&ring), by_bitmap);
     // Taken: nothing left.
     assert_eq!(dirty_pages(&ring), BTreeSet::new());
@@ -145,13 +147,68 @@ fn ring_reports_exactly_the_pages_written_as_the_bitmap_does() {
     // every one is logged again.
     run(&mut ring);
     assert_eq!(dirty_pages(&ring), written());
-    let (exits, _) = ring.rings.as_ref().unwrap().full_exits();
-    assert!(exits >= 2, "{exits}");
 
     // A big ring never fills for this guest, and reports the same.
     let mut big = test_vm(Some(4096));
     assert_eq!(run(&mut big), 0);
     assert_eq!(dirty_pages(&big), written());
+
+    // A sound ring is never taken for an overrun.
+    for t in [&ring, &big] {
+        let rings = t.rings.as_ref().unwrap();
+        rings.reap().unwrap();
+        assert!(!rings.overrun());
+        assert_eq!(dirty_pages(t), BTreeSet::new());
+    }
+}
+
+/// What a host that lets a vCPU run past its ring's limit leaves behind: a ring with every
+/// entry in use, KVM about to write over entries not read yet. Made here by publishing
+/// entries through a second mapping of the ring: the next harvest must notice it, and from
+/// then on the dirty log refuses to serve a migration.
+#[test]
+fn a_full_ring_is_an_overrun_and_fails_the_dirty_log() {
+    if !dirty_ring::host_offers_ring() {
+        eprintln!("skipped: this host's kvm has no dirty ring");
+        return;
+    }
+    let entries = dirty_ring::MIN_ENTRIES;
+    let mut t = test_vm(Some(entries));
+    run(&mut t);
+    let rings = t.rings.clone().unwrap();
+    assert_eq!(dirty_pages(&t), written());
+    let bytes = entries as usize * 16;
+    // SAFETY: a second shared mapping of vCPU 0's ring (as `add_vcpu` maps it), unmapped
+    // below; the vCPU is not running.
+    let ring = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&t.vcpu),
+            i64::from(kvm_bindings::KVM_DIRTY_LOG_PAGE_OFFSET) * 4096,
+        )
+    };
+    assert_ne!(ring, libc::MAP_FAILED);
+    // Every entry published: slot 0, page i.
+    for i in 0..entries as usize {
+        // SAFETY: entry i (16 bytes: flags, slot, offset) lies inside the mapping.
+        unsafe {
+            let e = (ring as *mut u8).add(i * 16);
+            (e.add(4) as *mut u32).write_volatile(0);
+            (e.add(8) as *mut u64).write_volatile(i as u64);
+            (e as *mut u32).write_volatile(1);
+        }
+    }
+    // SAFETY: the mapping made above.
+    unsafe { libc::munmap(ring, bytes) };
+    let e = rings.take_slot(0).unwrap_err();
+    assert!(rings.overrun());
+    assert!(e.to_string().contains("overran"), "{e}");
+    // And it stays so.
+    assert!(rings.check().is_err());
+    assert!(rings.take_slot(0).is_err());
 }
 
 #[test]
@@ -167,10 +224,12 @@ fn ring_sizes_the_host_refuses_are_errors() {
         dirty_ring::resolve(&kvm, dirty_ring::DirtyRingConfig::Off).unwrap(),
         None
     );
-    assert_eq!(
-        dirty_ring::resolve(&kvm, dirty_ring::DirtyRingConfig::Auto).unwrap(),
-        Some(dirty_ring::AUTO_ENTRIES.min(max))
-    );
+    // `auto`: the ring, unless this host's KVM is known to overrun it.
+    let auto = dirty_ring::resolve(&kvm, dirty_ring::DirtyRingConfig::Auto).unwrap();
+    match dirty_ring::host_ring_unsafe() {
+        Some(_) => assert_eq!(auto, None),
+        None => assert_eq!(auto, Some(dirty_ring::AUTO_ENTRIES.min(max))),
+    }
     // Enabled once a vCPU exists: KVM refuses, and the error says so.
     let vm = Arc::new(kvm.create_vm().unwrap());
     let _vcpu = vm.create_vcpu(0).unwrap();

@@ -551,6 +551,17 @@ fn main() {
         }
         let mut per_vmm: Vec<(String, Vec<Outcome>)> = Vec::new();
         for vmm in &vmms {
+            // hopvm refuses a dirty ring on a host whose KVM overruns it (kvm_pvm).
+            if vmm.name == "hopvm" && s.dirty_ring.is_some_and(|n| n > 0) {
+                if let Some(why) = vmm::dirty_ring::host_ring_unsafe() {
+                    eprintln!(
+                        "{} hopvm: not run, hopvm refuses the ring here: {why}",
+                        s.key
+                    );
+                    per_vmm.push((String::from("hopvm (refuses the ring here)"), Vec::new()));
+                    continue;
+                }
+            }
             let mut outs = Vec::new();
             for run in 0..runs {
                 let o = run_one(vmm, s, run);
