@@ -13,8 +13,9 @@
 //! - Each vCPU's ring is mapped from the vCPU fd at `KVM_DIRTY_LOG_PAGE_OFFSET` pages, right
 //!   after the vCPU is created ([`DirtyRings::add_vcpu`]).
 //! - Harvesting an entry: load its `flags` with acquire ordering; only when `DIRTY` is set are
-//!   `slot` and `offset` valid. Then store `RESET` into `flags` with release ordering. Entries
-//!   are harvested in ring order, from where the last harvest stopped.
+//!   `slot` and `offset` valid. Then store `RESET` into `flags` with release ordering. Each
+//!   harvest scans the whole ring (order does not matter for a set of pages; KVM resets
+//!   entries in its own order, from the oldest, and stops at one not harvested yet).
 //! - `KVM_RESET_DIRTY_RINGS` on the VM fd then gives every `RESET` entry back to KVM, which
 //!   write-protects those pages again: a write after the reset is logged again. A write
 //!   between the harvest and the reset is not logged, but the page is read (sent) after the
@@ -27,7 +28,6 @@
 //!   `KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP` (`KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` fail
 //!   on a ring VM), and manual protection must stay off: with `KVM_DIRTY_LOG_INITIALLY_SET`
 //!   KVM would not write-protect a slot when logging starts, so the ring would see no writes.
-//!
 //! - KVM keeps 64 entries in reserve: a vCPU is stopped once its ring is nearly full, before
 //!   it can fill it, so a ring is never seen with every entry in use. A host that breaks this
 //!   (kvm_pvm's batch emulation runs up to 1024 guest instructions per entry, each able to
