@@ -607,7 +607,7 @@ fn main() {
                 .count();
             let total = stat(outs, |o| o.total_ms);
             let ratio = match qemu_total {
-                Some(q) if !name.starts_with("qemu") && q > 0.0 => {
+                Some(q) if !name.starts_with("qemu") && q > 0.0 && !outs.is_empty() => {
                     format!("{:.2}", total.median / q)
                 }
                 _ => String::from("-"),
