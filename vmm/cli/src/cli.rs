@@ -97,8 +97,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub paused: bool,
     /// How migration learns which pages the guest wrote: off (KVM's dirty bitmap), auto (KVM's
-    /// dirty ring where the host offers it) or the ring's size in entries per vCPU (a power of
-    /// two from 256 to 65536), as QEMU's -accel kvm,dirty-ring-size=N.
+    /// dirty ring where the host offers it and keeps its limit — not kvm_pvm, which overruns
+    /// it) or the ring's size in entries per vCPU (a power of two from 256 to 65536), as
+    /// QEMU's -accel kvm,dirty-ring-size=N.
     #[arg(long, value_name = "off|auto|N", default_value_t = DirtyRingConfig::default(), value_parser = parse_dirty_ring)]
     pub dirty_ring: DirtyRingConfig,
 }
