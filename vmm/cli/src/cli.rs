@@ -13,6 +13,7 @@ use crate::tools::demo::DemoArgs;
 use crate::tools::migrate::MigrateArgs;
 use crate::tools::qmp_shell::QmpArgs;
 use vmm::config::{self, DebugExitConfig, SerialConfig, VmConfig};
+use vmm::dirty_ring::DirtyRingConfig;
 
 /// hopvm — a small x86-64 virtual machine monitor on Linux KVM.
 #[derive(Debug, Parser)]
@@ -95,6 +96,17 @@ pub struct RunArgs {
     /// Do not start the vCPUs (QEMU's -S): `cont` over QMP starts them.
     #[arg(long)]
     pub paused: bool,
+    /// How migration learns which pages the guest wrote: off (KVM's dirty bitmap), auto (KVM's
+    /// dirty ring where the host offers it and keeps its limit — not kvm_pvm, which overruns
+    /// it) or the ring's size in entries per vCPU (a power of two from 256 to 65536), as
+    /// QEMU's -accel kvm,dirty-ring-size=N.
+    #[arg(long, value_name = "off|auto|N", default_value_t = DirtyRingConfig::default(), value_parser = parse_dirty_ring)]
+    pub dirty_ring: DirtyRingConfig,
+}
+
+/// `--dirty-ring`: the syntax, then what this host's KVM can give.
+fn parse_dirty_ring(s: &str) -> Result<DirtyRingConfig, vmm::dirty_ring::DirtyRingError> {
+    vmm::dirty_ring::check_host(s.parse()?)
 }
 
 impl From<RunArgs> for VmConfig {
@@ -112,6 +124,7 @@ impl From<RunArgs> for VmConfig {
             qmp: a.qmp,
             incoming: a.incoming,
             paused: a.paused,
+            dirty_ring: a.dirty_ring,
             ..VmConfig::new("")
         }
     }
@@ -222,6 +235,19 @@ mod tests {
             let line = one_line(&e);
             assert!(!line.contains('\n') && !line.is_empty(), "{args:?}: {line}");
         }
+        let e = parse(&["run", "--kernel", "k", "--dirty-ring", "1000"]).unwrap_err();
+        assert!(
+            one_line(&e).contains("invalid dirty ring size '1000'"),
+            "{}",
+            one_line(&e)
+        );
+        let Command::Run(a) = parse(&["run", "--kernel", "k", "--dirty-ring", "off"])
+            .unwrap()
+            .command
+        else {
+            unreachable!()
+        };
+        assert_eq!(VmConfig::from(a).dirty_ring, DirtyRingConfig::Off);
         let e = parse(&["run", "--kernel", "k", "--memory", "lots"]).unwrap_err();
         assert!(
             one_line(&e).contains("invalid size 'lots'"),
