@@ -173,9 +173,17 @@ fn migration_parameters_and_errors() {
         error_of(
             &mut vm,
             "migrate-set-parameters",
-            json!({"multifd-channels": 4})
+            json!({"multifd-channels": 0})
         ),
-        "GenericError: hopvm does not support the migration parameter 'multifd-channels'"
+        "GenericError: Parameter 'multifd_channels' expects a value between 1 and 255"
+    );
+    assert_eq!(
+        error_of(
+            &mut vm,
+            "migrate-set-parameters",
+            json!({"multifd-channels": 256})
+        ),
+        "GenericError: Parameter 'multifd_channels' expects a value between 1 and 255"
     );
     assert_eq!(
         error_of(
