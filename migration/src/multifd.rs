@@ -994,6 +994,29 @@ impl Receiver {
         Ok(())
     }
 
+    /// The channels' first error, waiting up to `timeout` for one while a channel is still
+    /// open: when the main channel failed, a channel's failure is usually why (a cut
+    /// connection ends them all, each noticing in its own time).
+    pub fn error_within(&self, timeout: Duration) -> Option<Arc<MultifdError>> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut s = lock(&self.state);
+        loop {
+            if let Some(e) = &s.error {
+                return Some(e.clone());
+            }
+            let open = (0..s.connected.len()).any(|i| s.connected[i] && !s.closed[i]);
+            let now = std::time::Instant::now();
+            if !open || s.finished || now >= deadline {
+                return None;
+            }
+            s = self
+                .cv
+                .wait_timeout(s, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// The pages of block `block` the channels have loaded (one bit per page); each call
     /// takes them.
     pub fn take_received(&self, block: usize) -> Vec<u64> {

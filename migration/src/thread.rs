@@ -929,14 +929,17 @@ impl Migration {
         error: Option<MigrationRunError>,
     ) {
         let error = match (error, rp) {
-            (Some(e @ (MigrationRunError::Send(_) | MigrationRunError::Finish(_))), Some(rp))
-                if !self.cancelling() =>
-            {
+            (
                 Some(
-                    rp.destination_error(REASON_TIMEOUT)
-                        .map_or(e, MigrationRunError::Destination),
-                )
-            }
+                    e @ (MigrationRunError::Send(_)
+                    | MigrationRunError::Finish(_)
+                    | MigrationRunError::Multifd(_)),
+                ),
+                Some(rp),
+            ) if !self.cancelling() => Some(
+                rp.destination_error(REASON_TIMEOUT)
+                    .map_or(e, MigrationRunError::Destination),
+            ),
             (e, _) => e,
         };
         if lock(&self.inner).throttle_pct != 0 {

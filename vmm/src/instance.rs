@@ -635,6 +635,18 @@ impl Instance {
             };
             self.load_reader(&mut reader, &mut on_command)
         };
+        // A multifd channel's failure, rather than what it did to the main channel.
+        let result = result.map_err(|e| {
+            match self
+                .migration
+                .multifd
+                .receiver()
+                .and_then(|r| r.error_within(std::time::Duration::from_millis(500)))
+            {
+                Some(m) => RegistryError::Multifd(migration::multifd::MultifdError::Shared(m)),
+                None => e,
+            }
+        });
         let back = back.as_mut().filter(|_| rp_open);
         let Some(back) = back else {
             return Ok(result.map(|_| Received::Run)?);
