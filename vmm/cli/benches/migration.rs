@@ -66,6 +66,8 @@ struct Scenario {
     auto_converge: bool,
     /// How long before the migration is called non-converging and cancelled.
     timeout: Duration,
+    /// `multifd-channels` with the `multifd` capability on both sides (0: off).
+    multifd: u8,
 }
 
 /// No limit, as far as this machine goes.
@@ -84,6 +86,7 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: UNLIMITED,
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
+        multifd: 0,
     },
     Scenario {
         key: "busy-256m",
@@ -97,6 +100,7 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: UNLIMITED,
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
+        multifd: 0,
     },
     Scenario {
         key: "idle",
@@ -110,6 +114,7 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: UNLIMITED,
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
+        multifd: 0,
     },
     Scenario {
         key: "stopped",
@@ -123,6 +128,7 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: UNLIMITED,
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
+        multifd: 0,
     },
     // A link slower than the guest's dirtying (≈ 600 MiB/s here): without auto-converge no
     // pass ever gets small enough; with it, the vCPUs are throttled until one does.
@@ -138,6 +144,7 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: 256 << 20,
         auto_converge: false,
         timeout: Duration::from_secs(30),
+        multifd: 0,
     },
     Scenario {
         key: "converge",
@@ -151,6 +158,64 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: 256 << 20,
         auto_converge: true,
         timeout: MIGRATION_TIMEOUT,
+        multifd: 0,
+    },
+    // The same busy and stopped guests with the RAM over 2 and 4 multifd channels.
+    Scenario {
+        key: "busy-1g-mfd2",
+        label: "busy 1 GiB, 256 MiB page-stride, multifd 2",
+        image: "stride",
+        memory: "1G",
+        append: "ws=256M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        multifd: 2,
+    },
+    Scenario {
+        key: "busy-1g-mfd4",
+        label: "busy 1 GiB, 256 MiB page-stride, multifd 4",
+        image: "stride",
+        memory: "1G",
+        append: "ws=256M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        multifd: 4,
+    },
+    Scenario {
+        key: "stopped-mfd2",
+        label: "stopped 1 GiB, every page non-zero, multifd 2",
+        image: "stride",
+        memory: "1G",
+        append: "ws=max",
+        stopped: true,
+        verifying: true,
+        ready: "fill ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        multifd: 2,
+    },
+    Scenario {
+        key: "stopped-mfd4",
+        label: "stopped 1 GiB, every page non-zero, multifd 4",
+        image: "stride",
+        memory: "1G",
+        append: "ws=max",
+        stopped: true,
+        verifying: true,
+        ready: "fill ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        multifd: 4,
     },
 ];
 
@@ -275,6 +340,19 @@ fn run_one(vmm: &Vmm, s: &Scenario, run: usize) -> Outcome {
     if s.stopped {
         src.cmd("stop", Value::Null);
         src.event_time("STOP", Duration::from_secs(10));
+    }
+    if s.multifd > 0 {
+        // Both sides, before the incoming migration starts (QEMU's rule).
+        for p in [&mut src, &mut dst] {
+            p.cmd(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+            );
+            p.cmd(
+                "migrate-set-parameters",
+                json!({"multifd-channels": s.multifd}),
+            );
+        }
     }
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     dst.cmd("migrate-incoming", json!({ "uri": uri }));
