@@ -18,6 +18,8 @@
 //! Correctness first: after every stride run the destination must print two more verified
 //! passes (each reads every page of the working set) and never `CORRUPT`; a run that does not
 //! is reported as failed. The idle guest has nothing to verify; its destination must run.
+//! The `…-mfd2` / `…-mfd4` scenarios are the busy and stopped ones with the `multifd`
+//! capability and 2 or 4 `multifd-channels` set on both sides before `migrate-incoming`.
 //!
 //! Run with `cargo bench -p hopvm --bench migration`. Environment: `HOPVM_BENCH_RUNS` (default
 //! 3) runs of every scenario, reported as median and range; `HOPVM_BENCH_ONLY=busy-1g,idle`

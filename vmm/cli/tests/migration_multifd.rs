@@ -288,3 +288,37 @@ fn a_multifd_channel_cut_mid_way_fails_and_the_source_runs_on() {
     src.wait_migration("completed", LONG);
     runs_on(&mut dst);
 }
+
+#[test]
+fn migrate_cancel_mid_way_with_multifd_leaves_the_source_running() {
+    let dir = TempDir::new("multifd-cancel");
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut src = source(&dir, "src", true, 4);
+    // 1 MiB/s for all channels together: the 4 MiB working set alone takes seconds.
+    src.cmd("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
+    let mut dst = destination(&dir, "dst", &uri, true, 4);
+    src.cmd("migrate", json!({"uri": uri}));
+    src.wait_migration("active", LONG);
+    // Some pages went over the channels before the cancel.
+    let deadline = std::time::Instant::now() + LONG;
+    while migrate_info(&mut src)["ram"]["multifd-bytes"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no multifd bytes");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    src.cmd("migrate_cancel", Value::Null);
+    src.wait_migration("cancelled", LONG);
+    assert_eq!(migrate_info(&mut src)["status"], "cancelled");
+    assert_eq!(dst.wait_exit(LONG), Some(1), "{}", dst.err.text());
+    runs_on(&mut src);
+    // Nothing was lost: the same guest migrates on at full speed.
+    src.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    let uri = format!("unix:{}", dir.join("again-mig.sock").display());
+    let mut dst = destination(&dir, "again", &uri, true, 4);
+    src.cmd("migrate", json!({"uri": uri}));
+    src.wait_migration("completed", LONG);
+    runs_on(&mut dst);
+}
