@@ -983,6 +983,9 @@ impl Receiver {
             if let Some(e) = &s.error {
                 return Err(MultifdError::Shared(e.clone()));
             }
+            if s.finished {
+                return Err(MultifdError::Stopped);
+            }
             if let Some(id) = (0..s.synced.len()).find(|&i| s.closed[i] && s.synced[i] < round) {
                 return Err(MultifdError::Closed(id as u8));
             }
@@ -1435,6 +1438,88 @@ mod tests {
         }
         sender.finish();
         drop(shared);
+    }
+
+    /// Seeded mutations of valid packets (bit flips, edge values in the header fields, cuts):
+    /// every one is refused with an error or loads inside the block — never a panic, never a
+    /// write outside guest memory (the buffer's guard pages around the block stay zero).
+    #[test]
+    fn mutated_packets_never_panic_or_write_outside_ram() {
+        let pages = 16usize;
+        let guard = PAGE_SIZE as usize;
+        let mut mem = vec![0u8; pages * PAGE_SIZE as usize + 2 * guard];
+        let blocks = Arc::new(vec![BlockInfo {
+            id: String::from("pc.ram"),
+            host: mem.as_mut_ptr() as usize + guard,
+            pages,
+        }]);
+        let r = Arc::new(Receiver::new(1, blocks).unwrap());
+        // A packet that came out flagged SYNC waits for the main channel: release each round.
+        let releaser = {
+            let r = r.clone();
+            std::thread::spawn(move || while r.sync_main().is_ok() {})
+        };
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let (mut refused, mut loaded) = (0, 0);
+        for case in 0..3000 {
+            let offsets: Vec<u64> = (0..(next() % 4) as usize)
+                .map(|_| (next() % pages as u64) * PAGE_SIZE)
+                .collect();
+            let data = offsets.len() * PAGE_SIZE as usize;
+            let mut bytes = packet(offsets, 0).encode();
+            let n = bytes.len();
+            bytes.extend(std::iter::repeat_n(0xa5, data));
+            match case % 3 {
+                0 => {
+                    for _ in 0..1 + next() % 4 {
+                        let at = (next() as usize) % n;
+                        bytes[at] ^= 1 << (next() % 8);
+                    }
+                }
+                1 => {
+                    let at = [0, 4, 8, 12, 16, 20][(next() % 6) as usize];
+                    let v = [0, 1, 127, 128, 129, u32::MAX, 0x8000_0000][(next() % 7) as usize];
+                    bytes[at..at + 4].copy_from_slice(&v.to_be_bytes());
+                }
+                _ => {
+                    let at = PACKET_HEADER_LEN + (next() % 4) as usize * 8;
+                    bytes[at..at + 8].copy_from_slice(&next().to_be_bytes());
+                }
+            }
+            if next() % 5 == 0 {
+                bytes.truncate((next() as usize) % bytes.len());
+            }
+            let (mut a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let writer = std::thread::spawn(move || {
+                let _ = a.write_all(&bytes);
+            });
+            match r.receive(0, &mut ChannelStream::Unix(b)) {
+                Ok(()) => loaded += 1,
+                Err(e) => {
+                    assert!(!e.to_string().is_empty());
+                    refused += 1;
+                }
+            }
+            writer.join().unwrap();
+        }
+        assert!(
+            refused > 0 && loaded > 0,
+            "{refused} refused, {loaded} loaded"
+        );
+        assert!(
+            mem[..guard].iter().all(|b| *b == 0),
+            "wrote below the block"
+        );
+        assert!(
+            mem[mem.len() - guard..].iter().all(|b| *b == 0),
+            "wrote past the block"
+        );
     }
 
     /// The announcement must match this side's settings.
