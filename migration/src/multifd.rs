@@ -1508,6 +1508,8 @@ mod tests {
             }
             writer.join().unwrap();
         }
+        r.finish();
+        releaser.join().unwrap();
         assert!(
             refused > 0 && loaded > 0,
             "{refused} refused, {loaded} loaded"
