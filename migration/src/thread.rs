@@ -12,6 +12,10 @@
 //! the bandwidth actually achieved and recomputes `max_size`; when a slot's byte budget
 //! (bandwidth limit / 10) is spent it sleeps until the slot ends.
 //!
+//! With `multifd` the thread also opens the multifd channels after the main one
+//! ([`crate::multifd`]); each flush then writes the main buffer and, on scoped threads, the
+//! pages the RAM section queued for the channels; `migrate_cancel` shuts all of them down.
+//!
 //! Downtime is the time from stopping the vCPUs to completion; total time runs from `migrate`
 //! to completion. A failed or cancelled migration restarts the vCPUs if they had been running.
 
