@@ -13,6 +13,7 @@
 use std::io::{self, Read, Write};
 
 pub mod integrity;
+pub mod multifd;
 mod pagemap;
 pub mod ram;
 pub mod ram_format;

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
+use crate::multifd::{BlockInfo, Multifd};
 use crate::pagemap;
 use crate::ram_format::{
     RamBlockInfo, RamItem, RamRecord, RamRecordReader, RamRecordWriter, RAM_SECTION_VERSION,
@@ -342,6 +343,12 @@ pub struct RamSection {
     profiling: bool,
     /// Whether the dirty log uses manual protection (asked once, at the first `begin`).
     manual_protect: Option<bool>,
+    /// The VM's multifd state ([`RamSection::with_multifd`]).
+    multifd: Option<Arc<Multifd>>,
+    /// Source: this migration sends its non-zero pages over the multifd channels.
+    multifd_sending: bool,
+    /// Source: pages for the channels since the last end of a part (block, page).
+    multifd_pages: Vec<(usize, usize)>,
 }
 
 /// What a never-populated page reads as.
@@ -423,7 +430,54 @@ impl RamSection {
             page: vec![0; PAGE_SIZE as usize],
             profiling: std::env::var_os(PROFILE_ENV).is_some(),
             manual_protect: None,
+            multifd: None,
+            multifd_sending: false,
+            multifd_pages: Vec::new(),
         }
+    }
+
+    /// Lets this section send and receive its pages over multifd channels when a migration
+    /// uses them ([`crate::multifd`]).
+    pub fn with_multifd(mut self, multifd: Arc<Multifd>) -> Self {
+        multifd.set_blocks(
+            self.blocks
+                .iter()
+                .map(|b| BlockInfo {
+                    id: b.id.clone(),
+                    host: b.host,
+                    pages: b.pages,
+                })
+                .collect(),
+        );
+        self.multifd = Some(multifd);
+        self
+    }
+
+    /// Destination: the pages the multifd channels loaded count as received and populated.
+    fn merge_multifd(&mut self, r: &crate::multifd::Receiver) {
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            for (w, bits) in r.take_received(i).into_iter().enumerate() {
+                if bits == 0 {
+                    continue;
+                }
+                if let Some(x) = b.received.get_mut(w) {
+                    *x |= bits;
+                }
+                if let Some(p) = b.populated.as_mut() {
+                    p[w] |= bits;
+                }
+            }
+        }
+    }
+
+    /// Destination, at the end of a RAM part: waits for the multifd channels' round.
+    fn sync_multifd(&mut self) -> Result<(), SectionError> {
+        let Some(r) = self.multifd.as_ref().and_then(|m| m.receiver()) else {
+            return Ok(());
+        };
+        r.sync_main().map_err(|e| invalid(e.to_string()))?;
+        self.merge_multifd(&r);
+        Ok(())
     }
 
     fn total_bytes(&self) -> u64 {
@@ -557,6 +611,12 @@ impl RamSection {
             }
             c.duplicate.fetch_add(1, Ordering::Relaxed);
             self.writer.zero_page(out, id, offset, 0)
+        } else if self.multifd_sending {
+            // QEMU 7.2's split: a page with data goes over the channels (its bytes are
+            // counted when they are sent), a zero page stays here.
+            c.normal.fetch_add(1, Ordering::Relaxed);
+            self.multifd_pages.push((block, page));
+            return Ok(PAGE_SIZE + 8);
         } else {
             let outcome = match self.cache.as_mut() {
                 Some(cache) if !self.bulk_stage => {
@@ -665,12 +725,21 @@ impl RamSection {
 
     /// Ends a chunk of the section with EOS.
     fn end_chunk(&mut self, out: &mut dyn Write) -> Result<(), SectionError> {
+        self.queue_multifd_round();
         let n = self.writer.eos(out).map_err(format_err)?;
         self.counters
             .transferred
             .fetch_add(n as u64, Ordering::Relaxed);
         self.update_remaining();
         Ok(())
+    }
+
+    /// Source: hands the pages of this part to the channels, with a sync (QEMU 7.2's
+    /// `multifd_send_sync_main` before every RAM EOS).
+    fn queue_multifd_round(&mut self) {
+        if let (true, Some(m)) = (self.multifd_sending, self.multifd.as_ref()) {
+            m.queue_round(&mut self.multifd_pages, true);
+        }
     }
 
     /// The next dirty page in block order, starting where the last search ended.
@@ -765,7 +834,10 @@ fn invalid(reason: String) -> SectionError {
 impl LiveSection for RamSection {
     fn begin(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
         let settings = *vmm_sync::lock(&self.settings);
-        self.cache = if settings.enabled {
+        self.multifd_sending = self.multifd.as_ref().is_some_and(|m| m.sending());
+        self.multifd_pages.clear();
+        // As QEMU 7.2: with multifd, pages never go through XBZRLE.
+        self.cache = if settings.enabled && !self.multifd_sending {
             Some(
                 XbzrleCache::new(settings.cache_size)
                     .map_err(|e| SectionError::Unsupported(e.to_string()))?,
@@ -824,12 +896,15 @@ impl LiveSection for RamSection {
                 size: b.pages as u64 * PAGE_SIZE,
             })
             .collect();
+        self.queue_multifd_round();
         let n = self
             .writer
             .mem_size(out, &blocks)
             .and_then(|n| Ok(n + self.writer.eos(out)?))
             .map_err(format_err)?;
-        c.transferred.fetch_add(n as u64, Ordering::Relaxed);
+        self.counters
+            .transferred
+            .fetch_add(n as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -910,6 +985,8 @@ impl LiveSection for RamSection {
 
     fn cancel(&mut self) {
         self.flush_failed();
+        self.multifd_pages.clear();
+        self.multifd_sending = false;
         self.stop_logging();
         self.cache = None;
     }
@@ -946,6 +1023,11 @@ impl LiveSection for RamSection {
     }
 
     fn load_end(&mut self) {
+        if let Some(r) = self.multifd.as_ref().and_then(|m| m.receiver()) {
+            // No channel writes guest memory from here on; what they loaded counts.
+            r.finish();
+            self.merge_multifd(&r);
+        }
         // What the populate thread has not reached yet the guest faults in on demand: it
         // must not keep a core busy while the guest resumes.
         self.populate.stop();
@@ -1037,7 +1119,7 @@ impl RamSection {
                 RamItem::Record(r) => r,
             };
             match record {
-                RamRecord::Eos => return Ok(()),
+                RamRecord::Eos => return self.sync_multifd(),
                 RamRecord::MemSize { blocks } => {
                     let ours: Vec<(String, u64)> = self
                         .blocks

@@ -65,6 +65,9 @@ pub enum RegistryError {
     /// A command record this side does not implement.
     #[error("unsupported migration command {0}")]
     UnsupportedCommand(u16),
+    /// The source's multifd set-up does not match this side's.
+    #[error(transparent)]
+    Multifd(#[from] crate::multifd::MultifdError),
 }
 
 /// What a registered section does.
@@ -388,6 +391,7 @@ impl Registry {
                         MIG_CMD_OPEN_RETURN_PATH => load.return_path = true,
                         return_path::MIG_CMD_PING => {}
                         return_path::MIG_CMD_X_HOPVM_SWITCHOVER => load.switchover = true,
+                        crate::multifd::MIG_CMD_X_HOPVM_MULTIFD => {}
                         _ => return Err(RegistryError::UnsupportedCommand(cmd)),
                     }
                     on_command(cmd, &data)?;

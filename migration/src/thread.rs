@@ -12,6 +12,10 @@
 //! the bandwidth actually achieved and recomputes `max_size`; when a slot's byte budget
 //! (bandwidth limit / 10) is spent it sleeps until the slot ends.
 //!
+//! With `multifd` the thread also opens the multifd channels after the main one
+//! ([`crate::multifd`]); each flush then writes the main buffer and, on scoped threads, the
+//! pages the RAM section queued for the channels; `migrate_cancel` shuts all of them down.
+//!
 //! Downtime is the time from stopping the vCPUs to completion; total time runs from `migrate`
 //! to completion. A failed or cancelled migration restarts the vCPUs if they had been running.
 
@@ -23,12 +27,13 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::multifd::{Multifd, MultifdError, MultifdSender, MIG_CMD_X_HOPVM_MULTIFD};
 use crate::ram::{RamCounters, XbzrleSettings};
 use crate::rate_limit::{BufferedOutput, RateLimitError, RateLimiter};
 use crate::registry::{Registry, RegistryError};
 use crate::return_path::{self, SourceReturnPath, Verdict};
 use crate::stream::{StreamError, StreamWriter, MIG_CMD_OPEN_RETURN_PATH};
-use crate::transport::{ConnectCancel, Outgoing, TransportError};
+use crate::transport::{ChannelStream, ConnectCancel, MigrationUri, Outgoing, TransportError};
 
 /// Default bandwidth limit: 32 MiB/s, as QEMU's `MAX_THROTTLE` of 2013.
 pub const DEFAULT_MAX_BANDWIDTH: u64 = 32 << 20;
@@ -54,6 +59,15 @@ pub enum MigrationError {
     /// The connect's cancel descriptor could not be made.
     #[error("{0}")]
     Cancel(#[source] TransportError),
+    /// `multifd` over a transport that cannot open more channels (QEMU's wording).
+    #[error("multifd is not supported by current protocol")]
+    MultifdProtocol,
+    /// `multifd` with `x-integrity`, whose checksums cover the main channel only.
+    #[error(
+        "x-integrity does not cover the multifd channels: switch off the multifd or the \
+         x-integrity capability"
+    )]
+    MultifdIntegrity,
 }
 
 /// A migration's state, with QEMU's names.
@@ -156,6 +170,11 @@ pub trait MigrationOutput: Write + Send {
     fn return_path(&self) -> Option<Box<dyn Read + Send>> {
         None
     }
+
+    /// Opens one more channel to the same destination (a multifd channel).
+    fn connect_channel(&self, _cancel: &ConnectCancel) -> Result<ChannelStream, TransportError> {
+        Err(TransportError::MultiChannelUnsupported)
+    }
 }
 
 impl MigrationOutput for Outgoing {
@@ -172,6 +191,10 @@ impl MigrationOutput for Outgoing {
 
     fn return_path(&self) -> Option<Box<dyn Read + Send>> {
         Outgoing::return_path(self)
+    }
+
+    fn connect_channel(&self, cancel: &ConnectCancel) -> Result<ChannelStream, TransportError> {
+        crate::transport::connect_channel(self.uri(), cancel)
     }
 }
 
@@ -199,6 +222,9 @@ pub enum MigrationRunError {
     /// Closing the channel failed (an `exec:` command's failure, say).
     #[error("{0}")]
     Finish(#[source] TransportError),
+    /// A multifd channel failed.
+    #[error("{0}")]
+    Multifd(#[from] MultifdError),
     /// The return-path reader could not be started.
     #[error("cannot start the return-path thread: {0}")]
     ReturnPathThread(#[source] io::Error),
@@ -399,6 +425,8 @@ pub struct MigrationInfo {
     pub xbzrle_overflow: u64,
     /// Pages sent per second in the last 100 ms slot.
     pub pages_per_second: u64,
+    /// Bytes sent on multifd channels.
+    pub multifd_bytes: u64,
     /// Bytes sent before the guest stopped.
     pub precopy_bytes: u64,
     /// Bytes sent while the guest was stopped.
@@ -457,6 +485,9 @@ pub struct Migration {
     pub ram: Arc<RamCounters>,
     /// XBZRLE capability and cache size, shared with the RAM section.
     pub xbzrle: Arc<Mutex<XbzrleSettings>>,
+    /// `multifd` capability, `multifd-channels`, and the channels' state, shared with the RAM
+    /// section.
+    pub multifd: Arc<Multifd>,
     notifiers: Mutex<Vec<Notifier>>,
     /// Wakes the `pre-switchover` pause (continue or cancel).
     pause: Condvar,
@@ -511,6 +542,7 @@ impl Migration {
             }),
             ram: Arc::new(RamCounters::default()),
             xbzrle: Arc::new(Mutex::new(XbzrleSettings::default())),
+            multifd: Arc::default(),
             notifiers: Mutex::new(Vec::new()),
             pause: Condvar::new(),
         }
@@ -736,6 +768,7 @@ impl Migration {
             xbzrle_cache_miss: get(&c.xbzrle_cache_miss),
             xbzrle_overflow: get(&c.xbzrle_overflow),
             pages_per_second: i.pages_per_second,
+            multifd_bytes: self.multifd.bytes.load(Ordering::Relaxed),
             precopy_bytes: if i.status == MigrationStatus::Completed {
                 i.precopy_bytes
             } else {
@@ -745,6 +778,21 @@ impl Migration {
             cpu_throttle_percentage: i.throttle_pct,
             error: i.error.clone(),
         }
+    }
+
+    /// Checks that a migration to `uri` can use this side's capabilities: `multifd` needs a
+    /// transport that opens more channels (`tcp:`, `unix:`; QEMU refuses the others with the
+    /// same words) and is not covered by `x-integrity`.
+    pub fn check_uri(&self, uri: &MigrationUri) -> Result<(), MigrationError> {
+        if self.multifd.settings().enabled {
+            if !crate::transport::supports_multi_channel(uri) {
+                return Err(MigrationError::MultifdProtocol);
+            }
+            if self.integrity_enabled() {
+                return Err(MigrationError::MultifdIntegrity);
+            }
+        }
+        Ok(())
     }
 
     /// Starts a migration on the channel `connect` opens. `migrate` returns at once: the
@@ -771,6 +819,9 @@ impl Migration {
         if let Some(reason) = lock(host.registry()).blocker() {
             return Err(MigrationError::Blocked(reason.to_string()));
         }
+        if self.multifd.settings().enabled && self.integrity_enabled() {
+            return Err(MigrationError::MultifdIntegrity);
+        }
         let cancel = Arc::new(ConnectCancel::new().map_err(MigrationError::Cancel)?);
         {
             let mut i = lock(&self.inner);
@@ -789,6 +840,7 @@ impl Migration {
                 &self.ram.xbzrle_bytes,
                 &self.ram.xbzrle_cache_miss,
                 &self.ram.xbzrle_overflow,
+                &self.multifd.bytes,
             ] {
                 a.store(0, Ordering::Relaxed);
             }
@@ -881,14 +933,17 @@ impl Migration {
         error: Option<MigrationRunError>,
     ) {
         let error = match (error, rp) {
-            (Some(e @ (MigrationRunError::Send(_) | MigrationRunError::Finish(_))), Some(rp))
-                if !self.cancelling() =>
-            {
+            (
                 Some(
-                    rp.destination_error(REASON_TIMEOUT)
-                        .map_or(e, MigrationRunError::Destination),
-                )
-            }
+                    e @ (MigrationRunError::Send(_)
+                    | MigrationRunError::Finish(_)
+                    | MigrationRunError::Multifd(_)),
+                ),
+                Some(rp),
+            ) if !self.cancelling() => Some(
+                rp.destination_error(REASON_TIMEOUT)
+                    .map_or(e, MigrationRunError::Destination),
+            ),
             (e, _) => e,
         };
         if lock(&self.inner).throttle_pct != 0 {
@@ -931,21 +986,49 @@ impl Migration {
         &self,
         host: &H,
         w: &mut StreamWriter<BufferedOutput>,
-        out: &mut dyn Write,
+        out: &mut Outputs,
     ) -> Result<u64, MigrationRunError> {
         self.flush_keeping(host, w, out, 0)
     }
 
-    /// [`flush`](Self::flush) but for the last `keep` bytes.
+    /// [`flush`](Self::flush) but for the last `keep` bytes of the main channel. The
+    /// multifd channels (all of what was queued for them) are written at the same time, each
+    /// on its own thread.
     fn flush_keeping<H: MigrationHost>(
         &self,
         host: &H,
         w: &mut StreamWriter<BufferedOutput>,
-        out: &mut dyn Write,
+        out: &mut Outputs,
         keep: usize,
     ) -> Result<u64, MigrationRunError> {
         let t0 = Instant::now();
-        let result = w.get_mut().flush_keeping(out, keep);
+        let Outputs { main, multifd } = out;
+        let result = match multifd {
+            None => w
+                .get_mut()
+                .flush_keeping(main.as_mut(), keep)
+                .map_err(MigrationRunError::from),
+            Some(mf) => {
+                let (main_result, mf_result) = std::thread::scope(|s| {
+                    let side = s.spawn(|| mf.flush());
+                    let m = w.get_mut().flush_keeping(main.as_mut(), keep);
+                    let side = side.join().unwrap_or_else(|_| {
+                        Err(MultifdError::Thread(io::Error::other(
+                            "a multifd sender panicked",
+                        )))
+                    });
+                    (m, side)
+                });
+                match (main_result, mf_result) {
+                    (Ok(a), Ok(b)) => {
+                        self.ram.transferred.fetch_add(b, Ordering::Relaxed);
+                        Ok(a + b)
+                    }
+                    (Err(e), _) => Err(e.into()),
+                    (_, Err(e)) => Err(e.into()),
+                }
+            }
+        };
         let profile = &self.ram.profile;
         profile.add_since(&profile.send_ns, t0);
         let _g = lock(host.big_lock());
@@ -958,19 +1041,20 @@ impl Migration {
             }
             Err(e) => {
                 reg.flush_failed();
-                Err(e.into())
+                Err(e)
             }
         }
     }
 
-    /// Opens the channel and, with the `return-path` capability on a two-way transport, the
-    /// return path; `None` when the migration already ended (failed or cancelled).
+    /// Opens the channel — and with `multifd` the multifd channels — and, with the
+    /// `return-path` capability on a two-way transport, the return path; `None` when the
+    /// migration already ended (failed or cancelled).
     fn connect<H: MigrationHost>(
         &self,
         host: &H,
         connect: Connector,
         cancel: &ConnectCancel,
-    ) -> Option<(Box<dyn MigrationOutput>, Option<SourceReturnPath>)> {
+    ) -> Option<(Outputs, Option<SourceReturnPath>)> {
         let out = match connect(cancel) {
             Ok(out) => out,
             Err(e) => {
@@ -978,11 +1062,53 @@ impl Migration {
                 return None;
             }
         };
+        let settings = self.multifd.settings();
+        let multifd = if settings.enabled {
+            let channels = (0..settings.channels)
+                .map(|id| {
+                    out.connect_channel(cancel).map_err(|source| match source {
+                        TransportError::MultiChannelUnsupported => source.into(),
+                        source => MultifdError::Connect { id, source },
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|c| MultifdSender::new(self.multifd.clone(), c));
+            match channels {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    let e = if cancel.is_cancelled() {
+                        None
+                    } else {
+                        Some(e.into())
+                    };
+                    self.abort(host, false, None, e);
+                    return None;
+                }
+            }
+        } else {
+            None
+        };
+        // A cancel (or a destination's failed load) shuts every channel down.
+        let stopper = {
+            let main = out.canceller();
+            let side = multifd
+                .as_ref()
+                .map(MultifdSender::shutdown_handles)
+                .unwrap_or_default();
+            move || {
+                if let Some(main) = &main {
+                    main();
+                }
+                side.iter().for_each(ChannelStream::shutdown);
+            }
+        };
+        let stopper: Arc<dyn Fn() + Send + Sync> = Arc::new(stopper);
         {
-            // Connected: from now on a cancel shuts the channel down.
+            // Connected: from now on a cancel shuts the channels down.
             let mut i = lock(&self.inner);
             i.connect_cancel = None;
-            i.canceller = out.canceller();
+            let s = stopper.clone();
+            i.canceller = Some(Box::new(move || s()));
         }
         if self.cancelling() {
             self.abort(host, false, None, None);
@@ -997,12 +1123,8 @@ impl Migration {
             None => None,
             Some(reader) => {
                 // A destination that reports a failed load stops the stream at once.
-                let stop = out.canceller();
-                let on_failure = Box::new(move || {
-                    if let Some(stop) = &stop {
-                        stop();
-                    }
-                });
+                let stop = stopper.clone();
+                let on_failure = Box::new(move || stop());
                 match SourceReturnPath::spawn(reader, on_failure) {
                     Ok(rp) => Some(rp),
                     Err(e) => {
@@ -1017,7 +1139,7 @@ impl Migration {
                 }
             }
         };
-        Some((out, rp))
+        Some((Outputs { main: out, multifd }, rp))
     }
 
     fn run<H: MigrationHost>(
@@ -1050,6 +1172,15 @@ impl Migration {
                     .and_then(|()| w.command(MIG_CMD_OPEN_RETURN_PATH, &[]))
                     .and_then(|()| w.command(return_path::MIG_CMD_PING, &1u32.to_be_bytes()))
                     .and_then(|()| w.command(return_path::MIG_CMD_X_HOPVM_SWITCHOVER, &[]))
+                    .and_then(|()| match &out.multifd {
+                        // hopvm's announcement, so that a destination set up otherwise
+                        // refuses the stream instead of waiting for channels.
+                        Some(_) => w.command(
+                            MIG_CMD_X_HOPVM_MULTIFD,
+                            &u32::from(self.multifd.settings().channels).to_be_bytes(),
+                        ),
+                        None => Ok(()),
+                    })
                     .map_err(MigrationRunError::from)
             } else {
                 Ok(())
@@ -1060,7 +1191,7 @@ impl Migration {
                     .map_err(MigrationRunError::from)
             })
         };
-        if let Err(e) = begun.and_then(|_| self.flush(host.as_ref(), &mut w, out.as_mut())) {
+        if let Err(e) = begun.and_then(|_| self.flush(host.as_ref(), &mut w, &mut out)) {
             self.abort(host.as_ref(), false, rp, Some(e));
             return;
         }
@@ -1174,9 +1305,9 @@ impl Migration {
                     // Without a return path the stream's tail waits until the migration
                     // is committed (`hand_over`): a cancel until then always wins safely.
                     let keep = if rp.is_none() { STREAM_TAIL } else { 0 };
-                    let sent = result.map_err(MigrationRunError::from).and_then(|_| {
-                        self.flush_keeping(host.as_ref(), &mut w, out.as_mut(), keep)
-                    });
+                    let sent = result
+                        .map_err(MigrationRunError::from)
+                        .and_then(|_| self.flush_keeping(host.as_ref(), &mut w, &mut out, keep));
                     let final_pass = self.ram.dirty_sync_count.load(Ordering::Relaxed);
                     if final_pass != pass {
                         lock(&self.inner)
@@ -1234,7 +1365,7 @@ impl Migration {
                 log::info!("auto-converge: throttling the vCPUs to {pct} %");
                 self.set_throttle(host.as_ref(), pct);
             }
-            match self.flush(host.as_ref(), &mut w, out.as_mut()) {
+            match self.flush(host.as_ref(), &mut w, &mut out) {
                 Ok(n) => {
                     limiter.record(n);
                     slot_bytes += n;
@@ -1291,7 +1422,7 @@ impl Migration {
         &self,
         host: &H,
         w: &mut StreamWriter<BufferedOutput>,
-        mut out: Box<dyn MigrationOutput>,
+        mut out: Outputs,
     ) -> Switchover {
         {
             let mut i = lock(&self.inner);
@@ -1301,7 +1432,7 @@ impl Migration {
             i.committed = true;
             i.canceller = None;
         }
-        if let Err(e) = self.flush(host, w, out.as_mut()) {
+        if let Err(e) = self.flush(host, w, &mut out) {
             return Switchover::Resume(Some(e));
         }
         match out.finish() {
@@ -1312,7 +1443,7 @@ impl Migration {
 
     /// With a return path: the switchover handshake ([`crate::return_path`]). The stream is
     /// sent; wait for the destination's verdict, then send the go-ahead and wait for STARTED.
-    fn handshake(&self, rp: &SourceReturnPath, mut out: Box<dyn MigrationOutput>) -> Switchover {
+    fn handshake(&self, rp: &SourceReturnPath, mut out: Outputs) -> Switchover {
         {
             // A cancel now wakes the wait instead of killing the channel, so that the
             // destination can be told to drop what it loaded.
@@ -1345,11 +1476,14 @@ impl Migration {
             Verdict::Woken => false,
         };
         if !go {
-            let _ = return_path::send_command(out.as_mut(), return_path::MIG_CMD_X_HOPVM_ABORT);
+            let _ =
+                return_path::send_command(out.main.as_mut(), return_path::MIG_CMD_X_HOPVM_ABORT);
             return Switchover::Resume(None);
         }
         // A write that fails queued nothing: the destination cannot have the go-ahead.
-        if let Err(e) = return_path::send_command(out.as_mut(), return_path::MIG_CMD_X_HOPVM_GO) {
+        if let Err(e) =
+            return_path::send_command(out.main.as_mut(), return_path::MIG_CMD_X_HOPVM_GO)
+        {
             return Switchover::Resume(Some(MigrationRunError::GoAhead(e)));
         }
         let _ = out.finish();
@@ -1358,6 +1492,23 @@ impl Migration {
         } else {
             Switchover::Unknown
         }
+    }
+}
+
+/// Where a running migration writes: the main channel and, with `multifd`, the multifd
+/// channels.
+struct Outputs {
+    main: Box<dyn MigrationOutput>,
+    multifd: Option<MultifdSender>,
+}
+
+impl Outputs {
+    /// Closes every channel cleanly.
+    fn finish(self) -> Result<(), TransportError> {
+        if let Some(m) = self.multifd {
+            m.finish();
+        }
+        self.main.finish()
     }
 }
 

@@ -97,6 +97,9 @@ pub enum IncomingError {
     /// No source connected.
     #[error(transparent)]
     Accept(TransportError),
+    /// The multifd channels could not be accepted.
+    #[error(transparent)]
+    Multifd(#[from] migration::multifd::MultifdError),
     /// The stream did not load.
     #[error(transparent)]
     Load(#[from] RegistryError),
@@ -184,16 +187,19 @@ impl Instance {
             "ram",
             0,
             migration::ram_format::RAM_SECTION_VERSION,
-            Box::new(RamSection::new(
-                vm.memory.clone(),
-                Box::new(
-                    KvmDirtyLog::new(vm.fd.clone(), vm.memory.clone())
-                        .with_rings(vm.dirty_rings.clone())
-                        .with_profile(migration.ram.clone()),
-                ),
-                migration.xbzrle.clone(),
-                migration.ram.clone(),
-            )),
+            Box::new(
+                RamSection::new(
+                    vm.memory.clone(),
+                    Box::new(
+                        KvmDirtyLog::new(vm.fd.clone(), vm.memory.clone())
+                            .with_rings(vm.dirty_rings.clone())
+                            .with_profile(migration.ram.clone()),
+                    ),
+                    migration.xbzrle.clone(),
+                    migration.ram.clone(),
+                )
+                .with_multifd(migration.multifd.clone()),
+            ),
         );
         let vcpus = vm.control().vcpus();
         let msrs = Arc::new(
@@ -508,6 +514,7 @@ impl Instance {
             return Err(InstanceError::Blocked(reason.to_string()));
         }
         let uri: MigrationUri = uri.parse()?;
+        self.migration.check_uri(&uri)?;
         // A descriptor is opened at once (QEMU reports a missing name from `migrate`); every
         // other connect runs on the migration thread: `migrate` returns at once, in `setup`,
         // and `migrate_cancel` interrupts a destination that does not answer.
@@ -538,6 +545,11 @@ impl Instance {
         named: Option<&dyn NamedFds>,
     ) -> Result<(), InstanceError> {
         let parsed: MigrationUri = uri.parse()?;
+        if self.migration.multifd.settings().enabled
+            && !migration::transport::supports_multi_channel(&parsed)
+        {
+            return Err(TransportError::MultiChannelUnsupported.into());
+        }
         {
             let mut current = lock(&self.incoming);
             let mut g = lock(&self.vm.machine);
@@ -568,10 +580,13 @@ impl Instance {
         std::thread::Builder::new()
             .name(String::from("incoming"))
             .spawn(move || {
-                let received = listener
-                    .accept_channel()
-                    .map_err(IncomingError::Accept)
-                    .and_then(|channel| {
+                // With multifd, the channels' guard lives as long as the load.
+                let received = migration::multifd::accept(listener, &me.migration.multifd)
+                    .map_err(|e| match e {
+                        migration::multifd::MultifdError::Transport(e) => IncomingError::Accept(e),
+                        e => e.into(),
+                    })
+                    .and_then(|(channel, _multifd)| {
                         *lock(&me.incoming) = Incoming::Active;
                         me.incoming_event(IncomingEvent::Active);
                         me.receive(channel)
@@ -605,7 +620,9 @@ impl Instance {
         let mut rp_open = false;
         let mut handshake = false;
         let result = {
+            let multifd = self.migration.multifd.clone();
             let mut on_command = |cmd: u16, data: &[u8]| {
+                multifd.on_command(cmd, data)?;
                 match cmd {
                     migration::stream::MIG_CMD_OPEN_RETURN_PATH => rp_open = back.is_some(),
                     rp::MIG_CMD_X_HOPVM_SWITCHOVER => handshake = true,
@@ -622,6 +639,18 @@ impl Instance {
             };
             self.load_reader(&mut reader, &mut on_command)
         };
+        // A multifd channel's failure, rather than what it did to the main channel.
+        let result = result.map_err(|e| {
+            match self
+                .migration
+                .multifd
+                .receiver()
+                .and_then(|r| r.error_within(std::time::Duration::from_millis(500)))
+            {
+                Some(m) => RegistryError::Multifd(migration::multifd::MultifdError::Shared(m)),
+                None => e,
+            }
+        });
         let back = back.as_mut().filter(|_| rp_open);
         let Some(back) = back else {
             return Ok(result.map(|_| Received::Run)?);

@@ -123,6 +123,10 @@ pub enum TransportError {
     /// The cancel descriptor could not be created.
     #[error("cannot create the cancel descriptor: {0}")]
     CancelFd(#[source] io::Error),
+    /// The URI's transport cannot open more than one channel (`exec:`, `fd:`), which the
+    /// `multifd` capability needs (QEMU's wording).
+    #[error("multifd is not supported by current protocol")]
+    MultiChannelUnsupported,
 }
 
 /// Interrupts [`connect_outgoing_cancellable`] from another thread (a `migrate_cancel` while
@@ -691,6 +695,221 @@ impl Incoming {
             Listener::Fd(f) => Box::new(f),
         })
     }
+}
+
+impl Incoming {
+    /// Whether this transport can carry more than one channel (`tcp:`, `unix:`), as the
+    /// `multifd` capability needs.
+    pub fn multi_channel(&self) -> bool {
+        matches!(self.listener, Listener::Tcp(_) | Listener::Unix(_))
+    }
+
+    /// Accepts one more connection on the listener without giving it up: the main channel
+    /// and every multifd channel come in this way (the one place where a destination
+    /// accepts a socket channel; `cancel` ends the wait). `exec:` and `fd:` have no
+    /// listener: [`TransportError::MultiChannelUnsupported`].
+    pub fn accept_stream(&self, cancel: &ConnectCancel) -> Result<ChannelStream, TransportError> {
+        let fd = match &self.listener {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l) => l.raw_fd()?,
+            _ => return Err(TransportError::MultiChannelUnsupported),
+        };
+        wait_readable(fd, cancel)?;
+        match &self.listener {
+            Listener::Tcp(l) => l
+                .accept()
+                .map(|(s, _)| ChannelStream::Tcp(s))
+                .map_err(TransportError::Accept),
+            Listener::Unix(l) => l.accept_one().map(ChannelStream::Unix),
+            _ => Err(TransportError::MultiChannelUnsupported),
+        }
+    }
+}
+
+/// Waits until `fd` is readable (a connection to accept) or `cancel` fires.
+fn wait_readable(fd: RawFd, cancel: &ConnectCancel) -> Result<(), TransportError> {
+    let mut fds = [
+        libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: cancel.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        if cancel.is_cancelled() {
+            return Err(TransportError::Cancelled);
+        }
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call; both
+        // descriptors belong to objects the caller borrows.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(TransportError::Accept(e));
+        }
+        if fds[1].revents != 0 || cancel.is_cancelled() {
+            return Err(TransportError::Cancelled);
+        }
+        if fds[0].revents != 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// One socket channel of a migration (`tcp:` or `unix:`): the main channel or a multifd
+/// channel, as [`connect_channel`] opens it and [`Incoming::accept_stream`] accepts it.
+#[derive(Debug)]
+pub enum ChannelStream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A Unix stream socket.
+    Unix(UnixStream),
+}
+
+impl ChannelStream {
+    /// A second handle on the same socket (to shut it down from another thread).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Self::Tcp(s) => Self::Tcp(s.try_clone()?),
+            Self::Unix(s) => Self::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts the socket down in both directions (a blocked read or write returns).
+    pub fn shutdown(&self) {
+        let _ = shutdown_socket(self.as_raw_fd());
+    }
+
+    /// Shuts the sending direction down: the peer reads the end of the stream.
+    pub fn finish(&self) -> Result<(), TransportError> {
+        half_close(match self {
+            Self::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Self::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        })
+    }
+
+    /// Reads the first `buf.len()` bytes without consuming them; fewer if the peer closed.
+    pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: `buf` is valid for writes of its length for the duration of the call;
+            // the descriptor belongs to `self`.
+            let rc = unsafe {
+                libc::recv(
+                    self.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK | libc::MSG_WAITALL,
+                )
+            };
+            if rc >= 0 {
+                return Ok(rc as usize);
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+
+    /// Bounds how long a read may wait (`None`: for ever).
+    pub fn set_read_timeout(&self, t: Option<std::time::Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(t),
+            Self::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// The main channel as an [`IncomingChannel`], with its return path.
+    pub fn into_incoming(self) -> IncomingChannel {
+        match self {
+            Self::Tcp(s) => {
+                let back = s.try_clone().ok();
+                IncomingChannel {
+                    input: Box::new(s),
+                    return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
+                }
+            }
+            Self::Unix(s) => {
+                let back = s.try_clone().ok();
+                IncomingChannel {
+                    input: Box::new(s),
+                    return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
+                }
+            }
+        }
+    }
+}
+
+impl AsRawFd for ChannelStream {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
+impl Read for ChannelStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for ChannelStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write_vectored(bufs),
+            Self::Unix(s) => s.write_vectored(bufs),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Opens one more channel to `uri` (a multifd channel: the same URI as the main channel).
+/// The one place where a source connects a channel besides the main one; `exec:` and `fd:`
+/// cannot: [`TransportError::MultiChannelUnsupported`].
+pub fn connect_channel(
+    uri: &MigrationUri,
+    cancel: &ConnectCancel,
+) -> Result<ChannelStream, TransportError> {
+    if cancel.is_cancelled() {
+        return Err(TransportError::Cancelled);
+    }
+    match uri {
+        MigrationUri::Tcp { host, .. } if host.is_empty() => {
+            Err(invalid(&uri.to_string(), "missing host"))
+        }
+        MigrationUri::Tcp { host, port } => Ok(ChannelStream::Tcp(tcp::connect_cancellable(
+            host, *port, cancel,
+        )?)),
+        MigrationUri::Unix(path) => Ok(ChannelStream::Unix(unix::connect(path)?)),
+        MigrationUri::Exec(_) | MigrationUri::Fd(_) => Err(TransportError::MultiChannelUnsupported),
+    }
+}
+
+/// Whether `uri` can carry more than one channel (`tcp:`, `unix:`), as `multifd` needs.
+pub fn supports_multi_channel(uri: &MigrationUri) -> bool {
+    matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_))
 }
 
 /// An accepted incoming migration: the stream, and the way back to the source if the

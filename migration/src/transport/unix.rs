@@ -80,6 +80,27 @@ impl Listening {
     }
 }
 
+impl Listening {
+    /// Accepts one connection and keeps listening (multifd: more channels follow).
+    pub(super) fn accept_one(&self) -> Result<UnixStream, TransportError> {
+        let listener = self
+            .listener
+            .as_ref()
+            .ok_or_else(|| TransportError::Accept(io::ErrorKind::NotConnected.into()))?;
+        let (stream, _) = listener.accept().map_err(TransportError::Accept)?;
+        Ok(stream)
+    }
+
+    /// The listening descriptor (to wait on).
+    pub(super) fn raw_fd(&self) -> Result<std::os::fd::RawFd, TransportError> {
+        use std::os::fd::AsRawFd;
+        self.listener
+            .as_ref()
+            .map(|l| l.as_raw_fd())
+            .ok_or_else(|| TransportError::Accept(io::ErrorKind::NotConnected.into()))
+    }
+}
+
 impl Drop for Listening {
     fn drop(&mut self) {
         if file_id(&self.path) == Some(self.id) {

@@ -16,7 +16,9 @@
 //!   `stop`ped, then migrated: the stream alone; the destination is `cont`inued afterwards;
 //! * the busy ones again with the dirty-page source named on both VMMs (`-accel
 //!   kvm,dirty-ring-size=N`): KVM's dirty bitmap (0) and KVM's dirty ring of 4096 entries
-//!   (`busy-1g-bitmap`, `busy-1g-ring`, `busy-256m-bitmap`, `busy-256m-ring`).
+//!   (`busy-1g-bitmap`, `busy-1g-ring`, `busy-256m-bitmap`, `busy-256m-ring`);
+//! * the `…-mfd2` / `…-mfd4` scenarios: the busy and stopped ones with the `multifd`
+//!   capability and 2 or 4 `multifd-channels` set on both sides before `migrate-incoming`.
 //!
 //! Correctness first: after every stride run the destination must print two more verified
 //! passes (each reads every page of the working set) and never `CORRUPT`; a run that does not
@@ -72,6 +74,8 @@ struct Scenario {
     /// `-accel kvm,dirty-ring-size=N` on both sides: 0 KVM's dirty bitmap, N a ring of N
     /// entries per vCPU; `None` leaves each VMM's default.
     dirty_ring: Option<u32>,
+    /// `multifd-channels` with the `multifd` capability on both sides (0: off).
+    multifd: u8,
 }
 
 /// The dirty ring the ring rows use (hopvm's `auto`).
@@ -94,6 +98,7 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
         dirty_ring: None,
+        multifd: 0,
     },
     Scenario {
         key: "busy-256m",
@@ -108,6 +113,7 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
         dirty_ring: None,
+        multifd: 0,
     },
     Scenario {
         key: "idle",
@@ -122,6 +128,7 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
         dirty_ring: None,
+        multifd: 0,
     },
     Scenario {
         key: "stopped",
@@ -136,6 +143,7 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
         dirty_ring: None,
+        multifd: 0,
     },
     // A link slower than the guest's dirtying (≈ 600 MiB/s here): without auto-converge no
     // pass ever gets small enough; with it, the vCPUs are throttled until one does.
@@ -152,6 +160,7 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         timeout: Duration::from_secs(30),
         dirty_ring: None,
+        multifd: 0,
     },
     Scenario {
         key: "converge",
@@ -166,6 +175,7 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: true,
         timeout: MIGRATION_TIMEOUT,
         dirty_ring: None,
+        multifd: 0,
     },
     // The busy rows again with each dirty-page source named: KVM's dirty bitmap, and KVM's
     // dirty ring (hopvm's `--dirty-ring`, QEMU's `-accel kvm,dirty-ring-size=N`).
@@ -182,6 +192,7 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
         dirty_ring: Some(0),
+        multifd: 0,
     },
     Scenario {
         key: "busy-1g-ring",
@@ -196,6 +207,7 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
         dirty_ring: Some(RING),
+        multifd: 0,
     },
     Scenario {
         key: "busy-256m-bitmap",
@@ -210,6 +222,7 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
         dirty_ring: Some(0),
+        multifd: 0,
     },
     Scenario {
         key: "busy-256m-ring",
@@ -224,6 +237,68 @@ const SCENARIOS: &[Scenario] = &[
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
         dirty_ring: Some(RING),
+        multifd: 0,
+    },
+    // The same busy and stopped guests with the RAM over 2 and 4 multifd channels.
+    Scenario {
+        key: "busy-1g-mfd2",
+        label: "busy 1 GiB, 256 MiB page-stride, multifd 2",
+        image: "stride",
+        memory: "1G",
+        append: "ws=256M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        dirty_ring: None,
+        multifd: 2,
+    },
+    Scenario {
+        key: "busy-1g-mfd4",
+        label: "busy 1 GiB, 256 MiB page-stride, multifd 4",
+        image: "stride",
+        memory: "1G",
+        append: "ws=256M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        dirty_ring: None,
+        multifd: 4,
+    },
+    Scenario {
+        key: "stopped-mfd2",
+        label: "stopped 1 GiB, every page non-zero, multifd 2",
+        image: "stride",
+        memory: "1G",
+        append: "ws=max",
+        stopped: true,
+        verifying: true,
+        ready: "fill ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        dirty_ring: None,
+        multifd: 2,
+    },
+    Scenario {
+        key: "stopped-mfd4",
+        label: "stopped 1 GiB, every page non-zero, multifd 4",
+        image: "stride",
+        memory: "1G",
+        append: "ws=max",
+        stopped: true,
+        verifying: true,
+        ready: "fill ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        dirty_ring: None,
+        multifd: 4,
     },
 ];
 
@@ -361,6 +436,19 @@ fn run_one(vmm: &Vmm, s: &Scenario, run: usize) -> Outcome {
     if s.stopped {
         src.cmd("stop", Value::Null);
         src.event_time("STOP", Duration::from_secs(10));
+    }
+    if s.multifd > 0 {
+        // Both sides, before the incoming migration starts (QEMU's rule).
+        for p in [&mut src, &mut dst] {
+            p.cmd(
+                "migrate-set-capabilities",
+                json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+            );
+            p.cmd(
+                "migrate-set-parameters",
+                json!({"multifd-channels": s.multifd}),
+            );
+        }
     }
     let uri = format!("tcp:127.0.0.1:{}", free_port());
     dst.cmd("migrate-incoming", json!({ "uri": uri }));

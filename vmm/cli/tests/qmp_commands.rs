@@ -90,7 +90,7 @@ fn migration_parameters_and_errors() {
         vm.cmd("query-migrate-parameters", Value::Null),
         json!({"max-bandwidth": 32 << 20, "downtime-limit": 30, "xbzrle-cache-size": 64 << 20,
             "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "cpu-throttle-tailslow": false, "max-cpu-throttle": 99,
-            "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
+            "multifd-channels": 2, "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
     );
     assert_eq!(vm.cmd("query-migrate", Value::Null), json!({}));
     assert_eq!(
@@ -102,7 +102,8 @@ fn migration_parameters_and_errors() {
             {"state": true, "capability": "return-path"},
             {"state": false, "capability": "auto-converge"},
             {"state": false, "capability": "pause-before-switchover"},
-            {"state": false, "capability": "late-block-activate"}
+            {"state": false, "capability": "late-block-activate"},
+            {"state": false, "capability": "multifd"}
         ])
     );
     // The 2013 commands and the modern one change the same settings.
@@ -117,7 +118,7 @@ fn migration_parameters_and_errors() {
         vm.cmd("query-migrate-parameters", Value::Null),
         json!({"max-bandwidth": 1000, "downtime-limit": 250, "xbzrle-cache-size": 1 << 20,
             "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "cpu-throttle-tailslow": false, "max-cpu-throttle": 99,
-            "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
+            "multifd-channels": 2, "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
     );
     vm.cmd(
         "migrate-set-parameters",
@@ -173,9 +174,17 @@ fn migration_parameters_and_errors() {
         error_of(
             &mut vm,
             "migrate-set-parameters",
-            json!({"multifd-channels": 4})
+            json!({"multifd-channels": 0})
         ),
-        "GenericError: hopvm does not support the migration parameter 'multifd-channels'"
+        "GenericError: Parameter 'multifd_channels' expects a value between 1 and 255"
+    );
+    assert_eq!(
+        error_of(
+            &mut vm,
+            "migrate-set-parameters",
+            json!({"multifd-channels": 256})
+        ),
+        "GenericError: Parameter 'multifd_channels' expects a value between 1 and 255"
     );
     assert_eq!(
         error_of(

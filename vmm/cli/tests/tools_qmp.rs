@@ -67,7 +67,8 @@ fn one_shot_commands_print_pretty_replies() {
             {"state": true, "capability": "return-path"},
             {"state": false, "capability": "auto-converge"},
             {"state": false, "capability": "pause-before-switchover"},
-            {"state": false, "capability": "late-block-activate"}
+            {"state": false, "capability": "late-block-activate"},
+            {"state": false, "capability": "multifd"}
         ])
     );
 

@@ -54,6 +54,7 @@ const CAPABILITIES: &[&str] = &[
     "auto-converge",
     "pause-before-switchover",
     "late-block-activate",
+    "multifd",
 ];
 /// QEMU's other capabilities: known, refused with a clear error.
 const QEMU_CAPABILITIES: &[&str] = &[
@@ -64,7 +65,6 @@ const QEMU_CAPABILITIES: &[&str] = &[
     "x-colo",
     "release-ram",
     "block",
-    "multifd",
     "dirty-bitmaps",
     "postcopy-blocktime",
     "x-ignore-shared",
@@ -86,7 +86,6 @@ const QEMU_PARAMETERS: &[&str] = &[
     "decompress-threads",
     "x-checkpoint-delay",
     "block-incremental",
-    "multifd-channels",
     "multifd-compression",
     "multifd-zlib-level",
     "multifd-zstd-level",
@@ -316,6 +315,7 @@ impl Commands {
                 "auto-converge" => m.set_auto_converge_enabled(state),
                 "pause-before-switchover" => m.set_pause_before_switchover_enabled(state),
                 "late-block-activate" => m.set_late_block_activate_enabled(state),
+                "multifd" => m.multifd.set_enabled(state),
                 _ => m.set_events_enabled(state),
             }
         }
@@ -360,6 +360,15 @@ impl Commands {
             99,
         )?;
         let tailslow = a.optional_bool("cpu-throttle-tailslow")?;
+        let channels = match a.optional_u64("multifd-channels")? {
+            Some(v) if !(1..=255).contains(&v) => {
+                return Err(QmpError::invalid_parameter_value(
+                    "multifd_channels",
+                    "a value between 1 and 255",
+                ))
+            }
+            v => v.map(|v| v as u8),
+        };
         let max_throttle = a.optional_u64("max-cpu-throttle")?;
         // hopvm has no TLS: the empty string (QEMU's "no TLS", what libvirt sets for a plain
         // migration) is all these take.
@@ -407,6 +416,9 @@ impl Commands {
         }
         if let Some(c) = cache {
             lock(&m.xbzrle).cache_size = c;
+        }
+        if let Some(n) = channels {
+            m.multifd.set_channels(n);
         }
         Ok(Value::Null)
     }
@@ -504,6 +516,7 @@ pub(crate) fn capabilities_json(m: &Migration) -> Value {
         {"state": m.auto_converge_enabled(), "capability": "auto-converge"},
         {"state": m.pause_before_switchover_enabled(), "capability": "pause-before-switchover"},
         {"state": m.late_block_activate_enabled(), "capability": "late-block-activate"},
+        {"state": m.multifd.settings().enabled, "capability": "multifd"},
     ])
 }
 
@@ -519,6 +532,7 @@ pub(crate) fn parameters_json(m: &Migration) -> Value {
         "cpu-throttle-increment": t.increment,
         "cpu-throttle-tailslow": t.tailslow,
         "max-cpu-throttle": t.max,
+        "multifd-channels": m.multifd.settings().channels,
         "tls-creds": "",
         "tls-hostname": "",
         "tls-authz": "",
@@ -572,7 +586,7 @@ pub fn migrate_info_json(i: &MigrationInfo) -> Value {
             "downtime-bytes": i.downtime_bytes,
             "postcopy-bytes": 0,
             "postcopy-requests": 0,
-            "multifd-bytes": 0,
+            "multifd-bytes": i.multifd_bytes,
             "dirty-sync-missed-zero-copy": 0,
         }),
     );

@@ -147,6 +147,7 @@ static MIGRATION_CAPABILITY: EnumDef = EnumDef {
         "auto-converge",
         "pause-before-switchover",
         "late-block-activate",
+        "multifd",
     ],
 };
 static SYS_EMU_TARGET: EnumDef = EnumDef {
@@ -279,6 +280,7 @@ pub(crate) static MIGRATION_PARAMETER_MEMBERS: &[Member] = &[
     opt("cpu-throttle-increment", Ty::Int),
     opt("cpu-throttle-tailslow", Ty::Bool),
     opt("max-cpu-throttle", Ty::Int),
+    opt("multifd-channels", Ty::Int),
     opt("tls-creds", Ty::Str),
     opt("tls-hostname", Ty::Str),
     opt("tls-authz", Ty::Str),
