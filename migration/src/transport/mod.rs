@@ -32,7 +32,10 @@ mod fd;
 
 pub use fd::{record_inherited_fds, take_inherited_fd, NamedFds};
 mod tcp;
+pub mod tls;
 mod unix;
+
+use tls::{ClientTls, ServerTls, TlsChannel, TlsError, TlsReader, TlsWriter};
 
 use std::fmt;
 use std::fs::File;
@@ -120,6 +123,13 @@ pub enum TransportError {
     /// `migrate_cancel` ended the connection attempt.
     #[error("connection cancelled")]
     Cancelled,
+    /// TLS could not be set up on the channel (credentials, handshake).
+    #[error("{0}")]
+    Tls(#[source] TlsError),
+    /// TLS was asked for on a channel that is not a socket (QEMU runs TLS on socket channels
+    /// only).
+    #[error("TLS is not supported on {0} migration channels (use tcp:, unix: or a socket fd:)")]
+    TlsUnsupported(&'static str),
     /// The cancel descriptor could not be created.
     #[error("cannot create the cancel descriptor: {0}")]
     CancelFd(#[source] io::Error),
@@ -284,6 +294,8 @@ enum Conn {
     Tcp(Arc<TcpStream>),
     Unix(Arc<UnixStream>),
     Fd(Arc<File>),
+    /// A TLS session over any of the sockets above.
+    Tls(Arc<TlsChannel>),
     Exec {
         stdin: Option<ChildStdin>,
         child: Arc<exec::ChildSlot>,
@@ -311,6 +323,7 @@ enum Target {
     Tcp(Weak<TcpStream>),
     Unix(Weak<UnixStream>),
     Fd(Weak<File>),
+    Tls(Weak<TlsChannel>),
     Exec(Weak<exec::ChildSlot>),
 }
 
@@ -340,6 +353,7 @@ impl ShutdownHandle {
             Target::Fd(f) => f
                 .upgrade()
                 .map_or(Ok(()), |f| shutdown_socket(f.as_raw_fd())),
+            Target::Tls(t) => t.upgrade().map_or(Ok(()), |t| shutdown_socket(t.raw_fd())),
             Target::Exec(c) => c
                 .upgrade()
                 .map_or(Ok(()), |c| c.kill().map_err(TransportError::Shutdown)),
@@ -388,6 +402,7 @@ impl Outgoing {
             Conn::Tcp(s) => Target::Tcp(Arc::downgrade(s)),
             Conn::Unix(s) => Target::Unix(Arc::downgrade(s)),
             Conn::Fd(f) => Target::Fd(Arc::downgrade(f)),
+            Conn::Tls(t) => Target::Tls(Arc::downgrade(t)),
             Conn::Exec { child, .. } => Target::Exec(Arc::downgrade(child)),
             Conn::Closed => Target::Tcp(Weak::new()),
         };
@@ -411,8 +426,45 @@ impl Outgoing {
                 .try_clone()
                 .ok()
                 .map(|f| Box::new(f) as Box<dyn Read + Send>),
+            Conn::Tls(t) => Some(Box::new(TlsReader(t.clone()))),
             _ => None,
         }
+    }
+
+    /// Runs TLS on this channel: the handshake with the destination (whose certificate is
+    /// checked against `tls`'s CA and host name), then every write is sealed and the return
+    /// path decrypted. This is the one place an outgoing migration channel gets TLS: every
+    /// channel of a migration with `tls-creds` set goes through it. Socket channels only
+    /// (`tcp:`, `unix:`, a socket `fd:`); `exec:` and a pipe `fd:` are refused.
+    pub fn start_tls(mut self, tls: &ClientTls) -> Result<Outgoing, TransportError> {
+        let sock: std::os::fd::OwnedFd = match std::mem::replace(&mut self.conn, Conn::Closed) {
+            Conn::Tcp(s) => Arc::try_unwrap(s)
+                .map_err(|_| TransportError::TlsUnsupported("shared"))?
+                .into(),
+            Conn::Unix(s) => Arc::try_unwrap(s)
+                .map_err(|_| TransportError::TlsUnsupported("shared"))?
+                .into(),
+            Conn::Fd(f) if is_socket(f.as_raw_fd()) => Arc::try_unwrap(f)
+                .map_err(|_| TransportError::TlsUnsupported("shared"))?
+                .into(),
+            Conn::Fd(_) => return Err(TransportError::TlsUnsupported("pipe or file fd:")),
+            Conn::Exec { stdin, child } => {
+                drop(stdin);
+                child.abort();
+                return Err(TransportError::TlsUnsupported("exec:"));
+            }
+            Conn::Tls(_) | Conn::Closed => return Err(TransportError::TlsUnsupported("closed")),
+        };
+        let channel = tls.connect(sock).map_err(TransportError::Tls)?;
+        Ok(Outgoing {
+            conn: Conn::Tls(channel),
+            uri: self.uri.clone(),
+        })
+    }
+
+    /// Whether this channel runs TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.conn, Conn::Tls(_))
     }
 
     /// Shuts the channel down now (see [`ShutdownHandle::shutdown`]).
@@ -427,6 +479,7 @@ impl Outgoing {
             Conn::Tcp(s) => fd_peer_gone(s.as_raw_fd()),
             Conn::Unix(s) => fd_peer_gone(s.as_raw_fd()),
             Conn::Fd(f) => fd_peer_gone(f.as_raw_fd()),
+            Conn::Tls(t) => fd_peer_gone(t.raw_fd()),
             Conn::Exec { stdin, child } => {
                 stdin.as_ref().is_none_or(|s| fd_peer_gone(s.as_raw_fd())) || child.exited()
             }
@@ -443,6 +496,10 @@ impl Outgoing {
             Conn::Tcp(s) => half_close(s.shutdown(std::net::Shutdown::Write)),
             Conn::Unix(s) => half_close(s.shutdown(std::net::Shutdown::Write)),
             Conn::Fd(_) | Conn::Closed => Ok(()),
+            Conn::Tls(t) => {
+                t.close_write().map_err(TransportError::Io)?;
+                half_close(shutdown_fd(t.raw_fd(), libc::SHUT_WR))
+            }
             Conn::Exec { stdin, child } => {
                 drop(stdin);
                 let status = child.wait().map_err(TransportError::Io)?;
@@ -456,6 +513,17 @@ impl Outgoing {
                 }
             }
         }
+    }
+}
+
+/// `shutdown(2)` on a descriptor the caller holds.
+fn shutdown_fd(fd: RawFd, how: libc::c_int) -> io::Result<()> {
+    // SAFETY: `fd` is borrowed from a live socket object of the caller; shutdown(2) does not
+    // touch memory.
+    if unsafe { libc::shutdown(fd, how) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -474,6 +542,7 @@ impl Write for Outgoing {
             Conn::Tcp(s) => (&**s).write(buf),
             Conn::Unix(s) => (&**s).write(buf),
             Conn::Fd(f) => (&**f).write(buf),
+            Conn::Tls(t) => TlsWriter(t.clone()).write(buf),
             Conn::Exec { stdin: Some(s), .. } => s.write(buf),
             Conn::Exec { stdin: None, .. } | Conn::Closed => Err(closed_error()),
         }
@@ -485,6 +554,7 @@ impl Write for Outgoing {
             Conn::Tcp(s) => (&**s).write_vectored(bufs),
             Conn::Unix(s) => (&**s).write_vectored(bufs),
             Conn::Fd(f) => (&**f).write_vectored(bufs),
+            Conn::Tls(t) => TlsWriter(t.clone()).write_vectored(bufs),
             Conn::Exec { stdin: Some(s), .. } => s.write_vectored(bufs),
             Conn::Exec { stdin: None, .. } | Conn::Closed => Err(closed_error()),
         }
@@ -495,6 +565,7 @@ impl Write for Outgoing {
             Conn::Tcp(s) => (&**s).flush(),
             Conn::Unix(s) => (&**s).flush(),
             Conn::Fd(f) => (&**f).flush(),
+            Conn::Tls(t) => TlsWriter(t.clone()).flush(),
             Conn::Exec { stdin: Some(s), .. } => s.flush(),
             Conn::Exec { stdin: None, .. } | Conn::Closed => Ok(()),
         }
@@ -515,6 +586,9 @@ impl Drop for Outgoing {
             }
             Conn::Unix(s) => {
                 let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Conn::Tls(t) => {
+                let _ = shutdown_fd(t.raw_fd(), libc::SHUT_RDWR);
             }
             Conn::Fd(_) | Conn::Closed => {}
             Conn::Exec { stdin, child } => {
@@ -681,6 +755,69 @@ impl Incoming {
         })
     }
 
+    /// [`accept_channel`](Self::accept_channel) with TLS when `tls` (asked once a source has
+    /// connected, so `migrate-set-parameters` may come after the listen) returns a server
+    /// configuration: the handshake runs on each connection (verifying the source's
+    /// certificate when the credentials say so); a connection that fails it — a plaintext
+    /// source, a certificate from another CA, an expired one — is refused with a message on
+    /// standard error and the destination keeps listening (`tcp:` and `unix:`; a socket
+    /// `fd:` has one connection, whose failure is the error). This is the one place an
+    /// incoming migration channel gets TLS.
+    pub fn accept_channel_tls(
+        self,
+        tls: &dyn Fn() -> Result<Option<ServerTls>, TlsError>,
+    ) -> Result<IncomingChannel, TransportError> {
+        let uri = self.uri.clone();
+        let secure = |sock: std::os::fd::OwnedFd, server: &ServerTls| {
+            server.accept(sock).map(|t| IncomingChannel {
+                input: Box::new(TlsReader(t.clone())),
+                return_path: Some(Box::new(TlsWriter(t))),
+            })
+        };
+        match self.listener {
+            Listener::Tcp(l) => loop {
+                let (s, peer) = l.accept().map_err(TransportError::Accept)?;
+                let Some(server) = tls().map_err(TransportError::Tls)? else {
+                    let back = s.try_clone().ok();
+                    return Ok(IncomingChannel {
+                        input: Box::new(s),
+                        return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
+                    });
+                };
+                match secure(s.into(), &server) {
+                    Ok(c) => return Ok(c),
+                    Err(e) => refused(&uri, &peer.to_string(), &e),
+                }
+            },
+            Listener::Unix(l) => loop {
+                let s = l.accept_next()?;
+                let Some(server) = tls().map_err(TransportError::Tls)? else {
+                    let back = s.try_clone().ok();
+                    return Ok(IncomingChannel {
+                        input: Box::new(s),
+                        return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
+                    });
+                };
+                match secure(s.into(), &server) {
+                    Ok(c) => return Ok(c),
+                    Err(e) => refused(&uri, "a local client", &e),
+                }
+            },
+            listener => {
+                let Some(server) = tls().map_err(TransportError::Tls)? else {
+                    return Incoming { listener, uri }.accept_channel();
+                };
+                match listener {
+                    Listener::Fd(f) if is_socket(f.as_raw_fd()) => {
+                        secure(f.into(), &server).map_err(TransportError::Tls)
+                    }
+                    Listener::Fd(_) => Err(TransportError::TlsUnsupported("pipe or file fd:")),
+                    _ => Err(TransportError::TlsUnsupported("exec:")),
+                }
+            }
+        }
+    }
+
     /// Waits for the source and returns the stream to read the migration from. For `exec:`
     /// the reader reports the command's failure when it reaches the end of its output.
     pub fn accept(self) -> Result<Box<dyn Read + Send>, TransportError> {
@@ -691,6 +828,14 @@ impl Incoming {
             Listener::Fd(f) => Box::new(f),
         })
     }
+}
+
+/// A connection refused at the TLS handshake: said on standard error, as QEMU reports it.
+fn refused(uri: &MigrationUri, peer: &str, e: &TlsError) {
+    eprintln!(
+        "hopvm: incoming migration on {uri}: refused a connection from {peer}: {e}; still \
+         waiting"
+    );
 }
 
 /// An accepted incoming migration: the stream, and the way back to the source if the
@@ -1139,5 +1284,299 @@ mod tests {
         drop(b);
         assert!(out.peer_gone());
         out.shutdown().unwrap();
+    }
+
+    mod tls_channels {
+        use super::*;
+        use crate::transport::tls::test_certs::Ca;
+        use crate::transport::tls::{Endpoint, TlsCredsX509};
+
+        struct Dirs {
+            root: PathBuf,
+        }
+
+        impl Dirs {
+            fn new(name: &str) -> Self {
+                let root =
+                    std::env::temp_dir().join(format!("hopvm-tls-{name}-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&root);
+                std::fs::create_dir_all(&root).unwrap();
+                Self { root }
+            }
+            fn path(&self, p: &str) -> PathBuf {
+                self.root.join(p)
+            }
+        }
+
+        impl Drop for Dirs {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.root);
+            }
+        }
+
+        fn server(dir: &std::path::Path) -> ServerTls {
+            TlsCredsX509::load("s", dir, Endpoint::Server, true)
+                .unwrap()
+                .server()
+                .unwrap()
+        }
+
+        fn client(dir: &std::path::Path, host: &str) -> ClientTls {
+            TlsCredsX509::load("c", dir, Endpoint::Client, true)
+                .unwrap()
+                .client(Some(host))
+                .unwrap()
+        }
+
+        /// A listener whose accept loop reports the payload it read (or its error).
+        fn destination(
+            server: ServerTls,
+        ) -> (u16, thread::JoinHandle<Result<Vec<u8>, TransportError>>) {
+            let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let h = thread::spawn(move || {
+                let mut ch = l.accept_channel_tls(&|| Ok(Some(server.clone())))?;
+                let mut got = Vec::new();
+                ch.input.read_to_end(&mut got).map_err(TransportError::Io)?;
+                // Answer on the return path once the stream has ended.
+                let back = ch.return_path.as_mut().unwrap();
+                back.write_all(b"verdict").map_err(TransportError::Io)?;
+                back.flush().map_err(TransportError::Io)?;
+                Ok(got)
+            });
+            (port, h)
+        }
+
+        fn tcp_to(port: u16) -> MigrationUri {
+            uri(&format!("tcp:127.0.0.1:{port}"))
+        }
+
+        #[test]
+        fn tls_round_trip_with_return_path() {
+            let d = Dirs::new("rt");
+            let ca = Ca::new("ca");
+            ca.server_dir(&d.path("dst"), &["localhost", "127.0.0.1"], false);
+            ca.client_dir(&d.path("src"), false);
+            let (port, dst) = destination(server(&d.path("dst")));
+            let out = connect_outgoing(&tcp_to(port)).unwrap();
+            let mut out = out.start_tls(&client(&d.path("src"), "localhost")).unwrap();
+            assert!(out.is_tls());
+            let mut back = out.return_path().unwrap();
+            // A reader blocked on the return path while the writer sends 8 MiB.
+            let reader = thread::spawn(move || {
+                let mut v = Vec::new();
+                back.read_to_end(&mut v).map(|_| v)
+            });
+            let payload: Vec<u8> = (0..8u32 << 20)
+                .map(|i| (i * 31 + (i >> 13)) as u8)
+                .collect();
+            let halves = payload.split_at(3 << 20);
+            out.write_all(halves.0).unwrap();
+            let n = out
+                .write_vectored(&[
+                    io::IoSlice::new(&halves.1[..1000]),
+                    io::IoSlice::new(&halves.1[1000..]),
+                ])
+                .unwrap();
+            assert_eq!(n, halves.1.len());
+            out.finish().unwrap();
+            let got = dst.join().unwrap().unwrap();
+            assert!(got == payload, "payload differs");
+            assert_eq!(reader.join().unwrap().unwrap(), b"verdict");
+        }
+
+        /// A destination that refuses one connection keeps listening for the right one.
+        fn refused_then_accepted(d: &Dirs, bad: impl FnOnce(&Ca, u16) -> String, expect: &str) {
+            let ca = Ca::new("ca");
+            ca.server_dir(&d.path("dst"), &["localhost"], false);
+            ca.client_dir(&d.path("src"), false);
+            let (port, dst) = destination(server(&d.path("dst")));
+            let err = bad(&ca, port);
+            assert!(err.contains(expect), "{err}");
+            let out = connect_outgoing(&tcp_to(port)).unwrap();
+            let mut out = out.start_tls(&client(&d.path("src"), "localhost")).unwrap();
+            out.write_all(b"after the refusal").unwrap();
+            out.finish().unwrap();
+            assert_eq!(dst.join().unwrap().unwrap(), b"after the refusal");
+        }
+
+        /// Sends through `out` until the destination's refusal surfaces; its error text.
+        fn write_until_refused(mut out: Outgoing) -> String {
+            let chunk = vec![7u8; 64 << 10];
+            for _ in 0..10_000 {
+                if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
+                    return e.to_string();
+                }
+            }
+            panic!("the destination accepted the stream")
+        }
+
+        /// A source with the client certificate in `dir`, refused by the destination: its
+        /// handshake or its first writes fail.
+        fn rogue_source(dir: &std::path::Path, port: u16) -> String {
+            let rogue = TlsCredsX509::load("r", dir, Endpoint::Client, false)
+                .unwrap()
+                .client(Some("localhost"))
+                .unwrap();
+            match connect_outgoing(&tcp_to(port)).unwrap().start_tls(&rogue) {
+                Err(e) => e.to_string(),
+                Ok(out) => write_until_refused(out),
+            }
+        }
+
+        #[test]
+        fn tls_refusals() {
+            // A client certificate from another CA: the destination refuses it; the source's
+            // write fails naming the alert.
+            let d = Dirs::new("otherca");
+            refused_then_accepted(
+                &d,
+                |_, port| {
+                    Ca::new("other").client_dir(&d.path("rogue"), false);
+                    rogue_source(&d.path("rogue"), port)
+                },
+                "UnknownCA",
+            );
+            // An expired client certificate from the right CA.
+            let d = Dirs::new("expired");
+            refused_then_accepted(
+                &d,
+                |ca, port| {
+                    ca.client_dir(&d.path("rogue"), true);
+                    rogue_source(&d.path("rogue"), port)
+                },
+                "CertificateExpired",
+            );
+            // A plaintext source: the destination refuses it, the source's stream fails.
+            let d = Dirs::new("plain");
+            refused_then_accepted(
+                &d,
+                |_, port| write_until_refused(connect_outgoing(&tcp_to(port)).unwrap()),
+                "",
+            );
+        }
+
+        #[test]
+        fn tls_source_checks_the_destination() {
+            let d = Dirs::new("srccheck");
+            let ca = Ca::new("ca");
+            ca.client_dir(&d.path("src"), false);
+            let cases = [
+                (
+                    "wronghost",
+                    &["elsewhere"][..],
+                    false,
+                    "not valid for name \"localhost\"",
+                ),
+                ("expired", &["localhost"][..], true, "expired"),
+            ];
+            for (name, names, expired, expect) in cases {
+                ca.server_dir(&d.path(name), names, expired);
+                let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+                let port = l.local_addr().unwrap().port();
+                let srv = server(&d.path(name));
+                let dst = thread::spawn(move || {
+                    l.accept_channel_tls(&|| Ok(Some(srv.clone()))).map(drop)
+                });
+                let out = connect_outgoing(&tcp_to(port)).unwrap();
+                let err = out
+                    .start_tls(&client(&d.path("src"), "localhost"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(expect), "{name}: {err}");
+                // The destination saw the source hang up and goes on listening: connect a
+                // plaintext peer to end its accept loop (it is refused too, then EOF).
+                drop(connect_outgoing(&tcp_to(port)).unwrap());
+                assert!(!dst.is_finished() || dst.join().is_ok());
+            }
+            // Another CA for the destination's certificate.
+            Ca::new("other").server_dir(&d.path("other"), &["localhost"], false);
+            let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let srv = server(&d.path("other"));
+            thread::spawn(move || l.accept_channel_tls(&|| Ok(Some(srv.clone()))).map(drop));
+            let err = connect_outgoing(&tcp_to(port))
+                .unwrap()
+                .start_tls(&client(&d.path("src"), "localhost"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("UnknownIssuer"), "{err}");
+            assert!(
+                err.starts_with("TLS handshake failed: invalid peer certificate"),
+                "{err}"
+            );
+        }
+
+        #[test]
+        fn tls_credentials_errors() {
+            let d = Dirs::new("creds");
+            let ca = Ca::new("ca");
+            ca.server_dir(&d.path("dst"), &["localhost"], false);
+            let s = TlsCredsX509::parse_object(&format!(
+                "tls-creds-x509,id=t0,dir={},endpoint=server",
+                d.path("dst").display()
+            ))
+            .unwrap();
+            assert_eq!(
+                (s.id(), s.endpoint(), s.verify_peer()),
+                ("t0", Endpoint::Server, true)
+            );
+            assert_eq!(
+                s.client(Some("h")).unwrap_err().to_string(),
+                "Expecting TLS credentials with a client endpoint"
+            );
+            // A client object in a directory without client certificates is fine (QEMU's
+            // client certificate is optional); one without a CA is not.
+            let c = TlsCredsX509::parse_object(&format!(
+                "tls-creds-x509,id=c,dir={},endpoint=client,verify-peer=off",
+                d.path("dst").display()
+            ))
+            .unwrap();
+            assert_eq!(
+                c.server().unwrap_err().to_string(),
+                "Expecting TLS credentials with a server endpoint"
+            );
+            assert_eq!(
+                c.client(None).unwrap_err().to_string(),
+                "No hostname available for TLS"
+            );
+            let err = TlsCredsX509::parse_object(&format!(
+                "tls-creds-x509,id=c,dir={}",
+                d.path("nowhere").display()
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.starts_with("Unable to access credentials"), "{err}");
+            assert!(err.contains("ca-cert.pem"), "{err}");
+            for bad in [
+                "tls-creds-x509,dir=/x",
+                "tls-creds-x509,id=x",
+                "tls-creds-psk,id=x,dir=/x",
+                "tls-creds-x509,id=x,dir=/x,endpoint=middle",
+                "tls-creds-x509,id=x,dir=/x,verify-peer=maybe",
+                "tls-creds-x509,id=x,dir=/x,colour=red",
+            ] {
+                assert!(TlsCredsX509::parse_object(bad).is_err(), "{bad}");
+            }
+            // A key that is not PEM.
+            std::fs::write(d.path("dst").join("server-key.pem"), "junk").unwrap();
+            let err = TlsCredsX509::load("x", &d.path("dst"), Endpoint::Server, true)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("server-key.pem"), "{err}");
+        }
+
+        #[test]
+        fn tls_refused_on_exec_and_pipes() {
+            let d = Dirs::new("exec");
+            let ca = Ca::new("ca");
+            ca.client_dir(&d.path("src"), false);
+            let out = connect_outgoing(&uri("exec:cat > /dev/null")).unwrap();
+            let err = out.start_tls(&client(&d.path("src"), "h")).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "TLS is not supported on exec: migration channels (use tcp:, unix: or a socket fd:)"
+            );
+        }
     }
 }
