@@ -460,6 +460,8 @@ pub struct Migration {
     notifiers: Mutex<Vec<Notifier>>,
     /// Wakes the `pre-switchover` pause (continue or cancel).
     pause: Condvar,
+    /// TLS credentials objects and the `tls-creds` / `tls-hostname` parameters.
+    pub tls: crate::transport::tls::MigrationTls,
 }
 
 use vmm_sync::lock;
@@ -513,6 +515,7 @@ impl Migration {
             xbzrle: Arc::new(Mutex::new(XbzrleSettings::default())),
             notifiers: Mutex::new(Vec::new()),
             pause: Condvar::new(),
+            tls: Default::default(),
         }
     }
 

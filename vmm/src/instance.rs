@@ -16,7 +16,7 @@ use migration::thread::{
 };
 use migration::transport::{
     connect_outgoing_cancellable, connect_outgoing_with, listen_incoming_with, IncomingChannel,
-    MigrationUri, NamedFds, TransportError,
+    MigrationUri, NamedFds, Outgoing, TransportError,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -507,14 +507,24 @@ impl Instance {
         // A descriptor is opened at once (QEMU reports a missing name from `migrate`); every
         // other connect runs on the migration thread: `migrate` returns at once, in `setup`,
         // and `migrate_cancel` interrupts a destination that does not answer.
+        // With `tls-creds` set, every channel runs TLS (QEMU's order: the creds are looked
+        // up when the channel opens, and a problem fails the migration with its reason).
+        let host = match &uri {
+            MigrationUri::Tcp { host, .. } => Some(host.clone()),
+            _ => None,
+        };
+        let tls = self.migration.tls.client(host.as_deref());
+        let secure = move |out: Outgoing| -> Result<Box<dyn MigrationOutput>, TransportError> {
+            match tls.map_err(TransportError::Tls)? {
+                Some(tls) => Ok(Box::new(out.start_tls(&tls)?)),
+                None => Ok(Box::new(out)),
+            }
+        };
         let connector: Connector = if let MigrationUri::Fd(_) = uri {
             let out = connect_outgoing_with(&uri, named)?;
-            Box::new(move |_| Ok(Box::new(out) as Box<dyn MigrationOutput>))
+            Box::new(move |_| secure(out))
         } else {
-            Box::new(move |cancel| {
-                connect_outgoing_cancellable(&uri, cancel)
-                    .map(|out| Box::new(out) as Box<dyn MigrationOutput>)
-            })
+            Box::new(move |cancel| secure(connect_outgoing_cancellable(&uri, cancel)?))
         };
         Ok(self.migration.start(self.clone(), connector)?)
     }
@@ -564,8 +574,9 @@ impl Instance {
         std::thread::Builder::new()
             .name(String::from("incoming"))
             .spawn(move || {
+                let tls = || me.migration.tls.server();
                 let received = listener
-                    .accept_channel()
+                    .accept_channel_tls(&tls)
                     .map_err(IncomingError::Accept)
                     .and_then(|channel| {
                         *lock(&me.incoming) = Incoming::Active;

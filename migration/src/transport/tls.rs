@@ -399,6 +399,119 @@ impl TlsCredsX509 {
     }
 }
 
+/// The VM's `tls-creds-x509` objects and the migration's `tls-creds` / `tls-hostname`
+/// parameters (QEMU's `migrate-set-parameters`), under one leaf lock.
+#[derive(Debug, Default)]
+pub struct MigrationTls {
+    inner: Mutex<TlsState>,
+}
+
+#[derive(Debug, Default)]
+struct TlsState {
+    creds: String,
+    hostname: String,
+    objects: std::collections::BTreeMap<String, Arc<TlsCredsX509>>,
+}
+
+/// Errors of the object table.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsObjectError {
+    /// `object-add` with an id in use (QEMU's wording).
+    #[error("attempt to add duplicate property '{0}' to object (type 'container')")]
+    Duplicate(String),
+    /// `object-del` of an unknown id (QEMU's wording).
+    #[error("object '{0}' not found")]
+    NotFound(String),
+    /// `object-del` of the credentials the migration is set to use.
+    #[error("object '{0}' is in use by the migration parameter tls-creds")]
+    InUse(String),
+}
+
+impl MigrationTls {
+    /// Adds a credentials object (`--object`, `-object`, QMP `object-add`).
+    pub fn add_object(&self, creds: TlsCredsX509) -> Result<(), TlsObjectError> {
+        let mut s = lock(&self.inner);
+        if s.objects.contains_key(creds.id()) {
+            return Err(TlsObjectError::Duplicate(creds.id().to_owned()));
+        }
+        s.objects.insert(creds.id().to_owned(), Arc::new(creds));
+        Ok(())
+    }
+
+    /// Removes one (QMP `object-del`).
+    pub fn remove_object(&self, id: &str) -> Result<(), TlsObjectError> {
+        let mut s = lock(&self.inner);
+        if !s.objects.contains_key(id) {
+            return Err(TlsObjectError::NotFound(id.to_owned()));
+        }
+        if s.creds == id {
+            return Err(TlsObjectError::InUse(id.to_owned()));
+        }
+        s.objects.remove(id);
+        Ok(())
+    }
+
+    /// The object with this id.
+    pub fn object(&self, id: &str) -> Option<Arc<TlsCredsX509>> {
+        lock(&self.inner).objects.get(id).cloned()
+    }
+
+    /// `tls-creds` ("" = no TLS).
+    pub fn creds(&self) -> String {
+        lock(&self.inner).creds.clone()
+    }
+
+    /// `tls-hostname` ("" = the host of the migration URI).
+    pub fn hostname(&self) -> String {
+        lock(&self.inner).hostname.clone()
+    }
+
+    /// Sets `tls-creds`; checked when a channel opens, as in QEMU.
+    pub fn set_creds(&self, id: &str) {
+        lock(&self.inner).creds = id.to_owned();
+    }
+
+    /// Sets `tls-hostname`.
+    pub fn set_hostname(&self, name: &str) {
+        lock(&self.inner).hostname = name.to_owned();
+    }
+
+    fn named(&self) -> Result<Option<Arc<TlsCredsX509>>, TlsError> {
+        let s = lock(&self.inner);
+        if s.creds.is_empty() {
+            return Ok(None);
+        }
+        s.objects
+            .get(&s.creds)
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| TlsError::NoCreds(s.creds.clone()))
+    }
+
+    /// The source's TLS for a channel to `uri_host`, or `None` without `tls-creds`.
+    /// `tls-hostname` overrides the URI's host for the certificate check.
+    pub fn client(&self, uri_host: Option<&str>) -> Result<Option<ClientTls>, TlsError> {
+        let Some(creds) = self.named()? else {
+            return Ok(None);
+        };
+        let hostname = self.hostname();
+        let host = if hostname.is_empty() {
+            uri_host
+        } else {
+            Some(hostname.as_str())
+        };
+        creds.client(host).map(Some)
+    }
+
+    /// The destination's TLS, or `None` without `tls-creds`.
+    pub fn server(&self) -> Result<Option<ServerTls>, TlsError> {
+        match self.named()? {
+            None => Ok(None),
+            Some(creds) => creds.server().map(Some),
+        }
+    }
+}
+
 /// `verify-peer=off` on a client: the server's certificate is not checked (the session is
 /// still encrypted; its signature over the handshake is still verified).
 #[derive(Debug)]

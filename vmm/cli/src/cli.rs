@@ -95,6 +95,10 @@ pub struct RunArgs {
     /// Do not start the vCPUs (QEMU's -S): `cont` over QMP starts them.
     #[arg(long)]
     pub paused: bool,
+    /// Create an object, as QEMU's -object: TLS credentials for migration and the monitor,
+    /// tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]. Repeatable.
+    #[arg(long, value_name = "tls-creds-x509,id=ID,dir=DIR,endpoint=…")]
+    pub object: Vec<String>,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -112,6 +116,7 @@ impl From<RunArgs> for VmConfig {
             qmp: a.qmp,
             incoming: a.incoming,
             paused: a.paused,
+            objects: a.object,
             ..VmConfig::new("")
         }
     }

@@ -331,6 +331,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 (id, QemuObject::MemoryBackendRam(size)) => {
                     backends.insert(id, size);
                 }
+                (_, QemuObject::TlsCredsX509(spec)) => config.objects.push(spec),
             },
             "-add-fd" => {
                 let (set, fd) = qemu_domain::parse_add_fd(&value()?)?;
