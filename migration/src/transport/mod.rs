@@ -1328,20 +1328,35 @@ mod tests {
                 .unwrap()
         }
 
-        /// A listener whose accept loop reports the payload it read (or its error).
+        /// A listener whose accept loop reads `len` bytes, answers on the return path, then
+        /// reads to the end; reports the payload (or its error).
         fn destination(
             server: ServerTls,
+            len: usize,
         ) -> (u16, thread::JoinHandle<Result<Vec<u8>, TransportError>>) {
             let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
             let port = l.local_addr().unwrap().port();
             let h = thread::spawn(move || {
                 let mut ch = l.accept_channel_tls(&|| Ok(Some(server.clone())))?;
+                // Small reads: records pile up in rustls' buffers and must still come out,
+                // before the source has closed anything.
                 let mut got = Vec::new();
-                ch.input.read_to_end(&mut got).map_err(TransportError::Io)?;
-                // Answer on the return path once the stream has ended.
+                let mut buf = [0u8; 1000];
+                while got.len() < len {
+                    let want = (len - got.len()).min(buf.len());
+                    match ch
+                        .input
+                        .read(&mut buf[..want])
+                        .map_err(TransportError::Io)?
+                    {
+                        0 => break,
+                        n => got.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let back = ch.return_path.as_mut().unwrap();
                 back.write_all(b"verdict").map_err(TransportError::Io)?;
                 back.flush().map_err(TransportError::Io)?;
+                ch.input.read_to_end(&mut got).map_err(TransportError::Io)?;
                 Ok(got)
             });
             (port, h)
@@ -1357,19 +1372,21 @@ mod tests {
             let ca = Ca::new("ca");
             ca.server_dir(&d.path("dst"), &["localhost", "127.0.0.1"], false);
             ca.client_dir(&d.path("src"), false);
-            let (port, dst) = destination(server(&d.path("dst")));
+            let payload: Vec<u8> = (0..8u32 << 20)
+                .map(|i| (i * 31 + (i >> 13)) as u8)
+                .collect();
+            let (port, dst) = destination(server(&d.path("dst")), payload.len());
             let out = connect_outgoing(&tcp_to(port)).unwrap();
             let mut out = out.start_tls(&client(&d.path("src"), "localhost")).unwrap();
             assert!(out.is_tls());
             let mut back = out.return_path().unwrap();
-            // A reader blocked on the return path while the writer sends 8 MiB.
-            let reader = thread::spawn(move || {
-                let mut v = Vec::new();
-                back.read_to_end(&mut v).map(|_| v)
+            // A reader blocked on the return path while the writer sends 8 MiB; the verdict
+            // comes only once the destination has every byte, before the source closes.
+            let (verdict_tx, verdict) = std::sync::mpsc::channel();
+            thread::spawn(move || {
+                let mut v = [0u8; 7];
+                let _ = verdict_tx.send(back.read_exact(&mut v).map(|()| v));
             });
-            let payload: Vec<u8> = (0..8u32 << 20)
-                .map(|i| (i * 31 + (i >> 13)) as u8)
-                .collect();
             let halves = payload.split_at(3 << 20);
             out.write_all(halves.0).unwrap();
             let n = out
@@ -1379,10 +1396,14 @@ mod tests {
                 ])
                 .unwrap();
             assert_eq!(n, halves.1.len());
+            out.flush().unwrap();
+            let v = verdict
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("no verdict: the stream's end is stuck in the destination's TLS buffers");
+            assert_eq!(&v.unwrap(), b"verdict");
             out.finish().unwrap();
             let got = dst.join().unwrap().unwrap();
             assert!(got == payload, "payload differs");
-            assert_eq!(reader.join().unwrap().unwrap(), b"verdict");
         }
 
         /// A destination that refuses one connection keeps listening for the right one.
@@ -1390,7 +1411,7 @@ mod tests {
             let ca = Ca::new("ca");
             ca.server_dir(&d.path("dst"), &["localhost"], false);
             ca.client_dir(&d.path("src"), false);
-            let (port, dst) = destination(server(&d.path("dst")));
+            let (port, dst) = destination(server(&d.path("dst")), 17);
             let err = bad(&ca, port);
             assert!(err.contains(expect), "{err}");
             let out = connect_outgoing(&tcp_to(port)).unwrap();

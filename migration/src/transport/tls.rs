@@ -859,40 +859,49 @@ impl TlsChannel {
         }
         let mut rx = lock(&self.rx);
         loop {
-            let mut queued = false;
-            {
+            let mut fed = false;
+            let (got, queued) = {
                 let mut conn = lock(&self.conn);
-                match conn.reader().read(out) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // Records already received may wait for room in rustls' plaintext buffer:
+                // decrypt them before reading the socket again.
+                conn.process_new_packets().map_err(tls_io_error)?;
+                let got = match conn.reader().read(out) {
+                    Ok(n) => Some(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
                     Err(e) => return Err(e),
+                };
+                if got.is_none() {
+                    if rx.pos < rx.len {
+                        let (pos, len) = (rx.pos, rx.len);
+                        let mut data = &rx.buf[pos..len];
+                        let n = conn.read_tls(&mut data)?;
+                        rx.pos += n;
+                        fed = true;
+                    } else if rx.eof {
+                        // Tell rustls the transport ended; a peer gone without close_notify
+                        // is an error from its reader.
+                        conn.read_tls(&mut &[][..])?;
+                        conn.process_new_packets().map_err(tls_io_error)?;
+                        return match conn.reader().read(out) {
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "the peer closed the TLS channel",
+                            )),
+                            r => r,
+                        };
+                    }
                 }
-                if rx.pos < rx.len {
-                    let (pos, len) = (rx.pos, rx.len);
-                    let mut data = &rx.buf[pos..len];
-                    let n = conn.read_tls(&mut data)?;
-                    rx.pos += n;
-                    conn.process_new_packets().map_err(tls_io_error)?;
-                    queued = conn.wants_write();
-                } else if rx.eof {
-                    // Tell rustls the transport ended; a peer gone without close_notify is
-                    // an error from its reader.
-                    conn.read_tls(&mut &[][..])?;
-                    conn.process_new_packets().map_err(tls_io_error)?;
-                    return match conn.reader().read(out) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the peer closed the TLS channel",
-                        )),
-                        r => r,
-                    };
-                }
-            }
+                (got, conn.wants_write())
+            };
             if queued {
+                // Answers the peer's messages asked for (alerts, key updates).
                 self.flush_queued()?;
-                continue;
             }
-            if rx.pos < rx.len {
+            if let Some(n) = got {
+                return Ok(n);
+            }
+            if fed {
+                // Decrypt what was just handed over (at the top of the loop).
                 continue;
             }
             // Nothing buffered: wait for the socket, holding no lock but our own.
@@ -969,8 +978,8 @@ impl Read for TlsReader {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod test_certs {
+#[cfg(any(test, feature = "test-certs"))]
+pub mod test_certs {
     //! Certificates made in the tests (rcgen), written as QEMU's credential directories.
 
     use std::path::Path;

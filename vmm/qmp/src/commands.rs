@@ -95,7 +95,6 @@ const QEMU_PARAMETERS: &[&str] = &[
     "max-postcopy-bandwidth",
 ];
 
-
 /// Largest downtime limit, ms (QEMU's MAX_MIGRATE_DOWNTIME: 2000 s).
 const MAX_DOWNTIME_MS: u64 = 2_000_000;
 
