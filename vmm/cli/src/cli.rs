@@ -85,7 +85,9 @@ pub struct RunArgs {
     /// End hopvm with status 0 when the guest resets or triple-faults, instead of rebooting.
     #[arg(long)]
     pub no_reboot: bool,
-    /// QMP monitor on a Unix socket (mode 0600; several clients may connect), as QEMU's -qmp.
+    /// QMP monitor on a Unix socket (mode 0600; several clients may connect), as QEMU's -qmp;
+    /// or on tcp:HOST:PORT, which authenticates nobody: keep it on a trusted interface, or add
+    /// ,tls-creds=ID (an --object tls-creds-x509 with endpoint=server) for TLS clients only.
     #[arg(long, value_name = "unix:PATH")]
     pub qmp: Option<String>,
     /// Wait for a live migration on tcp:HOST:PORT (tcp:0:PORT = any address), unix:PATH,

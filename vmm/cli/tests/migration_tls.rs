@@ -243,9 +243,7 @@ fn has_guest_page(wire: &[u8]) -> bool {
     let mut i = 0;
     while i + 4096 <= wire.len() {
         let q = &wire[i..i + 8];
-        if q != [0u8; 8]
-            && wire[i + 8..i + 16] == *q
-            && wire[i..i + 4096].chunks(8).all(|c| c == q)
+        if q != [0u8; 8] && wire[i + 8..i + 16] == *q && wire[i..i + 4096].chunks(8).all(|c| c == q)
         {
             return true;
         }
@@ -366,4 +364,103 @@ fn tls_between_two_network_namespaces() {
     check_moved(&mut src, &mut dst);
     drop((src, dst));
     drop(hosts);
+}
+
+/// Connects to a TCP port, retrying while nothing listens yet.
+fn connect_retry(port: u16) -> std::net::TcpStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(e) if std::time::Instant::now() > deadline => panic!("no monitor: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// What a client gets from the monitor before the server closes or `timeout` passes.
+fn read_some(r: &mut dyn std::io::Read) -> String {
+    let mut buf = [0u8; 4096];
+    match r.read(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+#[test]
+fn tls_qmp_monitor() {
+    use migration::transport::tls::{Endpoint, TlsCredsX509, TlsReader, TlsWriter};
+    use std::io::{BufRead, Write};
+    let dir = TempDir::new("tls-qmp");
+    let certs = Certs::new(&dir, &["localhost"]);
+    Ca::new("another CA").client_dir(&certs.path("other-ca"), false);
+    std::fs::copy(
+        certs.path("src").join("ca-cert.pem"),
+        certs.path("other-ca").join("ca-cert.pem"),
+    )
+    .unwrap();
+    let port = free_tcp_port();
+    let mut args = vec![
+        String::from("--memory"),
+        String::from(MEMORY),
+        String::from("--incoming"),
+        String::from("defer"),
+        String::from("--qmp"),
+        format!("tcp:127.0.0.1:{port},tls-creds=mon"),
+    ];
+    args.extend(object("mon", &certs.path("dst"), "server"));
+    let (mut child, _out, err) = common::proc::spawn_plain(&strs(&args));
+    let client = |sub: &str| {
+        TlsCredsX509::load("c", &certs.path(sub), Endpoint::Client, true)
+            .unwrap()
+            .client(Some("localhost"))
+            .unwrap()
+    };
+
+    // A plaintext client gets no greeting: the server wants a handshake and hangs up.
+    let mut plain = connect_retry(port);
+    plain
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    plain
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    let got = read_some(&mut plain);
+    assert!(!got.contains("QMP"), "plaintext client served: {got}");
+
+    // A certificate from another CA: refused.
+    let sock = connect_retry(port);
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let got = match client("other-ca").connect(sock.into()) {
+        Err(e) => e.to_string(),
+        Ok(t) => read_some(&mut TlsReader(t)),
+    };
+    assert!(
+        !got.contains("QMP"),
+        "a foreign certificate was served: {got}"
+    );
+
+    // The right certificate: the monitor answers.
+    let sock = connect_retry(port);
+    let t = client("src").connect(sock.into()).unwrap();
+    let mut r = std::io::BufReader::new(TlsReader(t.clone()));
+    let mut w = TlsWriter(t);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"QMP\""), "greeting: {line}");
+    for (cmd, want) in [
+        ("qmp_capabilities", "\"return\": {}"),
+        ("query-status", "\"status\": \"inmigrate\""),
+    ] {
+        writeln!(w, "{{\"execute\": \"{cmd}\"}}").unwrap();
+        w.flush().unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains(want), "{cmd}: {line}");
+    }
+    writeln!(w, "{{\"execute\": \"quit\"}}").unwrap();
+    w.flush().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}; stderr: {}", err.text());
 }

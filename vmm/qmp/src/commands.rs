@@ -134,7 +134,19 @@ pub fn start_monitor_with(
     let server = match listen {
         MonitorListen::Spec(spec) => {
             let spec: QmpListenSpec = spec.parse()?;
-            QmpServer::bind(&spec, backend, QmpServerConfig::default())?
+            let tls = match &spec.tls_creds {
+                None => None,
+                Some(id) => Some(
+                    instance
+                        .migration
+                        .tls
+                        .object(id)
+                        .ok_or_else(|| migration::transport::tls::TlsError::NoCreds(id.clone()))
+                        .and_then(|creds| creds.server())
+                        .map_err(QmpServerError::Tls)?,
+                ),
+            };
+            QmpServer::bind_tls(&spec, backend, QmpServerConfig::default(), tls)?
         }
         MonitorListen::Listener(l) => {
             QmpServer::from_unix_listener(l, backend, QmpServerConfig::default())?
