@@ -560,7 +560,7 @@ fn main() {
                 .count();
             let total = stat(outs, |o| o.total_ms);
             let ratio = match qemu_total {
-                Some(q) if !name.starts_with("qemu") && q > 0.0 => {
+                Some(q) if name != "qemu-7.2" && q > 0.0 => {
                     format!("{:.2}", total.median / q)
                 }
                 _ => String::from("-"),

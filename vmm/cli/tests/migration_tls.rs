@@ -86,6 +86,7 @@ fn check_refused(src: &mut Hopvm) -> String {
     let info = src.cmd("query-migrate", Value::Null);
     assert_eq!(info["status"], "failed", "{info}");
     let error = info["error-desc"].as_str().unwrap_or("").to_string();
+    eprintln!("refused: {error}");
     assert_eq!(src.status(), "running");
     let before = passes(&src.out.text());
     src.out
