@@ -768,12 +768,7 @@ impl Incoming {
         tls: &dyn Fn() -> Result<Option<ServerTls>, TlsError>,
     ) -> Result<IncomingChannel, TransportError> {
         let uri = self.uri.clone();
-        let secure = |sock: std::os::fd::OwnedFd, server: &ServerTls| {
-            server.accept(sock).map(|t| IncomingChannel {
-                input: Box::new(TlsReader(t.clone())),
-                return_path: Some(Box::new(TlsWriter(t))),
-            })
-        };
+        let secure = IncomingChannel::accept_tls;
         match self.listener {
             Listener::Tcp(l) => loop {
                 let (s, peer) = l.accept().map_err(TransportError::Accept)?;
@@ -845,6 +840,23 @@ pub struct IncomingChannel {
     pub input: Box<dyn Read + Send>,
     /// Writes to the source (the return path), for two-way transports.
     pub return_path: Option<Box<dyn Write + Send>>,
+}
+
+impl IncomingChannel {
+    /// Runs the server side of a TLS handshake on an accepted socket and returns the channel
+    /// over it (the stream, and the return path in the same session). Every incoming
+    /// migration channel with `tls-creds` set goes through here ([`Incoming::accept_channel_tls`]
+    /// for the main one; a transport that accepts more channels on one listener, as multifd
+    /// does, passes each accepted socket).
+    pub fn accept_tls(
+        sock: std::os::fd::OwnedFd,
+        server: &ServerTls,
+    ) -> Result<IncomingChannel, TlsError> {
+        server.accept(sock).map(|t| IncomingChannel {
+            input: Box::new(TlsReader(t.clone())),
+            return_path: Some(Box::new(TlsWriter(t))),
+        })
+    }
 }
 
 impl fmt::Debug for IncomingChannel {
