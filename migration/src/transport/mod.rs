@@ -1401,12 +1401,18 @@ mod tests {
             });
             let halves = payload.split_at(3 << 20);
             out.write_all(halves.0).unwrap();
-            let n = out
-                .write_vectored(&[
-                    io::IoSlice::new(&halves.1[..1000]),
-                    io::IoSlice::new(&halves.1[1000..]),
-                ])
-                .unwrap();
+            // The rest as the migration thread writes: many slices (pages, headers, empty
+            // ones), more than one batch per call.
+            let sizes = [4096usize, 0, 1, 4095, 17, 65536, 8];
+            let mut slices = Vec::new();
+            let (mut at, mut k) = (0, 0);
+            while at < halves.1.len() {
+                let n = sizes[k % sizes.len()].min(halves.1.len() - at);
+                slices.push(io::IoSlice::new(&halves.1[at..at + n]));
+                at += n;
+                k += 1;
+            }
+            let n = out.write_vectored(&slices).unwrap();
             assert_eq!(n, halves.1.len());
             out.flush().unwrap();
             let v = verdict

@@ -705,32 +705,68 @@ impl TlsChannel {
     }
 
     /// Seals `bufs` and writes the records; returns how much plaintext was taken (all of it
-    /// unless the socket fails).
+    /// unless the socket fails). The slices (4 KiB pages, mostly) are handed to rustls in
+    /// groups of up to [`SEND_BATCH`] bytes, which it seals into full 16 KiB records across
+    /// slice boundaries; each group's records leave in one socket write. (Slice by slice, a
+    /// page would be a record of its own and a system call of its own: 4 times the records,
+    /// 256 times the writes.)
     fn write_plain(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         let mut tx = lock(&self.tx);
-        let mut total = 0;
-        for b in bufs {
-            let mut rest: &[u8] = b;
-            while !rest.is_empty() {
-                let chunk = rest.len().min(SEND_BATCH);
-                let n = {
-                    let mut conn = lock(&self.conn);
-                    let n = conn.writer().write(&rest[..chunk])?;
-                    if n == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::WriteZero,
-                            "the TLS session took no data",
-                        ));
-                    }
-                    tx.clear();
-                    while conn.wants_write() {
-                        conn.write_tls(&mut *tx)?;
-                    }
-                    n
-                };
-                self.send_sealed(&tx)?;
-                rest = &rest[n..];
-                total += n;
+        let (mut i, mut off, mut total) = (0usize, 0usize, 0usize);
+        let mut group: Vec<IoSlice<'_>> = Vec::new();
+        while i < bufs.len() {
+            group.clear();
+            let (mut gi, mut goff, mut glen) = (i, off, 0usize);
+            while gi < bufs.len() && glen < SEND_BATCH {
+                let rest = &bufs[gi][goff..];
+                let take = rest.len().min(SEND_BATCH - glen);
+                if take > 0 {
+                    group.push(IoSlice::new(&rest[..take]));
+                }
+                glen += take;
+                if take == rest.len() {
+                    gi += 1;
+                    goff = 0;
+                } else {
+                    goff += take;
+                }
+            }
+            if glen == 0 {
+                break;
+            }
+            let n = {
+                let mut conn = lock(&self.conn);
+                let n = conn.writer().write_vectored(&group)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "the TLS session took no data",
+                    ));
+                }
+                tx.clear();
+                while conn.wants_write() {
+                    conn.write_tls(&mut *tx)?;
+                }
+                n
+            };
+            self.send_sealed(&tx)?;
+            total += n;
+            // Step past what rustls took.
+            let mut left = n;
+            while left > 0 {
+                let avail = bufs[i].len() - off;
+                if left < avail {
+                    off += left;
+                    left = 0;
+                } else {
+                    left -= avail;
+                    i += 1;
+                    off = 0;
+                }
+            }
+            while i < bufs.len() && bufs[i].len() == off {
+                i += 1;
+                off = 0;
             }
         }
         Ok(total)
