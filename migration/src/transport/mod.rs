@@ -23,6 +23,13 @@
 //! away without waiting for the next write to fail, and [`Outgoing::finish`] to close the
 //! channel and, for `exec:`, reap the command and report its failure.
 //!
+//! TLS ([`tls`], QEMU's `tls-creds`) is put on a channel in exactly two places, which every
+//! migration channel with `tls-creds` set goes through: [`Outgoing::start_tls`] on the source
+//! (after the connect: the handshake, then every write sealed and the return path opened) and,
+//! on the destination, [`Incoming::accept_channel_tls`] for the listener's connection or
+//! [`IncomingChannel::accept_tls`] for any other accepted socket. Socket channels only, as in
+//! QEMU: `exec:` and a pipe `fd:` are refused.
+//!
 //! `fd:` follows QEMU: the descriptor is *handed over* to the migration, which closes it when
 //! done. A name comes from the monitor's `getfd` table ([`NamedFds`]); a number must have been
 //! inherited when the process started ([`record_inherited_fds`]) — never one of hopvm's own.
