@@ -1553,6 +1553,75 @@ mod tests {
             );
         }
 
+        /// `migrate_cancel` on a TLS channel: a writer blocked on a destination that reads
+        /// nothing is unblocked by the shutdown handle, and the destination's death is seen.
+        #[test]
+        fn tls_shutdown_and_peer_death() {
+            let d = Dirs::new("shutdown");
+            let ca = Ca::new("ca");
+            ca.server_dir(&d.path("dst"), &["localhost"], false);
+            ca.client_dir(&d.path("src"), false);
+            let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let srv = server(&d.path("dst"));
+            let (held_tx, held) = std::sync::mpsc::channel();
+            let dst = thread::spawn(move || {
+                let ch = l.accept_channel_tls(&|| Ok(Some(srv.clone()))).unwrap();
+                // Hold the channel without reading until told.
+                let _ = held.recv();
+                drop(ch);
+            });
+            let mut out = connect_outgoing(&tcp_to(port))
+                .unwrap()
+                .start_tls(&client(&d.path("src"), "localhost"))
+                .unwrap();
+            let handle = out.shutdown_handle();
+            let writer = thread::spawn(move || {
+                let chunk = vec![0u8; 1 << 20];
+                loop {
+                    if let Err(e) = out.write_all(&chunk) {
+                        return (e, out);
+                    }
+                }
+            });
+            thread::sleep(std::time::Duration::from_millis(100));
+            handle.shutdown().unwrap();
+            let (err, out) = writer.join().unwrap();
+            assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+            assert!(out.is_tls());
+            drop(out);
+            // The handle outlives the channel and does nothing then.
+            handle.shutdown().unwrap();
+            held_tx.send(()).unwrap();
+            dst.join().unwrap();
+
+            // A destination that goes away is noticed without writing.
+            let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let srv = server(&d.path("dst"));
+            let (go_tx, go) = std::sync::mpsc::channel();
+            let dst = thread::spawn(move || {
+                let ch = l.accept_channel_tls(&|| Ok(Some(srv.clone()))).unwrap();
+                let _ = go.recv();
+                drop(ch);
+            });
+            let out = connect_outgoing(&tcp_to(port))
+                .unwrap()
+                .start_tls(&client(&d.path("src"), "localhost"))
+                .unwrap();
+            assert!(!out.peer_gone());
+            go_tx.send(()).unwrap();
+            dst.join().unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !out.peer_gone() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "peer death not noticed"
+                );
+                thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+
         #[test]
         fn tls_credentials_errors() {
             let d = Dirs::new("creds");
