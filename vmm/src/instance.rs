@@ -15,8 +15,8 @@ use migration::thread::{
     Connector, Migration, MigrationError, MigrationEvent, MigrationHost, MigrationOutput,
 };
 use migration::transport::{
-    connect_outgoing_cancellable, connect_outgoing_with, listen_incoming_with, IncomingChannel,
-    MigrationUri, NamedFds, Outgoing, TransportError,
+    connect_outgoing_cancellable, connect_outgoing_with, listen_incoming_with, ConnectCancel,
+    IncomingChannel, MigrationUri, NamedFds, Outgoing, TransportError,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -514,17 +514,19 @@ impl Instance {
             _ => None,
         };
         let tls = self.migration.tls.client(host.as_deref());
-        let secure = move |out: Outgoing| -> Result<Box<dyn MigrationOutput>, TransportError> {
+        let secure = move |out: Outgoing,
+                           cancel: &ConnectCancel|
+              -> Result<Box<dyn MigrationOutput>, TransportError> {
             match tls.map_err(TransportError::Tls)? {
-                Some(tls) => Ok(Box::new(out.start_tls(&tls)?)),
+                Some(tls) => Ok(Box::new(out.start_tls_cancellable(&tls, cancel)?)),
                 None => Ok(Box::new(out)),
             }
         };
         let connector: Connector = if let MigrationUri::Fd(_) = uri {
             let out = connect_outgoing_with(&uri, named)?;
-            Box::new(move |_| secure(out))
+            Box::new(move |cancel| secure(out, cancel))
         } else {
-            Box::new(move |cancel| secure(connect_outgoing_cancellable(&uri, cancel)?))
+            Box::new(move |cancel| secure(connect_outgoing_cancellable(&uri, cancel)?, cancel))
         };
         Ok(self.migration.start(self.clone(), connector)?)
     }

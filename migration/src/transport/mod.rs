@@ -443,7 +443,25 @@ impl Outgoing {
     /// path decrypted. This is the one place an outgoing migration channel gets TLS: every
     /// channel of a migration with `tls-creds` set goes through it. Socket channels only
     /// (`tcp:`, `unix:`, a socket `fd:`); `exec:` and a pipe `fd:` are refused.
-    pub fn start_tls(mut self, tls: &ClientTls) -> Result<Outgoing, TransportError> {
+    pub fn start_tls(self, tls: &ClientTls) -> Result<Outgoing, TransportError> {
+        self.start_tls_inner(tls, &|| false)
+    }
+
+    /// [`start_tls`](Self::start_tls) that `cancel` interrupts while the destination does
+    /// not answer the handshake (for the migration thread; [`TransportError::Cancelled`]).
+    pub fn start_tls_cancellable(
+        self,
+        tls: &ClientTls,
+        cancel: &ConnectCancel,
+    ) -> Result<Outgoing, TransportError> {
+        self.start_tls_inner(tls, &|| cancel.is_cancelled())
+    }
+
+    fn start_tls_inner(
+        mut self,
+        tls: &ClientTls,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Outgoing, TransportError> {
         let sock: std::os::fd::OwnedFd = match std::mem::replace(&mut self.conn, Conn::Closed) {
             Conn::Tcp(s) => Arc::try_unwrap(s)
                 .map_err(|_| TransportError::TlsUnsupported("shared"))?
@@ -462,7 +480,12 @@ impl Outgoing {
             }
             Conn::Tls(_) | Conn::Closed => return Err(TransportError::TlsUnsupported("closed")),
         };
-        let channel = tls.connect(sock).map_err(TransportError::Tls)?;
+        let channel = tls
+            .connect_cancellable(sock, cancelled)
+            .map_err(|e| match e {
+                TlsError::Cancelled => TransportError::Cancelled,
+                e => TransportError::Tls(e),
+            })?;
         Ok(Outgoing {
             conn: Conn::Tls(channel),
             uri: self.uri.clone(),
@@ -1620,6 +1643,35 @@ mod tests {
                 );
                 thread::sleep(std::time::Duration::from_millis(5));
             }
+        }
+
+        /// `migrate_cancel` while the destination accepted the connection but never answers
+        /// the handshake: the source gives up at once, not at the handshake timeout.
+        #[test]
+        fn tls_handshake_is_cancellable() {
+            let d = Dirs::new("hscancel");
+            Ca::new("ca").client_dir(&d.path("src"), false);
+            let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = silent.local_addr().unwrap().port();
+            let out = connect_outgoing(&tcp_to(port)).unwrap();
+            let _peer = silent.accept().unwrap();
+            let cancel = Arc::new(ConnectCancel::new().unwrap());
+            let c = Arc::clone(&cancel);
+            let start = std::time::Instant::now();
+            let canceller = thread::spawn(move || {
+                thread::sleep(std::time::Duration::from_millis(300));
+                c.cancel();
+            });
+            let err = out
+                .start_tls_cancellable(&client(&d.path("src"), "localhost"), &cancel)
+                .unwrap_err();
+            canceller.join().unwrap();
+            assert!(matches!(err, TransportError::Cancelled), "{err}");
+            assert!(
+                start.elapsed() < tls::HANDSHAKE_TIMEOUT / 2,
+                "{:?}",
+                start.elapsed()
+            );
         }
 
         #[test]

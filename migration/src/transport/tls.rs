@@ -49,6 +49,9 @@ use vmm_sync::lock;
 /// says nothing must not hold the destination's accept loop forever).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often a handshake in progress looks at its cancel.
+pub const CANCEL_POLL: Duration = Duration::from_millis(100);
+
 /// Plaintext handed to rustls before the sealed records are written out: large batches,
 /// few system calls.
 const SEND_BATCH: usize = 1 << 20;
@@ -109,6 +112,9 @@ pub enum TlsError {
     /// The handshake failed: the peer's certificate, a plaintext peer, a timeout…
     #[error("TLS handshake failed: {0}")]
     Handshake(#[source] io::Error),
+    /// The handshake was interrupted (`migrate_cancel`).
+    #[error("connection cancelled")]
+    Cancelled,
     /// The socket's timeouts could not be set.
     #[error("cannot set the socket timeout: {0}")]
     Timeout(#[source] io::Error),
@@ -580,9 +586,20 @@ impl fmt::Debug for ClientTls {
 impl ClientTls {
     /// Runs the handshake on a connected socket and returns the channel.
     pub fn connect(&self, sock: OwnedFd) -> Result<Arc<TlsChannel>, TlsError> {
+        self.connect_cancellable(sock, &|| false)
+    }
+
+    /// [`connect`](Self::connect) that gives up with [`TlsError::Cancelled`] within
+    /// [`CANCEL_POLL`] of `cancelled` turning true (`migrate_cancel` while the destination
+    /// does not answer).
+    pub fn connect_cancellable(
+        &self,
+        sock: OwnedFd,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Arc<TlsChannel>, TlsError> {
         let conn = rustls::ClientConnection::new(self.config.clone(), self.name.clone())
             .map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
-        TlsChannel::handshake(sock, conn.into())
+        TlsChannel::handshake(sock, conn.into(), cancelled)
     }
 }
 
@@ -604,7 +621,7 @@ impl ServerTls {
     pub fn accept(&self, sock: OwnedFd) -> Result<Arc<TlsChannel>, TlsError> {
         let conn = rustls::ServerConnection::new(self.config.clone())
             .map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
-        TlsChannel::handshake(sock, conn.into())
+        TlsChannel::handshake(sock, conn.into(), &|| false)
     }
 }
 
@@ -656,11 +673,32 @@ fn set_timeouts(sock: &File, t: Option<Duration>) -> Result<(), TlsError> {
 }
 
 impl TlsChannel {
-    fn handshake(sock: OwnedFd, mut conn: Connection) -> Result<Arc<Self>, TlsError> {
+    fn handshake(
+        sock: OwnedFd,
+        mut conn: Connection,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Arc<Self>, TlsError> {
         let sock = File::from(sock);
-        set_timeouts(&sock, Some(HANDSHAKE_TIMEOUT))?;
+        // Socket I/O in short slices, to look at the cancel and the deadline between them (a
+        // timed-out read or write has consumed nothing: the handshake goes on where it was).
+        set_timeouts(&sock, Some(CANCEL_POLL))?;
+        let deadline = std::time::Instant::now() + HANDSHAKE_TIMEOUT;
         while conn.is_handshaking() {
-            if let Err(e) = conn.complete_io(&mut &sock) {
+            let r = match conn.complete_io(&mut &sock) {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) && std::time::Instant::now() < deadline =>
+                {
+                    if cancelled() {
+                        return Err(TlsError::Cancelled);
+                    }
+                    continue;
+                }
+                r => r,
+            };
+            if let Err(e) = r {
                 // Tell the peer why (an alert rustls queued), best effort.
                 let _ = conn.write_tls(&mut &sock);
                 let e = match e.kind() {
