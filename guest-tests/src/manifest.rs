@@ -85,34 +85,28 @@ pub struct MemorySize {
 impl MemorySize {
     /// Parses `n[K|M|G|T]` (optionally followed by `B` or `iB`); a bare
     /// number means MiB, as with QEMU's `-m`.
-    pub fn parse(s: &str) -> Result<MemorySize, String> {
+    pub fn parse(s: &str) -> Result<MemorySize, ValueError> {
         let s = s.trim();
         let digits = s.bytes().take_while(u8::is_ascii_digit).count();
         if digits == 0 {
-            return Err(format!(
-                "bad memory size {s:?}: expected a number such as 256M or 4G"
-            ));
+            return Err(ValueError::MemoryNotANumber(s.to_string()));
         }
         let n: u64 = s[..digits]
             .parse()
-            .map_err(|_| format!("bad memory size {s:?}: number too large"))?;
+            .map_err(|_| ValueError::MemoryTooLarge(s.to_string()))?;
         let suffix = s[digits..].trim_end_matches("iB").trim_end_matches('B');
         let (unit, letter) = match suffix {
             "" | "M" | "m" => (1u64 << 20, "M"),
             "K" | "k" => (1 << 10, "K"),
             "G" | "g" => (1 << 30, "G"),
             "T" | "t" => (1 << 40, "T"),
-            _ => {
-                return Err(format!(
-                    "bad memory size {s:?}: unknown unit {suffix:?} (use K, M, G or T)"
-                ))
-            }
+            _ => return Err(ValueError::MemoryUnit(s.to_string(), suffix.to_string())),
         };
         let bytes = n
             .checked_mul(unit)
-            .ok_or_else(|| format!("bad memory size {s:?}: too large"))?;
+            .ok_or_else(|| ValueError::MemoryTooLarge(s.to_string()))?;
         if bytes == 0 {
-            return Err(format!("bad memory size {s:?}: must not be zero"));
+            return Err(ValueError::MemoryZero(s.to_string()));
         }
         Ok(MemorySize {
             bytes,
@@ -196,6 +190,32 @@ impl Manifest {
             }
         }
     }
+}
+
+/// A manifest value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// A memory size that does not start with a number.
+    #[error("bad memory size {0:?}: expected a number such as 256M or 4G")]
+    MemoryNotANumber(String),
+    /// A memory size beyond 64 bits.
+    #[error("bad memory size {0:?}: too large")]
+    MemoryTooLarge(String),
+    /// A memory size with an unknown unit (the size, the unit).
+    #[error("bad memory size {0:?}: unknown unit {1:?} (use K, M, G or T)")]
+    MemoryUnit(String, String),
+    /// A memory size of zero.
+    #[error("bad memory size {0:?}: must not be zero")]
+    MemoryZero(String),
+    /// A timeout that is not a positive number of seconds or minutes.
+    #[error("timeout must be a positive number of seconds (e.g. 60, 90s, 2m), not {0:?}")]
+    Timeout(String),
+    /// Shell-like words with a quote that never closes (which kind).
+    #[error("unterminated {0} quote")]
+    Quote(&'static str),
+    /// Shell-like words ending in a lone backslash.
+    #[error("trailing backslash")]
+    TrailingBackslash,
 }
 
 /// Errors from reading or parsing a manifest.
@@ -382,7 +402,7 @@ fn build_test(s: Section) -> Result<TestSpec, (usize, String)> {
     };
     let memory = match get("memory") {
         Some((l, v)) => MemorySize::parse(v).map_err(|e| (l, format!("[{name}]: {e}")))?,
-        None => MemorySize::parse(DEFAULT_MEMORY).map_err(|e| (s.line, e))?,
+        None => MemorySize::parse(DEFAULT_MEMORY).map_err(|e| (s.line, e.to_string()))?,
     };
     let append = get("append").map_or(String::new(), |(_, v)| unquote(v).to_string());
     let extra_params = match get("extra_params") {
@@ -456,7 +476,7 @@ pub fn parse_bool(v: &str) -> Option<bool> {
 }
 
 /// Parses a timeout: plain seconds, or with an `s` or `m` suffix.
-pub fn parse_timeout(v: &str) -> Result<Duration, String> {
+pub fn parse_timeout(v: &str) -> Result<Duration, ValueError> {
     let (num, mult) = if let Some(n) = v.strip_suffix('m') {
         (n, 60)
     } else if let Some(n) = v.strip_suffix('s') {
@@ -466,15 +486,13 @@ pub fn parse_timeout(v: &str) -> Result<Duration, String> {
     };
     match num.trim().parse::<u64>() {
         Ok(n) if n > 0 => Ok(Duration::from_secs(n * mult)),
-        _ => Err(format!(
-            "timeout must be a positive number of seconds (e.g. 60, 90s, 2m), not {v:?}"
-        )),
+        _ => Err(ValueError::Timeout(v.to_string())),
     }
 }
 
 /// Splits a string into words with shell-like quoting: single quotes,
 /// double quotes (with `\"` and `\\`) and backslash escapes.
-pub fn split_words(s: &str) -> Result<Vec<String>, String> {
+pub fn split_words(s: &str) -> Result<Vec<String>, ValueError> {
     let mut words = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
@@ -493,7 +511,7 @@ pub fn split_words(s: &str) -> Result<Vec<String>, String> {
                     match chars.next() {
                         Some('\'') => break,
                         Some(c) => cur.push(c),
-                        None => return Err("unterminated single quote".into()),
+                        None => return Err(ValueError::Quote("single")),
                     }
                 }
             }
@@ -508,10 +526,10 @@ pub fn split_words(s: &str) -> Result<Vec<String>, String> {
                                 cur.push('\\');
                                 cur.push(c);
                             }
-                            None => return Err("unterminated double quote".into()),
+                            None => return Err(ValueError::Quote("double")),
                         },
                         Some(c) => cur.push(c),
-                        None => return Err("unterminated double quote".into()),
+                        None => return Err(ValueError::Quote("double")),
                     }
                 }
             }
@@ -519,7 +537,7 @@ pub fn split_words(s: &str) -> Result<Vec<String>, String> {
                 in_word = true;
                 match chars.next() {
                     Some(c) => cur.push(c),
-                    None => return Err("trailing backslash".into()),
+                    None => return Err(ValueError::TrailingBackslash),
                 }
             }
             c => {

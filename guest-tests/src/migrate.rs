@@ -345,24 +345,82 @@ fn outcome_of(
     }
 }
 
+/// Why the runner's migration did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerMigrationError {
+    /// The destination's socket never appeared.
+    #[error("the destination is not listening on {path}: {source}", path = .path.display())]
+    NotListening {
+        /// The migration socket.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// The source's monitor could not be reached.
+    #[error("source QMP {path}: {source}", path = .path.display())]
+    Monitor {
+        /// The monitor socket.
+        path: PathBuf,
+        /// Why.
+        source: QmpClientError,
+    },
+    /// A QMP command failed (a failed command shows the server's description).
+    #[error("{command}: {}", qmp_error(.source))]
+    Command {
+        /// The command.
+        command: &'static str,
+        /// Its error.
+        source: QmpClientError,
+    },
+    /// The migration ended as `failed` or `cancelled`.
+    #[error("query-migrate says {status}: {why}")]
+    Ended {
+        /// The final status.
+        status: String,
+        /// `error-desc`.
+        why: String,
+    },
+    /// The deadline passed.
+    #[error("timeout; last status {0:?}")]
+    Timeout(String),
+}
+
+/// A failed command as its description (the runner's notes quote the server), anything else
+/// as the client says it.
+fn qmp_error(e: &QmpClientError) -> String {
+    match e {
+        QmpClientError::Command { desc, .. } => desc.clone(),
+        e => e.to_string(),
+    }
+}
+
 /// Asks the source to migrate and waits for the result; notes the steps.
-fn migrate(sockets: &Sockets, deadline: Instant, notes: &mut Vec<String>) -> Result<(), String> {
-    wait_for_path(&sockets.migration, deadline).map_err(|e| {
-        format!(
-            "the destination is not listening on {}: {e}",
-            sockets.migration.display()
-        )
+fn migrate(
+    sockets: &Sockets,
+    deadline: Instant,
+    notes: &mut Vec<String>,
+) -> Result<(), RunnerMigrationError> {
+    wait_for_path(&sockets.migration, deadline).map_err(|source| {
+        RunnerMigrationError::NotListening {
+            path: sockets.migration.clone(),
+            source,
+        }
     })?;
-    let mut qmp = QmpClient::connect_until(&sockets.src_qmp, deadline)
-        .map_err(|e| format!("source QMP {}: {e}", sockets.src_qmp.display()))?;
+    let mut qmp = QmpClient::connect_until(&sockets.src_qmp, deadline).map_err(|source| {
+        RunnerMigrationError::Monitor {
+            path: sockets.src_qmp.clone(),
+            source,
+        }
+    })?;
     let uri = sockets.migration_uri();
+    let command = |command| move |source| RunnerMigrationError::Command { command, source };
     qmp.execute("migrate", Some(json!({ "uri": uri })))
-        .map_err(|e| format!("migrate: {}", qmp_error(e)))?;
+        .map_err(command("migrate"))?;
     let start = Instant::now();
     loop {
         let info = qmp
             .execute("query-migrate", None)
-            .map_err(|e| format!("query-migrate: {}", qmp_error(e)))?;
+            .map_err(command("query-migrate"))?;
         let status = info.get("status").and_then(Value::as_str).unwrap_or("");
         match status {
             "completed" => {
@@ -377,23 +435,17 @@ fn migrate(sockets: &Sockets, deadline: Instant, notes: &mut Vec<String>) -> Res
                     .get("error-desc")
                     .and_then(Value::as_str)
                     .unwrap_or("no error-desc");
-                return Err(format!("query-migrate says {status}: {why}"));
+                return Err(RunnerMigrationError::Ended {
+                    status: status.to_string(),
+                    why: why.to_string(),
+                });
             }
             _ => {}
         }
         if Instant::now() >= deadline {
-            return Err(format!("timeout; last status {status:?}"));
+            return Err(RunnerMigrationError::Timeout(status.to_string()));
         }
         std::thread::sleep(POLL);
-    }
-}
-
-/// A failed command as its description (the runner's notes quote the server), anything else
-/// as the client says it.
-fn qmp_error(e: QmpClientError) -> String {
-    match e {
-        QmpClientError::Command { desc, .. } => desc,
-        e => e.to_string(),
     }
 }
 

@@ -130,6 +130,15 @@ pub struct RamProfile {
     pub recv_zero_ns: AtomicU64,
     /// Minor page faults of the thread that sent or loaded.
     pub faults: AtomicU64,
+    /// Source: of `sync_ns`, the time fetching KVM's dirty pages (the bitmap, or reaping
+    /// the dirty rings), as the [`DirtyLog`] reports it.
+    pub harvest_ns: AtomicU64,
+    /// Source, dirty ring: vCPU exits on a full ring (`KVM_EXIT_DIRTY_RING_FULL`).
+    pub ring_full_exits: AtomicU64,
+    /// Source, dirty ring: time the vCPU threads spent reaping on those exits.
+    pub ring_full_ns: AtomicU64,
+    /// Source, dirty ring: 1 if KVM was found to have overrun a ring (the migration fails).
+    pub ring_overruns: AtomicU64,
 }
 
 impl RamProfile {
@@ -155,6 +164,10 @@ impl RamProfile {
             &self.recv_page_ns,
             &self.recv_zero_ns,
             &self.faults,
+            &self.harvest_ns,
+            &self.ring_full_exits,
+            &self.ring_full_ns,
+            &self.ring_overruns,
         ] {
             f.store(0, Ordering::Relaxed);
         }
@@ -164,15 +177,21 @@ impl RamProfile {
     pub fn source_summary(&self) -> String {
         let ms = |f: &AtomicU64| f.load(Ordering::Relaxed) as f64 / 1e6;
         format!(
-            "dirty sync {:.1} ms, bitmap scan+bookkeeping {:.1} ms, zero check {:.1} ms, \
-             copy {:.1} ms, send {:.1} ms, lock/rate wait {:.1} ms, {} page faults",
+            "dirty sync {:.1} ms (kvm harvest {:.1} ms), bitmap scan+bookkeeping {:.1} ms, \
+             zero check {:.1} ms, copy {:.1} ms, send {:.1} ms, lock/rate wait {:.1} ms, \
+             {} page faults, {} dirty-ring-full exits ({:.1} ms reaping in vcpus), \
+             dirty-ring overrun {}",
             ms(&self.sync_ns),
+            ms(&self.harvest_ns),
             ms(&self.scan_ns),
             ms(&self.zero_check_ns),
             ms(&self.copy_ns),
             ms(&self.send_ns),
             ms(&self.wait_ns),
-            self.faults.load(Ordering::Relaxed)
+            self.faults.load(Ordering::Relaxed),
+            self.ring_full_exits.load(Ordering::Relaxed),
+            ms(&self.ring_full_ns),
+            self.ring_overruns.load(Ordering::Relaxed)
         )
     }
 

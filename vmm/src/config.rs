@@ -216,6 +216,9 @@ pub struct VmConfig {
     pub acpi: bool,
     /// Objects to create at start (`--object` / `-object`): `tls-creds-x509,id=…,dir=…,…`.
     pub objects: Vec<String>,
+    /// How KVM's dirty pages are collected for migration: the dirty bitmap or the dirty ring
+    /// (`--dirty-ring`, QEMU's `-accel kvm,dirty-ring-size=N`).
+    pub dirty_ring: crate::dirty_ring::DirtyRingConfig,
 }
 
 impl VmConfig {
@@ -239,6 +242,7 @@ impl VmConfig {
             cpu_pm: false,
             acpi: true,
             objects: Vec::new(),
+            dirty_ring: crate::dirty_ring::DirtyRingConfig::default(),
         }
     }
 }

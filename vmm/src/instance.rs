@@ -186,7 +186,11 @@ impl Instance {
             migration::ram_format::RAM_SECTION_VERSION,
             Box::new(RamSection::new(
                 vm.memory.clone(),
-                Box::new(KvmDirtyLog::new(vm.fd.clone(), vm.memory.clone())),
+                Box::new(
+                    KvmDirtyLog::new(vm.fd.clone(), vm.memory.clone())
+                        .with_rings(vm.dirty_rings.clone())
+                        .with_profile(migration.ram.clone()),
+                ),
                 migration.xbzrle.clone(),
                 migration.ram.clone(),
             )),

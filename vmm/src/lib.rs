@@ -14,6 +14,7 @@ pub mod arch;
 pub mod bus;
 pub mod config;
 pub mod cpu_throttle;
+pub mod dirty_ring;
 pub mod instance;
 pub mod kvm_state;
 pub mod loader;

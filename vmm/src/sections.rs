@@ -13,16 +13,19 @@
 //! applies any of it: a state the device could not have reached fails the load with the
 //! section's name and the device's reason, and the device keeps its previous state.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuFd, VmFd};
-use migration::ram::DirtyLog;
+use migration::ram::{DirtyLog, RamCounters};
 use migration::{SectionError, Snapshot};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::bus::lock;
+use crate::dirty_ring::DirtyRings;
 use crate::kvm_state::{self, SavedMsrs};
 use crate::memory::{self, GuestMemoryMmap};
 
@@ -149,37 +152,103 @@ impl Snapshot for KvmVmSection {
     }
 }
 
-/// KVM's dirty page log over hopvm's memory slots (slot n = RAM region n).
+/// KVM's dirty pages over hopvm's memory slots (slot n = RAM region n): from KVM's dirty
+/// bitmap, or from the vCPUs' dirty rings when the VM has them ([`crate::dirty_ring`]).
 pub struct KvmDirtyLog {
     vm: Arc<VmFd>,
     memory: GuestMemoryMmap,
+    rings: Option<Arc<DirtyRings>>,
+    counters: Option<Arc<RamCounters>>,
+    /// Ring-full exits and reap time when logging was switched on.
+    full_base: (u64, Duration),
 }
 
 impl KvmDirtyLog {
-    /// The dirty log of `vm`'s RAM.
+    /// The dirty log of `vm`'s RAM, read from KVM's bitmap.
     pub fn new(vm: Arc<VmFd>, memory: GuestMemoryMmap) -> Self {
-        Self { vm, memory }
+        Self {
+            vm,
+            memory,
+            rings: None,
+            counters: None,
+            full_base: (0, Duration::ZERO),
+        }
+    }
+
+    /// Reads the dirty pages from `rings` instead (the VM was built with them).
+    pub fn with_rings(mut self, rings: Option<Arc<DirtyRings>>) -> Self {
+        self.rings = rings;
+        self
+    }
+
+    /// Books the harvest time and ring-full exits into `counters`' profile (with
+    /// `HOPVM_MIGRATION_PROFILE` set).
+    pub fn with_profile(mut self, counters: Arc<RamCounters>) -> Self {
+        if std::env::var_os(migration::ram::PROFILE_ENV).is_some() {
+            self.counters = Some(counters);
+        }
+        self
+    }
+
+    fn book(&self, t0: Option<Instant>) {
+        let (Some(t0), Some(c)) = (t0, &self.counters) else {
+            return;
+        };
+        let p = &c.profile;
+        p.add_since(&p.harvest_ns, t0);
+        if let Some(rings) = &self.rings {
+            let (n, t) = rings.full_exits();
+            p.ring_full_exits
+                .store(n - self.full_base.0, Ordering::Relaxed);
+            p.ring_full_ns
+                .store((t - self.full_base.1).as_nanos() as u64, Ordering::Relaxed);
+            p.ring_overruns
+                .store(u64::from(rings.overrun()), Ordering::Relaxed);
+        }
     }
 }
 
 impl DirtyLog for KvmDirtyLog {
     fn set_logging(&mut self, on: bool) -> std::io::Result<()> {
-        memory::set_kvm_slots(&self.vm, &self.memory, on).map_err(std::io::Error::other)
+        if let (true, Some(rings)) = (on, &self.rings) {
+            self.full_base = rings.full_exits();
+            // A ring KVM overran cannot be trusted again: no migration starts on it.
+            rings.check()?;
+        }
+        memory::set_kvm_slots(&self.vm, &self.memory, on).map_err(std::io::Error::other)?;
+        if let (false, Some(rings)) = (on, &self.rings) {
+            // Hand the entries logged so far back to KVM, so no ring stays nearly full
+            // while nothing reads it; their pages wait in the harvest (a next migration
+            // marks every page dirty anyway).
+            rings.reap()?;
+        }
+        Ok(())
     }
 
     fn take_dirty(&mut self, index: usize) -> std::io::Result<Vec<u64>> {
-        let region = self
-            .memory
-            .iter()
-            .nth(index)
-            .ok_or_else(|| std::io::Error::other(format!("no ram region {index}")))?;
-        self.vm
-            .get_dirty_log(index as u32, region.len() as usize)
-            .map_err(std::io::Error::other)
+        let t0 = self.counters.as_ref().map(|_| Instant::now());
+        let dirty = match &self.rings {
+            Some(rings) => rings.take_slot(index),
+            None => {
+                let region = self
+                    .memory
+                    .iter()
+                    .nth(index)
+                    .ok_or_else(|| std::io::Error::other(format!("no ram region {index}")))?;
+                self.vm
+                    .get_dirty_log(index as u32, region.len() as usize)
+                    .map_err(std::io::Error::other)
+            }
+        };
+        self.book(t0);
+        dirty
     }
 
     fn enable_manual_protect(&mut self) -> bool {
-        memory::enable_manual_dirty_protect(&self.vm)
+        // Never with the ring: with KVM_DIRTY_LOG_INITIALLY_SET, KVM would not write-protect
+        // the slots when logging starts, and the ring would see no writes (nor is there a
+        // bitmap to clear).
+        self.rings.is_none() && memory::enable_manual_dirty_protect(&self.vm)
     }
 
     fn clear_dirty(
@@ -189,13 +258,16 @@ impl DirtyLog for KvmDirtyLog {
         pages: usize,
         bitmap: &[u64],
     ) -> std::io::Result<()> {
-        memory::clear_dirty_log(
+        let t0 = self.counters.as_ref().map(|_| Instant::now());
+        let r = memory::clear_dirty_log(
             &self.vm,
             index as u32,
             first_page as u64,
             pages as u32,
             bitmap,
-        )
+        );
+        self.book(t0);
+        r
     }
 }
 

@@ -19,7 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use devices::VmRequest;
-use kvm_bindings::kvm_run;
+use kvm_bindings::{kvm_run, KVM_EXIT_DIRTY_RING_FULL};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -144,6 +144,8 @@ pub struct VcpuShared {
     pub events: Sender<VmEvent>,
     /// Guest memory, to read the instruction bytes of a failed emulation.
     pub memory: GuestMemoryMmap,
+    /// KVM's dirty rings, reaped by a vCPU whose ring is full.
+    pub dirty_rings: Option<Arc<crate::dirty_ring::DirtyRings>>,
 }
 
 /// What the big lock protects: the port and MMIO buses and the vCPUs' run state.
@@ -455,6 +457,17 @@ fn handle_exit(exit: VcpuExit, shared: &VcpuShared) -> Next {
             request_event(lock(&shared.machine).mmio.write(addr, data), shared)
         }
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Next::Continue,
+        // KVM does not let this vCPU run again before entries of its ring were given back:
+        // reap every ring (their pages wait in the harvest for the next dirty sync).
+        VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => match &shared.dirty_rings {
+            Some(rings) => match rings.ring_full() {
+                Ok(()) => Next::Continue,
+                Err(e) => Next::Report(VmEvent::Fatal(format!("cannot reap the dirty ring: {e}"))),
+            },
+            None => Next::Report(VmEvent::Fatal(String::from(
+                "dirty ring full exit without a dirty ring",
+            ))),
+        },
         VcpuExit::Shutdown => Next::Report(VmEvent::TripleFault),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, _) => Next::Report(VmEvent::Reset),
         VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, _) => Next::Report(VmEvent::PowerOff),

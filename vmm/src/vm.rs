@@ -26,6 +26,7 @@ use crate::arch::regs;
 use crate::arch::{acpi, bios, cpu_model};
 use crate::bus::{lock, Bus, Sink};
 use crate::config::VmConfig;
+use crate::dirty_ring::{self, DirtyRings};
 use crate::loader::{self, BootRequest, KernelFormat};
 use crate::memory::{self, GuestMemoryMmap, Layout};
 use crate::vcpu::{self, Machine, VcpuControl, VcpuShared, VmEvent};
@@ -92,6 +93,9 @@ pub enum VmError {
     /// The serial output file could not be created.
     #[error("cannot open serial output {0}: {1}")]
     SerialFile(String, #[source] std::io::Error),
+    /// The dirty ring asked for cannot be had.
+    #[error(transparent)]
+    DirtyRing(#[from] dirty_ring::DirtyRingError),
     /// `mem-lock=on`: the memory could not be locked.
     #[error("cannot lock memory (mem-lock=on): {0}")]
     MemLock(#[source] std::io::Error),
@@ -240,6 +244,8 @@ pub struct Vm {
     pub machine: Arc<Mutex<Machine>>,
     /// Typed device handles.
     pub devices: Devices,
+    /// KVM's dirty ring, when the VM collects dirty pages with it rather than the bitmap.
+    pub dirty_rings: Option<Arc<DirtyRings>>,
     /// The detected kernel format (none for a destination started without a kernel).
     pub format: Option<KernelFormat>,
     boot: Option<BootImage>,
@@ -380,6 +386,18 @@ impl Vm {
                     .map_err(kvm_err("enable cap x86-disable-exits"))?;
             }
         }
+        // KVM only takes the dirty ring before the first vCPU is created.
+        let dirty_rings = match dirty_ring::resolve(&kvm, config.dirty_ring)? {
+            Some(entries) => {
+                use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+                let pages = memory.iter().map(|r| r.len() / memory::PAGE_SIZE).collect();
+                let rings = DirtyRings::enable(&kvm, fd.clone(), entries, pages)?;
+                log::info!("dirty log: kvm dirty ring, {entries} entries per vcpu");
+
+                Some(Arc::new(rings))
+            }
+            None => None,
+        };
         fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
         // The PIT after the irqchip (its interrupts go there). QEMU's `pit=off` has none: the
         // guest's timers are then the LAPIC timer, the RTC and the PM timer.
@@ -481,11 +499,16 @@ impl Vm {
             control: control.clone(),
             events: tx.clone(),
             memory: memory.clone(),
+            dirty_rings: dirty_rings.clone(),
         };
         for id in 0..config.cpus {
             let vcpu = fd
                 .create_vcpu(u64::from(id))
                 .map_err(kvm_err("create vcpu"))?;
+            if let Some(rings) = &dirty_rings {
+                // Mapped before the vCPU first runs: its ring is where KVM logs its writes.
+                rings.add_vcpu(usize::from(id), &vcpu)?;
+            }
             if id == 0 {
                 // Advertising IA32_ARCH_CAPABILITIES when KVM refuses the host's value for it
                 // is what makes QEMU's `-cpu host` abort on some hosts: probe, and hide it.
@@ -517,6 +540,7 @@ impl Vm {
             memory,
             layout,
             machine,
+            dirty_rings,
             devices: Devices {
                 serial,
                 i8042,

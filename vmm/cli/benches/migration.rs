@@ -3,7 +3,7 @@
 //!
 //! Every scenario boots the same Multiboot guest in two processes of one VMM (source and
 //! `-incoming defer` destination, both with QEMU's command line: `-M pc -cpu qemu64
-//! -enable-kvm`), drives them with the same QMP commands (`events` capability, `max-bandwidth`
+//! -accel kvm`), drives them with the same QMP commands (`events` capability, `max-bandwidth`
 //! 10 GiB/s — no limit —, `downtime-limit` 30 ms, `migrate-incoming` / `migrate` on loopback
 //! TCP) and reads the result from `query-migrate` and the events. Downtime is what the guest
 //! sees: the source's STOP event to the destination's RESUME event (both QMP timestamps).
@@ -13,7 +13,10 @@
 //!   every page of its working set, pass after pass, verifying the previous value;
 //! * idle 1 GiB: the `idle` guest (halted);
 //! * stopped 1 GiB: `stride ws=max` fills every page of RAM above the image, the source is
-//!   `stop`ped, then migrated: the stream alone; the destination is `cont`inued afterwards.
+//!   `stop`ped, then migrated: the stream alone; the destination is `cont`inued afterwards;
+//! * the busy ones again with the dirty-page source named on both VMMs (`-accel
+//!   kvm,dirty-ring-size=N`): KVM's dirty bitmap (0) and KVM's dirty ring of 4096 entries
+//!   (`busy-1g-bitmap`, `busy-1g-ring`, `busy-256m-bitmap`, `busy-256m-ring`).
 //!
 //! Correctness first: after every stride run the destination must print two more verified
 //! passes (each reads every page of the working set) and never `CORRUPT`; a run that does not
@@ -74,7 +77,13 @@ struct Scenario {
     auto_converge: bool,
     /// How long before the migration is called non-converging and cancelled.
     timeout: Duration,
+    /// `-accel kvm,dirty-ring-size=N` on both sides: 0 KVM's dirty bitmap, N a ring of N
+    /// entries per vCPU; `None` leaves each VMM's default.
+    dirty_ring: Option<u32>,
 }
+
+/// The dirty ring the ring rows use (hopvm's `auto`).
+const RING: u32 = 4096;
 
 /// No limit, as far as this machine goes.
 const UNLIMITED: u64 = 10 << 30;
@@ -92,6 +101,7 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: UNLIMITED,
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
+        dirty_ring: None,
     },
     Scenario {
         key: "busy-256m",
@@ -105,6 +115,7 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: UNLIMITED,
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
+        dirty_ring: None,
     },
     Scenario {
         key: "idle",
@@ -118,6 +129,7 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: UNLIMITED,
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
+        dirty_ring: None,
     },
     Scenario {
         key: "stopped",
@@ -131,6 +143,7 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: UNLIMITED,
         auto_converge: false,
         timeout: MIGRATION_TIMEOUT,
+        dirty_ring: None,
     },
     // A link slower than the guest's dirtying (≈ 600 MiB/s here): without auto-converge no
     // pass ever gets small enough; with it, the vCPUs are throttled until one does.
@@ -146,6 +159,7 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: 256 << 20,
         auto_converge: false,
         timeout: Duration::from_secs(30),
+        dirty_ring: None,
     },
     Scenario {
         key: "converge",
@@ -159,6 +173,65 @@ const SCENARIOS: &[Scenario] = &[
         bandwidth: 256 << 20,
         auto_converge: true,
         timeout: MIGRATION_TIMEOUT,
+        dirty_ring: None,
+    },
+    // The busy rows again with each dirty-page source named: KVM's dirty bitmap, and KVM's
+    // dirty ring (hopvm's `--dirty-ring`, QEMU's `-accel kvm,dirty-ring-size=N`).
+    Scenario {
+        key: "busy-1g-bitmap",
+        label: "busy 1 GiB, 256 MiB page-stride, dirty bitmap",
+        image: "stride",
+        memory: "1G",
+        append: "ws=256M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        dirty_ring: Some(0),
+    },
+    Scenario {
+        key: "busy-1g-ring",
+        label: "busy 1 GiB, 256 MiB page-stride, dirty ring 4096",
+        image: "stride",
+        memory: "1G",
+        append: "ws=256M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        dirty_ring: Some(RING),
+    },
+    Scenario {
+        key: "busy-256m-bitmap",
+        label: "busy 256 MiB, 64 MiB page-stride, dirty bitmap",
+        image: "stride",
+        memory: "256M",
+        append: "ws=64M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        dirty_ring: Some(0),
+    },
+    Scenario {
+        key: "busy-256m-ring",
+        label: "busy 256 MiB, 64 MiB page-stride, dirty ring 4096",
+        image: "stride",
+        memory: "256M",
+        append: "ws=64M",
+        stopped: false,
+        verifying: true,
+        ready: "pass 1 ok",
+        bandwidth: UNLIMITED,
+        auto_converge: false,
+        timeout: MIGRATION_TIMEOUT,
+        dirty_ring: Some(RING),
     },
 ];
 
@@ -181,8 +254,21 @@ impl Proc {
     fn spawn(vmm: &Vmm, dir: &Path, name: &str, s: &Scenario, incoming: bool) -> Self {
         let sock = dir.join(format!("{name}.sock"));
         let mut cmd = Command::new(&vmm.program);
+        // One accelerator option only: QEMU takes the first of several that works.
+        let accel = match s.dirty_ring {
+            Some(n) => format!("kvm,dirty-ring-size={n}"),
+            None => String::from("kvm"),
+        };
         cmd.args(&vmm.prefix)
-            .args(["-M", "pc", "-cpu", "qemu64", "-enable-kvm", "-nodefaults"])
+            .args([
+                "-M",
+                "pc",
+                "-cpu",
+                "qemu64",
+                "-accel",
+                &accel,
+                "-nodefaults",
+            ])
             .args(["-display", "none", "-serial", "stdio", "-m", s.memory])
             .arg("-kernel")
             .arg(guest_tests::image_path(s.image))
@@ -515,6 +601,17 @@ fn main() {
         }
         let mut per_vmm: Vec<(String, Vec<Outcome>)> = Vec::new();
         for vmm in &vmms {
+            // hopvm refuses a dirty ring on a host whose KVM overruns it (kvm_pvm).
+            if vmm.name == "hopvm" && s.dirty_ring.is_some_and(|n| n > 0) {
+                if let Some(why) = vmm::dirty_ring::host_ring_unsafe() {
+                    eprintln!(
+                        "{} hopvm: not run, hopvm refuses the ring here: {why}",
+                        s.key
+                    );
+                    per_vmm.push((String::from("hopvm (refuses the ring here)"), Vec::new()));
+                    continue;
+                }
+            }
             let mut outs = Vec::new();
             for run in 0..runs {
                 let o = run_one(vmm, s, run);
@@ -560,7 +657,7 @@ fn main() {
                 .count();
             let total = stat(outs, |o| o.total_ms);
             let ratio = match qemu_total {
-                Some(q) if name != "qemu-7.2" && q > 0.0 => {
+                Some(q) if name != "qemu-7.2" && q > 0.0 && !outs.is_empty() => {
                     format!("{:.2}", total.median / q)
                 }
                 _ => String::from("-"),

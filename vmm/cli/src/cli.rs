@@ -13,6 +13,7 @@ use crate::tools::demo::DemoArgs;
 use crate::tools::migrate::MigrateArgs;
 use crate::tools::qmp_shell::QmpArgs;
 use vmm::config::{self, DebugExitConfig, SerialConfig, VmConfig};
+use vmm::dirty_ring::DirtyRingConfig;
 
 /// hopvm — a small x86-64 virtual machine monitor on Linux KVM.
 #[derive(Debug, Parser)]
@@ -101,6 +102,17 @@ pub struct RunArgs {
     /// tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]. Repeatable.
     #[arg(long, value_name = "tls-creds-x509,id=ID,dir=DIR,endpoint=…")]
     pub object: Vec<String>,
+    /// How migration learns which pages the guest wrote: off (KVM's dirty bitmap), auto (KVM's
+    /// dirty ring where the host offers it and keeps its limit — not kvm_pvm, which overruns
+    /// it) or the ring's size in entries per vCPU (a power of two from 256 to 65536), as
+    /// QEMU's -accel kvm,dirty-ring-size=N.
+    #[arg(long, value_name = "off|auto|N", default_value_t = DirtyRingConfig::default(), value_parser = parse_dirty_ring)]
+    pub dirty_ring: DirtyRingConfig,
+}
+
+/// `--dirty-ring`: the syntax, then what this host's KVM can give.
+fn parse_dirty_ring(s: &str) -> Result<DirtyRingConfig, vmm::dirty_ring::DirtyRingError> {
+    vmm::dirty_ring::check_host(s.parse()?)
 }
 
 impl From<RunArgs> for VmConfig {
@@ -119,6 +131,7 @@ impl From<RunArgs> for VmConfig {
             incoming: a.incoming,
             paused: a.paused,
             objects: a.object,
+            dirty_ring: a.dirty_ring,
             ..VmConfig::new("")
         }
     }
@@ -229,6 +242,19 @@ mod tests {
             let line = one_line(&e);
             assert!(!line.contains('\n') && !line.is_empty(), "{args:?}: {line}");
         }
+        let e = parse(&["run", "--kernel", "k", "--dirty-ring", "1000"]).unwrap_err();
+        assert!(
+            one_line(&e).contains("invalid dirty ring size '1000'"),
+            "{}",
+            one_line(&e)
+        );
+        let Command::Run(a) = parse(&["run", "--kernel", "k", "--dirty-ring", "off"])
+            .unwrap()
+            .command
+        else {
+            unreachable!()
+        };
+        assert_eq!(VmConfig::from(a).dirty_ring, DirtyRingConfig::Off);
         let e = parse(&["run", "--kernel", "k", "--memory", "lots"]).unwrap_err();
         assert!(
             one_line(&e).contains("invalid size 'lots'"),

@@ -78,7 +78,7 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
                         (QEMU's CPUID, SVM and vmx-* names), vendor=, hv-passthrough\n\
 -machine pc,accel=kvm[,pit=on|off]   the only machine\n\
 -overcommit mem-lock=on|off,cpu-pm=on|off\n\
--enable-kvm, -accel kvm\n\
+-enable-kvm, -accel kvm[,dirty-ring-size=N]   N: KVM dirty ring entries per vCPU (0 = bitmap)\n\
 -serial stdio|null|file:PATH\n\
 -device pc-testdev | isa-debug-exit[,iobase=,iosize=] | pci-testdev | hyperv-testdev | ? | help\n\
 -qmp unix:PATH[,server,nowait]\n\
@@ -318,6 +318,15 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 let parts = split_options(&v);
                 let (first, p) = props(&parts);
                 kvm = accel_has_kvm(opt, first.or(p.get("accel").copied()).unwrap_or(""))?;
+                if let Some(size) = p.get("dirty-ring-size") {
+                    config.dirty_ring = config::parse_int(size)
+                        .ok_or_else(|| {
+                            vmm::dirty_ring::DirtyRingError::InvalidSize((*size).to_string())
+                        })
+                        .and_then(vmm::dirty_ring::DirtyRingConfig::from_entries)
+                        .and_then(vmm::dirty_ring::check_host)
+                        .map_err(|e| invalid(&v, e.to_string()))?;
+                }
             }
             "-no-reboot" => config.no_reboot = true,
             // hopvm reads no configuration files and creates no default devices.
@@ -751,6 +760,43 @@ mod tests {
         assert!(parse(&args("-kernel k -overcommit cpu-pm=sometimes")).is_err());
         assert!(run("-kernel k -overcommit mem-lock").mem_lock);
         assert!(parse(&args("-kernel k -overcommit what=on")).is_err());
+    }
+
+    #[test]
+    fn accel_dirty_ring_size() {
+        use vmm::dirty_ring::DirtyRingConfig;
+        assert_eq!(
+            run("-kernel k -accel kvm").dirty_ring,
+            DirtyRingConfig::default()
+        );
+        assert_eq!(
+            run("-kernel k -accel kvm,dirty-ring-size=0").dirty_ring,
+            DirtyRingConfig::Off
+        );
+        if vmm::dirty_ring::host_offers_ring() {
+            if vmm::dirty_ring::host_ring_unsafe().is_none() {
+                assert_eq!(
+                    run("-kernel k -accel kvm,dirty-ring-size=1024").dirty_ring,
+                    DirtyRingConfig::Entries(1024)
+                );
+            } else {
+                let e = parse(&args("-kernel k -accel kvm,dirty-ring-size=1024"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("can overrun it"), "{e}");
+            }
+        }
+        for bad in ["1000", "128", "131072", "x", ""] {
+            let e = parse(&args(&format!(
+                "-kernel k -accel kvm,dirty-ring-size={bad}"
+            )))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.contains(&format!("invalid dirty ring size '{bad}'")),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -208,7 +208,7 @@ pub fn run_with(config: &VmConfig, mut options: RunOptions) -> Result<i32, RunEr
             });
             Some(
                 qmp::commands::start_monitor_with(&instance, listen, domain)
-                    .map_err(|e| RunError::Monitor(e.to_string()))?,
+                    .map_err(RunError::Monitor)?,
             )
         }
         None => None,
@@ -308,7 +308,7 @@ pub enum RunError {
     ObjectTable(#[source] migration::transport::tls::TlsObjectError),
     /// The QMP monitor could not be started.
     #[error("cannot start the qmp monitor: {0}")]
-    Monitor(String),
+    Monitor(#[source] qmp::QmpServerError),
     /// The process could not finish starting (pid file, monitor descriptor).
     #[error(transparent)]
     Launch(#[from] crate::qemu_launch::LaunchError),

@@ -51,7 +51,7 @@ pub struct DomainInfo {
     pub threads: u8,
     /// The guest has ACPI tables (no `-no-acpi`).
     pub acpi: bool,
-    cpu_props: OnceLock<Result<CpuProps, String>>,
+    cpu_props: OnceLock<Result<CpuProps, cpu_model::CpuModelError>>,
 }
 
 /// The vCPU object's properties.
@@ -82,9 +82,9 @@ impl DomainInfo {
     fn cpu_props(&self) -> Result<&CpuProps, QmpError> {
         self.cpu_props
             .get_or_init(|| {
-                let model: CpuModel = self.cpu.parse().map_err(|e| format!("{e}"))?;
-                let supported = cpu_model::host_supported_cpuid().map_err(|e| format!("{e}"))?;
-                let cpuid = model.apply(&supported).map_err(|e| format!("{e}"))?;
+                let model: CpuModel = self.cpu.parse()?;
+                let supported = cpu_model::host_supported_cpuid()?;
+                let cpuid = model.apply(&supported)?;
                 Ok(CpuProps {
                     typename: format!("{}-x86_64-cpu", model.base().name()),
                     features: cpu_model::feature_states(&cpuid),
@@ -93,7 +93,7 @@ impl DomainInfo {
                 })
             })
             .as_ref()
-            .map_err(|e| QmpError::generic(e.clone()))
+            .map_err(|e| QmpError::generic(e.to_string()))
     }
 
     /// (socket, core, thread) of vCPU `index`.

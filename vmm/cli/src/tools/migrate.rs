@@ -116,6 +116,12 @@ pub enum MigrateError {
     /// The user pressed Ctrl-C twice: the tool stopped waiting for the cancellation.
     #[error("interrupted again: not waiting for the cancellation to finish")]
     Abandoned,
+    /// `--xbzrle` with a cache size that is not a power of two of at least 4 KiB.
+    #[error("invalid XBZRLE cache size '{0}': a power of two of at least 4K")]
+    BadXbzrleCache(String),
+    /// `--max-bandwidth` that is neither a size nor `unlimited`.
+    #[error("invalid bandwidth '{0}': bytes per second (e.g. 32M) or unlimited")]
+    BadBandwidth(String),
     /// The report could not be written.
     #[error(transparent)]
     Report(#[from] ReportError),
@@ -133,30 +139,25 @@ pub enum Xbzrle {
 }
 
 /// Parses `--xbzrle[=off|on|CACHE]`; the cache size must be a power of two of at least 4 KiB.
-pub fn parse_xbzrle(s: &str) -> Result<Xbzrle, String> {
+pub fn parse_xbzrle(s: &str) -> Result<Xbzrle, MigrateError> {
     match s {
         "on" | "" => Ok(Xbzrle::On),
         "off" => Ok(Xbzrle::Off),
-        size => {
-            let n = vmm::config::parse_size(size).map_err(|e| e.to_string())?;
-            if n < 4096 || !n.is_power_of_two() {
-                return Err(format!(
-                    "invalid XBZRLE cache size '{size}': a power of two of at least 4K"
-                ));
-            }
-            Ok(Xbzrle::Cache(n))
-        }
+        size => match vmm::config::parse_size(size) {
+            Ok(n) if n >= 4096 && n.is_power_of_two() => Ok(Xbzrle::Cache(n)),
+            _ => Err(MigrateError::BadXbzrleCache(size.to_string())),
+        },
     }
 }
 
 /// Parses `--max-bandwidth`: bytes per second with an optional K/M/G suffix (1024-based), or
 /// `unlimited` (0, as QEMU's `max-bandwidth`).
-pub fn parse_bandwidth(s: &str) -> Result<u64, String> {
+pub fn parse_bandwidth(s: &str) -> Result<u64, MigrateError> {
     if s.eq_ignore_ascii_case("unlimited") {
         return Ok(0);
     }
     vmm::config::parse_size(s.trim_end_matches("/s"))
-        .map_err(|_| format!("invalid bandwidth '{s}': bytes per second (e.g. 32M) or unlimited"))
+        .map_err(|_| MigrateError::BadBandwidth(s.to_string()))
 }
 
 /// The migration parameters to set before `migrate`; `None` keeps the VM's setting.
@@ -584,7 +585,7 @@ pub fn write_reports(
     }
     let timeline = client
         .execute("x-query-migration-timeline", None)
-        .map_err(|source| ReportError::Timeline(source.to_string()))?;
+        .map_err(ReportError::Timeline)?;
     let data = report::ReportData::from_qmp(&timeline, info)?;
     for target in targets {
         report::write(&data, target)?;
@@ -681,14 +682,14 @@ mod tests {
 
     #[test]
     fn parses_options() {
-        assert_eq!(parse_bandwidth("unlimited"), Ok(0));
-        assert_eq!(parse_bandwidth("1M"), Ok(1 << 20));
-        assert_eq!(parse_bandwidth("32M/s"), Ok(32 << 20));
-        assert_eq!(parse_bandwidth("1000"), Ok(1000));
+        assert_eq!(parse_bandwidth("unlimited").ok(), Some(0));
+        assert_eq!(parse_bandwidth("1M").ok(), Some(1 << 20));
+        assert_eq!(parse_bandwidth("32M/s").ok(), Some(32 << 20));
+        assert_eq!(parse_bandwidth("1000").ok(), Some(1000));
         assert!(parse_bandwidth("fast").is_err());
-        assert_eq!(parse_xbzrle("on"), Ok(Xbzrle::On));
-        assert_eq!(parse_xbzrle("off"), Ok(Xbzrle::Off));
-        assert_eq!(parse_xbzrle("64M"), Ok(Xbzrle::Cache(64 << 20)));
+        assert_eq!(parse_xbzrle("on").ok(), Some(Xbzrle::On));
+        assert_eq!(parse_xbzrle("off").ok(), Some(Xbzrle::Off));
+        assert_eq!(parse_xbzrle("64M").ok(), Some(Xbzrle::Cache(64 << 20)));
         assert!(parse_xbzrle("3M").is_err());
         assert!(parse_xbzrle("1K").is_err());
     }

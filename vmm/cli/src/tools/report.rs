@@ -39,13 +39,16 @@ pub enum ReportError {
     /// The timeline could not be fetched (a monitor without `x-query-migration-timeline`,
     /// such as QEMU's, or a broken connection).
     #[error("cannot fetch the migration timeline: {0}")]
-    Timeline(String),
+    Timeline(#[source] qmp::client::QmpClientError),
     /// The timeline did not have the expected shape.
     #[error("unexpected migration timeline: {0}")]
     Shape(#[from] serde_json::Error),
     /// Drawing failed.
     #[error("cannot draw the timeline: {0}")]
-    Draw(String),
+    Draw(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// `--report` names a file of an unknown kind.
+    #[error("invalid report file '{0}': it must end in .svg or .json")]
+    BadTarget(String),
     /// The file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -98,16 +101,12 @@ pub struct ReportTarget {
 }
 
 /// Parses `--report FILE.svg|FILE.json`.
-pub fn parse_target(s: &str) -> Result<ReportTarget, String> {
+pub fn parse_target(s: &str) -> Result<ReportTarget, ReportError> {
     let path = PathBuf::from(s);
     let format = match path.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("svg") => ReportFormat::Svg,
         Some(e) if e.eq_ignore_ascii_case("json") => ReportFormat::Json,
-        _ => {
-            return Err(format!(
-                "invalid report file '{s}': it must end in .svg or .json"
-            ))
-        }
+        _ => return Err(ReportError::BadTarget(s.to_string())),
     };
     Ok(ReportTarget { path, format })
 }
@@ -152,8 +151,10 @@ const BANDWIDTH: RGBColor = RGBColor(148, 103, 189);
 const DOWNTIME: RGBColor = RGBColor(214, 39, 40);
 const PASS: RGBColor = RGBColor(110, 110, 110);
 
-fn draw_err<E: std::error::Error + Send + Sync>(e: DrawingAreaErrorKind<E>) -> ReportError {
-    ReportError::Draw(e.to_string())
+fn draw_err<E: std::error::Error + Send + Sync + 'static>(
+    e: DrawingAreaErrorKind<E>,
+) -> ReportError {
+    ReportError::Draw(Box::new(e))
 }
 
 /// A chart with a linear time axis and any y axis over f64.
