@@ -68,6 +68,10 @@ pub enum MigrationError {
          x-integrity capability"
     )]
     MultifdIntegrity,
+    /// `multifd` with `tls-creds`: the multifd channels do not run TLS yet, and a migration
+    /// that would send pages in clear text beside a TLS main channel is refused.
+    #[error("multifd channels do not run TLS yet: switch off the multifd capability or tls-creds")]
+    MultifdTls,
 }
 
 /// A migration's state, with QEMU's names.
@@ -491,6 +495,8 @@ pub struct Migration {
     notifiers: Mutex<Vec<Notifier>>,
     /// Wakes the `pre-switchover` pause (continue or cancel).
     pause: Condvar,
+    /// TLS credentials objects and the `tls-creds` / `tls-hostname` parameters.
+    pub tls: crate::transport::tls::MigrationTls,
 }
 
 use vmm_sync::lock;
@@ -545,6 +551,7 @@ impl Migration {
             multifd: Arc::default(),
             notifiers: Mutex::new(Vec::new()),
             pause: Condvar::new(),
+            tls: Default::default(),
         }
     }
 
@@ -790,6 +797,9 @@ impl Migration {
             }
             if self.integrity_enabled() {
                 return Err(MigrationError::MultifdIntegrity);
+            }
+            if !self.tls.creds().is_empty() {
+                return Err(MigrationError::MultifdTls);
             }
         }
         Ok(())

@@ -214,6 +214,8 @@ pub struct VmConfig {
     /// Give the guest ACPI tables (RSDP, FADT, MADT, DSDT…); off is QEMU's `-no-acpi`: the
     /// guest finds its CPUs and interrupt routing in the MP table only.
     pub acpi: bool,
+    /// Objects to create at start (`--object` / `-object`): `tls-creds-x509,id=…,dir=…,…`.
+    pub objects: Vec<String>,
     /// How KVM's dirty pages are collected for migration: the dirty bitmap or the dirty ring
     /// (`--dirty-ring`, QEMU's `-accel kvm,dirty-ring-size=N`).
     pub dirty_ring: crate::dirty_ring::DirtyRingConfig,
@@ -239,6 +241,7 @@ impl VmConfig {
             mem_lock: false,
             cpu_pm: false,
             acpi: true,
+            objects: Vec::new(),
             dirty_ring: crate::dirty_ring::DirtyRingConfig::default(),
         }
     }

@@ -15,8 +15,8 @@ use migration::thread::{
     Connector, Migration, MigrationError, MigrationEvent, MigrationHost, MigrationOutput,
 };
 use migration::transport::{
-    connect_outgoing_cancellable, connect_outgoing_with, listen_incoming_with, IncomingChannel,
-    MigrationUri, NamedFds, TransportError,
+    connect_outgoing_cancellable, connect_outgoing_with, listen_incoming_with, ConnectCancel,
+    IncomingChannel, MigrationUri, NamedFds, Outgoing, TransportError,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -518,14 +518,26 @@ impl Instance {
         // A descriptor is opened at once (QEMU reports a missing name from `migrate`); every
         // other connect runs on the migration thread: `migrate` returns at once, in `setup`,
         // and `migrate_cancel` interrupts a destination that does not answer.
+        // With `tls-creds` set, every channel runs TLS (QEMU's order: the creds are looked
+        // up when the channel opens, and a problem fails the migration with its reason).
+        let host = match &uri {
+            MigrationUri::Tcp { host, .. } => Some(host.clone()),
+            _ => None,
+        };
+        let tls = self.migration.tls.client(host.as_deref());
+        let secure = move |out: Outgoing,
+                           cancel: &ConnectCancel|
+              -> Result<Box<dyn MigrationOutput>, TransportError> {
+            match tls.map_err(TransportError::Tls)? {
+                Some(tls) => Ok(Box::new(out.start_tls_cancellable(&tls, cancel)?)),
+                None => Ok(Box::new(out)),
+            }
+        };
         let connector: Connector = if let MigrationUri::Fd(_) = uri {
             let out = connect_outgoing_with(&uri, named)?;
-            Box::new(move |_| Ok(Box::new(out) as Box<dyn MigrationOutput>))
+            Box::new(move |cancel| secure(out, cancel))
         } else {
-            Box::new(move |cancel| {
-                connect_outgoing_cancellable(&uri, cancel)
-                    .map(|out| Box::new(out) as Box<dyn MigrationOutput>)
-            })
+            Box::new(move |cancel| secure(connect_outgoing_cancellable(&uri, cancel)?, cancel))
         };
         Ok(self.migration.start(self.clone(), connector)?)
     }
@@ -545,10 +557,13 @@ impl Instance {
         named: Option<&dyn NamedFds>,
     ) -> Result<(), InstanceError> {
         let parsed: MigrationUri = uri.parse()?;
-        if self.migration.multifd.settings().enabled
-            && !migration::transport::supports_multi_channel(&parsed)
-        {
-            return Err(TransportError::MultiChannelUnsupported.into());
+        if self.migration.multifd.settings().enabled {
+            if !migration::transport::supports_multi_channel(&parsed) {
+                return Err(TransportError::MultiChannelUnsupported.into());
+            }
+            if !self.migration.tls.creds().is_empty() {
+                return Err(MigrationError::MultifdTls.into());
+            }
         }
         {
             let mut current = lock(&self.incoming);
@@ -580,17 +595,28 @@ impl Instance {
         std::thread::Builder::new()
             .name(String::from("incoming"))
             .spawn(move || {
-                // With multifd, the channels' guard lives as long as the load.
-                let received = migration::multifd::accept(listener, &me.migration.multifd)
-                    .map_err(|e| match e {
-                        migration::multifd::MultifdError::Transport(e) => IncomingError::Accept(e),
-                        e => e.into(),
-                    })
-                    .and_then(|(channel, _multifd)| {
-                        *lock(&me.incoming) = Incoming::Active;
-                        me.incoming_event(IncomingEvent::Active);
-                        me.receive(channel)
-                    });
+                let load = |channel| {
+                    *lock(&me.incoming) = Incoming::Active;
+                    me.incoming_event(IncomingEvent::Active);
+                    me.receive(channel)
+                };
+                let received = if me.migration.multifd.settings().enabled {
+                    // With multifd, the channels' guard lives as long as the load.
+                    migration::multifd::accept(listener, &me.migration.multifd)
+                        .map_err(|e| match e {
+                            migration::multifd::MultifdError::Transport(e) => {
+                                IncomingError::Accept(e)
+                            }
+                            e => e.into(),
+                        })
+                        .and_then(|(channel, _multifd)| load(channel))
+                } else {
+                    let tls = || me.migration.tls.server();
+                    listener
+                        .accept_channel_tls(&tls)
+                        .map_err(IncomingError::Accept)
+                        .and_then(load)
+                };
                 match received {
                     Ok(Received::Run) => me.incoming_done(),
                     Ok(Received::Started) => {}

@@ -23,6 +23,13 @@
 //! away without waiting for the next write to fail, and [`Outgoing::finish`] to close the
 //! channel and, for `exec:`, reap the command and report its failure.
 //!
+//! TLS ([`tls`], QEMU's `tls-creds`) is put on a channel in exactly two places, which every
+//! migration channel with `tls-creds` set goes through: [`Outgoing::start_tls`] on the source
+//! (after the connect: the handshake, then every write sealed and the return path opened) and,
+//! on the destination, [`Incoming::accept_channel_tls`] for the listener's connection or
+//! [`IncomingChannel::accept_tls`] for any other accepted socket. Socket channels only, as in
+//! QEMU: `exec:` and a pipe `fd:` are refused.
+//!
 //! `fd:` follows QEMU: the descriptor is *handed over* to the migration, which closes it when
 //! done. A name comes from the monitor's `getfd` table ([`NamedFds`]); a number must have been
 //! inherited when the process started ([`record_inherited_fds`]) — never one of hopvm's own.
@@ -32,7 +39,10 @@ mod fd;
 
 pub use fd::{record_inherited_fds, take_inherited_fd, NamedFds};
 mod tcp;
+pub mod tls;
 mod unix;
+
+use tls::{ClientTls, ServerTls, TlsChannel, TlsError, TlsReader, TlsWriter};
 
 use std::fmt;
 use std::fs::File;
@@ -120,6 +130,13 @@ pub enum TransportError {
     /// `migrate_cancel` ended the connection attempt.
     #[error("connection cancelled")]
     Cancelled,
+    /// TLS could not be set up on the channel (credentials, handshake).
+    #[error("{0}")]
+    Tls(#[source] TlsError),
+    /// TLS was asked for on a channel that is not a socket (QEMU runs TLS on socket channels
+    /// only).
+    #[error("TLS is not supported on {0} migration channels (use tcp:, unix: or a socket fd:)")]
+    TlsUnsupported(&'static str),
     /// The cancel descriptor could not be created.
     #[error("cannot create the cancel descriptor: {0}")]
     CancelFd(#[source] io::Error),
@@ -288,6 +305,8 @@ enum Conn {
     Tcp(Arc<TcpStream>),
     Unix(Arc<UnixStream>),
     Fd(Arc<File>),
+    /// A TLS session over any of the sockets above.
+    Tls(Arc<TlsChannel>),
     Exec {
         stdin: Option<ChildStdin>,
         child: Arc<exec::ChildSlot>,
@@ -315,6 +334,7 @@ enum Target {
     Tcp(Weak<TcpStream>),
     Unix(Weak<UnixStream>),
     Fd(Weak<File>),
+    Tls(Weak<TlsChannel>),
     Exec(Weak<exec::ChildSlot>),
 }
 
@@ -344,6 +364,7 @@ impl ShutdownHandle {
             Target::Fd(f) => f
                 .upgrade()
                 .map_or(Ok(()), |f| shutdown_socket(f.as_raw_fd())),
+            Target::Tls(t) => t.upgrade().map_or(Ok(()), |t| shutdown_socket(t.raw_fd())),
             Target::Exec(c) => c
                 .upgrade()
                 .map_or(Ok(()), |c| c.kill().map_err(TransportError::Shutdown)),
@@ -392,6 +413,7 @@ impl Outgoing {
             Conn::Tcp(s) => Target::Tcp(Arc::downgrade(s)),
             Conn::Unix(s) => Target::Unix(Arc::downgrade(s)),
             Conn::Fd(f) => Target::Fd(Arc::downgrade(f)),
+            Conn::Tls(t) => Target::Tls(Arc::downgrade(t)),
             Conn::Exec { child, .. } => Target::Exec(Arc::downgrade(child)),
             Conn::Closed => Target::Tcp(Weak::new()),
         };
@@ -415,8 +437,68 @@ impl Outgoing {
                 .try_clone()
                 .ok()
                 .map(|f| Box::new(f) as Box<dyn Read + Send>),
+            Conn::Tls(t) => Some(Box::new(TlsReader(t.clone()))),
             _ => None,
         }
+    }
+
+    /// Runs TLS on this channel: the handshake with the destination (whose certificate is
+    /// checked against `tls`'s CA and host name), then every write is sealed and the return
+    /// path decrypted. This is the one place an outgoing migration channel gets TLS: every
+    /// channel of a migration with `tls-creds` set goes through it. Socket channels only
+    /// (`tcp:`, `unix:`, a socket `fd:`); `exec:` and a pipe `fd:` are refused.
+    pub fn start_tls(self, tls: &ClientTls) -> Result<Outgoing, TransportError> {
+        self.start_tls_inner(tls, &|| false)
+    }
+
+    /// [`start_tls`](Self::start_tls) that `cancel` interrupts while the destination does
+    /// not answer the handshake (for the migration thread; [`TransportError::Cancelled`]).
+    pub fn start_tls_cancellable(
+        self,
+        tls: &ClientTls,
+        cancel: &ConnectCancel,
+    ) -> Result<Outgoing, TransportError> {
+        self.start_tls_inner(tls, &|| cancel.is_cancelled())
+    }
+
+    fn start_tls_inner(
+        mut self,
+        tls: &ClientTls,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Outgoing, TransportError> {
+        let sock: std::os::fd::OwnedFd = match std::mem::replace(&mut self.conn, Conn::Closed) {
+            Conn::Tcp(s) => Arc::try_unwrap(s)
+                .map_err(|_| TransportError::TlsUnsupported("shared"))?
+                .into(),
+            Conn::Unix(s) => Arc::try_unwrap(s)
+                .map_err(|_| TransportError::TlsUnsupported("shared"))?
+                .into(),
+            Conn::Fd(f) if is_socket(f.as_raw_fd()) => Arc::try_unwrap(f)
+                .map_err(|_| TransportError::TlsUnsupported("shared"))?
+                .into(),
+            Conn::Fd(_) => return Err(TransportError::TlsUnsupported("pipe or file fd:")),
+            Conn::Exec { stdin, child } => {
+                drop(stdin);
+                child.abort();
+                return Err(TransportError::TlsUnsupported("exec:"));
+            }
+            Conn::Tls(_) | Conn::Closed => return Err(TransportError::TlsUnsupported("closed")),
+        };
+        let channel = tls
+            .connect_cancellable(sock, cancelled)
+            .map_err(|e| match e {
+                TlsError::Cancelled => TransportError::Cancelled,
+                e => TransportError::Tls(e),
+            })?;
+        Ok(Outgoing {
+            conn: Conn::Tls(channel),
+            uri: self.uri.clone(),
+        })
+    }
+
+    /// Whether this channel runs TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self.conn, Conn::Tls(_))
     }
 
     /// Shuts the channel down now (see [`ShutdownHandle::shutdown`]).
@@ -431,6 +513,7 @@ impl Outgoing {
             Conn::Tcp(s) => fd_peer_gone(s.as_raw_fd()),
             Conn::Unix(s) => fd_peer_gone(s.as_raw_fd()),
             Conn::Fd(f) => fd_peer_gone(f.as_raw_fd()),
+            Conn::Tls(t) => fd_peer_gone(t.raw_fd()),
             Conn::Exec { stdin, child } => {
                 stdin.as_ref().is_none_or(|s| fd_peer_gone(s.as_raw_fd())) || child.exited()
             }
@@ -447,6 +530,10 @@ impl Outgoing {
             Conn::Tcp(s) => half_close(s.shutdown(std::net::Shutdown::Write)),
             Conn::Unix(s) => half_close(s.shutdown(std::net::Shutdown::Write)),
             Conn::Fd(_) | Conn::Closed => Ok(()),
+            Conn::Tls(t) => {
+                t.close_write().map_err(TransportError::Io)?;
+                half_close(shutdown_fd(t.raw_fd(), libc::SHUT_WR))
+            }
             Conn::Exec { stdin, child } => {
                 drop(stdin);
                 let status = child.wait().map_err(TransportError::Io)?;
@@ -460,6 +547,17 @@ impl Outgoing {
                 }
             }
         }
+    }
+}
+
+/// `shutdown(2)` on a descriptor the caller holds.
+fn shutdown_fd(fd: RawFd, how: libc::c_int) -> io::Result<()> {
+    // SAFETY: `fd` is borrowed from a live socket object of the caller; shutdown(2) does not
+    // touch memory.
+    if unsafe { libc::shutdown(fd, how) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -478,6 +576,7 @@ impl Write for Outgoing {
             Conn::Tcp(s) => (&**s).write(buf),
             Conn::Unix(s) => (&**s).write(buf),
             Conn::Fd(f) => (&**f).write(buf),
+            Conn::Tls(t) => TlsWriter(t.clone()).write(buf),
             Conn::Exec { stdin: Some(s), .. } => s.write(buf),
             Conn::Exec { stdin: None, .. } | Conn::Closed => Err(closed_error()),
         }
@@ -489,6 +588,7 @@ impl Write for Outgoing {
             Conn::Tcp(s) => (&**s).write_vectored(bufs),
             Conn::Unix(s) => (&**s).write_vectored(bufs),
             Conn::Fd(f) => (&**f).write_vectored(bufs),
+            Conn::Tls(t) => TlsWriter(t.clone()).write_vectored(bufs),
             Conn::Exec { stdin: Some(s), .. } => s.write_vectored(bufs),
             Conn::Exec { stdin: None, .. } | Conn::Closed => Err(closed_error()),
         }
@@ -499,6 +599,7 @@ impl Write for Outgoing {
             Conn::Tcp(s) => (&**s).flush(),
             Conn::Unix(s) => (&**s).flush(),
             Conn::Fd(f) => (&**f).flush(),
+            Conn::Tls(t) => TlsWriter(t.clone()).flush(),
             Conn::Exec { stdin: Some(s), .. } => s.flush(),
             Conn::Exec { stdin: None, .. } | Conn::Closed => Ok(()),
         }
@@ -519,6 +620,9 @@ impl Drop for Outgoing {
             }
             Conn::Unix(s) => {
                 let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+            Conn::Tls(t) => {
+                let _ = shutdown_fd(t.raw_fd(), libc::SHUT_RDWR);
             }
             Conn::Fd(_) | Conn::Closed => {}
             Conn::Exec { stdin, child } => {
@@ -683,6 +787,64 @@ impl Incoming {
                 }
             }
         })
+    }
+
+    /// [`accept_channel`](Self::accept_channel) with TLS when `tls` (asked once a source has
+    /// connected, so `migrate-set-parameters` may come after the listen) returns a server
+    /// configuration: the handshake runs on each connection (verifying the source's
+    /// certificate when the credentials say so); a connection that fails it — a plaintext
+    /// source, a certificate from another CA, an expired one — is refused with a message on
+    /// standard error and the destination keeps listening (`tcp:` and `unix:`; a socket
+    /// `fd:` has one connection, whose failure is the error). This is the one place an
+    /// incoming migration channel gets TLS.
+    pub fn accept_channel_tls(
+        self,
+        tls: &dyn Fn() -> Result<Option<ServerTls>, TlsError>,
+    ) -> Result<IncomingChannel, TransportError> {
+        let uri = self.uri.clone();
+        let secure = IncomingChannel::accept_tls;
+        match self.listener {
+            Listener::Tcp(l) => loop {
+                let (s, peer) = l.accept().map_err(TransportError::Accept)?;
+                let Some(server) = tls().map_err(TransportError::Tls)? else {
+                    let back = s.try_clone().ok();
+                    return Ok(IncomingChannel {
+                        input: Box::new(s),
+                        return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
+                    });
+                };
+                match secure(s.into(), &server) {
+                    Ok(c) => return Ok(c),
+                    Err(e) => refused(&uri, &peer.to_string(), &e),
+                }
+            },
+            Listener::Unix(l) => loop {
+                let s = l.accept_next()?;
+                let Some(server) = tls().map_err(TransportError::Tls)? else {
+                    let back = s.try_clone().ok();
+                    return Ok(IncomingChannel {
+                        input: Box::new(s),
+                        return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
+                    });
+                };
+                match secure(s.into(), &server) {
+                    Ok(c) => return Ok(c),
+                    Err(e) => refused(&uri, "a local client", &e),
+                }
+            },
+            listener => {
+                let Some(server) = tls().map_err(TransportError::Tls)? else {
+                    return Incoming { listener, uri }.accept_channel();
+                };
+                match listener {
+                    Listener::Fd(f) if is_socket(f.as_raw_fd()) => {
+                        secure(f.into(), &server).map_err(TransportError::Tls)
+                    }
+                    Listener::Fd(_) => Err(TransportError::TlsUnsupported("pipe or file fd:")),
+                    _ => Err(TransportError::TlsUnsupported("exec:")),
+                }
+            }
+        }
     }
 
     /// Waits for the source and returns the stream to read the migration from. For `exec:`
@@ -912,6 +1074,14 @@ pub fn supports_multi_channel(uri: &MigrationUri) -> bool {
     matches!(uri, MigrationUri::Tcp { .. } | MigrationUri::Unix(_))
 }
 
+/// A connection refused at the TLS handshake: said on standard error, as QEMU reports it.
+fn refused(uri: &MigrationUri, peer: &str, e: &TlsError) {
+    eprintln!(
+        "hopvm: incoming migration on {uri}: refused a connection from {peer}: {e}; still \
+         waiting"
+    );
+}
+
 /// An accepted incoming migration: the stream, and the way back to the source if the
 /// transport has one.
 pub struct IncomingChannel {
@@ -919,6 +1089,23 @@ pub struct IncomingChannel {
     pub input: Box<dyn Read + Send>,
     /// Writes to the source (the return path), for two-way transports.
     pub return_path: Option<Box<dyn Write + Send>>,
+}
+
+impl IncomingChannel {
+    /// Runs the server side of a TLS handshake on an accepted socket and returns the channel
+    /// over it (the stream, and the return path in the same session). Every incoming
+    /// migration channel with `tls-creds` set goes through here ([`Incoming::accept_channel_tls`]
+    /// for the main one; a transport that accepts more channels on one listener, as multifd
+    /// does, passes each accepted socket).
+    pub fn accept_tls(
+        sock: std::os::fd::OwnedFd,
+        server: &ServerTls,
+    ) -> Result<IncomingChannel, TlsError> {
+        server.accept(sock).map(|t| IncomingChannel {
+            input: Box::new(TlsReader(t.clone())),
+            return_path: Some(Box::new(TlsWriter(t))),
+        })
+    }
 }
 
 impl fmt::Debug for IncomingChannel {
@@ -1358,5 +1545,424 @@ mod tests {
         drop(b);
         assert!(out.peer_gone());
         out.shutdown().unwrap();
+    }
+
+    mod tls_channels {
+        use super::*;
+        use crate::transport::tls::test_certs::Ca;
+        use crate::transport::tls::{Endpoint, TlsCredsX509};
+
+        struct Dirs {
+            root: PathBuf,
+        }
+
+        impl Dirs {
+            fn new(name: &str) -> Self {
+                let root =
+                    std::env::temp_dir().join(format!("hopvm-tls-{name}-{}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&root);
+                std::fs::create_dir_all(&root).unwrap();
+                Self { root }
+            }
+            fn path(&self, p: &str) -> PathBuf {
+                self.root.join(p)
+            }
+        }
+
+        impl Drop for Dirs {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.root);
+            }
+        }
+
+        fn server(dir: &std::path::Path) -> ServerTls {
+            TlsCredsX509::load("s", dir, Endpoint::Server, true)
+                .unwrap()
+                .server()
+                .unwrap()
+        }
+
+        fn client(dir: &std::path::Path, host: &str) -> ClientTls {
+            TlsCredsX509::load("c", dir, Endpoint::Client, true)
+                .unwrap()
+                .client(Some(host))
+                .unwrap()
+        }
+
+        /// A listener whose accept loop reads `len` bytes, answers on the return path, then
+        /// reads to the end; reports the payload (or its error).
+        fn destination(
+            server: ServerTls,
+            len: usize,
+        ) -> (u16, thread::JoinHandle<Result<Vec<u8>, TransportError>>) {
+            let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let h = thread::spawn(move || {
+                let mut ch = l.accept_channel_tls(&|| Ok(Some(server.clone())))?;
+                // Small reads: records pile up in rustls' buffers and must still come out,
+                // before the source has closed anything.
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1000];
+                while got.len() < len {
+                    let want = (len - got.len()).min(buf.len());
+                    match ch
+                        .input
+                        .read(&mut buf[..want])
+                        .map_err(TransportError::Io)?
+                    {
+                        0 => break,
+                        n => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let back = ch.return_path.as_mut().unwrap();
+                back.write_all(b"verdict").map_err(TransportError::Io)?;
+                back.flush().map_err(TransportError::Io)?;
+                ch.input.read_to_end(&mut got).map_err(TransportError::Io)?;
+                Ok(got)
+            });
+            (port, h)
+        }
+
+        fn tcp_to(port: u16) -> MigrationUri {
+            uri(&format!("tcp:127.0.0.1:{port}"))
+        }
+
+        #[test]
+        fn tls_round_trip_with_return_path() {
+            let d = Dirs::new("rt");
+            let ca = Ca::new("ca");
+            ca.server_dir(&d.path("dst"), &["localhost", "127.0.0.1"], false);
+            ca.client_dir(&d.path("src"), false);
+            let payload: Vec<u8> = (0..8u32 << 20)
+                .map(|i| (i * 31 + (i >> 13)) as u8)
+                .collect();
+            let (port, dst) = destination(server(&d.path("dst")), payload.len());
+            let out = connect_outgoing(&tcp_to(port)).unwrap();
+            let mut out = out.start_tls(&client(&d.path("src"), "localhost")).unwrap();
+            assert!(out.is_tls());
+            let mut back = out.return_path().unwrap();
+            // A reader blocked on the return path while the writer sends 8 MiB; the verdict
+            // comes only once the destination has every byte, before the source closes.
+            let (verdict_tx, verdict) = std::sync::mpsc::channel();
+            thread::spawn(move || {
+                let mut v = [0u8; 7];
+                let _ = verdict_tx.send(back.read_exact(&mut v).map(|()| v));
+            });
+            let halves = payload.split_at(3 << 20);
+            out.write_all(halves.0).unwrap();
+            // The rest as the migration thread writes: many slices (pages, headers, empty
+            // ones), more than one batch per call.
+            let sizes = [4096usize, 0, 1, 4095, 17, 65536, 8];
+            let mut slices = Vec::new();
+            let (mut at, mut k) = (0, 0);
+            while at < halves.1.len() {
+                let n = sizes[k % sizes.len()].min(halves.1.len() - at);
+                slices.push(io::IoSlice::new(&halves.1[at..at + n]));
+                at += n;
+                k += 1;
+            }
+            let n = out.write_vectored(&slices).unwrap();
+            assert_eq!(n, halves.1.len());
+            out.flush().unwrap();
+            let v = verdict
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("no verdict: the stream's end is stuck in the destination's TLS buffers");
+            assert_eq!(&v.unwrap(), b"verdict");
+            out.finish().unwrap();
+            let got = dst.join().unwrap().unwrap();
+            assert!(got == payload, "payload differs");
+        }
+
+        /// A destination that refuses one connection keeps listening for the right one.
+        fn refused_then_accepted(d: &Dirs, bad: impl FnOnce(&Ca, u16) -> String, expect: &str) {
+            let ca = Ca::new("ca");
+            ca.server_dir(&d.path("dst"), &["localhost"], false);
+            ca.client_dir(&d.path("src"), false);
+            let (port, dst) = destination(server(&d.path("dst")), 17);
+            let err = bad(&ca, port);
+            assert!(err.contains(expect), "{err}");
+            let out = connect_outgoing(&tcp_to(port)).unwrap();
+            let mut out = out.start_tls(&client(&d.path("src"), "localhost")).unwrap();
+            out.write_all(b"after the refusal").unwrap();
+            out.finish().unwrap();
+            assert_eq!(dst.join().unwrap().unwrap(), b"after the refusal");
+        }
+
+        /// Sends through `out` until the destination's refusal surfaces; its error text.
+        fn write_until_refused(mut out: Outgoing) -> String {
+            let chunk = vec![7u8; 64 << 10];
+            for _ in 0..10_000 {
+                if let Err(e) = out.write_all(&chunk).and_then(|()| out.flush()) {
+                    return e.to_string();
+                }
+            }
+            panic!("the destination accepted the stream")
+        }
+
+        /// A source with the client certificate in `dir`, refused by the destination: its
+        /// handshake or its first writes fail.
+        fn rogue_source(dir: &std::path::Path, port: u16) -> String {
+            let rogue = TlsCredsX509::load("r", dir, Endpoint::Client, false)
+                .unwrap()
+                .client(Some("localhost"))
+                .unwrap();
+            match connect_outgoing(&tcp_to(port)).unwrap().start_tls(&rogue) {
+                Err(e) => e.to_string(),
+                Ok(out) => write_until_refused(out),
+            }
+        }
+
+        #[test]
+        fn tls_refusals() {
+            // A client certificate from another CA: the destination refuses it; the source's
+            // write fails naming the alert.
+            let d = Dirs::new("otherca");
+            refused_then_accepted(
+                &d,
+                |_, port| {
+                    Ca::new("other").client_dir(&d.path("rogue"), false);
+                    rogue_source(&d.path("rogue"), port)
+                },
+                "UnknownCA",
+            );
+            // An expired client certificate from the right CA.
+            let d = Dirs::new("expired");
+            refused_then_accepted(
+                &d,
+                |ca, port| {
+                    ca.client_dir(&d.path("rogue"), true);
+                    rogue_source(&d.path("rogue"), port)
+                },
+                "CertificateExpired",
+            );
+            // A plaintext source: the destination refuses it, the source's stream fails.
+            let d = Dirs::new("plain");
+            refused_then_accepted(
+                &d,
+                |_, port| write_until_refused(connect_outgoing(&tcp_to(port)).unwrap()),
+                "",
+            );
+        }
+
+        #[test]
+        fn tls_source_checks_the_destination() {
+            let d = Dirs::new("srccheck");
+            let ca = Ca::new("ca");
+            ca.client_dir(&d.path("src"), false);
+            let cases = [
+                (
+                    "wronghost",
+                    &["elsewhere"][..],
+                    false,
+                    "not valid for name \"localhost\"",
+                ),
+                ("expired", &["localhost"][..], true, "expired"),
+            ];
+            for (name, names, expired, expect) in cases {
+                ca.server_dir(&d.path(name), names, expired);
+                let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+                let port = l.local_addr().unwrap().port();
+                let srv = server(&d.path(name));
+                let dst = thread::spawn(move || {
+                    l.accept_channel_tls(&|| Ok(Some(srv.clone()))).map(drop)
+                });
+                let out = connect_outgoing(&tcp_to(port)).unwrap();
+                let err = out
+                    .start_tls(&client(&d.path("src"), "localhost"))
+                    .unwrap_err()
+                    .to_string();
+                assert!(err.contains(expect), "{name}: {err}");
+                // The destination saw the source hang up and goes on listening: connect a
+                // plaintext peer to end its accept loop (it is refused too, then EOF).
+                drop(connect_outgoing(&tcp_to(port)).unwrap());
+                assert!(!dst.is_finished() || dst.join().is_ok());
+            }
+            // Another CA for the destination's certificate.
+            Ca::new("other").server_dir(&d.path("other"), &["localhost"], false);
+            let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let srv = server(&d.path("other"));
+            thread::spawn(move || l.accept_channel_tls(&|| Ok(Some(srv.clone()))).map(drop));
+            let err = connect_outgoing(&tcp_to(port))
+                .unwrap()
+                .start_tls(&client(&d.path("src"), "localhost"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("UnknownIssuer"), "{err}");
+            assert!(
+                err.starts_with("TLS handshake failed: invalid peer certificate"),
+                "{err}"
+            );
+        }
+
+        /// `migrate_cancel` on a TLS channel: a writer blocked on a destination that reads
+        /// nothing is unblocked by the shutdown handle, and the destination's death is seen.
+        #[test]
+        fn tls_shutdown_and_peer_death() {
+            let d = Dirs::new("shutdown");
+            let ca = Ca::new("ca");
+            ca.server_dir(&d.path("dst"), &["localhost"], false);
+            ca.client_dir(&d.path("src"), false);
+            let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let srv = server(&d.path("dst"));
+            let (held_tx, held) = std::sync::mpsc::channel();
+            let dst = thread::spawn(move || {
+                let ch = l.accept_channel_tls(&|| Ok(Some(srv.clone()))).unwrap();
+                // Hold the channel without reading until told.
+                let _ = held.recv();
+                drop(ch);
+            });
+            let mut out = connect_outgoing(&tcp_to(port))
+                .unwrap()
+                .start_tls(&client(&d.path("src"), "localhost"))
+                .unwrap();
+            let handle = out.shutdown_handle();
+            let writer = thread::spawn(move || {
+                let chunk = vec![0u8; 1 << 20];
+                loop {
+                    if let Err(e) = out.write_all(&chunk) {
+                        return (e, out);
+                    }
+                }
+            });
+            thread::sleep(std::time::Duration::from_millis(100));
+            handle.shutdown().unwrap();
+            let (err, out) = writer.join().unwrap();
+            assert_eq!(err.kind(), io::ErrorKind::BrokenPipe, "{err}");
+            assert!(out.is_tls());
+            drop(out);
+            // The handle outlives the channel and does nothing then.
+            handle.shutdown().unwrap();
+            held_tx.send(()).unwrap();
+            dst.join().unwrap();
+
+            // A destination that goes away is noticed without writing.
+            let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let srv = server(&d.path("dst"));
+            let (go_tx, go) = std::sync::mpsc::channel();
+            let dst = thread::spawn(move || {
+                let ch = l.accept_channel_tls(&|| Ok(Some(srv.clone()))).unwrap();
+                let _ = go.recv();
+                drop(ch);
+            });
+            let out = connect_outgoing(&tcp_to(port))
+                .unwrap()
+                .start_tls(&client(&d.path("src"), "localhost"))
+                .unwrap();
+            assert!(!out.peer_gone());
+            go_tx.send(()).unwrap();
+            dst.join().unwrap();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !out.peer_gone() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "peer death not noticed"
+                );
+                thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+
+        /// `migrate_cancel` while the destination accepted the connection but never answers
+        /// the handshake: the source gives up at once, not at the handshake timeout.
+        #[test]
+        fn tls_handshake_is_cancellable() {
+            let d = Dirs::new("hscancel");
+            Ca::new("ca").client_dir(&d.path("src"), false);
+            let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = silent.local_addr().unwrap().port();
+            let out = connect_outgoing(&tcp_to(port)).unwrap();
+            let _peer = silent.accept().unwrap();
+            let cancel = Arc::new(ConnectCancel::new().unwrap());
+            let c = Arc::clone(&cancel);
+            let start = std::time::Instant::now();
+            let canceller = thread::spawn(move || {
+                thread::sleep(std::time::Duration::from_millis(300));
+                c.cancel();
+            });
+            let err = out
+                .start_tls_cancellable(&client(&d.path("src"), "localhost"), &cancel)
+                .unwrap_err();
+            canceller.join().unwrap();
+            assert!(matches!(err, TransportError::Cancelled), "{err}");
+            assert!(
+                start.elapsed() < tls::HANDSHAKE_TIMEOUT / 2,
+                "{:?}",
+                start.elapsed()
+            );
+        }
+
+        #[test]
+        fn tls_credentials_errors() {
+            let d = Dirs::new("creds");
+            let ca = Ca::new("ca");
+            ca.server_dir(&d.path("dst"), &["localhost"], false);
+            let s = TlsCredsX509::parse_object(&format!(
+                "tls-creds-x509,id=t0,dir={},endpoint=server",
+                d.path("dst").display()
+            ))
+            .unwrap();
+            assert_eq!(
+                (s.id(), s.endpoint(), s.verify_peer()),
+                ("t0", Endpoint::Server, true)
+            );
+            assert_eq!(
+                s.client(Some("h")).unwrap_err().to_string(),
+                "Expecting TLS credentials with a client endpoint"
+            );
+            // A client object in a directory without client certificates is fine (QEMU's
+            // client certificate is optional); one without a CA is not.
+            let c = TlsCredsX509::parse_object(&format!(
+                "tls-creds-x509,id=c,dir={},endpoint=client,verify-peer=off",
+                d.path("dst").display()
+            ))
+            .unwrap();
+            assert_eq!(
+                c.server().unwrap_err().to_string(),
+                "Expecting TLS credentials with a server endpoint"
+            );
+            assert_eq!(
+                c.client(None).unwrap_err().to_string(),
+                "No hostname available for TLS"
+            );
+            let err = TlsCredsX509::parse_object(&format!(
+                "tls-creds-x509,id=c,dir={}",
+                d.path("nowhere").display()
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.starts_with("Unable to access credentials"), "{err}");
+            assert!(err.contains("ca-cert.pem"), "{err}");
+            for bad in [
+                "tls-creds-x509,dir=/x",
+                "tls-creds-x509,id=x",
+                "tls-creds-psk,id=x,dir=/x",
+                "tls-creds-x509,id=x,dir=/x,endpoint=middle",
+                "tls-creds-x509,id=x,dir=/x,verify-peer=maybe",
+                "tls-creds-x509,id=x,dir=/x,colour=red",
+            ] {
+                assert!(TlsCredsX509::parse_object(bad).is_err(), "{bad}");
+            }
+            // A key that is not PEM.
+            std::fs::write(d.path("dst").join("server-key.pem"), "junk").unwrap();
+            let err = TlsCredsX509::load("x", &d.path("dst"), Endpoint::Server, true)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("server-key.pem"), "{err}");
+        }
+
+        #[test]
+        fn tls_refused_on_exec_and_pipes() {
+            let d = Dirs::new("exec");
+            let ca = Ca::new("ca");
+            ca.client_dir(&d.path("src"), false);
+            let out = connect_outgoing(&uri("exec:cat > /dev/null")).unwrap();
+            let err = out.start_tls(&client(&d.path("src"), "h")).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "TLS is not supported on exec: migration channels (use tcp:, unix: or a socket fd:)"
+            );
+        }
     }
 }

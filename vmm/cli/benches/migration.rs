@@ -24,9 +24,15 @@
 //! passes (each reads every page of the working set) and never `CORRUPT`; a run that does not
 //! is reported as failed. The idle guest has nothing to verify; its destination must run.
 //!
+//! Each VMM also runs every scenario over TLS (rows `hopvm+tls`, `qemu-7.2+tls`): certificates
+//! made for the run, `-object tls-creds-x509` on both sides (the destination verifies the
+//! source's client certificate), `tls-creds` on both and `tls-hostname localhost` on the
+//! source; `× QEMU` compares with QEMU's plain migration.
+//!
 //! Run with `cargo bench -p hopvm --bench migration`. Environment: `HOPVM_BENCH_RUNS` (default
 //! 3) runs of every scenario, reported as median and range; `HOPVM_BENCH_ONLY=busy-1g,idle`
-//! picks scenarios by key; `HOPVM_BENCH_QEMU=0` skips QEMU (it is skipped anyway when
+//! picks scenarios by key; `HOPVM_BENCH_TLS=0` skips the TLS rows, `HOPVM_BENCH_TLS=only` runs
+//! them alone; `HOPVM_BENCH_QEMU=0` skips QEMU (it is skipped anyway when
 //! `qemu-system-x86_64` is not installed); `HOPVM_MIGRATION_PROFILE=1` has hopvm print where
 //! each side's time went (`migration::ram::RamProfile`).
 
@@ -51,6 +57,8 @@ struct Vmm {
     name: &'static str,
     program: PathBuf,
     prefix: Vec<&'static str>,
+    /// TLS credentials: a directory with `src/` (client) and `dst/` (server) inside.
+    tls: Option<PathBuf>,
 }
 
 struct Scenario {
@@ -348,6 +356,17 @@ impl Proc {
         if incoming {
             cmd.args(["-incoming", "defer"]);
         }
+        if let Some(certs) = &vmm.tls {
+            let (sub, endpoint) = if incoming {
+                ("dst", "server")
+            } else {
+                ("src", "client")
+            };
+            cmd.arg("-object").arg(format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint={endpoint}",
+                certs.join(sub).display()
+            ));
+        }
         let mut child = cmd.spawn().expect("the vmm starts");
         let (out, err) = (Capture::default(), Capture::default());
         pump(child.stdout.take().unwrap(), out.clone());
@@ -370,6 +389,13 @@ impl Proc {
             "migrate-set-capabilities",
             json!({"capabilities": [{"capability": "events", "state": true}]}),
         );
+        if vmm.tls.is_some() {
+            let mut params = json!({"tls-creds": "tls0"});
+            if !incoming {
+                params["tls-hostname"] = json!("localhost");
+            }
+            p.cmd("migrate-set-parameters", params);
+        }
         p
     }
 
@@ -615,19 +641,43 @@ fn main() {
         .unwrap_or(3)
         .max(1);
     let only = std::env::var("HOPVM_BENCH_ONLY").ok();
-    let mut vmms = vec![Vmm {
+    let tls_mode = std::env::var("HOPVM_BENCH_TLS").unwrap_or_default();
+    let certs = TempDir::new("bench-tls-certs");
+    let ca = migration::transport::tls::test_certs::Ca::new("hopvm bench CA");
+    ca.server_dir(&certs.join("dst"), &["localhost"], false);
+    ca.client_dir(&certs.join("src"), false);
+    let mut plain = vec![Vmm {
         name: "hopvm",
         program: PathBuf::from(env!("CARGO_BIN_EXE_hopvm")),
         prefix: vec!["qemu"],
+        tls: None,
     }];
     if std::env::var("HOPVM_BENCH_QEMU").as_deref() != Ok("0") && qemu_installed() {
-        vmms.push(Vmm {
+        plain.push(Vmm {
             name: "qemu-7.2",
             program: PathBuf::from("qemu-system-x86_64"),
             prefix: vec![],
+            tls: None,
         });
     } else {
         println!("(QEMU not run)");
+    }
+    let mut vmms = Vec::new();
+    for v in plain {
+        if tls_mode != "only" {
+            vmms.push(v.clone());
+        }
+        if tls_mode != "0" {
+            vmms.push(Vmm {
+                name: if v.name == "hopvm" {
+                    "hopvm+tls"
+                } else {
+                    "qemu-7.2+tls"
+                },
+                tls: Some(certs.0.clone()),
+                ..v
+            });
+        }
     }
     let mut rows = Vec::new();
     for s in SCENARIOS {
@@ -686,7 +736,7 @@ fn main() {
     for (s, per_vmm) in &rows {
         let qemu_total = per_vmm
             .iter()
-            .find(|(n, _)| n.starts_with("qemu"))
+            .find(|(n, _)| n == "qemu-7.2")
             .map(|(_, o)| stat(o, |o| o.total_ms).median);
         for (name, outs) in per_vmm {
             let ok = outs
@@ -695,7 +745,7 @@ fn main() {
                 .count();
             let total = stat(outs, |o| o.total_ms);
             let ratio = match qemu_total {
-                Some(q) if !name.starts_with("qemu") && q > 0.0 && !outs.is_empty() => {
+                Some(q) if name != "qemu-7.2" && q > 0.0 && !outs.is_empty() => {
                     format!("{:.2}", total.median / q)
                 }
                 _ => String::from("-"),

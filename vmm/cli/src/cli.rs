@@ -86,7 +86,9 @@ pub struct RunArgs {
     /// End hopvm with status 0 when the guest resets or triple-faults, instead of rebooting.
     #[arg(long)]
     pub no_reboot: bool,
-    /// QMP monitor on a Unix socket (mode 0600; several clients may connect), as QEMU's -qmp.
+    /// QMP monitor on a Unix socket (mode 0600; several clients may connect), as QEMU's -qmp;
+    /// or on tcp:HOST:PORT, which authenticates nobody: keep it on a trusted interface, or add
+    /// ,tls-creds=ID (an --object tls-creds-x509 with endpoint=server) for TLS clients only.
     #[arg(long, value_name = "unix:PATH")]
     pub qmp: Option<String>,
     /// Wait for a live migration on tcp:HOST:PORT (tcp:0:PORT = any address), unix:PATH,
@@ -96,6 +98,10 @@ pub struct RunArgs {
     /// Do not start the vCPUs (QEMU's -S): `cont` over QMP starts them.
     #[arg(long)]
     pub paused: bool,
+    /// Create an object, as QEMU's -object: TLS credentials for migration and the monitor,
+    /// tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]. Repeatable.
+    #[arg(long, value_name = "tls-creds-x509,id=ID,dir=DIR,endpoint=…")]
+    pub object: Vec<String>,
     /// How migration learns which pages the guest wrote: off (KVM's dirty bitmap), auto (KVM's
     /// dirty ring where the host offers it and keeps its limit — not kvm_pvm, which overruns
     /// it) or the ring's size in entries per vCPU (a power of two from 256 to 65536), as
@@ -124,6 +130,7 @@ impl From<RunArgs> for VmConfig {
             qmp: a.qmp,
             incoming: a.incoming,
             paused: a.paused,
+            objects: a.object,
             dirty_ring: a.dirty_ring,
             ..VmConfig::new("")
         }

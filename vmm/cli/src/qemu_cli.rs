@@ -340,6 +340,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 (id, QemuObject::MemoryBackendRam(size)) => {
                     backends.insert(id, size);
                 }
+                (_, QemuObject::TlsCredsX509(spec)) => config.objects.push(spec),
             },
             "-add-fd" => {
                 let (set, fd) = qemu_domain::parse_add_fd(&value()?)?;
@@ -488,6 +489,26 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                         let mut spec = format!("unix:{}", path.replace(',', ",,"));
                         if p.get("server").is_some_and(|s| *s != "off") {
                             spec.push_str(",server=on");
+                        }
+                        chardevs.insert((*id).to_string(), Chardev::Socket(spec));
+                    }
+                    (Some("socket"), Some(id), None, None)
+                        if p.contains_key("host") && p.contains_key("port") =>
+                    {
+                        // A TCP monitor; `tls-creds=ID` makes its clients run TLS.
+                        let host = p.get("host").copied().unwrap_or_default();
+                        let host = if host.contains(':') {
+                            format!("[{host}]")
+                        } else {
+                            host.to_string()
+                        };
+                        let mut spec =
+                            format!("tcp:{host}:{}", p.get("port").copied().unwrap_or_default());
+                        if p.get("server").is_some_and(|s| *s != "off") {
+                            spec.push_str(",server=on");
+                        }
+                        if let Some(creds) = p.get("tls-creds") {
+                            spec.push_str(&format!(",tls-creds={creds}"));
                         }
                         chardevs.insert((*id).to_string(), Chardev::Socket(spec));
                     }
@@ -804,6 +825,38 @@ mod tests {
             "/usr/bin/qemu-system-x86_64"
         )));
         assert!(!invoked_as_qemu(std::ffi::OsStr::new("hopvm")));
+    }
+
+    #[test]
+    fn tls_objects_and_monitor() {
+        let dir = std::env::temp_dir().join(format!("hopvm-qemu-cli-tls-{}", std::process::id()));
+        migration::transport::tls::test_certs::Ca::new("ca").server_dir(&dir, &["h"], false);
+        let line = format!(
+            "-kernel k -object tls-creds-x509,id=tls0,dir={},endpoint=server \
+             -chardev socket,id=mon0,host=127.0.0.1,port=4444,server=on,wait=off,tls-creds=tls0 \
+             -mon chardev=mon0,mode=control",
+            dir.display()
+        );
+        let (action, _, _) = parse_full(&args(&line)).unwrap();
+        let QemuAction::Run(c) = action else {
+            panic!("{action:?}")
+        };
+        assert_eq!(
+            c.objects,
+            vec![format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
+                dir.display()
+            )]
+        );
+        assert_eq!(
+            c.qmp.as_deref(),
+            Some("tcp:127.0.0.1:4444,server=on,tls-creds=tls0")
+        );
+        // Credentials that cannot be read are refused at once, as QEMU does.
+        let bad = "-kernel k -object tls-creds-x509,id=t,dir=/nonexistent,endpoint=server";
+        let err = parse_full(&args(bad)).unwrap_err().to_string();
+        assert!(err.contains("Unable to access credentials"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -179,6 +179,9 @@ pub enum QemuObject {
     Secret,
     /// `memory-backend-ram` of this many bytes.
     MemoryBackendRam(u64),
+    /// `tls-creds-x509`, checked (its files read); the canonical `-object` value to create
+    /// it from at start.
+    TlsCredsX509(String),
 }
 
 /// Parses one `-object`; returns its id and what it is.
@@ -225,6 +228,18 @@ pub fn parse_object(value: &str) -> Result<(String, QemuObject), QemuCliError> {
             k.only("share", "off")?;
             k.only("prealloc", "off")?;
             QemuObject::MemoryBackendRam(bytes)
+        }
+        "tls-creds-x509" => {
+            let dir = k.required("dir")?;
+            let endpoint = k.take("endpoint").unwrap_or_else(|| String::from("client"));
+            let verify = k.take("verify-peer").unwrap_or_else(|| String::from("on"));
+            let _ = k.take("priority");
+            let spec = format!(
+                "tls-creds-x509,id={id},dir={dir},endpoint={endpoint},verify-peer={verify}"
+            );
+            migration::transport::tls::TlsCredsX509::parse_object(&spec)
+                .map_err(|e| QemuCliError::Invalid(format!("{opt} {value}"), e.to_string()))?;
+            QemuObject::TlsCredsX509(spec)
         }
         other => {
             return Err(QemuCliError::UnsupportedValue(

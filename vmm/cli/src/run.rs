@@ -172,6 +172,15 @@ pub fn run_with(config: &VmConfig, mut options: RunOptions) -> Result<i32, RunEr
         _ => None,
     };
     let instance = Instance::new(config, out.clone())?;
+    for spec in &config.objects {
+        let creds = migration::transport::tls::TlsCredsX509::parse_object(spec)
+            .map_err(RunError::Object)?;
+        instance
+            .migration
+            .tls
+            .add_object(creds)
+            .map_err(RunError::ObjectTable)?;
+    }
     if options.no_dump_guest_core {
         exclude_from_core_dumps(&instance);
     }
@@ -291,6 +300,12 @@ pub enum RunError {
     /// Starting it (or its incoming migration) failed.
     #[error(transparent)]
     Instance(#[from] vmm::instance::InstanceError),
+    /// An `--object` could not be created.
+    #[error("-object: {0}")]
+    Object(#[source] migration::transport::tls::TlsError),
+    /// Two `--object`s with one id.
+    #[error("-object: {0}")]
+    ObjectTable(#[source] migration::transport::tls::TlsObjectError),
     /// The QMP monitor could not be started.
     #[error("cannot start the qmp monitor: {0}")]
     Monitor(#[source] qmp::QmpServerError),

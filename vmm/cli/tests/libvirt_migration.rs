@@ -571,8 +571,9 @@ fn libvirt_live_migration_native_there_tunnelled_back() {
         "Migration not in expected state: none"
     );
     assert_eq!(
-        src.refused("migrate-set-parameters", json!({"tls-creds": "tls0"})),
-        "hopvm does not support TLS migration ('tls-creds' must be empty)"
+        src.refused("migrate-set-parameters", json!({"tls-authz": "authz0"})),
+        "hopvm does not support tls-authz (authorization objects); the destination's \
+         verify-peer=on checks the source's certificate against the CA"
     );
     src.ok("cont", Value::Null);
     src.event("RESUME", None);

@@ -43,6 +43,8 @@ pub const COMMANDS: &[&str] = &[
     "pmemsave",
     "getfd",
     "closefd",
+    "object-add",
+    "object-del",
 ];
 
 /// Migration capabilities hopvm implements.
@@ -92,9 +94,6 @@ const QEMU_PARAMETERS: &[&str] = &[
     "max-postcopy-bandwidth",
 ];
 
-/// QEMU's TLS parameters: hopvm takes them empty only.
-const TLS_PARAMETERS: &[&str] = &["tls-creds", "tls-hostname", "tls-authz"];
-
 /// Largest downtime limit, ms (QEMU's MAX_MIGRATE_DOWNTIME: 2000 s).
 const MAX_DOWNTIME_MS: u64 = 2_000_000;
 
@@ -134,7 +133,19 @@ pub fn start_monitor_with(
     let server = match listen {
         MonitorListen::Spec(spec) => {
             let spec: QmpListenSpec = spec.parse()?;
-            QmpServer::bind(&spec, backend, QmpServerConfig::default())?
+            let tls = match &spec.tls_creds {
+                None => None,
+                Some(id) => Some(
+                    instance
+                        .migration
+                        .tls
+                        .object(id)
+                        .ok_or_else(|| migration::transport::tls::TlsError::NoCreds(id.clone()))
+                        .and_then(|creds| creds.server())
+                        .map_err(QmpServerError::Tls)?,
+                ),
+            };
+            QmpServer::bind_tls(&spec, backend, QmpServerConfig::default(), tls)?
         }
         MonitorListen::Listener(l) => {
             QmpServer::from_unix_listener(l, backend, QmpServerConfig::default())?
@@ -370,15 +381,18 @@ impl Commands {
             v => v.map(|v| v as u8),
         };
         let max_throttle = a.optional_u64("max-cpu-throttle")?;
-        // hopvm has no TLS: the empty string (QEMU's "no TLS", what libvirt sets for a plain
-        // migration) is all these take.
-        for name in TLS_PARAMETERS {
-            if let Some(v) = a.optional_str(name)? {
-                if !v.is_empty() {
-                    return Err(QmpError::generic(format!(
-                        "hopvm does not support TLS migration ('{name}' must be empty)"
-                    )));
-                }
+        // TLS: the credentials object's id ("" = plain) and the name the destination's
+        // certificate must carry ("" = the URI's host). hopvm has no authz objects: the
+        // empty string (what libvirt sets for a migration without one) is all tls-authz
+        // takes.
+        let tls_creds = a.optional_str("tls-creds")?;
+        let tls_hostname = a.optional_str("tls-hostname")?;
+        if let Some(v) = a.optional_str("tls-authz")? {
+            if !v.is_empty() {
+                return Err(QmpError::generic(
+                    "hopvm does not support tls-authz (authorization objects); the \
+                     destination's verify-peer=on checks the source's certificate against the CA",
+                ));
             }
         }
         a.finish()?;
@@ -408,6 +422,12 @@ impl Commands {
             check_cache_size(c)?;
         }
         m.set_throttle_parameters(throttle);
+        if let Some(v) = tls_creds {
+            m.tls.set_creds(v);
+        }
+        if let Some(v) = tls_hostname {
+            m.tls.set_hostname(v);
+        }
         if let Some(b) = bandwidth {
             m.set_max_bandwidth(b);
         }
@@ -467,6 +487,39 @@ impl Commands {
         lock(&self.instance.migration.xbzrle).cache_size = value;
         Ok(Value::Null)
     }
+}
+
+/// QEMU's `object-add`, for the one object type hopvm has: `tls-creds-x509` (id, dir,
+/// endpoint, verify-peer), loaded at once as QEMU does.
+fn object_add(inst: &Instance, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    use migration::transport::tls::TlsCredsX509;
+    let mut a = Args::new(args);
+    let ty = a.required_str("qom-type")?;
+    let id = a.required_str("id")?;
+    if ty != "tls-creds-x509" {
+        return Err(QmpError::invalid_parameter_value(
+            "qom-type",
+            "tls-creds-x509 (the only object type hopvm creates at run time)",
+        ));
+    }
+    let dir = a.required_str("dir")?;
+    let endpoint = a.optional_str("endpoint")?.unwrap_or("client");
+    let verify = a.optional_bool("verify-peer")?.unwrap_or(true);
+    let _ = a.optional_str("priority")?;
+    a.finish()?;
+    let verify = if verify { "on" } else { "off" };
+    let creds = TlsCredsX509::from_props([
+        ("id", id),
+        ("dir", dir),
+        ("endpoint", endpoint),
+        ("verify-peer", verify),
+    ])
+    .map_err(|e| QmpError::generic(e.to_string()))?;
+    inst.migration
+        .tls
+        .add_object(creds)
+        .map(|()| Value::Null)
+        .map_err(|e| QmpError::generic(e.to_string()))
 }
 
 /// QEMU's `pmemsave`: writes `size` bytes of guest physical memory from `val` to a file.
@@ -533,8 +586,8 @@ pub(crate) fn parameters_json(m: &Migration) -> Value {
         "cpu-throttle-tailslow": t.tailslow,
         "max-cpu-throttle": t.max,
         "multifd-channels": m.multifd.settings().channels,
-        "tls-creds": "",
-        "tls-hostname": "",
+        "tls-creds": m.tls.creds(),
+        "tls-hostname": m.tls.hostname(),
         "tls-authz": "",
     })
 }
@@ -681,6 +734,17 @@ impl QmpBackend for Commands {
             "x-query-migration-timeline" => none(args)
                 .map(|_| serde_json::to_value(inst.migration.timeline()).unwrap_or(Value::Null)),
             "pmemsave" => pmemsave(inst, args),
+            "object-add" => object_add(inst, args),
+            "object-del" => {
+                let mut a = Args::new(args);
+                let id = a.required_str("id")?;
+                a.finish()?;
+                inst.migration
+                    .tls
+                    .remove_object(id)
+                    .map(|()| Value::Null)
+                    .map_err(|e| QmpError::generic(e.to_string()))
+            }
             "query-migrate-cache-size" => {
                 none(args).map(|_| json!(lock(&inst.migration.xbzrle).cache_size))
             }

@@ -493,6 +493,20 @@ pub static COMMAND_DEFS: &[CommandDef] = &[
     ),
     cmd("getfd", &[m("fdname", Ty::Str)], None),
     cmd("closefd", &[m("fdname", Ty::Str)], None),
+    // QEMU's object-add is a union on qom-type; hopvm creates tls-creds-x509 only. Its
+    // qom-type member is left out on purpose: libvirt takes `object-add/arg-type/qom-type`
+    // as the sign that -object accepts JSON, which hopvm's QEMU front end does not parse.
+    cmd(
+        "object-add",
+        &[
+            m("id", Ty::Str),
+            opt("dir", Ty::Str),
+            opt("endpoint", Ty::Str),
+            opt("verify-peer", Ty::Bool),
+        ],
+        None,
+    ),
+    cmd("object-del", &[m("id", Ty::Str)], None),
     // Introspection: what this hopvm binary and host provide (crate::probe).
     cmd("query-target", &[], Some(Ty::Object(&TARGET_INFO))),
     cmd("query-kvm", &[], Some(Ty::Object(&KVM_INFO))),

@@ -17,11 +17,18 @@
 //! * The Unix socket is created with mode 0600 (set on the socket before `bind`, so there is
 //!   no window with looser permissions), a stale socket left by a dead process is replaced,
 //!   and a live one is not.
+//! * The TCP monitor authenticates nobody: anyone who reaches the port controls the VM. Keep
+//!   it on a trusted interface (loopback), or give it `tls-creds=ID` (QEMU's
+//!   `-chardev socket,…,tls-creds=ID`): every client then runs a TLS 1.3 handshake first —
+//!   on a thread of its own, so a silent client holds up nobody — and with the credentials'
+//!   `verify-peer=on` must show a certificate signed by their CA.
 //! * [`QmpServer::shutdown`] stops accepting, lets every client's queued replies drain for a
 //!   short grace period (so the reply to `quit` gets out), then closes all connections and
 //!   removes the socket file.
 
 use std::collections::VecDeque;
+
+use migration::transport::tls::{ServerTls, TlsChannel, TlsReader, TlsWriter};
 use std::fmt;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -82,6 +89,10 @@ pub enum QmpServerError {
     /// A thread could not be started.
     #[error("cannot start the qmp server thread: {0}")]
     Spawn(#[source] io::Error),
+    /// `tls-creds=ID` names credentials that cannot serve (none with that id, a client
+    /// endpoint); or the caller gave none.
+    #[error("qmp monitor: {0}")]
+    Tls(#[source] migration::transport::tls::TlsError),
 }
 
 /// Where the monitor listens.
@@ -107,6 +118,8 @@ pub struct QmpListenSpec {
     /// Whether the VM should wait for a client before it starts ([`QmpServer::wait_for_client`]).
     /// As in QEMU, `,server` alone implies waiting; the bare address does not.
     pub wait: bool,
+    /// `tls-creds=ID`: clients must complete a TLS handshake with these credentials.
+    pub tls_creds: Option<String>,
 }
 
 impl QmpListenSpec {
@@ -115,6 +128,7 @@ impl QmpListenSpec {
         Self {
             address: QmpAddress::Unix(path.into()),
             wait: false,
+            tls_creds: None,
         }
     }
 
@@ -131,6 +145,7 @@ impl QmpListenSpec {
         };
         let mut server = None;
         let mut wait = None;
+        let mut tls_creds = None;
         for option in parts {
             let bad = || QmpServerError::InvalidOption {
                 spec: spec.to_string(),
@@ -144,6 +159,7 @@ impl QmpListenSpec {
                 ("server", value) => server = Some(parse_flag(value).ok_or_else(bad)?),
                 ("wait", value) => wait = Some(parse_flag(value).ok_or_else(bad)?),
                 ("nowait", None) => wait = Some(false),
+                ("tls-creds", Some(id)) if !id.is_empty() => tls_creds = Some(id.to_string()),
                 _ => return Err(bad()),
             }
         }
@@ -153,6 +169,7 @@ impl QmpListenSpec {
         Ok(Self {
             address,
             wait: wait.unwrap_or(server.is_some()),
+            tls_creds,
         })
     }
 }
@@ -224,6 +241,8 @@ const MAX_FDS_PER_READ: usize = 16;
 enum Conn {
     Unix(UnixStream),
     Tcp(TcpStream),
+    /// A TLS session over either (no descriptor passing).
+    Tls(Arc<TlsChannel>),
 }
 
 impl Conn {
@@ -231,6 +250,7 @@ impl Conn {
         Ok(match self {
             Conn::Unix(s) => Conn::Unix(s.try_clone()?),
             Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Tls(t) => Conn::Tls(Arc::clone(t)),
         })
     }
 
@@ -239,6 +259,17 @@ impl Conn {
         let _ = match self {
             Conn::Unix(s) => s.shutdown(how),
             Conn::Tcp(s) => s.shutdown(how),
+            Conn::Tls(t) => {
+                let how = match how {
+                    Shutdown::Read => libc::SHUT_RD,
+                    Shutdown::Write => libc::SHUT_WR,
+                    Shutdown::Both => libc::SHUT_RDWR,
+                };
+                // SAFETY: the descriptor belongs to the channel, alive for the call;
+                // shutdown(2) does not touch memory.
+                unsafe { libc::shutdown(t.raw_fd(), how) };
+                Ok(())
+            }
         };
     }
 
@@ -283,6 +314,7 @@ impl Conn {
                 Ok(n)
             }
             Conn::Tcp(s) => s.read(buf),
+            Conn::Tls(t) => TlsReader(Arc::clone(t)).read(buf),
         }
     }
 
@@ -290,11 +322,18 @@ impl Conn {
         match self {
             Conn::Unix(s) => s.set_nonblocking(nonblocking),
             Conn::Tcp(s) => s.set_nonblocking(nonblocking),
+            // The session's socket stays blocking.
+            Conn::Tls(_) if !nonblocking => Ok(()),
+            Conn::Tls(_) => Err(io::ErrorKind::Unsupported.into()),
         }
     }
 
     /// Writes all of `buf` with `MSG_NOSIGNAL`, so a vanished peer is an error, not `SIGPIPE`.
     fn send_all(&self, mut buf: &[u8]) -> io::Result<()> {
+        if let Conn::Tls(t) = self {
+            let mut w = TlsWriter(Arc::clone(t));
+            return io::Write::write_all(&mut w, buf).and_then(|()| io::Write::flush(&mut w));
+        }
         while !buf.is_empty() {
             // SAFETY: `buf` is a live slice of `buf.len()` readable bytes, and the descriptor
             // belongs to `self`, which outlives the call.
@@ -326,6 +365,7 @@ impl AsRawFd for Conn {
         match self {
             Conn::Unix(s) => s.as_raw_fd(),
             Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Tls(t) => t.raw_fd(),
         }
     }
 }
@@ -575,6 +615,8 @@ struct Shared {
     dispatch: Mutex<()>,
     /// Descriptors passed with `getfd`, shared by the monitor's clients as in QEMU.
     fds: MonitorFds,
+    /// `tls-creds`: every client's handshake first.
+    tls: Option<ServerTls>,
 }
 
 /// Where the server listens, for callers and for cleanup.
@@ -621,11 +663,27 @@ impl QmpServer {
         backend: Arc<dyn QmpBackend>,
         config: QmpServerConfig,
     ) -> Result<Self, QmpServerError> {
+        Self::bind_tls(spec, backend, config, None)
+    }
+
+    /// [`bind`](Self::bind) with the TLS credentials the spec's `tls-creds` names (the
+    /// caller looks them up); a spec with `tls-creds` and no credentials is an error.
+    pub fn bind_tls(
+        spec: &QmpListenSpec,
+        backend: Arc<dyn QmpBackend>,
+        config: QmpServerConfig,
+        tls: Option<ServerTls>,
+    ) -> Result<Self, QmpServerError> {
+        if let (Some(id), None) = (&spec.tls_creds, &tls) {
+            return Err(QmpServerError::Tls(
+                migration::transport::tls::TlsError::NoCreds(id.clone()),
+            ));
+        }
         let (listener, local) = match &spec.address {
             QmpAddress::Unix(path) => bind_unix(path)?,
             QmpAddress::Tcp { host, port } => bind_tcp(host, *port)?,
         };
-        Self::serve(listener, local, backend, config)
+        Self::serve(listener, local, backend, config, tls)
     }
 
     /// Serves `backend` on a listening Unix socket handed over by the parent process (QEMU's
@@ -647,7 +705,7 @@ impl QmpServer {
             dev: 0,
             ino: 0,
         };
-        Self::serve(Listener::Unix(listener), local, backend, config)
+        Self::serve(Listener::Unix(listener), local, backend, config, None)
     }
 
     fn serve(
@@ -655,6 +713,7 @@ impl QmpServer {
         local: Local,
         backend: Arc<dyn QmpBackend>,
         config: QmpServerConfig,
+        tls: Option<ServerTls>,
     ) -> Result<Self, QmpServerError> {
         let listen_error = |source| QmpServerError::Listen {
             address: local.to_string(),
@@ -674,6 +733,7 @@ impl QmpServer {
             registry: Arc::default(),
             dispatch: Mutex::new(()),
             fds: MonitorFds::new(),
+            tls,
         });
         let acceptor_shared = Arc::clone(&shared);
         let acceptor = thread::Builder::new()
@@ -946,7 +1006,10 @@ fn accept_loop(listener: &Listener, wake: &EventFd, shared: &Arc<Shared>) {
         }
         loop {
             match listener.accept() {
-                Ok(conn) => add_client(conn, shared),
+                Ok(conn) => match &shared.tls {
+                    None => add_client(conn, shared),
+                    Some(tls) => secure_client(conn, tls.clone(), shared),
+                },
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(error) => {
@@ -961,6 +1024,27 @@ fn accept_loop(listener: &Listener, wake: &EventFd, shared: &Arc<Shared>) {
                 }
             }
         }
+    }
+}
+
+/// Runs a new client's TLS handshake on a thread of its own (a client that says nothing
+/// holds up no one, and gives up after the handshake timeout), then starts its threads; a
+/// client that fails the handshake (plaintext, a certificate the CA did not sign) is closed.
+fn secure_client(conn: Conn, tls: ServerTls, shared: &Arc<Shared>) {
+    let sock: OwnedFd = match conn {
+        Conn::Unix(s) => s.into(),
+        Conn::Tcp(s) => s.into(),
+        Conn::Tls(_) => return,
+    };
+    let shared = Arc::clone(shared);
+    let spawned = thread::Builder::new()
+        .name("qmp-tls".into())
+        .spawn(move || match tls.accept(sock) {
+            Ok(channel) => add_client(Conn::Tls(channel), &shared),
+            Err(e) => log::warn!("qmp: refused a client: {e}"),
+        });
+    if let Err(e) = spawned {
+        log::warn!("qmp: cannot start a client's TLS handshake: {e}");
     }
 }
 
@@ -1135,6 +1219,7 @@ mod tests {
         let unix = |path: &str, wait| QmpListenSpec {
             address: QmpAddress::Unix(path.into()),
             wait,
+            tls_creds: None,
         };
         assert_eq!(
             QmpListenSpec::parse("unix:/tmp/q.sock").unwrap(),
@@ -1163,8 +1248,16 @@ mod tests {
                     host: "127.0.0.1".into(),
                     port: 4444
                 },
-                wait: false
+                wait: false,
+                tls_creds: None,
             }
+        );
+        assert_eq!(
+            QmpListenSpec::parse("tcp:127.0.0.1:4444,server=on,wait=off,tls-creds=tls0")
+                .unwrap()
+                .tls_creds
+                .as_deref(),
+            Some("tls0")
         );
         assert_eq!(
             QmpListenSpec::parse("tcp:[::1]:0").unwrap().address,

@@ -1,6 +1,7 @@
 //! A unix-socket proxy between a migration source and its destination that parses the
 //! return path (QEMU framing: be16 type, be16 length, data) and can cut, hold or drop it at
-//! each step of the switchover handshake, or cut the whole connection at a chosen moment.
+//! each step of the switchover handshake, or cut the whole connection at a chosen moment; or
+//! passes both ways as they come and records what the source sent (a capture of the wire).
 
 use std::io::{Read, Write};
 use std::net::Shutdown;
@@ -25,6 +26,9 @@ pub enum Policy {
     HoldVerdict,
     /// Pass everything, and cut both connections this long after the source connected.
     CutAfter(Duration),
+    /// Pass both ways without parsing (the channel may be encrypted), and record the
+    /// source's bytes ([`Proxy::recorded`]).
+    Record,
 }
 
 const SHUT: u16 = 1;
@@ -39,6 +43,9 @@ pub struct Proxy {
     pub verdict_rx: mpsc::Receiver<()>,
     /// Releases a held verdict (or, with [`Policy::LoseGoAhead`], the silent connection).
     pub release_tx: mpsc::Sender<()>,
+    recorded: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// Tells when the source's side has ended (the whole stream is recorded).
+    pub done_rx: mpsc::Receiver<()>,
 }
 
 impl Proxy {
@@ -50,6 +57,9 @@ impl Proxy {
         let count = messages.clone();
         let (verdict_tx, verdict_rx) = mpsc::channel();
         let (release_tx, release_rx) = mpsc::channel::<()>();
+        let recorded = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = (policy == Policy::Record).then(|| recorded.clone());
+        let (done_tx, done_rx) = mpsc::channel();
         std::thread::spawn(move || {
             let (src, _) = listener.accept().unwrap();
             let Ok(dst) = UnixStream::connect(&dest) else {
@@ -77,11 +87,15 @@ impl Proxy {
                     if stop.load(std::sync::atomic::Ordering::SeqCst) {
                         continue;
                     }
+                    if let Some(r) = &record {
+                        r.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
                     if dst_w.write_all(&buf[..n]).is_err() {
                         break;
                     }
                 }
                 let _ = dst_w.shutdown(Shutdown::Write);
+                let _ = done_tx.send(());
             });
             // Destination → source: message by message.
             let (mut dst_r, mut src_w) = (dst, src);
@@ -89,6 +103,11 @@ impl Proxy {
                 let _ = a.shutdown(Shutdown::Both);
                 let _ = b.shutdown(Shutdown::Both);
             };
+            if policy == Policy::Record {
+                let _ = std::io::copy(&mut dst_r, &mut src_w);
+                let _ = src_w.shutdown(Shutdown::Write);
+                return;
+            }
             loop {
                 let mut head = [0u8; 4];
                 if dst_r.read_exact(&mut head).is_err() {
@@ -138,7 +157,14 @@ impl Proxy {
             messages,
             verdict_rx,
             release_tx,
+            recorded,
+            done_rx,
         }
+    }
+
+    /// What the source sent so far ([`Policy::Record`]).
+    pub fn recorded(&self) -> Vec<u8> {
+        self.recorded.lock().unwrap().clone()
     }
 
     /// Return-path messages seen so far.

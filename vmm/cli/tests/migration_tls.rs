@@ -1,0 +1,467 @@
+//! Issue 12: live migration over TLS (QEMU's `tls-creds-x509` objects and the `tls-creds` /
+//! `tls-hostname` migration parameters). Certificates are made here (rcgen, through
+//! `migration::transport::tls::test_certs`). The busy, self-verifying `dirty` guest crosses
+//! over TLS on loopback TCP and between two network namespaces; each refusal (a plaintext
+//! source, a client certificate from another CA, an expired one, a destination whose
+//! certificate names another host) fails the source's migration with its reason and leaves the
+//! source guest running while the destination keeps waiting; and a capture of the wire shows
+//! the guest's memory without TLS and none of it with TLS.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::passes;
+use common::proc::{Hopvm, TempDir};
+use common::proxy::{Policy, Proxy};
+use common::tools::{dirty_args, free_tcp_port, strs};
+use migration::transport::tls::test_certs::Ca;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(180);
+const MEMORY: &str = "32M";
+
+/// `--object tls-creds-x509,…` arguments.
+fn object(id: &str, dir: &Path, endpoint: &str) -> [String; 2] {
+    [
+        String::from("--object"),
+        format!(
+            "tls-creds-x509,id={id},dir={},endpoint={endpoint}",
+            dir.display()
+        ),
+    ]
+}
+
+fn events_on(vm: &mut Hopvm) {
+    vm.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+}
+
+/// A source running the busy guest, with a first verified pass behind it.
+fn source(dir: &Path, name: &str, extra: &[String]) -> Hopvm {
+    let mut args = dirty_args(MEMORY, "4");
+    args.extend_from_slice(extra);
+    let mut src = Hopvm::spawn(dir, name, &strs(&args));
+    src.out.wait_for(LONG, "a first pass", |t| passes(t) >= 1);
+    events_on(&mut src);
+    src.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    src
+}
+
+/// A destination waiting on `incoming`.
+fn destination(dir: &Path, name: &str, incoming: &str, extra: &[String]) -> Hopvm {
+    let mut args = vec![
+        String::from("--memory"),
+        String::from(MEMORY),
+        String::from("--incoming"),
+        String::from(incoming),
+    ];
+    args.extend_from_slice(extra);
+    let mut dst = Hopvm::spawn(dir, name, &strs(&args));
+    events_on(&mut dst);
+    dst
+}
+
+/// The migration completed, the guest verifies on the destination, the source is done.
+fn check_moved(src: &mut Hopvm, dst: &mut Hopvm) {
+    src.wait_migration("completed", LONG);
+    let before = passes(&dst.out.text());
+    dst.out.wait_for(LONG, "passes on the destination", |t| {
+        passes(t) >= before + 2
+    });
+    assert_eq!(dst.status(), "running");
+    assert_eq!(src.status(), "postmigrate");
+    for vm in [&*src, &*dst] {
+        assert!(!vm.out.text().contains("CORRUPT"), "{}", vm.out.text());
+    }
+}
+
+/// The source's migration failed; its error; the source guest still runs and verifies.
+fn check_refused(src: &mut Hopvm) -> String {
+    src.wait_migration("failed", LONG);
+    let info = src.cmd("query-migrate", Value::Null);
+    assert_eq!(info["status"], "failed", "{info}");
+    let error = info["error-desc"].as_str().unwrap_or("").to_string();
+    eprintln!("refused: {error}");
+    assert_eq!(src.status(), "running");
+    let before = passes(&src.out.text());
+    src.out
+        .wait_for(LONG, "the source guest goes on", |t| passes(t) > before);
+    assert!(!src.out.text().contains("CORRUPT"), "{}", src.out.text());
+    error
+}
+
+struct Certs {
+    ca: Ca,
+    dir: PathBuf,
+}
+
+impl Certs {
+    /// A CA, a destination directory `dst` for `names` and a source directory `src`.
+    fn new(dir: &TempDir, names: &[&str]) -> Self {
+        let ca = Ca::new("hopvm test CA");
+        ca.server_dir(&dir.join("dst"), names, false);
+        ca.client_dir(&dir.join("src"), false);
+        Self {
+            ca,
+            dir: dir.0.clone(),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.join(p)
+    }
+}
+
+#[test]
+fn tls_migration_over_tcp() {
+    let dir = TempDir::new("tls-tcp");
+    let certs = Certs::new(&dir, &["localhost"]);
+    let port = free_tcp_port();
+    let mut dst = destination(
+        &dir.0,
+        "dst",
+        &format!("tcp:127.0.0.1:{port}"),
+        &object("tls0", &certs.path("dst"), "server"),
+    );
+    // Set after the destination started listening: taken when the source connects.
+    dst.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+    let mut src = source(&dir.0, "src", &object("tls0", &certs.path("src"), "client"));
+    src.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+    let p = src.cmd("query-migrate-parameters", Value::Null);
+    assert_eq!(
+        (&p["tls-creds"], &p["tls-hostname"]),
+        (&json!("tls0"), &json!(""))
+    );
+    // The destination's certificate names localhost: the URI's host is what is checked.
+    src.cmd("migrate", json!({"uri": format!("tcp:localhost:{port}")}));
+    check_moved(&mut src, &mut dst);
+}
+
+#[test]
+fn tls_refusals_leave_the_source_running() {
+    let dir = TempDir::new("tls-refuse");
+    let certs = Certs::new(&dir, &["localhost"]);
+    // A client certificate from another CA, beside the right CA certificate (so that this
+    // source trusts the destination, and only the destination can refuse).
+    Ca::new("another CA").client_dir(&certs.path("other-ca"), false);
+    std::fs::copy(
+        certs.path("src").join("ca-cert.pem"),
+        certs.path("other-ca").join("ca-cert.pem"),
+    )
+    .unwrap();
+    certs.ca.client_dir(&certs.path("expired"), true);
+    let port = free_tcp_port();
+    let uri = json!({"uri": format!("tcp:localhost:{port}")});
+    let mut dst = destination(
+        &dir.0,
+        "dst",
+        &format!("tcp:127.0.0.1:{port}"),
+        &object("tls0", &certs.path("dst"), "server"),
+    );
+    dst.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+    let mut src = source(&dir.0, "src", &[]);
+
+    // A plaintext source: the destination refuses the connection.
+    src.cmd("migrate", uri.clone());
+    let error = check_refused(&mut src);
+    assert!(!error.is_empty());
+    dst.err.wait_for(LONG, "the destination's refusal", |t| {
+        t.contains("refused a connection") && t.contains("TLS handshake failed")
+    });
+
+    // Credentials made at run time (object-add), from another CA: refused by the
+    // destination, which says why in its alert; the source names it.
+    for (id, sub, reason) in [
+        ("other", "other-ca", "UnknownCA"),
+        ("old", "expired", "CertificateExpired"),
+    ] {
+        src.cmd(
+            "object-add",
+            json!({"qom-type": "tls-creds-x509", "id": id, "endpoint": "client",
+                   "dir": certs.path(sub).display().to_string()}),
+        );
+        src.cmd("migrate-set-parameters", json!({"tls-creds": id}));
+        src.cmd("migrate", uri.clone());
+        let error = check_refused(&mut src);
+        assert!(error.contains(reason), "{id}: {error}");
+    }
+
+    // The right credentials, but a name the destination's certificate does not carry: the
+    // source refuses the destination.
+    src.cmd(
+        "object-add",
+        json!({"qom-type": "tls-creds-x509", "id": "good", "endpoint": "client",
+               "dir": certs.path("src").display().to_string()}),
+    );
+    src.cmd(
+        "migrate-set-parameters",
+        json!({"tls-creds": "good", "tls-hostname": "elsewhere.example"}),
+    );
+    src.cmd("migrate", uri.clone());
+    let error = check_refused(&mut src);
+    assert!(
+        error.contains("certificate not valid for name \"elsewhere.example\""),
+        "{error}"
+    );
+
+    // Credentials that do not exist, and a server object on the source: QEMU's errors.
+    for (creds, expect) in [
+        ("nosuch", "No TLS credentials with id 'nosuch'"),
+        (
+            "tls-server",
+            "Expecting TLS credentials with a client endpoint",
+        ),
+    ] {
+        if creds == "tls-server" {
+            src.cmd(
+                "object-add",
+                json!({"qom-type": "tls-creds-x509", "id": creds, "endpoint": "server",
+                       "dir": certs.path("dst").display().to_string()}),
+            );
+        }
+        src.cmd("migrate-set-parameters", json!({"tls-creds": creds}));
+        src.cmd("migrate", uri.clone());
+        assert_eq!(check_refused(&mut src), expect);
+    }
+
+    // After all that, the destination is still waiting: the right source gets through.
+    assert_eq!(dst.status(), "inmigrate");
+    src.cmd(
+        "migrate-set-parameters",
+        json!({"tls-creds": "good", "tls-hostname": ""}),
+    );
+    src.cmd("migrate", uri);
+    check_moved(&mut src, &mut dst);
+}
+
+/// Whether `wire` holds a page of the dirty guest: 4 KiB of one repeated non-zero qword.
+fn has_guest_page(wire: &[u8]) -> bool {
+    let mut i = 0;
+    while i + 4096 <= wire.len() {
+        let q = &wire[i..i + 8];
+        if q != [0u8; 8] && wire[i + 8..i + 16] == *q && wire[i..i + 4096].chunks(8).all(|c| c == q)
+        {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// Migrates the busy guest over a unix socket through the recording proxy; returns the
+/// source's bytes as seen on the wire.
+fn captured(dir: &TempDir, tls: bool) -> Vec<u8> {
+    let certs = Certs::new(dir, &["localhost"]);
+    let sock = dir.join("dst-mig.sock");
+    let (src_obj, dst_obj) = if tls {
+        (
+            object("tls0", &certs.path("src"), "client").to_vec(),
+            object("tls0", &certs.path("dst"), "server").to_vec(),
+        )
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut dst = destination(&dir.0, "dst", &format!("unix:{}", sock.display()), &dst_obj);
+    let mut src = source(&dir.0, "src", &src_obj);
+    if tls {
+        dst.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+        // A unix socket has no host name: tls-hostname gives the one to check.
+        src.cmd(
+            "migrate-set-parameters",
+            json!({"tls-creds": "tls0", "tls-hostname": "localhost"}),
+        );
+    }
+    let proxy = Proxy::start(&dir.join("proxy.sock"), &sock, Policy::Record);
+    src.cmd(
+        "migrate",
+        json!({"uri": format!("unix:{}", proxy.path.display())}),
+    );
+    check_moved(&mut src, &mut dst);
+    drop(src);
+    proxy
+        .done_rx
+        .recv_timeout(LONG)
+        .expect("the source's side of the proxy ends");
+    proxy.recorded()
+}
+
+#[test]
+fn tls_capture_shows_no_guest_memory() {
+    let plain = captured(&TempDir::new("tls-capture-plain"), false);
+    let sealed = captured(&TempDir::new("tls-capture-tls"), true);
+    // Both carried a whole stream (a 4 MiB working set at least).
+    assert!(
+        plain.len() > 4 << 20,
+        "plain capture: {} bytes",
+        plain.len()
+    );
+    assert!(
+        sealed.len() > 4 << 20,
+        "TLS capture: {} bytes",
+        sealed.len()
+    );
+    assert!(
+        has_guest_page(&plain),
+        "the plaintext capture must show the guest's pages (else this test cannot fail)"
+    );
+    assert!(
+        !has_guest_page(&sealed),
+        "guest memory in clear on the wire"
+    );
+    assert!(
+        !sealed.windows(4).take(64).any(|w| w == b"QEVM"),
+        "the stream header in clear"
+    );
+}
+
+/// `hopvm run ARGS` inside namespace `ns`.
+fn in_netns(ns: &str) -> impl FnOnce(&mut Command) + '_ {
+    move |cmd: &mut Command| {
+        let program = cmd.get_program().to_owned();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let mut wrapped = Command::new("ip");
+        wrapped.args(["netns", "exec", ns]).arg(program).args(args);
+        wrapped
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        *cmd = wrapped;
+    }
+}
+
+#[test]
+fn tls_between_two_network_namespaces() {
+    use hopvm::tools::netns::{NetnsPair, DST_ADDR};
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIP tls_between_two_network_namespaces (needs root to create namespaces)");
+        return;
+    }
+    let hosts = NetnsPair::create("hopvm-tls-").expect("the two hosts");
+    let dir = TempDir::new("tls-netns");
+    // The destination's certificate carries its address (an IP SAN).
+    let certs = Certs::new(&dir, &[DST_ADDR]);
+    let mut args = dirty_args(MEMORY, "4");
+    args.extend(object("tls0", &certs.path("src"), "client"));
+    let mut src = Hopvm::spawn_with(&dir.0, "src", &strs(&args), in_netns(hosts.src()));
+    src.out.wait_for(LONG, "a first pass", |t| passes(t) >= 1);
+    let mut args: Vec<String> = ["--memory", MEMORY, "--incoming", "tcp:0:4444"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(object("tls0", &certs.path("dst"), "server"));
+    let mut dst = Hopvm::spawn_with(&dir.0, "dst", &strs(&args), in_netns(hosts.dst()));
+    for vm in [&mut src, &mut dst] {
+        events_on(vm);
+        vm.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+    }
+    src.cmd("migrate-set-parameters", json!({"max-bandwidth": 0}));
+    src.cmd("migrate", json!({"uri": format!("tcp:{DST_ADDR}:4444")}));
+    check_moved(&mut src, &mut dst);
+    drop((src, dst));
+    drop(hosts);
+}
+
+/// Connects to a TCP port, retrying while nothing listens yet.
+fn connect_retry(port: u16) -> std::net::TcpStream {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => return s,
+            Err(e) if std::time::Instant::now() > deadline => panic!("no monitor: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// What a client gets from the monitor before the server closes or `timeout` passes.
+fn read_some(r: &mut dyn std::io::Read) -> String {
+    let mut buf = [0u8; 4096];
+    match r.read(&mut buf) {
+        Ok(n) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+        Err(e) => format!("error: {e}"),
+    }
+}
+
+#[test]
+fn tls_qmp_monitor() {
+    use migration::transport::tls::{Endpoint, TlsCredsX509, TlsReader, TlsWriter};
+    use std::io::{BufRead, Write};
+    let dir = TempDir::new("tls-qmp");
+    let certs = Certs::new(&dir, &["localhost"]);
+    Ca::new("another CA").client_dir(&certs.path("other-ca"), false);
+    std::fs::copy(
+        certs.path("src").join("ca-cert.pem"),
+        certs.path("other-ca").join("ca-cert.pem"),
+    )
+    .unwrap();
+    let port = free_tcp_port();
+    let mut args = vec![
+        String::from("--memory"),
+        String::from(MEMORY),
+        String::from("--incoming"),
+        String::from("defer"),
+        String::from("--qmp"),
+        format!("tcp:127.0.0.1:{port},tls-creds=mon"),
+    ];
+    args.extend(object("mon", &certs.path("dst"), "server"));
+    let (mut child, _out, err) = common::proc::spawn_plain(&strs(&args));
+    let client = |sub: &str| {
+        TlsCredsX509::load("c", &certs.path(sub), Endpoint::Client, true)
+            .unwrap()
+            .client(Some("localhost"))
+            .unwrap()
+    };
+
+    // A plaintext client gets no greeting: the server wants a handshake and hangs up.
+    let mut plain = connect_retry(port);
+    plain
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    plain
+        .write_all(b"{\"execute\": \"qmp_capabilities\"}\n")
+        .unwrap();
+    let got = read_some(&mut plain);
+    assert!(!got.contains("QMP"), "plaintext client served: {got}");
+
+    // A certificate from another CA: refused.
+    let sock = connect_retry(port);
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let got = match client("other-ca").connect(sock.into()) {
+        Err(e) => e.to_string(),
+        Ok(t) => read_some(&mut TlsReader(t)),
+    };
+    assert!(
+        !got.contains("QMP"),
+        "a foreign certificate was served: {got}"
+    );
+
+    // The right certificate: the monitor answers.
+    let sock = connect_retry(port);
+    let t = client("src").connect(sock.into()).unwrap();
+    let mut r = std::io::BufReader::new(TlsReader(t.clone()));
+    let mut w = TlsWriter(t);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"QMP\""), "greeting: {line}");
+    for (cmd, want) in [
+        ("qmp_capabilities", "\"return\": {}"),
+        ("query-status", "\"status\": \"inmigrate\""),
+    ] {
+        writeln!(w, "{{\"execute\": \"{cmd}\"}}").unwrap();
+        w.flush().unwrap();
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        assert!(line.contains(want), "{cmd}: {line}");
+    }
+    writeln!(w, "{{\"execute\": \"quit\"}}").unwrap();
+    w.flush().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}; stderr: {}", err.text());
+}
