@@ -181,6 +181,8 @@ pub struct Devices {
     pub cmos: Arc<Mutex<devices::cmos::Cmos>>,
     /// The PCI configuration ports (and the reset control register).
     pub pci_host: Arc<Mutex<devices::pci_host::PciHost>>,
+    /// PCI bus 0 (host bridge, PIIX3, virtio devices).
+    pub pci_bus: Arc<Mutex<devices::pci::PciBus>>,
     /// QEMU's firmware configuration interface.
     pub fw_cfg: Arc<Mutex<devices::fw_cfg::FwCfg>>,
     /// pc-testdev's scratch and flush ports.
@@ -421,7 +423,10 @@ impl Vm {
         pio.insert(0x60, 5, i8042.clone())?;
         pio.insert(0x70, 2, cmos.clone())?;
         pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
-        let pci_host = Arc::new(Mutex::new(devices::pci_host::PciHost::new()));
+        let pci_bus = Arc::new(Mutex::new(devices::pci::PciBus::new_pc()));
+        let pci_host = Arc::new(Mutex::new(devices::pci_host::PciHost::with_bus(
+            pci_bus.clone(),
+        )));
         pio.insert(0xcf8, 8, pci_host.clone())?;
         pio.insert(
             u64::from(config.debug_exit.iobase),
@@ -453,6 +458,15 @@ impl Vm {
         let mut mmio = Bus::new("mmio");
         let testdev_mmio = Arc::new(Mutex::new(devices::pc_testdev::PcTestdevMmio::new()));
         mmio.insert(TESTDEV_MMIO, 0x1_0000, testdev_mmio.clone())?;
+        // Firmware's job on a PC: place the BARs in the PCI hole and set the interrupt lines.
+        lock(&pci_bus).assign_resources();
+        mmio.insert(
+            devices::pci::PCI_MMIO_BASE,
+            devices::pci::PCI_MMIO_END - devices::pci::PCI_MMIO_BASE,
+            Arc::new(Mutex::new(devices::pci::PciMmioWindow::new(
+                pci_bus.clone(),
+            ))),
+        )?;
         let machine = Arc::new(Mutex::new(Machine::new(pio, mmio)));
 
         vcpu::install_kick_handler()?;
@@ -522,6 +536,7 @@ impl Vm {
                 i8042,
                 cmos,
                 pci_host,
+                pci_bus,
                 fw_cfg,
                 testdev_ports,
                 testdev_irq,
