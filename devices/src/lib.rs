@@ -88,6 +88,16 @@ pub enum VmRequest {
     Suspend,
 }
 
+/// A device back-end that works outside the vCPU threads (virtio's `virtio-io` thread) and
+/// must stand still while the vCPUs do: when the VM is paused (QMP `stop`, the migration's
+/// switchover, a reset) no request is served and no guest RAM is written until it resumes.
+pub trait Quiesce: Send + Sync {
+    /// Waits for the request in progress, if any, and serves no other.
+    fn pause(&self);
+    /// Serves again, starting with the notifications that arrived while paused.
+    fn resume(&self);
+}
+
 /// A device's interrupt line into the interrupt controllers.
 pub trait IrqLine: Send + Sync {
     /// Drives the line high (`true`) or low (`false`).

@@ -184,6 +184,9 @@ pub(crate) struct Core {
     intx_disabled: bool,
     intx: SharedIrq,
     msi: Arc<dyn MsiSender>,
+    /// The VM is paused: notifications are only remembered (bit per queue).
+    paused: bool,
+    pending: u64,
 }
 
 fn new_queue(max: u16) -> Queue {
@@ -428,6 +431,10 @@ impl Core {
 
     /// Serves queue `index` after a notification.
     fn process(&mut self, index: usize) {
+        if self.paused {
+            self.pending |= 1 << index.min(63);
+            return;
+        }
         if !self.driver_ok() {
             return;
         }
@@ -583,6 +590,8 @@ impl VirtioPci {
             intx_disabled: false,
             intx,
             msi,
+            paused: false,
+            pending: 0,
         };
         Ok(Self {
             config,
@@ -596,6 +605,14 @@ impl VirtioPci {
 
     /// The event-loop subscriber serving this device's queues.
     pub fn subscriber(&self) -> Arc<dyn EventSubscriber + Send + Sync> {
+        Arc::new(QueueHandler {
+            core: self.core.clone(),
+            notify: self.notify.clone(),
+        })
+    }
+
+    /// The handle that pauses this device's back-end with the VM.
+    pub fn quiesce(&self) -> Arc<dyn devices::Quiesce> {
         Arc::new(QueueHandler {
             core: self.core.clone(),
             notify: self.notify.clone(),
@@ -844,6 +861,25 @@ impl PciDevice for VirtioPci {
 struct QueueHandler {
     core: Arc<Mutex<Core>>,
     notify: Arc<Vec<EventFd>>,
+}
+
+impl devices::Quiesce for QueueHandler {
+    fn pause(&self) {
+        lock(&self.core).paused = true;
+    }
+
+    fn resume(&self) {
+        let mut core = lock(&self.core);
+        core.paused = false;
+        let pending = std::mem::take(&mut core.pending);
+        drop(core);
+        // Hand the remembered notifications back to the event loop.
+        for (i, fd) in self.notify.iter().enumerate() {
+            if pending & (1 << i.min(63)) != 0 {
+                let _ = fd.write(1);
+            }
+        }
+    }
 }
 
 impl EventSubscriber for QueueHandler {
@@ -1153,6 +1189,31 @@ mod tests {
         r.init(1);
         assert_eq!(r.r(0x14, 1), 0xf);
         assert_eq!(r.request(0, 0, 512).0, 0);
+    }
+
+    #[test]
+    fn paused_device_serves_nothing_until_resumed() {
+        let mut r = rig("pause", false, 8);
+        r.init(1);
+        let q = r.dev.quiesce();
+        q.pause();
+        r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        r.desc(0, HDR, 16, 1, 1);
+        r.desc(1, STATUS, 1, 2, 0);
+        r.mem.write_obj(4u32, GuestAddress(HDR)).unwrap();
+        lock(&r.dev.core).process(0);
+        let used: u16 = r.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used, 0, "nothing served while paused");
+        q.resume();
+        assert_eq!(
+            r.dev.notify[0].read().unwrap(),
+            1,
+            "the notification is handed back"
+        );
+        lock(&r.dev.core).process(0);
+        let used: u16 = r.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used, 1);
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub enum ConfigError {
     /// A malformed `--debug-exit` value.
     #[error("invalid debug-exit '{0}': expected iobase=0x…,iosize=…")]
     InvalidDebugExit(String),
+    /// A malformed `--disk` value.
+    #[error("invalid disk '{0}': {1}")]
+    InvalidDisk(String, &'static str),
 }
 
 /// The smallest guest RAM hopvm accepts.
@@ -99,6 +102,60 @@ impl std::str::FromStr for DebugExitConfig {
         }
         if config.iosize == 0 || u32::from(config.iobase) + u32::from(config.iosize) > 0x1_0000 {
             return Err(bad());
+        }
+        Ok(config)
+    }
+}
+
+/// A virtio-blk disk on a raw image (`--disk PATH[,readonly=on][,serial=STR]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Offer the disk read-only (VIRTIO_BLK_F_RO; writes fail).
+    pub readonly: bool,
+    /// What the guest reads with VIRTIO_BLK_T_GET_ID (up to 20 bytes; empty by default, as
+    /// QEMU without `serial=`).
+    pub serial: String,
+}
+
+/// Parses QEMU's spelling of a boolean option value.
+pub fn parse_on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "yes" | "true" | "y" => Some(true),
+        "off" | "no" | "false" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// Parses `PATH[,readonly=on|off][,serial=STR]` (`,,` is a comma in the path); also takes
+    /// `file=PATH` in place of the bare path.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why| ConfigError::InvalidDisk(s.to_string(), why);
+        let mut path = None;
+        let mut config = Self {
+            path: PathBuf::new(),
+            readonly: false,
+            serial: String::new(),
+        };
+        for (i, part) in crate::qemu_opts::split_options(s).into_iter().enumerate() {
+            match part.split_once('=') {
+                Some(("file", v)) if path.is_none() => path = Some(v.to_string()),
+                Some(("readonly", v)) => {
+                    config.readonly = parse_on_off(v).ok_or_else(|| bad("readonly=on or off"))?
+                }
+                Some(("serial", v)) if v.len() <= 20 => config.serial = v.to_string(),
+                Some(("serial", _)) => return Err(bad("serial is at most 20 bytes")),
+                _ if i == 0 && path.is_none() => path = Some(part),
+                _ => return Err(bad("expected PATH[,readonly=on][,serial=STR]")),
+            }
+        }
+        match path.filter(|p| !p.is_empty()) {
+            Some(p) => config.path = PathBuf::from(p),
+            None => return Err(bad("no image path")),
         }
         Ok(config)
     }
@@ -214,6 +271,8 @@ pub struct VmConfig {
     /// Give the guest ACPI tables (RSDP, FADT, MADT, DSDT…); off is QEMU's `-no-acpi`: the
     /// guest finds its CPUs and interrupt routing in the MP table only.
     pub acpi: bool,
+    /// virtio-blk disks, in PCI slot order.
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -236,6 +295,7 @@ impl VmConfig {
             mem_lock: false,
             cpu_pm: false,
             acpi: true,
+            disks: Vec::new(),
         }
     }
 }
@@ -279,6 +339,29 @@ mod tests {
         );
         assert!("file:".parse::<SerialConfig>().is_err());
         assert!("tcp:1".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d: DiskConfig = "/tmp/a.img".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(!d.readonly);
+        let d: DiskConfig = "/tmp/a,,b.img,readonly=on,serial=xyz".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a,b.img"));
+        assert!(d.readonly);
+        assert_eq!(d.serial, "xyz");
+        let d: DiskConfig = "file=/x,readonly=off".parse().unwrap();
+        assert_eq!((d.path, d.readonly), (PathBuf::from("/x"), false));
+        for bad in [
+            "",
+            ",readonly=on",
+            "/x,readonly=maybe",
+            "/x,cache=none",
+            "/x,serial=123456789012345678901",
+            "file=",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -304,6 +304,22 @@ impl Instance {
             reset_ports::Port92::state,
             reset_ports::Port92::restore,
         );
+        // virtio-blk: the transport's state (every request completed: they are served whole
+        // under the device's core lock, and the back-end is paused with the vCPUs). The disk's
+        // contents are not in the stream: both sides open the same image (shared storage).
+        for (i, dev) in d.virtio_blk.iter().enumerate() {
+            registry.register(
+                "virtio-blk",
+                i as u32,
+                DEVICE_STATE_VERSION,
+                Box::new(DeviceSection::new(
+                    "virtio-blk",
+                    dev.clone(),
+                    virtio::VirtioPci::state,
+                    virtio::VirtioPci::restore,
+                )),
+            );
+        }
         // The power-on state of every non-RAM section, taken before any vCPU ran: a reset
         // restores it.
         let power_on = registry.save_snapshots().map_err(VmError::Sections)?;

@@ -92,6 +92,18 @@ pub enum VmError {
     /// The serial output file could not be created.
     #[error("cannot open serial output {0}: {1}")]
     SerialFile(String, #[source] std::io::Error),
+    /// A disk image could not be opened.
+    #[error(transparent)]
+    Disk(#[from] virtio::BlockError),
+    /// A virtio device could not be created.
+    #[error(transparent)]
+    Virtio(#[from] virtio::pci::VirtioPciError),
+    /// The virtio back-end thread could not be started.
+    #[error(transparent)]
+    VirtioIo(#[from] virtio::event_loop::EventLoopError),
+    /// No PCI slot is left.
+    #[error("no free pci slot for another device")]
+    PciSlots,
     /// `mem-lock=on`: the memory could not be locked.
     #[error("cannot lock memory (mem-lock=on): {0}")]
     MemLock(#[source] std::io::Error),
@@ -132,6 +144,49 @@ impl IrqLine for KvmIrq {
         if let Err(e) = self.vm.set_irq_line(self.gsi, high) {
             log::warn!("cannot set irq {}: {e}", self.gsi);
         }
+    }
+}
+
+/// MSI messages into the guest with `KVM_SIGNAL_MSI` (from the `virtio-io` thread, with no
+/// VMM lock held; KVM serialises injections itself).
+struct KvmMsi(Arc<VmFd>);
+
+impl virtio::MsiSender for KvmMsi {
+    fn send(&self, address: u64, data: u32) {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.0.signal_msi(msi) {
+            log::warn!("cannot signal msi {address:#x}/{data:#x}: {e}");
+        }
+    }
+}
+
+/// Queue notification addresses as KVM ioeventfds (any access length, no data match).
+struct KvmIoEvents(Arc<VmFd>);
+
+impl virtio::IoEventRegistrar for KvmIoEvents {
+    fn register(&self, addr: u64, fd: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<()> {
+        self.0
+            .register_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn unregister(&self, addr: u64, fd: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<()> {
+        self.0
+            .unregister_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 
@@ -197,6 +252,8 @@ pub struct Devices {
     pub pm_timer: Arc<Mutex<devices::pm_timer::PmTimer>>,
     /// System control port A (fast reset, A20).
     pub port92: Arc<Mutex<devices::reset_ports::Port92>>,
+    /// The virtio-blk disks, in `--disk` order.
+    pub virtio_blk: Vec<Arc<Mutex<virtio::VirtioPci>>>,
 }
 
 /// The kernel and initrd, kept so that a reset can load them again.
@@ -252,6 +309,7 @@ pub struct Vm {
     kvm: Kvm,
     pit: bool,
     acpi: bool,
+    virtio_io: Option<virtio::EventLoop>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -458,6 +516,34 @@ impl Vm {
         let mut mmio = Bus::new("mmio");
         let testdev_mmio = Arc::new(Mutex::new(devices::pc_testdev::PcTestdevMmio::new()));
         mmio.insert(TESTDEV_MMIO, 0x1_0000, testdev_mmio.clone())?;
+        // virtio-blk disks, one PCI slot each from 00.2 on.
+        let mut virtio_blk = Vec::new();
+        let mut subscribers = Vec::new();
+        let mut quiesce = Vec::new();
+        let msi: Arc<dyn virtio::MsiSender> = Arc::new(KvmMsi(fd.clone()));
+        let ioevents: Arc<dyn virtio::IoEventRegistrar> = Arc::new(KvmIoEvents(fd.clone()));
+        for disk in &config.disks {
+            let backend = virtio::Block::open(&disk.path, disk.readonly, &disk.serial)?;
+            let slot = lock(&pci_bus).free_slot().ok_or(VmError::PciSlots)?;
+            let gsi = u32::from(devices::pci::intx_irq(slot, 1));
+            let dev = virtio::VirtioPci::new(
+                Box::new(backend),
+                memory.clone(),
+                irq(gsi),
+                msi.clone(),
+                Some(ioevents.clone()),
+            )?;
+            subscribers.push(dev.subscriber());
+            quiesce.push(dev.quiesce());
+            let dev = Arc::new(Mutex::new(dev));
+            lock(&pci_bus).insert(slot, dev.clone());
+            virtio_blk.push(dev);
+        }
+        let virtio_io = if subscribers.is_empty() {
+            None
+        } else {
+            Some(virtio::EventLoop::spawn(subscribers)?)
+        };
         // Firmware's job on a PC: place the BARs in the PCI hole and set the interrupt lines.
         lock(&pci_bus).assign_resources();
         mmio.insert(
@@ -467,7 +553,9 @@ impl Vm {
                 pci_bus.clone(),
             ))),
         )?;
-        let machine = Arc::new(Mutex::new(Machine::new(pio, mmio)));
+        let mut machine = Machine::new(pio, mmio);
+        machine.quiesce = quiesce;
+        let machine = Arc::new(Mutex::new(machine));
 
         vcpu::install_kick_handler()?;
         let arch_caps = cpu_model::arch_capabilities_msr(&kvm);
@@ -544,6 +632,7 @@ impl Vm {
                 acpi_pm,
                 pm_timer,
                 port92,
+                virtio_blk,
             },
             format: boot.as_ref().map(|b| b.format),
             boot,
@@ -554,6 +643,7 @@ impl Vm {
             kvm,
             pit: config.pit,
             acpi: config.acpi,
+            virtio_io,
         };
         vm.load_kernel()?;
         // The vCPUs are still parked: the slots only have to exist before they first run.
@@ -685,6 +775,8 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.control.stop(&self.machine);
+        // After the vCPUs: no notification can come any more.
+        self.virtio_io.take();
     }
 }
 

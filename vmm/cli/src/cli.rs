@@ -95,6 +95,9 @@ pub struct RunArgs {
     /// Do not start the vCPUs (QEMU's -S): `cont` over QMP starts them.
     #[arg(long)]
     pub paused: bool,
+    /// A virtio-blk disk on a raw image file (repeatable; `,,` is a comma in the path).
+    #[arg(long, value_name = "PATH[,readonly=on][,serial=STR]")]
+    pub disk: Vec<config::DiskConfig>,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -112,6 +115,7 @@ impl From<RunArgs> for VmConfig {
             qmp: a.qmp,
             incoming: a.incoming,
             paused: a.paused,
+            disks: a.disk,
             ..VmConfig::new("")
         }
     }

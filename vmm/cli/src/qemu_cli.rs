@@ -83,6 +83,7 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -device pc-testdev | isa-debug-exit[,iobase=,iosize=] | pci-testdev | hyperv-testdev | ? | help\n\
 -qmp unix:PATH[,server,nowait]\n\
 -chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control\n\
+-drive file=PATH,if=virtio[,format=raw][,readonly=on][,serial=S]   virtio-blk disk\n\
 -incoming URI | defer\n\
 -S                      do not start the vCPUs\n\
 -no-reboot              exit instead of rebooting\n\
@@ -90,6 +91,49 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -global kvm-pit.lost_tick_policy=discard                  accepted\n",
         version_line()
     )
+}
+
+/// `-drive file=PATH,if=virtio[,format=raw][,readonly=on][,serial=S][,id=ID][,media=disk]`:
+/// a virtio-blk disk on a raw image. Other interfaces and formats are refused.
+fn parse_drive(opt: &str, v: &str) -> Result<config::DiskConfig, QemuCliError> {
+    let parts = split_options(v);
+    let (first, p) = props(&parts);
+    if let Some(f) = first {
+        return Err(QemuCliError::UnsupportedValue(opt.into(), f.into()));
+    }
+    let file = p
+        .get("file")
+        .filter(|f| !f.is_empty())
+        .ok_or_else(|| QemuCliError::Invalid(opt.into(), format!("{v}: no file=")))?;
+    let mut disk = config::DiskConfig {
+        path: PathBuf::from(file),
+        readonly: false,
+        serial: String::new(),
+    };
+    for (&k, &val) in &p {
+        match (k, val) {
+            ("file", _) | ("id", _) | ("if", "virtio") | ("format", "raw") | ("media", "disk") => {}
+            ("readonly", val) => {
+                disk.readonly = config::parse_on_off(val).ok_or_else(|| {
+                    QemuCliError::Invalid(opt.into(), format!("readonly={val}: expected on or off"))
+                })?
+            }
+            ("serial", val) if val.len() <= 20 => disk.serial = val.to_string(),
+            _ => {
+                return Err(QemuCliError::UnsupportedValue(
+                    opt.into(),
+                    format!("{k}={val}"),
+                ))
+            }
+        }
+    }
+    if p.get("if") != Some(&"virtio") {
+        return Err(QemuCliError::UnsupportedValue(
+            opt.into(),
+            String::from("a drive without if=virtio (hopvm has only virtio-blk disks)"),
+        ));
+    }
+    Ok(disk)
 }
 
 /// Maps the items of `key=value,flag,...` (split by [`split_options`], so `,,` is a literal
@@ -522,6 +566,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                     _ => return Err(QemuCliError::UnsupportedValue(opt.into(), v)),
                 }
             }
+            "-drive" => config.disks.push(parse_drive(opt, &value()?)?),
             "-incoming" => config.incoming = Some(value()?),
             other => return Err(QemuCliError::Unsupported(other.to_string())),
         }
@@ -673,6 +718,28 @@ mod tests {
         match parse(&args(s)).unwrap() {
             QemuAction::Run(c) => *c,
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn drives() {
+        let c = run("-kernel k -drive file=/tmp/d.img,if=virtio,format=raw \
+                     -drive file=/tmp/e,,f.img,if=virtio,readonly=on,serial=abc,id=d1");
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].path, PathBuf::from("/tmp/d.img"));
+        assert!(!c.disks[0].readonly);
+        assert_eq!(c.disks[1].path, PathBuf::from("/tmp/e,f.img"));
+        assert!(c.disks[1].readonly);
+        assert_eq!(c.disks[1].serial, "abc");
+        for bad in [
+            "-drive file=/x",
+            "-drive file=/x,if=ide",
+            "-drive file=/x,if=virtio,format=qcow2",
+            "-drive if=virtio",
+            "-drive file=/x,if=virtio,readonly=perhaps",
+            "-drive file=/x,if=virtio,cache=none",
+        ] {
+            assert!(parse(&args(&format!("-kernel k {bad}"))).is_err(), "{bad}");
         }
     }
 

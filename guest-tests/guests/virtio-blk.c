@@ -1,0 +1,293 @@
+/*
+ * virtio-blk: a tiny virtio 1.x PCI driver of its own, run against the VMM's
+ * virtio-blk-pci (hopvm's or QEMU's):
+ *  - PCI through configuration mechanism #1: the i440FX host bridge at 00.0,
+ *    the first 1af4:1042 (modern virtio-blk) on bus 0, BAR 0 sizing, the
+ *    interrupt line firmware wrote;
+ *  - the vendor capabilities (common, notify, ISR, device configuration; BAR
+ *    and offset of each) and the MSI-X capability;
+ *  - feature negotiation (VIRTIO_F_VERSION_1, VIRTIO_BLK_F_FLUSH), one queue
+ *    of 16 descriptors, MSI-X vector 0 to the boot CPU's LAPIC;
+ *  - writes a pattern over the whole disk in 64 KiB requests, reads it all back
+ *    and compares, flushes, asks GET_ID, and checks that a request past the
+ *    end fails with VIRTIO_BLK_S_IOERR;
+ *  - bad input: rings outside guest RAM → DEVICE_NEEDS_RESET, reset recovers.
+ * The pattern word at disk byte offset o is (o * 2654435761) ^ seed (32 bits,
+ * little-endian), so the host can check the image afterwards.
+ * Command line: seed=N (pattern seed), disk=SIZE (expected capacity, bytes).
+ */
+#include "lib/lib.h"
+
+#define VIRTIO_VENDOR 0x1af4
+#define VIRTIO_BLK_MODERN 0x1042
+#define MSI_VECTOR 0x50
+#define QSIZE 16
+#define CHUNK (64 * KiB)
+#define TIMEOUT_MS 5000
+
+/* Common configuration offsets. */
+#define C_DFSELECT 0x00
+#define C_DF 0x04
+#define C_GFSELECT 0x08
+#define C_GF 0x0c
+#define C_MSIX_CONFIG 0x10
+#define C_NUM_QUEUES 0x12
+#define C_STATUS 0x14
+#define C_Q_SELECT 0x16
+#define C_Q_SIZE 0x18
+#define C_Q_MSIX 0x1a
+#define C_Q_ENABLE 0x1c
+#define C_Q_NOFF 0x1e
+#define C_Q_DESC 0x20
+#define C_Q_AVAIL 0x28
+#define C_Q_USED 0x30
+
+struct desc {
+	u64 addr;
+	u32 len;
+	u16 flags;
+	u16 next;
+};
+struct req_header {
+	u32 type;
+	u32 reserved;
+	u64 sector;
+};
+
+static struct desc descs[QSIZE] __attribute__((aligned(16)));
+static volatile u16 avail[2 + QSIZE + 1] __attribute__((aligned(2)));
+static volatile u32 used[1 + 2 * QSIZE + 1] __attribute__((aligned(4)));
+static struct req_header hdr;
+static volatile u8 status;
+static u8 buf[CHUNK] __attribute__((aligned(4096)));
+static u16 avail_idx, used_seen;
+static volatile u32 irqs;
+
+static u64 common, notify, isr, devcfg;
+static u32 notify_mult;
+
+static u32 cfg_read(u8 slot, u8 reg)
+{
+	outl(0xcf8, 0x80000000u | (u32)slot << 11 | (reg & 0xfc));
+	return inl(0xcfc);
+}
+static void cfg_write(u8 slot, u8 reg, u32 v)
+{
+	outl(0xcf8, 0x80000000u | (u32)slot << 11 | (reg & 0xfc));
+	outl(0xcfc, v);
+}
+static u8 r8(u64 a) { return *(volatile u8 *)a; }
+static u16 r16(u64 a) { return *(volatile u16 *)a; }
+static u32 r32(u64 a) { return *(volatile u32 *)a; }
+static void w8(u64 a, u8 v) { *(volatile u8 *)a = v; }
+static void w16(u64 a, u16 v) { *(volatile u16 *)a = v; }
+static void w32(u64 a, u32 v) { *(volatile u32 *)a = v; }
+static void w64(u64 a, u64 v)
+{
+	w32(a, (u32)v);
+	w32(a + 4, (u32)(v >> 32));
+}
+
+static void msi_handler(struct ex_regs *r)
+{
+	(void)r;
+	irqs++;
+}
+
+/* Queues one request (header, optional data, status) and waits for it; returns the status. */
+static int request(u32 type, u64 sector, void *data, u32 len, bool device_writes)
+{
+	int n = 0;
+	hdr.type = type;
+	hdr.reserved = 0;
+	hdr.sector = sector;
+	status = 0xff;
+	descs[0] = (struct desc){(u64)&hdr, sizeof(hdr), 1, 1};
+	n = 1;
+	if (len) {
+		descs[1] = (struct desc){(u64)data, len, (u16)(1 | (device_writes ? 2 : 0)), 2};
+		n = 2;
+	}
+	descs[n] = (struct desc){(u64)&status, 1, 2, 0};
+	avail[2 + avail_idx % QSIZE] = 0;
+	barrier();
+	avail_idx++;
+	avail[1] = avail_idx;
+	barrier();
+	w16(notify + 0 * notify_mult, 0);
+	deadline_start(TIMEOUT_MS);
+	while ((u16)(used[0] >> 16) == used_seen) {
+		if (deadline_passed())
+			return -1;
+		cpu_relax();
+	}
+	used_seen++;
+	return status;
+}
+
+static u32 pattern(u64 off, u32 seed) { return (u32)(off * 2654435761u) ^ seed; }
+
+int main(int argc, char **argv)
+{
+	(void)argc;
+	(void)argv;
+	u32 seed = (u32)get_arg_u64("seed", 0x12345678);
+	u64 disk = get_arg_size("disk", 1, 1 * MiB);
+	int slot = -1;
+
+	lapic_init();
+	set_handler(MSI_VECTOR, msi_handler);
+
+	report(cfg_read(0, 0) == 0x12378086, "host bridge 8086:1237 at 00.0 (read %08x)", cfg_read(0, 0));
+	for (int s = 0; s < 32 && slot < 0; s++)
+		if (cfg_read(s, 0) == ((u32)VIRTIO_BLK_MODERN << 16 | VIRTIO_VENDOR))
+			slot = s;
+	if (slot < 0)
+		report_abort("no virtio-blk (1af4:1042) on bus 0");
+	report_info("virtio-blk at 00.%x, interrupt line %u", slot, cfg_read(slot, 0x3c) & 0xff);
+
+	/* BAR 0: size it, put it back. */
+	u32 bar = cfg_read(slot, 0x10);
+	cfg_write(slot, 0x10, 0xffffffff);
+	u32 mask = cfg_read(slot, 0x10);
+	cfg_write(slot, 0x10, bar);
+	u64 bar_base = bar & ~0xfu;
+	u64 bar_size = (u64)(~(mask & ~0xfu)) + 1;
+	bar_size &= 0xffffffffu;
+	report(bar_base != 0 && (bar & 1) == 0 && bar_size >= 0x4000 && cfg_read(slot, 0x10) == bar,
+	       "BAR 0: memory at %lx, %lx bytes", bar_base, bar_size);
+	bool bar64 = (bar & 6) == 4;
+	if (bar64)
+		bar_base |= (u64)cfg_read(slot, 0x14) << 32;
+	cfg_write(slot, 0x04, cfg_read(slot, 0x04) | 0x6); /* memory decode, bus master */
+
+	/* Capabilities. */
+	u8 msix_cap = 0;
+	for (u8 p = cfg_read(slot, 0x34) & 0xfc; p; p = (cfg_read(slot, p) >> 8) & 0xfc) {
+		u32 d = cfg_read(slot, p);
+		if ((d & 0xff) == 0x11)
+			msix_cap = p;
+		if ((d & 0xff) != 0x09)
+			continue;
+		u8 type = d >> 24;
+		u8 bar_idx = cfg_read(slot, p + 4) & 0xff;
+		u64 addr = bar_base + cfg_read(slot, p + 8);
+		if (bar_idx != 0)
+			report_abort("capability type %u in BAR %u (this driver maps only BAR 0)", type,
+				     bar_idx);
+		if (type == 1)
+			common = addr;
+		else if (type == 2) {
+			notify = addr;
+			notify_mult = cfg_read(slot, p + 16);
+		} else if (type == 3)
+			isr = addr;
+		else if (type == 4)
+			devcfg = addr;
+	}
+	report(common && notify && isr && devcfg && msix_cap,
+	       "capabilities: common %lx notify %lx (x%u) isr %lx device %lx msi-x at %x", common,
+	       notify, notify_mult, isr, devcfg, msix_cap);
+	if (!(common && notify && isr && devcfg && msix_cap))
+		return report_summary();
+
+	/* Reset, acknowledge, features. */
+	w8(common + C_STATUS, 0);
+	report(r8(common + C_STATUS) == 0, "reset");
+	w8(common + C_STATUS, 1);
+	w8(common + C_STATUS, 3);
+	w32(common + C_DFSELECT, 1);
+	u32 hi = r32(common + C_DF);
+	w32(common + C_DFSELECT, 0);
+	u32 lo = r32(common + C_DF);
+	report(hi & 1, "device offers VIRTIO_F_VERSION_1 (features %08x%08x)", hi, lo);
+	w32(common + C_GFSELECT, 0);
+	w32(common + C_GF, lo & (1u << 9));
+	w32(common + C_GFSELECT, 1);
+	w32(common + C_GF, 1);
+	w8(common + C_STATUS, 0xb);
+	report(r8(common + C_STATUS) == 0xb, "FEATURES_OK accepted");
+	u64 capacity = r32(devcfg) | (u64)r32(devcfg + 4) << 32;
+	report(capacity * 512 == disk, "capacity %lu sectors (%lu bytes expected)", capacity, disk);
+
+	/* MSI-X vector 0 → this CPU, vector MSI_VECTOR. */
+	u32 table = cfg_read(slot, msix_cap + 4);
+	u64 msix_table = bar_base + (table & ~7u);
+	cfg_write(slot, msix_cap, cfg_read(slot, msix_cap) | (1u << 31));
+	w64(msix_table, 0xfee00000u | lapic_id() << 12);
+	w32(msix_table + 8, MSI_VECTOR);
+	w32(msix_table + 12, 0);
+	w16(common + C_MSIX_CONFIG, 0xffff);
+
+	/* Queue 0. */
+	w16(common + C_Q_SELECT, 0);
+	u16 qmax = r16(common + C_Q_SIZE);
+	w16(common + C_Q_SIZE, QSIZE);
+	w16(common + C_Q_MSIX, 0);
+	report(qmax >= QSIZE && r16(common + C_Q_SIZE) == QSIZE && r16(common + C_Q_MSIX) == 0,
+	       "queue 0: max %u, size %u, msi-x vector 0", qmax, QSIZE);
+	w64(common + C_Q_DESC, (u64)descs);
+	w64(common + C_Q_AVAIL, (u64)avail);
+	w64(common + C_Q_USED, (u64)used);
+	notify += (u64)r16(common + C_Q_NOFF) * notify_mult;
+	w16(common + C_Q_ENABLE, 1);
+	w8(common + C_STATUS, 0xf);
+	report(r8(common + C_STATUS) == 0xf, "DRIVER_OK");
+	sti();
+
+	/* The whole disk: write, then read back. */
+	u64 chunks = disk / CHUNK;
+	int bad = 0;
+	for (u64 c = 0; c < chunks && !bad; c++) {
+		u32 *w = (u32 *)buf;
+		for (u64 i = 0; i < CHUNK / 4; i++)
+			w[i] = pattern(c * CHUNK + i * 4, seed);
+		int st = request(1, c * CHUNK / 512, buf, CHUNK, false);
+		if (st != 0) {
+			printf("write of chunk %lu: status %d\n", c, st);
+			bad = 1;
+		}
+	}
+	report(!bad, "wrote %lu KiB in %lu requests", chunks * CHUNK / KiB, chunks);
+	for (u64 c = 0; c < chunks && !bad; c++) {
+		memset(buf, 0, CHUNK);
+		int st = request(0, c * CHUNK / 512, buf, CHUNK, true);
+		u32 *w = (u32 *)buf;
+		for (u64 i = 0; i < CHUNK / 4 && st == 0; i++)
+			if (w[i] != pattern(c * CHUNK + i * 4, seed)) {
+				printf("chunk %lu word %lu: %08x\n", c, i, w[i]);
+				st = -2;
+			}
+		if (st != 0) {
+			printf("read of chunk %lu: status %d\n", c, st);
+			bad = 1;
+		}
+	}
+	report(!bad, "read back and verified %lu KiB", chunks * CHUNK / KiB);
+	report(request(4, 0, 0, 0, false) == 0, "flush");
+	memset(buf, 0, 20);
+	report(request(8, 0, buf, 20, true) == 0, "get-id: '%s'", (char *)buf);
+	report(request(0, capacity, buf, 512, true) == 1, "read past the end: IOERR");
+	deadline_start(TIMEOUT_MS);
+	while (irqs != used_seen && !deadline_passed())
+		cpu_relax();
+	report(irqs == used_seen, "MSI-X: %u interrupts for %u requests", irqs, used_seen);
+	cli();
+
+	/* Bad input: rings outside RAM. */
+	w8(common + C_STATUS, 0);
+	w8(common + C_STATUS, 3);
+	w32(common + C_GFSELECT, 1);
+	w32(common + C_GF, 1);
+	w8(common + C_STATUS, 0xb);
+	w16(common + C_Q_SELECT, 0);
+	w64(common + C_Q_DESC, 0xd0000000ull);
+	w16(common + C_Q_ENABLE, 1);
+	w8(common + C_STATUS, 0xf);
+	report(r8(common + C_STATUS) & 0x40, "rings outside RAM: DEVICE_NEEDS_RESET (status %x)",
+	       r8(common + C_STATUS));
+	w8(common + C_STATUS, 0);
+	report(r8(common + C_STATUS) == 0 && r16(common + C_Q_ENABLE) == 0, "reset recovers");
+
+	return report_summary();
+}
