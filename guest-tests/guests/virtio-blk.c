@@ -2,8 +2,9 @@
  * virtio-blk: a tiny virtio 1.x PCI driver of its own, run against the VMM's
  * virtio-blk-pci (hopvm's or QEMU's):
  *  - PCI through configuration mechanism #1: the i440FX host bridge at 00.0,
- *    the first 1af4:1042 (modern virtio-blk) on bus 0, BAR 0 sizing, the
- *    interrupt line firmware wrote;
+ *    the first virtio-blk on bus 0 (1af4:1042 modern, as hopvm's, or 1af4:1001
+ *    transitional, as QEMU's `-drive if=virtio` on `pc`; both are driven through
+ *    their modern interface), BAR sizing, the interrupt line firmware wrote;
  *  - the vendor capabilities (common, notify, ISR, device configuration; BAR
  *    and offset of each) and the MSI-X capability;
  *  - feature negotiation (VIRTIO_F_VERSION_1, VIRTIO_BLK_F_FLUSH), one queue
@@ -14,12 +15,16 @@
  *  - bad input: rings outside guest RAM → DEVICE_NEEDS_RESET, reset recovers.
  * The pattern word at disk byte offset o is (o * 2654435761) ^ seed (32 bits,
  * little-endian), so the host can check the image afterwards.
- * Command line: seed=N (pattern seed), disk=SIZE (expected capacity, bytes).
+ * With readonly: the disk must offer VIRTIO_BLK_F_RO and fail a write with
+ * IOERR; the host has written the pattern, which is only read and verified.
+ * Command line: seed=N (pattern seed), disk=SIZE (expected capacity, bytes),
+ * readonly.
  */
 #include "lib/lib.h"
 
 #define VIRTIO_VENDOR 0x1af4
 #define VIRTIO_BLK_MODERN 0x1042
+#define VIRTIO_BLK_TRANSITIONAL 0x1001
 #define MSI_VECTOR 0x50
 #define QSIZE 16
 #define CHUNK (64 * KiB)
@@ -65,6 +70,18 @@ static volatile u32 irqs;
 
 static u64 common, notify, isr, devcfg;
 static u32 notify_mult;
+
+static u32 cfg_read(u8 slot, u8 reg);
+
+/* The address memory BAR `i` is programmed to (64-bit BARs included). */
+static u64 bar_addr(u8 slot, u8 i)
+{
+	u32 lo = cfg_read(slot, 0x10 + 4 * i);
+	u64 a = lo & ~0xfu;
+	if ((lo & 7) == 4)
+		a |= (u64)cfg_read(slot, 0x14 + 4 * i) << 32;
+	return a;
+}
 
 static u32 cfg_read(u8 slot, u8 reg)
 {
@@ -133,6 +150,7 @@ int main(int argc, char **argv)
 	(void)argv;
 	u32 seed = (u32)get_arg_u64("seed", 0x12345678);
 	u64 disk = get_arg_size("disk", 1, 1 * MiB);
+	bool ro = get_arg("readonly") != NULL;
 	int slot = -1;
 
 	lapic_init();
@@ -140,25 +158,13 @@ int main(int argc, char **argv)
 
 	report(cfg_read(0, 0) == 0x12378086, "host bridge 8086:1237 at 00.0 (read %08x)", cfg_read(0, 0));
 	for (int s = 0; s < 32 && slot < 0; s++)
-		if (cfg_read(s, 0) == ((u32)VIRTIO_BLK_MODERN << 16 | VIRTIO_VENDOR))
+		if (cfg_read(s, 0) == ((u32)VIRTIO_BLK_MODERN << 16 | VIRTIO_VENDOR) ||
+		    cfg_read(s, 0) == ((u32)VIRTIO_BLK_TRANSITIONAL << 16 | VIRTIO_VENDOR))
 			slot = s;
 	if (slot < 0)
-		report_abort("no virtio-blk (1af4:1042) on bus 0");
-	report_info("virtio-blk at 00.%x, interrupt line %u", slot, cfg_read(slot, 0x3c) & 0xff);
-
-	/* BAR 0: size it, put it back. */
-	u32 bar = cfg_read(slot, 0x10);
-	cfg_write(slot, 0x10, 0xffffffff);
-	u32 mask = cfg_read(slot, 0x10);
-	cfg_write(slot, 0x10, bar);
-	u64 bar_base = bar & ~0xfu;
-	u64 bar_size = (u64)(~(mask & ~0xfu)) + 1;
-	bar_size &= 0xffffffffu;
-	report(bar_base != 0 && (bar & 1) == 0 && bar_size >= 0x4000 && cfg_read(slot, 0x10) == bar,
-	       "BAR 0: memory at %lx, %lx bytes", bar_base, bar_size);
-	bool bar64 = (bar & 6) == 4;
-	if (bar64)
-		bar_base |= (u64)cfg_read(slot, 0x14) << 32;
+		report_abort("no virtio-blk (1af4:1042 or 1af4:1001) on bus 0");
+	report_info("virtio-blk %04x at 00.%x, interrupt line %u", cfg_read(slot, 0) >> 16, slot,
+		    cfg_read(slot, 0x3c) & 0xff);
 	cfg_write(slot, 0x04, cfg_read(slot, 0x04) | 0x6); /* memory decode, bus master */
 
 	/* Capabilities. */
@@ -171,10 +177,9 @@ int main(int argc, char **argv)
 			continue;
 		u8 type = d >> 24;
 		u8 bar_idx = cfg_read(slot, p + 4) & 0xff;
-		u64 addr = bar_base + cfg_read(slot, p + 8);
-		if (bar_idx != 0)
-			report_abort("capability type %u in BAR %u (this driver maps only BAR 0)", type,
-				     bar_idx);
+		if (bar_idx > 5)
+			continue;
+		u64 addr = bar_addr(slot, bar_idx) + cfg_read(slot, p + 8);
 		if (type == 1)
 			common = addr;
 		else if (type == 2) {
@@ -190,6 +195,23 @@ int main(int argc, char **argv)
 	       notify, notify_mult, isr, devcfg, msix_cap);
 	if (!(common && notify && isr && devcfg && msix_cap))
 		return report_summary();
+	if ((common | notify | isr | devcfg) >> 32)
+		report_abort("virtio structures above 4 GiB (this guest maps only the first 4 GiB)");
+
+	/* Size the BAR of the common configuration, put it back. */
+	u8 cbar = 0;
+	for (u8 p = cfg_read(slot, 0x34) & 0xfc; p; p = (cfg_read(slot, p) >> 8) & 0xfc)
+		if ((cfg_read(slot, p) & 0xff) == 0x09 && cfg_read(slot, p) >> 24 == 1)
+			cbar = cfg_read(slot, p + 4) & 0xff;
+	u8 breg = 0x10 + 4 * cbar;
+	u32 bar = cfg_read(slot, breg);
+	cfg_write(slot, breg, 0xffffffff);
+	u32 mask = cfg_read(slot, breg);
+	cfg_write(slot, breg, bar);
+	u32 bar_size = ~(mask & ~0xfu) + 1;
+	report(bar_addr(slot, cbar) != 0 && (bar & 1) == 0 && bar_size >= 0x4000 &&
+		       cfg_read(slot, breg) == bar,
+	       "BAR %u: memory at %lx, %x bytes", cbar, bar_addr(slot, cbar), bar_size);
 
 	/* Reset, acknowledge, features. */
 	w8(common + C_STATUS, 0);
@@ -201,8 +223,9 @@ int main(int argc, char **argv)
 	w32(common + C_DFSELECT, 0);
 	u32 lo = r32(common + C_DF);
 	report(hi & 1, "device offers VIRTIO_F_VERSION_1 (features %08x%08x)", hi, lo);
+	report(!!(lo & (1u << 5)) == ro, "VIRTIO_BLK_F_RO %s", ro ? "offered" : "not offered");
 	w32(common + C_GFSELECT, 0);
-	w32(common + C_GF, lo & (1u << 9));
+	w32(common + C_GF, lo & ((1u << 9) | (1u << 5)));
 	w32(common + C_GFSELECT, 1);
 	w32(common + C_GF, 1);
 	w8(common + C_STATUS, 0xb);
@@ -212,7 +235,7 @@ int main(int argc, char **argv)
 
 	/* MSI-X vector 0 → this CPU, vector MSI_VECTOR. */
 	u32 table = cfg_read(slot, msix_cap + 4);
-	u64 msix_table = bar_base + (table & ~7u);
+	u64 msix_table = bar_addr(slot, table & 7) + (table & ~7u);
 	cfg_write(slot, msix_cap, cfg_read(slot, msix_cap) | (1u << 31));
 	w64(msix_table, 0xfee00000u | lapic_id() << 12);
 	w32(msix_table + 8, MSI_VECTOR);
@@ -238,7 +261,11 @@ int main(int argc, char **argv)
 	/* The whole disk: write, then read back. */
 	u64 chunks = disk / CHUNK;
 	int bad = 0;
-	for (u64 c = 0; c < chunks && !bad; c++) {
+	if (ro) {
+		memset(buf, 0, CHUNK);
+		report(request(1, 0, buf, CHUNK, false) == 1, "write to a read-only disk: IOERR");
+	}
+	for (u64 c = 0; c < chunks && !bad && !ro; c++) {
 		u32 *w = (u32 *)buf;
 		for (u64 i = 0; i < CHUNK / 4; i++)
 			w[i] = pattern(c * CHUNK + i * 4, seed);
@@ -248,7 +275,8 @@ int main(int argc, char **argv)
 			bad = 1;
 		}
 	}
-	report(!bad, "wrote %lu KiB in %lu requests", chunks * CHUNK / KiB, chunks);
+	if (!ro)
+		report(!bad, "wrote %lu KiB in %lu requests", chunks * CHUNK / KiB, chunks);
 	for (u64 c = 0; c < chunks && !bad; c++) {
 		memset(buf, 0, CHUNK);
 		int st = request(0, c * CHUNK / 512, buf, CHUNK, true);
@@ -281,9 +309,20 @@ int main(int argc, char **argv)
 	w32(common + C_GF, 1);
 	w8(common + C_STATUS, 0xb);
 	w16(common + C_Q_SELECT, 0);
+	w16(common + C_Q_SIZE, QSIZE);
 	w64(common + C_Q_DESC, 0xd0000000ull);
+	w64(common + C_Q_AVAIL, (u64)avail);
+	w64(common + C_Q_USED, (u64)used);
+	used[0] = 0;
+	avail[2] = 0;
+	avail[1] = 1; /* one request, whose descriptor is not in RAM */
 	w16(common + C_Q_ENABLE, 1);
 	w8(common + C_STATUS, 0xf);
+	/* hopvm refuses the rings at DRIVER_OK, QEMU when the notification makes it look. */
+	w16(notify, 0);
+	deadline_start(TIMEOUT_MS);
+	while (!(r8(common + C_STATUS) & 0x40) && !deadline_passed())
+		cpu_relax();
 	report(r8(common + C_STATUS) & 0x40, "rings outside RAM: DEVICE_NEEDS_RESET (status %x)",
 	       r8(common + C_STATUS));
 	w8(common + C_STATUS, 0);
