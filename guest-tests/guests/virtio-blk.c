@@ -17,8 +17,12 @@
  * little-endian), so the host can check the image afterwards.
  * With readonly: the disk must offer VIRTIO_BLK_F_RO and fail a write with
  * IOERR; the host has written the pattern, which is only read and verified.
+ * With migrate: between the write and the read phase the guest prints "Now
+ * migrate the VM, then press a key to continue..." and waits (60 s) for a byte
+ * on COM1 (the runner's `migrate = yes` migrates it live, then sends one), so
+ * the reads and the rest run on the destination's device.
  * Command line: seed=N (pattern seed), disk=SIZE (expected capacity, bytes),
- * readonly.
+ * readonly, migrate.
  */
 #include "lib/lib.h"
 
@@ -277,6 +281,23 @@ int main(int argc, char **argv)
 	}
 	if (!ro)
 		report(!bad, "wrote %lu KiB in %lu requests", chunks * CHUNK / KiB, chunks);
+	if (get_arg("migrate")) {
+		printf("Now migrate the VM, then press a key to continue...\n");
+		/* Counted in RTC seconds: the LAPIC timer's deadline does not survive QEMU's
+		 * migration. */
+		u8 last = cmos_read(0);
+		for (int left = 60; !(inb(0x3fd) & 1) && left > 0;) {
+			u8 now = cmos_read(0);
+			if (now != last) {
+				last = now;
+				left--;
+			}
+			cpu_relax();
+		}
+		if (!(inb(0x3fd) & 1))
+			report_abort("no key on COM1 within 60 s (was the VM migrated and a key sent?)");
+		printf("key 0x%02x received\n", inb(0x3f8));
+	}
 	for (u64 c = 0; c < chunks && !bad; c++) {
 		memset(buf, 0, CHUNK);
 		int st = request(0, c * CHUNK / 512, buf, CHUNK, true);
