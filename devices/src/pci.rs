@@ -345,8 +345,10 @@ pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 
 /// The ISA IRQ INTx pin `pin` (1 = INTA#) of device `slot` is wired to, through the PIIX3's
 /// PIRQ swizzle and SeaBIOS's PIRQ → IRQ choice.
+///
+/// The swizzle is QEMU's PIIX3's: PIRQ = (device − 1 + pin − 1) mod 4.
 pub fn intx_irq(slot: u8, pin: u8) -> u8 {
-    let pirq = (usize::from(slot) + usize::from(pin.saturating_sub(1))) & 3;
+    let pirq = (usize::from(slot) + 3 + usize::from(pin.saturating_sub(1))) & 3;
     PIRQ_IRQS[pirq]
 }
 
@@ -426,6 +428,17 @@ impl PciBus {
             }
         }
         false
+    }
+
+    /// Every function's INTx wiring: (device number, pin, ISA IRQ), for the firmware tables.
+    pub fn intx_routes(&self) -> Vec<(u8, u8, u8)> {
+        self.slots
+            .iter()
+            .filter_map(|(slot, d)| {
+                let pin = lock(d).config().read_dword(INTERRUPT_LINE / 4) >> 8 & 0xff;
+                (pin != 0).then(|| (*slot, pin as u8, intx_irq(*slot, pin as u8)))
+            })
+            .collect()
     }
 
     /// Firmware-style set-up, as SeaBIOS does on `pc`: memory BARs placed upwards from
@@ -614,8 +627,9 @@ mod tests {
         assert_eq!(bus.config_read(3, 0, 7), 0);
         assert_eq!(bus.config_read(3, 0, 5), 0, "unimplemented BAR");
         assert_eq!(bus.config_read(3, 0, 1) & 0x3, 0x3, "decode on");
-        // INTA# of slot 3 → PIRQD → IRQ 11.
+        // INTA# of slot 3 → PIRQC → IRQ 11.
         assert_eq!(bus.config_read(3, 0, 15) & 0xffff, 0x010b);
+        assert_eq!(bus.intx_routes(), [(3, 1, 11)]);
         // Sizing: all ones reads back the size mask with the type bits.
         bus.config_write(3, 0, 0x10, &[0xff; 4]);
         assert_eq!(bus.config_read(3, 0, 4), 0xffff_f000);
@@ -652,11 +666,13 @@ mod tests {
 
     #[test]
     fn intx_swizzle() {
+        // As QEMU's PIIX3 with SeaBIOS's PIRQ A–D = 10, 10, 11, 11.
         assert_eq!(intx_irq(1, 1), 10);
-        assert_eq!(intx_irq(2, 1), 11);
+        assert_eq!(intx_irq(2, 1), 10);
         assert_eq!(intx_irq(3, 1), 11);
-        assert_eq!(intx_irq(4, 1), 10);
-        assert_eq!(intx_irq(4, 3), 11);
+        assert_eq!(intx_irq(4, 1), 11);
+        assert_eq!(intx_irq(4, 3), 10);
+        assert_eq!(intx_irq(0, 1), 11);
     }
 
     #[test]

@@ -4,7 +4,8 @@
  *  - PCI through configuration mechanism #1: the i440FX host bridge at 00.0,
  *    the first virtio-blk on bus 0 (1af4:1042 modern, as hopvm's, or 1af4:1001
  *    transitional, as QEMU's `-drive if=virtio` on `pc`; both are driven through
- *    their modern interface), BAR sizing, the interrupt line firmware wrote;
+ *    their modern interface), BAR sizing, the interrupt line firmware wrote
+ *    and the MP table's entry for the slot's INTA#;
  *  - the vendor capabilities (common, notify, ISR, device configuration; BAR
  *    and offset of each) and the MSI-X capability;
  *  - feature negotiation (VIRTIO_F_VERSION_1, VIRTIO_BLK_F_FLUSH), one queue
@@ -169,6 +170,16 @@ int main(int argc, char **argv)
 		report_abort("no virtio-blk (1af4:1042 or 1af4:1001) on bus 0");
 	report_info("virtio-blk %04x at 00.%x, interrupt line %u", cfg_read(slot, 0) >> 16, slot,
 		    cfg_read(slot, 0x3c) & 0xff);
+	/* The MP table routes the slot's INTA# to the IOAPIC pin of its interrupt line. */
+	static struct mp_info mp;
+	int mp_pin = -1;
+	if (mp_find(&mp))
+		for (int i = 0; i < mp.nirqs; i++)
+			if (mp.irqs[i].irq_type == 0 && mp.irqs[i].src_bus != mp.isa_bus &&
+			    mp.irqs[i].src_irq == (u8)(slot << 2))
+				mp_pin = mp.irqs[i].dst_pin;
+	report(mp_pin == (int)(cfg_read(slot, 0x3c) & 0xff), "MP table: INTA# of 00.%x at IOAPIC pin %d",
+	       slot, mp_pin);
 	cfg_write(slot, 0x04, cfg_read(slot, 0x04) | 0x6); /* memory decode, bus master */
 
 	/* Capabilities. */

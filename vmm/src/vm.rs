@@ -675,7 +675,12 @@ impl Vm {
         )
         .map_err(|e| VmError::Load(boot.name.clone(), e))?;
         regs::write_boot_tables(&self.memory, entry.mode)?;
-        mptable::write(&self.memory, usize::from(self.cpus))?;
+        let pci: Vec<_> = lock(&self.devices.pci_bus)
+            .intx_routes()
+            .into_iter()
+            .map(|(slot, pin, irq)| mptable::PciIntx { slot, pin, irq })
+            .collect();
+        mptable::write_with_pci(&self.memory, usize::from(self.cpus), &pci)?;
         if self.acpi {
             acpi::write(&self.memory, self.cpus)?;
         }
