@@ -487,8 +487,8 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                     "?" | "help" => {
                         return Ok((QemuAction::Print(DEVICE_LIST.to_string()), launch, domain))
                     }
-                    // Always present in hopvm; pci-testdev is accepted but not emulated
-                    // (hopvm has no PCI bus), as if the slot were empty.
+                    // Always present in hopvm; pci-testdev is accepted but not emulated,
+                    // as if its slot were empty.
                     "pc-testdev" | "pci-testdev" => {}
                     // QEMU's Hyper-V test device drives SynIC interrupt routes; hopvm gives
                     // no guest a SynIC (see `-cpu hv-*`), so no guest can use it: accepted,
