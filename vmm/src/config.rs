@@ -117,6 +117,8 @@ pub struct DiskConfig {
     /// What the guest reads with VIRTIO_BLK_T_GET_ID (up to 20 bytes; empty by default, as
     /// QEMU without `serial=`).
     pub serial: String,
+    /// The PCI device number (QEMU's `addr=`); the first free one from 2 on if none.
+    pub slot: Option<u8>,
 }
 
 /// Parses QEMU's spelling of a boolean option value.
@@ -140,6 +142,7 @@ impl std::str::FromStr for DiskConfig {
             path: PathBuf::new(),
             readonly: false,
             serial: String::new(),
+            slot: None,
         };
         for (i, part) in crate::qemu_opts::split_options(s).into_iter().enumerate() {
             match part.split_once('=') {

@@ -104,6 +104,9 @@ pub enum VmError {
     /// No PCI slot is left.
     #[error("no free pci slot for another device")]
     PciSlots,
+    /// A device asked for a PCI slot that is taken or does not exist.
+    #[error("pci slot {0:#x} is taken or does not exist")]
+    PciSlot(u8),
     /// `mem-lock=on`: the memory could not be locked.
     #[error("cannot lock memory (mem-lock=on): {0}")]
     MemLock(#[source] std::io::Error),
@@ -516,15 +519,30 @@ impl Vm {
         let mut mmio = Bus::new("mmio");
         let testdev_mmio = Arc::new(Mutex::new(devices::pc_testdev::PcTestdevMmio::new()));
         mmio.insert(TESTDEV_MMIO, 0x1_0000, testdev_mmio.clone())?;
-        // virtio-blk disks, one PCI slot each from 00.2 on.
+        // virtio-blk disks, one PCI slot each from 00.2 on (or where QEMU's addr= puts them).
         let mut virtio_blk = Vec::new();
         let mut subscribers = Vec::new();
         let mut quiesce = Vec::new();
         let msi: Arc<dyn virtio::MsiSender> = Arc::new(KvmMsi(fd.clone()));
         let ioevents: Arc<dyn virtio::IoEventRegistrar> = Arc::new(KvmIoEvents(fd.clone()));
-        for disk in &config.disks {
+        // Disks with a device number of their own first, then the others in order.
+        let mut disk_slots: Vec<Option<u8>> = config.disks.iter().map(|d| d.slot).collect();
+        let mut taken: Vec<u8> = vec![0, 1];
+        for s in disk_slots.iter().flatten() {
+            if taken.contains(s) || *s >= 32 {
+                return Err(VmError::PciSlot(*s));
+            }
+            taken.push(*s);
+        }
+        for s in disk_slots.iter_mut().filter(|s| s.is_none()) {
+            let free = (2..32u8)
+                .find(|n| !taken.contains(n))
+                .ok_or(VmError::PciSlots)?;
+            taken.push(free);
+            *s = Some(free);
+        }
+        for (disk, slot) in config.disks.iter().zip(disk_slots.into_iter().flatten()) {
             let backend = virtio::Block::open(&disk.path, disk.readonly, &disk.serial)?;
-            let slot = lock(&pci_bus).free_slot().ok_or(VmError::PciSlots)?;
             let gsi = u32::from(devices::pci::intx_irq(slot, 1));
             let dev = virtio::VirtioPci::new(
                 Box::new(backend),
@@ -536,7 +554,9 @@ impl Vm {
             subscribers.push(dev.subscriber());
             quiesce.push(dev.quiesce());
             let dev = Arc::new(Mutex::new(dev));
-            lock(&pci_bus).insert(slot, dev.clone());
+            if !lock(&pci_bus).insert(slot, dev.clone()) {
+                return Err(VmError::PciSlot(slot));
+            }
             virtio_blk.push(dev);
         }
         let virtio_io = if subscribers.is_empty() {

@@ -6,6 +6,7 @@
 //! imports them.
 
 pub mod cli;
+pub mod qemu_blockdev;
 pub mod qemu_cli;
 pub mod qemu_domain;
 pub mod qemu_launch;

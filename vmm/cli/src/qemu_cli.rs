@@ -84,6 +84,7 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -qmp unix:PATH[,server,nowait]\n\
 -chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control\n\
 -drive file=PATH,if=virtio[,format=raw][,readonly=on]   virtio-blk disk\n\
+-blockdev driver=file|raw,node-name=N,… -drive if=none,id=N,file=…  with  -device virtio-blk-pci,drive=N[,addr=][,serial=]\n\
 -incoming URI | defer\n\
 -S                      do not start the vCPUs\n\
 -no-reboot              exit instead of rebooting\n\
@@ -93,10 +94,11 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
     )
 }
 
-/// `-drive file=PATH,if=virtio[,format=raw][,readonly=on][,id=ID][,media=disk]`: a virtio-blk
-/// disk on a raw image. Other interfaces and formats are refused (and `serial=`, as QEMU 7.2
-/// refuses it on `-drive`).
-fn parse_drive(opt: &str, v: &str) -> Result<config::DiskConfig, QemuCliError> {
+/// `-drive file=PATH,if=virtio|none[,format=raw][,readonly=on][,id=ID][,media=disk]`: a
+/// virtio-blk disk on a raw image (`if=virtio`), or a block node `ID` for a
+/// `-device virtio-blk-pci,drive=ID` (`if=none`). Other interfaces and formats are refused (and
+/// `serial=`, as QEMU 7.2 refuses it on `-drive`). Returns the disk and, for `if=none`, its id.
+fn parse_drive(opt: &str, v: &str) -> Result<(config::DiskConfig, Option<String>), QemuCliError> {
     let parts = split_options(v);
     let (first, p) = props(&parts);
     if let Some(f) = first {
@@ -110,10 +112,15 @@ fn parse_drive(opt: &str, v: &str) -> Result<config::DiskConfig, QemuCliError> {
         path: PathBuf::from(file),
         readonly: false,
         serial: String::new(),
+        slot: None,
     };
     for (&k, &val) in &p {
         match (k, val) {
-            ("file", _) | ("id", _) | ("if", "virtio") | ("format", "raw") | ("media", "disk") => {}
+            ("file", _)
+            | ("id", _)
+            | ("if", "virtio" | "none")
+            | ("format", "raw")
+            | ("media", "disk") => {}
             ("readonly", val) => {
                 disk.readonly = config::parse_on_off(val).ok_or_else(|| {
                     QemuCliError::Invalid(opt.into(), format!("readonly={val}: expected on or off"))
@@ -127,13 +134,18 @@ fn parse_drive(opt: &str, v: &str) -> Result<config::DiskConfig, QemuCliError> {
             }
         }
     }
-    if p.get("if") != Some(&"virtio") {
-        return Err(QemuCliError::UnsupportedValue(
+    match (p.get("if"), p.get("id")) {
+        (Some(&"virtio"), _) => Ok((disk, None)),
+        (Some(&"none"), Some(id)) => Ok((disk, Some((*id).to_string()))),
+        (Some(&"none"), None) => Err(QemuCliError::Invalid(
             opt.into(),
-            String::from("a drive without if=virtio (hopvm has only virtio-blk disks)"),
-        ));
+            format!("{v}: if=none needs an id= for -device …,drive="),
+        )),
+        _ => Err(QemuCliError::UnsupportedValue(
+            opt.into(),
+            String::from("a drive without if=virtio or if=none (hopvm has only virtio-blk disks)"),
+        )),
     }
-    Ok(disk)
 }
 
 /// Maps the items of `key=value,flag,...` (split by [`split_options`], so `,,` is a literal
@@ -212,6 +224,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
     let mut serial_chardev: Option<String> = None;
     let mut chardevs: HashMap<String, Chardev> = HashMap::new();
     let mut monitors: Vec<String> = Vec::new();
+    let mut blocks = crate::qemu_blockdev::BlockGraph::default();
     let mut it = args.iter();
     while let Some(raw) = it.next() {
         // QEMU accepts -opt and --opt alike.
@@ -459,6 +472,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                             k.only("index", "0")?;
                             serial_given = true;
                         }
+                        "virtio-blk-pci" => blocks.add_device(opt, &mut k)?,
                         other => {
                             return Err(QemuCliError::UnsupportedValue(opt.into(), other.into()))
                         }
@@ -472,6 +486,18 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 let parts = split_options(&v);
                 let (first, p) = props(&parts);
                 match first.unwrap_or("") {
+                    "virtio-blk-pci" => {
+                        let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "driver")?);
+                        k.take("driver");
+                        let id = k.take("id");
+                        blocks.add_device(opt, &mut k)?;
+                        k.finish()?;
+                        if let Some(id) = id {
+                            domain
+                                .peripherals
+                                .push((id, String::from("virtio-blk-pci")));
+                        }
+                    }
                     "isa-serial" => {
                         let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "driver")?);
                         k.take("driver");
@@ -566,11 +592,16 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                     _ => return Err(QemuCliError::UnsupportedValue(opt.into(), v)),
                 }
             }
-            "-drive" => config.disks.push(parse_drive(opt, &value()?)?),
+            "-drive" => match parse_drive(opt, &value()?)? {
+                (disk, None) => config.disks.push(disk),
+                (disk, Some(id)) => blocks.add_drive_none(opt, &id, &disk)?,
+            },
+            "-blockdev" => blocks.add_blockdev(opt, &value()?)?,
             "-incoming" => config.incoming = Some(value()?),
             other => return Err(QemuCliError::Unsupported(other.to_string())),
         }
     }
+    config.disks.extend(blocks.resolve()?);
     for id in monitors {
         let chardev = chardevs.get(&id).ok_or_else(|| {
             QemuCliError::Invalid(String::from("-mon"), format!("no chardev {id}"))
@@ -730,7 +761,22 @@ mod tests {
         assert!(!c.disks[0].readonly);
         assert_eq!(c.disks[1].path, PathBuf::from("/tmp/e,f.img"));
         assert!(c.disks[1].readonly);
+        let c = run(
+            "-kernel k -blockdev driver=file,node-name=s,filename=/b.img \
+                     -blockdev driver=raw,node-name=f,file=s,read-only=on \
+                     -drive file=/c.img,if=none,id=c0 \
+                     -device virtio-blk-pci,drive=f,addr=0x5 -device virtio-blk-pci,drive=c0",
+        );
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(
+            (c.disks[0].path.to_str(), c.disks[0].readonly),
+            (Some("/b.img"), true)
+        );
+        assert_eq!(c.disks[0].slot, Some(5));
+        assert_eq!(c.disks[1].path, PathBuf::from("/c.img"));
         for bad in [
+            "-drive file=/x,if=none",
+            "-device virtio-blk-pci,drive=nothing",
             "-drive file=/x",
             "-drive file=/x,if=ide",
             "-drive file=/x,if=virtio,format=qcow2",

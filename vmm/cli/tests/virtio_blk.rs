@@ -225,3 +225,61 @@ fn same_guest_under_qemu() {
         "qemu's image differs from the pattern"
     );
 }
+
+/// QEMU's `-blockdev` + `-device virtio-blk-pci,drive=…,addr=…` (libvirt's form), through
+/// hopvm's QEMU front end and, when installed, QEMU 7.2 itself with the same options.
+#[test]
+fn blockdev_and_device_as_libvirt_writes_them() {
+    let dir = TempDir::new("virtio-blk-blockdev");
+    let disk = dir.join("disk.img");
+    let seed = seed();
+    let blockdev = format!(
+        r#"{{"driver":"file","filename":"{}","node-name":"s0","auto-read-only":true,"discard":"unmap"}}"#,
+        disk.display()
+    );
+    let args = |kernel: &str| -> Vec<String> {
+        [
+            "-M", "pc", "-cpu", "qemu64", "-enable-kvm", "-m", "64", "-display", "none",
+            "-nodefaults", "-serial", "stdio", "-no-reboot", "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", kernel, "-append",
+            &format!("seed={seed} disk={DISK}"), "-blockdev", &blockdev, "-blockdev",
+            r#"{"node-name":"f0","read-only":false,"driver":"raw","file":"s0"}"#, "-device",
+            r#"{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x5","drive":"f0","id":"virtio-disk0"}"#,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let mut vmms = vec![(
+        env!("CARGO_BIN_EXE_hopvm").to_string(),
+        vec![String::from("qemu")],
+    )];
+    if Command::new("qemu-system-x86_64")
+        .arg("-version")
+        .output()
+        .is_ok()
+    {
+        vmms.push((String::from("qemu-system-x86_64"), Vec::new()));
+    }
+    for (program, prefix) in vmms {
+        std::fs::write(&disk, vec![0xa5u8; DISK]).unwrap();
+        let o = Command::new("timeout")
+            .arg("300")
+            .arg(&program)
+            .args(&prefix)
+            .args(args(&image()))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert_passed(&text);
+        assert!(
+            text.contains(" at 00.5, interrupt line 10"),
+            "{program}: {text}"
+        );
+        assert_eq!(o.status.code(), Some(1), "{program}: {text}");
+        assert!(
+            std::fs::read(&disk).unwrap() == pattern_image(seed),
+            "{program}: image"
+        );
+    }
+}
