@@ -13,7 +13,9 @@
  *  - writes a pattern over the whole disk in 64 KiB requests, reads it all back
  *    and compares, flushes, asks GET_ID, and checks that a request past the
  *    end fails with VIRTIO_BLK_S_IOERR;
- *  - bad input: rings outside guest RAM → DEVICE_NEEDS_RESET, reset recovers.
+ *  - bad input: rings outside guest RAM → DEVICE_NEEDS_RESET, reset recovers;
+ *  - INTx: with MSI-X off, a request's interrupt arrives through the IOAPIC
+ *    pin of the interrupt line (level-triggered), and the ISR says "queue".
  * The pattern word at disk byte offset o is (o * 2654435761) ^ seed (32 bits,
  * little-endian), so the host can check the image afterwards.
  * With readonly: the disk must offer VIRTIO_BLK_F_RO and fail a write with
@@ -31,6 +33,7 @@
 #define VIRTIO_BLK_MODERN 0x1042
 #define VIRTIO_BLK_TRANSITIONAL 0x1001
 #define MSI_VECTOR 0x50
+#define INTX_VECTOR 0x51
 #define QSIZE 16
 #define CHUNK (64 * KiB)
 #define TIMEOUT_MS 5000
@@ -114,6 +117,15 @@ static void msi_handler(struct ex_regs *r)
 {
 	(void)r;
 	irqs++;
+}
+
+/* INTx is level-triggered: reading the ISR lowers the line before the handler's EOI. */
+static volatile u32 intx_irqs, intx_isr;
+static void intx_handler(struct ex_regs *r)
+{
+	(void)r;
+	intx_isr |= r8(isr);
+	intx_irqs++;
 }
 
 /* Queues one request (header, optional data, status) and waits for it; returns the status. */
@@ -359,6 +371,40 @@ int main(int argc, char **argv)
 	       r8(common + C_STATUS));
 	w8(common + C_STATUS, 0);
 	report(r8(common + C_STATUS) == 0 && r16(common + C_Q_ENABLE) == 0, "reset recovers");
+
+	/* INTx: MSI-X off, the slot's line through the IOAPIC, level-triggered. */
+	u8 line = cfg_read(slot, 0x3c) & 0xff;
+	pic_mask_all();
+	set_handler(INTX_VECTOR, intx_handler);
+	ioapic_write(IOAPIC_DEFAULT_BASE, 0x10 + 2 * line + 1, lapic_id() << 24);
+	ioapic_write(IOAPIC_DEFAULT_BASE, 0x10 + 2 * line, INTX_VECTOR | (1u << 15));
+	cfg_write(slot, msix_cap, cfg_read(slot, msix_cap) & ~(1u << 31));
+	cfg_write(slot, 0x04, cfg_read(slot, 0x04) & ~(1u << 10)); /* INTx enabled */
+	w8(common + C_STATUS, 3);
+	w32(common + C_GFSELECT, 1);
+	w32(common + C_GF, 1);
+	w8(common + C_STATUS, 0xb);
+	w16(common + C_Q_SELECT, 0);
+	w16(common + C_Q_SIZE, QSIZE);
+	w16(common + C_Q_MSIX, 0xffff);
+	w64(common + C_Q_DESC, (u64)descs);
+	w64(common + C_Q_AVAIL, (u64)avail);
+	w64(common + C_Q_USED, (u64)used);
+	used[0] = 0;
+	avail[1] = 0;
+	avail_idx = used_seen = 0;
+	w16(common + C_Q_ENABLE, 1);
+	w8(common + C_STATUS, 0xf);
+	sti();
+	int st = request(0, 0, buf, 512, true);
+	deadline_start(TIMEOUT_MS);
+	while (intx_irqs == 0 && !deadline_passed())
+		cpu_relax();
+	cli();
+	report(st == 0 && intx_irqs == 1 && intx_isr == 1,
+	       "INTx: %u interrupt(s) on IOAPIC pin %u, ISR %x", intx_irqs, line, intx_isr);
+	ioapic_write(IOAPIC_DEFAULT_BASE, 0x10 + 2 * line, 1u << 16);
+	w8(common + C_STATUS, 0);
 
 	return report_summary();
 }
