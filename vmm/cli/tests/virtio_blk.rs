@@ -283,3 +283,48 @@ fn blockdev_and_device_as_libvirt_writes_them() {
         );
     }
 }
+
+/// A destination built without the source's disk refuses the stream's `virtio-blk` section:
+/// the migration fails and the source's guest goes on, as it was.
+#[test]
+fn migration_to_a_destination_without_the_disk_fails_cleanly() {
+    use common::proc::Hopvm;
+    use serde_json::json;
+    let long = Duration::from_secs(60);
+    let dir = TempDir::new("virtio-blk-nodisk");
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; DISK]).unwrap();
+    let kernel = image();
+    let disk_arg = disk.display().to_string();
+    let cmdline = format!("seed=7 disk={DISK} migrate");
+    let mut src = Hopvm::spawn(
+        &dir.0,
+        "src",
+        &[
+            "--kernel",
+            &kernel,
+            "--memory",
+            "64M",
+            "--cmdline",
+            &cmdline,
+            "--disk",
+            &disk_arg,
+        ],
+    );
+    src.out.wait_for(long, "the write phase", |t| {
+        t.contains("Now migrate the VM")
+    });
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Hopvm::spawn(&dir.0, "dst", &["--memory", "64M", "--incoming", &uri]);
+    src.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    src.cmd("migrate", json!({"uri": uri}));
+    src.wait_migration("failed", long);
+    assert_eq!(src.status(), "running");
+    let code = dst.wait_exit(long);
+    assert_eq!(code, Some(1), "destination: {}", dst.err.text());
+    assert!(dst.err.text().contains("virtio-blk"), "{}", dst.err.text());
+    assert!(!src.out.text().contains("FAIL"), "{}", src.out.text());
+}
