@@ -11,8 +11,9 @@
  *  - feature negotiation (VIRTIO_F_VERSION_1, VIRTIO_BLK_F_FLUSH), one queue
  *    of 16 descriptors, MSI-X vector 0 to the boot CPU's LAPIC;
  *  - writes a pattern over the whole disk in 64 KiB requests, reads it all back
- *    and compares, flushes, asks GET_ID, and checks that a request past the
- *    end fails with VIRTIO_BLK_S_IOERR;
+ *    and compares, zeroes and discards a few sectors when the device offers
+ *    it (then writes the pattern back), flushes, asks GET_ID, and checks that
+ *    a request past the end fails with VIRTIO_BLK_S_IOERR;
  *  - bad input: rings outside guest RAM → DEVICE_NEEDS_RESET, reset recovers;
  *  - INTx: with MSI-X off, a request's interrupt arrives through the IOAPIC
  *    pin of the interrupt line (level-triggered), and the ISR says "queue".
@@ -252,7 +253,8 @@ int main(int argc, char **argv)
 	report(hi & 1, "device offers VIRTIO_F_VERSION_1 (features %08x%08x)", hi, lo);
 	report(!!(lo & (1u << 5)) == ro, "VIRTIO_BLK_F_RO %s", ro ? "offered" : "not offered");
 	w32(common + C_GFSELECT, 0);
-	w32(common + C_GF, lo & ((1u << 9) | (1u << 5)));
+	u32 accepted = lo & ((1u << 5) | (1u << 9) | (1u << 13) | (1u << 14));
+	w32(common + C_GF, accepted);
 	w32(common + C_GFSELECT, 1);
 	w32(common + C_GF, 1);
 	w8(common + C_STATUS, 0xb);
@@ -336,6 +338,32 @@ int main(int argc, char **argv)
 		}
 	}
 	report(!bad, "read back and verified %lu KiB", chunks * CHUNK / KiB);
+	if (!bad && (accepted & (1u << 14))) {
+		/* WRITE_ZEROES over sectors 8-23 (unmap allowed), then chunk 0 read back. */
+		static struct { u64 sector; u32 count, flags; } seg;
+		seg.sector = 8, seg.count = 16, seg.flags = 1;
+		int st = request(13, 0, &seg, sizeof(seg), false);
+		memset(buf, 0xff, CHUNK);
+		int rd = request(0, 0, buf, CHUNK, true);
+		u32 *w = (u32 *)buf;
+		int wrong = 0;
+		for (u64 i = 0; i < CHUNK / 4; i++) {
+			u64 off = i * 4;
+			u32 want = (off >= 8 * 512 && off < 24 * 512) ? 0 : pattern(off, seed);
+			wrong += w[i] != want;
+		}
+		report(st == 0 && rd == 0 && !wrong, "write-zeroes: sectors 8-23 read back as zeroes");
+		/* DISCARD sectors 128-135 (the data is then unspecified), then both chunks rewritten. */
+		seg.sector = 128, seg.count = 8, seg.flags = 0;
+		if (accepted & (1u << 13))
+			report(request(11, 0, &seg, sizeof(seg), false) == 0, "discard");
+		for (u64 c = 0; c < 2 && c < chunks; c++) {
+			for (u64 i = 0; i < CHUNK / 4; i++)
+				w[i] = pattern(c * CHUNK + i * 4, seed);
+			bad |= request(1, c * CHUNK / 512, buf, CHUNK, false) != 0;
+		}
+		report(!bad, "pattern rewritten over the zeroed and discarded sectors");
+	}
 	report(request(4, 0, 0, 0, false) == 0, "flush");
 	memset(buf, 0, 20);
 	report(request(8, 0, buf, 20, true) == 0, "get-id: '%s'", (char *)buf);

@@ -1,19 +1,24 @@
 //! virtio-blk on a raw image file.
 //!
-//! Requests (§5.2.6): IN (read), OUT (write), FLUSH (`fdatasync`) and GET_ID; anything else
-//! answers VIRTIO_BLK_S_UNSUPP. A read-only disk offers VIRTIO_BLK_F_RO and fails writes with
+//! Requests (§5.2.6): IN (read), OUT (write), FLUSH (`fdatasync`), GET_ID, and on a writable
+//! disk DISCARD (`fallocate` punching a hole; advisory: a file system without holes answers OK
+//! and keeps the data) and WRITE_ZEROES (`fallocate` zeroing the range, or zeroes written when
+//! the file system cannot); one segment per request. Anything else answers
+//! VIRTIO_BLK_S_UNSUPP. A read-only disk offers VIRTIO_BLK_F_RO and fails writes with
 //! VIRTIO_BLK_S_IOERR. Requests are served on the `virtio-io` thread, synchronously and whole,
 //! so none is ever in flight when the device's state is saved.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 
@@ -27,6 +32,8 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const DEVICE_TYPE: u16 = 2;
 /// Bytes moved per read or write system call.
 const CHUNK: usize = 64 << 10;
+/// Most sectors one DISCARD or WRITE_ZEROES segment may cover (1 GiB).
+const MAX_ZERO_SECTORS: u32 = 1 << 21;
 
 /// Errors opening a disk image.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +200,40 @@ impl Block {
                     ok(self.file.sync_data())
                 }
             }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                if self.readonly {
+                    return VIRTIO_BLK_S_IOERR;
+                }
+                // One segment: sector, number of sectors, flags (bit 0: unmap allowed).
+                let mut seg = [0u8; 16];
+                if reader.available_bytes() != 16 || reader.read_exact(&mut seg).is_err() {
+                    return VIRTIO_BLK_S_IOERR;
+                }
+                let sector = u64::from_le_bytes(seg[..8].try_into().unwrap_or_default());
+                let count = u32::from_le_bytes(seg[8..12].try_into().unwrap_or_default());
+                let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap_or_default());
+                let len = u64::from(count) * SECTOR_SIZE;
+                let Some(start) = self.range(sector, len as usize) else {
+                    return VIRTIO_BLK_S_IOERR;
+                };
+                if count > MAX_ZERO_SECTORS
+                    || flags & !1 != 0
+                    || (kind == VIRTIO_BLK_T_DISCARD && flags != 0)
+                {
+                    return VIRTIO_BLK_S_UNSUPP;
+                }
+                if kind == VIRTIO_BLK_T_DISCARD {
+                    // Advisory: where the file system cannot punch holes, the data stays.
+                    let _ = self.fallocate(
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        start,
+                        len,
+                    );
+                    VIRTIO_BLK_S_OK
+                } else {
+                    ok(self.write_zeroes(start, len))
+                }
+            }
             VIRTIO_BLK_T_GET_ID => {
                 let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
                 id[..self.serial.len()].copy_from_slice(&self.serial);
@@ -201,6 +242,44 @@ impl Block {
             }
             _ => VIRTIO_BLK_S_UNSUPP,
         }
+    }
+}
+
+impl Block {
+    fn fallocate(&self, mode: libc::c_int, start: u64, len: u64) -> std::io::Result<()> {
+        let (Ok(off), Ok(len)) = (libc::off_t::try_from(start), libc::off_t::try_from(len)) else {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        };
+        // SAFETY: fallocate on a descriptor this struct owns; no memory is passed.
+        if unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+
+    /// Zeroes `[start, start + len)`: `FALLOC_FL_ZERO_RANGE` where the file system has it,
+    /// else zeroes written.
+    fn write_zeroes(&self, start: u64, len: u64) -> std::io::Result<()> {
+        if len == 0
+            || self
+                .fallocate(
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    start,
+                    len,
+                )
+                .is_ok()
+        {
+            return Ok(());
+        }
+        let zeroes = vec![0u8; CHUNK];
+        let mut pos = start;
+        while pos < start + len {
+            let n = (start + len - pos).min(CHUNK as u64) as usize;
+            self.file.write_all_at(&zeroes[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
     }
 }
 
@@ -222,6 +301,8 @@ impl VirtioBackend for Block {
         let mut f = 1 << VIRTIO_BLK_F_FLUSH;
         if self.readonly {
             f |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         }
         f
     }
@@ -231,10 +312,23 @@ impl VirtioBackend for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        // struct virtio_blk_config: capacity (u64) first; the rest of the fields belong to
-        // features hopvm does not offer and read as zero.
+        // struct virtio_blk_config: capacity (u64) first; then the discard and write-zeroes
+        // limits (one segment of up to 1 GiB, sector-aligned, unmap allowed); the fields of
+        // features hopvm does not offer read as zero.
         let mut bytes = [0u8; 0x40];
         bytes[..8].copy_from_slice(&self.capacity.to_le_bytes());
+        if !self.readonly {
+            for (off, v) in [
+                (0x24, MAX_ZERO_SECTORS),
+                (0x28, 1),
+                (0x2c, 1),
+                (0x30, MAX_ZERO_SECTORS),
+                (0x34, 1),
+            ] {
+                bytes[off..off + 4].copy_from_slice(&v.to_le_bytes());
+            }
+            bytes[0x38] = 1;
+        }
         for (i, d) in data.iter_mut().enumerate() {
             *d = usize::try_from(offset)
                 .ok()

@@ -1018,7 +1018,7 @@ mod tests {
             self.mem.write_obj(kind, GuestAddress(HDR)).unwrap();
             self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
             self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
-            let data_flags = if kind == 1 { 1 } else { 3 };
+            let data_flags = if matches!(kind, 1 | 11 | 13) { 1 } else { 3 };
             self.desc(0, HDR, 16, 1, 1);
             if len > 0 {
                 self.desc(1, DATA, len, data_flags, 2);
@@ -1118,6 +1118,56 @@ mod tests {
         assert_eq!(r.r(MSIX_PBA_OFFSET, 8), 0);
         assert_eq!(r.msis.0.lock().unwrap().len(), 9);
         assert_eq!(r.line.0.load(Ordering::SeqCst), 0, "no INTx under MSI-X");
+    }
+
+    #[test]
+    fn write_zeroes_and_discard() {
+        let mut r = rig("zero", false, 16);
+        r.w(0x00, 0, 4);
+        assert_eq!(
+            r.r(0x04, 4) & (3 << 13),
+            3 << 13,
+            "DISCARD and WRITE_ZEROES offered"
+        );
+        assert_eq!(
+            r.r(DEVICE_OFFSET + 0x30, 4),
+            1 << 21,
+            "max_write_zeroes_sectors"
+        );
+        r.init(1);
+        r.mem
+            .write_slice(&[0x77u8; 8192], GuestAddress(DATA))
+            .unwrap();
+        assert_eq!(r.request(1, 0, 8192).0, 0);
+        let segment = |r: &Rig, sector: u64, count: u32, flags: u32| {
+            r.mem.write_obj(sector, GuestAddress(DATA)).unwrap();
+            r.mem.write_obj(count, GuestAddress(DATA + 8)).unwrap();
+            r.mem.write_obj(flags, GuestAddress(DATA + 12)).unwrap();
+        };
+        segment(&r, 2, 3, 1);
+        assert_eq!(r.request(13, 0, 16).0, 0);
+        let disk = std::fs::read(&r.image).unwrap();
+        assert!(disk[..1024].iter().all(|&b| b == 0x77));
+        assert!(disk[1024..2560].iter().all(|&b| b == 0));
+        assert!(disk[2560..8192].iter().all(|&b| b == 0x77));
+        segment(&r, 8, 8, 0);
+        assert_eq!(r.request(11, 0, 16).0, 0);
+        // Past the end, unknown flags, unmap on a discard, two segments.
+        segment(&r, 15, 2, 0);
+        assert_eq!(r.request(13, 0, 16).0, 1);
+        segment(&r, 0, 1, 2);
+        assert_eq!(r.request(13, 0, 16).0, 2);
+        segment(&r, 0, 1, 1);
+        assert_eq!(r.request(11, 0, 16).0, 2);
+        assert_eq!(r.request(13, 0, 32).0, 1);
+        // A read-only disk offers neither and fails both.
+        let mut ro = rig("zero-ro", true, 16);
+        ro.w(0x00, 0, 4);
+        assert_eq!(ro.r(0x04, 4) & (3 << 13), 0);
+        ro.init(1);
+        segment(&ro, 0, 1, 0);
+        assert_eq!(ro.request(13, 0, 16).0, 1);
+        assert_eq!(ro.request(11, 0, 16).0, 1);
     }
 
     #[test]
