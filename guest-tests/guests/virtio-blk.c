@@ -29,90 +29,28 @@
  * readonly, migrate.
  */
 #include "lib/lib.h"
+#include "lib/virtio.h"
 
-#define VIRTIO_VENDOR 0x1af4
 #define VIRTIO_BLK_MODERN 0x1042
 #define VIRTIO_BLK_TRANSITIONAL 0x1001
 #define MSI_VECTOR 0x50
 #define INTX_VECTOR 0x51
-#define QSIZE 16
+#define QSIZE VQ_SIZE
 #define CHUNK (64 * KiB)
 #define TIMEOUT_MS 5000
 
-/* Common configuration offsets. */
-#define C_DFSELECT 0x00
-#define C_DF 0x04
-#define C_GFSELECT 0x08
-#define C_GF 0x0c
-#define C_MSIX_CONFIG 0x10
-#define C_NUM_QUEUES 0x12
-#define C_STATUS 0x14
-#define C_Q_SELECT 0x16
-#define C_Q_SIZE 0x18
-#define C_Q_MSIX 0x1a
-#define C_Q_ENABLE 0x1c
-#define C_Q_NOFF 0x1e
-#define C_Q_DESC 0x20
-#define C_Q_AVAIL 0x28
-#define C_Q_USED 0x30
-
-struct desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
 struct req_header {
 	u32 type;
 	u32 reserved;
 	u64 sector;
 };
 
-static struct desc descs[QSIZE] __attribute__((aligned(16)));
-static volatile u16 avail[2 + QSIZE + 1] __attribute__((aligned(2)));
-static volatile u32 used[1 + 2 * QSIZE + 1] __attribute__((aligned(4)));
+static struct virtio_pci vp;
+static struct virtq vq;
 static struct req_header hdr;
 static volatile u8 status;
 static u8 buf[CHUNK] __attribute__((aligned(4096)));
-static u16 avail_idx, used_seen;
 static volatile u32 irqs;
-
-static u64 common, notify, isr, devcfg;
-static u32 notify_mult;
-
-static u32 cfg_read(u8 slot, u8 reg);
-
-/* The address memory BAR `i` is programmed to (64-bit BARs included). */
-static u64 bar_addr(u8 slot, u8 i)
-{
-	u32 lo = cfg_read(slot, 0x10 + 4 * i);
-	u64 a = lo & ~0xfu;
-	if ((lo & 7) == 4)
-		a |= (u64)cfg_read(slot, 0x14 + 4 * i) << 32;
-	return a;
-}
-
-static u32 cfg_read(u8 slot, u8 reg)
-{
-	outl(0xcf8, 0x80000000u | (u32)slot << 11 | (reg & 0xfc));
-	return inl(0xcfc);
-}
-static void cfg_write(u8 slot, u8 reg, u32 v)
-{
-	outl(0xcf8, 0x80000000u | (u32)slot << 11 | (reg & 0xfc));
-	outl(0xcfc, v);
-}
-static u8 r8(u64 a) { return *(volatile u8 *)a; }
-static u16 r16(u64 a) { return *(volatile u16 *)a; }
-static u32 r32(u64 a) { return *(volatile u32 *)a; }
-static void w8(u64 a, u8 v) { *(volatile u8 *)a = v; }
-static void w16(u64 a, u16 v) { *(volatile u16 *)a = v; }
-static void w32(u64 a, u32 v) { *(volatile u32 *)a = v; }
-static void w64(u64 a, u64 v)
-{
-	w32(a, (u32)v);
-	w32(a + 4, (u32)(v >> 32));
-}
 
 static void msi_handler(struct ex_regs *r)
 {
@@ -125,39 +63,24 @@ static volatile u32 intx_irqs, intx_isr;
 static void intx_handler(struct ex_regs *r)
 {
 	(void)r;
-	intx_isr |= r8(isr);
+	intx_isr |= r8(vp.isr);
 	intx_irqs++;
 }
 
 /* Queues one request (header, optional data, status) and waits for it; returns the status. */
 static int request(u32 type, u64 sector, void *data, u32 len, bool device_writes)
 {
-	int n = 0;
-	hdr.type = type;
-	hdr.reserved = 0;
-	hdr.sector = sector;
+	int n = 1;
+	hdr = (struct req_header){type, 0, sector};
 	status = 0xff;
-	descs[0] = (struct desc){(u64)&hdr, sizeof(hdr), 1, 1};
-	n = 1;
+	vq.desc[0] = (struct vq_desc){(u64)&hdr, sizeof(hdr), VQ_NEXT, 1};
 	if (len) {
-		descs[1] = (struct desc){(u64)data, len, (u16)(1 | (device_writes ? 2 : 0)), 2};
+		vq.desc[1] = (struct vq_desc){(u64)data, len,
+					      (u16)(VQ_NEXT | (device_writes ? VQ_WRITE : 0)), 2};
 		n = 2;
 	}
-	descs[n] = (struct desc){(u64)&status, 1, 2, 0};
-	avail[2 + avail_idx % QSIZE] = 0;
-	barrier();
-	avail_idx++;
-	avail[1] = avail_idx;
-	barrier();
-	w16(notify + 0 * notify_mult, 0);
-	deadline_start(TIMEOUT_MS);
-	while ((u16)(used[0] >> 16) == used_seen) {
-		if (deadline_passed())
-			return -1;
-		cpu_relax();
-	}
-	used_seen++;
-	return status;
+	vq.desc[n] = (struct vq_desc){(u64)&status, 1, VQ_WRITE, 0};
+	return virtq_run(&vq, TIMEOUT_MS) < 0 ? -1 : status;
 }
 
 static u32 pattern(u64 off, u32 seed) { return (u32)(off * 2654435761u) ^ seed; }
@@ -174,15 +97,15 @@ int main(int argc, char **argv)
 	lapic_init();
 	set_handler(MSI_VECTOR, msi_handler);
 
-	report(cfg_read(0, 0) == 0x12378086, "host bridge 8086:1237 at 00.0 (read %08x)", cfg_read(0, 0));
+	report(pci_cfg_read(0, 0) == 0x12378086, "host bridge 8086:1237 at 00.0 (read %08x)", pci_cfg_read(0, 0));
 	for (int s = 0; s < 32 && slot < 0; s++)
-		if (cfg_read(s, 0) == ((u32)VIRTIO_BLK_MODERN << 16 | VIRTIO_VENDOR) ||
-		    cfg_read(s, 0) == ((u32)VIRTIO_BLK_TRANSITIONAL << 16 | VIRTIO_VENDOR))
+		if (pci_cfg_read(s, 0) == ((u32)VIRTIO_BLK_MODERN << 16 | VIRTIO_VENDOR) ||
+		    pci_cfg_read(s, 0) == ((u32)VIRTIO_BLK_TRANSITIONAL << 16 | VIRTIO_VENDOR))
 			slot = s;
 	if (slot < 0)
 		report_abort("no virtio-blk (1af4:1042 or 1af4:1001) on bus 0");
-	report_info("virtio-blk %04x at 00.%x, interrupt line %u", cfg_read(slot, 0) >> 16, slot,
-		    cfg_read(slot, 0x3c) & 0xff);
+	report_info("virtio-blk %04x at 00.%x, interrupt line %u", pci_cfg_read(slot, 0) >> 16, slot,
+		    pci_cfg_read(slot, 0x3c) & 0xff);
 	/* The MP table routes the slot's INTA# to the IOAPIC pin of its interrupt line. */
 	static struct mp_info mp;
 	int mp_pin = -1;
@@ -191,100 +114,69 @@ int main(int argc, char **argv)
 			if (mp.irqs[i].irq_type == 0 && mp.irqs[i].src_bus != mp.isa_bus &&
 			    mp.irqs[i].src_irq == (u8)(slot << 2))
 				mp_pin = mp.irqs[i].dst_pin;
-	report(mp_pin == (int)(cfg_read(slot, 0x3c) & 0xff), "MP table: INTA# of 00.%x at IOAPIC pin %d",
+	report(mp_pin == (int)(pci_cfg_read(slot, 0x3c) & 0xff), "MP table: INTA# of 00.%x at IOAPIC pin %d",
 	       slot, mp_pin);
-	cfg_write(slot, 0x04, cfg_read(slot, 0x04) | 0x6); /* memory decode, bus master */
 
-	/* Capabilities. */
-	u8 msix_cap = 0;
-	for (u8 p = cfg_read(slot, 0x34) & 0xfc; p; p = (cfg_read(slot, p) >> 8) & 0xfc) {
-		u32 d = cfg_read(slot, p);
-		if ((d & 0xff) == 0x11)
-			msix_cap = p;
-		if ((d & 0xff) != 0x09)
-			continue;
-		u8 type = d >> 24;
-		u8 bar_idx = cfg_read(slot, p + 4) & 0xff;
-		if (bar_idx > 5)
-			continue;
-		u64 addr = bar_addr(slot, bar_idx) + cfg_read(slot, p + 8);
-		if (type == 1)
-			common = addr;
-		else if (type == 2) {
-			notify = addr;
-			notify_mult = cfg_read(slot, p + 16);
-		} else if (type == 3)
-			isr = addr;
-		else if (type == 4)
-			devcfg = addr;
-	}
-	report(common && notify && isr && devcfg && msix_cap,
-	       "capabilities: common %lx notify %lx (x%u) isr %lx device %lx msi-x at %x", common,
-	       notify, notify_mult, isr, devcfg, msix_cap);
-	if (!(common && notify && isr && devcfg && msix_cap))
+	if (!virtio_pci_probe(slot, &vp))
 		return report_summary();
-	if ((common | notify | isr | devcfg) >> 32)
-		report_abort("virtio structures above 4 GiB (this guest maps only the first 4 GiB)");
+	u8 msix_cap = vp.msix_cap;
 
-	/* Size the BAR of the common configuration, put it back. */
-	u8 cbar = 0;
-	for (u8 p = cfg_read(slot, 0x34) & 0xfc; p; p = (cfg_read(slot, p) >> 8) & 0xfc)
-		if ((cfg_read(slot, p) & 0xff) == 0x09 && cfg_read(slot, p) >> 24 == 1)
-			cbar = cfg_read(slot, p + 4) & 0xff;
+	/* Size the BAR of the vp.common configuration, put it back. */
+	u8 cbar = vp.common_bar;
 	u8 breg = 0x10 + 4 * cbar;
-	u32 bar = cfg_read(slot, breg);
-	cfg_write(slot, breg, 0xffffffff);
-	u32 mask = cfg_read(slot, breg);
-	cfg_write(slot, breg, bar);
+	u32 bar = pci_cfg_read(slot, breg);
+	pci_cfg_write(slot, breg, 0xffffffff);
+	u32 mask = pci_cfg_read(slot, breg);
+	pci_cfg_write(slot, breg, bar);
 	u32 bar_size = ~(mask & ~0xfu) + 1;
-	report(bar_addr(slot, cbar) != 0 && (bar & 1) == 0 && bar_size >= 0x4000 &&
-		       cfg_read(slot, breg) == bar,
-	       "BAR %u: memory at %lx, %x bytes", cbar, bar_addr(slot, cbar), bar_size);
+	report(pci_bar_addr(slot, cbar) != 0 && (bar & 1) == 0 && bar_size >= 0x4000 &&
+		       pci_cfg_read(slot, breg) == bar,
+	       "BAR %u: memory at %lx, %x bytes", cbar, pci_bar_addr(slot, cbar), bar_size);
 
 	/* Reset, acknowledge, features. */
-	w8(common + C_STATUS, 0);
-	report(r8(common + C_STATUS) == 0, "reset");
-	w8(common + C_STATUS, 1);
-	w8(common + C_STATUS, 3);
-	w32(common + C_DFSELECT, 1);
-	u32 hi = r32(common + C_DF);
-	w32(common + C_DFSELECT, 0);
-	u32 lo = r32(common + C_DF);
+	w8(vp.common + C_STATUS, 0);
+	report(r8(vp.common + C_STATUS) == 0, "reset");
+	w8(vp.common + C_STATUS, 1);
+	w8(vp.common + C_STATUS, 3);
+	w32(vp.common + C_DFSELECT, 1);
+	u32 hi = r32(vp.common + C_DF);
+	w32(vp.common + C_DFSELECT, 0);
+	u32 lo = r32(vp.common + C_DF);
 	report(hi & 1, "device offers VIRTIO_F_VERSION_1 (features %08x%08x)", hi, lo);
 	report(!!(lo & (1u << 5)) == ro, "VIRTIO_BLK_F_RO %s", ro ? "offered" : "not offered");
-	w32(common + C_GFSELECT, 0);
+	w32(vp.common + C_GFSELECT, 0);
 	u32 accepted = lo & ((1u << 5) | (1u << 9) | (1u << 13) | (1u << 14));
-	w32(common + C_GF, accepted);
-	w32(common + C_GFSELECT, 1);
-	w32(common + C_GF, 1);
-	w8(common + C_STATUS, 0xb);
-	report(r8(common + C_STATUS) == 0xb, "FEATURES_OK accepted");
-	u64 capacity = r32(devcfg) | (u64)r32(devcfg + 4) << 32;
+	w32(vp.common + C_GF, accepted);
+	w32(vp.common + C_GFSELECT, 1);
+	w32(vp.common + C_GF, 1);
+	w8(vp.common + C_STATUS, 0xb);
+	report(r8(vp.common + C_STATUS) == 0xb, "FEATURES_OK accepted");
+	u64 capacity = r32(vp.devcfg) | (u64)r32(vp.devcfg + 4) << 32;
 	report(capacity * 512 == disk, "capacity %lu sectors (%lu bytes expected)", capacity, disk);
 
 	/* MSI-X vector 0 → this CPU, vector MSI_VECTOR. */
-	u32 table = cfg_read(slot, msix_cap + 4);
-	u64 msix_table = bar_addr(slot, table & 7) + (table & ~7u);
-	cfg_write(slot, msix_cap, cfg_read(slot, msix_cap) | (1u << 31));
+	u32 table = pci_cfg_read(slot, msix_cap + 4);
+	u64 msix_table = pci_bar_addr(slot, table & 7) + (table & ~7u);
+	pci_cfg_write(slot, msix_cap, pci_cfg_read(slot, msix_cap) | (1u << 31));
 	w64(msix_table, 0xfee00000u | lapic_id() << 12);
 	w32(msix_table + 8, MSI_VECTOR);
 	w32(msix_table + 12, 0);
-	w16(common + C_MSIX_CONFIG, 0xffff);
+	w16(vp.common + C_MSIX_CONFIG, 0xffff);
 
 	/* Queue 0. */
-	w16(common + C_Q_SELECT, 0);
-	u16 qmax = r16(common + C_Q_SIZE);
-	w16(common + C_Q_SIZE, QSIZE);
-	w16(common + C_Q_MSIX, 0);
-	report(qmax >= QSIZE && r16(common + C_Q_SIZE) == QSIZE && r16(common + C_Q_MSIX) == 0,
+	w16(vp.common + C_Q_SELECT, 0);
+	u16 qmax = r16(vp.common + C_Q_SIZE);
+	w16(vp.common + C_Q_SIZE, QSIZE);
+	w16(vp.common + C_Q_MSIX, 0);
+	report(qmax >= QSIZE && r16(vp.common + C_Q_SIZE) == QSIZE && r16(vp.common + C_Q_MSIX) == 0,
 	       "queue 0: max %u, size %u, msi-x vector 0", qmax, QSIZE);
-	w64(common + C_Q_DESC, (u64)descs);
-	w64(common + C_Q_AVAIL, (u64)avail);
-	w64(common + C_Q_USED, (u64)used);
-	notify += (u64)r16(common + C_Q_NOFF) * notify_mult;
-	w16(common + C_Q_ENABLE, 1);
-	w8(common + C_STATUS, 0xf);
-	report(r8(common + C_STATUS) == 0xf, "DRIVER_OK");
+	w64(vp.common + C_Q_DESC, (u64)vq.desc);
+	w64(vp.common + C_Q_AVAIL, (u64)vq.avail);
+	w64(vp.common + C_Q_USED, (u64)vq.used);
+	vq.notify = vp.notify + (u64)r16(vp.common + C_Q_NOFF) * vp.notify_mult;
+	w16(vp.common + C_Q_ENABLE, 1);
+	w8(vp.common + C_STATUS, 0xf);
+	report(r8(vp.common + C_STATUS) == 0xf, "DRIVER_OK");
 	sti();
 
 	/* The whole disk: write, then read back. */
@@ -369,60 +261,60 @@ int main(int argc, char **argv)
 	report(request(8, 0, buf, 20, true) == 0, "get-id: '%s'", (char *)buf);
 	report(request(0, capacity, buf, 512, true) == 1, "read past the end: IOERR");
 	deadline_start(TIMEOUT_MS);
-	while (irqs != used_seen && !deadline_passed())
+	while (irqs != vq.used_seen && !deadline_passed())
 		cpu_relax();
-	report(irqs == used_seen, "MSI-X: %u interrupts for %u requests", irqs, used_seen);
+	report(irqs == vq.used_seen, "MSI-X: %u interrupts for %u requests", irqs, vq.used_seen);
 	cli();
 
 	/* Bad input: rings outside RAM. */
-	w8(common + C_STATUS, 0);
-	w8(common + C_STATUS, 3);
-	w32(common + C_GFSELECT, 1);
-	w32(common + C_GF, 1);
-	w8(common + C_STATUS, 0xb);
-	w16(common + C_Q_SELECT, 0);
-	w16(common + C_Q_SIZE, QSIZE);
-	w64(common + C_Q_DESC, 0xd0000000ull);
-	w64(common + C_Q_AVAIL, (u64)avail);
-	w64(common + C_Q_USED, (u64)used);
-	used[0] = 0;
-	avail[2] = 0;
-	avail[1] = 1; /* one request, whose descriptor is not in RAM */
-	w16(common + C_Q_ENABLE, 1);
-	w8(common + C_STATUS, 0xf);
+	w8(vp.common + C_STATUS, 0);
+	w8(vp.common + C_STATUS, 3);
+	w32(vp.common + C_GFSELECT, 1);
+	w32(vp.common + C_GF, 1);
+	w8(vp.common + C_STATUS, 0xb);
+	w16(vp.common + C_Q_SELECT, 0);
+	w16(vp.common + C_Q_SIZE, QSIZE);
+	w64(vp.common + C_Q_DESC, 0xd0000000ull);
+	w64(vp.common + C_Q_AVAIL, (u64)vq.avail);
+	w64(vp.common + C_Q_USED, (u64)vq.used);
+	vq.used[0] = 0;
+	vq.avail[2] = 0;
+	vq.avail[1] = 1; /* one request, whose descriptor is not in RAM */
+	w16(vp.common + C_Q_ENABLE, 1);
+	w8(vp.common + C_STATUS, 0xf);
 	/* hopvm refuses the rings at DRIVER_OK, QEMU when the notification makes it look. */
-	w16(notify, 0);
+	w16(vq.notify, 0);
 	deadline_start(TIMEOUT_MS);
-	while (!(r8(common + C_STATUS) & 0x40) && !deadline_passed())
+	while (!(r8(vp.common + C_STATUS) & 0x40) && !deadline_passed())
 		cpu_relax();
-	report(r8(common + C_STATUS) & 0x40, "rings outside RAM: DEVICE_NEEDS_RESET (status %x)",
-	       r8(common + C_STATUS));
-	w8(common + C_STATUS, 0);
-	report(r8(common + C_STATUS) == 0 && r16(common + C_Q_ENABLE) == 0, "reset recovers");
+	report(r8(vp.common + C_STATUS) & 0x40, "rings outside RAM: DEVICE_NEEDS_RESET (status %x)",
+	       r8(vp.common + C_STATUS));
+	w8(vp.common + C_STATUS, 0);
+	report(r8(vp.common + C_STATUS) == 0 && r16(vp.common + C_Q_ENABLE) == 0, "reset recovers");
 
 	/* INTx: MSI-X off, the slot's line through the IOAPIC, level-triggered. */
-	u8 line = cfg_read(slot, 0x3c) & 0xff;
+	u8 line = pci_cfg_read(slot, 0x3c) & 0xff;
 	pic_mask_all();
 	set_handler(INTX_VECTOR, intx_handler);
 	ioapic_write(IOAPIC_DEFAULT_BASE, 0x10 + 2 * line + 1, lapic_id() << 24);
 	ioapic_write(IOAPIC_DEFAULT_BASE, 0x10 + 2 * line, INTX_VECTOR | (1u << 15));
-	cfg_write(slot, msix_cap, cfg_read(slot, msix_cap) & ~(1u << 31));
-	cfg_write(slot, 0x04, cfg_read(slot, 0x04) & ~(1u << 10)); /* INTx enabled */
-	w8(common + C_STATUS, 3);
-	w32(common + C_GFSELECT, 1);
-	w32(common + C_GF, 1);
-	w8(common + C_STATUS, 0xb);
-	w16(common + C_Q_SELECT, 0);
-	w16(common + C_Q_SIZE, QSIZE);
-	w16(common + C_Q_MSIX, 0xffff);
-	w64(common + C_Q_DESC, (u64)descs);
-	w64(common + C_Q_AVAIL, (u64)avail);
-	w64(common + C_Q_USED, (u64)used);
-	used[0] = 0;
-	avail[1] = 0;
-	avail_idx = used_seen = 0;
-	w16(common + C_Q_ENABLE, 1);
-	w8(common + C_STATUS, 0xf);
+	pci_cfg_write(slot, msix_cap, pci_cfg_read(slot, msix_cap) & ~(1u << 31));
+	pci_cfg_write(slot, 0x04, pci_cfg_read(slot, 0x04) & ~(1u << 10)); /* INTx enabled */
+	w8(vp.common + C_STATUS, 3);
+	w32(vp.common + C_GFSELECT, 1);
+	w32(vp.common + C_GF, 1);
+	w8(vp.common + C_STATUS, 0xb);
+	w16(vp.common + C_Q_SELECT, 0);
+	w16(vp.common + C_Q_SIZE, QSIZE);
+	w16(vp.common + C_Q_MSIX, 0xffff);
+	w64(vp.common + C_Q_DESC, (u64)vq.desc);
+	w64(vp.common + C_Q_AVAIL, (u64)vq.avail);
+	w64(vp.common + C_Q_USED, (u64)vq.used);
+	vq.used[0] = 0;
+	vq.avail[1] = 0;
+	vq.avail_idx = vq.used_seen = 0;
+	w16(vp.common + C_Q_ENABLE, 1);
+	w8(vp.common + C_STATUS, 0xf);
 	sti();
 	int st = request(0, 0, buf, 512, true);
 	deadline_start(TIMEOUT_MS);
@@ -432,7 +324,7 @@ int main(int argc, char **argv)
 	report(st == 0 && intx_irqs == 1 && intx_isr == 1,
 	       "INTx: %u interrupt(s) on IOAPIC pin %u, ISR %x", intx_irqs, line, intx_isr);
 	ioapic_write(IOAPIC_DEFAULT_BASE, 0x10 + 2 * line, 1u << 16);
-	w8(common + C_STATUS, 0);
+	w8(vp.common + C_STATUS, 0);
 
 	return report_summary();
 }
