@@ -174,6 +174,7 @@ int main(int argc, char **argv)
 	w64(vp.common + C_Q_AVAIL, (u64)vq.avail);
 	w64(vp.common + C_Q_USED, (u64)vq.used);
 	vq.notify = vp.notify + (u64)r16(vp.common + C_Q_NOFF) * vp.notify_mult;
+	vq.size = QSIZE;
 	w16(vp.common + C_Q_ENABLE, 1);
 	w8(vp.common + C_STATUS, 0xf);
 	report(r8(vp.common + C_STATUS) == 0xf, "DRIVER_OK");

@@ -7,7 +7,7 @@
 //!   [`virtio_queue::Queue`].
 //! * A device type plugs into the transport through [`VirtioBackend`]: its feature bits, its
 //!   configuration space and the processing of a queue. [`block::Block`] is virtio-blk on a
-//!   raw image.
+//!   raw image, [`rng::Entropy`] virtio-rng on the host's `getrandom`.
 //! * Queue notifications arrive on one `EventFd` per queue — written by KVM itself when the
 //!   VMM registered it as an ioeventfd on the notification address, or by the transport when
 //!   the write reached it as an MMIO exit — and are served by [`event_loop::EventLoop`], one
@@ -25,10 +25,12 @@ use vmm_sys_util::eventfd::EventFd;
 pub mod block;
 pub mod event_loop;
 pub mod pci;
+pub mod rng;
 
 pub use block::{Block, BlockError};
 pub use event_loop::EventLoop;
 pub use pci::{VirtioPci, VirtioPciState, VirtioPciStateError};
+pub use rng::Entropy;
 
 /// Guest RAM as hopvm maps it (with the dirty bitmap of the VMM's own writes: a device's
 /// writes into guest buffers are seen by live migration).

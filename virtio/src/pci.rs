@@ -1267,6 +1267,57 @@ mod tests {
     }
 
     #[test]
+    fn rng_fills_every_buffer() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let msis = Arc::new(Msis::default());
+        let line = Arc::new(Line::default());
+        let mut dev = VirtioPci::new(
+            Box::new(crate::rng::Entropy::new()),
+            mem.clone(),
+            line.clone(),
+            msis.clone(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(dev.config().read_dword(0), 0x1044_1af4);
+        assert_eq!(dev.config().read_dword(2) >> 8, 0xff_00_00);
+        dev.config_mut().set_bar_address(0, PCI_MMIO_BASE);
+        dev.config_mut().write(COMMAND, &[COMMAND_MEMORY as u8, 0]);
+        dev.config_written(COMMAND, 2);
+        let mut r = Rig {
+            dev,
+            mem,
+            msis,
+            line,
+            avail_idx: 0,
+            image: PathBuf::from("/nonexistent"),
+        };
+        r.init(1);
+        // Two writable buffers of 4 KiB in one chain, and a read-only one (gets nothing).
+        r.mem.write_slice(&[0u8; 8192], GuestAddress(DATA)).unwrap();
+        r.desc(0, DATA, 4096, 3, 1);
+        r.desc(1, DATA + 4096, 4096, 2, 0);
+        r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        lock(&r.dev.core).process(0);
+        let len: u32 = r.mem.read_obj(GuestAddress(USED + 8)).unwrap();
+        assert_eq!(len, 8192);
+        let mut got = vec![0u8; 8192];
+        r.mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert!(
+            got.iter().filter(|&&b| b == 0).count() < 200,
+            "random bytes"
+        );
+        r.desc(0, DATA, 16, 0, 0);
+        r.mem.write_obj(0u16, GuestAddress(AVAIL + 6)).unwrap();
+        r.mem.write_obj(2u16, GuestAddress(AVAIL + 2)).unwrap();
+        lock(&r.dev.core).process(0);
+        let len: u32 = r.mem.read_obj(GuestAddress(USED + 16)).unwrap();
+        assert_eq!(len, 0);
+        assert_eq!(r.line.0.load(Ordering::SeqCst), 1, "INTx raised");
+    }
+
+    #[test]
     fn an_avail_index_beyond_the_queue_needs_reset() {
         let mut r = rig("idx", false, 8);
         r.init(1);

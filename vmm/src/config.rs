@@ -121,6 +121,13 @@ pub struct DiskConfig {
     pub slot: Option<u8>,
 }
 
+/// A virtio-rng entropy source (`--rng`; QEMU's `-device virtio-rng-pci`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RngConfig {
+    /// The PCI device number (QEMU's `addr=`); the first free one if none.
+    pub slot: Option<u8>,
+}
+
 /// Parses QEMU's spelling of a boolean option value.
 pub fn parse_on_off(v: &str) -> Option<bool> {
     match v {
@@ -276,6 +283,8 @@ pub struct VmConfig {
     pub acpi: bool,
     /// virtio-blk disks, in PCI slot order.
     pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device.
+    pub rng: Option<RngConfig>,
 }
 
 impl VmConfig {
@@ -299,6 +308,7 @@ impl VmConfig {
             cpu_pm: false,
             acpi: true,
             disks: Vec::new(),
+            rng: None,
         }
     }
 }

@@ -320,6 +320,19 @@ impl Instance {
                 )),
             );
         }
+        if let Some(dev) = &d.virtio_rng {
+            registry.register(
+                "virtio-rng",
+                0,
+                DEVICE_STATE_VERSION,
+                Box::new(DeviceSection::new(
+                    "virtio-rng",
+                    dev.clone(),
+                    virtio::VirtioPci::state,
+                    virtio::VirtioPci::restore,
+                )),
+            );
+        }
         // The power-on state of every non-RAM section, taken before any vCPU ran: a reset
         // restores it.
         let power_on = registry.save_snapshots().map_err(VmError::Sections)?;

@@ -257,6 +257,8 @@ pub struct Devices {
     pub port92: Arc<Mutex<devices::reset_ports::Port92>>,
     /// The virtio-blk disks, in `--disk` order.
     pub virtio_blk: Vec<Arc<Mutex<virtio::VirtioPci>>>,
+    /// The virtio-rng entropy source, if any.
+    pub virtio_rng: Option<Arc<Mutex<virtio::VirtioPci>>>,
 }
 
 /// The kernel and initrd, kept so that a reset can load them again.
@@ -519,33 +521,48 @@ impl Vm {
         let mut mmio = Bus::new("mmio");
         let testdev_mmio = Arc::new(Mutex::new(devices::pc_testdev::PcTestdevMmio::new()));
         mmio.insert(TESTDEV_MMIO, 0x1_0000, testdev_mmio.clone())?;
-        // virtio-blk disks, one PCI slot each from 00.2 on (or where QEMU's addr= puts them).
+        // virtio devices: the disks in order, then the entropy source, one PCI slot each from
+        // 00.2 on (or where QEMU's addr= puts them).
         let mut virtio_blk = Vec::new();
+        let mut virtio_rng = None;
         let mut subscribers = Vec::new();
         let mut quiesce = Vec::new();
         let msi: Arc<dyn virtio::MsiSender> = Arc::new(KvmMsi(fd.clone()));
         let ioevents: Arc<dyn virtio::IoEventRegistrar> = Arc::new(KvmIoEvents(fd.clone()));
-        // Disks with a device number of their own first, then the others in order.
-        let mut disk_slots: Vec<Option<u8>> = config.disks.iter().map(|d| d.slot).collect();
+        let mut wanted: Vec<(Option<u8>, Box<dyn virtio::VirtioBackend>)> = Vec::new();
+        for disk in &config.disks {
+            let backend = virtio::Block::open(&disk.path, disk.readonly, &disk.serial)?;
+            wanted.push((disk.slot, Box::new(backend)));
+        }
+        if let Some(rng) = &config.rng {
+            wanted.push((rng.slot, Box::new(virtio::Entropy::new())));
+        }
+        // Devices with a device number of their own first, then the others in order.
+        let mut pci_slots: Vec<Option<u8>> = wanted.iter().map(|w| w.0).collect();
         let mut taken: Vec<u8> = vec![0, 1];
-        for s in disk_slots.iter().flatten() {
+        for s in pci_slots.iter().flatten() {
             if taken.contains(s) || *s >= 32 {
                 return Err(VmError::PciSlot(*s));
             }
             taken.push(*s);
         }
-        for s in disk_slots.iter_mut().filter(|s| s.is_none()) {
+        for s in pci_slots.iter_mut().filter(|s| s.is_none()) {
             let free = (2..32u8)
                 .find(|n| !taken.contains(n))
                 .ok_or(VmError::PciSlots)?;
             taken.push(free);
             *s = Some(free);
         }
-        for (disk, slot) in config.disks.iter().zip(disk_slots.into_iter().flatten()) {
-            let backend = virtio::Block::open(&disk.path, disk.readonly, &disk.serial)?;
+        let is_rng = config.rng.is_some();
+        let count = wanted.len();
+        for (i, ((_, backend), slot)) in wanted
+            .into_iter()
+            .zip(pci_slots.into_iter().flatten())
+            .enumerate()
+        {
             let gsi = u32::from(devices::pci::intx_irq(slot, 1));
             let dev = virtio::VirtioPci::new(
-                Box::new(backend),
+                backend,
                 memory.clone(),
                 irq(gsi),
                 msi.clone(),
@@ -557,7 +574,11 @@ impl Vm {
             if !lock(&pci_bus).insert(slot, dev.clone()) {
                 return Err(VmError::PciSlot(slot));
             }
-            virtio_blk.push(dev);
+            if is_rng && i == count - 1 {
+                virtio_rng = Some(dev);
+            } else {
+                virtio_blk.push(dev);
+            }
         }
         let virtio_io = if subscribers.is_empty() {
             None
@@ -653,6 +674,7 @@ impl Vm {
                 pm_timer,
                 port92,
                 virtio_blk,
+                virtio_rng,
             },
             format: boot.as_ref().map(|b| b.format),
             boot,

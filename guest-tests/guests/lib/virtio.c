@@ -92,16 +92,18 @@ bool virtq_setup(const struct virtio_pci *vp, u16 index, struct virtq *q, u16 ve
 {
 	memset(q, 0, sizeof(*q));
 	w16(vp->common + C_Q_SELECT, index);
-	if (r16(vp->common + C_Q_SIZE) < VQ_SIZE)
+	u16 max = r16(vp->common + C_Q_SIZE);
+	if (max == 0)
 		return false;
-	w16(vp->common + C_Q_SIZE, VQ_SIZE);
+	q->size = max < VQ_SIZE ? max : VQ_SIZE;
+	w16(vp->common + C_Q_SIZE, q->size);
 	w16(vp->common + C_Q_MSIX, vector);
 	w64(vp->common + C_Q_DESC, (u64)q->desc);
 	w64(vp->common + C_Q_AVAIL, (u64)q->avail);
 	w64(vp->common + C_Q_USED, (u64)q->used);
 	q->notify = vp->notify + (u64)r16(vp->common + C_Q_NOFF) * vp->notify_mult;
 	w16(vp->common + C_Q_ENABLE, 1);
-	return r16(vp->common + C_Q_SIZE) == VQ_SIZE && r16(vp->common + C_Q_MSIX) == vector;
+	return r16(vp->common + C_Q_SIZE) == q->size && r16(vp->common + C_Q_MSIX) == vector;
 }
 
 u8 virtio_driver_ok(const struct virtio_pci *vp)
@@ -112,7 +114,7 @@ u8 virtio_driver_ok(const struct virtio_pci *vp)
 
 s64 virtq_run(struct virtq *q, u32 timeout_ms)
 {
-	q->avail[2 + q->avail_idx % VQ_SIZE] = 0;
+	q->avail[2 + q->avail_idx % q->size] = 0;
 	barrier();
 	q->avail_idx++;
 	q->avail[1] = q->avail_idx;
@@ -124,7 +126,7 @@ s64 virtq_run(struct virtq *q, u32 timeout_ms)
 			return -1;
 		cpu_relax();
 	}
-	u32 len = q->used[1 + 2 * (q->used_seen % VQ_SIZE) + 1];
+	u32 len = q->used[1 + 2 * (q->used_seen % q->size) + 1];
 	q->used_seen++;
 	return len;
 }

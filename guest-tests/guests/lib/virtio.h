@@ -81,6 +81,7 @@ struct virtq {
 	struct vq_desc desc[VQ_SIZE] __attribute__((aligned(16)));
 	volatile u16 avail[2 + VQ_SIZE + 1] __attribute__((aligned(2)));
 	volatile u32 used[1 + 2 * VQ_SIZE + 1] __attribute__((aligned(4)));
+	u16 size;	/* VQ_SIZE, or the device's maximum if smaller */
 	u16 avail_idx, used_seen;
 	u64 notify;	/* this queue's notification address */
 };
@@ -92,7 +93,10 @@ struct virtq {
  * then calls virtio_driver_ok().
  */
 s64 virtio_negotiate(const struct virtio_pci *vp, u32 features_lo);
-/* Queue `index` of VQ_SIZE entries at `q`, with MSI-X vector `vector`; false if too small. */
+/*
+ * Queue `index` of VQ_SIZE entries at `q` (fewer if the device's maximum is
+ * smaller: QEMU's virtio-rng has 8), with MSI-X vector `vector`.
+ */
 bool virtq_setup(const struct virtio_pci *vp, u16 index, struct virtq *q, u16 vector);
 /* DRIVER_OK; returns the status read back. */
 u8 virtio_driver_ok(const struct virtio_pci *vp);

@@ -98,6 +98,9 @@ pub struct RunArgs {
     /// A virtio-blk disk on a raw image file (repeatable; `,,` is a comma in the path).
     #[arg(long, value_name = "PATH[,readonly=on][,serial=STR]")]
     pub disk: Vec<config::DiskConfig>,
+    /// A virtio-rng device fed by the host's getrandom (QEMU's -device virtio-rng-pci).
+    #[arg(long)]
+    pub rng: bool,
 }
 
 impl From<RunArgs> for VmConfig {
@@ -116,6 +119,7 @@ impl From<RunArgs> for VmConfig {
             incoming: a.incoming,
             paused: a.paused,
             disks: a.disk,
+            rng: a.rng.then(config::RngConfig::default),
             ..VmConfig::new("")
         }
     }

@@ -45,6 +45,21 @@ fn invalid(opt: &str, why: String) -> QemuCliError {
     QemuCliError::Invalid(opt.to_string(), why)
 }
 
+/// A PCI `addr=` (`0x4`, `4`, `0x4.0`): the device number, 2 to 31, function 0.
+pub fn parse_addr(opt: &str, a: &str) -> Result<u8, QemuCliError> {
+    let (dev, func) = a.split_once('.').unwrap_or((a, "0"));
+    dev.strip_prefix("0x")
+        .map_or_else(|| dev.parse(), |h| u8::from_str_radix(h, 16))
+        .ok()
+        .filter(|d| (2..32).contains(d) && func == "0")
+        .ok_or_else(|| {
+            invalid(
+                opt,
+                format!("addr={a}: expected a free slot 0x2–0x1f, function 0"),
+            )
+        })
+}
+
 impl BlockGraph {
     fn insert(&mut self, opt: &str, name: String, node: Node) -> Result<(), QemuCliError> {
         if name.is_empty() || self.nodes.contains_key(&name) {
@@ -133,20 +148,7 @@ impl BlockGraph {
         k.only("bus", "pci.0")?;
         let slot = match k.take("addr") {
             None => None,
-            Some(a) => {
-                let (dev, func) = a.split_once('.').unwrap_or((&a, "0"));
-                let dev = dev
-                    .strip_prefix("0x")
-                    .map_or_else(|| dev.parse(), |h| u8::from_str_radix(h, 16))
-                    .ok()
-                    .filter(|d| (2..32).contains(d) && func == "0");
-                Some(dev.ok_or_else(|| {
-                    invalid(
-                        opt,
-                        format!("addr={a}: expected a free slot 0x2–0x1f, function 0"),
-                    )
-                })?)
-            }
+            Some(a) => Some(parse_addr(opt, &a)?),
         };
         let serial = k.take("serial").unwrap_or_default();
         if serial.len() > 20 {

@@ -84,6 +84,7 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -qmp unix:PATH[,server,nowait]\n\
 -chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control\n\
 -drive file=PATH,if=virtio[,format=raw][,readonly=on]   virtio-blk disk\n\
+-device virtio-rng-pci[,rng=ID][,addr=]  with  -object rng-random,id=ID,filename=/dev/urandom | rng-builtin,id=ID\n\
 -blockdev driver=file|raw,node-name=N,… -drive if=none,id=N,file=…  with  -device virtio-blk-pci,drive=N[,addr=][,serial=]\n\
 -incoming URI | defer\n\
 -S                      do not start the vCPUs\n\
@@ -92,6 +93,30 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -global kvm-pit.lost_tick_policy=discard                  accepted\n",
         version_line()
     )
+}
+
+/// `-device virtio-rng-pci[,rng=ID][,addr=N][,bus=pci.0]` (driver and id already taken): one
+/// entropy source; `rng=` must name an `rng-random` / `rng-builtin` object (checked at the end).
+fn rng_device(
+    opt: &str,
+    k: &mut Keys<'_>,
+    config: &mut VmConfig,
+    backend: &mut Option<String>,
+) -> Result<(), QemuCliError> {
+    if config.rng.is_some() {
+        return Err(QemuCliError::UnsupportedValue(
+            opt.into(),
+            String::from("a second virtio-rng-pci (hopvm: one)"),
+        ));
+    }
+    k.only("bus", "pci.0")?;
+    *backend = k.take("rng");
+    let slot = match k.take("addr") {
+        None => None,
+        Some(a) => Some(crate::qemu_blockdev::parse_addr(opt, &a)?),
+    };
+    config.rng = Some(config::RngConfig { slot });
+    Ok(())
 }
 
 /// `-drive file=PATH,if=virtio|none[,format=raw][,readonly=on][,id=ID][,media=disk]`: a
@@ -225,6 +250,8 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
     let mut chardevs: HashMap<String, Chardev> = HashMap::new();
     let mut monitors: Vec<String> = Vec::new();
     let mut blocks = crate::qemu_blockdev::BlockGraph::default();
+    let mut rng_objects: Vec<String> = Vec::new();
+    let mut rng_backend: Option<String> = None;
     let mut it = args.iter();
     while let Some(raw) = it.next() {
         // QEMU accepts -opt and --opt alike.
@@ -388,6 +415,9 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 (id, QemuObject::MemoryBackendRam(size)) => {
                     backends.insert(id, size);
                 }
+                (id, QemuObject::Rng) => {
+                    rng_objects.push(id);
+                }
             },
             "-add-fd" => {
                 let (set, fd) = qemu_domain::parse_add_fd(&value()?)?;
@@ -473,6 +503,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                             serial_given = true;
                         }
                         "virtio-blk-pci" => blocks.add_device(opt, &mut k)?,
+                        "virtio-rng-pci" => rng_device(opt, &mut k, &mut config, &mut rng_backend)?,
                         other => {
                             return Err(QemuCliError::UnsupportedValue(opt.into(), other.into()))
                         }
@@ -486,16 +517,18 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 let parts = split_options(&v);
                 let (first, p) = props(&parts);
                 match first.unwrap_or("") {
-                    "virtio-blk-pci" => {
+                    driver @ ("virtio-blk-pci" | "virtio-rng-pci") => {
                         let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "driver")?);
                         k.take("driver");
                         let id = k.take("id");
-                        blocks.add_device(opt, &mut k)?;
+                        if driver == "virtio-blk-pci" {
+                            blocks.add_device(opt, &mut k)?;
+                        } else {
+                            rng_device(opt, &mut k, &mut config, &mut rng_backend)?;
+                        }
                         k.finish()?;
                         if let Some(id) = id {
-                            domain
-                                .peripherals
-                                .push((id, String::from("virtio-blk-pci")));
+                            domain.peripherals.push((id, driver.to_string()));
                         }
                     }
                     "isa-serial" => {
@@ -602,6 +635,12 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
         }
     }
     config.disks.extend(blocks.resolve()?);
+    if let Some(id) = rng_backend.filter(|id| !rng_objects.contains(id)) {
+        return Err(QemuCliError::Invalid(
+            String::from("-device"),
+            format!("virtio-rng-pci,rng={id}: no rng-random or rng-builtin object with that id"),
+        ));
+    }
     for id in monitors {
         let chardev = chardevs.get(&id).ok_or_else(|| {
             QemuCliError::Invalid(String::from("-mon"), format!("no chardev {id}"))
@@ -784,6 +823,25 @@ mod tests {
             "-drive file=/x,if=virtio,readonly=perhaps",
             "-drive file=/x,if=virtio,cache=none",
             "-drive file=/x,if=virtio,serial=abc",
+        ] {
+            assert!(parse(&args(&format!("-kernel k {bad}"))).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rng() {
+        let c = run("-kernel k -object rng-random,id=r0,filename=/dev/urandom \
+                     -device virtio-rng-pci,rng=r0,addr=0x6");
+        assert_eq!(c.rng, Some(config::RngConfig { slot: Some(6) }));
+        let c = run("-kernel k -device {\"driver\":\"virtio-rng-pci\",\"id\":\"rng0\"}");
+        assert_eq!(c.rng, Some(config::RngConfig { slot: None }));
+        for bad in [
+            "-device virtio-rng-pci,rng=none",
+            "-object rng-random,id=r,filename=/etc/passwd -device virtio-rng-pci,rng=r",
+            "-object rng-egd,id=r,chardev=c",
+            "-device virtio-rng-pci -device virtio-rng-pci",
+            "-device virtio-rng-pci,addr=0x0",
+            "-device virtio-rng-pci,max-bytes=1",
         ] {
             assert!(parse(&args(&format!("-kernel k {bad}"))).is_err(), "{bad}");
         }

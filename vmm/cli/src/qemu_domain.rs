@@ -179,6 +179,9 @@ pub enum QemuObject {
     Secret,
     /// `memory-backend-ram` of this many bytes.
     MemoryBackendRam(u64),
+    /// `rng-random` (on `/dev/urandom` or `/dev/random`) or `rng-builtin`: an entropy backend
+    /// for `virtio-rng-pci`, which hopvm feeds from `getrandom(2)` either way.
+    Rng,
 }
 
 /// Parses one `-object`; returns its id and what it is.
@@ -226,6 +229,18 @@ pub fn parse_object(value: &str) -> Result<(String, QemuObject), QemuCliError> {
             k.only("prealloc", "off")?;
             QemuObject::MemoryBackendRam(bytes)
         }
+        "rng-random" => {
+            if let Some(f) = k.take("filename") {
+                if f != "/dev/urandom" && f != "/dev/random" {
+                    return Err(QemuCliError::UnsupportedValue(
+                        opt.into(),
+                        format!("filename={f} (hopvm: /dev/urandom or /dev/random)"),
+                    ));
+                }
+            }
+            QemuObject::Rng
+        }
+        "rng-builtin" => QemuObject::Rng,
         other => {
             return Err(QemuCliError::UnsupportedValue(
                 opt.into(),
