@@ -3,7 +3,7 @@
 //! Requests (§5.2.6): IN (read), OUT (write), FLUSH (`fdatasync`), GET_ID, and on a writable
 //! disk DISCARD (`fallocate` punching a hole; advisory: a file system without holes answers OK
 //! and keeps the data) and WRITE_ZEROES (`fallocate` zeroing the range, or zeroes written when
-//! the file system cannot); one segment per request. Anything else answers
+//! the file system cannot); one segment of up to 64 MiB per request. Anything else answers
 //! VIRTIO_BLK_S_UNSUPP. A read-only disk offers VIRTIO_BLK_F_RO and fails writes with
 //! VIRTIO_BLK_S_IOERR. Requests are served on the `virtio-io` thread, synchronously and whole,
 //! so none is ever in flight when the device's state is saved.
@@ -32,8 +32,9 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const DEVICE_TYPE: u16 = 2;
 /// Bytes moved per read or write system call.
 const CHUNK: usize = 64 << 10;
-/// Most sectors one DISCARD or WRITE_ZEROES segment may cover (1 GiB).
-const MAX_ZERO_SECTORS: u32 = 1 << 21;
+/// Most sectors one DISCARD or WRITE_ZEROES segment may cover (64 MiB: zeroes written by hand
+/// where the file system cannot, under the device's lock, must not keep a vCPU waiting long).
+const MAX_ZERO_SECTORS: u32 = 1 << 17;
 
 /// Errors opening a disk image.
 #[derive(Debug, thiserror::Error)]
@@ -313,7 +314,7 @@ impl VirtioBackend for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_blk_config: capacity (u64) first; then the discard and write-zeroes
-        // limits (one segment of up to 1 GiB, sector-aligned, unmap allowed); the fields of
+        // limits (one segment of up to 64 MiB, sector-aligned, unmap allowed); the fields of
         // features hopvm does not offer read as zero.
         let mut bytes = [0u8; 0x40];
         bytes[..8].copy_from_slice(&self.capacity.to_le_bytes());

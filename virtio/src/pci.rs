@@ -1131,7 +1131,7 @@ mod tests {
         );
         assert_eq!(
             r.r(DEVICE_OFFSET + 0x30, 4),
-            1 << 21,
+            1 << 17,
             "max_write_zeroes_sectors"
         );
         r.init(1);
