@@ -7,7 +7,8 @@
 //!   [`virtio_queue::Queue`].
 //! * A device type plugs into the transport through [`VirtioBackend`]: its feature bits, its
 //!   configuration space and the processing of a queue. [`block::Block`] is virtio-blk on a
-//!   raw image, [`rng::Entropy`] virtio-rng on the host's `getrandom`.
+//!   raw image, [`net::Net`] virtio-net on a tap device, [`rng::Entropy`] virtio-rng on the
+//!   host's `getrandom`.
 //! * Queue notifications arrive on one `EventFd` per queue — written by KVM itself when the
 //!   VMM registered it as an ioeventfd on the notification address, or by the transport when
 //!   the write reached it as an MMIO exit — and are served by [`event_loop::EventLoop`], one
@@ -24,11 +25,13 @@ use vmm_sys_util::eventfd::EventFd;
 
 pub mod block;
 pub mod event_loop;
+pub mod net;
 pub mod pci;
 pub mod rng;
 
 pub use block::{Block, BlockError};
 pub use event_loop::EventLoop;
+pub use net::{Net, NetError};
 pub use pci::{VirtioPci, VirtioPciState, VirtioPciStateError};
 pub use rng::Entropy;
 
@@ -73,6 +76,12 @@ pub trait VirtioBackend: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (ignored by default).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// A host descriptor whose readiness (edge-triggered, readable) means queue `index` has
+    /// work (a tap device's incoming frames for the receive queue); none by default.
+    fn ready_fd(&self) -> Option<(std::os::fd::RawFd, usize)> {
+        None
+    }
+
     /// Serves every available buffer of queue `index`; true if any was used.
     fn process_queue(
         &mut self,

@@ -608,6 +608,7 @@ impl VirtioPci {
         Arc::new(QueueHandler {
             core: self.core.clone(),
             notify: self.notify.clone(),
+            ready: lock(&self.core).backend.ready_fd(),
         })
     }
 
@@ -616,6 +617,7 @@ impl VirtioPci {
         Arc::new(QueueHandler {
             core: self.core.clone(),
             notify: self.notify.clone(),
+            ready: None,
         })
     }
 
@@ -857,11 +859,16 @@ impl PciDevice for VirtioPci {
     }
 }
 
-/// The `virtio-io` thread's view of one device: its notification eventfds.
+/// The `virtio-io` thread's view of one device: its notification eventfds, and the back-end's
+/// own descriptor (a tap) with the queue it feeds.
 struct QueueHandler {
     core: Arc<Mutex<Core>>,
     notify: Arc<Vec<EventFd>>,
+    ready: Option<(std::os::fd::RawFd, usize)>,
 }
+
+/// Event data of the back-end's descriptor (queue indices are below it).
+const READY_DATA: u32 = 1 << 16;
 
 impl devices::Quiesce for QueueHandler {
     fn pause(&self) {
@@ -884,6 +891,12 @@ impl devices::Quiesce for QueueHandler {
 
 impl EventSubscriber for QueueHandler {
     fn process(&self, events: Events, _ops: &mut EventOps) {
+        if events.data() == READY_DATA {
+            if let Some((_, index)) = self.ready {
+                lock(&self.core).process(index);
+            }
+            return;
+        }
         let index = events.data() as usize;
         if let Some(fd) = self.notify.get(index) {
             drain(fd);
@@ -895,6 +908,14 @@ impl EventSubscriber for QueueHandler {
         for (i, fd) in self.notify.iter().enumerate() {
             if let Err(e) = ops.add(Events::with_data(fd, i as u32, EventSet::IN)) {
                 log::error!("virtio: cannot watch queue {i}'s notifications: {e}");
+            }
+        }
+        if let Some((fd, _)) = self.ready {
+            // Edge-triggered: the back-end reads until the descriptor is empty or the guest
+            // has no buffers left; a notification of that queue resumes it.
+            let set = EventSet::IN | EventSet::EDGE_TRIGGERED;
+            if let Err(e) = ops.add(Events::with_data_raw(fd, READY_DATA, set)) {
+                log::error!("virtio: cannot watch the back-end's descriptor: {e}");
             }
         }
     }

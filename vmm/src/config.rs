@@ -23,6 +23,9 @@ pub enum ConfigError {
     /// A malformed `--disk` value.
     #[error("invalid disk '{0}': {1}")]
     InvalidDisk(String, &'static str),
+    /// A malformed `--net` value.
+    #[error("invalid net '{0}': {1}")]
+    InvalidNet(String, &'static str),
 }
 
 /// The smallest guest RAM hopvm accepts.
@@ -119,6 +122,65 @@ pub struct DiskConfig {
     pub serial: String,
     /// The PCI device number (QEMU's `addr=`); the first free one from 2 on if none.
     pub slot: Option<u8>,
+}
+
+/// A virtio-net card on a tap device (`--net tap=NAME[,mac=…]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap interface (created if it does not exist).
+    pub tap: String,
+    /// The card's MAC address (none: QEMU's default for the card's position).
+    pub mac: Option<[u8; 6]>,
+    /// The PCI device number (QEMU's `addr=`); the first free one if none.
+    pub slot: Option<u8>,
+}
+
+/// QEMU's default MAC for the first NIC (52:54:00:12:34:56), the last byte counting up.
+pub fn default_mac(index: usize) -> [u8; 6] {
+    [
+        0x52,
+        0x54,
+        0x00,
+        0x12,
+        0x34,
+        0x56u8.wrapping_add(index as u8),
+    ]
+}
+
+/// Parses a MAC address `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next().filter(|p| p.len() == 2)?;
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = ConfigError;
+
+    /// Parses `tap=NAME[,mac=52:54:00:12:34:56]` (the MAC defaults to QEMU's first one).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why| ConfigError::InvalidNet(s.to_string(), why);
+        let mut tap = None;
+        let mut mac = None;
+        for part in crate::qemu_opts::split_options(s) {
+            match part.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+                Some(("mac", v)) => {
+                    mac = Some(parse_mac(v).ok_or_else(|| bad("mac=xx:xx:xx:xx:xx:xx"))?)
+                }
+                _ => return Err(bad("expected tap=NAME[,mac=xx:xx:xx:xx:xx:xx]")),
+            }
+        }
+        Ok(Self {
+            tap: tap.ok_or_else(|| bad("no tap=NAME"))?,
+            mac,
+            slot: None,
+        })
+    }
 }
 
 /// A virtio-rng entropy source (`--rng`; QEMU's `-device virtio-rng-pci`).
@@ -283,6 +345,8 @@ pub struct VmConfig {
     pub acpi: bool,
     /// virtio-blk disks, in PCI slot order.
     pub disks: Vec<DiskConfig>,
+    /// virtio-net cards on tap devices, after the disks in PCI slot order.
+    pub nets: Vec<NetConfig>,
     /// A virtio-rng device.
     pub rng: Option<RngConfig>,
 }
@@ -308,6 +372,7 @@ impl VmConfig {
             cpu_pm: false,
             acpi: true,
             disks: Vec::new(),
+            nets: Vec::new(),
             rng: None,
         }
     }
@@ -374,6 +439,24 @@ mod tests {
             "file=",
         ] {
             assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nets() {
+        let n: NetConfig = "tap=hop0".parse().unwrap();
+        assert_eq!((n.tap.as_str(), n.mac), ("hop0", None));
+        let n: NetConfig = "tap=t1,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(default_mac(1), [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
+        for bad in [
+            "",
+            "tap=",
+            "mac=02:00:00:00:00:01",
+            "tap=x,mac=1:2:3:4:5:6",
+            "tap=x,vhost=on",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }
     }
 

@@ -320,6 +320,19 @@ impl Instance {
                 )),
             );
         }
+        for (i, dev) in d.virtio_net.iter().enumerate() {
+            registry.register(
+                "virtio-net",
+                i as u32,
+                DEVICE_STATE_VERSION,
+                Box::new(DeviceSection::new(
+                    "virtio-net",
+                    dev.clone(),
+                    virtio::VirtioPci::state,
+                    virtio::VirtioPci::restore,
+                )),
+            );
+        }
         if let Some(dev) = &d.virtio_rng {
             registry.register(
                 "virtio-rng",

@@ -95,6 +95,9 @@ pub enum VmError {
     /// A disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] virtio::BlockError),
+    /// A tap device could not be opened.
+    #[error(transparent)]
+    Net(#[from] virtio::NetError),
     /// A virtio device could not be created.
     #[error(transparent)]
     Virtio(#[from] virtio::pci::VirtioPciError),
@@ -257,6 +260,8 @@ pub struct Devices {
     pub port92: Arc<Mutex<devices::reset_ports::Port92>>,
     /// The virtio-blk disks, in `--disk` order.
     pub virtio_blk: Vec<Arc<Mutex<virtio::VirtioPci>>>,
+    /// The virtio-net cards, in `--net` order.
+    pub virtio_net: Vec<Arc<Mutex<virtio::VirtioPci>>>,
     /// The virtio-rng entropy source, if any.
     pub virtio_rng: Option<Arc<Mutex<virtio::VirtioPci>>>,
 }
@@ -524,6 +529,7 @@ impl Vm {
         // virtio devices: the disks in order, then the entropy source, one PCI slot each from
         // 00.2 on (or where QEMU's addr= puts them).
         let mut virtio_blk = Vec::new();
+        let mut virtio_net = Vec::new();
         let mut virtio_rng = None;
         let mut subscribers = Vec::new();
         let mut quiesce = Vec::new();
@@ -533,6 +539,10 @@ impl Vm {
         for disk in &config.disks {
             let backend = virtio::Block::open(&disk.path, disk.readonly, &disk.serial)?;
             wanted.push((disk.slot, Box::new(backend)));
+        }
+        for (i, net) in config.nets.iter().enumerate() {
+            let mac = net.mac.unwrap_or(crate::config::default_mac(i));
+            wanted.push((net.slot, Box::new(virtio::Net::open(&net.tap, mac)?)));
         }
         if let Some(rng) = &config.rng {
             wanted.push((rng.slot, Box::new(virtio::Entropy::new())));
@@ -553,8 +563,7 @@ impl Vm {
             taken.push(free);
             *s = Some(free);
         }
-        let is_rng = config.rng.is_some();
-        let count = wanted.len();
+        let (disks, nets) = (config.disks.len(), config.nets.len());
         for (i, ((_, backend), slot)) in wanted
             .into_iter()
             .zip(pci_slots.into_iter().flatten())
@@ -574,10 +583,12 @@ impl Vm {
             if !lock(&pci_bus).insert(slot, dev.clone()) {
                 return Err(VmError::PciSlot(slot));
             }
-            if is_rng && i == count - 1 {
-                virtio_rng = Some(dev);
-            } else {
+            if i < disks {
                 virtio_blk.push(dev);
+            } else if i < disks + nets {
+                virtio_net.push(dev);
+            } else {
+                virtio_rng = Some(dev);
             }
         }
         let virtio_io = if subscribers.is_empty() {
@@ -674,6 +685,7 @@ impl Vm {
                 pm_timer,
                 port92,
                 virtio_blk,
+                virtio_net,
                 virtio_rng,
             },
             format: boot.as_ref().map(|b| b.format),

@@ -112,14 +112,24 @@ u8 virtio_driver_ok(const struct virtio_pci *vp)
 	return r8(vp->common + C_STATUS);
 }
 
-s64 virtq_run(struct virtq *q, u32 timeout_ms)
+void virtq_post(struct virtq *q, u16 head)
 {
-	q->avail[2 + q->avail_idx % q->size] = 0;
+	q->avail[2 + q->avail_idx % q->size] = head;
 	barrier();
 	q->avail_idx++;
 	q->avail[1] = q->avail_idx;
 	barrier();
 	w16(q->notify, 0);
+}
+
+s64 virtq_run(struct virtq *q, u32 timeout_ms)
+{
+	virtq_post(q, 0);
+	return virtq_poll(q, timeout_ms);
+}
+
+s64 virtq_poll(struct virtq *q, u32 timeout_ms)
+{
 	deadline_start(timeout_ms);
 	while ((u16)(q->used[0] >> 16) == q->used_seen) {
 		if (deadline_passed())

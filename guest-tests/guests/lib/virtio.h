@@ -100,11 +100,14 @@ s64 virtio_negotiate(const struct virtio_pci *vp, u32 features_lo);
 bool virtq_setup(const struct virtio_pci *vp, u16 index, struct virtq *q, u16 vector);
 /* DRIVER_OK; returns the status read back. */
 u8 virtio_driver_ok(const struct virtio_pci *vp);
+/* Makes the chain starting at descriptor `head` available and notifies. */
+void virtq_post(struct virtq *q, u16 head);
 /*
- * Makes the chain starting at descriptor 0 available, notifies, and waits up
- * to timeout_ms for the device to use it; returns the used length, or -1 on
- * timeout.
+ * Waits up to timeout_ms for the device to use the next chain; returns the
+ * used length, or -1 on timeout.
  */
+s64 virtq_poll(struct virtq *q, u32 timeout_ms);
+/* virtq_post of descriptor 0, then virtq_poll. */
 s64 virtq_run(struct virtq *q, u32 timeout_ms);
 
 #endif

@@ -98,6 +98,10 @@ pub struct RunArgs {
     /// A virtio-blk disk on a raw image file (repeatable; `,,` is a comma in the path).
     #[arg(long, value_name = "PATH[,readonly=on][,serial=STR]")]
     pub disk: Vec<config::DiskConfig>,
+    /// A virtio-net card on a tap interface, created if needed (repeatable; the MAC defaults
+    /// to QEMU's 52:54:00:12:34:56, counting up).
+    #[arg(long, value_name = "tap=NAME[,mac=…]")]
+    pub net: Vec<config::NetConfig>,
     /// A virtio-rng device fed by the host's getrandom (QEMU's -device virtio-rng-pci).
     #[arg(long)]
     pub rng: bool,
@@ -119,6 +123,7 @@ impl From<RunArgs> for VmConfig {
             incoming: a.incoming,
             paused: a.paused,
             disks: a.disk,
+            nets: a.net,
             rng: a.rng.then(config::RngConfig::default),
             ..VmConfig::new("")
         }

@@ -84,6 +84,7 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -qmp unix:PATH[,server,nowait]\n\
 -chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control\n\
 -drive file=PATH,if=virtio[,format=raw][,readonly=on]   virtio-blk disk\n\
+-netdev tap,id=ID,ifname=NAME[,script=no,downscript=no]  with  -device virtio-net-pci,netdev=ID[,mac=][,addr=]\n\
 -device virtio-rng-pci[,rng=ID][,addr=]  with  -object rng-random,id=ID,filename=/dev/urandom | rng-builtin,id=ID\n\
 -blockdev driver=file|raw,node-name=N,… -drive if=none,id=N,file=…  with  -device virtio-blk-pci,drive=N[,addr=][,serial=]\n\
 -incoming URI | defer\n\
@@ -250,6 +251,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
     let mut chardevs: HashMap<String, Chardev> = HashMap::new();
     let mut monitors: Vec<String> = Vec::new();
     let mut blocks = crate::qemu_blockdev::BlockGraph::default();
+    let mut nics = crate::qemu_netdev::NetGraph::default();
     let mut rng_objects: Vec<String> = Vec::new();
     let mut rng_backend: Option<String> = None;
     let mut it = args.iter();
@@ -503,6 +505,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                             serial_given = true;
                         }
                         "virtio-blk-pci" => blocks.add_device(opt, &mut k)?,
+                        "virtio-net-pci" => nics.add_device(opt, &mut k)?,
                         "virtio-rng-pci" => rng_device(opt, &mut k, &mut config, &mut rng_backend)?,
                         other => {
                             return Err(QemuCliError::UnsupportedValue(opt.into(), other.into()))
@@ -517,14 +520,14 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 let parts = split_options(&v);
                 let (first, p) = props(&parts);
                 match first.unwrap_or("") {
-                    driver @ ("virtio-blk-pci" | "virtio-rng-pci") => {
+                    driver @ ("virtio-blk-pci" | "virtio-net-pci" | "virtio-rng-pci") => {
                         let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "driver")?);
                         k.take("driver");
                         let id = k.take("id");
-                        if driver == "virtio-blk-pci" {
-                            blocks.add_device(opt, &mut k)?;
-                        } else {
-                            rng_device(opt, &mut k, &mut config, &mut rng_backend)?;
+                        match driver {
+                            "virtio-blk-pci" => blocks.add_device(opt, &mut k)?,
+                            "virtio-net-pci" => nics.add_device(opt, &mut k)?,
+                            _ => rng_device(opt, &mut k, &mut config, &mut rng_backend)?,
                         }
                         k.finish()?;
                         if let Some(id) = id {
@@ -630,11 +633,13 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 (disk, Some(id)) => blocks.add_drive_none(opt, &id, &disk)?,
             },
             "-blockdev" => blocks.add_blockdev(opt, &value()?)?,
+            "-netdev" => nics.add_netdev(opt, &value()?)?,
             "-incoming" => config.incoming = Some(value()?),
             other => return Err(QemuCliError::Unsupported(other.to_string())),
         }
     }
     config.disks.extend(blocks.resolve()?);
+    config.nets.extend(nics.resolve()?);
     if let Some(id) = rng_backend.filter(|id| !rng_objects.contains(id)) {
         return Err(QemuCliError::Invalid(
             String::from("-device"),
