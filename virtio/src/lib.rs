@@ -82,6 +82,10 @@ pub trait VirtioBackend: Send {
         None
     }
 
+    /// Tells the network this device's guest is here now (after a migration: QEMU's
+    /// self-announce); nothing by default.
+    fn announce(&mut self) {}
+
     /// Serves every available buffer of queue `index`; true if any was used.
     fn process_queue(
         &mut self,

@@ -170,7 +170,34 @@ impl Net {
     }
 }
 
+/// The self-announce frame QEMU sends after a migration: a broadcast RARP request ("reverse
+/// request", opcode 3) from `mac`, padded to 60 bytes, behind a zeroed virtio-net header.
+pub fn rarp_frame(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; HEADER_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&0x8035u16.to_be_bytes());
+    f.extend_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&3u16.to_be_bytes()); // reverse request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(HEADER_LEN + 60, 0);
+    f
+}
+
 impl VirtioBackend for Net {
+    fn announce(&mut self) {
+        if let Err(e) = (&self.tap).write(&rarp_frame(self.mac)) {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                log::warn!("virtio-net {}: announce: {e}", self.name);
+            }
+        }
+    }
+
     fn device_type(&self) -> u16 {
         DEVICE_TYPE
     }
@@ -224,6 +251,18 @@ impl VirtioBackend for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rarp() {
+        let f = rarp_frame([2, 0, 0, 0, 0, 1]);
+        assert_eq!(f.len(), HEADER_LEN + 60);
+        let e = &f[HEADER_LEN..];
+        assert_eq!(&e[..6], &[0xff; 6]);
+        assert_eq!(&e[6..12], &[2, 0, 0, 0, 0, 1]);
+        assert_eq!(&e[12..14], &[0x80, 0x35]);
+        assert_eq!(&e[20..22], &[0, 3]);
+        assert_eq!(&e[22..28], &[2, 0, 0, 0, 0, 1]);
+    }
 
     #[test]
     fn bad_tap_names() {

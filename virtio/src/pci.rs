@@ -612,6 +612,11 @@ impl VirtioPci {
         })
     }
 
+    /// Has the back-end announce the guest to the network (virtio-net: one RARP frame).
+    pub fn announce(&self) {
+        lock(&self.core).backend.announce();
+    }
+
     /// The handle that pauses this device's back-end with the VM.
     pub fn quiesce(&self) -> Arc<dyn devices::Quiesce> {
         Arc::new(QueueHandler {

@@ -785,7 +785,35 @@ impl Instance {
         }
     }
 
+    /// QEMU's self-announce after an incoming migration: each virtio-net card sends a RARP
+    /// frame from its MAC, 5 rounds 50, 150, 250, 350 and 450 ms after the load (QEMU's
+    /// `announce-*` defaults), so switches learn where the guest is now. On a thread of its own
+    /// (`announce`), which takes the big lock for each round.
+    fn announce(&self) {
+        let nets = self.vm.devices.virtio_net.clone();
+        if nets.is_empty() {
+            return;
+        }
+        let machine = self.vm.machine.clone();
+        let spawned = std::thread::Builder::new()
+            .name(String::from("announce"))
+            .spawn(move || {
+                for delay in [50u64, 100, 100, 100, 100] {
+                    // The protocol's own timing, not a synchronisation.
+                    std::thread::sleep(std::time::Duration::from_millis(delay));
+                    let _g = lock(&machine);
+                    for dev in &nets {
+                        lock(dev).announce();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the announce thread: {e}");
+        }
+    }
+
     fn incoming_done(&self) {
+        self.announce();
         *lock(&self.incoming) = Incoming::Completed;
         {
             let mut g = lock(&self.vm.machine);

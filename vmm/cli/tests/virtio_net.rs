@@ -8,7 +8,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::proc::pump;
+use common::proc::{pump, Hopvm, TempDir};
 use common::Capture;
 
 const ETHERTYPE: u16 = 0x88b5;
@@ -17,19 +17,24 @@ const ETHERTYPE: u16 = 0x88b5;
 struct PacketSocket {
     fd: libc::c_int,
     ifindex: libc::c_int,
+    proto: u16,
 }
 
 impl PacketSocket {
     fn open(ifname: &str) -> Self {
+        Self::open_proto(ifname, ETHERTYPE)
+    }
+
+    fn open_proto(ifname: &str, ethertype: u16) -> Self {
         let name = std::ffi::CString::new(ifname).unwrap();
         // SAFETY: if_nametoindex reads a NUL-terminated string.
         let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) } as libc::c_int;
         assert!(ifindex > 0, "no interface {ifname}");
-        let proto = ETHERTYPE.to_be();
+        let proto = ethertype.to_be();
         // SAFETY: plain socket creation.
         let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, libc::c_int::from(proto)) };
         assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let addr = Self::addr(ifindex, [0; 6]);
+        let addr = Self::addr(ifindex, ethertype, [0; 6]);
         // SAFETY: bind with a sockaddr_ll of the right size.
         let r = unsafe {
             libc::bind(
@@ -53,14 +58,18 @@ impl PacketSocket {
                 size_of::<libc::timeval>() as u32,
             )
         };
-        Self { fd, ifindex }
+        Self {
+            fd,
+            ifindex,
+            proto: ethertype,
+        }
     }
 
-    fn addr(ifindex: libc::c_int, dst: [u8; 6]) -> libc::sockaddr_ll {
+    fn addr(ifindex: libc::c_int, ethertype: u16, dst: [u8; 6]) -> libc::sockaddr_ll {
         // SAFETY: sockaddr_ll is plain data; all zeroes is a valid value.
         let mut a: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
         a.sll_family = libc::AF_PACKET as u16;
-        a.sll_protocol = ETHERTYPE.to_be();
+        a.sll_protocol = ethertype.to_be();
         a.sll_ifindex = ifindex;
         a.sll_halen = 6;
         a.sll_addr[..6].copy_from_slice(&dst);
@@ -84,7 +93,7 @@ impl PacketSocket {
     fn send(&self, frame: &[u8]) {
         let mut dst = [0u8; 6];
         dst.copy_from_slice(&frame[..6]);
-        let addr = Self::addr(self.ifindex, dst);
+        let addr = Self::addr(self.ifindex, self.proto, dst);
         // SAFETY: sendto from a buffer we own with a sockaddr_ll of the right size.
         let n = unsafe {
             libc::sendto(
@@ -128,13 +137,8 @@ fn exchange(program: &str, args: &[String], tap: &str, mac: [u8; 6], seed: u32) 
     out.wait_for(Duration::from_secs(60), "the guest's driver", |t| {
         t.contains("net: ready") || t.contains("SUMMARY")
     });
-    // The tap exists while the VMM runs: no IPv6 chatter on it, and up.
-    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6"), "1");
-    let up = Command::new("ip")
-        .args(["link", "set", tap, "up"])
-        .status()
-        .unwrap();
-    assert!(up.success(), "ip link set {tap} up");
+    // The tap exists while the VMM runs.
+    tap_up(tap);
     let sock = PacketSocket::open(tap);
     let ping = format!("hopvm-ping {seed}");
     let frame = loop {
@@ -261,6 +265,101 @@ fn qemu_netdev_and_device() {
     {
         exchange("qemu-system-x86_64", &args, &tap, mac_bytes, seed);
     }
+}
+
+/// Brings tap `name` up, without IPv6 chatter.
+fn tap_up(name: &str) {
+    let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
+    let up = Command::new("ip")
+        .args(["link", "set", name, "up"])
+        .status()
+        .unwrap();
+    assert!(up.success(), "ip link set {name} up");
+}
+
+/// A networked guest migrates live to a destination on another tap: the destination announces
+/// it there (RARP from its MAC, as QEMU's self-announce), and the guest, now running on the
+/// destination, gets its pong through the new tap.
+#[test]
+fn live_migration_announces_the_guest_on_the_new_tap() {
+    use serde_json::json;
+    let long = Duration::from_secs(60);
+    let dir = TempDir::new("virtio-net-mig");
+    let (tap_a, tap_b) = (
+        format!("hva{}", std::process::id() % 100_000),
+        format!("hvb{}", std::process::id() % 100_000),
+    );
+    let seed = std::process::id() ^ 0x77;
+    let mac = "02:00:00:11:22:33";
+    let mac_bytes = [2, 0, 0, 0x11, 0x22, 0x33];
+    let kernel = guest_tests::image_path("virtio-net").display().to_string();
+    let cmdline = format!("seed={seed} mac={mac}");
+    let mut src = Hopvm::spawn(
+        &dir.0,
+        "src",
+        &[
+            "--kernel",
+            &kernel,
+            "--memory",
+            "64M",
+            "--cmdline",
+            &cmdline,
+            "--net",
+            &format!("tap={tap_a},mac={mac}"),
+        ],
+    );
+    src.out
+        .wait_for(long, "the guest's driver", |t| t.contains("net: ready"));
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let mut dst = Hopvm::spawn(
+        &dir.0,
+        "dst",
+        &[
+            "--memory",
+            "64M",
+            "--incoming",
+            &uri,
+            "--net",
+            &format!("tap={tap_b},mac={mac}"),
+        ],
+    );
+    tap_up(&tap_b);
+    let rarp = PacketSocket::open_proto(&tap_b, 0x8035);
+    let sock = PacketSocket::open(&tap_b);
+    src.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    src.cmd("migrate", json!({"uri": uri}));
+    src.wait_migration("completed", long);
+    let f = rarp.recv();
+    assert_eq!(&f[..6], &[0xff; 6]);
+    assert_eq!(&f[6..12], &mac_bytes, "RARP from the guest's MAC");
+    assert_eq!(&f[20..22], &[0, 3], "reverse request");
+    // The guest pings on; answer on the destination's tap.
+    let ping = format!("hopvm-ping {seed}");
+    loop {
+        let f = sock.recv();
+        if f.len() >= 14 + ping.len() && &f[14..14 + ping.len()] == ping.as_bytes() {
+            break;
+        }
+    }
+    let mut pong = Vec::new();
+    pong.extend_from_slice(&mac_bytes);
+    pong.extend_from_slice(&[2, 0, 0, 0, 0, 0x99]);
+    pong.extend_from_slice(&ETHERTYPE.to_be_bytes());
+    pong.extend_from_slice(format!("hopvm-pong {seed}").as_bytes());
+    pong.resize(60, 0);
+    sock.send(&pong);
+    assert_eq!(
+        dst.wait_exit(Duration::from_secs(120)),
+        Some(1),
+        "{}",
+        dst.out.text()
+    );
+    let text = dst.out.text();
+    assert!(text.contains("PASS: received the host's pong"), "{text}");
+    assert!(text.contains(", 0 failures"), "{text}");
 }
 
 #[test]
