@@ -30,6 +30,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 };
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sync::lock;
@@ -563,7 +564,9 @@ impl VirtioPci {
             .iter()
             .map(|_| EventFd::new(EFD_NONBLOCK).map_err(VirtioPciError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
-        let device_features = backend.features() | 1 << VIRTIO_F_VERSION_1;
+        // Indirect descriptor tables are walked by virtio-queue's chains for every device.
+        let device_features =
+            backend.features() | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC;
         let core = Core {
             backend,
             mem,
@@ -1018,8 +1021,14 @@ mod tests {
         }
         /// The driver's initialisation: features, one queue of 16, DRIVER_OK.
         fn init(&mut self, features_hi: u32) {
+            self.init_with(0, features_hi);
+        }
+
+        fn init_with(&mut self, features_lo: u32, features_hi: u32) {
             self.w(0x14, 1, 1);
             self.w(0x14, 3, 1);
+            self.w(0x08, 0, 4);
+            self.w(0x0c, u64::from(features_lo), 4);
             self.w(0x08, 1, 4);
             self.w(0x0c, u64::from(features_hi), 4);
             self.w(0x14, 0xb, 1);
@@ -1144,6 +1153,45 @@ mod tests {
         assert_eq!(r.r(MSIX_PBA_OFFSET, 8), 0);
         assert_eq!(r.msis.0.lock().unwrap().len(), 9);
         assert_eq!(r.line.0.load(Ordering::SeqCst), 0, "no INTx under MSI-X");
+    }
+
+    #[test]
+    fn indirect_descriptor_tables() {
+        let mut r = rig("indirect", false, 16);
+        r.w(0x00, 0, 4);
+        assert_ne!(r.r(0x04, 4) & (1 << 28), 0, "VIRTIO_RING_F_INDIRECT_DESC offered");
+        r.init_with(1 << 28, 1);
+        assert_eq!(r.r(0x14, 1), 0xf);
+        // One descriptor (INDIRECT) pointing at a table of three: header, data, status.
+        const TABLE: u64 = 0x6000;
+        let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let d = TABLE + 16 * i;
+            r.mem.write_obj(addr, GuestAddress(d)).unwrap();
+            r.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            r.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            r.mem.write_obj(next, GuestAddress(d + 14)).unwrap();
+        };
+        put(0, HDR, 16, 1, 1);
+        put(1, DATA, 512, 1, 2);
+        put(2, STATUS, 1, 2, 0);
+        r.mem.write_obj(1u32, GuestAddress(HDR)).unwrap();
+        r.mem.write_obj(3u64, GuestAddress(HDR + 8)).unwrap();
+        r.mem.write_slice(&[0x42u8; 512], GuestAddress(DATA)).unwrap();
+        r.desc(0, TABLE, 48, 4, 0);
+        r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        lock(&r.dev.core).process(0);
+        let st: u8 = r.mem.read_obj(GuestAddress(STATUS)).unwrap();
+        assert_eq!(st, 0);
+        let disk = std::fs::read(&r.image).unwrap();
+        assert!(disk[3 * 512..4 * 512].iter().all(|&b| b == 0x42));
+        // A table whose length is not a multiple of 16: the chain is refused, nothing written.
+        r.desc(0, TABLE, 40, 4, 0);
+        r.mem.write_obj(0u16, GuestAddress(AVAIL + 6)).unwrap();
+        r.mem.write_obj(2u16, GuestAddress(AVAIL + 2)).unwrap();
+        lock(&r.dev.core).process(0);
+        let used: u16 = r.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used, 2, "used, with nothing written");
     }
 
     #[test]
