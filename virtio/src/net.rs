@@ -9,7 +9,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
@@ -40,6 +40,9 @@ pub enum NetError {
     /// The kernel refused the tap (no permission, name taken by another kind of device…).
     #[error("cannot create tap device {0}: {1}")]
     Tap(String, #[source] std::io::Error),
+    /// A handed-over descriptor is not a tap opened with IFF_VNET_HDR.
+    #[error("descriptor {0} is not a tap device opened with IFF_TAP and IFF_VNET_HDR")]
+    NotVnetTap(RawFd),
 }
 
 /// A virtio-net device's back-end.
@@ -95,6 +98,44 @@ impl Net {
         Ok(Self {
             tap,
             name: name.to_string(),
+            mac,
+            buf: vec![0; MAX_PACKET],
+        })
+    }
+
+    /// Takes a tap descriptor someone else opened (libvirt's `-netdev tap,fd=N`): it must be a
+    /// tap with IFF_VNET_HDR; it is made non-blocking with the 12-byte header.
+    pub fn from_fd(fd: OwnedFd, mac: [u8; 6]) -> Result<Self, NetError> {
+        let raw = fd.as_raw_fd();
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes a `struct ifreq` (IfReq's 40 bytes) to a valid pointer; on
+        // a descriptor that is not a tap it fails and writes nothing.
+        if unsafe { libc::ioctl(raw, libc::TUNGETIFF, &mut req) } < 0 {
+            return Err(NetError::NotVnetTap(raw));
+        }
+        let want = (libc::IFF_TAP | libc::IFF_VNET_HDR) as libc::c_short;
+        if req.flags & want != want {
+            return Err(NetError::NotVnetTap(raw));
+        }
+        let name_len = req.name.iter().position(|&b| b == 0).unwrap_or(16);
+        let name = String::from_utf8_lossy(&req.name[..name_len]).into_owned();
+        let hdr: libc::c_int = HEADER_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int; F_GETFL / F_SETFL only change the
+        // descriptor's status flags.
+        unsafe {
+            if libc::ioctl(raw, libc::TUNSETVNETHDRSZ, &hdr) < 0 {
+                return Err(NetError::Tap(name, std::io::Error::last_os_error()));
+            }
+            let fl = libc::fcntl(raw, libc::F_GETFL);
+            libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        Ok(Self {
+            tap: File::from(fd),
+            name,
             mac,
             buf: vec![0; MAX_PACKET],
         })
@@ -262,6 +303,15 @@ mod tests {
         assert_eq!(&e[12..14], &[0x80, 0x35]);
         assert_eq!(&e[20..22], &[0, 3]);
         assert_eq!(&e[22..28], &[2, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn a_descriptor_that_is_no_tap_is_refused() {
+        let f = File::open("/dev/null").unwrap();
+        assert!(matches!(
+            Net::from_fd(OwnedFd::from(f), [0; 6]),
+            Err(NetError::NotVnetTap(_))
+        ));
     }
 
     #[test]

@@ -1159,7 +1159,11 @@ mod tests {
     fn indirect_descriptor_tables() {
         let mut r = rig("indirect", false, 16);
         r.w(0x00, 0, 4);
-        assert_ne!(r.r(0x04, 4) & (1 << 28), 0, "VIRTIO_RING_F_INDIRECT_DESC offered");
+        assert_ne!(
+            r.r(0x04, 4) & (1 << 28),
+            0,
+            "VIRTIO_RING_F_INDIRECT_DESC offered"
+        );
         r.init_with(1 << 28, 1);
         assert_eq!(r.r(0x14, 1), 0xf);
         // One descriptor (INDIRECT) pointing at a table of three: header, data, status.
@@ -1176,7 +1180,9 @@ mod tests {
         put(2, STATUS, 1, 2, 0);
         r.mem.write_obj(1u32, GuestAddress(HDR)).unwrap();
         r.mem.write_obj(3u64, GuestAddress(HDR + 8)).unwrap();
-        r.mem.write_slice(&[0x42u8; 512], GuestAddress(DATA)).unwrap();
+        r.mem
+            .write_slice(&[0x42u8; 512], GuestAddress(DATA))
+            .unwrap();
         r.desc(0, TABLE, 48, 4, 0);
         r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
         r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();

@@ -129,6 +129,9 @@ pub struct DiskConfig {
 pub struct NetConfig {
     /// The tap interface (created if it does not exist).
     pub tap: String,
+    /// Instead of `tap`: an inherited descriptor of a tap someone else opened (QEMU's
+    /// `-netdev tap,fd=N`, as libvirt passes it).
+    pub fd: Option<i32>,
     /// The card's MAC address (none: QEMU's default for the card's position).
     pub mac: Option<[u8; 6]>,
     /// The PCI device number (QEMU's `addr=`); the first free one if none.
@@ -177,6 +180,7 @@ impl std::str::FromStr for NetConfig {
         }
         Ok(Self {
             tap: tap.ok_or_else(|| bad("no tap=NAME"))?,
+            fd: None,
             mac,
             slot: None,
         })

@@ -104,6 +104,9 @@ pub enum VmError {
     /// The virtio back-end thread could not be started.
     #[error(transparent)]
     VirtioIo(#[from] virtio::event_loop::EventLoopError),
+    /// A descriptor named on the command line was not inherited (or is already in use).
+    #[error("descriptor {0} was not handed to hopvm or is already in use")]
+    NotInherited(i32),
     /// No PCI slot is left.
     #[error("no free pci slot for another device")]
     PciSlots,
@@ -542,7 +545,15 @@ impl Vm {
         }
         for (i, net) in config.nets.iter().enumerate() {
             let mac = net.mac.unwrap_or(crate::config::default_mac(i));
-            wanted.push((net.slot, Box::new(virtio::Net::open(&net.tap, mac)?)));
+            let backend = match net.fd {
+                Some(fd) => {
+                    let owned = migration::transport::take_inherited_fd(fd)
+                        .ok_or(VmError::NotInherited(fd))?;
+                    virtio::Net::from_fd(owned, mac)?
+                }
+                None => virtio::Net::open(&net.tap, mac)?,
+            };
+            wanted.push((net.slot, Box::new(backend)));
         }
         if let Some(rng) = &config.rng {
             wanted.push((rng.slot, Box::new(virtio::Entropy::new())));

@@ -1,4 +1,4 @@
-//! QEMU's `-netdev tap,id=…,ifname=…` and `-device virtio-net-pci,netdev=…[,mac=][,addr=]`,
+//! QEMU's `-netdev tap,id=…,ifname=…|fd=N` and `-device virtio-net-pci,netdev=…[,mac=][,addr=]`,
 //! in the keyval or JSON syntax; the devices are resolved against the netdevs once the whole
 //! command line is read.
 
@@ -17,10 +17,17 @@ struct PendingNic {
     slot: Option<u8>,
 }
 
+/// A tap netdev: by name, or a descriptor handed over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Tap {
+    Name(String),
+    Fd(i32),
+}
+
 /// The tap netdevs and virtio-net devices of one command line.
 #[derive(Debug, Default)]
 pub struct NetGraph {
-    taps: BTreeMap<String, String>,
+    taps: BTreeMap<String, Tap>,
     nics: Vec<PendingNic>,
 }
 
@@ -34,18 +41,25 @@ impl NetGraph {
         let mut k = Keys::new(opt, option_map(opt, value, "type")?);
         k.only("type", "tap")?;
         let id = k.required("id")?;
-        let ifname = k.take("ifname").ok_or_else(|| {
-            QemuCliError::UnsupportedValue(
-                opt.into(),
-                String::from("a tap without ifname= (hopvm opens the tap by name; no fd=)"),
-            )
-        })?;
+        let tap = match (k.take("ifname"), k.take("fd")) {
+            (Some(name), None) => Tap::Name(name),
+            (None, Some(fd)) => Tap::Fd(
+                fd.parse()
+                    .map_err(|_| invalid(opt, format!("fd={fd}: expected a descriptor number")))?,
+            ),
+            _ => {
+                return Err(QemuCliError::UnsupportedValue(
+                    opt.into(),
+                    String::from("a tap needs exactly one of ifname= and fd="),
+                ))
+            }
+        };
         // hopvm never runs scripts and has no vhost: only the values that say so.
         k.only("script", "no")?;
         k.only("downscript", "no")?;
         k.only("vhost", "off")?;
         k.finish()?;
-        if self.taps.insert(id.clone(), ifname).is_some() {
+        if self.taps.insert(id.clone(), tap).is_some() {
             return Err(invalid(opt, format!("Duplicate ID '{id}' for netdev")));
         }
         Ok(())
@@ -85,8 +99,13 @@ impl NetGraph {
                     ));
                 }
                 used.push(&n.netdev);
+                let (name, fd) = match tap {
+                    Tap::Name(name) => (name.clone(), None),
+                    Tap::Fd(fd) => (String::new(), Some(*fd)),
+                };
                 Ok(NetConfig {
-                    tap: tap.clone(),
+                    tap: name,
+                    fd,
                     mac: n.mac,
                     slot: n.slot,
                 })
@@ -133,6 +152,11 @@ mod tests {
         assert_eq!(nets[0].mac, Some([0x52, 0x54, 0, 0, 0, 1]));
         assert_eq!(nets[0].slot, Some(3));
         assert_eq!((nets[1].tap.as_str(), nets[1].mac), ("tap1", None));
+        let mut g = NetGraph::default();
+        g.add_netdev("-netdev", r#"{"type":"tap","fd":"25","id":"hostnet0"}"#)
+            .unwrap();
+        device(&mut g, "virtio-net-pci,netdev=hostnet0").unwrap();
+        assert_eq!(g.resolve().unwrap()[0].fd, Some(25));
     }
 
     #[test]
@@ -140,7 +164,9 @@ mod tests {
         let mut g = NetGraph::default();
         for bad in [
             "user,id=u0",
-            "tap,id=t0,fd=25",
+            "tap,id=t0,fd=x",
+            "tap,id=t0,fd=25,ifname=y",
+            "tap,id=t0",
             "tap,id=t0,ifname=x,vhost=on",
             "tap,id=t0,ifname=x,script=/etc/qemu-ifup",
             "tap,ifname=x",

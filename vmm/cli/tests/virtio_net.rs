@@ -267,6 +267,43 @@ fn qemu_netdev_and_device() {
     }
 }
 
+/// libvirt's way: the tap is opened by the caller (here, this test) and handed over as an
+/// inherited descriptor, `-netdev tap,fd=N`.
+#[test]
+fn tap_descriptor_handed_over_as_libvirt_does() {
+    let tap = format!("hvf{}", std::process::id() % 100_000);
+    let seed = std::process::id() ^ 0x1234;
+    // SAFETY: opening a device node; no CLOEXEC, so the VMM inherits the descriptor.
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR) };
+    assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+    let mut req = [0u8; 40];
+    req[..tap.len()].copy_from_slice(tap.as_bytes());
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
+    req[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes the 40-byte ifreq buffer.
+    assert_eq!(
+        unsafe { libc::ioctl(fd, libc::TUNSETIFF, req.as_mut_ptr()) },
+        0
+    );
+    let mut args = vec![String::from("qemu")];
+    args.extend(guest_args(seed, "52:54:00:12:34:56"));
+    args.extend([
+        String::from("-netdev"),
+        format!(r#"{{"type":"tap","fd":"{fd}","id":"hostnet0"}}"#),
+        String::from("-device"),
+        String::from(r#"{"driver":"virtio-net-pci","netdev":"hostnet0","id":"net0","bus":"pci.0","addr":"0x3"}"#),
+    ]);
+    exchange(
+        env!("CARGO_BIN_EXE_hopvm"),
+        &args,
+        &tap,
+        [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+        seed,
+    );
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+}
+
 /// Brings tap `name` up, without IPv6 chatter.
 fn tap_up(name: &str) {
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
