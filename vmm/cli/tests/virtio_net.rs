@@ -281,10 +281,8 @@ fn tap_descriptor_handed_over_as_libvirt_does() {
     let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
     req[16..18].copy_from_slice(&flags.to_ne_bytes());
     // SAFETY: TUNSETIFF reads and writes the 40-byte ifreq buffer.
-    assert_eq!(
-        unsafe { libc::ioctl(fd, libc::TUNSETIFF, req.as_mut_ptr()) },
-        0
-    );
+    let r = unsafe { libc::ioctl(fd, libc::TUNSETIFF, req.as_mut_ptr()) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
     let mut args = vec![String::from("qemu")];
     args.extend(guest_args(seed, "52:54:00:12:34:56"));
     args.extend([
