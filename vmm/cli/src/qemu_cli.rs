@@ -48,11 +48,18 @@ pub enum QemuAction {
 }
 
 /// The devices `-device ?` lists, as QEMU prints them.
-const DEVICE_LIST: &str = "Misc devices:\n\
+const DEVICE_LIST: &str = "Storage devices:\n\
+name \"virtio-blk-pci\", bus PCI, alias \"virtio-blk\"\n\
+\n\
+Network devices:\n\
+name \"virtio-net-pci\", bus PCI, alias \"virtio-net\"\n\
+\n\
+Misc devices:\n\
 name \"isa-debug-exit\", bus ISA\n\
 name \"pc-testdev\", bus ISA\n\
 name \"pci-testdev\", bus PCI, desc \"PCI Test Device\"\n\
-name \"hyperv-testdev\", bus ISA\n";
+name \"hyperv-testdev\", bus ISA\n\
+name \"virtio-rng-pci\", bus PCI, alias \"virtio-rng\"\n";
 
 fn version_line() -> String {
     let v = QEMU_COMPAT_VERSION;
