@@ -13,7 +13,8 @@
 //!   VMM registered it as an ioeventfd on the notification address, or by the transport when
 //!   the write reached it as an MMIO exit — and are served by [`event_loop::EventLoop`], one
 //!   thread (`virtio-io`) running rust-vmm's `event-manager`, never on a vCPU thread.
-//! * Interrupts go out as MSI-X messages through [`MsiSender`] (the VMM's `KVM_SIGNAL_MSI`), or
+//! * Interrupts go out as MSI-X messages through [`MsiSender`] (the VMM's irqfd per vector, or
+//!   `KVM_SIGNAL_MSI` where a route could not be set), or
 //!   as the legacy INTx line with the ISR register when the driver did not enable MSI-X.
 //!
 //! Locking: each transport's shared core (`Arc<Mutex<…>>`, the "virtio core" lock) is taken by
@@ -39,10 +40,13 @@ pub use rng::Entropy;
 /// writes into guest buffers are seen by live migration).
 pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
-/// Sends an MSI message (address, data) into the guest.
+/// Delivers a device's MSI-X messages into the guest.
 pub trait MsiSender: Send + Sync {
-    /// Delivers one message.
-    fn send(&self, address: u64, data: u32);
+    /// The guest (re)programmed table entry `vector`: its messages go to `address` with `data`
+    /// now (the VMM moves the vector's irqfd route there).
+    fn program(&self, _vector: u16, _address: u64, _data: u32) {}
+    /// Delivers one message of `vector`, whose table entry holds `address` and `data`.
+    fn send(&self, vector: u16, address: u64, data: u32);
 }
 
 /// Registers an `EventFd` to be written by the hypervisor when the guest writes the MMIO

@@ -370,7 +370,7 @@ impl Core {
             if self.msix_masked || entry.control & 1 != 0 {
                 self.msix_pba |= 1 << vector;
             } else {
-                self.msi.send(entry.address, entry.data);
+                self.msi.send(vector, entry.address, entry.data);
             }
         } else {
             self.isr |= isr_bit;
@@ -388,7 +388,7 @@ impl Core {
         for (i, e) in self.msix_table.iter().enumerate() {
             if self.msix_pba & (1 << i) != 0 && e.control & 1 == 0 {
                 self.msix_pba &= !(1 << i);
-                self.msi.send(e.address, e.data);
+                self.msi.send(i as u16, e.address, e.data);
             }
         }
     }
@@ -424,8 +424,13 @@ impl Core {
                 0 => e.address = (e.address & !0xffff_ffff) | u64::from(v),
                 4 => e.address = (e.address & 0xffff_ffff) | u64::from(v) << 32,
                 8 => e.data = v,
-                _ => e.control = v & 1,
+                _ => {
+                    e.control = v & 1;
+                    continue;
+                }
             }
+            let (address, data) = (e.address, e.data);
+            self.msi.program((off / 16) as u16, address, data);
         }
         self.deliver_pending();
     }
@@ -784,6 +789,9 @@ impl VirtioPci {
             })
             .collect();
         core.msix_pba = state.msix_pba & ((1u64 << vectors) - 1);
+        for (i, e) in core.msix_table.iter().enumerate() {
+            core.msi.program(i as u16, e.address, e.data);
+        }
         drop(core);
         self.config.restore(&state.config)?;
         self.sync_interrupt_bits();
@@ -939,9 +947,16 @@ mod tests {
     use crate::block::Block;
 
     #[derive(Default)]
-    struct Msis(Mutex<Vec<(u64, u32)>>);
+    struct Msis(Mutex<Vec<(u64, u32)>>, Mutex<Vec<(u16, u64, u32)>>);
     impl MsiSender for Msis {
-        fn send(&self, address: u64, data: u32) {
+        fn program(&self, vector: u16, address: u64, data: u32) {
+            self.1.lock().unwrap().push((vector, address, data));
+        }
+        fn send(&self, vector: u16, address: u64, data: u32) {
+            assert!(
+                self.1.lock().unwrap().contains(&(vector, address, data)),
+                "programmed"
+            );
             self.0.lock().unwrap().push((address, data));
         }
     }
@@ -1562,7 +1577,7 @@ mod tests_support {
 
     struct NoMsi;
     impl MsiSender for NoMsi {
-        fn send(&self, _address: u64, _data: u32) {}
+        fn send(&self, _vector: u16, _address: u64, _data: u32) {}
     }
     struct NoLine(AtomicUsize);
     impl devices::IrqLine for NoLine {

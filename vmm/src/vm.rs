@@ -156,19 +156,141 @@ impl IrqLine for KvmIrq {
     }
 }
 
-/// MSI messages into the guest with `KVM_SIGNAL_MSI` (from the `virtio-io` thread, with no
-/// VMM lock held; KVM serialises injections itself).
-struct KvmMsi(Arc<VmFd>);
+/// The first GSI for MSI routes (after the IOAPIC's 24 pins).
+const FIRST_MSI_GSI: u32 = 24;
+/// One past the last GSI hopvm gives MSI routes (KVM allows up to 4096 routes).
+const END_MSI_GSI: u32 = 1024;
 
-impl virtio::MsiSender for KvmMsi {
-    fn send(&self, address: u64, data: u32) {
+/// The VM's GSI routing: the `pc` irqchip routes plus one MSI route per irqfd vector, set with
+/// `KVM_SET_GSI_ROUTING` as a whole each time a route changes (its mutex is a leaf lock).
+pub struct MsiRouter {
+    vm: Arc<VmFd>,
+    routes: Mutex<MsiRoutes>,
+}
+
+/// The next free GSI and every MSI route: GSI → (address, data).
+struct MsiRoutes {
+    next: u32,
+    msi: std::collections::BTreeMap<u32, (u64, u32)>,
+}
+
+impl MsiRouter {
+    fn new(vm: Arc<VmFd>) -> Self {
+        Self {
+            vm,
+            routes: Mutex::new(MsiRoutes {
+                next: FIRST_MSI_GSI,
+                msi: std::collections::BTreeMap::new(),
+            }),
+        }
+    }
+
+    /// A GSI of its own for an MSI vector, if any is left.
+    fn allocate(&self) -> Option<u32> {
+        let mut r = lock(&self.routes);
+        let gsi = r.next;
+        (gsi < END_MSI_GSI).then(|| {
+            r.next += 1;
+            gsi
+        })
+    }
+
+    /// Points `gsi` at (address, data) and gives KVM the whole table.
+    fn set(&self, gsi: u32, address: u64, data: u32) -> Result<(), kvm_ioctls::Error> {
+        let mut r = lock(&self.routes);
+        r.msi.insert(gsi, (address, data));
+        let mut entries = gsi_routing().as_slice().to_vec();
+        for (&gsi, &(address, data)) in &r.msi {
+            entries.push(kvm_irq_routing_entry {
+                gsi,
+                type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
+                u: kvm_irq_routing_entry__bindgen_ty_1 {
+                    msi: kvm_bindings::kvm_irq_routing_msi {
+                        address_lo: address as u32,
+                        address_hi: (address >> 32) as u32,
+                        data,
+                        ..Default::default()
+                    },
+                },
+                ..Default::default()
+            });
+        }
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
+        self.vm.set_gsi_routing(&table)
+    }
+}
+
+/// One virtio device's MSI-X vectors: an irqfd per vector on a GSI of its own whose MSI route
+/// follows the guest's table entry, so the `virtio-io` thread raises an interrupt with an
+/// eventfd write. A vector without an irqfd or route (KVM refused one) is delivered with
+/// `KVM_SIGNAL_MSI` instead.
+struct KvmMsiVectors {
+    vm: Arc<VmFd>,
+    router: Arc<MsiRouter>,
+    irqfds: Vec<Option<(u32, vmm_sys_util::eventfd::EventFd)>>,
+    programmed: Mutex<Vec<Option<(u64, u32)>>>,
+}
+
+impl KvmMsiVectors {
+    fn new(vm: Arc<VmFd>, router: Arc<MsiRouter>, vectors: usize) -> Self {
+        let irqfds = (0..vectors)
+            .map(|_| {
+                let gsi = router.allocate()?;
+                let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).ok()?;
+                // KVM ordering: the irqfd may be registered before its GSI has a route; it
+                // only fires once the route exists (set in `program`).
+                match vm.register_irqfd(&fd, gsi) {
+                    Ok(()) => Some((gsi, fd)),
+                    Err(e) => {
+                        log::warn!("cannot register an irqfd for gsi {gsi}: {e}");
+                        None
+                    }
+                }
+            })
+            .collect();
+        Self {
+            vm,
+            router,
+            programmed: Mutex::new(vec![None; vectors]),
+            irqfds,
+        }
+    }
+}
+
+impl virtio::MsiSender for KvmMsiVectors {
+    fn program(&self, vector: u16, address: u64, data: u32) {
+        let v = usize::from(vector);
+        let Some(Some((gsi, _))) = self.irqfds.get(v) else {
+            return;
+        };
+        let ok = match self.router.set(*gsi, address, data) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("cannot route msi vector {vector} (gsi {gsi}): {e}");
+                false
+            }
+        };
+        if let Some(p) = lock(&self.programmed).get_mut(v) {
+            *p = ok.then_some((address, data));
+        }
+    }
+
+    fn send(&self, vector: u16, address: u64, data: u32) {
+        let v = usize::from(vector);
+        let routed = lock(&self.programmed).get(v).copied().flatten() == Some((address, data));
+        if let (true, Some(Some((_, fd)))) = (routed, self.irqfds.get(v)) {
+            if fd.write(1).is_ok() {
+                return;
+            }
+        }
         let msi = kvm_bindings::kvm_msi {
             address_lo: address as u32,
             address_hi: (address >> 32) as u32,
             data,
             ..Default::default()
         };
-        if let Err(e) = self.0.signal_msi(msi) {
+        if let Err(e) = self.vm.signal_msi(msi) {
             log::warn!("cannot signal msi {address:#x}/{data:#x}: {e}");
         }
     }
@@ -536,7 +658,7 @@ impl Vm {
         let mut virtio_rng = None;
         let mut subscribers = Vec::new();
         let mut quiesce = Vec::new();
-        let msi: Arc<dyn virtio::MsiSender> = Arc::new(KvmMsi(fd.clone()));
+        let router = Arc::new(MsiRouter::new(fd.clone()));
         let ioevents: Arc<dyn virtio::IoEventRegistrar> = Arc::new(KvmIoEvents(fd.clone()));
         let mut wanted: Vec<(Option<u8>, Box<dyn virtio::VirtioBackend>)> = Vec::new();
         for disk in &config.disks {
@@ -581,11 +703,14 @@ impl Vm {
             .enumerate()
         {
             let gsi = u32::from(devices::pci::intx_irq(slot, 1));
+            // One MSI-X vector per queue and one for configuration changes.
+            let vectors = backend.queue_max_sizes().len() + 1;
+            let msi = Arc::new(KvmMsiVectors::new(fd.clone(), router.clone(), vectors));
             let dev = virtio::VirtioPci::new(
                 backend,
                 memory.clone(),
                 irq(gsi),
-                msi.clone(),
+                msi,
                 Some(ioevents.clone()),
             )?;
             subscribers.push(dev.subscriber());
@@ -874,6 +999,25 @@ mod tests {
         assert_eq!(ioapic_pin(4), Some(4));
         assert_eq!(ioapic_pin(23), Some(23));
         assert_eq!(entries.len(), 15 + 23);
+    }
+
+    #[test]
+    fn msi_routes_on_top_of_the_pc_routes() {
+        let kvm = Kvm::new().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let router = MsiRouter::new(vm.clone());
+        assert_eq!(router.allocate(), Some(FIRST_MSI_GSI));
+        assert_eq!(router.allocate(), Some(FIRST_MSI_GSI + 1));
+        router.set(FIRST_MSI_GSI, 0xfee0_0000, 0x41).unwrap();
+        router.set(FIRST_MSI_GSI + 1, 0xfee0_1000, 0x42).unwrap();
+        router.set(FIRST_MSI_GSI, 0xfee0_0000, 0x43).unwrap();
+        assert_eq!(lock(&router.routes).msi.len(), 2);
+        // A vector's irqfd on its GSI: KVM takes it.
+        let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        vm.register_irqfd(&fd, FIRST_MSI_GSI).unwrap();
+        while router.allocate().is_some() {}
+        assert_eq!(lock(&router.routes).next, END_MSI_GSI, "GSIs run out, no panic");
     }
 
     #[test]
