@@ -1017,7 +1017,11 @@ mod tests {
         let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
         vm.register_irqfd(&fd, FIRST_MSI_GSI).unwrap();
         while router.allocate().is_some() {}
-        assert_eq!(lock(&router.routes).next, END_MSI_GSI, "GSIs run out, no panic");
+        assert_eq!(
+            lock(&router.routes).next,
+            END_MSI_GSI,
+            "GSIs run out, no panic"
+        );
     }
 
     #[test]
