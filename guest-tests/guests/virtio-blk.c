@@ -164,9 +164,12 @@ int main(int argc, char **argv)
 	w32(vp.common + C_DFSELECT, 0);
 	u32 lo = r32(vp.common + C_DF);
 	report(hi & 1, "device offers VIRTIO_F_VERSION_1 (features %08x%08x)", hi, lo);
+	report_info("VIRTIO_RING_F_EVENT_IDX %s", (lo & (1u << 29)) ? "negotiated" : "not offered");
 	report(!!(lo & (1u << 5)) == ro, "VIRTIO_BLK_F_RO %s", ro ? "offered" : "not offered");
 	w32(vp.common + C_GFSELECT, 0);
-	u32 accepted = lo & ((1u << 5) | (1u << 9) | (1u << 13) | (1u << 14));
+	/* RO, FLUSH, DISCARD, WRITE_ZEROES and EVENT_IDX (used_event is kept by virtq_post, and
+	 * every request is kicked: a driver may always notify). */
+	u32 accepted = lo & ((1u << 5) | (1u << 9) | (1u << 13) | (1u << 14) | (1u << 29));
 	w32(vp.common + C_GF, accepted);
 	w32(vp.common + C_GFSELECT, 1);
 	w32(vp.common + C_GF, 1);

@@ -30,7 +30,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
     VIRTIO_F_VERSION_1,
 };
-use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddress;
 use vmm_sync::lock;
@@ -344,6 +344,10 @@ impl Core {
             | (old & VIRTIO_CONFIG_S_NEEDS_RESET as u8);
         self.status = new;
         if new_bit(new, VIRTIO_CONFIG_S_DRIVER_OK) {
+            let event_idx = self.event_idx();
+            for q in &mut self.queues {
+                q.queue.set_event_idx(event_idx);
+            }
             let bad = self
                 .queues
                 .iter()
@@ -353,6 +357,11 @@ impl Core {
                 self.needs_reset();
             }
         }
+    }
+
+    /// Whether the driver accepted VIRTIO_RING_F_EVENT_IDX.
+    fn event_idx(&self) -> bool {
+        self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0
     }
 
     fn needs_reset(&mut self) {
@@ -451,13 +460,32 @@ impl Core {
             return;
         }
         let vector = slot.msix_vector;
-        match self
-            .backend
-            .process_queue(index, &mut slot.queue, &self.mem)
-        {
-            Ok(false) => {}
-            Ok(true) => {
-                if slot.queue.needs_notification(&self.mem).unwrap_or(true) {
+        let event_idx = slot.queue.event_idx_enabled();
+        let mut any = false;
+        let result = loop {
+            let used = match self
+                .backend
+                .process_queue(index, &mut slot.queue, &self.mem)
+            {
+                Ok(used) => used,
+                Err(e) => break Err(e),
+            };
+            any |= used;
+            if !event_idx {
+                break Ok(());
+            }
+            // EVENT_IDX: ask to be notified from the next entry on (avail_event), then look
+            // again in case the driver added one meanwhile — unless nothing moved (a receive
+            // queue waiting for frames).
+            match slot.queue.enable_notification(&self.mem) {
+                Ok(true) if used => {}
+                Ok(_) => break Ok(()),
+                Err(e) => break Err(crate::QueueError::Queue(e)),
+            }
+        };
+        match result {
+            Ok(()) => {
+                if any && slot.queue.needs_notification(&self.mem).unwrap_or(true) {
                     self.signal(vector, ISR_QUEUE);
                 }
             }
@@ -570,8 +598,10 @@ impl VirtioPci {
             .map(|_| EventFd::new(EFD_NONBLOCK).map_err(VirtioPciError::EventFd))
             .collect::<Result<Vec<_>, _>>()?;
         // Indirect descriptor tables are walked by virtio-queue's chains for every device.
-        let device_features =
-            backend.features() | 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_RING_F_INDIRECT_DESC;
+        let device_features = backend.features()
+            | 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX;
         let core = Core {
             backend,
             mem,
@@ -762,6 +792,7 @@ impl VirtioPci {
                 .and_then(|_| q.try_set_used_ring_address(GuestAddress(s.used)))
                 .map_err(|_| VirtioPciStateError::QueueAlign(i))?;
             q.set_ready(s.ready);
+            q.set_event_idx(state.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) != 0);
             q.set_next_avail(s.next_avail);
             q.set_next_used(s.next_used);
             queues.push(QueueSlot {
@@ -1168,6 +1199,36 @@ mod tests {
         assert_eq!(r.r(MSIX_PBA_OFFSET, 8), 0);
         assert_eq!(r.msis.0.lock().unwrap().len(), 9);
         assert_eq!(r.line.0.load(Ordering::SeqCst), 0, "no INTx under MSI-X");
+    }
+
+    #[test]
+    fn event_idx_suppresses_and_rearms() {
+        let mut r = rig("eventidx", false, 16);
+        r.init_with(1 << 29, 1);
+        assert_eq!(r.r(0x14, 1), 0xf);
+        // avail_event follows next_avail; used_event 0: the first completion interrupts.
+        assert_eq!(r.request(4, 0, 0).0, 0);
+        let avail_event: u16 = r.mem.read_obj(GuestAddress(USED + 4 + 8 * 16)).unwrap();
+        assert_eq!(avail_event, 1);
+        assert_eq!(r.line.0.load(Ordering::SeqCst), 1);
+        r.r(ISR_OFFSET, 1);
+        // used_event = 5: completions 2 to 5 raise nothing, the 6th (used idx 6) does.
+        r.mem
+            .write_obj(5u16, GuestAddress(AVAIL + 4 + 2 * 16))
+            .unwrap();
+        for _ in 0..4 {
+            assert_eq!(r.request(4, 0, 0).0, 0);
+        }
+        assert_eq!(r.line.0.load(Ordering::SeqCst), 1, "suppressed");
+        assert_eq!(r.request(4, 0, 0).0, 0);
+        assert_eq!(r.line.0.load(Ordering::SeqCst), 2);
+        let avail_event: u16 = r.mem.read_obj(GuestAddress(USED + 4 + 8 * 16)).unwrap();
+        assert_eq!(avail_event, 6);
+        // The state carries it: a restored device keeps using EVENT_IDX.
+        let state = r.dev.state();
+        let mut other = rig_with("eventidx2", false, 16, Some(r.mem.clone()));
+        other.dev.restore(&state).unwrap();
+        assert!(lock(&other.dev.core).queues[0].queue.event_idx_enabled());
     }
 
     #[test]

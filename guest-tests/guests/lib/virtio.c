@@ -114,6 +114,8 @@ u8 virtio_driver_ok(const struct virtio_pci *vp)
 
 void virtq_post(struct virtq *q, u16 head)
 {
+	/* used_event (read with VIRTIO_RING_F_EVENT_IDX): interrupt after the next completion. */
+	q->avail[2 + q->size] = q->used_seen;
 	q->avail[2 + q->avail_idx % q->size] = head;
 	barrier();
 	q->avail_idx++;
