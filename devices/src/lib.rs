@@ -21,6 +21,7 @@
 //! | [`Cmos`] (RTC + CMOS RAM) | pio | 0x70 | 2 | IRQ 8 |
 //! | [`DebugExit`] | pio | VMM's choice (0xf4) | VMM's choice (4) | — |
 //! | [`PciHost`] (+ 0xcf9 reset control) | pio | 0xcf8 | 8 | — |
+//! | [`pci::PciMmioWindow`] (BARs of [`pci::PciBus`]) | mmio | 0xe000_0000 | up to 0xfec0_0000 | PCI INTx → IRQ 10, 11 |
 //! | [`FwCfg`] | pio | 0x510 | 2 | — |
 //! | [`PcTestdevPorts`] | pio | 0xe0 | 12 | — |
 //! | [`PcTestdevIrq`] | pio | 0x2000 | 24 | lines 0–23 |
@@ -36,6 +37,7 @@ pub mod debug_exit;
 pub mod fw_cfg;
 pub mod i8042;
 pub mod pc_testdev;
+pub mod pci;
 pub mod pci_host;
 pub mod pm_timer;
 pub mod reset_ports;
@@ -84,6 +86,16 @@ pub enum VmRequest {
     PowerOff,
     /// Suspend the machine to RAM (ACPI S3).
     Suspend,
+}
+
+/// A device back-end that works outside the vCPU threads (virtio's `virtio-io` thread) and
+/// must stand still while the vCPUs do: when the VM is paused (QMP `stop`, the migration's
+/// switchover, a reset) no request is served and no guest RAM is written until it resumes.
+pub trait Quiesce: Send + Sync {
+    /// Waits for the request in progress, if any, and serves no other.
+    fn pause(&self);
+    /// Serves again, starting with the notifications that arrived while paused.
+    fn resume(&self);
 }
 
 /// A device's interrupt line into the interrupt controllers.

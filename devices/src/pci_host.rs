@@ -1,11 +1,10 @@
-//! PCI host bridge stub: configuration mechanism #1 with nothing behind it.
+//! PCI configuration mechanism #1: CONFIG_ADDRESS at 0xcf8 and CONFIG_DATA at 0xcfc–0xcff.
 //!
-//! hopvm's machine has no PCI devices, but guests still probe the configuration mechanism at
-//! 0xcf8 (CONFIG_ADDRESS) and 0xcfc–0xcff (CONFIG_DATA). Answering like a PC whose bus is empty
-//! — the address latch reads back, every configuration read returns all ones ("no device") —
-//! lets Linux conclude quickly that there is nothing to find instead of timing out or
-//! misdetecting. The latch behaves like QEMU's `hw/pci/pci_host.c`: only a 32-bit write at
-//! 0xcf8 sets it, and reads of any width at 0xcf8–0xcfb return its low bytes.
+//! CONFIG_DATA reaches the configuration space of the functions on [`PciBus`] bus 0 (the
+//! i440FX host bridge at 00.0, the PIIX3 at 01.0, and whatever the VMM plugs in); an address
+//! with the enable bit clear, another bus or an empty slot reads as all ones ("no device").
+//! The latch behaves like QEMU's `hw/pci/pci_host.c`: only a 32-bit write at 0xcf8 sets it,
+//! and reads of any width at 0xcf8–0xcfb return its low bytes.
 //!
 //! Register the device at [`PCI_HOST_BASE`] (0xcf8) with length [`PCI_HOST_LEN`] (8).
 //!
@@ -17,7 +16,12 @@
 //! access separately, as QEMU splits it), while a 32-bit access at offset 0 still reaches the
 //! latch. Writing 0x06 or 0x0e to 0xcf9 resets the machine.
 
+use std::sync::{Arc, Mutex};
+
 use serde::{Deserialize, Serialize};
+use vmm_sync::lock;
+
+use crate::pci::PciBus;
 
 use crate::reset_ports::{ResetControl, ResetControlState, ResetPortsStateError};
 use crate::{fill_le, le_value, BusDevice, VmRequest};
@@ -42,17 +46,46 @@ pub struct PciHostState {
     pub reset_control: ResetControlState,
 }
 
-/// A PCI host bridge stub for a machine without PCI devices.
-#[derive(Debug, Default)]
+/// The configuration ports of the PCI host bridge.
 pub struct PciHost {
     config_address: u32,
     reset_control: ResetControl,
+    bus: Arc<Mutex<PciBus>>,
+}
+
+impl Default for PciHost {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl PciHost {
-    /// A host bridge with a cleared address latch and reset control register.
+    /// The ports of a `pc` bus with only the host bridge and the PIIX3, with a cleared
+    /// address latch and reset control register.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_bus(Arc::new(Mutex::new(PciBus::new_pc())))
+    }
+
+    /// The ports of `bus`.
+    pub fn with_bus(bus: Arc<Mutex<PciBus>>) -> Self {
+        Self {
+            config_address: 0,
+            reset_control: ResetControl::default(),
+            bus,
+        }
+    }
+
+    /// The bus behind CONFIG_DATA: (slot, function, byte offset) of the latched address, if
+    /// it is enabled and names bus 0.
+    fn target(&self, data_offset: u64) -> Option<(u8, u8, usize)> {
+        let a = self.config_address;
+        if a & 0x8000_0000 == 0 || (a >> 16) & 0xff != 0 {
+            return None;
+        }
+        let slot = ((a >> 11) & 0x1f) as u8;
+        let function = ((a >> 8) & 0x7) as u8;
+        let offset = (a & 0xfc) as usize + (data_offset - DATA_OFFSET) as usize;
+        Some((slot, function, offset))
     }
 
     /// Machine reset: clears the reset control register (the latch keeps its value, as in
@@ -85,6 +118,9 @@ impl BusDevice for PciHost {
             data.fill(self.reset_control.read());
         } else if offset < DATA_OFFSET {
             fill_le(data, u64::from(self.config_address));
+        } else if let Some((slot, function, offset)) = self.target(offset) {
+            let dword = lock(&self.bus).config_read(slot, function, offset / 4);
+            fill_le(data, u64::from(dword >> (8 * (offset % 4))));
         } else {
             // No device answers: all ones.
             data.fill(0xff);
@@ -101,6 +137,10 @@ impl BusDevice for PciHost {
         }
         if offset == 0 && data.len() == 4 {
             self.config_address = le_value(data) as u32;
+        } else if offset >= DATA_OFFSET {
+            if let Some((slot, function, offset)) = self.target(offset) {
+                lock(&self.bus).config_write(slot, function, offset, data);
+            }
         }
         None
     }
@@ -139,6 +179,33 @@ mod tests {
         p.write(u64::MAX, &[1; 9]);
         let mut big = [0u8; 16];
         p.read(0, &mut big);
+    }
+
+    #[test]
+    fn mechanism_1_reaches_the_bus() {
+        let mut p = PciHost::new();
+        // 00.0: the i440FX, dword and narrower reads at every lane.
+        p.write(0, &0x8000_0000u32.to_le_bytes());
+        assert_eq!(rd(&mut p, 4, 4), 0x1237_8086);
+        assert_eq!(rd(&mut p, 4, 2), 0x8086);
+        assert_eq!(rd(&mut p, 6, 2), 0x1237);
+        assert_eq!(rd(&mut p, 7, 1), 0x12);
+        // The low two address bits are ignored; reg 0x08: class 06 00 00.
+        p.write(0, &0x8000_000bu32.to_le_bytes());
+        assert_eq!(rd(&mut p, 4, 4) >> 8, 0x06_00_00);
+        // 01.0: the PIIX3; 01.1 and other buses: nothing; enable bit clear: nothing.
+        p.write(0, &0x8000_0800u32.to_le_bytes());
+        assert_eq!(rd(&mut p, 4, 4), 0x7000_8086);
+        p.write(0, &0x8000_0900u32.to_le_bytes());
+        assert_eq!(rd(&mut p, 4, 4), 0xffff_ffff);
+        p.write(0, &0x8001_0000u32.to_le_bytes());
+        assert_eq!(rd(&mut p, 4, 4), 0xffff_ffff);
+        p.write(0, &0x0000_0000u32.to_le_bytes());
+        assert_eq!(rd(&mut p, 4, 4), 0xffff_ffff);
+        // A byte write to the host bridge's interrupt line (0x3c) through port 0xcfc.
+        p.write(0, &0x8000_003cu32.to_le_bytes());
+        p.write(4, &[0x0b]);
+        assert_eq!(rd(&mut p, 4, 1), 0x0b);
     }
 
     #[test]

@@ -17,7 +17,13 @@
 //! emulation_failure_at = xrstor at
 //! no_reboot = false           # run without --no-reboot (default true)
 //! migrate = yes               # live-migrate the guest (default no)
+//! disk = 1M                    # a fresh zeroed raw image as a virtio-blk disk
 //! ```
+//!
+//! `disk = SIZE` makes the runner create a zero-filled raw image of that size
+//! (same syntax as `memory`) in the temporary directory, pass it as
+//! `--disk PATH` (source and destination of a migration share it) and remove
+//! it when the test is over.
 //!
 //! In `extra_params`, `{manifest_dir}` stands for the directory holding the
 //! manifest file (when it was loaded from a file), so that tests can name data
@@ -71,6 +77,7 @@ pub const KEYS: &[&str] = &[
     "emulation_failure_at",
     "no_reboot",
     "migrate",
+    "disk",
 ];
 
 /// A guest RAM size as written in the manifest and in bytes.
@@ -154,6 +161,8 @@ pub struct TestSpec {
     pub no_reboot: bool,
     /// Migrate the guest live when it asks to be (`migrate`, default false).
     pub migrate: bool,
+    /// A fresh virtio-blk disk image of this size (`disk`).
+    pub disk: Option<MemorySize>,
 }
 
 impl TestSpec {
@@ -448,6 +457,12 @@ fn build_test(s: Section) -> Result<TestSpec, (usize, String)> {
     };
     let no_reboot = boolean("no_reboot", true)?;
     let migrate = boolean("migrate", false)?;
+    let disk = match get("disk") {
+        Some((l, v)) => {
+            Some(MemorySize::parse(v).map_err(|e| (l, format!("[{name}]: disk: {e}")))?)
+        }
+        None => None,
+    };
     Ok(TestSpec {
         name,
         line: s.line,
@@ -463,6 +478,7 @@ fn build_test(s: Section) -> Result<TestSpec, (usize, String)> {
         emulation_failure_at,
         no_reboot,
         migrate,
+        disk,
     })
 }
 

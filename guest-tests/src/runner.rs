@@ -352,7 +352,23 @@ pub fn run_test(spec: &TestSpec, config: &RunnerConfig) -> TestResult {
     } else {
         config.images_dir.join(&spec.file)
     };
-    let args = hopvm_args(spec, &image);
+    let mut args = hopvm_args(spec, &image);
+    let disk = match spec.disk.as_ref().map(TempDisk::create).transpose() {
+        Ok(d) => d,
+        Err(e) => {
+            return TestResult {
+                name: spec.name.clone(),
+                verdict: Verdict::Fail(format!("cannot create the disk image: {e}")),
+                command: Vec::new(),
+                outcome: Outcome::default(),
+                duration: Duration::ZERO,
+            }
+        }
+    };
+    if let Some(d) = &disk {
+        args.push("--disk".into());
+        args.push(d.0.clone().into_os_string());
+    }
     let mut command = vec![config.hopvm.clone().into_os_string()];
     let migration_dir = spec.migrate.then(new_migration_dir);
     match &migration_dir {
@@ -391,6 +407,28 @@ pub fn run_test(spec: &TestSpec, config: &RunnerConfig) -> TestResult {
         }
     }
     result
+}
+
+/// A test's zero-filled disk image, removed on drop.
+struct TempDisk(PathBuf);
+
+impl TempDisk {
+    fn create(size: &crate::manifest::MemorySize) -> std::io::Result<Self> {
+        static DISKS: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "hopvm-unittests-disk-{}-{}.img",
+            std::process::id(),
+            DISKS.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::File::create(&path)?.set_len(size.bytes)?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for TempDisk {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// A fresh temporary directory path for a migration test's sockets (short:

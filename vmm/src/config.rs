@@ -20,6 +20,12 @@ pub enum ConfigError {
     /// A malformed `--debug-exit` value.
     #[error("invalid debug-exit '{0}': expected iobase=0x…,iosize=…")]
     InvalidDebugExit(String),
+    /// A malformed `--disk` value.
+    #[error("invalid disk '{0}': {1}")]
+    InvalidDisk(String, &'static str),
+    /// A malformed `--net` value.
+    #[error("invalid net '{0}': {1}")]
+    InvalidNet(String, &'static str),
 }
 
 /// The smallest guest RAM hopvm accepts.
@@ -99,6 +105,133 @@ impl std::str::FromStr for DebugExitConfig {
         }
         if config.iosize == 0 || u32::from(config.iobase) + u32::from(config.iosize) > 0x1_0000 {
             return Err(bad());
+        }
+        Ok(config)
+    }
+}
+
+/// A virtio-blk disk on a raw image (`--disk PATH[,readonly=on][,serial=STR]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Offer the disk read-only (VIRTIO_BLK_F_RO; writes fail).
+    pub readonly: bool,
+    /// What the guest reads with VIRTIO_BLK_T_GET_ID (up to 20 bytes; empty by default, as
+    /// QEMU without `serial=`).
+    pub serial: String,
+    /// The PCI device number (QEMU's `addr=`); the first free one from 2 on if none.
+    pub slot: Option<u8>,
+}
+
+/// A virtio-net card on a tap device (`--net tap=NAME[,mac=…]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The tap interface (created if it does not exist).
+    pub tap: String,
+    /// Instead of `tap`: an inherited descriptor of a tap someone else opened (QEMU's
+    /// `-netdev tap,fd=N`, as libvirt passes it).
+    pub fd: Option<i32>,
+    /// The card's MAC address (none: QEMU's default for the card's position).
+    pub mac: Option<[u8; 6]>,
+    /// The PCI device number (QEMU's `addr=`); the first free one if none.
+    pub slot: Option<u8>,
+}
+
+/// QEMU's default MAC for the first NIC (52:54:00:12:34:56), the last byte counting up.
+pub fn default_mac(index: usize) -> [u8; 6] {
+    [
+        0x52,
+        0x54,
+        0x00,
+        0x12,
+        0x34,
+        0x56u8.wrapping_add(index as u8),
+    ]
+}
+
+/// Parses a MAC address `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next().filter(|p| p.len() == 2)?;
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = ConfigError;
+
+    /// Parses `tap=NAME[,mac=52:54:00:12:34:56]` (the MAC defaults to QEMU's first one).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why| ConfigError::InvalidNet(s.to_string(), why);
+        let mut tap = None;
+        let mut mac = None;
+        for part in crate::qemu_opts::split_options(s) {
+            match part.split_once('=') {
+                Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+                Some(("mac", v)) => {
+                    mac = Some(parse_mac(v).ok_or_else(|| bad("mac=xx:xx:xx:xx:xx:xx"))?)
+                }
+                _ => return Err(bad("expected tap=NAME[,mac=xx:xx:xx:xx:xx:xx]")),
+            }
+        }
+        Ok(Self {
+            tap: tap.ok_or_else(|| bad("no tap=NAME"))?,
+            fd: None,
+            mac,
+            slot: None,
+        })
+    }
+}
+
+/// A virtio-rng entropy source (`--rng`; QEMU's `-device virtio-rng-pci`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RngConfig {
+    /// The PCI device number (QEMU's `addr=`); the first free one if none.
+    pub slot: Option<u8>,
+}
+
+/// Parses QEMU's spelling of a boolean option value.
+pub fn parse_on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" | "yes" | "true" | "y" => Some(true),
+        "off" | "no" | "false" | "n" => Some(false),
+        _ => None,
+    }
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// Parses `PATH[,readonly=on|off][,serial=STR]` (`,,` is a comma in the path); also takes
+    /// `file=PATH` in place of the bare path.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why| ConfigError::InvalidDisk(s.to_string(), why);
+        let mut path = None;
+        let mut config = Self {
+            path: PathBuf::new(),
+            readonly: false,
+            serial: String::new(),
+            slot: None,
+        };
+        for (i, part) in crate::qemu_opts::split_options(s).into_iter().enumerate() {
+            match part.split_once('=') {
+                Some(("file", v)) if path.is_none() => path = Some(v.to_string()),
+                Some(("readonly", v)) => {
+                    config.readonly = parse_on_off(v).ok_or_else(|| bad("readonly=on or off"))?
+                }
+                Some(("serial", v)) if v.len() <= 20 => config.serial = v.to_string(),
+                Some(("serial", _)) => return Err(bad("serial is at most 20 bytes")),
+                _ if i == 0 && path.is_none() => path = Some(part),
+                _ => return Err(bad("expected PATH[,readonly=on][,serial=STR]")),
+            }
+        }
+        match path.filter(|p| !p.is_empty()) {
+            Some(p) => config.path = PathBuf::from(p),
+            None => return Err(bad("no image path")),
         }
         Ok(config)
     }
@@ -219,6 +352,12 @@ pub struct VmConfig {
     /// How KVM's dirty pages are collected for migration: the dirty bitmap or the dirty ring
     /// (`--dirty-ring`, QEMU's `-accel kvm,dirty-ring-size=N`).
     pub dirty_ring: crate::dirty_ring::DirtyRingConfig,
+    /// virtio-blk disks, in PCI slot order.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net cards on tap devices, after the disks in PCI slot order.
+    pub nets: Vec<NetConfig>,
+    /// A virtio-rng device.
+    pub rng: Option<RngConfig>,
 }
 
 impl VmConfig {
@@ -243,6 +382,9 @@ impl VmConfig {
             acpi: true,
             objects: Vec::new(),
             dirty_ring: crate::dirty_ring::DirtyRingConfig::default(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: None,
         }
     }
 }
@@ -286,6 +428,47 @@ mod tests {
         );
         assert!("file:".parse::<SerialConfig>().is_err());
         assert!("tcp:1".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn disks() {
+        let d: DiskConfig = "/tmp/a.img".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a.img"));
+        assert!(!d.readonly);
+        let d: DiskConfig = "/tmp/a,,b.img,readonly=on,serial=xyz".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/tmp/a,b.img"));
+        assert!(d.readonly);
+        assert_eq!(d.serial, "xyz");
+        let d: DiskConfig = "file=/x,readonly=off".parse().unwrap();
+        assert_eq!((d.path, d.readonly), (PathBuf::from("/x"), false));
+        for bad in [
+            "",
+            ",readonly=on",
+            "/x,readonly=maybe",
+            "/x,cache=none",
+            "/x,serial=123456789012345678901",
+            "file=",
+        ] {
+            assert!(bad.parse::<DiskConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nets() {
+        let n: NetConfig = "tap=hop0".parse().unwrap();
+        assert_eq!((n.tap.as_str(), n.mac), ("hop0", None));
+        let n: NetConfig = "tap=t1,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(default_mac(1), [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
+        for bad in [
+            "",
+            "tap=",
+            "mac=02:00:00:00:00:01",
+            "tap=x,mac=1:2:3:4:5:6",
+            "tap=x,vhost=on",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
     }
 
     #[test]

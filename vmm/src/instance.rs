@@ -314,6 +314,48 @@ impl Instance {
             reset_ports::Port92::state,
             reset_ports::Port92::restore,
         );
+        // virtio-blk: the transport's state (every request completed: they are served whole
+        // under the device's core lock, and the back-end is paused with the vCPUs). The disk's
+        // contents are not in the stream: both sides open the same image (shared storage).
+        for (i, dev) in d.virtio_blk.iter().enumerate() {
+            registry.register(
+                "virtio-blk",
+                i as u32,
+                DEVICE_STATE_VERSION,
+                Box::new(DeviceSection::new(
+                    "virtio-blk",
+                    dev.clone(),
+                    virtio::VirtioPci::state,
+                    virtio::VirtioPci::restore,
+                )),
+            );
+        }
+        for (i, dev) in d.virtio_net.iter().enumerate() {
+            registry.register(
+                "virtio-net",
+                i as u32,
+                DEVICE_STATE_VERSION,
+                Box::new(DeviceSection::new(
+                    "virtio-net",
+                    dev.clone(),
+                    virtio::VirtioPci::state,
+                    virtio::VirtioPci::restore,
+                )),
+            );
+        }
+        if let Some(dev) = &d.virtio_rng {
+            registry.register(
+                "virtio-rng",
+                0,
+                DEVICE_STATE_VERSION,
+                Box::new(DeviceSection::new(
+                    "virtio-rng",
+                    dev.clone(),
+                    virtio::VirtioPci::state,
+                    virtio::VirtioPci::restore,
+                )),
+            );
+        }
         // The power-on state of every non-RAM section, taken before any vCPU ran: a reset
         // restores it.
         let power_on = registry.save_snapshots().map_err(VmError::Sections)?;
@@ -802,7 +844,35 @@ impl Instance {
         }
     }
 
+    /// QEMU's self-announce after an incoming migration: each virtio-net card sends a RARP
+    /// frame from its MAC, 5 rounds 50, 150, 250, 350 and 450 ms after the load (QEMU's
+    /// `announce-*` defaults), so switches learn where the guest is now. On a thread of its own
+    /// (`announce`), which takes the big lock for each round.
+    fn announce(&self) {
+        let nets = self.vm.devices.virtio_net.clone();
+        if nets.is_empty() {
+            return;
+        }
+        let machine = self.vm.machine.clone();
+        let spawned = std::thread::Builder::new()
+            .name(String::from("announce"))
+            .spawn(move || {
+                for delay in [50u64, 100, 100, 100, 100] {
+                    // The protocol's own timing, not a synchronisation.
+                    std::thread::sleep(std::time::Duration::from_millis(delay));
+                    let _g = lock(&machine);
+                    for dev in &nets {
+                        lock(dev).announce();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot start the announce thread: {e}");
+        }
+    }
+
     fn incoming_done(&self) {
+        self.announce();
         *lock(&self.incoming) = Incoming::Completed;
         {
             let mut g = lock(&self.vm.machine);

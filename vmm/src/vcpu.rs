@@ -158,6 +158,8 @@ pub struct Machine {
     pub vcpus: VcpuRunState,
     /// The run state `query-status` reports.
     pub runstate: crate::runstate::RunState,
+    /// Device back-ends that run outside the vCPU threads, paused and resumed with them.
+    pub quiesce: Vec<Arc<dyn devices::Quiesce>>,
 }
 
 impl Machine {
@@ -168,6 +170,7 @@ impl Machine {
             mmio,
             vcpus: VcpuRunState::default(),
             runstate: crate::runstate::RunState::Prelaunch,
+            quiesce: Vec::new(),
         }
     }
 
@@ -255,11 +258,18 @@ impl VcpuControl {
         while g.vcpus.parked < g.vcpus.alive && g.vcpus.request == Request::Pause {
             g = vmm_sync::wait(&self.parked_cv, g);
         }
+        // No vCPU can notify a device now; let the back-ends finish what they serve and stop.
+        for q in &g.quiesce {
+            q.pause();
+        }
         g
     }
 
     /// Lets every vCPU run again.
     pub fn resume(&self, g: &mut Machine) {
+        for q in &g.quiesce {
+            q.resume();
+        }
         if g.vcpus.request != Request::Stop {
             g.vcpus.request = Request::Run;
             g.vcpus.resumes += 1;

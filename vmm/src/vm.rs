@@ -96,6 +96,27 @@ pub enum VmError {
     /// The dirty ring asked for cannot be had.
     #[error(transparent)]
     DirtyRing(#[from] dirty_ring::DirtyRingError),
+    /// A disk image could not be opened.
+    #[error(transparent)]
+    Disk(#[from] virtio::BlockError),
+    /// A tap device could not be opened.
+    #[error(transparent)]
+    Net(#[from] virtio::NetError),
+    /// A virtio device could not be created.
+    #[error(transparent)]
+    Virtio(#[from] virtio::pci::VirtioPciError),
+    /// The virtio back-end thread could not be started.
+    #[error(transparent)]
+    VirtioIo(#[from] virtio::event_loop::EventLoopError),
+    /// A descriptor named on the command line was not inherited (or is already in use).
+    #[error("descriptor {0} was not handed to hopvm or is already in use")]
+    NotInherited(i32),
+    /// No PCI slot is left.
+    #[error("no free pci slot for another device")]
+    PciSlots,
+    /// A device asked for a PCI slot that is taken or does not exist.
+    #[error("pci slot {0:#x} is taken or does not exist")]
+    PciSlot(u8),
     /// `mem-lock=on`: the memory could not be locked.
     #[error("cannot lock memory (mem-lock=on): {0}")]
     MemLock(#[source] std::io::Error),
@@ -136,6 +157,171 @@ impl IrqLine for KvmIrq {
         if let Err(e) = self.vm.set_irq_line(self.gsi, high) {
             log::warn!("cannot set irq {}: {e}", self.gsi);
         }
+    }
+}
+
+/// The first GSI for MSI routes (after the IOAPIC's 24 pins).
+const FIRST_MSI_GSI: u32 = 24;
+/// One past the last GSI hopvm gives MSI routes (KVM allows up to 4096 routes).
+const END_MSI_GSI: u32 = 1024;
+
+/// The VM's GSI routing: the `pc` irqchip routes plus one MSI route per irqfd vector, set with
+/// `KVM_SET_GSI_ROUTING` as a whole each time a route changes (its mutex is a leaf lock).
+pub struct MsiRouter {
+    vm: Arc<VmFd>,
+    routes: Mutex<MsiRoutes>,
+}
+
+/// The next free GSI and every MSI route: GSI → (address, data).
+struct MsiRoutes {
+    next: u32,
+    msi: std::collections::BTreeMap<u32, (u64, u32)>,
+}
+
+impl MsiRouter {
+    fn new(vm: Arc<VmFd>) -> Self {
+        Self {
+            vm,
+            routes: Mutex::new(MsiRoutes {
+                next: FIRST_MSI_GSI,
+                msi: std::collections::BTreeMap::new(),
+            }),
+        }
+    }
+
+    /// A GSI of its own for an MSI vector, if any is left.
+    fn allocate(&self) -> Option<u32> {
+        let mut r = lock(&self.routes);
+        let gsi = r.next;
+        (gsi < END_MSI_GSI).then(|| {
+            r.next += 1;
+            gsi
+        })
+    }
+
+    /// Points `gsi` at (address, data) and gives KVM the whole table.
+    fn set(&self, gsi: u32, address: u64, data: u32) -> Result<(), kvm_ioctls::Error> {
+        let mut r = lock(&self.routes);
+        r.msi.insert(gsi, (address, data));
+        let mut entries = gsi_routing().as_slice().to_vec();
+        for (&gsi, &(address, data)) in &r.msi {
+            entries.push(kvm_irq_routing_entry {
+                gsi,
+                type_: kvm_bindings::KVM_IRQ_ROUTING_MSI,
+                u: kvm_irq_routing_entry__bindgen_ty_1 {
+                    msi: kvm_bindings::kvm_irq_routing_msi {
+                        address_lo: address as u32,
+                        address_hi: (address >> 32) as u32,
+                        data,
+                        ..Default::default()
+                    },
+                },
+                ..Default::default()
+            });
+        }
+        let table = KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| kvm_ioctls::Error::new(libc::E2BIG))?;
+        self.vm.set_gsi_routing(&table)
+    }
+}
+
+/// One virtio device's MSI-X vectors: an irqfd per vector on a GSI of its own whose MSI route
+/// follows the guest's table entry, so the `virtio-io` thread raises an interrupt with an
+/// eventfd write. A vector without an irqfd or route (KVM refused one) is delivered with
+/// `KVM_SIGNAL_MSI` instead.
+struct KvmMsiVectors {
+    vm: Arc<VmFd>,
+    router: Arc<MsiRouter>,
+    irqfds: Vec<Option<(u32, vmm_sys_util::eventfd::EventFd)>>,
+    programmed: Mutex<Vec<Option<(u64, u32)>>>,
+}
+
+impl KvmMsiVectors {
+    fn new(vm: Arc<VmFd>, router: Arc<MsiRouter>, vectors: usize) -> Self {
+        let irqfds = (0..vectors)
+            .map(|_| {
+                let gsi = router.allocate()?;
+                let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).ok()?;
+                // KVM ordering: the irqfd may be registered before its GSI has a route; it
+                // only fires once the route exists (set in `program`).
+                match vm.register_irqfd(&fd, gsi) {
+                    Ok(()) => Some((gsi, fd)),
+                    Err(e) => {
+                        log::warn!("cannot register an irqfd for gsi {gsi}: {e}");
+                        None
+                    }
+                }
+            })
+            .collect();
+        Self {
+            vm,
+            router,
+            programmed: Mutex::new(vec![None; vectors]),
+            irqfds,
+        }
+    }
+}
+
+impl virtio::MsiSender for KvmMsiVectors {
+    fn program(&self, vector: u16, address: u64, data: u32) {
+        let v = usize::from(vector);
+        let Some(Some((gsi, _))) = self.irqfds.get(v) else {
+            return;
+        };
+        let ok = match self.router.set(*gsi, address, data) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("cannot route msi vector {vector} (gsi {gsi}): {e}");
+                false
+            }
+        };
+        if let Some(p) = lock(&self.programmed).get_mut(v) {
+            *p = ok.then_some((address, data));
+        }
+    }
+
+    fn send(&self, vector: u16, address: u64, data: u32) {
+        let v = usize::from(vector);
+        let routed = lock(&self.programmed).get(v).copied().flatten() == Some((address, data));
+        if let (true, Some(Some((_, fd)))) = (routed, self.irqfds.get(v)) {
+            if fd.write(1).is_ok() {
+                return;
+            }
+        }
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.vm.signal_msi(msi) {
+            log::warn!("cannot signal msi {address:#x}/{data:#x}: {e}");
+        }
+    }
+}
+
+/// Queue notification addresses as KVM ioeventfds (any access length, no data match).
+struct KvmIoEvents(Arc<VmFd>);
+
+impl virtio::IoEventRegistrar for KvmIoEvents {
+    fn register(&self, addr: u64, fd: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<()> {
+        self.0
+            .register_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn unregister(&self, addr: u64, fd: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<()> {
+        self.0
+            .unregister_ioevent(
+                fd,
+                &kvm_ioctls::IoEventAddress::Mmio(addr),
+                kvm_ioctls::NoDatamatch,
+            )
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 
@@ -185,6 +371,8 @@ pub struct Devices {
     pub cmos: Arc<Mutex<devices::cmos::Cmos>>,
     /// The PCI configuration ports (and the reset control register).
     pub pci_host: Arc<Mutex<devices::pci_host::PciHost>>,
+    /// PCI bus 0 (host bridge, PIIX3, virtio devices).
+    pub pci_bus: Arc<Mutex<devices::pci::PciBus>>,
     /// QEMU's firmware configuration interface.
     pub fw_cfg: Arc<Mutex<devices::fw_cfg::FwCfg>>,
     /// pc-testdev's scratch and flush ports.
@@ -199,6 +387,12 @@ pub struct Devices {
     pub pm_timer: Arc<Mutex<devices::pm_timer::PmTimer>>,
     /// System control port A (fast reset, A20).
     pub port92: Arc<Mutex<devices::reset_ports::Port92>>,
+    /// The virtio-blk disks, in `--disk` order.
+    pub virtio_blk: Vec<Arc<Mutex<virtio::VirtioPci>>>,
+    /// The virtio-net cards, in `--net` order.
+    pub virtio_net: Vec<Arc<Mutex<virtio::VirtioPci>>>,
+    /// The virtio-rng entropy source, if any.
+    pub virtio_rng: Option<Arc<Mutex<virtio::VirtioPci>>>,
 }
 
 /// The kernel and initrd, kept so that a reset can load them again.
@@ -256,6 +450,7 @@ pub struct Vm {
     kvm: Kvm,
     pit: bool,
     acpi: bool,
+    virtio_io: Option<virtio::EventLoop>,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -439,7 +634,10 @@ impl Vm {
         pio.insert(0x60, 5, i8042.clone())?;
         pio.insert(0x70, 2, cmos.clone())?;
         pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
-        let pci_host = Arc::new(Mutex::new(devices::pci_host::PciHost::new()));
+        let pci_bus = Arc::new(Mutex::new(devices::pci::PciBus::new_pc()));
+        let pci_host = Arc::new(Mutex::new(devices::pci_host::PciHost::with_bus(
+            pci_bus.clone(),
+        )));
         pio.insert(0xcf8, 8, pci_host.clone())?;
         pio.insert(
             u64::from(config.debug_exit.iobase),
@@ -471,7 +669,99 @@ impl Vm {
         let mut mmio = Bus::new("mmio");
         let testdev_mmio = Arc::new(Mutex::new(devices::pc_testdev::PcTestdevMmio::new()));
         mmio.insert(TESTDEV_MMIO, 0x1_0000, testdev_mmio.clone())?;
-        let machine = Arc::new(Mutex::new(Machine::new(pio, mmio)));
+        // virtio devices: the disks in order, then the entropy source, one PCI slot each from
+        // 00.2 on (or where QEMU's addr= puts them).
+        let mut virtio_blk = Vec::new();
+        let mut virtio_net = Vec::new();
+        let mut virtio_rng = None;
+        let mut subscribers = Vec::new();
+        let mut quiesce = Vec::new();
+        let router = Arc::new(MsiRouter::new(fd.clone()));
+        let ioevents: Arc<dyn virtio::IoEventRegistrar> = Arc::new(KvmIoEvents(fd.clone()));
+        let mut wanted: Vec<(Option<u8>, Box<dyn virtio::VirtioBackend>)> = Vec::new();
+        for disk in &config.disks {
+            let backend = virtio::Block::open(&disk.path, disk.readonly, &disk.serial)?;
+            wanted.push((disk.slot, Box::new(backend)));
+        }
+        for (i, net) in config.nets.iter().enumerate() {
+            let mac = net.mac.unwrap_or(crate::config::default_mac(i));
+            let backend = match net.fd {
+                Some(fd) => {
+                    let owned = migration::transport::take_inherited_fd(fd)
+                        .ok_or(VmError::NotInherited(fd))?;
+                    virtio::Net::from_fd(owned, mac)?
+                }
+                None => virtio::Net::open(&net.tap, mac)?,
+            };
+            wanted.push((net.slot, Box::new(backend)));
+        }
+        if let Some(rng) = &config.rng {
+            wanted.push((rng.slot, Box::new(virtio::Entropy::new())));
+        }
+        // Devices with a device number of their own first, then the others in order.
+        let mut pci_slots: Vec<Option<u8>> = wanted.iter().map(|w| w.0).collect();
+        let mut taken: Vec<u8> = vec![0, 1];
+        for s in pci_slots.iter().flatten() {
+            if taken.contains(s) || *s >= 32 {
+                return Err(VmError::PciSlot(*s));
+            }
+            taken.push(*s);
+        }
+        for s in pci_slots.iter_mut().filter(|s| s.is_none()) {
+            let free = (2..32u8)
+                .find(|n| !taken.contains(n))
+                .ok_or(VmError::PciSlots)?;
+            taken.push(free);
+            *s = Some(free);
+        }
+        let (disks, nets) = (config.disks.len(), config.nets.len());
+        for (i, ((_, backend), slot)) in wanted
+            .into_iter()
+            .zip(pci_slots.into_iter().flatten())
+            .enumerate()
+        {
+            let gsi = u32::from(devices::pci::intx_irq(slot, 1));
+            // One MSI-X vector per queue and one for configuration changes.
+            let vectors = backend.queue_max_sizes().len() + 1;
+            let msi = Arc::new(KvmMsiVectors::new(fd.clone(), router.clone(), vectors));
+            let dev = virtio::VirtioPci::new(
+                backend,
+                memory.clone(),
+                irq(gsi),
+                msi,
+                Some(ioevents.clone()),
+            )?;
+            subscribers.push(dev.subscriber());
+            quiesce.push(dev.quiesce());
+            let dev = Arc::new(Mutex::new(dev));
+            if !lock(&pci_bus).insert(slot, dev.clone()) {
+                return Err(VmError::PciSlot(slot));
+            }
+            if i < disks {
+                virtio_blk.push(dev);
+            } else if i < disks + nets {
+                virtio_net.push(dev);
+            } else {
+                virtio_rng = Some(dev);
+            }
+        }
+        let virtio_io = if subscribers.is_empty() {
+            None
+        } else {
+            Some(virtio::EventLoop::spawn(subscribers)?)
+        };
+        // Firmware's job on a PC: place the BARs in the PCI hole and set the interrupt lines.
+        lock(&pci_bus).assign_resources();
+        mmio.insert(
+            devices::pci::PCI_MMIO_BASE,
+            devices::pci::PCI_MMIO_END - devices::pci::PCI_MMIO_BASE,
+            Arc::new(Mutex::new(devices::pci::PciMmioWindow::new(
+                pci_bus.clone(),
+            ))),
+        )?;
+        let mut machine = Machine::new(pio, mmio);
+        machine.quiesce = quiesce;
+        let machine = Arc::new(Mutex::new(machine));
 
         vcpu::install_kick_handler()?;
         let arch_caps = cpu_model::arch_capabilities_msr(&kvm);
@@ -546,6 +836,7 @@ impl Vm {
                 i8042,
                 cmos,
                 pci_host,
+                pci_bus,
                 fw_cfg,
                 testdev_ports,
                 testdev_irq,
@@ -553,6 +844,9 @@ impl Vm {
                 acpi_pm,
                 pm_timer,
                 port92,
+                virtio_blk,
+                virtio_net,
+                virtio_rng,
             },
             format: boot.as_ref().map(|b| b.format),
             boot,
@@ -563,6 +857,7 @@ impl Vm {
             kvm,
             pit: config.pit,
             acpi: config.acpi,
+            virtio_io,
         };
         vm.load_kernel()?;
         // The vCPUs are still parked: the slots only have to exist before they first run.
@@ -594,7 +889,12 @@ impl Vm {
         )
         .map_err(|e| VmError::Load(boot.name.clone(), e))?;
         regs::write_boot_tables(&self.memory, entry.mode)?;
-        mptable::write(&self.memory, usize::from(self.cpus))?;
+        let pci: Vec<_> = lock(&self.devices.pci_bus)
+            .intx_routes()
+            .into_iter()
+            .map(|(slot, pin, irq)| mptable::PciIntx { slot, pin, irq })
+            .collect();
+        mptable::write_with_pci(&self.memory, usize::from(self.cpus), &pci)?;
         if self.acpi {
             acpi::write(&self.memory, self.cpus)?;
         }
@@ -694,6 +994,8 @@ impl Vm {
 impl Drop for Vm {
     fn drop(&mut self) {
         self.control.stop(&self.machine);
+        // After the vCPUs: no notification can come any more.
+        self.virtio_io.take();
     }
 }
 
@@ -721,6 +1023,29 @@ mod tests {
         assert_eq!(ioapic_pin(4), Some(4));
         assert_eq!(ioapic_pin(23), Some(23));
         assert_eq!(entries.len(), 15 + 23);
+    }
+
+    #[test]
+    fn msi_routes_on_top_of_the_pc_routes() {
+        let kvm = Kvm::new().unwrap();
+        let vm = Arc::new(kvm.create_vm().unwrap());
+        vm.create_irq_chip().unwrap();
+        let router = MsiRouter::new(vm.clone());
+        assert_eq!(router.allocate(), Some(FIRST_MSI_GSI));
+        assert_eq!(router.allocate(), Some(FIRST_MSI_GSI + 1));
+        router.set(FIRST_MSI_GSI, 0xfee0_0000, 0x41).unwrap();
+        router.set(FIRST_MSI_GSI + 1, 0xfee0_1000, 0x42).unwrap();
+        router.set(FIRST_MSI_GSI, 0xfee0_0000, 0x43).unwrap();
+        assert_eq!(lock(&router.routes).msi.len(), 2);
+        // A vector's irqfd on its GSI: KVM takes it.
+        let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        vm.register_irqfd(&fd, FIRST_MSI_GSI).unwrap();
+        while router.allocate().is_some() {}
+        assert_eq!(
+            lock(&router.routes).next,
+            END_MSI_GSI,
+            "GSIs run out, no panic"
+        );
     }
 
     #[test]

@@ -98,6 +98,16 @@ pub struct RunArgs {
     /// Do not start the vCPUs (QEMU's -S): `cont` over QMP starts them.
     #[arg(long)]
     pub paused: bool,
+    /// A virtio-blk disk on a raw image file (repeatable; `,,` is a comma in the path).
+    #[arg(long, value_name = "PATH[,readonly=on][,serial=STR]")]
+    pub disk: Vec<config::DiskConfig>,
+    /// A virtio-net card on a tap interface, created if needed (repeatable; the MAC defaults
+    /// to QEMU's 52:54:00:12:34:56, counting up).
+    #[arg(long, value_name = "tap=NAME[,mac=…]")]
+    pub net: Vec<config::NetConfig>,
+    /// A virtio-rng device fed by the host's getrandom (QEMU's -device virtio-rng-pci).
+    #[arg(long)]
+    pub rng: bool,
     /// Create an object, as QEMU's -object: TLS credentials for migration and the monitor,
     /// tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]. Repeatable.
     #[arg(long, value_name = "tls-creds-x509,id=ID,dir=DIR,endpoint=…")]
@@ -132,6 +142,9 @@ impl From<RunArgs> for VmConfig {
             paused: a.paused,
             objects: a.object,
             dirty_ring: a.dirty_ring,
+            disks: a.disk,
+            nets: a.net,
+            rng: a.rng.then(config::RngConfig::default),
             ..VmConfig::new("")
         }
     }

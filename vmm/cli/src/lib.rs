@@ -6,9 +6,11 @@
 //! imports them.
 
 pub mod cli;
+pub mod qemu_blockdev;
 pub mod qemu_cli;
 pub mod qemu_domain;
 pub mod qemu_launch;
+pub mod qemu_netdev;
 pub mod run;
 pub mod sandbox;
 pub mod tools;

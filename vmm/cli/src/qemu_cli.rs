@@ -48,11 +48,18 @@ pub enum QemuAction {
 }
 
 /// The devices `-device ?` lists, as QEMU prints them.
-const DEVICE_LIST: &str = "Misc devices:\n\
+const DEVICE_LIST: &str = "Storage devices:\n\
+name \"virtio-blk-pci\", bus PCI, alias \"virtio-blk\"\n\
+\n\
+Network devices:\n\
+name \"virtio-net-pci\", bus PCI, alias \"virtio-net\"\n\
+\n\
+Misc devices:\n\
 name \"isa-debug-exit\", bus ISA\n\
 name \"pc-testdev\", bus ISA\n\
 name \"pci-testdev\", bus PCI, desc \"PCI Test Device\"\n\
-name \"hyperv-testdev\", bus ISA\n";
+name \"hyperv-testdev\", bus ISA\n\
+name \"virtio-rng-pci\", bus PCI, alias \"virtio-rng\"\n";
 
 fn version_line() -> String {
     let v = QEMU_COMPAT_VERSION;
@@ -83,6 +90,10 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -device pc-testdev | isa-debug-exit[,iobase=,iosize=] | pci-testdev | hyperv-testdev | ? | help\n\
 -qmp unix:PATH[,server,nowait]\n\
 -chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control\n\
+-drive file=PATH,if=virtio[,format=raw][,readonly=on]   virtio-blk disk\n\
+-netdev tap,id=ID,ifname=NAME[,script=no,downscript=no]  with  -device virtio-net-pci,netdev=ID[,mac=][,addr=]\n\
+-device virtio-rng-pci[,rng=ID][,addr=]  with  -object rng-random,id=ID,filename=/dev/urandom | rng-builtin,id=ID\n\
+-blockdev driver=file|raw,node-name=N,… -drive if=none,id=N,file=…  with  -device virtio-blk-pci,drive=N[,addr=][,serial=]\n\
 -incoming URI | defer\n\
 -S                      do not start the vCPUs\n\
 -no-reboot              exit instead of rebooting\n\
@@ -90,6 +101,84 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -global kvm-pit.lost_tick_policy=discard                  accepted\n",
         version_line()
     )
+}
+
+/// `-device virtio-rng-pci[,rng=ID][,addr=N][,bus=pci.0]` (driver and id already taken): one
+/// entropy source; `rng=` must name an `rng-random` / `rng-builtin` object (checked at the end).
+fn rng_device(
+    opt: &str,
+    k: &mut Keys<'_>,
+    config: &mut VmConfig,
+    backend: &mut Option<String>,
+) -> Result<(), QemuCliError> {
+    if config.rng.is_some() {
+        return Err(QemuCliError::UnsupportedValue(
+            opt.into(),
+            String::from("a second virtio-rng-pci (hopvm: one)"),
+        ));
+    }
+    k.only("bus", "pci.0")?;
+    *backend = k.take("rng");
+    let slot = match k.take("addr") {
+        None => None,
+        Some(a) => Some(crate::qemu_blockdev::parse_addr(opt, &a)?),
+    };
+    config.rng = Some(config::RngConfig { slot });
+    Ok(())
+}
+
+/// `-drive file=PATH,if=virtio|none[,format=raw][,readonly=on][,id=ID][,media=disk]`: a
+/// virtio-blk disk on a raw image (`if=virtio`), or a block node `ID` for a
+/// `-device virtio-blk-pci,drive=ID` (`if=none`). Other interfaces and formats are refused (and
+/// `serial=`, as QEMU 7.2 refuses it on `-drive`). Returns the disk and, for `if=none`, its id.
+fn parse_drive(opt: &str, v: &str) -> Result<(config::DiskConfig, Option<String>), QemuCliError> {
+    let parts = split_options(v);
+    let (first, p) = props(&parts);
+    if let Some(f) = first {
+        return Err(QemuCliError::UnsupportedValue(opt.into(), f.into()));
+    }
+    let file = p
+        .get("file")
+        .filter(|f| !f.is_empty())
+        .ok_or_else(|| QemuCliError::Invalid(opt.into(), format!("{v}: no file=")))?;
+    let mut disk = config::DiskConfig {
+        path: PathBuf::from(file),
+        readonly: false,
+        serial: String::new(),
+        slot: None,
+    };
+    for (&k, &val) in &p {
+        match (k, val) {
+            ("file", _)
+            | ("id", _)
+            | ("if", "virtio" | "none")
+            | ("format", "raw")
+            | ("media", "disk") => {}
+            ("readonly", val) => {
+                disk.readonly = config::parse_on_off(val).ok_or_else(|| {
+                    QemuCliError::Invalid(opt.into(), format!("readonly={val}: expected on or off"))
+                })?
+            }
+            _ => {
+                return Err(QemuCliError::UnsupportedValue(
+                    opt.into(),
+                    format!("{k}={val}"),
+                ))
+            }
+        }
+    }
+    match (p.get("if"), p.get("id")) {
+        (Some(&"virtio"), _) => Ok((disk, None)),
+        (Some(&"none"), Some(id)) => Ok((disk, Some((*id).to_string()))),
+        (Some(&"none"), None) => Err(QemuCliError::Invalid(
+            opt.into(),
+            format!("{v}: if=none needs an id= for -device …,drive="),
+        )),
+        _ => Err(QemuCliError::UnsupportedValue(
+            opt.into(),
+            String::from("a drive without if=virtio or if=none (hopvm has only virtio-blk disks)"),
+        )),
+    }
 }
 
 /// Maps the items of `key=value,flag,...` (split by [`split_options`], so `,,` is a literal
@@ -168,6 +257,10 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
     let mut serial_chardev: Option<String> = None;
     let mut chardevs: HashMap<String, Chardev> = HashMap::new();
     let mut monitors: Vec<String> = Vec::new();
+    let mut blocks = crate::qemu_blockdev::BlockGraph::default();
+    let mut nics = crate::qemu_netdev::NetGraph::default();
+    let mut rng_objects: Vec<String> = Vec::new();
+    let mut rng_backend: Option<String> = None;
     let mut it = args.iter();
     while let Some(raw) = it.next() {
         // QEMU accepts -opt and --opt alike.
@@ -341,6 +434,9 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                     backends.insert(id, size);
                 }
                 (_, QemuObject::TlsCredsX509(spec)) => config.objects.push(spec),
+                (id, QemuObject::Rng) => {
+                    rng_objects.push(id);
+                }
             },
             "-add-fd" => {
                 let (set, fd) = qemu_domain::parse_add_fd(&value()?)?;
@@ -425,6 +521,9 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                             k.only("index", "0")?;
                             serial_given = true;
                         }
+                        "virtio-blk-pci" => blocks.add_device(opt, &mut k)?,
+                        "virtio-net-pci" => nics.add_device(opt, &mut k)?,
+                        "virtio-rng-pci" => rng_device(opt, &mut k, &mut config, &mut rng_backend)?,
                         other => {
                             return Err(QemuCliError::UnsupportedValue(opt.into(), other.into()))
                         }
@@ -438,6 +537,20 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 let parts = split_options(&v);
                 let (first, p) = props(&parts);
                 match first.unwrap_or("") {
+                    driver @ ("virtio-blk-pci" | "virtio-net-pci" | "virtio-rng-pci") => {
+                        let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "driver")?);
+                        k.take("driver");
+                        let id = k.take("id");
+                        match driver {
+                            "virtio-blk-pci" => blocks.add_device(opt, &mut k)?,
+                            "virtio-net-pci" => nics.add_device(opt, &mut k)?,
+                            _ => rng_device(opt, &mut k, &mut config, &mut rng_backend)?,
+                        }
+                        k.finish()?;
+                        if let Some(id) = id {
+                            domain.peripherals.push((id, driver.to_string()));
+                        }
+                    }
                     "isa-serial" => {
                         let mut k = Keys::new(opt, qemu_domain::option_map(opt, &v, "driver")?);
                         k.take("driver");
@@ -453,8 +566,8 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                     "?" | "help" => {
                         return Ok((QemuAction::Print(DEVICE_LIST.to_string()), launch, domain))
                     }
-                    // Always present in hopvm; pci-testdev is accepted but not emulated
-                    // (hopvm has no PCI bus), as if the slot were empty.
+                    // Always present in hopvm; pci-testdev is accepted but not emulated,
+                    // as if its slot were empty.
                     "pc-testdev" | "pci-testdev" => {}
                     // QEMU's Hyper-V test device drives SynIC interrupt routes; hopvm gives
                     // no guest a SynIC (see `-cpu hv-*`), so no guest can use it: accepted,
@@ -552,9 +665,23 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                     _ => return Err(QemuCliError::UnsupportedValue(opt.into(), v)),
                 }
             }
+            "-drive" => match parse_drive(opt, &value()?)? {
+                (disk, None) => config.disks.push(disk),
+                (disk, Some(id)) => blocks.add_drive_none(opt, &id, &disk)?,
+            },
+            "-blockdev" => blocks.add_blockdev(opt, &value()?)?,
+            "-netdev" => nics.add_netdev(opt, &value()?)?,
             "-incoming" => config.incoming = Some(value()?),
             other => return Err(QemuCliError::Unsupported(other.to_string())),
         }
+    }
+    config.disks.extend(blocks.resolve()?);
+    config.nets.extend(nics.resolve()?);
+    if let Some(id) = rng_backend.filter(|id| !rng_objects.contains(id)) {
+        return Err(QemuCliError::Invalid(
+            String::from("-device"),
+            format!("virtio-rng-pci,rng={id}: no rng-random or rng-builtin object with that id"),
+        ));
     }
     for id in monitors {
         let chardev = chardevs.get(&id).ok_or_else(|| {
@@ -703,6 +830,62 @@ mod tests {
         match parse(&args(s)).unwrap() {
             QemuAction::Run(c) => *c,
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn drives() {
+        let c = run("-kernel k -drive file=/tmp/d.img,if=virtio,format=raw \
+                     -drive file=/tmp/e,,f.img,if=virtio,readonly=on,id=d1");
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].path, PathBuf::from("/tmp/d.img"));
+        assert!(!c.disks[0].readonly);
+        assert_eq!(c.disks[1].path, PathBuf::from("/tmp/e,f.img"));
+        assert!(c.disks[1].readonly);
+        let c = run(
+            "-kernel k -blockdev driver=file,node-name=s,filename=/b.img \
+                     -blockdev driver=raw,node-name=f,file=s,read-only=on \
+                     -drive file=/c.img,if=none,id=c0 \
+                     -device virtio-blk-pci,drive=f,addr=0x5 -device virtio-blk-pci,drive=c0",
+        );
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(
+            (c.disks[0].path.to_str(), c.disks[0].readonly),
+            (Some("/b.img"), true)
+        );
+        assert_eq!(c.disks[0].slot, Some(5));
+        assert_eq!(c.disks[1].path, PathBuf::from("/c.img"));
+        for bad in [
+            "-drive file=/x,if=none",
+            "-device virtio-blk-pci,drive=nothing",
+            "-drive file=/x",
+            "-drive file=/x,if=ide",
+            "-drive file=/x,if=virtio,format=qcow2",
+            "-drive if=virtio",
+            "-drive file=/x,if=virtio,readonly=perhaps",
+            "-drive file=/x,if=virtio,cache=none",
+            "-drive file=/x,if=virtio,serial=abc",
+        ] {
+            assert!(parse(&args(&format!("-kernel k {bad}"))).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rng() {
+        let c = run("-kernel k -object rng-random,id=r0,filename=/dev/urandom \
+                     -device virtio-rng-pci,rng=r0,addr=0x6");
+        assert_eq!(c.rng, Some(config::RngConfig { slot: Some(6) }));
+        let c = run("-kernel k -device {\"driver\":\"virtio-rng-pci\",\"id\":\"rng0\"}");
+        assert_eq!(c.rng, Some(config::RngConfig { slot: None }));
+        for bad in [
+            "-device virtio-rng-pci,rng=none",
+            "-object rng-random,id=r,filename=/etc/passwd -device virtio-rng-pci,rng=r",
+            "-object rng-egd,id=r,chardev=c",
+            "-device virtio-rng-pci -device virtio-rng-pci",
+            "-device virtio-rng-pci,addr=0x0",
+            "-device virtio-rng-pci,max-bytes=1",
+        ] {
+            assert!(parse(&args(&format!("-kernel k {bad}"))).is_err(), "{bad}");
         }
     }
 

@@ -182,6 +182,9 @@ pub enum QemuObject {
     /// `tls-creds-x509`, checked (its files read); the canonical `-object` value to create
     /// it from at start.
     TlsCredsX509(String),
+    /// `rng-random` (on `/dev/urandom` or `/dev/random`) or `rng-builtin`: an entropy backend
+    /// for `virtio-rng-pci`, which hopvm feeds from `getrandom(2)` either way.
+    Rng,
 }
 
 /// Parses one `-object`; returns its id and what it is.
@@ -241,6 +244,18 @@ pub fn parse_object(value: &str) -> Result<(String, QemuObject), QemuCliError> {
                 .map_err(|e| QemuCliError::Invalid(format!("{opt} {value}"), e.to_string()))?;
             QemuObject::TlsCredsX509(spec)
         }
+        "rng-random" => {
+            if let Some(f) = k.take("filename") {
+                if f != "/dev/urandom" && f != "/dev/random" {
+                    return Err(QemuCliError::UnsupportedValue(
+                        opt.into(),
+                        format!("filename={f} (hopvm: /dev/urandom or /dev/random)"),
+                    ));
+                }
+            }
+            QemuObject::Rng
+        }
+        "rng-builtin" => QemuObject::Rng,
         other => {
             return Err(QemuCliError::UnsupportedValue(
                 opt.into(),

@@ -289,8 +289,9 @@ fn domain_command_line_errors_are_clear() {
         ),
         (
             vec!["-device", r#"{"driver":"virtio-blk-pci"}"#],
-            "virtio-blk-pci",
+            "Parameter 'drive' is missing",
         ),
+        (vec!["-device", r#"{"driver":"e1000"}"#], "e1000"),
         (vec!["-device", "{\"driver\":"], "JSON"),
         (vec!["-uuid", "not-a-uuid"], "UUID"),
     ] {

@@ -208,7 +208,7 @@ fn migration_parameters_and_errors() {
             "migrate",
             json!({"uri": "tcp:127.0.0.1:1", "blk": true})
         ),
-        "GenericError: not supported: hopvm has no disks (blk and inc must be false)"
+        "GenericError: not supported: hopvm has no block migration yet (blk and inc must be false; disks need shared storage)"
     );
     assert_eq!(
         error_of(&mut vm, "migrate", json!({"uri": "bogus:x"})),

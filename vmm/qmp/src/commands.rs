@@ -230,7 +230,7 @@ impl Commands {
         a.finish()?;
         if blk || inc {
             return Err(QmpError::generic(
-                "not supported: hopvm has no disks (blk and inc must be false)",
+                "not supported: hopvm has no block migration yet (blk and inc must be false; disks need shared storage)",
             ));
         }
         if resume {

@@ -155,6 +155,64 @@ static TYPES: &[TypeDef] = &[
         &[("iobase", "uint32", ""), ("iosize", "uint32", "")],
     ),
     ty("pc-testdev", "isa-device", &[]),
+    abstract_ty("pci-device", Some("device")),
+    abstract_ty("virtio-pci", Some("pci-device")),
+    ty(
+        "virtio-blk-pci",
+        "virtio-pci",
+        &[
+            (
+                "drive",
+                "str",
+                "Node name or ID of a block device to use as a backend",
+            ),
+            (
+                "addr",
+                "int32",
+                "Slot and optional function number, example: 06.0 or 06",
+            ),
+            ("serial", "str", ""),
+            ("bootindex", "int32", ""),
+            ("num-queues", "uint16", "hopvm: 1"),
+        ],
+    ),
+    ty(
+        "virtio-net-pci",
+        "virtio-pci",
+        &[
+            ("netdev", "str", "ID of a netdev to use as a backend"),
+            (
+                "mac",
+                "str",
+                "Ethernet 6-byte MAC Address, example: 52:54:00:12:34:56",
+            ),
+            (
+                "addr",
+                "int32",
+                "Slot and optional function number, example: 06.0 or 06",
+            ),
+            ("bootindex", "int32", ""),
+        ],
+    ),
+    ty(
+        "virtio-rng-pci",
+        "virtio-pci",
+        &[
+            ("rng", "link<rng-backend>", "ID of an rng object"),
+            (
+                "addr",
+                "int32",
+                "Slot and optional function number, example: 06.0 or 06",
+            ),
+        ],
+    ),
+    abstract_ty("rng-backend", Some("object")),
+    ty(
+        "rng-random",
+        "rng-backend",
+        &[("filename", "string", "/dev/urandom or /dev/random")],
+    ),
+    ty("rng-builtin", "rng-backend", &[]),
     abstract_ty("memory-backend", Some("object")),
     ty(
         "memory-backend-ram",
@@ -661,12 +719,13 @@ mod tests {
         let err = execute(
             &h,
             "device-list-properties",
-            &args(json!({"typename": "virtio-blk-pci"})),
+            &args(json!({"typename": "e1000"})),
         )
         .unwrap()
         .unwrap_err();
         assert_eq!(err.class, ErrorClass::DeviceNotFound);
-        assert_eq!(err.desc, "Device 'virtio-blk-pci' not found");
+        assert_eq!(err.desc, "Device 'e1000' not found");
+        assert!(names.contains(&"virtio-blk-pci") && names.contains(&"virtio-net-pci"));
         let err = execute(
             &h,
             "qom-list-properties",

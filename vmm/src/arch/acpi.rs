@@ -24,8 +24,10 @@
 //! * **DSDT**, revision 1, whose AML body only declares the sleep-state packages, hand-encoded
 //!   in [`DSDT_AML`]: `\_S3_` = {1, 1, 0, 0} and `\_S5_` = {0, 0, 0, 0}, the PIIX4 `SLP_TYP`
 //!   values QEMU's DSDT uses (kvm-unit-tests' `s3` writes SLP_TYP 1). There is no `\_S4_`
-//!   (no hibernation support in the PM device) and no PCI root bridge (the machine has no PCI
-//!   devices; Linux then finds no PCI bus, which is what is there).
+//!   (no hibernation support in the PM device) and no PCI root bridge yet (no `PNP0A03` device,
+//!   no `_PRT`): Linux then probes bus 0 through configuration mechanism #1 itself ("PCI:
+//!   Probing PCI hardware") and finds the devices; their interrupts are MSI-X, INTx routing being
+//!   in the MP table only.
 //! * **FADT** (`FACP`), revision 3 (the ACPI 2.0 layout, 244 bytes). QEMU's `pc` machine uses
 //!   revision 1 for the sake of Windows 2000, but revision 1 has no reset register; revision 3
 //!   is what QEMU's `q35` machine builds, with the same fields and flags as `pc` plus the reset

@@ -4,7 +4,10 @@
 //! The floating pointer sits at the start of the EBDA, where Linux and most test kernels look
 //! first; the configuration table follows it. The interrupt entries describe the same wiring
 //! hopvm programs into KVM's GSI routing: ISA IRQ 0 (the PIT) arrives at IOAPIC pin 2, every
-//! other ISA IRQ n at pin n, and LINT0/LINT1 are ExtINT/NMI as in virtual-wire mode.
+//! other ISA IRQ n at pin n, and LINT0/LINT1 are ExtINT/NMI as in virtual-wire mode. Bus 1 is
+//! PCI bus 0: each PCI function's INTx pin is listed at the IOAPIC pin of the ISA IRQ its PIRQ
+//! line is wired to (10 or 11), level-triggered and active-low, as SeaBIOS writes it on QEMU's
+//! `pc`.
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -47,8 +50,29 @@ fn checksum(bytes: &[u8]) -> u8 {
     bytes.iter().fold(0u8, |a, b| a.wrapping_sub(*b))
 }
 
+/// A PCI function's interrupt: device number, INTx pin (1 = INTA#) and the ISA IRQ it reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PciIntx {
+    /// Device number on bus 0.
+    pub slot: u8,
+    /// 1 = INTA# … 4 = INTD#.
+    pub pin: u8,
+    /// The ISA IRQ (and IOAPIC pin) it is wired to.
+    pub irq: u8,
+}
+
+/// The MP table's bus ID of PCI bus 0.
+const PCI_BUS_ID: u8 = 1;
+/// MP interrupt flags: active low, level-triggered.
+const LEVEL_ACTIVE_LOW: u8 = 0x0f;
+
 /// Builds the MP floating pointer and configuration table for `cpus` CPUs placed at `base`.
 pub fn build(cpus: usize, base: u64) -> Result<Vec<u8>, MpTableError> {
+    build_with_pci(cpus, &[], base)
+}
+
+/// Builds the MP table for `cpus` CPUs and the PCI interrupts `pci`, placed at `base`.
+pub fn build_with_pci(cpus: usize, pci: &[PciIntx], base: u64) -> Result<Vec<u8>, MpTableError> {
     if cpus == 0 || cpus >= usize::from(IOAPIC_ID) {
         return Err(MpTableError::TooManyCpus(cpus));
     }
@@ -67,6 +91,10 @@ pub fn build(cpus: usize, base: u64) -> Result<Vec<u8>, MpTableError> {
     count += 1;
     entries.extend_from_slice(&[1, 0]);
     entries.extend_from_slice(b"ISA   ");
+    // Bus 1: PCI.
+    count += 1;
+    entries.extend_from_slice(&[1, PCI_BUS_ID]);
+    entries.extend_from_slice(b"PCI   ");
     // The IOAPIC.
     count += 1;
     entries.extend_from_slice(&[2, IOAPIC_ID, 0x11, 1]);
@@ -78,6 +106,15 @@ pub fn build(cpus: usize, base: u64) -> Result<Vec<u8>, MpTableError> {
         }
         count += 1;
         entries.extend_from_slice(&[3, 0, 0, 0, 0, irq, IOAPIC_ID, isa_irq_to_ioapic_pin(irq)]);
+    }
+    // PCI interrupts: source IRQ = device << 2 | (pin - 1).
+    for p in pci
+        .iter()
+        .filter(|p| (1..=4).contains(&p.pin) && p.slot < 32)
+    {
+        count += 1;
+        let src = p.slot << 2 | (p.pin - 1);
+        entries.extend_from_slice(&[3, 0, LEVEL_ACTIVE_LOW, 0, PCI_BUS_ID, src, IOAPIC_ID, p.irq]);
     }
     // Local interrupts: LINT0 ExtINT, LINT1 NMI, to every local APIC.
     for (kind, lint) in [(3u8, 0u8), (1, 1)] {
@@ -111,7 +148,16 @@ pub fn build(cpus: usize, base: u64) -> Result<Vec<u8>, MpTableError> {
 
 /// Writes the MP table into the EBDA, and the BIOS data area fields that point there.
 pub fn write(mem: &GuestMemoryMmap, cpus: usize) -> Result<(), MpTableError> {
-    let table = build(cpus, EBDA_START)?;
+    write_with_pci(mem, cpus, &[])
+}
+
+/// Writes the MP table with PCI interrupt entries into the EBDA (see [`write`]).
+pub fn write_with_pci(
+    mem: &GuestMemoryMmap,
+    cpus: usize,
+    pci: &[PciIntx],
+) -> Result<(), MpTableError> {
+    let table = build_with_pci(cpus, pci, EBDA_START)?;
     mem.write_slice(&table, GuestAddress(EBDA_START))
         .map_err(MpTableError::Write)?;
     // BDA 0x40e: EBDA segment; 0x413: base memory in KiB.
@@ -136,10 +182,28 @@ mod tests {
         assert_eq!(len, table.len());
         assert_eq!(table.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
         let count = u16::from_le_bytes([table[34], table[35]]);
-        assert_eq!(count, 4 + 1 + 1 + 15 + 2);
+        assert_eq!(count, 4 + 2 + 1 + 15 + 2);
         // The first processor entry is the bootstrap processor with APIC ID 0.
         assert_eq!(&table[44..48], &[0, 0, APIC_VERSION, 3]);
         assert!(build(0, 0).is_err());
         assert!(build(254, 0).is_err());
+    }
+
+    #[test]
+    fn pci_interrupt_entries() {
+        let pci = [PciIntx {
+            slot: 2,
+            pin: 1,
+            irq: 11,
+        }];
+        let t = build_with_pci(1, &pci, EBDA_START).unwrap();
+        let table = &t[16..];
+        assert_eq!(table.iter().fold(0u8, |a, b| a.wrapping_add(*b)), 0);
+        let count = u16::from_le_bytes([table[34], table[35]]);
+        assert_eq!(count, 1 + 2 + 1 + 15 + 1 + 2);
+        let entry = [3, 0, 0x0f, 0, 1, 2 << 2, IOAPIC_ID, 11];
+        assert!(table.windows(8).any(|w| w == entry));
+        let pci_bus = [1, 1, b'P', b'C', b'I', b' ', b' ', b' '];
+        assert!(table.windows(8).any(|w| w == pci_bus));
     }
 }

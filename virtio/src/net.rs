@@ -1,0 +1,326 @@
+//! virtio-net (§5.1) on a Linux tap device: queue 0 receives, queue 1 transmits.
+//!
+//! The tap is opened with `IFF_VNET_HDR` and a 12-byte header, which is exactly the virtio 1.x
+//! `virtio_net_hdr` (with `num_buffers`), so frames cross between the tap and the guest's
+//! buffers unchanged. No offloads are offered (no checksum, no GSO), so every frame is a plain
+//! Ethernet frame of at most 65535 bytes. Offered: VIRTIO_NET_F_MAC and VIRTIO_NET_F_STATUS
+//! (link up). A frame the tap cannot take right now (its queue is full) is dropped, as a busy
+//! link drops it; a received frame waits in the tap until the guest posts a buffer.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+
+use crate::{GuestMemoryMmap, QueueError, VirtioBackend};
+
+/// The virtio device ID of a network card.
+pub const DEVICE_TYPE: u16 = 1;
+/// Each queue's maximum size.
+pub const QUEUE_SIZE: u16 = 256;
+/// The virtio-net header of virtio 1.x (with `num_buffers`).
+pub const HEADER_LEN: usize = 12;
+/// The largest frame plus its header.
+const MAX_PACKET: usize = HEADER_LEN + 65535;
+const RX: usize = 0;
+const TX: usize = 1;
+
+/// Errors opening the tap device.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// /dev/net/tun could not be opened.
+    #[error("cannot open /dev/net/tun: {0}")]
+    OpenTun(#[source] std::io::Error),
+    /// The interface name is empty, too long or not a valid name.
+    #[error("invalid tap interface name '{0}' (1 to 15 characters, no '/', ':' or spaces)")]
+    Name(String),
+    /// The kernel refused the tap (no permission, name taken by another kind of device…).
+    #[error("cannot create tap device {0}: {1}")]
+    Tap(String, #[source] std::io::Error),
+    /// A handed-over descriptor is not a tap opened with IFF_VNET_HDR.
+    #[error("descriptor {0} is not a tap device opened with IFF_TAP and IFF_VNET_HDR")]
+    NotVnetTap(RawFd),
+}
+
+/// A virtio-net device's back-end.
+pub struct Net {
+    tap: File,
+    name: String,
+    mac: [u8; 6],
+    buf: Vec<u8>,
+}
+
+/// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
+#[repr(C)]
+struct IfReq {
+    name: [u8; 16],
+    flags: libc::c_short,
+    _pad: [u8; 22],
+}
+
+impl Net {
+    /// Opens (creating it if needed) the tap interface `name`; the guest sees `mac`.
+    pub fn open(name: &str, mac: [u8; 6]) -> Result<Self, NetError> {
+        if name.is_empty()
+            || name.len() > 15
+            || name
+                .bytes()
+                .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace())
+        {
+            return Err(NetError::Name(name.to_string()));
+        }
+        let tap = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(NetError::OpenTun)?;
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short,
+            _pad: [0; 22],
+        };
+        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        let err = |e| NetError::Tap(name.to_string(), e);
+        // SAFETY: TUNSETIFF reads a `struct ifreq` (40 bytes, which IfReq is) from a valid
+        // pointer and writes the name back into it.
+        if unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        let hdr: libc::c_int = HEADER_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int from a valid pointer.
+        if unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr) } < 0 {
+            return Err(err(std::io::Error::last_os_error()));
+        }
+        Ok(Self {
+            tap,
+            name: name.to_string(),
+            mac,
+            buf: vec![0; MAX_PACKET],
+        })
+    }
+
+    /// Takes a tap descriptor someone else opened (libvirt's `-netdev tap,fd=N`): it must be a
+    /// tap with IFF_VNET_HDR; it is made non-blocking with the 12-byte header.
+    pub fn from_fd(fd: OwnedFd, mac: [u8; 6]) -> Result<Self, NetError> {
+        let raw = fd.as_raw_fd();
+        let mut req = IfReq {
+            name: [0; 16],
+            flags: 0,
+            _pad: [0; 22],
+        };
+        // SAFETY: TUNGETIFF writes a `struct ifreq` (IfReq's 40 bytes) to a valid pointer; on
+        // a descriptor that is not a tap it fails and writes nothing.
+        if unsafe { libc::ioctl(raw, libc::TUNGETIFF, &mut req) } < 0 {
+            return Err(NetError::NotVnetTap(raw));
+        }
+        let want = (libc::IFF_TAP | libc::IFF_VNET_HDR) as libc::c_short;
+        if req.flags & want != want {
+            return Err(NetError::NotVnetTap(raw));
+        }
+        let name_len = req.name.iter().position(|&b| b == 0).unwrap_or(16);
+        let name = String::from_utf8_lossy(&req.name[..name_len]).into_owned();
+        let hdr: libc::c_int = HEADER_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int; F_GETFL / F_SETFL only change the
+        // descriptor's status flags.
+        unsafe {
+            if libc::ioctl(raw, libc::TUNSETVNETHDRSZ, &hdr) < 0 {
+                return Err(NetError::Tap(name, std::io::Error::last_os_error()));
+            }
+            let fl = libc::fcntl(raw, libc::F_GETFL);
+            libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK);
+        }
+        Ok(Self {
+            tap: File::from(fd),
+            name,
+            mac,
+            buf: vec![0; MAX_PACKET],
+        })
+    }
+
+    /// The tap interface's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Guest → tap: every available transmit chain, one frame each.
+    fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        let mut used = false;
+        loop {
+            let chains: Vec<_> = queue.iter(mem).map_err(QueueError::Queue)?.collect();
+            if chains.is_empty() {
+                return Ok(used);
+            }
+            for chain in chains {
+                let head = chain.head_index();
+                if let Ok(mut r) = Reader::new(mem, chain) {
+                    let n = r.available_bytes().min(MAX_PACKET);
+                    if n > HEADER_LEN && r.read_exact(&mut self.buf[..n]).is_ok() {
+                        if let Err(e) = (&self.tap).write(&self.buf[..n]) {
+                            if e.kind() != std::io::ErrorKind::WouldBlock {
+                                log::warn!("virtio-net {}: {e}", self.name);
+                            }
+                        }
+                    }
+                }
+                queue.add_used(mem, head, 0).map_err(QueueError::Queue)?;
+                used = true;
+            }
+        }
+    }
+
+    /// Tap → guest: frames while there are receive buffers.
+    fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        let mut used = false;
+        loop {
+            let Some(chain) = queue.iter(mem).map_err(QueueError::Queue)?.next() else {
+                return Ok(used);
+            };
+            let head = chain.head_index();
+            let n = match (&self.tap).read(&mut self.buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    // Nothing to receive (or the tap went away): give the buffer back.
+                    if e.kind() != std::io::ErrorKind::WouldBlock {
+                        log::warn!("virtio-net {}: {e}", self.name);
+                    }
+                    queue.go_to_previous_position();
+                    return Ok(used);
+                }
+            };
+            if n < HEADER_LEN {
+                queue.go_to_previous_position();
+                continue;
+            }
+            // No mergeable buffers: every frame is in one buffer (num_buffers = 1).
+            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let len = match Writer::new(mem, chain) {
+                Ok(mut w) if w.available_bytes() >= n => match w.write_all(&self.buf[..n]) {
+                    Ok(()) => n as u32,
+                    Err(_) => 0,
+                },
+                // A buffer too small for the frame: the frame is dropped.
+                _ => 0,
+            };
+            queue.add_used(mem, head, len).map_err(QueueError::Queue)?;
+            used = true;
+        }
+    }
+}
+
+/// The self-announce frame QEMU sends after a migration: a broadcast RARP request ("reverse
+/// request", opcode 3) from `mac`, padded to 60 bytes, behind a zeroed virtio-net header.
+pub fn rarp_frame(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; HEADER_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&0x8035u16.to_be_bytes());
+    f.extend_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&3u16.to_be_bytes()); // reverse request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(HEADER_LEN + 60, 0);
+    f
+}
+
+impl VirtioBackend for Net {
+    fn announce(&mut self) {
+        if let Err(e) = (&self.tap).write(&rarp_frame(self.mac)) {
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                log::warn!("virtio-net {}: announce: {e}", self.name);
+            }
+        }
+    }
+
+    fn device_type(&self) -> u16 {
+        DEVICE_TYPE
+    }
+
+    fn pci_class(&self) -> u32 {
+        // Network controller, Ethernet.
+        0x02_00_00
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_net_config: mac[6], status (u16).
+        let mut bytes = [0u8; 8];
+        bytes[..6].copy_from_slice(&self.mac);
+        bytes[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|o| bytes.get(o))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn ready_fd(&self) -> Option<(RawFd, usize)> {
+        Some((self.tap.as_raw_fd(), RX))
+    }
+
+    fn process_queue(
+        &mut self,
+        index: usize,
+        queue: &mut Queue,
+        mem: &GuestMemoryMmap,
+    ) -> Result<bool, QueueError> {
+        match index {
+            RX => self.receive(queue, mem),
+            TX => self.transmit(queue, mem),
+            _ => Ok(false),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rarp() {
+        let f = rarp_frame([2, 0, 0, 0, 0, 1]);
+        assert_eq!(f.len(), HEADER_LEN + 60);
+        let e = &f[HEADER_LEN..];
+        assert_eq!(&e[..6], &[0xff; 6]);
+        assert_eq!(&e[6..12], &[2, 0, 0, 0, 0, 1]);
+        assert_eq!(&e[12..14], &[0x80, 0x35]);
+        assert_eq!(&e[20..22], &[0, 3]);
+        assert_eq!(&e[22..28], &[2, 0, 0, 0, 0, 1]);
+    }
+
+    #[test]
+    fn a_descriptor_that_is_no_tap_is_refused() {
+        let f = File::open("/dev/null").unwrap();
+        assert!(matches!(
+            Net::from_fd(OwnedFd::from(f), [0; 6]),
+            Err(NetError::NotVnetTap(_))
+        ));
+    }
+
+    #[test]
+    fn bad_tap_names() {
+        for bad in ["", "a/b", "a:b", "a b", "sixteen-chars-xx"] {
+            assert!(
+                matches!(Net::open(bad, [0; 6]), Err(NetError::Name(_))),
+                "{bad}"
+            );
+        }
+    }
+}
