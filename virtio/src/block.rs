@@ -330,14 +330,7 @@ impl VirtioBackend for Block {
             }
             bytes[0x38] = 1;
         }
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| bytes.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::pci::copy_out(&bytes, offset, data);
     }
 
     fn process_queue(

@@ -261,14 +261,7 @@ impl VirtioBackend for Net {
         let mut bytes = [0u8; 8];
         bytes[..6].copy_from_slice(&self.mac);
         bytes[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-        for (i, d) in data.iter_mut().enumerate() {
-            *d = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| bytes.get(o))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::pci::copy_out(&bytes, offset, data);
     }
 
     fn ready_fd(&self) -> Option<(RawFd, usize)> {

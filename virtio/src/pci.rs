@@ -497,7 +497,9 @@ impl Core {
     }
 }
 
-fn copy_out(bytes: &[u8], offset: u64, data: &mut [u8]) {
+/// Fills `data` with `bytes` from `offset` on, zeroes past their end: a read of a register
+/// block (configuration space, capability, device config) at any offset and width.
+pub(crate) fn copy_out(bytes: &[u8], offset: u64, data: &mut [u8]) {
     for (i, d) in data.iter_mut().enumerate() {
         *d = usize::try_from(offset)
             .ok()
