@@ -540,6 +540,12 @@ fn tls_multifd_refuses_a_plaintext_source_and_waits_on() {
     let certs = Certs::new(&dir, &["localhost"]);
     let uri = format!("tcp:localhost:{}", free_tcp_port());
     let mut dst = multifd_destination(&certs, &dir, "dst", &uri, 2);
+    // A peer that connects and hangs up at once: refused, the destination waits on.
+    let port: u16 = uri.rsplit(':').next().unwrap().parse().unwrap();
+    drop(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    dst.err.wait_for(LONG, "the refused empty connection", |t| {
+        t.contains("refused a connection") && t.contains("the peer closed the connection")
+    });
     // A plaintext multifd source: every one of its connections is refused at the handshake.
     let mut plain = source(&dir.0, "plain", &[]);
     multifd_on(&mut plain, 2);
