@@ -22,6 +22,13 @@
 //! The destination tells the channels apart from the main channel by their first four bytes
 //! (the stream's `QEVM` or the multifd magic), whatever order they connect in ([`accept`]).
 //!
+//! With `tls-creds` set, every channel runs TLS 1.3, as in QEMU 7.2: the source's multifd
+//! channels each run their own handshake, with the main channel's credentials and host name,
+//! before their `MultiFDInit_t` ([`crate::transport::Outgoing::open_channel`]); the
+//! destination runs the server handshake on every connection it accepts, then reads the four
+//! bytes through it. Packets are sealed into full TLS records by each channel's sending
+//! thread, on its own session (no lock shared between the channels).
+//!
 //! Between two hopvm processes with the return path on, the source also announces its
 //! channel count on the main channel ([`MIG_CMD_X_HOPVM_MULTIFD`], a command number QEMU leaves
 //! free), so that a destination whose capability or channel count differs refuses the stream
@@ -37,6 +44,7 @@ use vmm_sync::lock;
 
 use crate::rate_limit::BufferedOutput;
 use crate::stream::{PAGE_SIZE, QEMU_VM_FILE_MAGIC};
+use crate::transport::tls::{ServerTls, TlsError};
 use crate::transport::{ChannelStream, ConnectCancel, Incoming, IncomingChannel, TransportError};
 use crate::SectionOutput;
 
@@ -187,9 +195,6 @@ pub enum MultifdError {
          {0:#010x})"
     )]
     UnknownMagic(u32),
-    /// A connection closed before its first four bytes.
-    #[error("the source closed a connection before sending anything")]
-    Empty,
     /// The source uses multifd, this side does not.
     #[error(
         "the source sends RAM over {0} multifd channel(s) but the multifd capability is off \
@@ -1072,17 +1077,31 @@ impl Drop for ReceiveGuard {
     }
 }
 
+/// The destination's TLS, asked for each accepted connection (`None`: no TLS).
+pub type ServerTlsSource = Arc<dyn Fn() -> Result<Option<ServerTls>, TlsError> + Send + Sync>;
+
 /// Destination: accepts the incoming migration. Without multifd this is
-/// [`Incoming::accept_channel`]; with it, connections are accepted until the main channel
-/// (the one that starts with `QEVM`) is there — multifd channels that come first are taken
-/// on — and a `multifd-accept` thread takes the rest while the main channel loads.
+/// [`Incoming::accept_channel_tls`]; with it, a `multifd-accept` thread accepts connections
+/// until the main channel (the one that starts with `QEVM`) and every multifd channel are
+/// there, whatever order they come in, and hands each to a short-lived `multifd-peek` thread
+/// that tells which it is: a multifd channel is taken on at once, the main channel is
+/// returned here.
+///
+/// With TLS (`tls` returns a server configuration, asked for each connection), that thread
+/// first runs the connection's TLS handshake ([`ChannelStream::accept_tls`]: one that fails
+/// it is refused and the destination keeps waiting, main channel or not, as QEMU's
+/// `migration_tls_incoming_handshake` does), then reads the first four decrypted bytes. The
+/// handshakes run beside each other, not in the accept loop: the source opens (and
+/// handshakes) all its multifd channels before it writes the main stream, so a destination
+/// waiting for the main channel's first bytes must go on accepting meanwhile.
 pub fn accept(
     incoming: Incoming,
     shared: &Arc<Multifd>,
+    tls: ServerTlsSource,
 ) -> Result<(IncomingChannel, Option<ReceiveGuard>), MultifdError> {
     let settings = shared.settings();
     if !settings.enabled {
-        return Ok((incoming.accept_channel()?, None));
+        return Ok((incoming.accept_channel_tls(&*tls)?, None));
     }
     if !incoming.multi_channel() {
         return Err(TransportError::MultiChannelUnsupported.into());
@@ -1094,40 +1113,119 @@ pub fn accept(
         shared: shared.clone(),
         receiver: receiver.clone(),
     };
-    let main = loop {
-        let s = incoming.accept_stream(&receiver.cancel)?;
-        let mut magic = [0u8; 4];
-        if s.peek(&mut magic).map_err(TransportError::Accept)? < 4 {
-            return Err(MultifdError::Empty);
-        }
-        match u32::from_be_bytes(magic) {
-            QEMU_VM_FILE_MAGIC => break s,
-            MULTIFD_MAGIC => receiver.add_channel(s)?,
-            other => return Err(MultifdError::UnknownMagic(other)),
-        }
-    };
+    // The main channel (or the first error before it) comes back on `main_rx`.
+    let (main_tx, main_rx) = std::sync::mpsc::channel::<Result<ChannelStream, MultifdError>>();
+    let main_seen = Arc::new(AtomicBool::new(false));
     let r = receiver.clone();
+    let seen = main_seen.clone();
+    let err_tx = main_tx.clone();
     std::thread::Builder::new()
         .name(String::from("multifd-accept"))
         .spawn(move || {
-            while !r.all_connected() {
-                match incoming.accept_stream(&r.cancel) {
-                    Ok(s) => {
-                        if let Err(e) = r.add_channel(s) {
-                            r.fail(e);
-                            break;
-                        }
-                    }
+            let uri = incoming.uri().clone();
+            while !(r.all_connected() && seen.load(Ordering::SeqCst)) {
+                let s = match incoming.accept_stream(&r.cancel) {
+                    Ok(s) => s,
                     Err(TransportError::Cancelled) => break,
                     Err(e) => {
-                        r.fail(e.into());
+                        report(&r, &err_tx, e.into());
                         break;
                     }
+                };
+                let (r2, seen2, tx, tls, uri) = (
+                    r.clone(),
+                    seen.clone(),
+                    err_tx.clone(),
+                    tls.clone(),
+                    uri.clone(),
+                );
+                let spawned = std::thread::Builder::new()
+                    .name(String::from("multifd-peek"))
+                    .spawn(move || classify(s, &r2, &seen2, &tx, &*tls, &uri));
+                if let Err(e) = spawned {
+                    report(&r, &err_tx, MultifdError::Thread(e));
+                    break;
                 }
             }
         })
         .map_err(MultifdError::Thread)?;
+    drop(main_tx);
+    let main = match main_rx.recv() {
+        Ok(main) => main?,
+        // The accept thread and every peek thread ended without a main channel.
+        Err(std::sync::mpsc::RecvError) => return Err(TransportError::Cancelled.into()),
+    };
     Ok((main.into_incoming(), Some(guard)))
+}
+
+/// An error of the accept side: to the main channel's waiter if it still waits, else to the
+/// receiver (which fails the load).
+fn report(
+    r: &Receiver,
+    main: &std::sync::mpsc::Sender<Result<ChannelStream, MultifdError>>,
+    e: MultifdError,
+) {
+    if let Err(std::sync::mpsc::SendError(Err(e))) = main.send(Err(e)) {
+        r.fail(e);
+    }
+}
+
+/// One accepted connection: its TLS handshake if `tls` says so, then its first four bytes
+/// tell a multifd channel (taken on) from the main channel (sent to `main`).
+fn classify(
+    s: ChannelStream,
+    r: &Arc<Receiver>,
+    seen: &AtomicBool,
+    main: &std::sync::mpsc::Sender<Result<ChannelStream, MultifdError>>,
+    tls: &dyn Fn() -> Result<Option<ServerTls>, TlsError>,
+    uri: &crate::transport::MigrationUri,
+) {
+    let mut s = match tls() {
+        Err(e) => return report(r, main, TransportError::Tls(e).into()),
+        Ok(None) => s,
+        Ok(Some(server)) => match s.accept_tls(&server, uri) {
+            Ok(s) => s,
+            // Refused (and said so): the destination keeps waiting.
+            Err(_) => return,
+        },
+    };
+    let mut magic = [0u8; 4];
+    let peeked = s
+        .set_read_timeout(Some(INIT_TIMEOUT))
+        .and_then(|()| s.peek(&mut magic))
+        .and_then(|n| s.set_read_timeout(None).map(|()| n));
+    // A connection that closes or stays silent before its first four bytes is dropped, as
+    // one that fails the TLS handshake is: the destination keeps waiting for the source.
+    let silent = match peeked {
+        Ok(4) => None,
+        Ok(_) => Some(String::from("closed or silent before its first four bytes")),
+        Err(e) => Some(e.to_string()),
+    };
+    if let Some(why) = silent {
+        eprintln!(
+            "hopvm: incoming migration on {uri}: dropped a connection that sent no stream \
+             header ({why}); still waiting"
+        );
+        return;
+    }
+    match u32::from_be_bytes(magic) {
+        QEMU_VM_FILE_MAGIC => {
+            seen.store(true, Ordering::SeqCst);
+            if let Err(std::sync::mpsc::SendError(Ok(_))) = main.send(Ok(s)) {
+                // A second main channel after the first: not this migration's.
+                log::warn!("multifd: a second migration stream connected; closed");
+            }
+        }
+        MULTIFD_MAGIC => {
+            // A refused channel fails the load, not the wait for the main channel: the main
+            // channel still comes, and with it the source learns why (a channel count that
+            // differs is named by the announcement on the main channel).
+            if let Err(e) = r.add_channel(s) {
+                r.fail(e);
+            }
+        }
+        other => report(r, main, MultifdError::UnknownMagic(other)),
+    }
 }
 
 #[cfg(test)]

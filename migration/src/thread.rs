@@ -68,10 +68,6 @@ pub enum MigrationError {
          x-integrity capability"
     )]
     MultifdIntegrity,
-    /// `multifd` with `tls-creds`: the multifd channels do not run TLS yet, and a migration
-    /// that would send pages in clear text beside a TLS main channel is refused.
-    #[error("multifd channels do not run TLS yet: switch off the multifd capability or tls-creds")]
-    MultifdTls,
 }
 
 /// A migration's state, with QEMU's names.
@@ -197,8 +193,9 @@ impl MigrationOutput for Outgoing {
         Outgoing::return_path(self)
     }
 
+    /// Through TLS when this channel runs it (each channel its own handshake).
     fn connect_channel(&self, cancel: &ConnectCancel) -> Result<ChannelStream, TransportError> {
-        crate::transport::connect_channel(self.uri(), cancel)
+        self.open_channel(cancel)
     }
 }
 
@@ -797,9 +794,6 @@ impl Migration {
             }
             if self.integrity_enabled() {
                 return Err(MigrationError::MultifdIntegrity);
-            }
-            if !self.tls.creds().is_empty() {
-                return Err(MigrationError::MultifdTls);
             }
         }
         Ok(())

@@ -599,13 +599,10 @@ impl Instance {
         named: Option<&dyn NamedFds>,
     ) -> Result<(), InstanceError> {
         let parsed: MigrationUri = uri.parse()?;
-        if self.migration.multifd.settings().enabled {
-            if !migration::transport::supports_multi_channel(&parsed) {
-                return Err(TransportError::MultiChannelUnsupported.into());
-            }
-            if !self.migration.tls.creds().is_empty() {
-                return Err(MigrationError::MultifdTls.into());
-            }
+        if self.migration.multifd.settings().enabled
+            && !migration::transport::supports_multi_channel(&parsed)
+        {
+            return Err(TransportError::MultiChannelUnsupported.into());
         }
         {
             let mut current = lock(&self.incoming);
@@ -643,8 +640,11 @@ impl Instance {
                     me.receive(channel)
                 };
                 let received = if me.migration.multifd.settings().enabled {
-                    // With multifd, the channels' guard lives as long as the load.
-                    migration::multifd::accept(listener, &me.migration.multifd)
+                    // With multifd, the channels' guard lives as long as the load; with TLS,
+                    // every channel runs its own handshake.
+                    let m = me.migration.clone();
+                    let tls: migration::multifd::ServerTlsSource = Arc::new(move || m.tls.server());
+                    migration::multifd::accept(listener, &me.migration.multifd, tls)
                         .map_err(|e| match e {
                             migration::multifd::MultifdError::Transport(e) => {
                                 IncomingError::Accept(e)
@@ -707,8 +707,18 @@ impl Instance {
             };
             self.load_reader(&mut reader, &mut on_command)
         };
-        // A multifd channel's failure, rather than what it did to the main channel.
+        // A multifd channel's failure, rather than what it did to the main channel — unless
+        // the main channel found the two sides set up differently (the cause of the rest).
         let result = result.map_err(|e| {
+            use migration::multifd::MultifdError as M;
+            if matches!(
+                e,
+                RegistryError::Multifd(
+                    M::ChannelCount { .. } | M::NotEnabledHere(_) | M::NotEnabledAtSource
+                )
+            ) {
+                return e;
+            }
             match self
                 .migration
                 .multifd

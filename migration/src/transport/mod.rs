@@ -322,6 +322,9 @@ enum Conn {
 pub struct Outgoing {
     conn: Conn,
     uri: MigrationUri,
+    /// The TLS client this channel ran its handshake with: every further channel of the
+    /// migration ([`open_channel`](Self::open_channel)) runs its own with the same one.
+    tls: Option<ClientTls>,
 }
 
 impl fmt::Debug for Outgoing {
@@ -493,7 +496,31 @@ impl Outgoing {
         Ok(Outgoing {
             conn: Conn::Tls(channel),
             uri: self.uri.clone(),
+            tls: Some(tls.clone()),
         })
+    }
+
+    /// Opens one more channel to this channel's destination (a multifd channel:
+    /// [`connect_channel`]); on a TLS channel the new one runs its own handshake, with the
+    /// same credentials and host name, before it is returned (QEMU's
+    /// `multifd_tls_channel_connect`). `cancel` interrupts the connect and the handshake.
+    pub fn open_channel(&self, cancel: &ConnectCancel) -> Result<ChannelStream, TransportError> {
+        let plain = connect_channel(&self.uri, cancel)?;
+        let Some(tls) = &self.tls else {
+            return Ok(plain);
+        };
+        let sock: std::os::fd::OwnedFd = match plain {
+            ChannelStream::Tcp(s) => s.into(),
+            ChannelStream::Unix(s) => s.into(),
+            ChannelStream::Tls { .. } => return Err(TransportError::TlsUnsupported("closed")),
+        };
+        let channel = tls
+            .connect_cancellable(sock, &|| cancel.is_cancelled())
+            .map_err(|e| match e {
+                TlsError::Cancelled => TransportError::Cancelled,
+                e => TransportError::Tls(e),
+            })?;
+        Ok(ChannelStream::tls(channel))
     }
 
     /// Whether this channel runs TLS.
@@ -656,6 +683,7 @@ pub fn connect_outgoing_cancellable(
         MigrationUri::Tcp { host, port } if !host.is_empty() => Ok(Outgoing {
             conn: Conn::Tcp(Arc::new(tcp::connect_cancellable(host, *port, cancel)?)),
             uri: uri.clone(),
+            tls: None,
         }),
         _ => connect_outgoing(uri),
     }
@@ -691,6 +719,7 @@ pub fn connect_outgoing_with(
     Ok(Outgoing {
         conn,
         uri: uri.clone(),
+        tls: None,
     })
 }
 
@@ -888,6 +917,34 @@ impl Incoming {
     }
 }
 
+impl Incoming {
+    /// [`accept_stream`](Self::accept_stream) with TLS when `tls` (asked once a source has
+    /// connected) returns a server configuration: the server handshake runs on each accepted connection, and one that fails it (a plaintext
+    /// source, a certificate from another CA…) is refused with a message on standard error
+    /// while the destination keeps waiting, as for the main channel
+    /// ([`accept_channel_tls`](Self::accept_channel_tls)) and as QEMU does for every
+    /// incoming channel (`migration_tls_incoming_handshake` reports the error and drops the
+    /// connection).
+    pub fn accept_stream_tls(
+        &self,
+        cancel: &ConnectCancel,
+        tls: &dyn Fn() -> Result<Option<ServerTls>, TlsError>,
+    ) -> Result<ChannelStream, TransportError> {
+        loop {
+            let s = self.accept_stream(cancel)?;
+            let Some(server) = tls().map_err(TransportError::Tls)? else {
+                return Ok(s);
+            };
+            if let Ok(s) = s.accept_tls(&server, &self.uri) {
+                return Ok(s);
+            }
+            if cancel.is_cancelled() {
+                return Err(TransportError::Cancelled);
+            }
+        }
+    }
+}
+
 /// Waits until `fd` is readable (a connection to accept) or `cancel` fires.
 fn wait_readable(fd: RawFd, cancel: &ConnectCancel) -> Result<(), TransportError> {
     let mut fds = [
@@ -925,22 +982,66 @@ fn wait_readable(fd: RawFd, cancel: &ConnectCancel) -> Result<(), TransportError
     }
 }
 
-/// One socket channel of a migration (`tcp:` or `unix:`): the main channel or a multifd
-/// channel, as [`connect_channel`] opens it and [`Incoming::accept_stream`] accepts it.
+/// One socket channel of a migration (`tcp:` or `unix:`, in clear or under TLS): the main
+/// channel or a multifd channel, as [`connect_channel`] / [`Outgoing::open_channel`] open it
+/// and [`Incoming::accept_stream`] / [`Incoming::accept_stream_tls`] accept it.
 #[derive(Debug)]
 pub enum ChannelStream {
     /// A TCP connection.
     Tcp(TcpStream),
     /// A Unix stream socket.
     Unix(UnixStream),
+    /// A TLS session over either. Writes are sealed in full records, batched as the main
+    /// channel's are; `peeked` holds plaintext that [`peek`](Self::peek) read ahead (a TLS
+    /// stream cannot be peeked at in the socket), which reads return first.
+    Tls {
+        /// The session.
+        channel: Arc<TlsChannel>,
+        /// Plaintext read ahead, not yet returned by `read`.
+        peeked: Vec<u8>,
+    },
 }
 
 impl ChannelStream {
+    fn tls(channel: Arc<TlsChannel>) -> Self {
+        Self::Tls {
+            channel,
+            peeked: Vec::new(),
+        }
+    }
+
+    /// Whether the channel runs TLS.
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Self::Tls { .. })
+    }
+
+    /// Runs the server side of a TLS handshake on an accepted connection of the incoming
+    /// migration on `uri` (≤ [`tls::HANDSHAKE_TIMEOUT`]). A connection that fails it (a
+    /// plaintext source, a certificate from another CA…) is refused with a message on
+    /// standard error, as for the main channel; the caller goes on waiting.
+    pub fn accept_tls(self, server: &ServerTls, uri: &MigrationUri) -> Result<Self, TlsError> {
+        let peer = match &self {
+            Self::Tcp(t) => t
+                .peer_addr()
+                .map_or_else(|_| String::from("a TCP client"), |a| a.to_string()),
+            _ => String::from("a local client"),
+        };
+        let sock: std::os::fd::OwnedFd = match self {
+            Self::Tcp(t) => t.into(),
+            Self::Unix(u) => u.into(),
+            Self::Tls { .. } => return Ok(self),
+        };
+        server.accept(sock).map(Self::tls).inspect_err(|e| {
+            refused(uri, &peer, e);
+        })
+    }
+
     /// A second handle on the same socket (to shut it down from another thread).
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(match self {
             Self::Tcp(s) => Self::Tcp(s.try_clone()?),
             Self::Unix(s) => Self::Unix(s.try_clone()?),
+            Self::Tls { channel, .. } => Self::tls(channel.clone()),
         })
     }
 
@@ -954,11 +1055,39 @@ impl ChannelStream {
         half_close(match self {
             Self::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
             Self::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Self::Tls { channel, .. } => {
+                // close_notify first: the peer's reader sees a clean end of the stream.
+                channel.close_write().map_err(TransportError::Io)?;
+                shutdown_fd(channel.raw_fd(), libc::SHUT_WR)
+            }
         })
     }
 
     /// Reads the first `buf.len()` bytes without consuming them; fewer if the peer closed.
-    pub fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// On a TLS channel they are decrypted and kept for the next reads.
+    pub fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Self::Tls { channel, peeked } = self {
+            let mut reader = TlsReader(channel.clone());
+            while peeked.len() < buf.len() {
+                let mut more = vec![0u8; buf.len() - peeked.len()];
+                let n = loop {
+                    match reader.read(&mut more) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        r => break r,
+                    }
+                };
+                match n {
+                    Ok(0) => break,
+                    Ok(n) => peeked.extend_from_slice(&more[..n]),
+                    // A peer gone before sending anything is "fewer bytes", as for a socket.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            let n = peeked.len().min(buf.len());
+            buf[..n].copy_from_slice(&peeked[..n]);
+            return Ok(n);
+        }
         loop {
             // SAFETY: `buf` is valid for writes of its length for the duration of the call;
             // the descriptor belongs to `self`.
@@ -985,6 +1114,7 @@ impl ChannelStream {
         match self {
             Self::Tcp(s) => s.set_read_timeout(t),
             Self::Unix(s) => s.set_read_timeout(t),
+            Self::Tls { channel, .. } => channel.set_read_timeout(t),
         }
     }
 
@@ -1005,6 +1135,10 @@ impl ChannelStream {
                     return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
                 }
             }
+            Self::Tls { channel, peeked } => IncomingChannel {
+                input: Box::new(io::Cursor::new(peeked).chain(TlsReader(channel.clone()))),
+                return_path: Some(Box::new(TlsWriter(channel))),
+            },
         }
     }
 }
@@ -1014,6 +1148,7 @@ impl AsRawFd for ChannelStream {
         match self {
             Self::Tcp(s) => s.as_raw_fd(),
             Self::Unix(s) => s.as_raw_fd(),
+            Self::Tls { channel, .. } => channel.raw_fd(),
         }
     }
 }
@@ -1023,6 +1158,13 @@ impl Read for ChannelStream {
         match self {
             Self::Tcp(s) => s.read(buf),
             Self::Unix(s) => s.read(buf),
+            Self::Tls { peeked, .. } if !peeked.is_empty() => {
+                let n = peeked.len().min(buf.len());
+                buf[..n].copy_from_slice(&peeked[..n]);
+                peeked.drain(..n);
+                Ok(n)
+            }
+            Self::Tls { channel, .. } => TlsReader(channel.clone()).read(buf),
         }
     }
 }
@@ -1032,18 +1174,25 @@ impl Write for ChannelStream {
         match self {
             Self::Tcp(s) => s.write(buf),
             Self::Unix(s) => s.write(buf),
+            Self::Tls { channel, .. } => TlsWriter(channel.clone()).write(buf),
         }
     }
 
+    /// On TLS, the slices (a packet header, then its pages in place in guest memory) are
+    /// sealed into full records, a batch at a time, as on the main channel.
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
         match self {
             Self::Tcp(s) => s.write_vectored(bufs),
             Self::Unix(s) => s.write_vectored(bufs),
+            Self::Tls { channel, .. } => TlsWriter(channel.clone()).write_vectored(bufs),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        match self {
+            Self::Tls { channel, .. } => TlsWriter(channel.clone()).flush(),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -1950,6 +2099,94 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("server-key.pem"), "{err}");
+        }
+
+        /// Multifd channels over TLS: a TLS main channel opens further channels that run
+        /// their own handshake (same credentials, same host name); the destination's accept
+        /// refuses a plaintext connection and goes on, and peeking at a TLS channel's first
+        /// bytes leaves them for the reads.
+        #[test]
+        fn tls_extra_channels_handshake_and_peek() {
+            let d = Dirs::new("channels");
+            let ca = Ca::new("ca");
+            ca.server_dir(&d.path("dst"), &["localhost"], false);
+            ca.client_dir(&d.path("src"), false);
+            let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+            let port = l.local_addr().unwrap().port();
+            let srv = server(&d.path("dst"));
+            let dst = thread::spawn(move || {
+                let cancel = ConnectCancel::new().unwrap();
+                let tls = || Ok(Some(srv.clone()));
+                // Each accepted and told apart first, then read to the end.
+                let mut streams = Vec::new();
+                for _ in 0..3 {
+                    let mut s = l.accept_stream_tls(&cancel, &tls).unwrap();
+                    assert!(s.is_tls());
+                    let mut magic = [0u8; 4];
+                    assert_eq!(s.peek(&mut magic).unwrap(), 4);
+                    streams.push((magic, s));
+                }
+                let mut got = Vec::new();
+                for (magic, mut s) in streams {
+                    let mut all = Vec::new();
+                    if &magic == b"QEVM" {
+                        let mut ch = s.into_incoming();
+                        ch.input.read_to_end(&mut all).unwrap();
+                    } else {
+                        s.read_to_end(&mut all).unwrap();
+                    }
+                    assert_eq!(&all[..4], &magic);
+                    got.push(all);
+                }
+                got
+            });
+            let tcp = tcp_to(port);
+            let tcp = match tcp {
+                MigrationUri::Tcp { port, .. } => MigrationUri::Tcp {
+                    host: String::from("localhost"),
+                    port,
+                },
+                u => u,
+            };
+            let mut main = connect_outgoing(&tcp)
+                .unwrap()
+                .start_tls(&client(&d.path("src"), "localhost"))
+                .unwrap();
+            main.write_all(b"QEVM main channel").unwrap();
+            main.flush().unwrap();
+            // A plaintext connection in between: refused, the destination keeps accepting.
+            drop(connect_outgoing(&tcp).unwrap());
+            let cancel = ConnectCancel::new().unwrap();
+            let mut extra = Vec::new();
+            for i in 0..2u8 {
+                let mut c = main.open_channel(&cancel).unwrap();
+                assert!(c.is_tls());
+                // Both slices in one call, sealed together.
+                let n = c
+                    .write_vectored(&[
+                        io::IoSlice::new(&[0x11, 0x22, 0x33, 0x44]),
+                        io::IoSlice::new(&[i; 5000]),
+                    ])
+                    .unwrap();
+                assert_eq!(n, 5004);
+                c.flush().unwrap();
+                extra.push(c);
+            }
+            main.finish().unwrap();
+            for c in &extra {
+                c.finish().unwrap();
+            }
+            let got = dst.join().unwrap();
+            assert_eq!(got.len(), 3);
+            assert_eq!(got[0], b"QEVM main channel");
+            for (i, g) in got[1..].iter().enumerate() {
+                assert_eq!(g.len(), 5004);
+                assert!(g[4..].iter().all(|b| *b == i as u8));
+            }
+            // A plaintext main channel opens plaintext channels.
+            let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
+            let plain = connect_outgoing(&tcp_to(l.local_addr().unwrap().port())).unwrap();
+            assert!(!plain.open_channel(&cancel).unwrap().is_tls());
         }
 
         #[test]

@@ -742,6 +742,12 @@ impl TlsChannel {
         self.sock.as_raw_fd()
     }
 
+    /// Bounds how long a socket read may wait (`None`: for ever); a read that times out is
+    /// an error and consumes nothing.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        socket2::SockRef::from(&self.sock).set_read_timeout(t)
+    }
+
     /// Seals `bufs` and writes the records; returns how much plaintext was taken (all of it
     /// unless the socket fails). The slices (4 KiB pages, mostly) are handed to rustls in
     /// groups of up to [`SEND_BATCH`] bytes, which it seals into full 16 KiB records across

@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::passes;
 use common::proc::{Hopvm, TempDir};
+use common::proxy::MultiProxy;
 use common::tools::{dirty_args, free_tcp_port, strs};
 use serde_json::{json, Value};
 
@@ -207,59 +205,6 @@ fn multifd_refuses_exec_fd_and_x_integrity() {
     runs_on(&mut dst);
 }
 
-/// A unix proxy for every connection of a migration; the first multifd channel (its first
-/// bytes are the multifd magic) is cut, both ways, once `cut_after` bytes of it have passed.
-fn cutting_proxy(path: &Path, dest: PathBuf, cut_after: usize) {
-    let listener = UnixListener::bind(path).unwrap();
-    std::thread::spawn(move || {
-        let mut cut_one = false;
-        for src in listener.incoming() {
-            let Ok(src) = src else { return };
-            let Ok(dst) = UnixStream::connect(&dest) else {
-                return;
-            };
-            let mut magic = [0u8; 4];
-            // SAFETY: `magic` is valid for 4 bytes; the descriptor is `src`'s.
-            let n = unsafe {
-                libc::recv(
-                    std::os::fd::AsRawFd::as_raw_fd(&src),
-                    magic.as_mut_ptr().cast(),
-                    4,
-                    libc::MSG_PEEK | libc::MSG_WAITALL,
-                )
-            };
-            let cut = n == 4 && magic == [0x11, 0x22, 0x33, 0x44] && !cut_one;
-            cut_one |= cut;
-            let (mut s2, mut d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
-            // Destination → source (the return path), untouched.
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut d2, &mut s2);
-            });
-            let (mut s, mut d) = (src, dst);
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 4096];
-                let mut passed = 0usize;
-                loop {
-                    let n = match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    let n = if cut { n.min(cut_after - passed) } else { n };
-                    if d.write_all(&buf[..n]).is_err() {
-                        break;
-                    }
-                    passed += n;
-                    if cut && passed >= cut_after {
-                        break;
-                    }
-                }
-                let _ = s.shutdown(std::net::Shutdown::Both);
-                let _ = d.shutdown(std::net::Shutdown::Both);
-            });
-        }
-    });
-}
-
 #[test]
 fn a_multifd_channel_cut_mid_way_fails_and_the_source_runs_on() {
     let dir = TempDir::new("multifd-cut");
@@ -268,7 +213,7 @@ fn a_multifd_channel_cut_mid_way_fails_and_the_source_runs_on() {
     let mut src = source(&dir, "src", true, 2);
     let mut dst = destination(&dir, "dst", &format!("unix:{}", real.display()), true, 2);
     // Past the handshake and the first SYNC packet, inside the first page packet.
-    cutting_proxy(&via, real, 64 * 1024);
+    let _proxy = MultiProxy::start(&via, real, Some(64 * 1024));
     src.cmd("migrate", json!({"uri": format!("unix:{}", via.display())}));
     src.wait_migration("failed", LONG);
     let info = migrate_info(&mut src);

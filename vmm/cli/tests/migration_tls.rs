@@ -465,3 +465,172 @@ fn tls_qmp_monitor() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}; stderr: {}", err.text());
 }
+
+/// Issue 12 with issue 9: sets the `multifd` capability and `multifd-channels` on `vm`.
+fn multifd_on(vm: &mut Hopvm, channels: u8) {
+    vm.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "multifd", "state": true}]}),
+    );
+    vm.cmd(
+        "migrate-set-parameters",
+        json!({"multifd-channels": channels}),
+    );
+}
+
+/// A multifd destination with TLS (`--incoming defer`, then the capabilities and
+/// `tls-creds`, then `migrate-incoming`, QEMU's order).
+fn multifd_destination(certs: &Certs, dir: &TempDir, name: &str, uri: &str, ch: u8) -> Hopvm {
+    let mut dst = destination(
+        &dir.0,
+        name,
+        "defer",
+        &object("tls0", &certs.path("dst"), "server"),
+    );
+    multifd_on(&mut dst, ch);
+    dst.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+    dst.cmd("migrate-incoming", json!({"uri": uri}));
+    dst
+}
+
+/// A multifd source with the client credentials set (`tls-hostname` for unix sockets).
+fn multifd_source(certs: &Certs, dir: &TempDir, name: &str, ch: u8) -> Hopvm {
+    let mut src = source(&dir.0, name, &object("tls0", &certs.path("src"), "client"));
+    multifd_on(&mut src, ch);
+    src.cmd(
+        "migrate-set-parameters",
+        json!({"tls-creds": "tls0", "tls-hostname": "localhost"}),
+    );
+    src
+}
+
+/// The completed migration's `multifd-bytes`.
+fn multifd_bytes(src: &mut Hopvm) -> u64 {
+    let info = src.cmd("query-migrate", Value::Null);
+    assert_eq!(info["status"], "completed", "{info}");
+    info["ram"]["multifd-bytes"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn tls_multifd_over_tcp_and_unix() {
+    for (channels, unix) in [(2, false), (4, false), (4, true)] {
+        let dir = TempDir::new(&format!("tls-mfd-{channels}-{unix}"));
+        let certs = Certs::new(&dir, &["localhost"]);
+        let uri = if unix {
+            format!("unix:{}", dir.join("mig.sock").display())
+        } else {
+            format!("tcp:localhost:{}", free_tcp_port())
+        };
+        let mut dst = multifd_destination(&certs, &dir, "dst", &uri, channels);
+        let mut src = multifd_source(&certs, &dir, "src", channels);
+        src.cmd("migrate", json!({ "uri": uri }));
+        check_moved(&mut src, &mut dst);
+        // The 4 MiB working set went over the channels, sealed.
+        let bytes = multifd_bytes(&mut src);
+        assert!(
+            bytes >= 4 << 20,
+            "{channels} channels: {bytes} multifd bytes"
+        );
+    }
+}
+
+#[test]
+fn tls_multifd_refuses_a_plaintext_source_and_waits_on() {
+    let dir = TempDir::new("tls-mfd-plain");
+    let certs = Certs::new(&dir, &["localhost"]);
+    let uri = format!("tcp:localhost:{}", free_tcp_port());
+    let mut dst = multifd_destination(&certs, &dir, "dst", &uri, 2);
+    // A peer that connects and hangs up at once: refused, the destination waits on.
+    let port: u16 = uri.rsplit(':').next().unwrap().parse().unwrap();
+    drop(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    dst.err.wait_for(LONG, "the refused empty connection", |t| {
+        t.contains("refused a connection") && t.contains("the peer closed the connection")
+    });
+    // A plaintext multifd source: every one of its connections is refused at the handshake.
+    let mut plain = source(&dir.0, "plain", &[]);
+    multifd_on(&mut plain, 2);
+    plain.cmd("migrate", json!({ "uri": uri }));
+    let error = check_refused(&mut plain);
+    assert!(!error.is_empty());
+    dst.err.wait_for(LONG, "the destination's refusal", |t| {
+        t.contains("refused a connection") && t.contains("TLS handshake failed")
+    });
+    assert_eq!(dst.status(), "inmigrate");
+    // The destination still waits: a TLS multifd source gets through.
+    let mut src = multifd_source(&certs, &dir, "src", 2);
+    src.cmd("migrate", json!({ "uri": uri }));
+    check_moved(&mut src, &mut dst);
+    assert!(multifd_bytes(&mut src) > 0);
+    // The plaintext source was not harmed either.
+    assert_eq!(plain.status(), "running");
+}
+
+/// Migrates the busy guest with 2 multifd channels over a unix socket through a proxy that
+/// records every connection; the source's bytes, one entry per connection.
+fn captured_multifd(dir: &TempDir, tls: bool) -> Vec<Vec<u8>> {
+    let certs = Certs::new(dir, &["localhost"]);
+    let sock = dir.join("dst-mig.sock");
+    let uri = format!("unix:{}", sock.display());
+    let (mut src, mut dst) = if tls {
+        (
+            multifd_source(&certs, dir, "src", 2),
+            multifd_destination(&certs, dir, "dst", &uri, 2),
+        )
+    } else {
+        let mut dst = destination(&dir.0, "dst", "defer", &[]);
+        multifd_on(&mut dst, 2);
+        dst.cmd("migrate-incoming", json!({ "uri": uri }));
+        let mut src = source(&dir.0, "src", &[]);
+        multifd_on(&mut src, 2);
+        (src, dst)
+    };
+    let via = dir.join("proxy.sock");
+    let proxy = common::proxy::MultiProxy::start(&via, sock, None);
+    src.cmd("migrate", json!({"uri": format!("unix:{}", via.display())}));
+    check_moved(&mut src, &mut dst);
+    assert!(multifd_bytes(&mut src) >= 4 << 20);
+    drop(src);
+    for _ in 0..3 {
+        proxy
+            .done_rx
+            .recv_timeout(LONG)
+            .expect("every connection's source side ends");
+    }
+    let recorded = proxy.recorded.lock().unwrap().clone();
+    recorded
+}
+
+#[test]
+fn tls_multifd_capture_shows_no_guest_memory() {
+    let plain = captured_multifd(&TempDir::new("tls-mfd-capture-plain"), false);
+    let sealed = captured_multifd(&TempDir::new("tls-mfd-capture-tls"), true);
+    // The main channel and two multifd channels, each way.
+    assert_eq!(plain.len(), 3, "plain connections");
+    assert_eq!(sealed.len(), 3, "TLS connections");
+    // In clear, the multifd channels carry the guest's pages (else this test cannot fail).
+    let magic = [0x11u8, 0x22, 0x33, 0x44];
+    let plain_channels: Vec<_> = plain.iter().filter(|c| c.starts_with(&magic)).collect();
+    assert_eq!(plain_channels.len(), 2);
+    assert!(
+        plain_channels.iter().any(|c| has_guest_page(c)),
+        "the plaintext multifd channels must show the guest's pages"
+    );
+    let total: usize = sealed.iter().map(Vec::len).sum();
+    assert!(total > 4 << 20, "TLS capture: {total} bytes");
+    for (i, c) in sealed.iter().enumerate() {
+        assert!(
+            !has_guest_page(c),
+            "guest memory in clear on connection {i}"
+        );
+        assert!(
+            !c.windows(4).take(64).any(|w| w == b"QEVM" || w == magic),
+            "a stream or multifd header in clear on connection {i}"
+        );
+    }
+    // Both multifd channels carried a share of the pages, sealed.
+    assert!(
+        sealed.iter().filter(|c| c.len() > 1 << 20).count() >= 2,
+        "{:?}",
+        sealed.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+}

@@ -172,3 +172,85 @@ impl Proxy {
         self.messages.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// A unix proxy for every connection of a migration (the main channel and each multifd
+/// channel), passing both ways and recording what the source sent on each connection.
+pub struct MultiProxy {
+    /// The source's bytes, one entry per connection in the order they came.
+    pub recorded: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    /// A message each time a connection's source side has ended.
+    pub done_rx: mpsc::Receiver<()>,
+}
+
+impl MultiProxy {
+    /// Listens at `path`, connecting each source connection to `dest`. With `cut_after`, the
+    /// first connection that starts with the multifd magic in clear (a plaintext multifd
+    /// channel) is cut, both ways, once that many of its bytes have passed.
+    pub fn start(path: &Path, dest: PathBuf, cut_after: Option<usize>) -> Self {
+        let listener = UnixListener::bind(path).unwrap();
+        let recorded = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = recorded.clone();
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut cut_one = false;
+            for src in listener.incoming() {
+                let Ok(src) = src else { return };
+                let Ok(dst) = UnixStream::connect(&dest) else {
+                    return;
+                };
+                let mut magic = [0u8; 4];
+                // SAFETY: `magic` is valid for 4 bytes; the descriptor is `src`'s.
+                let n = unsafe {
+                    libc::recv(
+                        std::os::fd::AsRawFd::as_raw_fd(&src),
+                        magic.as_mut_ptr().cast(),
+                        4,
+                        libc::MSG_PEEK | libc::MSG_WAITALL,
+                    )
+                };
+                let cut =
+                    cut_after.filter(|_| n == 4 && magic == [0x11, 0x22, 0x33, 0x44] && !cut_one);
+                cut_one |= cut.is_some();
+                let slot = {
+                    let mut r = record.lock().unwrap();
+                    r.push(Vec::new());
+                    r.len() - 1
+                };
+                let (mut s2, mut d2) = (src.try_clone().unwrap(), dst.try_clone().unwrap());
+                // Destination → source (the return path), untouched.
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut d2, &mut s2);
+                });
+                let (mut s, mut d) = (src, dst);
+                let (record, done) = (record.clone(), done_tx.clone());
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut passed = 0usize;
+                    loop {
+                        let n = match s.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let n = cut.map_or(n, |c| n.min(c - passed));
+                        record.lock().unwrap()[slot].extend_from_slice(&buf[..n]);
+                        if d.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        passed += n;
+                        if cut.is_some_and(|c| passed >= c) {
+                            break;
+                        }
+                    }
+                    if cut.is_some() {
+                        let _ = s.shutdown(Shutdown::Both);
+                        let _ = d.shutdown(Shutdown::Both);
+                    } else {
+                        let _ = d.shutdown(Shutdown::Write);
+                    }
+                    let _ = done.send(());
+                });
+            }
+        });
+        Self { recorded, done_rx }
+    }
+}
