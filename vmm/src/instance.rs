@@ -639,26 +639,16 @@ impl Instance {
                     me.incoming_event(IncomingEvent::Active);
                     me.receive(channel)
                 };
-                let received = if me.migration.multifd.settings().enabled {
-                    // With multifd, the channels' guard lives as long as the load; with TLS,
-                    // every channel runs its own handshake.
-                    let m = me.migration.clone();
-                    let tls: migration::multifd::ServerTlsSource = Arc::new(move || m.tls.server());
-                    migration::multifd::accept(listener, &me.migration.multifd, tls)
-                        .map_err(|e| match e {
-                            migration::multifd::MultifdError::Transport(e) => {
-                                IncomingError::Accept(e)
-                            }
-                            e => e.into(),
-                        })
-                        .and_then(|(channel, _multifd)| load(channel))
-                } else {
-                    let tls = || me.migration.tls.server();
-                    listener
-                        .accept_channel_tls(&tls)
-                        .map_err(IncomingError::Accept)
-                        .and_then(load)
-                };
+                // With multifd, the channels' guard lives as long as the load; with TLS,
+                // every channel runs its own handshake (without multifd: the one channel).
+                let m = me.migration.clone();
+                let tls: migration::multifd::ServerTlsSource = Arc::new(move || m.tls.server());
+                let received = migration::multifd::accept(listener, &me.migration.multifd, tls)
+                    .map_err(|e| match e {
+                        migration::multifd::MultifdError::Transport(e) => IncomingError::Accept(e),
+                        e => e.into(),
+                    })
+                    .and_then(|(channel, _multifd)| load(channel));
                 match received {
                     Ok(Received::Run) => me.incoming_done(),
                     Ok(Received::Started) => {}

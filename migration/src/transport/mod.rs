@@ -836,11 +836,7 @@ impl Incoming {
             Listener::Tcp(l) => loop {
                 let (s, peer) = l.accept().map_err(TransportError::Accept)?;
                 let Some(server) = tls().map_err(TransportError::Tls)? else {
-                    let back = s.try_clone().ok();
-                    return Ok(IncomingChannel {
-                        input: Box::new(s),
-                        return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
-                    });
+                    return Ok(ChannelStream::Tcp(s).into_incoming());
                 };
                 match secure(s.into(), &server) {
                     Ok(c) => return Ok(c),
@@ -848,13 +844,9 @@ impl Incoming {
                 }
             },
             Listener::Unix(l) => loop {
-                let s = l.accept_next()?;
+                let s = l.accept_one()?;
                 let Some(server) = tls().map_err(TransportError::Tls)? else {
-                    let back = s.try_clone().ok();
-                    return Ok(IncomingChannel {
-                        input: Box::new(s),
-                        return_path: back.map(|b| Box::new(b) as Box<dyn Write + Send>),
-                    });
+                    return Ok(ChannelStream::Unix(s).into_incoming());
                 };
                 match secure(s.into(), &server) {
                     Ok(c) => return Ok(c),

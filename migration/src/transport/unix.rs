@@ -69,16 +69,6 @@ pub(super) fn listen(path: &Path) -> Result<Listening, TransportError> {
 }
 
 impl Listening {
-    /// Waits for a connection and keeps listening (the socket file stays until drop).
-    pub(super) fn accept_next(&self) -> Result<UnixStream, TransportError> {
-        let listener = self
-            .listener
-            .as_ref()
-            .ok_or_else(|| TransportError::Accept(io::ErrorKind::NotConnected.into()))?;
-        let (stream, _) = listener.accept().map_err(TransportError::Accept)?;
-        Ok(stream)
-    }
-
     /// Waits for the one incoming connection.
     pub(super) fn accept(mut self) -> Result<UnixStream, TransportError> {
         let listener = self

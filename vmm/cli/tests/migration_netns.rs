@@ -4,29 +4,14 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::passes;
-use common::proc::{Hopvm, TempDir};
+use common::proc::{in_netns, Hopvm, TempDir};
 use hopvm::tools::netns::{NetnsPair, DST_ADDR};
 use serde_json::json;
 
 const LONG: Duration = Duration::from_secs(180);
-/// `hopvm run ARGS` inside namespace `ns`.
-fn in_netns(ns: &str) -> impl FnOnce(&mut Command) + '_ {
-    move |cmd: &mut Command| {
-        let program = cmd.get_program().to_owned();
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-        let mut wrapped = Command::new("ip");
-        wrapped.args(["netns", "exec", ns]).arg(program).args(args);
-        wrapped
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        *cmd = wrapped;
-    }
-}
 
 #[test]
 fn tcp_between_two_network_namespaces() {

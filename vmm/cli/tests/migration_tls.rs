@@ -10,11 +10,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::passes;
-use common::proc::{Hopvm, TempDir};
+use common::proc::{in_netns, Hopvm, TempDir};
 use common::proxy::{Policy, Proxy};
 use common::tools::{dirty_args, free_tcp_port, strs};
 use migration::transport::tls::test_certs::Ca;
@@ -317,21 +316,6 @@ fn tls_capture_shows_no_guest_memory() {
         !sealed.windows(4).take(64).any(|w| w == b"QEVM"),
         "the stream header in clear"
     );
-}
-
-/// `hopvm run ARGS` inside namespace `ns`.
-fn in_netns(ns: &str) -> impl FnOnce(&mut Command) + '_ {
-    move |cmd: &mut Command| {
-        let program = cmd.get_program().to_owned();
-        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
-        let mut wrapped = Command::new("ip");
-        wrapped.args(["netns", "exec", ns]).arg(program).args(args);
-        wrapped
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        *cmd = wrapped;
-    }
 }
 
 #[test]

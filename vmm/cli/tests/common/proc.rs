@@ -182,3 +182,18 @@ impl Drop for Hopvm {
         let _ = self.child.wait();
     }
 }
+
+/// `hopvm run ARGS` inside network namespace `ns` (`ip netns exec`), for `Hopvm::spawn_with`.
+pub fn in_netns(ns: &str) -> impl FnOnce(&mut Command) + '_ {
+    move |cmd: &mut Command| {
+        let program = cmd.get_program().to_owned();
+        let args: Vec<_> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let mut wrapped = Command::new("ip");
+        wrapped.args(["netns", "exec", ns]).arg(program).args(args);
+        wrapped
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        *cmd = wrapped;
+    }
+}
