@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::proc::{spawn_plain, TempDir};
+use common::tools::qemu_guest_args;
 
 const DISK: usize = 1 << 20;
 
@@ -238,17 +239,19 @@ fn blockdev_and_device_as_libvirt_writes_them() {
         disk.display()
     );
     let args = |kernel: &str| -> Vec<String> {
-        [
-            "-M", "pc", "-cpu", "qemu64", "-enable-kvm", "-m", "64", "-display", "none",
-            "-nodefaults", "-serial", "stdio", "-no-reboot", "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=4", "-kernel", kernel, "-append",
-            &format!("seed={seed} disk={DISK}"), "-blockdev", &blockdev, "-blockdev",
-            r#"{"node-name":"f0","read-only":false,"driver":"raw","file":"s0"}"#, "-device",
-            r#"{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x5","drive":"f0","id":"virtio-disk0"}"#,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut args = qemu_guest_args(kernel, &format!("seed={seed} disk={DISK}"));
+        args.extend(
+            [
+                "-blockdev",
+                &blockdev,
+                "-blockdev",
+                r#"{"node-name":"f0","read-only":false,"driver":"raw","file":"s0"}"#,
+                "-device",
+                r#"{"driver":"virtio-blk-pci","bus":"pci.0","addr":"0x5","drive":"f0","id":"virtio-disk0"}"#,
+            ]
+            .map(String::from),
+        );
+        args
     };
     let mut vmms = vec![(
         env!("CARGO_BIN_EXE_hopvm").to_string(),

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::proc::{pump, Hopvm, TempDir};
+use common::tools::qemu_guest_args;
 use common::Capture;
 
 const ETHERTYPE: u16 = 0x88b5;
@@ -172,30 +173,7 @@ fn exchange(program: &str, args: &[String], tap: &str, mac: [u8; 6], seed: u32) 
 
 fn guest_args(seed: u32, mac: &str) -> Vec<String> {
     let kernel = guest_tests::image_path("virtio-net").display().to_string();
-    [
-        "-M",
-        "pc",
-        "-cpu",
-        "qemu64",
-        "-enable-kvm",
-        "-m",
-        "64",
-        "-display",
-        "none",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=4",
-        "-kernel",
-        &kernel,
-        "-append",
-        &format!("seed={seed} mac={mac}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    qemu_guest_args(&kernel, &format!("seed={seed} mac={mac}"))
 }
 
 #[test]

@@ -137,6 +137,35 @@ pub fn dirty_args(memory: &str, ws: &str) -> Vec<String> {
     ]
 }
 
+/// QEMU's command line for a test guest as the manifest's QEMU runs boot it — `pc` machine,
+/// `qemu64`, 64 MiB, no default devices, serial on stdio, isa-debug-exit — for hopvm's QEMU
+/// front end and QEMU 7.2 alike; the devices under test follow.
+pub fn qemu_guest_args(kernel: &str, append: &str) -> Vec<String> {
+    [
+        "-M",
+        "pc",
+        "-cpu",
+        "qemu64",
+        "-enable-kvm",
+        "-m",
+        "64",
+        "-display",
+        "none",
+        "-nodefaults",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=4",
+        "-kernel",
+        kernel,
+        "-append",
+        append,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// `&[String]` as `&[&str]`.
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
