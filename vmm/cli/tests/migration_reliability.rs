@@ -220,6 +220,28 @@ fn stalled_pipe() -> (std::os::fd::OwnedFd, std::os::fd::OwnedFd) {
     (r, w)
 }
 
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether process `pid`'s thread named `thread` sleeps in the kernel's pipe write (its wait
+/// channel: `pipe_write`, `anon_pipe_write` on newer kernels).
+fn blocked_in_pipe_write(pid: u32, thread: &str) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().any(|t| {
+        let read = |name: &str| std::fs::read_to_string(t.path().join(name)).unwrap_or_default();
+        read("comm").trim() == thread && read("wchan").contains("pipe_write")
+    })
+}
+
 /// Bytes waiting in a pipe.
 fn queued(fd: &std::os::fd::OwnedFd) -> usize {
     use std::os::fd::AsRawFd;
@@ -243,7 +265,7 @@ fn a_full_stdout_pipe_stalls_neither_vcpus_nor_monitor_nor_migration() {
     let dir = TempDir::new("full-pipe");
     let (read_end, write_end) = stalled_pipe();
     let qmp_path = dir.join("src.sock");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hopvm"))
+    let child = Command::new(env!("CARGO_BIN_EXE_hopvm"))
         .arg("run")
         .args(strs(&dirty("64K")))
         .arg("--qmp")
@@ -254,10 +276,14 @@ fn a_full_stdout_pipe_stalls_neither_vcpus_nor_monitor_nor_migration() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Ended however the test ends (a panicking test must not leave a busy guest behind).
+    let child = KillOnDrop(child);
     let mut qmp = qmp::client::QmpClient::connect_retry(&qmp_path, LONG).unwrap();
-    // The guest prints a line per pass until the pipe is full.
+    // The guest prints a line per pass until the pipe is full: until hopvm's output thread
+    // waits in the kernel's pipe write. (Bytes queued are no measure: a write of up to a page
+    // is all-or-nothing, so the pipe can stall with less than a page in it.)
     let deadline = Instant::now() + LONG;
-    while queued(&read_end) < 4096 {
+    while !(queued(&read_end) > 0 && blocked_in_pipe_write(child.0.id(), "serial-out")) {
         assert!(Instant::now() < deadline, "the pipe never filled");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -301,8 +327,7 @@ fn a_full_stdout_pipe_stalls_neither_vcpus_nor_monitor_nor_migration() {
         .wait_for(LONG, "passes on the destination", |t| passes(t) >= 1);
     assert!(!dst.out.text().contains("CORRUPT"), "{}", dst.out.text());
     // The source's guest ran on after its output stopped being taken.
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     let mut stalled = Vec::new();
     std::io::Read::read_to_end(&mut std::fs::File::from(read_end), &mut stalled).ok();
     let stalled_at = last_pass(&String::from_utf8_lossy(&stalled));
