@@ -7,8 +7,13 @@
 //!
 //! Run with `cargo bench -p hopvm --bench virtio_blk`.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::collections::BTreeMap;
 use std::process::Command;
+
+use common::tools::qemu_guest_args;
 
 const RUNS: usize = 5;
 const REQUESTS: u32 = 200;
@@ -65,32 +70,11 @@ fn main() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let qemu_args: Vec<String> = [
-        "-M",
-        "pc",
-        "-cpu",
-        "qemu64",
-        "-enable-kvm",
-        "-m",
-        "64",
-        "-display",
-        "none",
-        "-nodefaults",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=4",
-        "-kernel",
-        &image,
-        "-append",
-        &cmdline,
-        "-drive",
-        &format!("file={disk_s},if=virtio,format=raw"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut qemu_args = qemu_guest_args(&image, &cmdline);
+    qemu_args.extend([
+        String::from("-drive"),
+        format!("file={disk_s},if=virtio,format=raw"),
+    ]);
     let qemu = Command::new("qemu-system-x86_64")
         .arg("-version")
         .output()
