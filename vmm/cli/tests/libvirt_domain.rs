@@ -5,85 +5,20 @@
 
 mod common;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::libvirt::{self, ok, MONITOR_FD, SERIAL_FD};
 use common::proc::TempDir;
 use qmp::client::QmpClient;
 use serde_json::{json, Value};
 
-const MONITOR_FD: RawFd = 30;
-const SERIAL_FD: RawFd = 31;
-
-/// libvirt's command line for the reference domain, with this test's paths.
-fn domain_args(dir: &TempDir, kernel: &str, key: &str) -> Vec<String> {
-    let secret =
-        format!(r#"{{"qom-type":"secret","id":"masterKey0","format":"raw","file":"{key}"}}"#);
-    let args = [
-        "-name",
-        "guest=mbguest,debug-threads=on",
-        "-S",
-        "-object",
-        &secret,
-        "-machine",
-        "pc-i440fx-7.2,usb=off,dump-guest-core=off,memory-backend=pc.ram",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "qemu64,svm=off",
-        "-m",
-        "32",
-        "-object",
-        r#"{"qom-type":"memory-backend-ram","id":"pc.ram","size":33554432}"#,
-        "-overcommit",
-        "mem-lock=off",
-        "-smp",
-        "1,sockets=1,cores=1,threads=1",
-        "-uuid",
-        "9a061521-ce5a-4da2-9fa7-8cd95e573f09",
-        "-display",
-        "none",
-        "-no-user-config",
-        "-nodefaults",
-        "-chardev",
-        "socket,id=charmonitor,fd=30,server=on,wait=off",
-        "-mon",
-        "chardev=charmonitor,id=monitor,mode=control",
-        "-rtc",
-        "base=utc",
-        "-no-shutdown",
-        "-no-acpi",
-        "-boot",
-        "strict=on",
-        "-kernel",
-        kernel,
-        "-append",
-        "ws=1",
-        "-add-fd",
-        "set=0,fd=31,opaque=serial0-source",
-        "-chardev",
-        "file,id=charserial0,path=/dev/fdset/0,append=on",
-        "-device",
-        r#"{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}"#,
-        "-audiodev",
-        r#"{"id":"audio1","driver":"none"}"#,
-        "-sandbox",
-        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-        "-msg",
-        "timestamp=on",
-    ];
-    let _ = dir;
-    args.iter().map(|s| s.to_string()).collect()
-}
-
 /// Starts hopvm through a `qemu-system-x86_64` link with the monitor socket and the serial
 /// file as descriptors 30 and 31, as libvirt does.
 fn start(dir: &TempDir, args: &[String]) -> (Child, std::path::PathBuf) {
-    let link = dir.join("qemu-system-x86_64");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_hopvm"), &link).unwrap();
+    let link = libvirt::qemu_link(dir);
     let monitor = dir.join("monitor.sock");
     let listener = UnixListener::bind(&monitor).unwrap();
     let serial = std::fs::OpenOptions::new()
@@ -91,34 +26,21 @@ fn start(dir: &TempDir, args: &[String]) -> (Child, std::path::PathBuf) {
         .append(true)
         .open(dir.join("guest.serial"))
         .unwrap();
-    let (lfd, sfd) = (listener.as_raw_fd(), serial.as_raw_fd());
     let mut cmd = Command::new(&link);
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    // SAFETY: between fork and exec only dup2 (async-signal-safe) runs, on descriptors
-    // this process owns and keeps open until spawn returns.
-    unsafe {
-        cmd.pre_exec(move || {
-            for (from, to) in [(lfd, MONITOR_FD), (sfd, SERIAL_FD)] {
-                if libc::dup2(from, to) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().unwrap();
+    let child = libvirt::spawn_with_fds(
+        &mut cmd,
+        &[
+            (listener.as_raw_fd(), MONITOR_FD),
+            (serial.as_raw_fd(), SERIAL_FD),
+        ],
+    );
     drop(listener);
     drop(serial);
     (child, monitor)
-}
-
-fn ok(qmp: &mut QmpClient, command: &str, args: Value) -> Value {
-    let args = if args.is_null() { None } else { Some(args) };
-    qmp.execute(command, args)
-        .unwrap_or_else(|e| panic!("{command}: {e}"))
 }
 
 fn wait_exit(child: &mut Child) -> i32 {
@@ -139,11 +61,7 @@ fn libvirt_domain_starts_and_ends_on_sigterm() {
     std::fs::write(&key, [7u8; 32]).unwrap();
     std::fs::write(dir.join("guest.serial"), b"earlier boot\n").unwrap();
     let kernel = guest_tests::image_path("dirty");
-    let args = domain_args(
-        &dir,
-        &kernel.display().to_string(),
-        &key.display().to_string(),
-    );
+    let args = libvirt::domain_args(&kernel, &key, "ws=1", false);
     let (mut child, monitor) = start(&dir, &args);
     let mut qmp = QmpClient::connect_retry(&monitor, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("monitor: {e}"));
@@ -255,8 +173,7 @@ fn libvirt_domain_starts_and_ends_on_sigterm() {
 #[test]
 fn domain_command_line_errors_are_clear() {
     let dir = TempDir::new("libvirt-domain-errors");
-    let link = dir.join("qemu-system-x86_64");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_hopvm"), &link).unwrap();
+    let link = libvirt::qemu_link(&dir);
     let kernel = guest_tests::image_path("dirty").display().to_string();
     for (args, expect) in [
         (

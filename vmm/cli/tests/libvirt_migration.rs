@@ -14,18 +14,17 @@ mod common;
 use std::net::TcpStream;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::libvirt::{self, MONITOR_FD, SERIAL_FD};
 use common::passes;
 use common::proc::TempDir;
+use common::tools;
 use qmp::client::{QmpClient, QmpClientError};
 use serde_json::{json, Value};
 
-const MONITOR_FD: RawFd = 30;
-const SERIAL_FD: RawFd = 31;
 /// Where libvirt's tunnelled destination finds the stream (`migrate-incoming fd:26`).
 const TUNNEL_FD: RawFd = 26;
 const LONG: Duration = Duration::from_secs(120);
@@ -45,80 +44,6 @@ const LIBVIRT_CAPS: &[&str] = &[
     "zero-copy-send",
 ];
 
-/// libvirt's command line for the reference domain (`qemu-cmdline-src.txt` /
-/// `qemu-cmdline-dst.txt`), with this test's paths.
-fn domain_args(kernel: &Path, key: &Path, incoming: bool) -> Vec<String> {
-    let secret = format!(
-        r#"{{"qom-type":"secret","id":"masterKey0","format":"raw","file":"{}"}}"#,
-        key.display()
-    );
-    let mut args: Vec<String> = [
-        "-name",
-        "guest=mbguest,debug-threads=on",
-        "-S",
-        "-object",
-        &secret,
-        "-machine",
-        "pc-i440fx-7.2,usb=off,dump-guest-core=off,memory-backend=pc.ram",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "qemu64,svm=off",
-        "-m",
-        "32",
-        "-object",
-        r#"{"qom-type":"memory-backend-ram","id":"pc.ram","size":33554432}"#,
-        "-overcommit",
-        "mem-lock=off",
-        "-smp",
-        "1,sockets=1,cores=1,threads=1",
-        "-uuid",
-        "9a061521-ce5a-4da2-9fa7-8cd95e573f09",
-        "-display",
-        "none",
-        "-no-user-config",
-        "-nodefaults",
-        "-chardev",
-        "socket,id=charmonitor,fd=30,server=on,wait=off",
-        "-mon",
-        "chardev=charmonitor,id=monitor,mode=control",
-        "-rtc",
-        "base=utc",
-        "-no-shutdown",
-        "-no-acpi",
-        "-boot",
-        "strict=on",
-        "-kernel",
-        &kernel.display().to_string(),
-        "-append",
-        "ws=2M",
-        "-add-fd",
-        "set=0,fd=31,opaque=serial0-source",
-        "-chardev",
-        "file,id=charserial0,path=/dev/fdset/0,append=on",
-        "-device",
-        r#"{"driver":"isa-serial","chardev":"charserial0","id":"serial0","index":0}"#,
-        "-audiodev",
-        r#"{"id":"audio1","driver":"none"}"#,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    if incoming {
-        args.extend(["-incoming", "defer"].map(String::from));
-    }
-    args.extend(
-        [
-            "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-            "-msg",
-            "timestamp=on",
-        ]
-        .map(String::from),
-    );
-    args
-}
-
 /// A hopvm started as libvirt starts QEMU: monitor socket and serial file as descriptors 30
 /// and 31, and for a tunnelled destination the stream's pipe as descriptor 26.
 struct Domain {
@@ -131,10 +56,7 @@ struct Domain {
 
 impl Domain {
     fn start(dir: &TempDir, name: &'static str, incoming: bool, tunnel: Option<OwnedFd>) -> Self {
-        let link = dir.join("qemu-system-x86_64");
-        if !link.exists() {
-            std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_hopvm"), &link).unwrap();
-        }
+        let link = libvirt::qemu_link(dir);
         let key = dir.join("master-key.aes");
         std::fs::write(&key, [7u8; 32]).unwrap();
         let kernel = guest_tests::image_path("dirty");
@@ -154,32 +76,11 @@ impl Domain {
             fds.push((t.as_raw_fd(), TUNNEL_FD));
         }
         let mut cmd = Command::new(&link);
-        cmd.args(domain_args(&kernel, &key, incoming))
+        cmd.args(libvirt::domain_args(&kernel, &key, "ws=2M", incoming))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        // SAFETY: between fork and exec only fcntl and dup2 (async-signal-safe) run, on
-        // descriptors this process owns and keeps open until spawn returns. Every source is
-        // first copied above the targets (close-on-exec), so that a source that happens to
-        // be numbered like an earlier target is not overwritten; dup2 clears close-on-exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                let mut high = [0; 3];
-                for (i, &(from, _)) in fds.iter().enumerate() {
-                    high[i] = libc::fcntl(from, libc::F_DUPFD_CLOEXEC, 100);
-                    if high[i] < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                for (i, &(_, to)) in fds.iter().enumerate() {
-                    if libc::dup2(high[i], to) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().unwrap();
+        let mut child = libvirt::spawn_with_fds(&mut cmd, &fds);
         drop((listener, file, tunnel));
         let qmp = match QmpClient::connect_retry(&monitor, Duration::from_secs(20)) {
             Ok(q) => q,
@@ -219,10 +120,7 @@ impl Domain {
     }
 
     fn ok(&mut self, command: &str, args: Value) -> Value {
-        let args = if args.is_null() { None } else { Some(args) };
-        self.qmp
-            .execute(command, args)
-            .unwrap_or_else(|e| panic!("{}: {command}: {e}", self.name))
+        libvirt::ok(&mut self.qmp, command, args)
     }
 
     fn refused(&mut self, command: &str, args: Value) -> String {
@@ -362,7 +260,7 @@ fn prepare_destination(dir: &TempDir, name: &'static str, mode: &Mode) -> (Domai
     );
     let channel = match mode {
         Mode::Native => {
-            let port = free_port();
+            let port = tools::free_tcp_port();
             dst.ok(
                 "migrate-incoming",
                 json!({"uri": format!("tcp:[::]:{port}")}),
@@ -394,11 +292,6 @@ fn nix_pipe() -> (OwnedFd, OwnedFd) {
         use std::os::fd::FromRawFd;
         (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
     }
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 fn connect_retry(port: u16) -> TcpStream {

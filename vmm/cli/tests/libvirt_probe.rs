@@ -4,20 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::libvirt::{ok, qemu_link};
 use common::proc::TempDir;
 use qmp::client::{QmpClient, QmpClientError};
 use serde_json::{json, Value};
-
-/// A `qemu-system-x86_64` link to the hopvm binary under test, in `dir`.
-fn qemu_link(dir: &TempDir) -> PathBuf {
-    let link = dir.join("qemu-system-x86_64");
-    std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_hopvm"), &link).unwrap();
-    link
-}
 
 fn probe_args(dir: &TempDir, accel: &str) -> Vec<String> {
     let monitor = dir.join("qmp.monitor");
@@ -70,12 +64,6 @@ fn start_probe(dir: &TempDir, accel: &str) -> (QmpClient, i32) {
     assert!(pid_alive(pid));
     let qmp = QmpClient::connect(&dir.join("qmp.monitor")).unwrap();
     (qmp, pid)
-}
-
-fn ok(qmp: &mut QmpClient, command: &str, args: Value) -> Value {
-    let args = if args.is_null() { None } else { Some(args) };
-    qmp.execute(command, args)
-        .unwrap_or_else(|e| panic!("{command}: {e}"))
 }
 
 fn names(list: &Value) -> Vec<String> {

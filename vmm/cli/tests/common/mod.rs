@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod libvirt;
 pub mod proc;
 pub mod proxy;
 pub mod rng;
