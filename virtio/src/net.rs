@@ -1,32 +1,63 @@
-//! virtio-net (§5.1) on a Linux tap device: queue 0 receives, queue 1 transmits.
+//! virtio-net (§5.1) on a Linux tap device: queue 0 receives, queue 1 transmits, queue 2 is
+//! the control queue.
 //!
 //! The tap is opened with `IFF_VNET_HDR` and a 12-byte header, which is exactly the virtio 1.x
 //! `virtio_net_hdr` (with `num_buffers`), so frames cross between the tap and the guest's
 //! buffers unchanged. No offloads are offered (no checksum, no GSO), so every frame is a plain
-//! Ethernet frame of at most 65535 bytes. Offered: VIRTIO_NET_F_MAC and VIRTIO_NET_F_STATUS
-//! (link up). A frame the tap cannot take right now (its queue is full) is dropped, as a busy
-//! link drops it; a received frame waits in the tap until the guest posts a buffer.
+//! Ethernet frame of at most 65535 bytes. Offered: VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
+//! (link up), VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_GUEST_ANNOUNCE. Not offered (yet):
+//! VIRTIO_NET_F_MRG_RXBUF — every frame goes into one receive chain, `num_buffers` = 1.
+//! A frame the tap cannot take right now (its queue is full) is dropped, as a busy link drops
+//! it; a received frame waits in the tap until the guest posts a buffer.
+//!
+//! The control queue answers the command classes QEMU's does without filtering: RX mode and
+//! MAC table (acknowledged; the tap delivers every frame, as promiscuous), MAC address set
+//! (the address RARP announcements come from), and ANNOUNCE_ACK; anything else gets
+//! VIRTIO_NET_ERR. Self-announce ([`VirtioBackend::announce`]): a RARP frame from the MAC on
+//! the tap, and, when the driver accepted GUEST_ANNOUNCE (with CTRL_VQ), VIRTIO_NET_S_ANNOUNCE
+//! in the configuration status until the driver acknowledges it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
+use serde::{Deserialize, Serialize};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_CTRL_MAC,
+    VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_RX,
+    VIRTIO_NET_ERR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_STATUS, VIRTIO_NET_OK, VIRTIO_NET_S_ANNOUNCE, VIRTIO_NET_S_LINK_UP,
+};
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 
-use crate::{GuestMemoryMmap, QueueError, VirtioBackend};
+use crate::{BackendState, BackendStateError, GuestMemoryMmap, QueueError, VirtioBackend};
 
 /// The virtio device ID of a network card.
 pub const DEVICE_TYPE: u16 = 1;
-/// Each queue's maximum size.
+/// Each data queue's maximum size.
 pub const QUEUE_SIZE: u16 = 256;
+/// The control queue's maximum size (QEMU's: 64).
+pub const CTRL_QUEUE_SIZE: u16 = 64;
 /// The virtio-net header of virtio 1.x (with `num_buffers`).
 pub const HEADER_LEN: usize = 12;
 /// The largest frame plus its header.
 const MAX_PACKET: usize = HEADER_LEN + 65535;
 const RX: usize = 0;
 const TX: usize = 1;
+const CTRL: usize = 2;
+/// GUEST_ANNOUNCE works only with the control queue the acknowledgement comes through.
+const GUEST_ANNOUNCE: u64 = 1 << VIRTIO_NET_F_GUEST_ANNOUNCE | 1 << VIRTIO_NET_F_CTRL_VQ;
+
+/// virtio-net's own migration state: what the transport does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetState {
+    /// The MAC the driver set (VIRTIO_NET_CTRL_MAC_ADDR_SET), or the command line's.
+    pub mac: [u8; 6],
+    /// VIRTIO_NET_S_ANNOUNCE: the guest was asked to announce itself and has not acknowledged.
+    pub announce: bool,
+}
 
 /// Errors opening the tap device.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +80,11 @@ pub enum NetError {
 pub struct Net {
     tap: File,
     name: String,
+    /// The command line's MAC (a device reset returns to it).
+    conf_mac: [u8; 6],
     mac: [u8; 6],
+    /// VIRTIO_NET_S_ANNOUNCE is set.
+    announce: bool,
     buf: Vec<u8>,
 }
 
@@ -95,12 +130,7 @@ impl Net {
         if unsafe { libc::ioctl(tap.as_raw_fd(), libc::TUNSETVNETHDRSZ, &hdr) } < 0 {
             return Err(err(std::io::Error::last_os_error()));
         }
-        Ok(Self {
-            tap,
-            name: name.to_string(),
-            mac,
-            buf: vec![0; MAX_PACKET],
-        })
+        Ok(Self::with_tap(tap, name.to_string(), mac))
     }
 
     /// Takes a tap descriptor someone else opened (libvirt's `-netdev tap,fd=N`): it must be a
@@ -133,12 +163,18 @@ impl Net {
             let fl = libc::fcntl(raw, libc::F_GETFL);
             libc::fcntl(raw, libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
-        Ok(Self {
-            tap: File::from(fd),
+        Ok(Self::with_tap(File::from(fd), name, mac))
+    }
+
+    fn with_tap(tap: File, name: String, mac: [u8; 6]) -> Self {
+        Self {
+            tap,
             name,
+            conf_mac: mac,
             mac,
+            announce: false,
             buf: vec![0; MAX_PACKET],
-        })
+        }
     }
 
     /// The tap interface's name.
@@ -169,6 +205,72 @@ impl Net {
                 queue.add_used(mem, head, 0).map_err(QueueError::Queue)?;
                 used = true;
             }
+        }
+    }
+
+    /// Control commands: each chain holds `class`, `command` and the command's data, read
+    /// by the device, then one byte the device writes: VIRTIO_NET_OK or VIRTIO_NET_ERR.
+    fn control(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        let mut used = false;
+        loop {
+            let chains: Vec<_> = queue.iter(mem).map_err(QueueError::Queue)?.collect();
+            if chains.is_empty() {
+                return Ok(used);
+            }
+            for chain in chains {
+                let head = chain.head_index();
+                let len = match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
+                    (Ok(mut r), Ok(mut w)) if w.available_bytes() >= 1 => {
+                        let mut cmd = [0u8; 2];
+                        let ack = if r.read_exact(&mut cmd).is_ok() {
+                            self.command(cmd[0], cmd[1], &mut r)
+                        } else {
+                            VIRTIO_NET_ERR as u8
+                        };
+                        match w.write_all(&[ack]) {
+                            Ok(()) => 1,
+                            Err(_) => 0,
+                        }
+                    }
+                    // No room for the acknowledgement (or descriptors outside RAM): the
+                    // chain is returned unanswered.
+                    _ => 0,
+                };
+                queue.add_used(mem, head, len).map_err(QueueError::Queue)?;
+                used = true;
+            }
+        }
+    }
+
+    /// One control command; its data is in `data`.
+    fn command<B: vm_memory::bitmap::BitmapSlice>(
+        &mut self,
+        class: u8,
+        cmd: u8,
+        data: &mut Reader<'_, B>,
+    ) -> u8 {
+        let ok = match (u32::from(class), u32::from(cmd)) {
+            // Promiscuous, all-multicast … (1 byte each): the tap delivers everything.
+            (VIRTIO_NET_CTRL_RX, 0..=5) => data.available_bytes() >= 1,
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_TABLE_SET) => true,
+            (VIRTIO_NET_CTRL_MAC, VIRTIO_NET_CTRL_MAC_ADDR_SET) => {
+                let mut mac = [0u8; 6];
+                let ok = data.available_bytes() == 6 && data.read_exact(&mut mac).is_ok();
+                if ok {
+                    self.mac = mac;
+                }
+                ok
+            }
+            (VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK) if self.announce => {
+                self.announce = false;
+                true
+            }
+            _ => false,
+        };
+        if ok {
+            VIRTIO_NET_OK as u8
+        } else {
+            VIRTIO_NET_ERR as u8
         }
     }
 
@@ -231,11 +333,52 @@ pub fn rarp_frame(mac: [u8; 6]) -> Vec<u8> {
 }
 
 impl VirtioBackend for Net {
-    fn announce(&mut self) {
+    fn announce(&mut self, driver_features: u64) -> bool {
         if let Err(e) = (&self.tap).write(&rarp_frame(self.mac)) {
             if e.kind() != std::io::ErrorKind::WouldBlock {
                 log::warn!("virtio-net {}: announce: {e}", self.name);
             }
+        }
+        if driver_features & GUEST_ANNOUNCE == GUEST_ANNOUNCE {
+            self.announce = true;
+            return true;
+        }
+        false
+    }
+
+    fn reset(&mut self) {
+        self.announce = false;
+        self.mac = self.conf_mac;
+    }
+
+    fn save_state(&self) -> Option<BackendState> {
+        Some(BackendState::Net(NetState {
+            mac: self.mac,
+            announce: self.announce,
+        }))
+    }
+
+    fn restore_state(
+        &mut self,
+        state: Option<&BackendState>,
+        driver_features: u64,
+    ) -> Result<(), BackendStateError> {
+        match state {
+            // A source without the back-end's part: nothing the driver set.
+            None => {
+                self.reset();
+                Ok(())
+            }
+            Some(BackendState::Net(s)) => {
+                if s.announce && driver_features & GUEST_ANNOUNCE != GUEST_ANNOUNCE {
+                    return Err(BackendStateError::AnnounceNotNegotiated);
+                }
+                self.mac = s.mac;
+                self.announce = s.announce;
+                Ok(())
+            }
+            #[allow(unreachable_patterns)]
+            Some(_) => Err(BackendStateError::WrongType),
         }
     }
 
@@ -249,18 +392,24 @@ impl VirtioBackend for Net {
     }
 
     fn features(&self) -> u64 {
-        1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS
+        1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | GUEST_ANNOUNCE
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &[QUEUE_SIZE, QUEUE_SIZE, CTRL_QUEUE_SIZE]
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_net_config: mac[6], status (u16).
         let mut bytes = [0u8; 8];
         bytes[..6].copy_from_slice(&self.mac);
-        bytes[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        let status = VIRTIO_NET_S_LINK_UP
+            | if self.announce {
+                VIRTIO_NET_S_ANNOUNCE
+            } else {
+                0
+            };
+        bytes[6..8].copy_from_slice(&(status as u16).to_le_bytes());
         crate::pci::copy_out(&bytes, offset, data);
     }
 
@@ -277,6 +426,7 @@ impl VirtioBackend for Net {
         match index {
             RX => self.receive(queue, mem),
             TX => self.transmit(queue, mem),
+            CTRL => self.control(queue, mem),
             _ => Ok(false),
         }
     }

@@ -97,6 +97,9 @@ pub enum VirtioPciStateError {
     /// An MSI-X vector number is past the table.
     #[error("msi-x vector {0} past the table")]
     Vector(u16),
+    /// The back-end's own state is invalid.
+    #[error(transparent)]
+    Backend(#[from] crate::BackendStateError),
 }
 
 /// One queue's state.
@@ -150,6 +153,9 @@ pub struct VirtioPciState {
     pub msix_table: Vec<(u64, u32, u32)>,
     /// MSI-X pending bits.
     pub msix_pba: u64,
+    /// The back-end's own state (virtio-net: MAC, pending guest announcement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<crate::BackendState>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -214,6 +220,7 @@ impl Core {
         }
         self.isr = 0;
         self.intx.set_level(false);
+        self.backend.reset();
     }
 
     fn selected(&mut self) -> Option<&mut QueueSlot> {
@@ -366,6 +373,11 @@ impl Core {
 
     fn needs_reset(&mut self) {
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+        self.config_changed();
+    }
+
+    /// The device configuration changed: a new generation and a configuration interrupt.
+    fn config_changed(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
         self.signal(self.msix_config, ISR_CONFIG);
     }
@@ -652,9 +664,15 @@ impl VirtioPci {
         })
     }
 
-    /// Has the back-end announce the guest to the network (virtio-net: one RARP frame).
+    /// Has the back-end announce the guest to the network (virtio-net: one RARP frame, and
+    /// with VIRTIO_NET_F_GUEST_ANNOUNCE the guest is asked to announce itself through a
+    /// configuration change, once the driver is up).
     pub fn announce(&self) {
-        lock(&self.core).backend.announce();
+        let mut core = lock(&self.core);
+        let features = core.driver_features;
+        if core.backend.announce(features) && core.driver_ok() {
+            core.config_changed();
+        }
     }
 
     /// The handle that pauses this device's back-end with the VM.
@@ -750,6 +768,7 @@ impl VirtioPci {
                 .map(|e| (e.address, e.data, e.control))
                 .collect(),
             msix_pba: core.msix_pba,
+            backend: core.backend.save_state(),
         }
     }
 
@@ -802,7 +821,9 @@ impl VirtioPci {
                 msix_vector: s.msix_vector,
             });
         }
-        // Everything checked: apply.
+        // The back-end checks its part and takes it only if valid; then the rest is applied.
+        core.backend
+            .restore_state(state.backend.as_ref(), state.driver_features)?;
         core.queues = queues;
         core.device_features_select = state.device_features_select;
         core.driver_features_select = state.driver_features_select;

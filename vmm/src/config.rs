@@ -136,6 +136,9 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// The PCI device number (QEMU's `addr=`); the first free one if none.
     pub slot: Option<u8>,
+    /// The card's name for `announce-self`'s `interfaces` (QEMU's `-device …,id=`); none:
+    /// QEMU's generated `virtio-net-pci.N`, N the card's position.
+    pub id: Option<String>,
 }
 
 /// QEMU's default MAC for the first NIC (52:54:00:12:34:56), the last byte counting up.
@@ -183,6 +186,7 @@ impl std::str::FromStr for NetConfig {
             fd: None,
             mac,
             slot: None,
+            id: None,
         })
     }
 }
