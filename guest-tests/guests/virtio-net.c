@@ -31,8 +31,16 @@
  * requests and "net: completed <n> requests, <r> retransmissions, <d>
  * duplicate replies" at the end.
  *
+ * hostile=1: before the ping exchange, nonsense in the transmit queue (a
+ * buffer beyond RAM, an absurd length, a descriptor loop, a next index beyond
+ * the queue, an available index 1000 ahead) and writes to the configuration
+ * space: each chain is either completed or the device flags
+ * DEVICE_NEEDS_RESET (the guest then resets and sets it up again), a valid
+ * frame goes out afterwards, and the configuration space is unchanged.
+ *
  * Command line: seed=N, mac=XX:XX:XX:XX:XX:XX (the MAC expected in the
- * configuration space; default 52:54:00:12:34:56), announce=1, rpc=1.
+ * configuration space; default 52:54:00:12:34:56), announce=1, rpc=1,
+ * hostile=1.
  */
 #include "lib/lib.h"
 #include "lib/virtio.h"
@@ -230,6 +238,82 @@ static void rpc(u32 seed)
 	       dup);
 }
 
+/* Negotiates `want`, checks MAC and link, sets the queues up, DRIVER_OK, posts RXBUFS buffers. */
+static void device_init(u32 want, const char *want_mac)
+{
+	char mac_text[24];
+	s64 features = virtio_negotiate(&vp, want);
+	report(features == want, "VERSION_1 and features %x negotiated (%lx)", want, features);
+	for (int i = 0; i < 6; i++)
+		mac[i] = r8(vp.devcfg + i);
+	snprintf(mac_text, sizeof(mac_text), "%02x:%02x:%02x:%02x:%02x:%02x", mac[0], mac[1], mac[2],
+		 mac[3], mac[4], mac[5]);
+	report(strcmp(mac_text, want_mac ? want_mac : "52:54:00:12:34:56") == 0, "MAC %s", mac_text);
+	report(r16(vp.devcfg + 6) & 1, "link up");
+	w16(vp.common + C_MSIX_CONFIG, VIRTIO_NO_VECTOR);
+	bool ctrl_q = want & (1u << F_CTRL_VQ);
+	bool queues = virtq_setup(&vp, 0, &rxq, VIRTIO_NO_VECTOR) &&
+		      virtq_setup(&vp, 1, &txq, VIRTIO_NO_VECTOR) &&
+		      (!ctrl_q || virtq_setup(&vp, 2, &ctrlq, VIRTIO_NO_VECTOR));
+	report(queues, ctrl_q ? "receive, transmit and control queues" : "receive and transmit queues");
+	report(virtio_driver_ok(&vp) == 0xf, "DRIVER_OK");
+	memset(posted, 0, sizeof(posted));
+	for (u16 i = 0; i < RXBUFS; i++)
+		post_rx(i);
+}
+
+/*
+ * Nonsense in the transmit queue, one case at a time: the device must either
+ * complete the chain (dropping the frame) or flag DEVICE_NEEDS_RESET; the
+ * driver then resets it if needed, and a valid frame goes out afterwards.
+ */
+static void hostile(const char *want_mac)
+{
+	static const u8 bcast[6] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
+	static const char *names[] = {"address beyond RAM", "absurd length", "descriptor loop",
+				      "next beyond the queue", "avail index jump"};
+	for (int c = 0; c < 5; c++) {
+		switch (c) {
+		case 0:
+			txq.desc[0] = (struct vq_desc){0x1000000000ull, 60, 0, 0};
+			break;
+		case 1:
+			txq.desc[0] = (struct vq_desc){(u64)txbuf, 0xfffff000u, 0, 0};
+			break;
+		case 2:
+			txq.desc[0] = (struct vq_desc){(u64)txbuf, 60, VQ_NEXT, 1};
+			txq.desc[1] = (struct vq_desc){(u64)txbuf, 60, VQ_NEXT, 0};
+			break;
+		case 3:
+			txq.desc[0] = (struct vq_desc){(u64)txbuf, 60, VQ_NEXT, 200};
+			break;
+		}
+		s64 used;
+		if (c == 4) {
+			txq.avail_idx += 1000;
+			txq.avail[1] = txq.avail_idx;
+			barrier();
+			w16(txq.notify, 0);
+			used = virtq_poll(&txq, 1000);
+		} else {
+			used = virtq_run(&txq, 1000);
+		}
+		bool needs_reset = r8(vp.common + C_STATUS) & 0x40;
+		report(used >= 0 || needs_reset, "%s: chain completed (%d) or DEVICE_NEEDS_RESET (%d)",
+		       names[c], used >= 0, needs_reset);
+		if (needs_reset || used < 0)
+			device_init((1u << F_MAC) | (1u << F_STATUS), want_mac);
+		report(send_frame(bcast, "hopvm-hostile"), "%s: the device works afterwards", names[c]);
+	}
+	/* The configuration space is the device's: writes change nothing. */
+	for (int i = 0; i < 8; i++)
+		w8(vp.devcfg + i, 0xa5);
+	bool same = r16(vp.devcfg + 6) == 1;
+	for (int i = 0; i < 6; i++)
+		same = same && r8(vp.devcfg + i) == mac[i];
+	report(same, "configuration space writes ignored");
+}
+
 int main(int argc, char **argv)
 {
 	(void)argc;
@@ -238,7 +322,7 @@ int main(int argc, char **argv)
 	const char *want_mac = get_arg("mac");
 	bool announce = get_arg_u64("announce", 0) != 0;
 	bool rpc_mode = get_arg_u64("rpc", 0) != 0;
-	char mac_text[24];
+	bool hostile_mode = get_arg_u64("hostile", 0) != 0;
 
 	int slot = pci_find_virtio(0x1041, 0x1000);
 	if (slot < 0)
@@ -249,26 +333,13 @@ int main(int argc, char **argv)
 	u32 want = (1u << F_MAC) | (1u << F_STATUS);
 	if (announce)
 		want |= (1u << F_CTRL_VQ) | (1u << F_GUEST_ANNOUNCE);
-	s64 features = virtio_negotiate(&vp, want);
-	report(features == want, "VERSION_1 and features %x negotiated (%lx)", want, features);
-	for (int i = 0; i < 6; i++)
-		mac[i] = r8(vp.devcfg + i);
-	snprintf(mac_text, sizeof(mac_text), "%02x:%02x:%02x:%02x:%02x:%02x", mac[0], mac[1], mac[2],
-		 mac[3], mac[4], mac[5]);
-	report(strcmp(mac_text, want_mac ? want_mac : "52:54:00:12:34:56") == 0, "MAC %s", mac_text);
-	report(r16(vp.devcfg + 6) & 1, "link up");
-	w16(vp.common + C_MSIX_CONFIG, VIRTIO_NO_VECTOR);
-	bool queues = virtq_setup(&vp, 0, &rxq, VIRTIO_NO_VECTOR) &&
-		      virtq_setup(&vp, 1, &txq, VIRTIO_NO_VECTOR) &&
-		      (!announce || virtq_setup(&vp, 2, &ctrlq, VIRTIO_NO_VECTOR));
-	report(queues, announce ? "receive, transmit and control queues" : "receive and transmit queues");
-	report(virtio_driver_ok(&vp) == 0xf, "DRIVER_OK");
-	for (u16 i = 0; i < RXBUFS; i++)
-		post_rx(i);
+	device_init(want, want_mac);
 	printf("net: ready\n");
 
 	if (announce)
 		guest_announce();
+	if (hostile_mode)
+		hostile(want_mac);
 	if (rpc_mode)
 		rpc(seed);
 	else
