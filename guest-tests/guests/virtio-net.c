@@ -38,9 +38,14 @@
  * DEVICE_NEEDS_RESET (the guest then resets and sets it up again), a valid
  * frame goes out afterwards, and the configuration space is unchanged.
  *
+ * mrg=1: VIRTIO_NET_F_MRG_RXBUF negotiated and receive buffers of 128 bytes:
+ * a frame comes in as many buffers as it takes (num_buffers in the first
+ * one's header), which the guest puts together; the host's pong is then
+ * longer than one buffer and its contents are checked.
+ *
  * Command line: seed=N, mac=XX:XX:XX:XX:XX:XX (the MAC expected in the
  * configuration space; default 52:54:00:12:34:56), announce=1, rpc=1,
- * hostile=1.
+ * hostile=1, mrg=1.
  */
 #include "lib/lib.h"
 #include "lib/virtio.h"
@@ -48,7 +53,9 @@
 #define HDR 12
 #define ETHERTYPE 0x88b5
 #define TRIES 30
-#define RXBUFS 8
+#define RXBUFS 16
+#define F_MRG_RXBUF 15
+#define MRG_BUF 128
 #define F_MAC 5
 #define F_STATUS 16
 #define F_CTRL_VQ 17
@@ -62,10 +69,13 @@ static bool posted[RXBUFS];
 static u8 txbuf[HDR + 64] __attribute__((aligned(64)));
 static u8 mac[6];
 static int twice;	/* completions of a buffer not posted */
+static bool mrg;	/* VIRTIO_NET_F_MRG_RXBUF: buffers of MRG_BUF bytes, frames over several */
+static u8 frame[HDR + 1514];
+static int frame_bufs;	/* how many buffers the last frame took */
 
 static void post_rx(u16 i)
 {
-	rxq.desc[i] = (struct vq_desc){(u64)rxbufs[i], sizeof(rxbufs[i]), VQ_WRITE, 0};
+	rxq.desc[i] = (struct vq_desc){(u64)rxbufs[i], mrg ? MRG_BUF : sizeof(rxbufs[i]), VQ_WRITE, 0};
 	posted[i] = true;
 	virtq_post(&rxq, i);
 }
@@ -96,6 +106,39 @@ static s64 rx_next(u32 timeout_ms, u16 *id, const u8 **buf)
 		*buf = rxbufs[i];
 		return len;
 	}
+}
+
+/*
+ * The next received frame within timeout_ms, copied into `frame` (its buffers
+ * posted again): its length, or -1 on timeout or a malformed merge.  With
+ * MRG_RXBUF the first buffer's num_buffers says how many buffers follow.
+ */
+static s64 rx_frame(u32 timeout_ms)
+{
+	u16 id;
+	const u8 *b;
+	s64 len = rx_next(timeout_ms, &id, &b);
+	if (len < 0)
+		return -1;
+	u16 n = mrg ? (u16)(b[10] | b[11] << 8) : 1;
+	s64 total = 0;
+	bool ok = n >= 1;
+	for (u16 i = 0; ok; i++) {
+		if (total + len > (s64)sizeof(frame))
+			ok = false;
+		else
+			memcpy(frame + total, b, (u64)len);
+		total += len;
+		post_rx(id);
+		if (i + 1 >= n)
+			break;
+		len = rx_next(1000, &id, &b);
+		ok = len >= 0;
+	}
+	if (!ok)
+		report(false, "received frame of %ld bytes in %u buffer(s)", total, n);
+	frame_bufs = n;
+	return ok ? total : -1;
 }
 
 /* Sends an 0x88b5 frame to `dst` with `payload`. */
@@ -134,13 +177,18 @@ static void ping_pong(u32 seed)
 			sent++;
 		/* Frames for a second, then ping again. */
 		for (;;) {
-			u16 id;
-			const u8 *r;
-			s64 len = rx_next(1000, &id, &r);
+			s64 len = rx_frame(1000);
 			if (len < 0)
 				break;
-			got = ours(r, len, pong);
-			post_rx(id);
+			got = ours(frame, len, pong);
+			if (got && mrg) {
+				/* Past the text, the host's pattern: byte i is i * 7. */
+				bool same = true;
+				for (s64 i = HDR + 14 + (s64)strlen(pong) + 1; i < len; i++)
+					same = same && frame[i] == (u8)((i - HDR) * 7);
+				report(same && frame_bufs > 1, "pong of %ld bytes intact in %d buffers",
+				       len, frame_bufs);
+			}
 			if (got)
 				break;
 			other++;
@@ -323,6 +371,7 @@ int main(int argc, char **argv)
 	bool announce = get_arg_u64("announce", 0) != 0;
 	bool rpc_mode = get_arg_u64("rpc", 0) != 0;
 	bool hostile_mode = get_arg_u64("hostile", 0) != 0;
+	mrg = get_arg_u64("mrg", 0) != 0;
 
 	int slot = pci_find_virtio(0x1041, 0x1000);
 	if (slot < 0)
@@ -333,6 +382,8 @@ int main(int argc, char **argv)
 	u32 want = (1u << F_MAC) | (1u << F_STATUS);
 	if (announce)
 		want |= (1u << F_CTRL_VQ) | (1u << F_GUEST_ANNOUNCE);
+	if (mrg)
+		want |= 1u << F_MRG_RXBUF;
 	device_init(want, want_mac);
 	printf("net: ready\n");
 

@@ -116,6 +116,10 @@ pub trait VirtioBackend: Send {
     /// Device reset: the back-end forgets what the driver set.
     fn reset(&mut self) {}
 
+    /// The driver set DRIVER_OK having accepted `driver_features` (also on a restore of a
+    /// running device).
+    fn activate(&mut self, _driver_features: u64) {}
+
     /// The back-end's own migration state, if it has any.
     fn save_state(&self) -> Option<BackendState> {
         None

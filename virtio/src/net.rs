@@ -5,10 +5,12 @@
 //! `virtio_net_hdr` (with `num_buffers`), so frames cross between the tap and the guest's
 //! buffers unchanged. No offloads are offered (no checksum, no GSO), so every frame is a plain
 //! Ethernet frame of at most 65535 bytes. Offered: VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS
-//! (link up), VIRTIO_NET_F_CTRL_VQ and VIRTIO_NET_F_GUEST_ANNOUNCE. Not offered (yet):
-//! VIRTIO_NET_F_MRG_RXBUF — every frame goes into one receive chain, `num_buffers` = 1.
-//! A frame the tap cannot take right now (its queue is full) is dropped, as a busy link drops
-//! it; a received frame waits in the tap until the guest posts a buffer.
+//! (link up), VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE and VIRTIO_NET_F_MRG_RXBUF
+//! (a received frame spread over as many receive chains as it takes, `num_buffers` in the
+//! first header, the chains published with one store of the used index; without it a frame
+//! goes into one chain or is dropped). A frame the tap cannot take right now (its queue is
+//! full) is dropped, as a busy link drops it; a received frame waits (in the tap, or read and
+//! held) until the guest posts the buffers it needs.
 //!
 //! The control queue answers the command classes QEMU's does without filtering: RX mode and
 //! MAC table (acknowledged; the tap delivers every frame, as promiscuous), MAC address set
@@ -19,17 +21,21 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::num::Wrapping;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_CTRL_ANNOUNCE, VIRTIO_NET_CTRL_ANNOUNCE_ACK, VIRTIO_NET_CTRL_MAC,
     VIRTIO_NET_CTRL_MAC_ADDR_SET, VIRTIO_NET_CTRL_MAC_TABLE_SET, VIRTIO_NET_CTRL_RX,
     VIRTIO_NET_ERR, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_MAC,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_OK, VIRTIO_NET_S_ANNOUNCE, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_OK, VIRTIO_NET_S_ANNOUNCE,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::{BackendState, BackendStateError, GuestMemoryMmap, QueueError, VirtioBackend};
 
@@ -85,6 +91,10 @@ pub struct Net {
     mac: [u8; 6],
     /// VIRTIO_NET_S_ANNOUNCE is set.
     announce: bool,
+    /// The driver accepted VIRTIO_NET_F_MRG_RXBUF.
+    mrg_rxbuf: bool,
+    /// The length of the frame in `buf` waiting for receive buffers (0: none).
+    held: usize,
     buf: Vec<u8>,
 }
 
@@ -173,6 +183,8 @@ impl Net {
             conf_mac: mac,
             mac,
             announce: false,
+            mrg_rxbuf: false,
+            held: 0,
             buf: vec![0; MAX_PACKET],
         }
     }
@@ -274,43 +286,118 @@ impl Net {
         }
     }
 
-    /// Tap → guest: frames while there are receive buffers.
+    /// Tap → guest: frames while there are receive buffers. A frame waits in `held` while
+    /// the buffers it needs are not there yet.
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
         let mut used = false;
         loop {
-            let Some(chain) = queue.iter(mem).map_err(QueueError::Queue)?.next() else {
-                return Ok(used);
-            };
-            let head = chain.head_index();
-            let n = match (&self.tap).read(&mut self.buf) {
-                Ok(n) => n,
-                Err(e) => {
-                    // Nothing to receive (or the tap went away): give the buffer back.
-                    if e.kind() != std::io::ErrorKind::WouldBlock {
-                        log::warn!("virtio-net {}: {e}", self.name);
-                    }
-                    queue.go_to_previous_position();
+            if self.held == 0 {
+                if queue
+                    .avail_idx(mem, Ordering::Acquire)
+                    .map_err(QueueError::Queue)?
+                    == Wrapping(queue.next_avail())
+                {
+                    // No buffer: the frame stays in the tap.
                     return Ok(used);
                 }
-            };
-            if n < HEADER_LEN {
-                queue.go_to_previous_position();
-                continue;
+                match (&self.tap).read(&mut self.buf) {
+                    Ok(n) if n >= HEADER_LEN => self.held = n,
+                    Ok(_) => continue,
+                    Err(e) => {
+                        // Nothing to receive (or the tap went away).
+                        if e.kind() != std::io::ErrorKind::WouldBlock {
+                            log::warn!("virtio-net {}: {e}", self.name);
+                        }
+                        return Ok(used);
+                    }
+                }
             }
-            // No mergeable buffers: every frame is in one buffer (num_buffers = 1).
-            self.buf[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let len = match Writer::new(mem, chain) {
-                Ok(mut w) if w.available_bytes() >= n => match w.write_all(&self.buf[..n]) {
-                    Ok(()) => n as u32,
-                    Err(_) => 0,
-                },
-                // A buffer too small for the frame: the frame is dropped.
-                _ => 0,
-            };
-            queue.add_used(mem, head, len).map_err(QueueError::Queue)?;
+            if !self.place(queue, mem)? {
+                return Ok(used);
+            }
+            self.held = 0;
             used = true;
         }
     }
+
+    /// Puts the held frame into the guest's receive buffers: one chain, or with
+    /// VIRTIO_NET_F_MRG_RXBUF as many as it takes (`num_buffers` in the header), published
+    /// together. False if the buffers are not there yet (the frame stays held). A frame that
+    /// can never fit (a buffer that takes nothing, or more than the whole ring) is dropped:
+    /// its chains are used with length 0.
+    fn place(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<bool, QueueError> {
+        let n = self.held;
+        let start = queue.next_avail();
+        let mut chains = Vec::new();
+        let mut room = 0;
+        let mut drop = false;
+        while room < n {
+            let Some(chain) = queue.iter(mem).map_err(QueueError::Queue)?.next() else {
+                if chains.len() >= usize::from(queue.size()) {
+                    drop = true;
+                    break;
+                }
+                queue.set_next_avail(start);
+                return Ok(false);
+            };
+            let cap = Writer::new(mem, chain.clone())
+                .map(|w| w.available_bytes())
+                .unwrap_or(0);
+            room += cap;
+            chains.push(chain);
+            if cap == 0 || (!self.mrg_rxbuf && room < n) {
+                // Without mergeable buffers a frame goes into one chain or is dropped.
+                drop = true;
+                break;
+            }
+        }
+        self.buf[10..12].copy_from_slice(&(chains.len() as u16).to_le_bytes());
+        let mut used = Vec::with_capacity(chains.len());
+        let mut off = 0;
+        for chain in chains {
+            let head = chain.head_index();
+            let mut len = 0;
+            if !drop {
+                if let Ok(mut w) = Writer::new(mem, chain) {
+                    let take = w.available_bytes().min(n - off);
+                    if w.write_all(&self.buf[off..off + take]).is_ok() {
+                        len = take;
+                        off += take;
+                    }
+                }
+            }
+            used.push((head, len as u32));
+        }
+        publish(queue, mem, &used)?;
+        Ok(true)
+    }
+}
+/// Adds `used` (head, length) to the used ring with one store of its index, so the driver
+/// sees a frame's buffers together: the entries but the last are written first, the last goes
+/// through `add_used`, which publishes them all.
+fn publish(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    used: &[(u16, u32)],
+) -> Result<(), QueueError> {
+    let Some((&(last_head, last_len), rest)) = used.split_last() else {
+        return Ok(());
+    };
+    let size = queue.size();
+    let first = queue.next_used();
+    for (i, &(head, len)) in rest.iter().enumerate() {
+        let slot = u64::from(first.wrapping_add(i as u16) % size);
+        let addr = GuestAddress(queue.used_ring())
+            .checked_add(4 + 8 * slot)
+            .ok_or(QueueError::Queue(virtio_queue::Error::AddressOverflow))?;
+        mem.write_obj(u32::from(head).to_le(), addr)
+            .and_then(|()| mem.write_obj(len.to_le(), addr.unchecked_add(4)))
+            .map_err(|e| QueueError::Queue(virtio_queue::Error::GuestMemory(e)))?;
+    }
+    queue.set_next_used(first.wrapping_add(rest.len() as u16));
+    queue
+        .add_used(mem, last_head, last_len)
+        .map_err(QueueError::Queue)
 }
 
 /// The self-announce frame QEMU sends after a migration: a broadcast RARP request ("reverse
@@ -349,6 +436,11 @@ impl VirtioBackend for Net {
     fn reset(&mut self) {
         self.announce = false;
         self.mac = self.conf_mac;
+        self.mrg_rxbuf = false;
+    }
+
+    fn activate(&mut self, driver_features: u64) {
+        self.mrg_rxbuf = driver_features & 1 << VIRTIO_NET_F_MRG_RXBUF != 0;
     }
 
     fn save_state(&self) -> Option<BackendState> {
@@ -392,7 +484,10 @@ impl VirtioBackend for Net {
     }
 
     fn features(&self) -> u64 {
-        1 << VIRTIO_NET_F_MAC | 1 << VIRTIO_NET_F_STATUS | GUEST_ANNOUNCE
+        1 << VIRTIO_NET_F_MAC
+            | 1 << VIRTIO_NET_F_STATUS
+            | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | GUEST_ANNOUNCE
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -546,6 +641,67 @@ mod tests {
         mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
         assert!(n.process_queue(CTRL, &mut q, &mem).unwrap());
         let len: u32 = mem.read_obj(GuestAddress(USED + 8)).unwrap();
+        assert_eq!(len, 0);
+    }
+
+    /// Receive chains of `len` writable bytes each in descriptors `first`… (buffer of
+    /// descriptor d at DATA + 0x1000 × d), made available.
+    fn rx_buffers(mem: &GuestMemoryMmap, first: u16, count: u16, len: u32) {
+        let idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap();
+        for i in 0..count {
+            let d = first + i;
+            let at = DESC + 16 * u64::from(d);
+            mem.write_obj(DATA + 0x1000 * u64::from(d), GuestAddress(at))
+                .unwrap();
+            mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(at + 12)).unwrap();
+            let slot = u64::from(idx.wrapping_add(i) % 16);
+            mem.write_obj(d, GuestAddress(AVAIL + 4 + 2 * slot))
+                .unwrap();
+        }
+        mem.write_obj(idx.wrapping_add(count), GuestAddress(AVAIL + 2))
+            .unwrap();
+    }
+
+    /// VIRTIO_NET_F_MRG_RXBUF: a frame spread over as many buffers as it takes, `num_buffers`
+    /// in the first one's header, all published with one index store; not enough buffers
+    /// yet: the frame waits; without the feature a frame too big for one buffer is dropped.
+    #[test]
+    fn mergeable_receive_buffers() {
+        let (mut n, mut q, mem) = net("m");
+        n.activate(1 << VIRTIO_NET_F_MRG_RXBUF);
+        let frame: Vec<u8> = (0..HEADER_LEN + 250).map(|i| i as u8).collect();
+        n.buf[..frame.len()].copy_from_slice(&frame);
+        n.held = frame.len();
+        // Two buffers of 100 bytes: not enough, nothing used, the frame still held.
+        rx_buffers(&mem, 0, 2, 100);
+        assert!(!n.place(&mut q, &mem).unwrap());
+        assert_eq!((q.next_avail(), q.next_used()), (0, 0));
+        let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used_idx, 0);
+        // A third: 100 + 100 + 62 bytes, num_buffers 3, one index store of 3.
+        rx_buffers(&mem, 2, 1, 100);
+        assert!(n.place(&mut q, &mem).unwrap());
+        let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used_idx, 3);
+        let mut got = Vec::new();
+        for i in 0..3u64 {
+            let id: u32 = mem.read_obj(GuestAddress(USED + 4 + 8 * i)).unwrap();
+            let len: u32 = mem.read_obj(GuestAddress(USED + 8 + 8 * i)).unwrap();
+            assert_eq!((id, len), (i as u32, [100, 100, 62][i as usize]));
+            let mut b = vec![0u8; len as usize];
+            mem.read_slice(&mut b, GuestAddress(DATA + 0x1000 * i))
+                .unwrap();
+            got.extend(b);
+        }
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 3, "num_buffers");
+        assert_eq!(&got[12..], &frame[12..]);
+        // Without the feature: one 100-byte buffer cannot take it: dropped (length 0).
+        n.reset();
+        n.held = frame.len();
+        rx_buffers(&mem, 3, 1, 100);
+        assert!(n.place(&mut q, &mem).unwrap());
+        let len: u32 = mem.read_obj(GuestAddress(USED + 8 + 8 * 3)).unwrap();
         assert_eq!(len, 0);
     }
 

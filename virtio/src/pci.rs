@@ -363,6 +363,7 @@ impl Core {
                 log::warn!("virtio: queue {i} is not in guest RAM: device needs reset");
                 self.needs_reset();
             }
+            self.backend.activate(self.driver_features);
         }
     }
 
@@ -473,6 +474,7 @@ impl Core {
         }
         let vector = slot.msix_vector;
         let event_idx = slot.queue.event_idx_enabled();
+        let first_used = slot.queue.next_used();
         let mut any = false;
         let result = loop {
             let used = match self
@@ -497,7 +499,7 @@ impl Core {
         };
         match result {
             Ok(()) => {
-                if any && slot.queue.needs_notification(&self.mem).unwrap_or(true) {
+                if any && needs_notification(&slot.queue, &self.mem, first_used) {
                     self.signal(vector, ISR_QUEUE);
                 }
             }
@@ -507,6 +509,29 @@ impl Core {
             }
         }
     }
+}
+
+/// Whether the driver wants an interrupt now that the used ring went from `first_used` to
+/// the queue's next used index: always without VIRTIO_RING_F_EVENT_IDX, else when `used_event`
+/// is among the entries added (Linux's `vring_need_event`). Counted from the indices, not
+/// from `add_used` calls, as a back-end may publish several entries at once.
+fn needs_notification(queue: &Queue, mem: &GuestMemoryMmap, first_used: u16) -> bool {
+    if !queue.event_idx_enabled() {
+        return true;
+    }
+    let at = queue
+        .avail_ring()
+        .checked_add(4 + 2 * u64::from(queue.size()));
+    // The used ring's entries and index are written before `used_event` is read.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let Some(used_event) =
+        at.and_then(|a| vm_memory::Bytes::read_obj::<u16>(mem, GuestAddress(a)).ok())
+    else {
+        return true;
+    };
+    let used_event = u16::from_le(used_event);
+    let new = queue.next_used();
+    new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(first_used)
 }
 
 /// Fills `data` with `bytes` from `offset` on, zeroes past their end: a read of a register
@@ -824,6 +849,9 @@ impl VirtioPci {
         // The back-end checks its part and takes it only if valid; then the rest is applied.
         core.backend
             .restore_state(state.backend.as_ref(), state.driver_features)?;
+        if u32::from(state.status) & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            core.backend.activate(state.driver_features);
+        }
         core.queues = queues;
         core.device_features_select = state.device_features_select;
         core.driver_features_select = state.driver_features_select;
