@@ -437,6 +437,8 @@ impl VirtioBackend for Net {
         self.announce = false;
         self.mac = self.conf_mac;
         self.mrg_rxbuf = false;
+        // A frame read for the old driver's buffers is dropped, as a link drops it.
+        self.held = 0;
     }
 
     fn activate(&mut self, driver_features: u64) {
@@ -467,6 +469,7 @@ impl VirtioBackend for Net {
                 }
                 self.mac = s.mac;
                 self.announce = s.announce;
+                self.held = 0;
                 Ok(())
             }
             #[allow(unreachable_patterns)]

@@ -979,3 +979,53 @@ fn mergeable_receive_buffers_carry_a_frame_in_several() {
         exchange_sized("qemu-system-x86_64", &args, &tap, mac, seed, 1000);
     }
 }
+
+/// QEMU's `-netdev` / `-device virtio-net-pci` front end: malformed or unsupported options and
+/// a tap that cannot be opened are one clear line and a non-zero status, never a panic.
+#[test]
+fn bad_netdev_options_are_clear_errors() {
+    let kernel = guest_tests::image_path("virtio-net").display().to_string();
+    for (netdev, device, what) in [
+        ("tap,id=n0", "virtio-net-pci,netdev=n0", "ifname"),
+        ("user,id=n0", "virtio-net-pci,netdev=n0", "tap"),
+        (
+            "tap,id=n0,ifname=t0,vhost=on",
+            "virtio-net-pci,netdev=n0",
+            "vhost",
+        ),
+        ("tap,id=n0,fd=zz", "virtio-net-pci,netdev=n0", "fd=zz"),
+        (
+            "tap,id=n0,ifname=t0",
+            "virtio-net-pci,netdev=n1",
+            "netdev=n1",
+        ),
+        (
+            "tap,id=n0,ifname=t0",
+            "virtio-net-pci,netdev=n0,mac=zz",
+            "mac=zz",
+        ),
+        (
+            "tap,id=n0,ifname=this-name-is-too-long",
+            "virtio-net-pci,netdev=n0",
+            "this-name-is-too-long",
+        ),
+        // Descriptor 99 is not open: not an inherited tap.
+        ("tap,id=n0,fd=99", "virtio-net-pci,netdev=n0", "99"),
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_hopvm"))
+            .args([
+                "qemu", "-kernel", &kernel, "-display", "none", "-serial", "none",
+            ])
+            .args(["-netdev", netdev, "-device", device])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(
+            matches!(o.status.code(), Some(1 | 2)),
+            "{netdev} {device}: {:?} {err}",
+            o.status
+        );
+        assert_eq!(err.lines().count(), 1, "{netdev} {device}: {err}");
+        assert!(err.contains(what), "{netdev} {device}: {err}");
+    }
+}
