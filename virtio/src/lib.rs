@@ -120,6 +120,13 @@ pub trait VirtioBackend: Send {
     /// running device).
     fn activate(&mut self, _driver_features: u64) {}
 
+    /// Whether queue `index` has available buffers the back-end left unused because it needs
+    /// more of them at once (virtio-net: a frame larger than the receive buffers posted so
+    /// far): the transport then asks to be notified of the driver's next buffer.
+    fn waiting_for_buffers(&self, _index: usize) -> bool {
+        false
+    }
+
     /// The back-end's own migration state, if it has any.
     fn save_state(&self) -> Option<BackendState> {
         None

@@ -441,6 +441,10 @@ impl VirtioBackend for Net {
         self.held = 0;
     }
 
+    fn waiting_for_buffers(&self, index: usize) -> bool {
+        index == RX && self.held != 0
+    }
+
     fn activate(&mut self, driver_features: u64) {
         self.mrg_rxbuf = driver_features & 1 << VIRTIO_NET_F_MRG_RXBUF != 0;
     }

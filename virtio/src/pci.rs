@@ -493,6 +493,15 @@ impl Core {
             // queue waiting for frames).
             match slot.queue.enable_notification(&self.mem) {
                 Ok(true) if used => {}
+                Ok(_) if self.backend.waiting_for_buffers(index) => {
+                    // The back-end left available buffers unused because it needs more (a
+                    // frame larger than them): be notified of the driver's next one.
+                    match wait_for_next_buffer(&slot.queue, &self.mem) {
+                        Ok(true) => {}
+                        Ok(false) => break Ok(()),
+                        Err(e) => break Err(crate::QueueError::Queue(e)),
+                    }
+                }
                 Ok(_) => break Ok(()),
                 Err(e) => break Err(crate::QueueError::Queue(e)),
             }
@@ -509,6 +518,20 @@ impl Core {
             }
         }
     }
+}
+
+/// EVENT_IDX: sets `avail_event` to the driver's current available index, so its next buffer
+/// is notified even though earlier ones are still unused; true if one came meanwhile.
+fn wait_for_next_buffer(queue: &Queue, mem: &GuestMemoryMmap) -> Result<bool, virtio_queue::Error> {
+    let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+    let at = queue
+        .used_ring()
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    vm_memory::Bytes::write_obj(mem, avail.0.to_le(), GuestAddress(at))
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    Ok(queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)? != avail)
 }
 
 /// Whether the driver wants an interrupt now that the used ring went from `first_used` to
@@ -1179,6 +1202,31 @@ mod tests {
                 .unwrap();
             (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
         }
+    }
+
+    /// EVENT_IDX: a back-end waiting for more buffers sets `avail_event` to the driver's
+    /// index (not the next unused entry), so the driver's next buffer is notified; and the
+    /// interrupt check counts every entry published since the processing began.
+    #[test]
+    fn event_idx_helpers() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut q = new_queue(16);
+        q.set_size(16);
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_event_idx(true);
+        q.set_ready(true);
+        mem.write_obj(7u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert!(!wait_for_next_buffer(&q, &mem).unwrap());
+        let avail_event: u16 = mem.read_obj(GuestAddress(USED + 4 + 8 * 16)).unwrap();
+        assert_eq!(avail_event, 7);
+        // used_event 4: entries 3..6 published at once include it, 5..6 do not.
+        mem.write_obj(4u16, GuestAddress(AVAIL + 4 + 2 * 16)).unwrap();
+        q.set_next_used(6);
+        assert!(needs_notification(&q, &mem, 3));
+        assert!(!needs_notification(&q, &mem, 5));
+        q.set_event_idx(false);
+        assert!(needs_notification(&q, &mem, 5));
     }
 
     #[test]
