@@ -1221,7 +1221,8 @@ mod tests {
         let avail_event: u16 = mem.read_obj(GuestAddress(USED + 4 + 8 * 16)).unwrap();
         assert_eq!(avail_event, 7);
         // used_event 4: entries 3..6 published at once include it, 5..6 do not.
-        mem.write_obj(4u16, GuestAddress(AVAIL + 4 + 2 * 16)).unwrap();
+        mem.write_obj(4u16, GuestAddress(AVAIL + 4 + 2 * 16))
+            .unwrap();
         q.set_next_used(6);
         assert!(needs_notification(&q, &mem, 3));
         assert!(!needs_notification(&q, &mem, 5));
