@@ -689,7 +689,8 @@ fn answer_ping(sock: &PacketSocket, mac: [u8; 6], seed: u32) {
 }
 
 /// The `announce-*` migration parameters: QEMU 7.2's defaults, set and shown, checked with
-/// QEMU's texts (nothing changes on a refused set); `announce-self`'s arguments checked.
+/// QEMU's texts (nothing changes on a refused set); `announce-self`'s arguments checked. (The
+/// texts are QEMU 7.2's replies to the same commands.)
 #[test]
 fn announce_parameters_are_migration_parameters() {
     use serde_json::json;
@@ -737,7 +738,10 @@ fn announce_parameters_are_migration_parameters() {
             json!({"announce-rounds": -1}),
             "Parameter 'announce_rounds' expects a value between 0 and 1000",
         ),
-        (json!({"announce-initial": "x"}), "announce-initial"),
+        (
+            json!({"announce-initial": "x"}),
+            "Parameter 'announce-initial' expects uint64",
+        ),
     ] {
         let e = h
             .qmp
@@ -754,7 +758,7 @@ fn announce_parameters_are_migration_parameters() {
         ),
         (
             json!({"initial": 1, "max": 1, "rounds": 1, "step": 1, "interfaces": "x"}),
-            "interfaces",
+            "Invalid parameter type for 'interfaces', expected: array",
         ),
         (
             json!({"initial": 1, "max": 1, "rounds": 1, "step": 1, "bogus": 1}),
