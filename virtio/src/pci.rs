@@ -894,6 +894,10 @@ impl VirtioPci {
             })
             .collect();
         core.msix_pba = state.msix_pba & ((1u64 << vectors) - 1);
+        // Every queue is looked at when the VM runs (as QEMU's devices do on start): buffers
+        // made available without a notification this side saw, a tap that became readable
+        // before the driver state was here.
+        core.pending = (1u64 << core.queues.len().min(63)) - 1;
         for (i, e) in core.msix_table.iter().enumerate() {
             core.msi.program(i as u16, e.address, e.data);
         }
@@ -993,7 +997,16 @@ const READY_DATA: u32 = 1 << 16;
 
 impl devices::Quiesce for QueueHandler {
     fn pause(&self) {
-        lock(&self.core).paused = true;
+        let mut core = lock(&self.core);
+        // The vCPUs are parked: a notification they made that the event loop has not served
+        // yet is served now, so that nothing the guest made available before it stopped is
+        // left behind (a migration saves the device next).
+        for (i, fd) in self.notify.iter().enumerate() {
+            if fd.read().is_ok() {
+                core.process(i);
+            }
+        }
+        core.paused = true;
     }
 
     fn resume(&self) {
