@@ -1535,6 +1535,31 @@ mod tests {
         assert_eq!(used, 1);
     }
 
+    /// A notification the event loop has not served when the device pauses (the vCPU made
+    /// it just before it parked) is served by the pause, before a state save can see the
+    /// request half-way; a restored device looks at every queue once it resumes.
+    #[test]
+    fn pause_serves_a_pending_notification_and_restore_rearms() {
+        let mut r = rig("pause-pending", false, 8);
+        r.init(1);
+        r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        r.desc(0, HDR, 16, 1, 1);
+        r.desc(1, STATUS, 1, 2, 0);
+        r.mem.write_obj(4u32, GuestAddress(HDR)).unwrap();
+        // The guest's notification, not yet served by the event loop.
+        r.w(NOTIFY_OFFSET, 0, 2);
+        let q = r.dev.quiesce();
+        q.pause();
+        let used: u16 = r.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used, 1, "served by the pause");
+        assert!(r.dev.notify[0].read().is_err(), "and consumed");
+        let state = r.dev.state();
+        r.dev.restore(&state).unwrap();
+        q.resume();
+        assert_eq!(r.dev.notify[0].read().unwrap(), 1, "every queue looked at");
+    }
+
     #[test]
     fn rng_fills_every_buffer() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
