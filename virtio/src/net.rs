@@ -95,7 +95,10 @@ pub struct Net {
     mrg_rxbuf: bool,
     /// The length of the frame in `buf` waiting for receive buffers (0: none).
     held: usize,
+    /// A received frame (with its header).
     buf: Vec<u8>,
+    /// A frame to transmit (apart: a received frame may be waiting in `buf`).
+    tx_buf: Vec<u8>,
 }
 
 /// `struct ifreq` as TUNSETIFF reads it: the name, then the flags.
@@ -186,6 +189,7 @@ impl Net {
             mrg_rxbuf: false,
             held: 0,
             buf: vec![0; MAX_PACKET],
+            tx_buf: vec![0; MAX_PACKET],
         }
     }
 
@@ -206,8 +210,8 @@ impl Net {
                 let head = chain.head_index();
                 if let Ok(mut r) = Reader::new(mem, chain) {
                     let n = r.available_bytes().min(MAX_PACKET);
-                    if n > HEADER_LEN && r.read_exact(&mut self.buf[..n]).is_ok() {
-                        if let Err(e) = (&self.tap).write(&self.buf[..n]) {
+                    if n > HEADER_LEN && r.read_exact(&mut self.tx_buf[..n]).is_ok() {
+                        if let Err(e) = (&self.tap).write(&self.tx_buf[..n]) {
                             if e.kind() != std::io::ErrorKind::WouldBlock {
                                 log::warn!("virtio-net {}: {e}", self.name);
                             }
@@ -686,6 +690,18 @@ mod tests {
         assert_eq!((q.next_avail(), q.next_used()), (0, 0));
         let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
         assert_eq!(used_idx, 0);
+        // A frame transmitted meanwhile leaves the waiting one alone.
+        let mut tx = Queue::new(16).unwrap();
+        tx.set_size(16);
+        tx.set_desc_table_address(Some(0x6000), Some(0));
+        tx.set_avail_ring_address(Some(0x7000), Some(0));
+        tx.set_used_ring_address(Some(0x8000), Some(0));
+        tx.set_ready(true);
+        mem.write_slice(&[0xab; 100], GuestAddress(0x9000)).unwrap();
+        mem.write_obj(0x9000u64, GuestAddress(0x6000)).unwrap();
+        mem.write_obj(100u32, GuestAddress(0x6008)).unwrap();
+        mem.write_obj(1u16, GuestAddress(0x7002)).unwrap();
+        assert!(n.process_queue(TX, &mut tx, &mem).unwrap());
         // A third: 100 + 100 + 62 bytes, num_buffers 3, one index store of 3.
         rx_buffers(&mem, 2, 1, 100);
         assert!(n.place(&mut q, &mem).unwrap());
