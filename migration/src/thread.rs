@@ -333,6 +333,48 @@ pub struct ThrottleParameters {
     pub trigger_threshold: u32,
 }
 
+/// QEMU's self-announce timing after an incoming migration (`announce-initial`, `-max`,
+/// `-rounds`, `-step` of `migrate-set-parameters`, also the arguments of `announce-self`):
+/// the first round at once, then rounds `initial`, `initial + step`, `initial + 2 × step` … ms
+/// apart, each gap at most `max`, `rounds` rounds in all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct AnnounceParameters {
+    /// The first gap, ms.
+    pub initial: u64,
+    /// The largest gap, ms.
+    pub max: u64,
+    /// How many rounds.
+    pub rounds: u64,
+    /// How much each gap grows, ms.
+    pub step: u64,
+}
+
+impl Default for AnnounceParameters {
+    /// QEMU 7.2's defaults.
+    fn default() -> Self {
+        Self {
+            initial: 50,
+            max: 550,
+            rounds: 5,
+            step: 100,
+        }
+    }
+}
+
+impl AnnounceParameters {
+    /// The wait after round `done` (1 for the first) before the next, as QEMU's
+    /// `qemu_announce_timer_step`: `initial + (done - 1) × step`, at most `max`.
+    pub fn gap_after(&self, done: u64) -> Duration {
+        let ms = done
+            .saturating_sub(1)
+            .checked_mul(self.step)
+            .and_then(|g| g.checked_add(self.initial))
+            .filter(|&g| g <= self.max)
+            .unwrap_or(self.max);
+        Duration::from_millis(ms)
+    }
+}
+
 impl Default for ThrottleParameters {
     /// QEMU 7.2's defaults.
     fn default() -> Self {
@@ -465,6 +507,7 @@ struct Inner {
     /// `late-block-activate` (destination; hopvm has no block devices to activate).
     late_block_activate: bool,
     throttle_params: ThrottleParameters,
+    announce_params: AnnounceParameters,
     throttle_pct: u32,
     pages_per_second: u64,
     precopy_bytes: u64,
@@ -532,6 +575,7 @@ impl Migration {
                 continued: false,
                 late_block_activate: false,
                 throttle_params: ThrottleParameters::default(),
+                announce_params: AnnounceParameters::default(),
                 throttle_pct: 0,
                 pages_per_second: 0,
                 precopy_bytes: 0,
@@ -723,6 +767,16 @@ impl Migration {
     /// period on).
     pub fn set_throttle_parameters(&self, p: ThrottleParameters) {
         lock(&self.inner).throttle_params = p;
+    }
+
+    /// The self-announce parameters an incoming migration uses.
+    pub fn announce_parameters(&self) -> AnnounceParameters {
+        lock(&self.inner).announce_params
+    }
+
+    /// Sets the self-announce parameters.
+    pub fn set_announce_parameters(&self, p: AnnounceParameters) {
+        lock(&self.inner).announce_params = p;
     }
 
     /// Applies `auto-converge`'s percentage to the vCPUs and records it.
@@ -1530,6 +1584,24 @@ enum Switchover {
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    /// QEMU's announce gaps: 50, 150, 250, 350 ms with the defaults; capped at `max`.
+    #[test]
+    fn announce_gaps() {
+        let p = AnnounceParameters::default();
+        let ms = |p: &AnnounceParameters, k| p.gap_after(k).as_millis();
+        assert_eq!(
+            (1..5).map(|k| ms(&p, k)).collect::<Vec<_>>(),
+            [50, 150, 250, 350]
+        );
+        let capped = AnnounceParameters { max: 200, ..p };
+        assert_eq!(ms(&capped, 3), 200);
+        let huge = AnnounceParameters {
+            step: u64::MAX,
+            ..p
+        };
+        assert_eq!(ms(&huge, 3), 550);
+    }
 
     /// A VMM with nothing but an empty registry.
     struct Host {

@@ -32,7 +32,7 @@ pub mod rng;
 
 pub use block::{Block, BlockError};
 pub use event_loop::EventLoop;
-pub use net::{Net, NetError};
+pub use net::{Net, NetError, NetState};
 pub use pci::{VirtioPci, VirtioPciState, VirtioPciStateError};
 pub use rng::Entropy;
 
@@ -56,6 +56,25 @@ pub trait IoEventRegistrar: Send + Sync {
     fn register(&self, addr: u64, fd: &EventFd) -> std::io::Result<()>;
     /// Stops it.
     fn unregister(&self, addr: u64, fd: &EventFd) -> std::io::Result<()>;
+}
+
+/// A back-end's own part of a device's migration state (what the transport does not hold).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub enum BackendState {
+    /// virtio-net: its MAC and pending guest announcement.
+    Net(NetState),
+}
+
+/// Errors restoring a back-end's own state.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BackendStateError {
+    /// The state is another device type's, or missing where the device has one.
+    #[error("back-end state of the wrong device type")]
+    WrongType,
+    /// A guest announcement is pending but the driver never accepted GUEST_ANNOUNCE.
+    #[error("a guest announcement is pending without VIRTIO_NET_F_GUEST_ANNOUNCE negotiated")]
+    AnnounceNotNegotiated,
 }
 
 /// Why a queue cannot be served: the device then sets DEVICE_NEEDS_RESET.
@@ -87,8 +106,44 @@ pub trait VirtioBackend: Send {
     }
 
     /// Tells the network this device's guest is here now (after a migration: QEMU's
-    /// self-announce); nothing by default.
-    fn announce(&mut self) {}
+    /// self-announce), the driver having accepted `driver_features`; true if the device's
+    /// configuration changed (the transport then raises a configuration interrupt). Nothing
+    /// by default.
+    fn announce(&mut self, _driver_features: u64) -> bool {
+        false
+    }
+
+    /// Device reset: the back-end forgets what the driver set.
+    fn reset(&mut self) {}
+
+    /// The driver set DRIVER_OK having accepted `driver_features` (also on a restore of a
+    /// running device).
+    fn activate(&mut self, _driver_features: u64) {}
+
+    /// Whether queue `index` has available buffers the back-end left unused because it needs
+    /// more of them at once (virtio-net: a frame larger than the receive buffers posted so
+    /// far): the transport then asks to be notified of the driver's next buffer.
+    fn waiting_for_buffers(&self, _index: usize) -> bool {
+        false
+    }
+
+    /// The back-end's own migration state, if it has any.
+    fn save_state(&self) -> Option<BackendState> {
+        None
+    }
+
+    /// Checks and takes `state` (from [`VirtioBackend::save_state`] of the source's device),
+    /// the driver having accepted `driver_features`; on error nothing changed.
+    fn restore_state(
+        &mut self,
+        state: Option<&BackendState>,
+        _driver_features: u64,
+    ) -> Result<(), BackendStateError> {
+        match state {
+            None => Ok(()),
+            Some(_) => Err(BackendStateError::WrongType),
+        }
+    }
 
     /// Serves every available buffer of queue `index`; true if any was used.
     fn process_queue(

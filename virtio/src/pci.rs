@@ -97,6 +97,9 @@ pub enum VirtioPciStateError {
     /// An MSI-X vector number is past the table.
     #[error("msi-x vector {0} past the table")]
     Vector(u16),
+    /// The back-end's own state is invalid.
+    #[error(transparent)]
+    Backend(#[from] crate::BackendStateError),
 }
 
 /// One queue's state.
@@ -150,6 +153,9 @@ pub struct VirtioPciState {
     pub msix_table: Vec<(u64, u32, u32)>,
     /// MSI-X pending bits.
     pub msix_pba: u64,
+    /// The back-end's own state (virtio-net: MAC, pending guest announcement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<crate::BackendState>,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -214,6 +220,7 @@ impl Core {
         }
         self.isr = 0;
         self.intx.set_level(false);
+        self.backend.reset();
     }
 
     fn selected(&mut self) -> Option<&mut QueueSlot> {
@@ -356,6 +363,7 @@ impl Core {
                 log::warn!("virtio: queue {i} is not in guest RAM: device needs reset");
                 self.needs_reset();
             }
+            self.backend.activate(self.driver_features);
         }
     }
 
@@ -366,6 +374,11 @@ impl Core {
 
     fn needs_reset(&mut self) {
         self.status |= VIRTIO_CONFIG_S_NEEDS_RESET as u8;
+        self.config_changed();
+    }
+
+    /// The device configuration changed: a new generation and a configuration interrupt.
+    fn config_changed(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
         self.signal(self.msix_config, ISR_CONFIG);
     }
@@ -461,6 +474,7 @@ impl Core {
         }
         let vector = slot.msix_vector;
         let event_idx = slot.queue.event_idx_enabled();
+        let first_used = slot.queue.next_used();
         let mut any = false;
         let result = loop {
             let used = match self
@@ -479,13 +493,22 @@ impl Core {
             // queue waiting for frames).
             match slot.queue.enable_notification(&self.mem) {
                 Ok(true) if used => {}
+                Ok(_) if self.backend.waiting_for_buffers(index) => {
+                    // The back-end left available buffers unused because it needs more (a
+                    // frame larger than them): be notified of the driver's next one.
+                    match wait_for_next_buffer(&slot.queue, &self.mem) {
+                        Ok(true) => {}
+                        Ok(false) => break Ok(()),
+                        Err(e) => break Err(crate::QueueError::Queue(e)),
+                    }
+                }
                 Ok(_) => break Ok(()),
                 Err(e) => break Err(crate::QueueError::Queue(e)),
             }
         };
         match result {
             Ok(()) => {
-                if any && slot.queue.needs_notification(&self.mem).unwrap_or(true) {
+                if any && needs_notification(&slot.queue, &self.mem, first_used) {
                     self.signal(vector, ISR_QUEUE);
                 }
             }
@@ -495,6 +518,43 @@ impl Core {
             }
         }
     }
+}
+
+/// EVENT_IDX: sets `avail_event` to the driver's current available index, so its next buffer
+/// is notified even though earlier ones are still unused; true if one came meanwhile.
+fn wait_for_next_buffer(queue: &Queue, mem: &GuestMemoryMmap) -> Result<bool, virtio_queue::Error> {
+    let avail = queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+    let at = queue
+        .used_ring()
+        .checked_add(4 + 8 * u64::from(queue.size()))
+        .ok_or(virtio_queue::Error::AddressOverflow)?;
+    vm_memory::Bytes::write_obj(mem, avail.0.to_le(), GuestAddress(at))
+        .map_err(virtio_queue::Error::GuestMemory)?;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    Ok(queue.avail_idx(mem, std::sync::atomic::Ordering::Acquire)? != avail)
+}
+
+/// Whether the driver wants an interrupt now that the used ring went from `first_used` to
+/// the queue's next used index: always without VIRTIO_RING_F_EVENT_IDX, else when `used_event`
+/// is among the entries added (Linux's `vring_need_event`). Counted from the indices, not
+/// from `add_used` calls, as a back-end may publish several entries at once.
+fn needs_notification(queue: &Queue, mem: &GuestMemoryMmap, first_used: u16) -> bool {
+    if !queue.event_idx_enabled() {
+        return true;
+    }
+    let at = queue
+        .avail_ring()
+        .checked_add(4 + 2 * u64::from(queue.size()));
+    // The used ring's entries and index are written before `used_event` is read.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let Some(used_event) =
+        at.and_then(|a| vm_memory::Bytes::read_obj::<u16>(mem, GuestAddress(a)).ok())
+    else {
+        return true;
+    };
+    let used_event = u16::from_le(used_event);
+    let new = queue.next_used();
+    new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(first_used)
 }
 
 /// Fills `data` with `bytes` from `offset` on, zeroes past their end: a read of a register
@@ -652,9 +712,15 @@ impl VirtioPci {
         })
     }
 
-    /// Has the back-end announce the guest to the network (virtio-net: one RARP frame).
+    /// Has the back-end announce the guest to the network (virtio-net: one RARP frame, and
+    /// with VIRTIO_NET_F_GUEST_ANNOUNCE the guest is asked to announce itself through a
+    /// configuration change, once the driver is up).
     pub fn announce(&self) {
-        lock(&self.core).backend.announce();
+        let mut core = lock(&self.core);
+        let features = core.driver_features;
+        if core.backend.announce(features) && core.driver_ok() {
+            core.config_changed();
+        }
     }
 
     /// The handle that pauses this device's back-end with the VM.
@@ -750,6 +816,7 @@ impl VirtioPci {
                 .map(|e| (e.address, e.data, e.control))
                 .collect(),
             msix_pba: core.msix_pba,
+            backend: core.backend.save_state(),
         }
     }
 
@@ -802,7 +869,12 @@ impl VirtioPci {
                 msix_vector: s.msix_vector,
             });
         }
-        // Everything checked: apply.
+        // The back-end checks its part and takes it only if valid; then the rest is applied.
+        core.backend
+            .restore_state(state.backend.as_ref(), state.driver_features)?;
+        if u32::from(state.status) & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            core.backend.activate(state.driver_features);
+        }
         core.queues = queues;
         core.device_features_select = state.device_features_select;
         core.driver_features_select = state.driver_features_select;
@@ -822,6 +894,10 @@ impl VirtioPci {
             })
             .collect();
         core.msix_pba = state.msix_pba & ((1u64 << vectors) - 1);
+        // Every queue is looked at when the VM runs (as QEMU's devices do on start): buffers
+        // made available without a notification this side saw, a tap that became readable
+        // before the driver state was here.
+        core.pending = (1u64 << core.queues.len().min(63)) - 1;
         for (i, e) in core.msix_table.iter().enumerate() {
             core.msi.program(i as u16, e.address, e.data);
         }
@@ -921,7 +997,16 @@ const READY_DATA: u32 = 1 << 16;
 
 impl devices::Quiesce for QueueHandler {
     fn pause(&self) {
-        lock(&self.core).paused = true;
+        let mut core = lock(&self.core);
+        // The vCPUs are parked: a notification they made that the event loop has not served
+        // yet is served now, so that nothing the guest made available before it stopped is
+        // left behind (a migration saves the device next).
+        for (i, fd) in self.notify.iter().enumerate() {
+            if fd.read().is_ok() {
+                core.process(i);
+            }
+        }
+        core.paused = true;
     }
 
     fn resume(&self) {
@@ -1130,6 +1215,32 @@ mod tests {
                 .unwrap();
             (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
         }
+    }
+
+    /// EVENT_IDX: a back-end waiting for more buffers sets `avail_event` to the driver's
+    /// index (not the next unused entry), so the driver's next buffer is notified; and the
+    /// interrupt check counts every entry published since the processing began.
+    #[test]
+    fn event_idx_helpers() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut q = new_queue(16);
+        q.set_size(16);
+        q.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        q.set_used_ring_address(Some(USED as u32), Some(0));
+        q.set_event_idx(true);
+        q.set_ready(true);
+        mem.write_obj(7u16, GuestAddress(AVAIL + 2)).unwrap();
+        assert!(!wait_for_next_buffer(&q, &mem).unwrap());
+        let avail_event: u16 = mem.read_obj(GuestAddress(USED + 4 + 8 * 16)).unwrap();
+        assert_eq!(avail_event, 7);
+        // used_event 4: entries 3..6 published at once include it, 5..6 do not.
+        mem.write_obj(4u16, GuestAddress(AVAIL + 4 + 2 * 16))
+            .unwrap();
+        q.set_next_used(6);
+        assert!(needs_notification(&q, &mem, 3));
+        assert!(!needs_notification(&q, &mem, 5));
+        q.set_event_idx(false);
+        assert!(needs_notification(&q, &mem, 5));
     }
 
     #[test]
@@ -1422,6 +1533,31 @@ mod tests {
         lock(&r.dev.core).process(0);
         let used: u16 = r.mem.read_obj(GuestAddress(USED + 2)).unwrap();
         assert_eq!(used, 1);
+    }
+
+    /// A notification the event loop has not served when the device pauses (the vCPU made
+    /// it just before it parked) is served by the pause, before a state save can see the
+    /// request half-way; a restored device looks at every queue once it resumes.
+    #[test]
+    fn pause_serves_a_pending_notification_and_restore_rearms() {
+        let mut r = rig("pause-pending", false, 8);
+        r.init(1);
+        r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        r.desc(0, HDR, 16, 1, 1);
+        r.desc(1, STATUS, 1, 2, 0);
+        r.mem.write_obj(4u32, GuestAddress(HDR)).unwrap();
+        // The guest's notification, not yet served by the event loop.
+        r.w(NOTIFY_OFFSET, 0, 2);
+        let q = r.dev.quiesce();
+        q.pause();
+        let used: u16 = r.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used, 1, "served by the pause");
+        assert!(r.dev.notify[0].read().is_err(), "and consumed");
+        let state = r.dev.state();
+        r.dev.restore(&state).unwrap();
+        q.resume();
+        assert_eq!(r.dev.notify[0].read().unwrap(), 1, "every queue looked at");
     }
 
     #[test]

@@ -136,6 +136,9 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// The PCI device number (QEMU's `addr=`); the first free one if none.
     pub slot: Option<u8>,
+    /// The card's name for `announce-self`'s `interfaces` (QEMU's `-device …,id=`); none:
+    /// QEMU's generated `virtio-net-pci.N`, N the card's position.
+    pub id: Option<String>,
 }
 
 /// QEMU's default MAC for the first NIC (52:54:00:12:34:56), the last byte counting up.
@@ -164,18 +167,21 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
 impl std::str::FromStr for NetConfig {
     type Err = ConfigError;
 
-    /// Parses `tap=NAME[,mac=52:54:00:12:34:56]` (the MAC defaults to QEMU's first one).
+    /// Parses `tap=NAME[,mac=52:54:00:12:34:56][,id=ID]` (the MAC defaults to QEMU's first
+    /// one; `id` names the card for `announce-self`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why| ConfigError::InvalidNet(s.to_string(), why);
         let mut tap = None;
         let mut mac = None;
+        let mut id = None;
         for part in crate::qemu_opts::split_options(s) {
             match part.split_once('=') {
                 Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
                 Some(("mac", v)) => {
                     mac = Some(parse_mac(v).ok_or_else(|| bad("mac=xx:xx:xx:xx:xx:xx"))?)
                 }
-                _ => return Err(bad("expected tap=NAME[,mac=xx:xx:xx:xx:xx:xx]")),
+                Some(("id", v)) if !v.is_empty() => id = Some(v.to_string()),
+                _ => return Err(bad("expected tap=NAME[,mac=xx:xx:xx:xx:xx:xx][,id=ID]")),
             }
         }
         Ok(Self {
@@ -183,6 +189,7 @@ impl std::str::FromStr for NetConfig {
             fd: None,
             mac,
             slot: None,
+            id,
         })
     }
 }
@@ -459,10 +466,14 @@ mod tests {
         assert_eq!((n.tap.as_str(), n.mac), ("hop0", None));
         let n: NetConfig = "tap=t1,mac=02:00:00:00:00:01".parse().unwrap();
         assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(n.id, None);
+        let n: NetConfig = "tap=t1,id=net0".parse().unwrap();
+        assert_eq!(n.id.as_deref(), Some("net0"));
         assert_eq!(default_mac(1), [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
         for bad in [
             "",
             "tap=",
+            "tap=x,id=",
             "mac=02:00:00:00:00:01",
             "tap=x,mac=1:2:3:4:5:6",
             "tap=x,vhost=on",

@@ -124,6 +124,7 @@ pub struct Instance {
     events: Mutex<Option<EventEmitter>>,
     power_on: Vec<Vec<u8>>,
     incoming: Mutex<Incoming>,
+    announcer: Arc<crate::announce::Announcer>,
 }
 
 /// Where the destination side of a migration stands.
@@ -368,6 +369,7 @@ impl Instance {
             events: Mutex::new(None),
             power_on,
             incoming: Mutex::new(Incoming::No),
+            announcer: Arc::default(),
         });
         let weak = Arc::downgrade(&instance);
         instance.migration.add_notifier(move |e| {
@@ -844,35 +846,32 @@ impl Instance {
         }
     }
 
-    /// QEMU's self-announce after an incoming migration: each virtio-net card sends a RARP
-    /// frame from its MAC, 5 rounds 50, 150, 250, 350 and 450 ms after the load (QEMU's
-    /// `announce-*` defaults), so switches learn where the guest is now. On a thread of its own
-    /// (`announce`), which takes the big lock for each round.
-    fn announce(&self) {
-        let nets = self.vm.devices.virtio_net.clone();
-        if nets.is_empty() {
-            return;
-        }
-        let machine = self.vm.machine.clone();
-        let spawned = std::thread::Builder::new()
-            .name(String::from("announce"))
-            .spawn(move || {
-                for delay in [50u64, 100, 100, 100, 100] {
-                    // The protocol's own timing, not a synchronisation.
-                    std::thread::sleep(std::time::Duration::from_millis(delay));
-                    let _g = lock(&machine);
-                    for dev in &nets {
-                        lock(dev).announce();
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            log::warn!("cannot start the announce thread: {e}");
-        }
+    /// QEMU's self-announce (module [`crate::announce`]) of the virtio-net cards named in
+    /// `interfaces` (all if none) with `params`, as `timer`.
+    pub fn announce_self(
+        &self,
+        timer: crate::announce::AnnounceTimer,
+        params: migration::thread::AnnounceParameters,
+        interfaces: Option<Vec<String>>,
+    ) {
+        let d = &self.vm.devices;
+        let nics = d
+            .virtio_net_names
+            .iter()
+            .cloned()
+            .zip(d.virtio_net.iter().cloned())
+            .collect();
+        self.announcer
+            .start(timer, params, interfaces, nics, self.vm.machine.clone());
     }
 
     fn incoming_done(&self) {
-        self.announce();
+        // After an incoming migration, with the `announce-*` migration parameters.
+        self.announce_self(
+            crate::announce::AnnounceTimer::Incoming,
+            self.migration.announce_parameters(),
+            None,
+        );
         *lock(&self.incoming) = Incoming::Completed;
         {
             let mut g = lock(&self.vm.machine);

@@ -10,6 +10,7 @@
 //! the `hopvm` command line, QEMU's command line and the tools — are the crate `hopvm`
 //! (`vmm/cli/`); neither is imported from here.
 
+pub mod announce;
 pub mod arch;
 pub mod bus;
 pub mod config;

@@ -391,6 +391,9 @@ pub struct Devices {
     pub virtio_blk: Vec<Arc<Mutex<virtio::VirtioPci>>>,
     /// The virtio-net cards, in `--net` order.
     pub virtio_net: Vec<Arc<Mutex<virtio::VirtioPci>>>,
+    /// Their names, as QEMU's network clients are named (`announce-self`'s `interfaces`):
+    /// the `-device` id, or `virtio-net-pci.N`.
+    pub virtio_net_names: Vec<String>,
     /// The virtio-rng entropy source, if any.
     pub virtio_rng: Option<Arc<Mutex<virtio::VirtioPci>>>,
 }
@@ -846,6 +849,12 @@ impl Vm {
                 port92,
                 virtio_blk,
                 virtio_net,
+                virtio_net_names: config
+                    .nets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| n.id.clone().unwrap_or(format!("virtio-net-pci.{i}")))
+                    .collect(),
                 virtio_rng,
             },
             format: boot.as_ref().map(|b| b.format),

@@ -522,7 +522,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                             serial_given = true;
                         }
                         "virtio-blk-pci" => blocks.add_device(opt, &mut k)?,
-                        "virtio-net-pci" => nics.add_device(opt, &mut k)?,
+                        "virtio-net-pci" => nics.add_device(opt, &mut k, id.clone())?,
                         "virtio-rng-pci" => rng_device(opt, &mut k, &mut config, &mut rng_backend)?,
                         other => {
                             return Err(QemuCliError::UnsupportedValue(opt.into(), other.into()))
@@ -543,7 +543,7 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                         let id = k.take("id");
                         match driver {
                             "virtio-blk-pci" => blocks.add_device(opt, &mut k)?,
-                            "virtio-net-pci" => nics.add_device(opt, &mut k)?,
+                            "virtio-net-pci" => nics.add_device(opt, &mut k, id.clone())?,
                             _ => rng_device(opt, &mut k, &mut config, &mut rng_backend)?,
                         }
                         k.finish()?;

@@ -15,6 +15,7 @@ struct PendingNic {
     netdev: String,
     mac: Option<[u8; 6]>,
     slot: Option<u8>,
+    id: Option<String>,
 }
 
 /// A tap netdev: by name, or a descriptor handed over.
@@ -66,8 +67,13 @@ impl NetGraph {
     }
 
     /// Adds a `-device virtio-net-pci` whose remaining keys are in `k` (`driver` and `id`
-    /// already taken).
-    pub fn add_device(&mut self, opt: &str, k: &mut Keys<'_>) -> Result<(), QemuCliError> {
+    /// already taken; `id` names the card for `announce-self`).
+    pub fn add_device(
+        &mut self,
+        opt: &str,
+        k: &mut Keys<'_>,
+        id: Option<String>,
+    ) -> Result<(), QemuCliError> {
         let netdev = k.required("netdev")?;
         k.only("bus", "pci.0")?;
         let mac = match k.take("mac") {
@@ -79,7 +85,12 @@ impl NetGraph {
             Some(a) => Some(crate::qemu_blockdev::parse_addr(opt, &a)?),
         };
         k.take("bootindex");
-        self.nics.push(PendingNic { netdev, mac, slot });
+        self.nics.push(PendingNic {
+            netdev,
+            mac,
+            slot,
+            id,
+        });
         Ok(())
     }
 
@@ -108,6 +119,7 @@ impl NetGraph {
                     fd,
                     mac: n.mac,
                     slot: n.slot,
+                    id: n.id.clone(),
                 })
             })
             .collect()
@@ -121,8 +133,8 @@ mod tests {
     fn device(g: &mut NetGraph, v: &str) -> Result<(), QemuCliError> {
         let mut k = Keys::new("-device", option_map("-device", v, "driver")?);
         k.take("driver");
-        k.take("id");
-        g.add_device("-device", &mut k)?;
+        let id = k.take("id");
+        g.add_device("-device", &mut k, id)?;
         k.finish()
     }
 

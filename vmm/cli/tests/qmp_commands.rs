@@ -90,7 +90,8 @@ fn migration_parameters_and_errors() {
         vm.cmd("query-migrate-parameters", Value::Null),
         json!({"max-bandwidth": 32 << 20, "downtime-limit": 30, "xbzrle-cache-size": 64 << 20,
             "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "cpu-throttle-tailslow": false, "max-cpu-throttle": 99,
-            "multifd-channels": 2, "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
+            "multifd-channels": 2, "tls-creds": "", "tls-hostname": "", "tls-authz": "",
+            "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100})
     );
     assert_eq!(vm.cmd("query-migrate", Value::Null), json!({}));
     assert_eq!(
@@ -118,7 +119,8 @@ fn migration_parameters_and_errors() {
         vm.cmd("query-migrate-parameters", Value::Null),
         json!({"max-bandwidth": 1000, "downtime-limit": 250, "xbzrle-cache-size": 1 << 20,
             "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "cpu-throttle-tailslow": false, "max-cpu-throttle": 99,
-            "multifd-channels": 2, "tls-creds": "", "tls-hostname": "", "tls-authz": ""})
+            "multifd-channels": 2, "tls-creds": "", "tls-hostname": "", "tls-authz": "",
+            "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100})
     );
     vm.cmd(
         "migrate-set-parameters",

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use migration::thread::{Migration, MigrationInfo, MigrationStatus};
+use migration::thread::{AnnounceParameters, Migration, MigrationInfo, MigrationStatus};
 use migration::transport::NamedFds;
 use serde_json::{json, Map, Value};
 
@@ -45,6 +45,7 @@ pub const COMMANDS: &[&str] = &[
     "closefd",
     "object-add",
     "object-del",
+    "announce-self",
 ];
 
 /// Migration capabilities hopvm implements.
@@ -78,10 +79,6 @@ const QEMU_CAPABILITIES: &[&str] = &[
 
 /// QEMU's other migration parameters: known, refused with a clear error.
 const QEMU_PARAMETERS: &[&str] = &[
-    "announce-initial",
-    "announce-max",
-    "announce-rounds",
-    "announce-step",
     "compress-level",
     "compress-threads",
     "compress-wait-thread",
@@ -381,6 +378,7 @@ impl Commands {
             v => v.map(|v| v as u8),
         };
         let max_throttle = a.optional_u64("max-cpu-throttle")?;
+        let announce = announce_parameters(&mut a, m.announce_parameters())?;
         // TLS: the credentials object's id ("" = plain) and the name the destination's
         // certificate must carry ("" = the URI's host). hopvm has no authz objects: the
         // empty string (what libvirt sets for a migration without one) is all tls-authz
@@ -422,6 +420,7 @@ impl Commands {
             check_cache_size(c)?;
         }
         m.set_throttle_parameters(throttle);
+        m.set_announce_parameters(announce);
         if let Some(v) = tls_creds {
             m.tls.set_creds(v);
         }
@@ -573,10 +572,69 @@ pub(crate) fn capabilities_json(m: &Migration) -> Value {
     ])
 }
 
+/// The `announce-*` members of `migrate-set-parameters` over `current`, checked as QEMU 7.2's
+/// `migrate_params_check` does (with its texts).
+fn announce_parameters(
+    a: &mut Args<'_>,
+    current: AnnounceParameters,
+) -> Result<AnnounceParameters, QmpError> {
+    let mut p = current;
+    for (name, field, low, high, value) in [
+        (
+            "announce-initial",
+            "announce_initial",
+            0,
+            100_000,
+            &mut p.initial,
+        ),
+        ("announce-max", "announce_max", 0, 100_000, &mut p.max),
+        ("announce-rounds", "announce_rounds", 0, 1000, &mut p.rounds),
+        ("announce-step", "announce_step", 1, 10_000, &mut p.step),
+    ] {
+        if let Some(v) = a.optional_u64(name)? {
+            if v < low || v > high {
+                // QEMU's text says 0 for announce_step too, which refuses 0.
+                return Err(QmpError::invalid_parameter_value(
+                    field,
+                    &format!("a value between 0 and {high}"),
+                ));
+            }
+            *value = v;
+        }
+    }
+    Ok(p)
+}
+
+/// QMP `announce-self` (QEMU's `AnnounceParameters`: `initial`, `max`, `rounds`, `step`, all
+/// required and unchecked as in QEMU, `interfaces`, `id`).
+fn announce_self(inst: &Instance, args: &Map<String, Value>) -> Result<Value, QmpError> {
+    let mut a = Args::new(args);
+    let int = |a: &mut Args<'_>, name| a.required_i64(name).map(|v| v.max(0) as u64);
+    let params = AnnounceParameters {
+        initial: int(&mut a, "initial")?,
+        max: int(&mut a, "max")?,
+        rounds: int(&mut a, "rounds")?,
+        step: int(&mut a, "step")?,
+    };
+    let interfaces = match a.optional_array("interfaces")? {
+        Some(l) => Some(l.strs()?.into_iter().map(String::from).collect()),
+        None => None,
+    };
+    let id = a.optional_str("id")?.unwrap_or("").to_string();
+    a.finish()?;
+    inst.announce_self(vmm::announce::AnnounceTimer::Named(id), params, interfaces);
+    Ok(Value::Null)
+}
+
 /// `query-migrate-parameters`' reply (also the probe's, with its defaults).
 pub(crate) fn parameters_json(m: &Migration) -> Value {
     let t = m.throttle_parameters();
+    let an = m.announce_parameters();
     json!({
+        "announce-initial": an.initial,
+        "announce-max": an.max,
+        "announce-rounds": an.rounds,
+        "announce-step": an.step,
         "max-bandwidth": m.max_bandwidth(),
         "downtime-limit": m.downtime_limit_ms(),
         "xbzrle-cache-size": lock(&m.xbzrle).cache_size,
@@ -734,6 +792,7 @@ impl QmpBackend for Commands {
             "x-query-migration-timeline" => none(args)
                 .map(|_| serde_json::to_value(inst.migration.timeline()).unwrap_or(Value::Null)),
             "pmemsave" => pmemsave(inst, args),
+            "announce-self" => announce_self(inst, args),
             "object-add" => object_add(inst, args),
             "object-del" => {
                 let mut a = Args::new(args);

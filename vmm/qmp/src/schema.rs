@@ -272,6 +272,10 @@ static MIGRATION_CAPABILITY_STATUS: ObjectDef = ObjectDef {
 };
 /// The migration parameters hopvm implements.
 pub(crate) static MIGRATION_PARAMETER_MEMBERS: &[Member] = &[
+    opt("announce-initial", Ty::Int),
+    opt("announce-max", Ty::Int),
+    opt("announce-rounds", Ty::Int),
+    opt("announce-step", Ty::Int),
     opt("max-bandwidth", Ty::Int),
     opt("downtime-limit", Ty::Int),
     opt("xbzrle-cache-size", Ty::Int),
@@ -507,6 +511,18 @@ pub static COMMAND_DEFS: &[CommandDef] = &[
         None,
     ),
     cmd("object-del", &[m("id", Ty::Str)], None),
+    cmd(
+        "announce-self",
+        &[
+            m("initial", Ty::Int),
+            m("max", Ty::Int),
+            m("rounds", Ty::Int),
+            m("step", Ty::Int),
+            opt("interfaces", Ty::List(&Ty::Str)),
+            opt("id", Ty::Str),
+        ],
+        None,
+    ),
     // Introspection: what this hopvm binary and host provide (crate::probe).
     cmd("query-target", &[], Some(Ty::Object(&TARGET_INFO))),
     cmd("query-kvm", &[], Some(Ty::Object(&KVM_INFO))),
