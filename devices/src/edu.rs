@@ -33,7 +33,6 @@ pub const DMA_START: u64 = 0x40000;
 pub const DMA_SIZE: u64 = 4096;
 
 const ID: u32 = 0x0100_00ed;
-const STATUS_COMPUTING: u32 = 0x01;
 const STATUS_IRQ_FACT: u32 = 0x80;
 const CMD_START: u64 = 0x1;
 const CMD_FROM_DEVICE: u64 = 0x2;
@@ -165,7 +164,8 @@ impl Edu {
         }
         if self.msi_enabled() {
             let c = self.msi_cap;
-            let address = u64::from(self.config.u32(c + 4)) | u64::from(self.config.u32(c + 8)) << 32;
+            let address =
+                u64::from(self.config.u32(c + 4)) | u64::from(self.config.u32(c + 8)) << 32;
             let data = u32::from(self.config.u16(c + 12));
             self.msi.deliver(Some(self.bdf), address, data);
         } else {
@@ -218,10 +218,7 @@ impl Edu {
     }
 
     fn mmio_read(&mut self, offset: u64, len: usize) -> u64 {
-        if offset < 0x80 && len != 4 {
-            return u64::MAX;
-        }
-        if offset >= 0x80 && len != 4 && len != 8 {
+        if len != 4 && (offset < 0x80 || len != 8) {
             return u64::MAX;
         }
         match offset {
@@ -236,34 +233,28 @@ impl Edu {
     }
 
     fn mmio_write(&mut self, offset: u64, len: usize, v: u64) {
-        if (offset < 0x80 && len != 4) || (offset >= 0x80 && len != 4 && len != 8) {
+        if len != 4 && (offset < 0x80 || len != 8) {
             return;
         }
         let v32 = v as u32;
+        // The factorial and DMA complete within the write: "computing" and "DMA running"
+        // are never set when the next write comes.
         match offset {
             0x04 => self.liveness = v32,
             0x08 => {
-                if self.status & STATUS_COMPUTING == 0 {
-                    self.factorial = factorial(v32);
-                    if self.status & STATUS_IRQ_FACT != 0 {
-                        self.raise(IRQ_FACT);
-                    }
+                self.factorial = factorial(v32);
+                if self.status & STATUS_IRQ_FACT != 0 {
+                    self.raise(IRQ_FACT);
                 }
             }
-            0x20 => self.status = (self.status & STATUS_COMPUTING) | (v32 & STATUS_IRQ_FACT),
+            0x20 => self.status = v32 & STATUS_IRQ_FACT,
             0x60 => self.raise(v32),
             0x64 => self.ack(v32),
-            0x80 | 0x88 | 0x90 => {
-                if self.dma[3] & CMD_START == 0 {
-                    self.dma[((offset - 0x80) / 8) as usize] = v;
-                }
-            }
+            0x80 | 0x88 | 0x90 => self.dma[((offset - 0x80) / 8) as usize] = v,
             0x98 => {
-                if self.dma[3] & CMD_START == 0 {
-                    self.dma[3] = v;
-                    if v & CMD_START != 0 {
-                        self.run_dma();
-                    }
+                self.dma[3] = v;
+                if v & CMD_START != 0 {
+                    self.run_dma();
                 }
             }
             _ => {}
@@ -285,7 +276,9 @@ impl Edu {
 
     /// Applies a saved state (checked first; nothing changes on error).
     pub fn restore(&mut self, s: &EduState) -> Result<(), EduStateError> {
-        self.config.check(&s.config).map_err(EduStateError::Config)?;
+        self.config
+            .check(&s.config)
+            .map_err(EduStateError::Config)?;
         if s.buffer.len() != DMA_SIZE as usize {
             return Err(EduStateError::Buffer(s.buffer.len()));
         }
@@ -297,7 +290,7 @@ impl Edu {
             .map_err(EduStateError::Config)?;
         self.liveness = s.liveness;
         self.factorial = s.factorial;
-        self.status = s.status & (STATUS_IRQ_FACT | STATUS_COMPUTING);
+        self.status = s.status & STATUS_IRQ_FACT;
         self.irq_status = s.irq_status;
         self.dma = s.dma;
         self.buffer.copy_from_slice(&s.buffer);
@@ -345,7 +338,12 @@ mod tests {
     ) -> (Arc<RecordingIrq>, Arc<RecordingMsi>, Edu) {
         let (irq, shared) = RecordingIrq::new();
         let msi = Arc::new(RecordingMsi::default());
-        let mut e = Edu::new(3 << 3, shared, msi.clone(), DmaSpace::new(ram.clone(), iommu));
+        let mut e = Edu::new(
+            3 << 3,
+            shared,
+            msi.clone(),
+            DmaSpace::new(ram.clone(), iommu),
+        );
         e.config_mut().write(0x04, &[0x06, 0]); // memory + bus master
         (irq, msi, e)
     }
@@ -365,7 +363,11 @@ mod tests {
         let (_, _, mut e) = edu(None, &ram);
         assert_eq!(e.config().read_dword(0), 0x11e8_1234);
         assert_eq!(r(&mut e, 0, 4), 0x0100_00ed);
-        assert_eq!(r(&mut e, 0, 2), 0xffff, "registers below 0x80 are 32-bit only");
+        assert_eq!(
+            r(&mut e, 0, 2),
+            0xffff,
+            "registers below 0x80 are 32-bit only"
+        );
         w(&mut e, 4, 0x1234, 4);
         assert_eq!(r(&mut e, 4, 4), 0xffff_edcb);
         w(&mut e, 8, 5, 4);
@@ -461,7 +463,8 @@ mod tests {
         w(&mut e, 4, 7, 4);
         w(&mut e, 0x60, 1, 4);
         e.buffer[5] = 9;
-        let s: EduState = serde_json::from_str(&serde_json::to_string(&e.state()).unwrap()).unwrap();
+        let s: EduState =
+            serde_json::from_str(&serde_json::to_string(&e.state()).unwrap()).unwrap();
         let (irq, _, mut d) = edu(None, &ram);
         d.restore(&s).unwrap();
         assert_eq!(d.state(), s);

@@ -594,31 +594,31 @@ impl IntelIommu {
             o if o == CCMD + 4 && v & (1 << 31) != 0 => {
                 // Context invalidation done at once: actual granularity = requested.
                 let g = (v >> 29) & 3;
-                self.set(CCMD + 4, 4, u64::from((v & 0x7fff_ffff & !(3 << 27)) | g << 27));
+                self.set(
+                    CCMD + 4,
+                    4,
+                    u64::from((v & 0x7fff_ffff & !(3 << 27)) | g << 27),
+                );
             }
             o if o == IOTLB + 4 && v & (1 << 31) != 0 => {
                 let g = (v >> 28) & 3;
-                self.set(IOTLB + 4, 4, u64::from((v & 0x3003_ffff & !(3 << 25)) | g << 25));
+                self.set(
+                    IOTLB + 4,
+                    4,
+                    u64::from((v & 0x3003_ffff & !(3 << 25)) | g << 25),
+                );
             }
             IQT => self.process_queue(),
-            FSTS => {
-                if v & FSTS_IQE != 0 {
-                    self.process_queue();
-                }
-            }
-            o if o == FRCD + 12 => {
-                if self.get(FRCD + 8, 8) & FRCD_F == 0 {
-                    let fsts = self.get32(FSTS) & !FSTS_PPF;
-                    self.set(FSTS, 4, u64::from(fsts));
-                }
+            FSTS if v & FSTS_IQE != 0 => self.process_queue(),
+            o if o == FRCD + 12 && self.get(FRCD + 8, 8) & FRCD_F == 0 => {
+                let fsts = self.get32(FSTS) & !FSTS_PPF;
+                self.set(FSTS, 4, u64::from(fsts));
             }
             FECTL => self.unmasked(FECTL, FEDATA, FEADDR, FEUADDR),
             IECTL => self.unmasked(IECTL, IEDATA, IEADDR, IEUADDR),
-            ICS => {
-                if self.get32(ICS) & 1 == 0 {
-                    let c = self.get32(IECTL) & !INT_PENDING;
-                    self.set(IECTL, 4, u64::from(c));
-                }
+            ICS if self.get32(ICS) & 1 == 0 => {
+                let c = self.get32(IECTL) & !INT_PENDING;
+                self.set(IECTL, 4, u64::from(c));
             }
             _ => {}
         }
@@ -908,7 +908,11 @@ pub(crate) mod tests {
         w32(&mut i, GCMD, GCMD_SRTP | GCMD_QIE);
         w64(&mut i, IRTA, 0x7000 | 0xf);
         w32(&mut i, GCMD, GCMD_SRTP | GCMD_QIE | GCMD_SIRTP);
-        w32(&mut i, GCMD, GCMD_SRTP | GCMD_QIE | GCMD_SIRTP | GCMD_TE | GCMD_IRE);
+        w32(
+            &mut i,
+            GCMD,
+            GCMD_SRTP | GCMD_QIE | GCMD_SIRTP | GCMD_TE | GCMD_IRE,
+        );
         assert_eq!(
             r32(&mut i, GSTS),
             GCMD_SRTP | GCMD_QIE | GCMD_SIRTP | GCMD_TE | GCMD_IRE
@@ -929,7 +933,11 @@ pub(crate) mod tests {
         let sid = 3 << 3;
         assert_eq!(i.translate(sid, 0x123, true), Ok(0x8123));
         assert_eq!(i.translate(sid, 0x1ff0, false), Ok(0x9ff0));
-        assert_eq!(i.translate(sid, 0x4012_3456, true), Ok(0x12_3456), "2 MiB page");
+        assert_eq!(
+            i.translate(sid, 0x4012_3456, true),
+            Ok(0x12_3456),
+            "2 MiB page"
+        );
         let f = i.translate(sid, 0x1000, true).unwrap_err();
         assert_eq!((f.reason, f.address), (FaultReason::Write, 0x1000));
         assert_eq!(
@@ -1038,7 +1046,13 @@ pub(crate) mod tests {
         let f = i.remap(Some(0x20), msi, 0).unwrap_err();
         assert_eq!((f.reason, f.address >> 48), (FaultReason::IrSourceId, 1));
         // Level-triggered, logical, lowest priority.
-        irte(&ram, 0x7000, 2, 1 | 1 << 4 | 1 << 2 | 1 << 5 | 0x30 << 16, 0);
+        irte(
+            &ram,
+            0x7000,
+            2,
+            1 | 1 << 4 | 1 << 2 | 1 << 5 | 0x30 << 16,
+            0,
+        );
         assert_eq!(
             i.remap(Some(0), 0xfee0_0000 | 1 << 4 | 2 << 5, 0),
             Ok((0xfee0_0004, 0xc130))
@@ -1164,6 +1178,9 @@ pub(crate) mod tests {
         assert_eq!(d.restore(&bad), Err(IntelIommuError::Config(ECAP)));
         let mut bad = s;
         bad.regs[IQH + 2] = 0xff;
-        assert!(matches!(d.restore(&bad), Err(IntelIommuError::QueueHead(_))));
+        assert!(matches!(
+            d.restore(&bad),
+            Err(IntelIommuError::QueueHead(_))
+        ));
     }
 }

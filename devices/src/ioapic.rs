@@ -273,8 +273,8 @@ impl Ioapic {
         if s.id > 0xf {
             return Err(IoapicStateError::Id(s.id));
         }
-        if let Some(pin) = (0..PINS)
-            .find(|&p| entries[p] & REMOTE_IRR != 0 && entries[p] & TRIGGER_LEVEL == 0)
+        if let Some(pin) =
+            (0..PINS).find(|&p| entries[p] & REMOTE_IRR != 0 && entries[p] & TRIGGER_LEVEL == 0)
         {
             return Err(IoapicStateError::RemoteIrr(pin));
         }
@@ -341,11 +341,14 @@ impl IrqLine for IoapicPin {
 pub(crate) mod tests {
     use super::*;
 
-    /// Records messages; translation is the identity (or blocks when asked).
+    /// A message: (address, data).
+    type Msg = (u64, u32);
+
+    /// Records messages and routes; translation is the identity.
     #[derive(Default)]
     pub struct RecordingMsi {
         pub sent: Mutex<Vec<(u64, u32)>>,
-        pub routes: Mutex<Vec<(u8, Option<(u64, u32)>)>>,
+        pub routes: Mutex<Vec<(u8, Option<Msg>)>>,
     }
 
     impl MsiTarget for RecordingMsi {
@@ -421,7 +424,10 @@ pub(crate) mod tests {
             Some(&(5, Some((0xfee0_0000, 0xc051))))
         );
         io.set_pin(5, true);
-        assert_eq!(read_reg(&mut io, REG_TABLE + 10) as u64 & REMOTE_IRR, REMOTE_IRR);
+        assert_eq!(
+            read_reg(&mut io, REG_TABLE + 10) as u64 & REMOTE_IRR,
+            REMOTE_IRR
+        );
         assert_eq!(t.sent.lock().unwrap().len(), 1);
         io.eoi(0x50); // another vector
         assert_eq!(t.sent.lock().unwrap().len(), 1);

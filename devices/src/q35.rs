@@ -135,7 +135,11 @@ mod tests {
         assert_eq!(u32::from_le_bytes(b), 0x29c0_8086);
         ecam.read(0x1f << 15, &mut b);
         assert_eq!(u32::from_le_bytes(b), 0x2918_8086);
-        assert_eq!(lock(&bus).config_read(0x1f, 0, 0), 0x2918_8086, "cf8 sees the same");
+        assert_eq!(
+            lock(&bus).config_read(0x1f, 0, 0),
+            0x2918_8086,
+            "cf8 sees the same"
+        );
         ecam.read(0x60, &mut b);
         assert_eq!(u32::from_le_bytes(b), 0xb000_0001);
         ecam.write(0x60, &[0; 4]);
