@@ -534,6 +534,7 @@ pub struct Vm {
     kvm: Kvm,
     pit: bool,
     acpi: bool,
+    acpi_config: acpi::AcpiConfig,
     virtio_io: Option<virtio::EventLoop>,
 }
 
@@ -1058,6 +1059,15 @@ impl Vm {
             kvm,
             pit,
             acpi: config.acpi,
+            acpi_config: acpi::AcpiConfig {
+                ecam: q35.then_some(devices::q35::ECAM_BASE),
+                dmar: config.intel_iommu.map(|i| acpi::DmarConfig {
+                    base: devices::intel_iommu::IOMMU_BASE,
+                    aw_bits: i.aw_bits,
+                    intremap: i.intremap,
+                }),
+                ..acpi::AcpiConfig::new(config.cpus)
+            },
             virtio_io,
         };
         vm.load_kernel()?;
@@ -1097,7 +1107,7 @@ impl Vm {
             .collect();
         mptable::write_with_pci(&self.memory, usize::from(self.cpus), &pci)?;
         if self.acpi {
-            acpi::write(&self.memory, self.cpus)?;
+            acpi::write_with(&self.memory, &self.acpi_config)?;
         }
         bios::write_ivt(&self.memory)?;
         // The boot vCPU starts at the loader's entry; the others stay in KVM's INIT-wait
