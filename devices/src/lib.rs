@@ -1,4 +1,4 @@
-//! Emulated devices of hopvm's legacy PC.
+//! Emulated devices of hopvm's legacy PC (and of its `q35` machine).
 //!
 //! Every device lives in a file of its own and is split in two: the live struct, which may hold
 //! handles (an output sink, an interrupt line), and a plain `…State` struct of serde data that
@@ -27,6 +27,10 @@
 //! | [`PcTestdevIrq`] | pio | 0x2000 | 24 | lines 0–23 |
 //! | [`PcTestdevMmio`] | mmio | 0xff00_0000 | 0x10000 | — |
 //! | [`PmTimer`] (ACPI PM timer) | pio | 0x608 | 4 | — |
+//! | [`ioapic::Ioapic`] (`kernel-irqchip=split` only) | mmio | 0xfec0_0000 | 0x1000 | delivers MSIs |
+//! | [`intel_iommu::IntelIommu`] (VT-d) | mmio | 0xfed9_0000 | 0x1000 | fault / invalidation events (MSI) |
+//! | [`q35::PciEcam`] (`q35` only) | mmio | 0xb000_0000 | 0x1000_0000 | — |
+//! | [`edu::Edu`] (a PCI function) | BAR 0 | assigned | 1 MiB | INTA#, one MSI |
 //! | [`Port92`] (System Control Port A) | pio | 0x92 | 1 | — |
 
 use std::sync::Arc;
