@@ -1266,6 +1266,25 @@ mod tests {
     }
 
     #[test]
+    fn device_ram_is_all_or_nothing() {
+        use devices::GuestRam;
+        let layout = Layout::new(16 << 20);
+        let ram = DeviceRam(memory::create_guest_memory(&layout).unwrap());
+        assert!(ram.write(0x1000, &[1, 2, 3, 4]));
+        let mut b = [0u8; 4];
+        assert!(ram.read(0x1000, &mut b));
+        assert_eq!(b, [1, 2, 3, 4]);
+        // Straddling the end of RAM: refused, and the part inside is not written.
+        let end = 16 << 20;
+        assert!(!ram.write(end - 2, &[9; 4]));
+        assert!(ram.read(end - 2, &mut b[..2]));
+        assert_eq!(&b[..2], &[0, 0]);
+        assert!(!ram.read(end - 2, &mut b));
+        assert!(!ram.write(u64::MAX - 1, &[9; 4]));
+        assert!(!ram.read(0xfee0_0000, &mut b));
+    }
+
+    #[test]
     fn cpu_pm_disables_only_power_management_exits() {
         assert_eq!(cpu_pm_exits(0), 0);
         assert_eq!(

@@ -59,7 +59,11 @@ name \"isa-debug-exit\", bus ISA\n\
 name \"pc-testdev\", bus ISA\n\
 name \"pci-testdev\", bus PCI, desc \"PCI Test Device\"\n\
 name \"hyperv-testdev\", bus ISA\n\
-name \"virtio-rng-pci\", bus PCI, alias \"virtio-rng\"\n";
+name \"virtio-rng-pci\", bus PCI, alias \"virtio-rng\"\n\
+name \"edu\", bus PCI\n\
+\n\
+Uncategorized devices:\n\
+name \"intel-iommu\", bus System, desc \"Intel IOMMU (VT-d) DMA Remapping device\"\n";
 
 fn version_line() -> String {
     let v = QEMU_COMPAT_VERSION;
@@ -83,11 +87,12 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -smp N                  number of vCPUs\n\
 -cpu MODEL[,+feat,...]  qemu64 kvm64 Opteron_G1 Skylake-Server max host; +feat -feat feat=on|off\n\
                         (QEMU's CPUID, SVM and vmx-* names), vendor=, hv-passthrough\n\
--machine pc,accel=kvm[,pit=on|off]   the only machine\n\
+-machine pc|q35,accel=kvm[,kernel-irqchip=on|split][,pit=on|off]\n\
 -overcommit mem-lock=on|off,cpu-pm=on|off\n\
 -enable-kvm, -accel kvm[,dirty-ring-size=N]   N: KVM dirty ring entries per vCPU (0 = bitmap)\n\
 -serial stdio|null|file:PATH\n\
 -device pc-testdev | isa-debug-exit[,iobase=,iosize=] | pci-testdev | hyperv-testdev | ? | help\n\
+-device edu | intel-iommu[,intremap=on|off][,aw-bits=39|48]   (q35,kernel-irqchip=split)\n\
 -qmp unix:PATH[,server,nowait]\n\
 -chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control\n\
 -drive file=PATH,if=virtio[,format=raw][,readonly=on]   virtio-blk disk\n\
