@@ -457,6 +457,34 @@ mod tests {
     }
 
     #[test]
+    fn random_accesses_never_panic() {
+        let ram = TestRam::new();
+        let (_, mut i) = iommu(&ram);
+        setup_tables(&ram, &mut i);
+        let (_, _, mut e) = edu(Some(Arc::new(Mutex::new(i))), &ram);
+        let mut r = crate::intel_iommu::tests::XorShift(0xdead_beef_cafe_f00d);
+        for _ in 0..20_000 {
+            let off = if r.next() % 2 == 0 {
+                0x80 + r.next() % 0x20
+            } else {
+                r.next() % BAR_SIZE
+            };
+            let len = 1 << (r.next() % 4);
+            let v = match r.next() % 3 {
+                0 => DMA_START + r.next() % 0x1100,
+                1 => r.next() % 0x3000,
+                _ => r.next(),
+            };
+            e.bar_write(0, off, &v.to_le_bytes()[..len]);
+            let mut b = [0u8; 8];
+            e.bar_read(0, r.next() % BAR_SIZE, &mut b[..len]);
+            e.config_mut()
+                .write((r.next() % 0x100) as usize, &v.to_le_bytes()[..len]);
+            e.config_written(0, 4);
+        }
+    }
+
+    #[test]
     fn save_restore_and_rejects() {
         let ram = TestRam::new();
         let (_, _, mut e) = edu(None, &ram);

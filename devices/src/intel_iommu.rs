@@ -1159,6 +1159,48 @@ pub(crate) mod tests {
         assert!(plain.write(0, 1 << 40, &[9]).is_err());
     }
 
+    /// A small deterministic generator for the fuzz test.
+    pub struct XorShift(pub u64);
+
+    impl XorShift {
+        pub fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+    }
+
+    #[test]
+    fn random_registers_tables_and_requests_never_panic() {
+        let ram = TestRam::new();
+        let (_, mut i) = iommu(&ram);
+        let mut r = XorShift(0x9e37_79b9_7f4a_7c15);
+        for round in 0..20_000 {
+            // Garbage in RAM where tables are likely to point (low MiB), garbage registers.
+            let at = r.next() % ((1 << 20) - 8) & !7;
+            ram.put(at, r.next() & 0x000f_ffff_ffff_ffff);
+            let off = (r.next() % 0x240) & !3;
+            let v = r.next();
+            if round % 3 == 0 {
+                i.write(off, &v.to_le_bytes());
+            } else {
+                i.write(off, &(v as u32).to_le_bytes());
+            }
+            let mut b = [0u8; 8];
+            i.read(r.next() % 0x1000, &mut b[..(1 << (r.next() % 4))]);
+            let sid = r.next() as u16;
+            let iova = r.next() >> (r.next() % 64);
+            if let Err(f) = i.translate(sid, iova, r.next() & 1 == 0) {
+                i.record_fault(&f);
+            }
+            let msi = 0xfee0_0000 | (r.next() & 0xf_fffc);
+            if let Err(f) = i.remap(Some(sid), msi, r.next() as u32) {
+                i.record_fault(&f);
+            }
+        }
+    }
+
     #[test]
     fn save_restore_and_rejects() {
         let ram = TestRam::new();

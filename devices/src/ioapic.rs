@@ -449,6 +449,32 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn random_accesses_never_panic() {
+        let (_, mut io) = ioapic();
+        let mut r = crate::intel_iommu::tests::XorShift(0x1234_5678_9abc_def1);
+        for _ in 0..20_000 {
+            let v = r.next();
+            let len = 1 << (r.next() % 4);
+            match r.next() % 4 {
+                0 => io.write(r.next() % 0x1000, &v.to_le_bytes()[..len]),
+                1 => io
+                    .write(0, &[(v % 0x40) as u8])
+                    .and(io.write(0x10, &v.to_le_bytes()[..len])),
+                2 => {
+                    io.set_pin((v % 30) as usize, v & 0x100 != 0);
+                    None
+                }
+                _ => {
+                    io.eoi(v as u8);
+                    None
+                }
+            };
+            let mut b = [0u8; 8];
+            io.read(r.next() % 0x1000, &mut b[..len]);
+        }
+    }
+
+    #[test]
     fn save_restore_and_rejects() {
         let (_, mut io) = ioapic();
         write_entry(&mut io, 2, TRIGGER_LEVEL | 0x22);
