@@ -1178,7 +1178,7 @@ pub(crate) mod tests {
         let mut r = XorShift(0x9e37_79b9_7f4a_7c15);
         for round in 0..20_000 {
             // Garbage in RAM where tables are likely to point (low MiB), garbage registers.
-            let at = r.next() % ((1 << 20) - 8) & !7;
+            let at = (r.next() % ((1 << 20) - 8)) & !7;
             ram.put(at, r.next() & 0x000f_ffff_ffff_ffff);
             let off = (r.next() % 0x240) & !3;
             let v = r.next();
