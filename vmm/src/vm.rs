@@ -1066,6 +1066,7 @@ impl Vm {
                     aw_bits: i.aw_bits,
                     intremap: i.intremap,
                 }),
+                pic: !split,
                 ..acpi::AcpiConfig::new(config.cpus)
             },
             virtio_io,

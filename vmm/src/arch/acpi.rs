@@ -39,7 +39,8 @@
 //!   QEMU's `init_common_fadt_data`: WBINVD, PROC_C1, SLP_BUTTON, RTC_S4, USE_PLATFORM_CLOCK,
 //!   FORCE_APIC_CLUSTER_MODEL above 8 CPUs, plus RESET_REG_SUP. The 64-bit `X_` fields repeat
 //!   the 32-bit ones, `X_FIRMWARE_CTRL` is 0, as QEMU leaves it.
-//! * **MADT** (`APIC`), as QEMU's `acpi_build_madt`: local APIC at 0xFEE00000, PCAT_COMPAT,
+//! * **MADT** (`APIC`), as QEMU's `acpi_build_madt`: local APIC at 0xFEE00000, PCAT_COMPAT
+//!   (not under `kernel-irqchip=split`, where hopvm has no PIC),
 //!   one enabled Processor Local APIC per CPU (ACPI processor id = APIC id = index), the IOAPIC
 //!   (the MP table's [`IOAPIC_ID`], 0xFEC00000, GSI base 0), interrupt source overrides
 //!   IRQ 0 → GSI 2 (conforming) and IRQ 5, 9, 10, 11 level / active high (QEMU's PCI link IRQs
@@ -195,6 +196,9 @@ pub struct AcpiConfig {
     pub ecam: Option<u64>,
     /// A VT-d IOMMU (a DMAR table).
     pub dmar: Option<DmarConfig>,
+    /// Dual 8259 PICs present (the MADT's PCAT_COMPAT flag); none under
+    /// `kernel-irqchip=split`.
+    pub pic: bool,
 }
 
 /// What the DMAR table describes.
@@ -216,6 +220,7 @@ impl AcpiConfig {
             rsdp_revision: RsdpRevision::default(),
             ecam: None,
             dmar: None,
+            pic: true,
         }
     }
 }
@@ -357,10 +362,11 @@ fn fadt(cpus: u8, facs: u32, dsdt: u32) -> Vec<u8> {
     sdt(b"FACP", FADT_REVISION, &b)
 }
 
-fn madt(cpus: u8) -> Vec<u8> {
+fn madt(cpus: u8, pic: bool) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
-    b.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    let flags = if pic { MADT_PCAT_COMPAT } else { 0 };
+    b.extend_from_slice(&flags.to_le_bytes());
     for id in 0..cpus {
         b.extend_from_slice(&[MADT_LOCAL_APIC, 8, id, id]);
         b.extend_from_slice(&LAPIC_ENABLED.to_le_bytes());
@@ -418,7 +424,7 @@ pub fn build_with(config: &AcpiConfig, base: u64) -> Result<Vec<(u64, Vec<u8>)>,
         addr32(dsdt_addr, dsdt.len())?,
     );
     let madt_addr = next(fadt_addr, fadt.len(), 16)?;
-    let madt = madt(cpus);
+    let madt = madt(cpus, config.pic);
     let mut extra = Vec::new();
     let mut end = next(madt_addr, madt.len(), 16)?;
     for table in config
@@ -838,6 +844,12 @@ mod tests {
         let (_, d) = table(&tables, b"DMAR");
         assert_eq!((d[HEADER_LEN], d[HEADER_LEN + 1]), (47, 0));
         assert_eq!(d.len(), HEADER_LEN + 12 + 16);
+        let (_, madt) = table(&tables, b"APIC");
+        assert_eq!(u32_at(madt, HEADER_LEN + 4), 1, "pcat_compat");
+        c.pic = false;
+        let tables = build_with(&c, ACPI_START).unwrap();
+        let (_, madt) = table(&tables, b"APIC");
+        assert_eq!(u32_at(madt, HEADER_LEN + 4), 0, "no pic");
         // pc: neither.
         let tables = build_with(&AcpiConfig::new(2), ACPI_START).unwrap();
         assert!(tables
