@@ -120,9 +120,12 @@ pub enum VmError {
     /// The q35 machine's ECAM window would overlap RAM.
     #[error("q35: at most 2816 MiB of RAM below 4 GiB are supported (the ECAM window is at 0xb0000000); {0} asked")]
     Q35Memory(String),
-    /// A device combination hopvm does not support.
-    #[error("{0}")]
-    Unsupported(&'static str),
+    /// `-device intel-iommu` on another machine than q35 with the split irqchip.
+    #[error("intel-iommu needs -machine q35,kernel-irqchip=split (as in QEMU with KVM)")]
+    IommuNeedsSplit,
+    /// `-device intel-iommu` with virtio devices, whose DMA would bypass it.
+    #[error("intel-iommu: virtio devices behind the iommu are not supported yet")]
+    IommuWithVirtio,
     /// The IOMMU's configuration.
     #[error(transparent)]
     Iommu(#[from] devices::intel_iommu::IntelIommuError),
@@ -686,16 +689,12 @@ impl Vm {
             )));
         }
         if config.intel_iommu.is_some() && !(q35 && split) {
-            return Err(VmError::Unsupported(
-                "intel-iommu needs -machine q35,kernel-irqchip=split (as in QEMU with KVM)",
-            ));
+            return Err(VmError::IommuNeedsSplit);
         }
         if config.intel_iommu.is_some()
             && (!config.disks.is_empty() || !config.nets.is_empty() || config.rng.is_some())
         {
-            return Err(VmError::Unsupported(
-                "intel-iommu: virtio devices behind the iommu are not supported yet",
-            ));
+            return Err(VmError::IommuWithVirtio);
         }
         let pit = config.pit && !split;
         if split {
