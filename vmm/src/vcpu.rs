@@ -351,7 +351,9 @@ fn complete_pending_io(vcpu: &mut VcpuFd, shared: &VcpuShared) {
                 exit @ (VcpuExit::IoIn(..)
                 | VcpuExit::IoOut(..)
                 | VcpuExit::MmioRead(..)
-                | VcpuExit::MmioWrite(..)),
+                | VcpuExit::MmioWrite(..)
+                // An EOI for the userspace IOAPIC must not be lost while parking either.
+                | VcpuExit::IoapicEoi(..)),
             ) => {
                 if let Next::Report(event) = handle_exit(exit, shared) {
                     log::warn!("vcpu: {event:?} requested while parking; deferred to the next run");
