@@ -238,12 +238,14 @@ impl Instance {
                 Box::new(KvmVmSection::new(vm.fd.clone())),
             );
         } else {
-            // Under kernel-irqchip=split KVM holds no PIC or IOAPIC (KVM_GET_IRQCHIP fails):
-            // the kvm-vm section (PICs, IOAPIC, PIT, kvmclock) does not apply. The userspace
-            // IOAPIC, the IOMMU and edu have sections of their own, so a reset restores them,
-            // but the migration stream has no section for the split machine's kvmclock yet.
-            registry.add_blocker(
-                "kernel-irqchip=split (q35, intel-iommu, edu) is not migratable with hopvm yet",
+            // Under kernel-irqchip=split KVM holds no PIC, IOAPIC or PIT (KVM_GET_IRQCHIP
+            // fails): its VM-wide state is kvmclock alone; the userspace IOAPIC, the IOMMU and
+            // edu have sections of their own.
+            registry.register(
+                "kvm-split-vm",
+                0,
+                VM_STATE_VERSION,
+                Box::new(crate::sections::KvmSplitVmSection::new(vm.fd.clone())),
             );
         }
         if let Some(ioapic) = &d.ioapic {
