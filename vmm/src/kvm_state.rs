@@ -1076,6 +1076,22 @@ mod tests {
     }
 
     #[test]
+    fn split_vm_state_round_trip_and_rejects() {
+        let s = SplitVmState { clock: None };
+        let bytes = s.to_bytes().unwrap();
+        assert_eq!(
+            SplitVmState::from_bytes(&bytes, VM_STATE_VERSION).unwrap(),
+            s
+        );
+        assert!(SplitVmState::from_bytes(&bytes, VM_STATE_VERSION + 1).is_err());
+        assert!(
+            SplitVmState::from_bytes(br#"{"clock":null,"pit":null}"#, VM_STATE_VERSION).is_err()
+        );
+        assert!(SplitVmState::from_bytes(br#"{"clock":[1,2,3]}"#, VM_STATE_VERSION).is_err());
+        assert!(SplitVmState::from_bytes(b"{", VM_STATE_VERSION).is_err());
+    }
+
+    #[test]
     fn validate_rejects_impossible_states() {
         state().validate().unwrap();
         // A hostile stream's tsc frequency: KVM takes it, then cannot report it back.
