@@ -120,8 +120,13 @@ pub enum VmError {
     /// The q35 machine's ECAM window would overlap RAM.
     #[error("q35: at most 2816 MiB of RAM below 4 GiB are supported (the ECAM window is at 0xb0000000); {0} asked")]
     Q35Memory(String),
-    /// `-device intel-iommu` on another machine than q35 with the split irqchip.
-    #[error("intel-iommu needs -machine q35,kernel-irqchip=split (as in QEMU with KVM)")]
+    /// `-device intel-iommu` on another machine than q35.
+    #[error("intel-iommu needs -machine q35")]
+    IommuNeedsQ35,
+    /// `-device intel-iommu,intremap=on` with KVM's IOAPIC, which cannot remap.
+    #[error(
+        "intel-iommu: interrupt remapping cannot work with kernel-irqchip=on, please use 'split'"
+    )]
     IommuNeedsSplit,
     /// `-device intel-iommu` with virtio devices, whose DMA would bypass it.
     #[error("intel-iommu: virtio devices behind the iommu are not supported yet")]
@@ -688,7 +693,10 @@ impl Vm {
                 config.memory,
             )));
         }
-        if config.intel_iommu.is_some() && !(q35 && split) {
+        if config.intel_iommu.is_some() && !q35 {
+            return Err(VmError::IommuNeedsQ35);
+        }
+        if config.intel_iommu.is_some_and(|i| i.intremap) && !split {
             return Err(VmError::IommuNeedsSplit);
         }
         if config.intel_iommu.is_some()

@@ -92,7 +92,7 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -enable-kvm, -accel kvm[,dirty-ring-size=N]   N: KVM dirty ring entries per vCPU (0 = bitmap)\n\
 -serial stdio|null|file:PATH\n\
 -device pc-testdev | isa-debug-exit[,iobase=,iosize=] | pci-testdev | hyperv-testdev | ? | help\n\
--device edu | intel-iommu[,intremap=on|off][,aw-bits=39|48]   (q35,kernel-irqchip=split)\n\
+-device edu | intel-iommu[,intremap=on|off][,aw-bits=39|48]   (q35; intremap: kernel-irqchip=split)\n\
 -qmp unix:PATH[,server,nowait]\n\
 -chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control\n\
 -drive file=PATH,if=virtio[,format=raw][,readonly=on]   virtio-blk disk\n\
