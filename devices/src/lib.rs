@@ -1,4 +1,4 @@
-//! Emulated devices of hopvm's legacy PC.
+//! Emulated devices of hopvm's legacy PC (and of its `q35` machine).
 //!
 //! Every device lives in a file of its own and is split in two: the live struct, which may hold
 //! handles (an output sink, an interrupt line), and a plain `…State` struct of serde data that
@@ -27,6 +27,10 @@
 //! | [`PcTestdevIrq`] | pio | 0x2000 | 24 | lines 0–23 |
 //! | [`PcTestdevMmio`] | mmio | 0xff00_0000 | 0x10000 | — |
 //! | [`PmTimer`] (ACPI PM timer) | pio | 0x608 | 4 | — |
+//! | [`ioapic::Ioapic`] (`kernel-irqchip=split` only) | mmio | 0xfec0_0000 | 0x1000 | delivers MSIs |
+//! | [`intel_iommu::IntelIommu`] (VT-d) | mmio | 0xfed9_0000 | 0x1000 | fault / invalidation events (MSI) |
+//! | [`q35::PciEcam`] (`q35` only) | mmio | 0xb000_0000 | 0x1000_0000 | — |
+//! | [`edu::Edu`] (a PCI function) | BAR 0 | assigned | 1 MiB | INTA#, one MSI |
 //! | [`Port92`] (System Control Port A) | pio | 0x92 | 1 | — |
 
 use std::sync::Arc;
@@ -34,12 +38,16 @@ use std::sync::Arc;
 pub mod acpi_pm;
 pub mod cmos;
 pub mod debug_exit;
+pub mod edu;
 pub mod fw_cfg;
 pub mod i8042;
+pub mod intel_iommu;
+pub mod ioapic;
 pub mod pc_testdev;
 pub mod pci;
 pub mod pci_host;
 pub mod pm_timer;
+pub mod q35;
 pub mod reset_ports;
 pub mod serial;
 
@@ -106,6 +114,40 @@ pub trait IrqLine: Send + Sync {
 
 /// A shared interrupt line.
 pub type SharedIrq = Arc<dyn IrqLine>;
+
+/// Where message-signalled interrupts go: the VMM's KVM `KVM_SIGNAL_MSI`, possibly behind an
+/// IOMMU's interrupt remapping ([`intel_iommu::RemappedMsi`]).
+pub trait MsiTarget: Send + Sync {
+    /// The message as it reaches the LAPICs, after interrupt remapping; `None` if it is
+    /// blocked (a remapping fault, recorded by the IOMMU). `source` is the requester ID
+    /// (bus << 8 | devfn) of a PCI function, `None` for the IOAPIC (whose messages carry no
+    /// requester ID, as on QEMU).
+    fn translate(&self, source: Option<u16>, address: u64, data: u32) -> Option<(u64, u32)>;
+
+    /// Delivers a message that needs no more translation.
+    fn send(&self, address: u64, data: u32);
+
+    /// Translates and delivers a message.
+    fn deliver(&self, source: Option<u16>, address: u64, data: u32) {
+        if let Some((address, data)) = self.translate(source, address, data) {
+            self.send(address, data);
+        }
+    }
+
+    /// The IOAPIC tells which (translated) message pin `pin` sends while it is a level-triggered
+    /// entry (`None` otherwise), so that the in-kernel LAPIC reports its EOI
+    /// (`KVM_EXIT_IOAPIC_EOI` under `kernel-irqchip=split`).
+    fn set_ioapic_route(&self, _pin: u8, _msi: Option<(u64, u32)>) {}
+}
+
+/// Guest-physical memory as devices that do DMA (or walk tables in RAM) see it.
+pub trait GuestRam: Send + Sync {
+    /// Reads `buf.len()` bytes at `gpa`; false (and `buf` unspecified) if any is not RAM.
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool;
+
+    /// Writes `buf` at `gpa`; false (nothing written) if any byte is not RAM.
+    fn write(&self, gpa: u64, buf: &[u8]) -> bool;
+}
 
 /// The little-endian value of an access's bytes (only the first 8 count).
 pub(crate) fn le_value(data: &[u8]) -> u64 {

@@ -222,6 +222,11 @@ impl PciConfig {
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 
+    /// Sets byte `offset`, whatever the mask (device side).
+    pub fn write_readonly(&mut self, offset: usize, v: u8) {
+        self.bytes[offset] = v;
+    }
+
     /// Sets the u16 at `offset`, whatever the mask (device side).
     pub fn set_u16(&mut self, offset: usize, v: u16) {
         self.bytes[offset..offset + 2].copy_from_slice(&v.to_le_bytes());

@@ -84,7 +84,9 @@ impl PciHost {
         }
         let slot = ((a >> 11) & 0x1f) as u8;
         let function = ((a >> 8) & 0x7) as u8;
-        let offset = (a & 0xfc) as usize + (data_offset - DATA_OFFSET) as usize;
+        // The register's low two bits count too, ORed with the data port's byte offset, as
+        // QEMU does (kvm-unit-tests reads the device ID with register 2 in the address).
+        let offset = (a & 0xff) as usize | (data_offset - DATA_OFFSET) as usize;
         Some((slot, function, offset))
     }
 
@@ -190,9 +192,12 @@ mod tests {
         assert_eq!(rd(&mut p, 4, 2), 0x8086);
         assert_eq!(rd(&mut p, 6, 2), 0x1237);
         assert_eq!(rd(&mut p, 7, 1), 0x12);
-        // The low two address bits are ignored; reg 0x08: class 06 00 00.
-        p.write(0, &0x8000_000bu32.to_le_bytes());
-        assert_eq!(rd(&mut p, 4, 4) >> 8, 0x06_00_00);
+        // The low two address bits pick the byte, ORed with the port's, as in QEMU: reg 0x0a
+        // read through 0xcfc is the class code's subclass and class (06 00).
+        p.write(0, &0x8000_000au32.to_le_bytes());
+        assert_eq!(rd(&mut p, 4, 2), 0x0600);
+        p.write(0, &0x8000_0002u32.to_le_bytes());
+        assert_eq!(rd(&mut p, 4, 2), 0x1237, "kvm-unit-tests' device ID read");
         // 01.0: the PIIX3; 01.1 and other buses: nothing; enable bit clear: nothing.
         p.write(0, &0x8000_0800u32.to_le_bytes());
         assert_eq!(rd(&mut p, 4, 4), 0x7000_8086);

@@ -313,6 +313,8 @@ pub fn check_memory(bytes: u64) -> Result<u64, ConfigError> {
     }
 }
 
+pub use devices::intel_iommu::IommuConfig;
+
 /// Everything needed to build and boot a VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -365,6 +367,34 @@ pub struct VmConfig {
     pub nets: Vec<NetConfig>,
     /// A virtio-rng device.
     pub rng: Option<RngConfig>,
+    /// The machine type (QEMU's `-machine pc` or `q35`).
+    pub machine: MachineType,
+    /// Where the IOAPIC and PIC live (QEMU's `kernel-irqchip=on|split`).
+    pub irqchip: IrqchipMode,
+    /// An Intel VT-d IOMMU (QEMU's `-device intel-iommu`; `q35` with `kernel-irqchip=split`).
+    pub intel_iommu: Option<IommuConfig>,
+    /// How many of QEMU's edu devices (`-device edu`).
+    pub edu: u8,
+}
+
+/// The machine type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MachineType {
+    /// QEMU's `pc`: i440FX host bridge and PIIX3.
+    #[default]
+    Pc,
+    /// QEMU's `q35`: Q35 MCH with ECAM (MCFG) and the ICH9 LPC bridge.
+    Q35,
+}
+
+/// Where the interrupt controllers are emulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IrqchipMode {
+    /// All in KVM: PICs, IOAPIC, LAPICs (and the PIT).
+    #[default]
+    Kernel,
+    /// LAPICs in KVM, the IOAPIC in hopvm (`KVM_CAP_SPLIT_IRQCHIP`); no PIC and no PIT.
+    Split,
 }
 
 impl VmConfig {
@@ -392,6 +422,10 @@ impl VmConfig {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: None,
+            machine: MachineType::Pc,
+            irqchip: IrqchipMode::Kernel,
+            intel_iommu: None,
+            edu: 0,
         }
     }
 }

@@ -230,13 +230,56 @@ impl Instance {
                 Box::new(VcpuSection::new(vcpu, msrs.clone())),
             );
         }
-        registry.register(
-            "kvm-vm",
-            0,
-            VM_STATE_VERSION,
-            Box::new(KvmVmSection::new(vm.fd.clone())),
-        );
         let d = &vm.devices;
+        if d.ioapic.is_none() {
+            registry.register(
+                "kvm-vm",
+                0,
+                VM_STATE_VERSION,
+                Box::new(KvmVmSection::new(vm.fd.clone())),
+            );
+        } else {
+            // Under kernel-irqchip=split KVM holds no PIC, IOAPIC or PIT (KVM_GET_IRQCHIP
+            // fails): its VM-wide state is kvmclock alone; the userspace IOAPIC, the IOMMU and
+            // edu have sections of their own.
+            registry.register(
+                "kvm-split-vm",
+                0,
+                VM_STATE_VERSION,
+                Box::new(crate::sections::KvmSplitVmSection::new(vm.fd.clone())),
+            );
+        }
+        if let Some(ioapic) = &d.ioapic {
+            device(
+                &mut registry,
+                "ioapic",
+                ioapic,
+                devices::ioapic::Ioapic::state,
+                devices::ioapic::Ioapic::restore,
+            );
+        }
+        if let Some(iommu) = &d.intel_iommu {
+            device(
+                &mut registry,
+                "intel-iommu",
+                iommu,
+                devices::intel_iommu::IntelIommu::state,
+                devices::intel_iommu::IntelIommu::restore,
+            );
+        }
+        for (i, edu) in d.edu.iter().enumerate() {
+            registry.register(
+                "edu",
+                i as u32,
+                DEVICE_STATE_VERSION,
+                Box::new(DeviceSection::new(
+                    "edu",
+                    edu.clone(),
+                    devices::edu::Edu::state,
+                    devices::edu::Edu::restore,
+                )),
+            );
+        }
         use devices::{cmos, fw_cfg, i8042, pc_testdev, pci_host, pm_timer, reset_ports, serial};
         device(
             &mut registry,

@@ -152,6 +152,32 @@ impl Snapshot for KvmVmSection {
     }
 }
 
+/// The VM-wide KVM state of a `kernel-irqchip=split` machine: kvmclock.
+pub struct KvmSplitVmSection {
+    vm: Arc<VmFd>,
+}
+
+impl KvmSplitVmSection {
+    /// A section for `vm`.
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self { vm }
+    }
+}
+
+impl Snapshot for KvmSplitVmSection {
+    fn save(&mut self) -> Result<Vec<u8>, SectionError> {
+        kvm_state::save_split_vm(&self.vm)
+            .and_then(|s| s.to_bytes())
+            .map_err(|e| SectionError::Unsupported(e.to_string()))
+    }
+
+    fn restore(&mut self, data: &[u8], version: u32) -> Result<(), SectionError> {
+        kvm_state::SplitVmState::from_bytes(data, version)
+            .and_then(|state| kvm_state::restore_split_vm(&self.vm, &state))
+            .map_err(|e| SectionError::state("kvm-split-vm", e))
+    }
+}
+
 /// KVM's dirty pages over hopvm's memory slots (slot n = RAM region n): from KVM's dirty
 /// bitmap, or from the vCPUs' dirty rings when the VM has them ([`crate::dirty_ring`]).
 pub struct KvmDirtyLog {

@@ -160,6 +160,8 @@ pub struct Machine {
     pub runstate: crate::runstate::RunState,
     /// Device back-ends that run outside the vCPU threads, paused and resumed with them.
     pub quiesce: Vec<Arc<dyn devices::Quiesce>>,
+    /// The userspace IOAPIC (`kernel-irqchip=split`), for the LAPICs' EOIs KVM reports.
+    pub ioapic: Option<Arc<Mutex<devices::ioapic::Ioapic>>>,
 }
 
 impl Machine {
@@ -171,6 +173,7 @@ impl Machine {
             vcpus: VcpuRunState::default(),
             runstate: crate::runstate::RunState::Prelaunch,
             quiesce: Vec::new(),
+            ioapic: None,
         }
     }
 
@@ -348,7 +351,9 @@ fn complete_pending_io(vcpu: &mut VcpuFd, shared: &VcpuShared) {
                 exit @ (VcpuExit::IoIn(..)
                 | VcpuExit::IoOut(..)
                 | VcpuExit::MmioRead(..)
-                | VcpuExit::MmioWrite(..)),
+                | VcpuExit::MmioWrite(..)
+                // An EOI for the userspace IOAPIC must not be lost while parking either.
+                | VcpuExit::IoapicEoi(..)),
             ) => {
                 if let Next::Report(event) = handle_exit(exit, shared) {
                     log::warn!("vcpu: {event:?} requested while parking; deferred to the next run");
@@ -467,6 +472,15 @@ fn handle_exit(exit: VcpuExit, shared: &VcpuShared) -> Next {
             request_event(lock(&shared.machine).mmio.write(addr, data), shared)
         }
         VcpuExit::Hlt | VcpuExit::IrqWindowOpen | VcpuExit::Intr => Next::Continue,
+        // `kernel-irqchip=split`: a LAPIC's EOI of a level-triggered IOAPIC vector. The big
+        // lock is released before the IOAPIC's is taken.
+        VcpuExit::IoapicEoi(vector) => {
+            let ioapic = lock(&shared.machine).ioapic.clone();
+            if let Some(ioapic) = ioapic {
+                lock(&ioapic).eoi(vector);
+            }
+            Next::Continue
+        }
         // KVM does not let this vCPU run again before entries of its ring were given back:
         // reap every ring (their pages wait in the harvest for the next dirty sync).
         VcpuExit::Unsupported(KVM_EXIT_DIRTY_RING_FULL) => match &shared.dirty_rings {

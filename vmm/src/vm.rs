@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use devices::{IrqLine, SharedIrq};
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_entry__bindgen_ty_1,
-    kvm_irq_routing_irqchip, kvm_pit_config, KvmIrqRouting, KVM_CAP_X86_DISABLE_EXITS,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_PIT_SPEAKER_DUMMY, KVM_X86_DISABLE_EXITS_CSTATE, KVM_X86_DISABLE_EXITS_HLT,
-    KVM_X86_DISABLE_EXITS_MWAIT, KVM_X86_DISABLE_EXITS_PAUSE,
+    kvm_irq_routing_irqchip, kvm_pit_config, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_CAP_X86_DISABLE_EXITS, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_PIT_SPEAKER_DUMMY, KVM_X86_DISABLE_EXITS_CSTATE,
+    KVM_X86_DISABLE_EXITS_HLT, KVM_X86_DISABLE_EXITS_MWAIT, KVM_X86_DISABLE_EXITS_PAUSE,
 };
 use kvm_ioctls::{Kvm, VmFd};
 
@@ -25,7 +25,7 @@ use crate::arch::mptable::{self, isa_irq_to_ioapic_pin, IOAPIC_PINS};
 use crate::arch::regs;
 use crate::arch::{acpi, bios, cpu_model};
 use crate::bus::{lock, Bus, Sink};
-use crate::config::VmConfig;
+use crate::config::{IrqchipMode, MachineType, VmConfig};
 use crate::dirty_ring::{self, DirtyRings};
 use crate::loader::{self, BootRequest, KernelFormat};
 use crate::memory::{self, GuestMemoryMmap, Layout};
@@ -117,6 +117,23 @@ pub enum VmError {
     /// A device asked for a PCI slot that is taken or does not exist.
     #[error("pci slot {0:#x} is taken or does not exist")]
     PciSlot(u8),
+    /// The q35 machine's ECAM window would overlap RAM.
+    #[error("q35: at most 2816 MiB of RAM below 4 GiB are supported (the ECAM window is at 0xb0000000); {0} asked")]
+    Q35Memory(String),
+    /// `-device intel-iommu` on another machine than q35.
+    #[error("intel-iommu needs -machine q35")]
+    IommuNeedsQ35,
+    /// `-device intel-iommu,intremap=on` with KVM's IOAPIC, which cannot remap.
+    #[error(
+        "intel-iommu: interrupt remapping cannot work with kernel-irqchip=on, please use 'split'"
+    )]
+    IommuNeedsSplit,
+    /// `-device intel-iommu` with virtio devices, whose DMA would bypass it.
+    #[error("intel-iommu: virtio devices behind the iommu are not supported yet")]
+    IommuWithVirtio,
+    /// The IOMMU's configuration.
+    #[error(transparent)]
+    Iommu(#[from] devices::intel_iommu::IntelIommuError),
     /// `mem-lock=on`: the memory could not be locked.
     #[error("cannot lock memory (mem-lock=on): {0}")]
     MemLock(#[source] std::io::Error),
@@ -165,10 +182,14 @@ const FIRST_MSI_GSI: u32 = 24;
 /// One past the last GSI hopvm gives MSI routes (KVM allows up to 4096 routes).
 const END_MSI_GSI: u32 = 1024;
 
-/// The VM's GSI routing: the `pc` irqchip routes plus one MSI route per irqfd vector, set with
-/// `KVM_SET_GSI_ROUTING` as a whole each time a route changes (its mutex is a leaf lock).
+/// The VM's GSI routing: the `pc` irqchip routes (none under `kernel-irqchip=split`, where KVM
+/// refuses them) plus one MSI route per irqfd vector and, under `split`, the MSI each
+/// level-triggered IOAPIC pin sends on GSI = pin (KVM derives the vectors whose EOI it reports
+/// with `KVM_EXIT_IOAPIC_EOI` from those), set with `KVM_SET_GSI_ROUTING` as a whole each time
+/// a route changes (its mutex is a leaf lock).
 pub struct MsiRouter {
     vm: Arc<VmFd>,
+    irqchip_routes: bool,
     routes: Mutex<MsiRoutes>,
 }
 
@@ -179,9 +200,10 @@ struct MsiRoutes {
 }
 
 impl MsiRouter {
-    fn new(vm: Arc<VmFd>) -> Self {
+    fn new(vm: Arc<VmFd>, irqchip_routes: bool) -> Self {
         Self {
             vm,
+            irqchip_routes,
             routes: Mutex::new(MsiRoutes {
                 next: FIRST_MSI_GSI,
                 msi: std::collections::BTreeMap::new(),
@@ -199,11 +221,18 @@ impl MsiRouter {
         })
     }
 
-    /// Points `gsi` at (address, data) and gives KVM the whole table.
-    fn set(&self, gsi: u32, address: u64, data: u32) -> Result<(), kvm_ioctls::Error> {
+    /// Points `gsi` at (address, data) (or removes its route) and gives KVM the whole table.
+    fn set_route(&self, gsi: u32, msi: Option<(u64, u32)>) -> Result<(), kvm_ioctls::Error> {
         let mut r = lock(&self.routes);
-        r.msi.insert(gsi, (address, data));
-        let mut entries = gsi_routing().as_slice().to_vec();
+        match msi {
+            Some(m) => r.msi.insert(gsi, m),
+            None => r.msi.remove(&gsi),
+        };
+        let mut entries = if self.irqchip_routes {
+            gsi_routing().as_slice().to_vec()
+        } else {
+            Vec::new()
+        };
         for (&gsi, &(address, data)) in &r.msi {
             entries.push(kvm_irq_routing_entry {
                 gsi,
@@ -268,7 +297,7 @@ impl virtio::MsiSender for KvmMsiVectors {
         let Some(Some((gsi, _))) = self.irqfds.get(v) else {
             return;
         };
-        let ok = match self.router.set(*gsi, address, data) {
+        let ok = match self.router.set_route(*gsi, Some((address, data))) {
             Ok(()) => true,
             Err(e) => {
                 log::warn!("cannot route msi vector {vector} (gsi {gsi}): {e}");
@@ -297,6 +326,63 @@ impl virtio::MsiSender for KvmMsiVectors {
         if let Err(e) = self.vm.signal_msi(msi) {
             log::warn!("cannot signal msi {address:#x}/{data:#x}: {e}");
         }
+    }
+}
+
+/// Messages to the in-kernel LAPICs with `KVM_SIGNAL_MSI` (the IOAPIC's under
+/// `kernel-irqchip=split`, the edu device's, the IOMMU's fault events).
+struct KvmMsi {
+    vm: Arc<VmFd>,
+    router: Arc<MsiRouter>,
+}
+
+impl devices::MsiTarget for KvmMsi {
+    fn translate(&self, _source: Option<u16>, address: u64, data: u32) -> Option<(u64, u32)> {
+        Some((address, data))
+    }
+
+    fn send(&self, address: u64, data: u32) {
+        let msi = kvm_bindings::kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        if let Err(e) = self.vm.signal_msi(msi) {
+            log::warn!("cannot signal msi {address:#x}/{data:#x}: {e}");
+        }
+    }
+
+    fn set_ioapic_route(&self, pin: u8, msi: Option<(u64, u32)>) {
+        if let Err(e) = self.router.set_route(u32::from(pin), msi) {
+            log::warn!("cannot route ioapic pin {pin}: {e}");
+        }
+    }
+}
+
+/// Guest RAM for device DMA and the IOMMU's table walks.
+struct DeviceRam(GuestMemoryMmap);
+
+impl devices::GuestRam for DeviceRam {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> bool {
+        use vm_memory::Bytes;
+        self.0.read_slice(buf, vm_memory::GuestAddress(gpa)).is_ok()
+    }
+
+    fn write(&self, gpa: u64, buf: &[u8]) -> bool {
+        use vm_memory::{Bytes, GuestMemoryBackend};
+        // All or nothing: check the whole range is RAM first.
+        let end = gpa.checked_add(buf.len().saturating_sub(1) as u64);
+        let in_ram = end.is_some_and(|end| {
+            self.0.address_in_range(vm_memory::GuestAddress(gpa))
+                && self.0.address_in_range(vm_memory::GuestAddress(end))
+                && self.0.check_range(vm_memory::GuestAddress(gpa), buf.len())
+        });
+        in_ram
+            && self
+                .0
+                .write_slice(buf, vm_memory::GuestAddress(gpa))
+                .is_ok()
     }
 }
 
@@ -396,6 +482,12 @@ pub struct Devices {
     pub virtio_net_names: Vec<String>,
     /// The virtio-rng entropy source, if any.
     pub virtio_rng: Option<Arc<Mutex<virtio::VirtioPci>>>,
+    /// The userspace IOAPIC (`kernel-irqchip=split`).
+    pub ioapic: Option<Arc<Mutex<devices::ioapic::Ioapic>>>,
+    /// The VT-d IOMMU (`-device intel-iommu`).
+    pub intel_iommu: Option<Arc<Mutex<devices::intel_iommu::IntelIommu>>>,
+    /// QEMU's edu devices.
+    pub edu: Vec<Arc<Mutex<devices::edu::Edu>>>,
 }
 
 /// The kernel and initrd, kept so that a reset can load them again.
@@ -453,6 +545,7 @@ pub struct Vm {
     kvm: Kvm,
     pit: bool,
     acpi: bool,
+    acpi_config: acpi::AcpiConfig,
     virtio_io: Option<virtio::EventLoop>,
 }
 
@@ -596,25 +689,92 @@ impl Vm {
             }
             None => None,
         };
-        fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
-        // The PIT after the irqchip (its interrupts go there). QEMU's `pit=off` has none: the
-        // guest's timers are then the LAPIC timer, the RTC and the PM timer.
-        if config.pit {
-            fd.create_pit2(kvm_pit_config {
-                flags: KVM_PIT_SPEAKER_DUMMY,
-                ..Default::default()
-            })
-            .map_err(kvm_err("create pit"))?;
+        let q35 = config.machine == MachineType::Q35;
+        let split = config.irqchip == IrqchipMode::Split;
+        if q35 && layout.below_4g() > devices::q35::ECAM_BASE {
+            return Err(VmError::Q35Memory(crate::config::format_size(
+                config.memory,
+            )));
         }
-        fd.set_gsi_routing(&gsi_routing())
-            .map_err(kvm_err("set gsi routing"))?;
-        bios::program_pic_and_pit(&fd, config.pit)?;
+        if config.intel_iommu.is_some() && !q35 {
+            return Err(VmError::IommuNeedsQ35);
+        }
+        if config.intel_iommu.is_some_and(|i| i.intremap) && !split {
+            return Err(VmError::IommuNeedsSplit);
+        }
+        if config.intel_iommu.is_some()
+            && (!config.disks.is_empty() || !config.nets.is_empty() || config.rng.is_some())
+        {
+            return Err(VmError::IommuWithVirtio);
+        }
+        let pit = config.pit && !split;
+        if split {
+            // KVM ordering: KVM_CAP_SPLIT_IRQCHIP takes the place of KVM_CREATE_IRQCHIP and must
+            // be enabled before the first vCPU is created; args[0] is how many GSIs KVM keeps
+            // for the userspace IOAPIC's routes (its 24 pins). There is no PIC and no PIT then
+            // (KVM's PIT needs its PIC; hopvm has no userspace PIT).
+            let mut cap = kvm_enable_cap {
+                cap: KVM_CAP_SPLIT_IRQCHIP,
+                ..Default::default()
+            };
+            cap.args[0] = u64::from(IOAPIC_PINS);
+            fd.enable_cap(&cap)
+                .map_err(kvm_err("enable cap split-irqchip"))?;
+            if config.pit {
+                log::info!("kernel-irqchip=split: the machine has no pit");
+            }
+        } else {
+            fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+            // The PIT after the irqchip (its interrupts go there). QEMU's `pit=off` has none:
+            // the guest's timers are then the LAPIC timer, the RTC and the PM timer.
+            if config.pit {
+                fd.create_pit2(kvm_pit_config {
+                    flags: KVM_PIT_SPEAKER_DUMMY,
+                    ..Default::default()
+                })
+                .map_err(kvm_err("create pit"))?;
+            }
+            fd.set_gsi_routing(&gsi_routing())
+                .map_err(kvm_err("set gsi routing"))?;
+            bios::program_pic_and_pit(&fd, config.pit)?;
+        }
 
-        let irq = |gsi| -> SharedIrq {
-            Arc::new(KvmIrq {
-                vm: fd.clone(),
-                gsi,
-            })
+        let router = Arc::new(MsiRouter::new(fd.clone(), !split));
+        let ram: Arc<dyn devices::GuestRam> = Arc::new(DeviceRam(memory.clone()));
+        let kvm_msi: Arc<dyn devices::MsiTarget> = Arc::new(KvmMsi {
+            vm: fd.clone(),
+            router: router.clone(),
+        });
+        let intel_iommu = match config.intel_iommu {
+            Some(c) => Some(Arc::new(Mutex::new(devices::intel_iommu::IntelIommu::new(
+                c,
+                ram.clone(),
+                kvm_msi.clone(),
+            )?))),
+            None => None,
+        };
+        let msi_target: Arc<dyn devices::MsiTarget> = match &intel_iommu {
+            Some(iommu) => Arc::new(devices::intel_iommu::RemappedMsi::new(
+                iommu.clone(),
+                kvm_msi.clone(),
+            )),
+            None => kvm_msi.clone(),
+        };
+        let ioapic =
+            split.then(|| Arc::new(Mutex::new(devices::ioapic::Ioapic::new(msi_target.clone()))));
+        let irq = |gsi: u32| -> SharedIrq {
+            match &ioapic {
+                Some(ioapic) => {
+                    let pin = u8::try_from(gsi).map_or(usize::MAX, |g| {
+                        usize::from(if g < 16 { isa_irq_to_ioapic_pin(g) } else { g })
+                    });
+                    Arc::new(devices::ioapic::IoapicPin::new(ioapic.clone(), pin))
+                }
+                None => Arc::new(KvmIrq {
+                    vm: fd.clone(),
+                    gsi,
+                }),
+            }
         };
         // The host may stop taking output (a full pipe): the UART writes into a queue that
         // never blocks the vCPU holding the big lock.
@@ -637,7 +797,11 @@ impl Vm {
         pio.insert(0x60, 5, i8042.clone())?;
         pio.insert(0x70, 2, cmos.clone())?;
         pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
-        let pci_bus = Arc::new(Mutex::new(devices::pci::PciBus::new_pc()));
+        let pci_bus = Arc::new(Mutex::new(if q35 {
+            devices::q35::new_bus()
+        } else {
+            devices::pci::PciBus::new_pc()
+        }));
         let pci_host = Arc::new(Mutex::new(devices::pci_host::PciHost::with_bus(
             pci_bus.clone(),
         )));
@@ -679,7 +843,6 @@ impl Vm {
         let mut virtio_rng = None;
         let mut subscribers = Vec::new();
         let mut quiesce = Vec::new();
-        let router = Arc::new(MsiRouter::new(fd.clone()));
         let ioevents: Arc<dyn virtio::IoEventRegistrar> = Arc::new(KvmIoEvents(fd.clone()));
         let mut wanted: Vec<(Option<u8>, Box<dyn virtio::VirtioBackend>)> = Vec::new();
         for disk in &config.disks {
@@ -703,7 +866,11 @@ impl Vm {
         }
         // Devices with a device number of their own first, then the others in order.
         let mut pci_slots: Vec<Option<u8>> = wanted.iter().map(|w| w.0).collect();
-        let mut taken: Vec<u8> = vec![0, 1];
+        let mut taken: Vec<u8> = if q35 {
+            vec![0, devices::q35::LPC_SLOT]
+        } else {
+            vec![0, 1]
+        };
         for s in pci_slots.iter().flatten() {
             if taken.contains(s) || *s >= 32 {
                 return Err(VmError::PciSlot(*s));
@@ -748,6 +915,23 @@ impl Vm {
                 virtio_rng = Some(dev);
             }
         }
+        let mut edu = Vec::new();
+        for _ in 0..config.edu {
+            let slot = (1..32u8)
+                .find(|n| !taken.contains(n))
+                .ok_or(VmError::PciSlots)?;
+            taken.push(slot);
+            let dev = Arc::new(Mutex::new(devices::edu::Edu::new(
+                u16::from(slot) << 3,
+                irq(u32::from(devices::pci::intx_irq(slot, 1))),
+                msi_target.clone(),
+                devices::intel_iommu::DmaSpace::new(ram.clone(), intel_iommu.clone()),
+            )));
+            if !lock(&pci_bus).insert(slot, dev.clone()) {
+                return Err(VmError::PciSlot(slot));
+            }
+            edu.push(dev);
+        }
         let virtio_io = if subscribers.is_empty() {
             None
         } else {
@@ -762,7 +946,29 @@ impl Vm {
                 pci_bus.clone(),
             ))),
         )?;
+        if q35 {
+            mmio.insert(
+                devices::q35::ECAM_BASE,
+                devices::q35::ECAM_SIZE,
+                Arc::new(Mutex::new(devices::q35::PciEcam::new(pci_bus.clone()))),
+            )?;
+        }
+        if let Some(ioapic) = &ioapic {
+            mmio.insert(
+                devices::ioapic::IOAPIC_BASE,
+                devices::ioapic::IOAPIC_SIZE,
+                ioapic.clone(),
+            )?;
+        }
+        if let Some(iommu) = &intel_iommu {
+            mmio.insert(
+                devices::intel_iommu::IOMMU_BASE,
+                devices::intel_iommu::IOMMU_SIZE,
+                iommu.clone(),
+            )?;
+        }
         let mut machine = Machine::new(pio, mmio);
+        machine.ioapic = ioapic.clone();
         machine.quiesce = quiesce;
         let machine = Arc::new(Mutex::new(machine));
 
@@ -856,6 +1062,9 @@ impl Vm {
                     .map(|(i, n)| n.id.clone().unwrap_or(format!("virtio-net-pci.{i}")))
                     .collect(),
                 virtio_rng,
+                ioapic,
+                intel_iommu,
+                edu,
             },
             format: boot.as_ref().map(|b| b.format),
             boot,
@@ -864,8 +1073,18 @@ impl Vm {
             events: Mutex::new(events),
             event_tx: tx,
             kvm,
-            pit: config.pit,
+            pit,
             acpi: config.acpi,
+            acpi_config: acpi::AcpiConfig {
+                ecam: q35.then_some(devices::q35::ECAM_BASE),
+                dmar: config.intel_iommu.map(|i| acpi::DmarConfig {
+                    base: devices::intel_iommu::IOMMU_BASE,
+                    aw_bits: i.aw_bits,
+                    intremap: i.intremap,
+                }),
+                pic: !split,
+                ..acpi::AcpiConfig::new(config.cpus)
+            },
             virtio_io,
         };
         vm.load_kernel()?;
@@ -905,7 +1124,7 @@ impl Vm {
             .collect();
         mptable::write_with_pci(&self.memory, usize::from(self.cpus), &pci)?;
         if self.acpi {
-            acpi::write(&self.memory, self.cpus)?;
+            acpi::write_with(&self.memory, &self.acpi_config)?;
         }
         bios::write_ivt(&self.memory)?;
         // The boot vCPU starts at the loader's entry; the others stay in KVM's INIT-wait
@@ -1039,12 +1258,18 @@ mod tests {
         let kvm = Kvm::new().unwrap();
         let vm = Arc::new(kvm.create_vm().unwrap());
         vm.create_irq_chip().unwrap();
-        let router = MsiRouter::new(vm.clone());
+        let router = MsiRouter::new(vm.clone(), true);
         assert_eq!(router.allocate(), Some(FIRST_MSI_GSI));
         assert_eq!(router.allocate(), Some(FIRST_MSI_GSI + 1));
-        router.set(FIRST_MSI_GSI, 0xfee0_0000, 0x41).unwrap();
-        router.set(FIRST_MSI_GSI + 1, 0xfee0_1000, 0x42).unwrap();
-        router.set(FIRST_MSI_GSI, 0xfee0_0000, 0x43).unwrap();
+        router
+            .set_route(FIRST_MSI_GSI, Some((0xfee0_0000, 0x41)))
+            .unwrap();
+        router
+            .set_route(FIRST_MSI_GSI + 1, Some((0xfee0_1000, 0x42)))
+            .unwrap();
+        router
+            .set_route(FIRST_MSI_GSI, Some((0xfee0_0000, 0x43)))
+            .unwrap();
         assert_eq!(lock(&router.routes).msi.len(), 2);
         // A vector's irqfd on its GSI: KVM takes it.
         let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -1055,6 +1280,25 @@ mod tests {
             END_MSI_GSI,
             "GSIs run out, no panic"
         );
+    }
+
+    #[test]
+    fn device_ram_is_all_or_nothing() {
+        use devices::GuestRam;
+        let layout = Layout::new(16 << 20);
+        let ram = DeviceRam(memory::create_guest_memory(&layout).unwrap());
+        assert!(ram.write(0x1000, &[1, 2, 3, 4]));
+        let mut b = [0u8; 4];
+        assert!(ram.read(0x1000, &mut b));
+        assert_eq!(b, [1, 2, 3, 4]);
+        // Straddling the end of RAM: refused, and the part inside is not written.
+        let end = 16 << 20;
+        assert!(!ram.write(end - 2, &[9; 4]));
+        assert!(ram.read(end - 2, &mut b[..2]));
+        assert_eq!(&b[..2], &[0, 0]);
+        assert!(!ram.read(end - 2, &mut b));
+        assert!(!ram.write(u64::MAX - 1, &[9; 4]));
+        assert!(!ram.read(0xfee0_0000, &mut b));
     }
 
     #[test]

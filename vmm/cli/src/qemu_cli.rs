@@ -59,7 +59,11 @@ name \"isa-debug-exit\", bus ISA\n\
 name \"pc-testdev\", bus ISA\n\
 name \"pci-testdev\", bus PCI, desc \"PCI Test Device\"\n\
 name \"hyperv-testdev\", bus ISA\n\
-name \"virtio-rng-pci\", bus PCI, alias \"virtio-rng\"\n";
+name \"virtio-rng-pci\", bus PCI, alias \"virtio-rng\"\n\
+name \"edu\", bus PCI\n\
+\n\
+Uncategorized devices:\n\
+name \"intel-iommu\", bus System, desc \"Intel IOMMU (VT-d) DMA Remapping device\"\n";
 
 fn version_line() -> String {
     let v = QEMU_COMPAT_VERSION;
@@ -83,11 +87,12 @@ usage: qemu-system-x86_64 [options]   (hopvm's QEMU-compatible command line)\n\n
 -smp N                  number of vCPUs\n\
 -cpu MODEL[,+feat,...]  qemu64 kvm64 Opteron_G1 Skylake-Server max host; +feat -feat feat=on|off\n\
                         (QEMU's CPUID, SVM and vmx-* names), vendor=, hv-passthrough\n\
--machine pc,accel=kvm[,pit=on|off]   the only machine\n\
+-machine pc|q35,accel=kvm[,kernel-irqchip=on|split][,pit=on|off]\n\
 -overcommit mem-lock=on|off,cpu-pm=on|off\n\
 -enable-kvm, -accel kvm[,dirty-ring-size=N]   N: KVM dirty ring entries per vCPU (0 = bitmap)\n\
 -serial stdio|null|file:PATH\n\
 -device pc-testdev | isa-debug-exit[,iobase=,iosize=] | pci-testdev | hyperv-testdev | ? | help\n\
+-device edu | intel-iommu[,intremap=on|off][,aw-bits=39|48]   (q35; intremap: kernel-irqchip=split)\n\
 -qmp unix:PATH[,server,nowait]\n\
 -chardev socket,id=ID,path=PATH,server=on,wait=off  with  -mon chardev=ID,mode=control\n\
 -drive file=PATH,if=virtio[,format=raw][,readonly=on]   virtio-blk disk\n\
@@ -362,16 +367,35 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 let parts = split_options(&v);
                 let (first, p) = props(&parts);
                 if let Some(t) = first.or(p.get("type").copied()) {
-                    if !matches!(t, "pc" | "pc-i440fx" | "none") && !t.starts_with("pc-i440fx-") {
-                        return Err(QemuCliError::UnsupportedValue(opt.into(), t.into()));
-                    }
+                    config.machine = match t {
+                        "pc" | "pc-i440fx" | "none" => config::MachineType::Pc,
+                        t if t.starts_with("pc-i440fx-") => config::MachineType::Pc,
+                        "q35" | "pc-q35" => config::MachineType::Q35,
+                        t if t.starts_with("pc-q35-") => config::MachineType::Q35,
+                        _ => return Err(QemuCliError::UnsupportedValue(opt.into(), t.into())),
+                    };
                     machine_none = t == "none";
                 }
                 for (k, val) in p {
                     match (k, val) {
                         ("type", _) => {}
                         ("accel", list) => kvm = accel_has_kvm(opt, list)?,
-                        ("kernel_irqchip" | "kernel-irqchip", "on") => {}
+                        ("kernel_irqchip" | "kernel-irqchip", mode) => {
+                            config.irqchip = match mode {
+                                "on" | "yes" | "true" => config::IrqchipMode::Kernel,
+                                "split" => config::IrqchipMode::Split,
+                                "off" | "no" | "false" => {
+                                    return Err(invalid(
+                                        &v,
+                                        String::from(
+                                            "kernel-irqchip=off: hopvm has no userspace \
+                                             LAPIC (use on or split)",
+                                        ),
+                                    ))
+                                }
+                                _ => return Err(invalid(&v, format!("{k}={mode}"))),
+                            }
+                        }
                         ("pit", pit) => {
                             config.pit =
                                 on_off(pit).ok_or_else(|| invalid(&v, format!("{k}={pit}")))?
@@ -573,6 +597,51 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                     // no guest a SynIC (see `-cpu hv-*`), so no guest can use it: accepted,
                     // as QEMU accepts it on a host without KVM Hyper-V support.
                     "hyperv-testdev" => {}
+                    "edu" => {
+                        // Placed in the first free slot; no other property is taken.
+                        for (key, val) in &p {
+                            if !matches!((*key, *val), ("id", _) | ("bus", "pcie.0" | "pci.0")) {
+                                return Err(invalid(&v, format!("{key}={val}")));
+                            }
+                        }
+                        config.edu = config.edu.saturating_add(1);
+                    }
+                    "intel-iommu" => {
+                        if config.intel_iommu.is_some() {
+                            return Err(invalid(&v, String::from("only one intel-iommu")));
+                        }
+                        let mut iommu = config::IommuConfig::default();
+                        for (key, val) in &p {
+                            let bad = || invalid(&v, format!("{key}={val}"));
+                            match *key {
+                                "id" => {}
+                                "intremap" => iommu.intremap = on_off(val).ok_or_else(bad)?,
+                                "aw-bits" => {
+                                    iommu.aw_bits = match *val {
+                                        "39" => 39,
+                                        "48" => 48,
+                                        _ => return Err(bad()),
+                                    }
+                                }
+                                // Not implemented: refused rather than ignored.
+                                "eim" | "caching-mode" | "device-iotlb" | "x-scalable-mode"
+                                | "dma-drain" | "pt" => {
+                                    let default = matches!(*key, "pt" | "dma-drain");
+                                    if on_off(val) != Some(default) {
+                                        return Err(invalid(
+                                            &v,
+                                            format!(
+                                                "{key}={val} is not supported by hopvm's \
+                                                 intel-iommu"
+                                            ),
+                                        ));
+                                    }
+                                }
+                                _ => return Err(bad()),
+                            }
+                        }
+                        config.intel_iommu = Some(iommu);
+                    }
                     "isa-debug-exit" => {
                         let mut spec = Vec::new();
                         for k in ["iobase", "iosize"] {
@@ -932,6 +1001,43 @@ mod tests {
     }
 
     #[test]
+    fn q35_split_irqchip_intel_iommu_edu() {
+        let c = run("-machine accel=kvm -kernel k -M q35,kernel-irqchip=split \
+                     -device intel-iommu,intremap=on,eim=off -device edu");
+        assert_eq!(c.machine, config::MachineType::Q35);
+        assert_eq!(c.irqchip, config::IrqchipMode::Split);
+        assert_eq!(
+            c.intel_iommu,
+            Some(config::IommuConfig {
+                aw_bits: 39,
+                intremap: true
+            })
+        );
+        assert_eq!(c.edu, 1);
+        let c = run("-kernel k -machine pc-q35-7.2,kernel-irqchip=on -device edu -device edu");
+        assert_eq!(
+            (c.machine, c.irqchip, c.edu),
+            (config::MachineType::Q35, config::IrqchipMode::Kernel, 2)
+        );
+        let c = run("-kernel k -device intel-iommu,aw-bits=48,caching-mode=off");
+        assert_eq!(c.intel_iommu.map(|i| i.aw_bits), Some(48));
+        assert_eq!(run("-kernel k").machine, config::MachineType::Pc);
+        for bad in [
+            "-M q35,kernel-irqchip=off",
+            "-M q35,kernel-irqchip=maybe",
+            "-device intel-iommu,eim=on",
+            "-device intel-iommu,caching-mode=on",
+            "-device intel-iommu,aw-bits=40",
+            "-device intel-iommu,frobnicate=on",
+            "-device intel-iommu -device intel-iommu",
+            "-device edu,addr=0x5",
+            "-device edu,dma_mask=0xff",
+        ] {
+            assert!(parse(&args(&format!("-kernel k {bad}"))).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn machine_pit_and_overcommit() {
         let c = run("-kernel k -machine pit=off");
         assert!(!c.pit && !c.mem_lock && !c.cpu_pm);
@@ -998,7 +1104,7 @@ mod tests {
             parse(&args("-kernel k -usb")),
             Err(QemuCliError::Unsupported(String::from("-usb")))
         );
-        assert!(parse(&args("-kernel k -machine q35")).is_err());
+        assert!(parse(&args("-kernel k -machine q36")).is_err());
         assert!(parse(&args("-kernel k -machine accel=tcg")).is_err());
         assert!(parse(&args("-kernel k -m lots")).is_err());
         assert!(parse(&args("-kernel k -smp 0")).is_err());

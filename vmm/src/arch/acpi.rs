@@ -39,14 +39,21 @@
 //!   QEMU's `init_common_fadt_data`: WBINVD, PROC_C1, SLP_BUTTON, RTC_S4, USE_PLATFORM_CLOCK,
 //!   FORCE_APIC_CLUSTER_MODEL above 8 CPUs, plus RESET_REG_SUP. The 64-bit `X_` fields repeat
 //!   the 32-bit ones, `X_FIRMWARE_CTRL` is 0, as QEMU leaves it.
-//! * **MADT** (`APIC`), as QEMU's `acpi_build_madt`: local APIC at 0xFEE00000, PCAT_COMPAT,
+//! * **MADT** (`APIC`), as QEMU's `acpi_build_madt`: local APIC at 0xFEE00000, PCAT_COMPAT
+//!   (not under `kernel-irqchip=split`, where hopvm has no PIC),
 //!   one enabled Processor Local APIC per CPU (ACPI processor id = APIC id = index), the IOAPIC
 //!   (the MP table's [`IOAPIC_ID`], 0xFEC00000, GSI base 0), interrupt source overrides
 //!   IRQ 0 → GSI 2 (conforming) and IRQ 5, 9, 10, 11 level / active high (QEMU's PCI link IRQs
 //!   on `pc`, among them the SCI), and a Local APIC NMI on LINT1 of every processor. This is
 //!   the wiring hopvm programs into KVM's GSI routing, which [`mptable`](super::mptable)
 //!   describes too.
-//! * **RSDT** (and **XSDT**) listing the FADT and the MADT.
+//! * **MCFG** on `q35`: one allocation, the ECAM window (QEMU's 0xb0000000, segment 0, buses
+//!   0–255).
+//! * **DMAR** with `-device intel-iommu`, as QEMU's `build_dmar_q35`: host address width
+//!   `aw-bits` − 1, the INTR_REMAP flag with `intremap=on`, one DRHD with INCLUDE_PCI_ALL for
+//!   segment 0 at the VT-d register base and, with interrupt remapping, an IOAPIC device scope
+//!   (enumeration ID the MADT's IOAPIC ID, source ID ff:00.0 as QEMU's pseudo IOAPIC device).
+//! * **RSDT** (and **XSDT**) listing the FADT, the MADT and the MCFG and DMAR when present.
 //!
 //! The devices behind the FADT's ports are not built here; the constants below are what the
 //! VM must register ([`PM_TMR_BLK`] is the `devices` crate's PM timer base).
@@ -185,6 +192,24 @@ pub struct AcpiConfig {
     pub cpus: u8,
     /// The RSDP revision.
     pub rsdp_revision: RsdpRevision,
+    /// The PCIe ECAM window's base (an MCFG table for buses 0–255), on `q35`.
+    pub ecam: Option<u64>,
+    /// A VT-d IOMMU (a DMAR table).
+    pub dmar: Option<DmarConfig>,
+    /// Dual 8259 PICs present (the MADT's PCAT_COMPAT flag); none under
+    /// `kernel-irqchip=split`.
+    pub pic: bool,
+}
+
+/// What the DMAR table describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DmarConfig {
+    /// The VT-d register base.
+    pub base: u64,
+    /// The guest address width (39 or 48).
+    pub aw_bits: u8,
+    /// Interrupt remapping.
+    pub intremap: bool,
 }
 
 impl AcpiConfig {
@@ -193,8 +218,36 @@ impl AcpiConfig {
         Self {
             cpus,
             rsdp_revision: RsdpRevision::default(),
+            ecam: None,
+            dmar: None,
+            pic: true,
         }
     }
+}
+
+/// The MCFG table: one ECAM allocation for segment 0, buses 0–255.
+fn mcfg(base: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 8];
+    b.extend_from_slice(&base.to_le_bytes());
+    b.extend_from_slice(&[0, 0, 0, 0xff, 0, 0, 0, 0]);
+    sdt(b"MCFG", 1, &b)
+}
+
+/// The DMAR table: one DRHD covering every PCI device, with the IOAPIC in its scope when
+/// interrupts are remapped.
+fn dmar(d: &DmarConfig) -> Vec<u8> {
+    let mut b = vec![d.aw_bits - 1, u8::from(d.intremap)];
+    b.extend_from_slice(&[0; 10]);
+    let mut drhd = vec![0u8, 0, 0, 0, 1, 0, 0, 0];
+    drhd.extend_from_slice(&d.base.to_le_bytes());
+    if d.intremap {
+        // Device scope: type 3 (IOAPIC), length 8, enumeration ID, start bus 0xff, path 00.0.
+        drhd.extend_from_slice(&[3, 8, 0, 0, IOAPIC_ID, 0xff, 0, 0]);
+    }
+    let len = drhd.len() as u16;
+    drhd[2..4].copy_from_slice(&len.to_le_bytes());
+    b.extend_from_slice(&drhd);
+    sdt(b"DMAR", 1, &b)
 }
 
 fn checksum(bytes: &[u8]) -> u8 {
@@ -309,10 +362,11 @@ fn fadt(cpus: u8, facs: u32, dsdt: u32) -> Vec<u8> {
     sdt(b"FACP", FADT_REVISION, &b)
 }
 
-fn madt(cpus: u8) -> Vec<u8> {
+fn madt(cpus: u8, pic: bool) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
-    b.extend_from_slice(&MADT_PCAT_COMPAT.to_le_bytes());
+    let flags = if pic { MADT_PCAT_COMPAT } else { 0 };
+    b.extend_from_slice(&flags.to_le_bytes());
     for id in 0..cpus {
         b.extend_from_slice(&[MADT_LOCAL_APIC, 8, id, id]);
         b.extend_from_slice(&LAPIC_ENABLED.to_le_bytes());
@@ -370,12 +424,27 @@ pub fn build_with(config: &AcpiConfig, base: u64) -> Result<Vec<(u64, Vec<u8>)>,
         addr32(dsdt_addr, dsdt.len())?,
     );
     let madt_addr = next(fadt_addr, fadt.len(), 16)?;
-    let madt = madt(cpus);
-    let rsdt_addr = next(madt_addr, madt.len(), 16)?;
-    let entries = [
+    let madt = madt(cpus, config.pic);
+    let mut extra = Vec::new();
+    let mut end = next(madt_addr, madt.len(), 16)?;
+    for table in config
+        .ecam
+        .map(mcfg)
+        .into_iter()
+        .chain(config.dmar.as_ref().map(dmar))
+    {
+        let at = end;
+        end = next(at, table.len(), 16)?;
+        extra.push((at, table));
+    }
+    let rsdt_addr = end;
+    let mut entries = vec![
         addr32(fadt_addr, fadt.len())?,
         addr32(madt_addr, madt.len())?,
     ];
+    for (at, table) in &extra {
+        entries.push(addr32(*at, table.len())?);
+    }
     let rsdt = sdt(
         b"RSDT",
         1,
@@ -404,6 +473,7 @@ pub fn build_with(config: &AcpiConfig, base: u64) -> Result<Vec<(u64, Vec<u8>)>,
     tables.push((dsdt_addr, dsdt));
     tables.push((fadt_addr, fadt));
     tables.push((madt_addr, madt));
+    tables.extend(extra);
     tables.push((rsdt_addr, rsdt));
     if let Some(xsdt) = xsdt {
         tables.push((xsdt_addr, xsdt));
@@ -494,6 +564,7 @@ mod tests {
             let config = AcpiConfig {
                 cpus: 4,
                 rsdp_revision: revision,
+                ..AcpiConfig::new(4)
             };
             let tables = build_with(&config, ACPI_START).unwrap();
             let (addr, rsdp) = &tables[0];
@@ -722,10 +793,75 @@ mod tests {
     }
 
     #[test]
+    fn q35_mcfg_and_dmar() {
+        let config = AcpiConfig {
+            rsdp_revision: RsdpRevision::Acpi2,
+            ecam: Some(0xb000_0000),
+            dmar: Some(DmarConfig {
+                base: 0xfed9_0000,
+                aw_bits: 39,
+                intremap: true,
+            }),
+            ..AcpiConfig::new(2)
+        };
+        let tables = build_with(&config, ACPI_START).unwrap();
+        for (_, t) in &tables[1..] {
+            if &t[0..4] != b"FACS" {
+                assert_eq!(sum(t), 0, "{}", String::from_utf8_lossy(&t[0..4]));
+                assert_eq!(u32_at(t, 4) as usize, t.len());
+            }
+        }
+        let (mcfg_addr, m) = table(&tables, b"MCFG");
+        assert_eq!(m.len(), HEADER_LEN + 8 + 16);
+        assert_eq!(u64_at(m, HEADER_LEN + 8), 0xb000_0000);
+        assert_eq!(m[HEADER_LEN + 8 + 11], 0xff, "end bus");
+        let (dmar_addr, d) = table(&tables, b"DMAR");
+        assert_eq!(d[HEADER_LEN], 38, "host address width - 1");
+        assert_eq!(d[HEADER_LEN + 1], 1, "intr_remap");
+        let drhd = &d[HEADER_LEN + 12..];
+        assert_eq!(u16_at(drhd, 0), 0, "type drhd");
+        assert_eq!(usize::from(u16_at(drhd, 2)), drhd.len());
+        assert_eq!(drhd[4], 1, "include_pci_all");
+        assert_eq!(u64_at(drhd, 8), 0xfed9_0000);
+        assert_eq!(&drhd[16..24], &[3, 8, 0, 0, IOAPIC_ID, 0xff, 0, 0]);
+        // Both listed in the RSDT and the XSDT.
+        let (_, rsdt) = table(&tables, b"RSDT");
+        let listed: Vec<u64> = rsdt[HEADER_LEN..]
+            .chunks(4)
+            .map(|c| u64::from(u32_at(c, 0)))
+            .collect();
+        assert!(listed.contains(mcfg_addr) && listed.contains(dmar_addr));
+        let (_, xsdt) = table(&tables, b"XSDT");
+        assert_eq!(xsdt.len() - HEADER_LEN, 8 * 4);
+        // Without remapping: no flag, no device scope.
+        let mut c = config;
+        c.dmar = Some(DmarConfig {
+            intremap: false,
+            aw_bits: 48,
+            base: 0xfed9_0000,
+        });
+        let tables = build_with(&c, ACPI_START).unwrap();
+        let (_, d) = table(&tables, b"DMAR");
+        assert_eq!((d[HEADER_LEN], d[HEADER_LEN + 1]), (47, 0));
+        assert_eq!(d.len(), HEADER_LEN + 12 + 16);
+        let (_, madt) = table(&tables, b"APIC");
+        assert_eq!(u32_at(madt, HEADER_LEN + 4), 1, "pcat_compat");
+        c.pic = false;
+        let tables = build_with(&c, ACPI_START).unwrap();
+        let (_, madt) = table(&tables, b"APIC");
+        assert_eq!(u32_at(madt, HEADER_LEN + 4), 0, "no pic");
+        // pc: neither.
+        let tables = build_with(&AcpiConfig::new(2), ACPI_START).unwrap();
+        assert!(tables
+            .iter()
+            .all(|(_, t)| &t[0..4] != b"MCFG" && &t[0..4] != b"DMAR"));
+    }
+
+    #[test]
     fn xsdt_mirrors_rsdt() {
         let config = AcpiConfig {
-            cpus: 2,
             rsdp_revision: RsdpRevision::Acpi2,
+            ..AcpiConfig::new(2)
         };
         let tables = build_with(&config, ACPI_START).unwrap();
         let (_, rsdp) = &tables[0];
