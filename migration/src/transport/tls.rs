@@ -12,22 +12,34 @@
 //!
 //! # The stream
 //!
+//! rustls (its unbuffered API) runs the handshake; then hopvm takes the traffic keys over
+//! (rustls' "kernel connection", the API meant for kernel TLS offload, which keeps deriving
+//! the next keys at a KeyUpdate) and seals and opens the TLS 1.3 records itself
+//! ([`record`], ring's AEADs) in its own buffers: the writer copies the pages once, straight
+//! into full 16 KiB records, and seals them there; the reader opens each record where the
+//! socket read put it and copies the plaintext out once. (Through rustls' buffered API each
+//! side made two more copies of every byte.) The wire is standard TLS 1.3, checked against
+//! rustls' own record layer in the tests.
+//!
 //! A migration channel carries the stream one way and the return path the other, read by
-//! another thread ([`crate::return_path`]) while the migration thread writes. rustls' state
-//! machine is one object, so [`TlsChannel`] shares it between both directions:
+//! another thread ([`crate::return_path`]) while the migration thread writes. [`TlsChannel`]
+//! keeps the two directions apart:
 //!
-//! - `conn` (the rustls connection) is only ever held to encrypt or decrypt, never across a
-//!   socket read or write;
-//! - `tx` is held by whoever writes ciphertext to the socket, from taking it out of `conn` to
-//!   the end of the socket write, so records go out in the order they were sealed;
-//! - `rx` is held by the one reader across its socket read (the reader's own buffer).
+//! - `tx` (the sending keys and the buffer records are sealed in) is held by whoever writes,
+//!   from sealing to the end of the socket write, so records go out in the order they were
+//!   sealed;
+//! - `rx` (the receiving keys and the buffer the socket reads fill) is held by the one reader
+//!   across its socket read;
+//! - `kernel` (what is left of rustls) is held only to derive the next keys.
 //!
-//! Lock order: `rx` → `tx` → `conn` (see docs/architecture.md). None of them is taken with a
-//! VMM lock held.
+//! Lock order: `rx` → `tx` → `kernel` → `failure` (see docs/architecture.md); the reader only
+//! ever *tries* `tx` (to send an alert), and a writer only tries `rx`. None of them is taken
+//! with a VMM lock held. A peer's KeyUpdate that asks for one back is answered by the writer
+//! before its next record (or at a flush).
 //!
 //! Writes are batched: the migration thread hands over up to megabytes at once (its
 //! `BufferedOutput`), which are sealed into full 16 KiB records and written with one
-//! `writev` per batch of records.
+//! `write` per megabyte of records.
 
 use std::fmt;
 use std::fs::File;
