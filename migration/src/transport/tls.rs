@@ -87,6 +87,9 @@ const SEND_BATCH: usize = 1 << 20;
 /// The receive buffer: socket reads of up to this much, records opened in place in it.
 const RECV_BUF: usize = 1 << 20;
 
+/// Reads of at least this much get the socket's bytes straight into the reader's buffer.
+const DIRECT_READ: usize = 128 << 10;
+
 /// The most handshake data kept while a message is incomplete.
 const MAX_HANDSHAKE_BUF: usize = 1 << 20;
 
@@ -833,6 +836,18 @@ impl fmt::Debug for TlsChannel {
     }
 }
 
+/// Why a receive failed: the socket, or a record.
+enum RecvError {
+    Io(io::Error),
+    Record(RecordError),
+}
+
+impl From<RecordError> for RecvError {
+    fn from(e: RecordError) -> Self {
+        Self::Record(e)
+    }
+}
+
 fn record_io_error(e: RecordError) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -1271,7 +1286,7 @@ impl TlsChannel {
                         return;
                     }
                 }
-                Ok(false) => match self.fill(rx, true) {
+                Ok(false) => match self.fill(rx, true, false) {
                     Ok(n) if n > 0 => {}
                     _ => return,
                 },
@@ -1328,7 +1343,8 @@ impl TlsChannel {
     }
 
     /// Fills `out` with what the records already received hold, reading the socket only
-    /// when none is complete and nothing was copied yet.
+    /// when none is complete and nothing was copied yet. A large `out` (the destination's
+    /// 1 MiB `BufReader` refills) gets the socket's bytes straight in, opened there in place.
     fn read_inner(&self, out: &mut [u8]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
@@ -1348,18 +1364,89 @@ impl TlsChannel {
                 Ok(false) => {}
                 Err(e) => return Err(self.record_failed(&mut rx, e)),
             }
-            if n > 0 {
-                return Ok(n);
-            }
+            // No complete record is left; block on the socket only with nothing copied yet.
+            let wait = n == 0;
             if rx.eof {
+                if n > 0 {
+                    return Ok(n);
+                }
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the peer closed the TLS channel without close_notify",
                 ));
             }
+            if out.len() - n >= DIRECT_READ {
+                if rx.start < rx.end {
+                    // Complete the record begun in the buffer first (only its missing bytes).
+                    if self.fill(&mut rx, !wait, true)? == 0 && !wait {
+                        return Ok(n);
+                    }
+                    continue;
+                }
+                match self.read_direct(&mut rx, &mut out[n..], !wait) {
+                    Ok(None) => return Ok(n),
+                    Ok(Some(k)) => n += k,
+                    Err(RecvError::Io(e)) => return Err(e),
+                    Err(RecvError::Record(e)) => return Err(self.record_failed(&mut rx, e)),
+                }
+                continue;
+            }
+            if !wait {
+                return Ok(n);
+            }
             // Nothing buffered: wait for the socket, holding no lock but our own.
-            self.fill(&mut rx, false)?;
+            self.fill(&mut rx, false, false)?;
         }
+    }
+
+    /// Receives into `dst` (the buffer is empty) and opens the complete records there, each
+    /// record's content moved down against the previous one as it is decrypted: returns the
+    /// plaintext now at the start of `dst`; the partial record at the end goes to the buffer.
+    /// `None`: nothing to read without blocking (`nonblocking`); `Some(0)` and `rx.eof` at
+    /// the end of the socket.
+    fn read_direct(
+        &self,
+        rx: &mut Rx,
+        dst: &mut [u8],
+        nonblocking: bool,
+    ) -> Result<Option<usize>, RecvError> {
+        let len = self.recv(dst, nonblocking).map_err(RecvError::Io)?;
+        let Some(len) = len else {
+            return Ok(None);
+        };
+        if len == 0 {
+            rx.eof = true;
+            return Ok(Some(0));
+        }
+        let (mut src, mut plain) = (0usize, 0usize);
+        while let Some(rec) = record::record_len(&dst[src..len])? {
+            if src + rec > len {
+                break;
+            }
+            let (typ, n) = rx.keys.open_to(dst, src, rec, plain)?;
+            src += rec;
+            if typ == APPLICATION_DATA {
+                if !rx.hs.is_empty() {
+                    return Err(RecordError::Interleaved.into());
+                }
+                plain += n;
+            } else {
+                let Rx {
+                    keys, hs, closed, ..
+                } = &mut *rx;
+                self.control(typ, &dst[plain..plain + n], keys, hs, closed)?;
+                if *closed {
+                    return Ok(Some(plain));
+                }
+            }
+        }
+        let rest = len - src;
+        rx.buf[..rest].copy_from_slice(&dst[src..len]);
+        rx.start = 0;
+        rx.end = rest;
+        rx.plain_start = 0;
+        rx.plain_end = 0;
+        Ok(Some(plain))
     }
 
     /// A record the reader cannot accept: the peer is told (alert) and every later read fails
@@ -1373,9 +1460,37 @@ impl TlsChannel {
         io::Error::new(io::ErrorKind::InvalidData, why)
     }
 
+    /// One socket read into `dst`: `Some(0)` at its end, `None` when nothing is there and
+    /// `nonblocking`.
+    fn recv(&self, dst: &mut [u8], nonblocking: bool) -> io::Result<Option<usize>> {
+        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
+        loop {
+            // SAFETY: `dst` is valid for writes of its length; the descriptor belongs to
+            // `self.sock`, open for the call.
+            let n = unsafe {
+                libc::recv(
+                    self.sock.as_raw_fd(),
+                    dst.as_mut_ptr().cast(),
+                    dst.len(),
+                    flags,
+                )
+            };
+            if n >= 0 {
+                return Ok(Some(n as usize));
+            }
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock if nonblocking => return Ok(None),
+                _ => return Err(e),
+            }
+        }
+    }
+
     /// Reads the socket after the ciphertext kept (moved to the front); returns how much came,
-    /// 0 at its end (or when nothing is there without blocking, for `nonblocking`).
-    fn fill(&self, rx: &mut Rx, nonblocking: bool) -> io::Result<usize> {
+    /// 0 at its end or when nothing is there and `nonblocking`. `one_record`: no more than the
+    /// record begun needs (its header first).
+    fn fill(&self, rx: &mut Rx, nonblocking: bool, one_record: bool) -> io::Result<usize> {
         if rx.start > 0 {
             rx.buf.copy_within(rx.start..rx.end, 0);
             rx.end -= rx.start;
@@ -1383,30 +1498,21 @@ impl TlsChannel {
             rx.plain_start = 0;
             rx.plain_end = 0;
         }
-        let flags = if nonblocking { libc::MSG_DONTWAIT } else { 0 };
-        loop {
-            let room = &mut rx.buf[rx.end..];
-            // SAFETY: `room` is valid for writes of its length; the descriptor belongs to
-            // `self.sock`, open for the call.
-            let n = unsafe {
-                libc::recv(
-                    self.sock.as_raw_fd(),
-                    room.as_mut_ptr().cast(),
-                    room.len(),
-                    flags,
-                )
-            };
-            if n >= 0 {
-                let n = n as usize;
-                rx.end += n;
-                rx.eof |= n == 0 && !nonblocking;
-                return Ok(n);
+        let want = if one_record {
+            match record::record_len(&rx.buf[..rx.end]) {
+                Ok(Some(len)) => len.saturating_sub(rx.end).max(1),
+                _ => HEADER_LEN.saturating_sub(rx.end).max(1),
             }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::Interrupted => continue,
-                io::ErrorKind::WouldBlock if nonblocking => return Ok(0),
-                _ => return Err(e),
+        } else {
+            rx.buf.len() - rx.end
+        };
+        let end = rx.end;
+        match self.recv(&mut rx.buf[end..end + want], nonblocking)? {
+            None => Ok(0),
+            Some(n) => {
+                rx.end += n;
+                rx.eof |= n == 0;
+                Ok(n)
             }
         }
     }
@@ -1425,25 +1531,47 @@ impl TlsChannel {
         let (typ, n) = rx.keys.open(&mut rx.buf[start..start + len])?;
         rx.start += len;
         let content = start + HEADER_LEN..start + HEADER_LEN + n;
-        match typ {
-            APPLICATION_DATA => {
-                if !rx.hs.is_empty() {
-                    return Err(RecordError::Interleaved);
-                }
-                rx.plain_start = content.start;
-                rx.plain_end = content.end;
+        if typ == APPLICATION_DATA {
+            if !rx.hs.is_empty() {
+                return Err(RecordError::Interleaved);
             }
-            ALERT => match record::parse_alert(&rx.buf[content])? {
-                Alert::CloseNotify => rx.closed = true,
+            rx.plain_start = content.start;
+            rx.plain_end = content.end;
+        } else {
+            let Rx {
+                keys,
+                hs,
+                closed,
+                buf,
+                ..
+            } = &mut *rx;
+            self.control(typ, &buf[content], keys, hs, closed)?;
+        }
+        Ok(true)
+    }
+
+    /// Acts on a record that is not application data: an alert (close_notify ends the
+    /// stream, anything else the session) or post-handshake messages (KeyUpdate changes the
+    /// receiving keys, and asks the writer for one of its own if requested).
+    fn control(
+        &self,
+        typ: u8,
+        content: &[u8],
+        keys: &mut Keys,
+        hs: &mut Vec<u8>,
+        closed: &mut bool,
+    ) -> Result<(), RecordError> {
+        match typ {
+            ALERT => match record::parse_alert(content)? {
+                Alert::CloseNotify => *closed = true,
                 Alert::Ignored => {}
             },
             HANDSHAKE => {
-                let Rx { hs, buf, .. } = &mut *rx;
-                hs.extend_from_slice(&buf[content]);
-                while let Some(msg) = record::next_post_handshake(&mut rx.hs, true)? {
+                hs.extend_from_slice(content);
+                while let Some(msg) = record::next_post_handshake(hs, true)? {
                     match msg {
                         PostHandshake::KeyUpdate { update_requested } => {
-                            rx.keys = lock(&self.kernel).next_keys(false)?;
+                            *keys = lock(&self.kernel).next_keys(false)?;
                             if update_requested {
                                 self.key_update_owed.store(true, Ordering::Relaxed);
                             }
@@ -1454,7 +1582,7 @@ impl TlsChannel {
             }
             t => return Err(RecordError::InnerType(t)),
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Sends close_notify: the peer's reader sees the end of the stream. This side may still
@@ -1818,6 +1946,53 @@ mod tests {
         // What the source's reader (the return path) sees.
         let back = TlsReader(ch.clone()).read(&mut [0u8; 16]);
         (got, back)
+    }
+
+    /// hopvm on both ends, read as the destination does (a 1 MiB `BufReader`, whose refills
+    /// take the direct path, in page-sized and odd reads), with KeyUpdates every 7 records.
+    #[test]
+    fn hopvm_to_hopvm_through_large_and_small_reads() {
+        let certs = Certs::new("h2h");
+        let (a, b) = UnixStream::pair().unwrap();
+        let server = certs.server().server().unwrap();
+        let total = (5 << 20) + 4321;
+        let reader = thread::spawn(move || {
+            let ch = server.accept(b.into()).unwrap();
+            let mut r = io::BufReader::with_capacity(1 << 20, TlsReader(ch.clone()));
+            let mut got = Vec::with_capacity(total);
+            let mut piece = vec![0u8; 4096];
+            let mut sizes = [4096usize, 4096, 1, 777, 4096, 70_000].iter().cycle();
+            while got.len() < total {
+                let k = (*sizes.next().unwrap()).min(total - got.len());
+                piece.resize(k, 0);
+                r.read_exact(&mut piece).unwrap();
+                got.extend_from_slice(&piece);
+            }
+            // Then the clean end.
+            assert_eq!(r.read(&mut piece).unwrap(), 0);
+            TlsWriter(ch.clone()).write_all(b"verdict").unwrap();
+            got
+        });
+        let ch = certs
+            .client()
+            .client(Some("localhost"))
+            .unwrap()
+            .connect(a.into())
+            .unwrap();
+        ch.set_key_update_interval(7);
+        let data = pattern(total, 4);
+        for part in data.chunks(300_000) {
+            let pages: Vec<IoSlice<'_>> = part.chunks(4096).map(IoSlice::new).collect();
+            assert_eq!(
+                TlsWriter(ch.clone()).write_vectored(&pages).unwrap(),
+                part.len()
+            );
+        }
+        ch.close_write().unwrap();
+        let mut verdict = [0u8; 7];
+        TlsReader(ch.clone()).read_exact(&mut verdict).unwrap();
+        assert_eq!(&verdict, b"verdict");
+        assert!(reader.join().unwrap() == data, "other bytes arrived");
     }
 
     #[test]

@@ -214,6 +214,38 @@ impl Keys {
     }
 }
 
+impl Keys {
+    /// Opens the record of `len` bytes at `buf[src..]` (header included), writing its
+    /// content to `buf[dst..]` (`dst` ≤ `src`: moved down while decrypted, no extra pass):
+    /// returns its content type and the length of its content.
+    pub fn open_to(
+        &mut self,
+        buf: &mut [u8],
+        src: usize,
+        len: usize,
+        dst: usize,
+    ) -> Result<(u8, usize), RecordError> {
+        debug_assert!(dst <= src && len >= HEADER_LEN + TAG_LEN);
+        let mut header = [0u8; HEADER_LEN];
+        header.copy_from_slice(&buf[src..src + HEADER_LEN]);
+        let nonce = self.next_nonce()?;
+        let plain = self
+            .key
+            .open_within(
+                nonce,
+                Aad::from(header),
+                &mut buf[dst..src + len],
+                src + HEADER_LEN - dst..,
+            )
+            .map_err(|_| RecordError::BadRecordMac)?;
+        let end = plain
+            .iter()
+            .rposition(|&b| b != 0)
+            .ok_or(RecordError::NoContentType)?;
+        Ok((plain[end], end))
+    }
+}
+
 /// The length of the record at the start of `buf`, header included, once its header is
 /// there; checks the header.
 pub fn record_len(buf: &[u8]) -> Result<Option<usize>, RecordError> {
