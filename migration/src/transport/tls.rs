@@ -1995,6 +1995,75 @@ mod tests {
         assert!(reader.join().unwrap() == data, "other bytes arrived");
     }
 
+    /// Against gnutls (QEMU's TLS library): `gnutls-serv --echo` sends session tickets after
+    /// the handshake and picks its own cipher suite; hopvm's KeyUpdates (every 3 records)
+    /// must be followed and the echo come back intact. Needs `gnutls-serv` (Debian's
+    /// gnutls-bin): `cargo test -p migration --lib gnutls -- --ignored`.
+    #[test]
+    #[ignore = "needs gnutls-serv (gnutls-bin) installed"]
+    fn gnutls_echo_server() {
+        use std::process::{Command, Stdio};
+        let certs = Certs::new("gnutls");
+        let dst = certs.dir.join("dst");
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut serv = Command::new("gnutls-serv")
+            .args(["--echo", "--verify-client-cert", "-p", &port.to_string()])
+            .arg(format!(
+                "--x509cafile={}",
+                dst.join("ca-cert.pem").display()
+            ))
+            .arg(format!(
+                "--x509certfile={}",
+                dst.join("server-cert.pem").display()
+            ))
+            .arg(format!(
+                "--x509keyfile={}",
+                dst.join("server-key.pem").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("gnutls-serv");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let sock = loop {
+            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => thread::yield_now(),
+                Err(e) => panic!("gnutls-serv does not listen: {e}"),
+            }
+        };
+        let ch = certs
+            .client()
+            .client(Some("localhost"))
+            .unwrap()
+            .connect(sock.into())
+            .unwrap();
+        eprintln!("gnutls chose {:?}", ch.cipher_suite());
+        ch.set_key_update_interval(3);
+        // gnutls-serv echoes lines.
+        let data: Vec<u8> = (0..5000)
+            .flat_map(|i| format!("line {i:05} of the hopvm record layer test\n").into_bytes())
+            .collect();
+        let reader = {
+            let ch = ch.clone();
+            let len = data.len();
+            thread::spawn(move || {
+                let mut back = vec![0u8; len];
+                TlsReader(ch).read_exact(&mut back).map(|()| back)
+            })
+        };
+        for part in data.chunks(50_000) {
+            TlsWriter(ch.clone()).write_all(part).unwrap();
+        }
+        let back = reader.join().unwrap();
+        let _ = serv.kill();
+        let _ = serv.wait();
+        assert!(back.unwrap() == data, "gnutls echoed other bytes");
+    }
+
     #[test]
     fn an_altered_record_fails_the_stream_with_an_alert() {
         let (got, back) = through_relay("altered", 100_000, |b| {
