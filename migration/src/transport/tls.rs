@@ -1948,6 +1948,59 @@ mod tests {
         (got, back)
     }
 
+    /// A client whose first data leaves with its Finished (rustls sends what was written during
+    /// the handshake at once), its close_notify right behind: the destination's handshake
+    /// reads them with the Finished, and its reader still returns all of it, then the clean
+    /// end.
+    #[test]
+    fn data_and_close_notify_right_behind_the_handshake() {
+        let certs = Certs::new("early");
+        let config = certs.rustls_client();
+        let (a, b) = UnixStream::pair().unwrap();
+        let data = pattern(50_000, 6);
+        let sent = data.clone();
+        let peer = thread::spawn(move || {
+            let name = ServerName::try_from("localhost").unwrap();
+            let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+            // Small records first: complete in the read that brings the Finished, rustls
+            // opens them in the handshake; then full ones, the first cut by that read.
+            for part in [&sent[..100], &sent[100..300], &sent[300..]] {
+                conn.writer().write_all(part).unwrap();
+            }
+            let mut sock = b;
+            while conn.is_handshaking() {
+                conn.complete_io(&mut sock).unwrap();
+            }
+            conn.send_close_notify();
+            while conn.wants_write() {
+                conn.write_tls(&mut sock).unwrap();
+            }
+            // Keep the socket open until the destination has read everything.
+            let _ = sock.read(&mut [0u8; 1]);
+        });
+        let ch = certs.server().server().unwrap().accept(a.into()).unwrap();
+        let mut got = Vec::new();
+        TlsReader(ch.clone()).read_to_end(&mut got).unwrap();
+        assert!(got == data);
+        drop(ch);
+        peer.join().unwrap();
+    }
+
+    #[test]
+    fn keys_change_below_the_confidentiality_limit() {
+        use rustls::crypto::ring::cipher_suite as cs;
+        // AES-GCM: 2^24 records (rustls' limit); hopvm changes keys 2^20 records before.
+        assert_eq!(
+            key_update_at(cs::TLS13_AES_128_GCM_SHA256),
+            (1 << 24) - (1 << 20)
+        );
+        assert_eq!(
+            key_update_at(cs::TLS13_AES_256_GCM_SHA384),
+            (1 << 24) - (1 << 20)
+        );
+        assert!(key_update_at(cs::TLS13_CHACHA20_POLY1305_SHA256) > 1 << 60);
+    }
+
     /// hopvm on both ends, read as the destination does (a 1 MiB `BufReader`, whose refills
     /// take the direct path, in page-sized and odd reads), with KeyUpdates every 7 records.
     #[test]
