@@ -339,6 +339,43 @@ fn tap_descriptor_handed_over_as_libvirt_does() {
     unsafe { libc::close(fd) };
 }
 
+/// Source and destination tap names for a migration test (`h{kind}a…`, `h{kind}b…`), unique
+/// to this process.
+fn tap_pair(kind: char) -> (String, String) {
+    let id = std::process::id() % 100_000;
+    (format!("h{kind}a{id}"), format!("h{kind}b{id}"))
+}
+
+/// hopvm booting the virtio-net guest with `cmdline`, its card on tap `tap` with `mac`;
+/// returned once the guest's driver is ready.
+fn spawn_net_guest(dir: &TempDir, tap: &str, mac: &str, cmdline: &str) -> Hopvm {
+    let kernel = guest_tests::image_path("virtio-net").display().to_string();
+    let net = format!("tap={tap},mac={mac}");
+    let args = [
+        "--kernel",
+        &kernel,
+        "--memory",
+        "64M",
+        "--cmdline",
+        cmdline,
+        "--net",
+        &net,
+    ];
+    let src = Hopvm::spawn(&dir.0, "src", &args);
+    src.out
+        .wait_for(Duration::from_secs(60), "the guest's driver", |t| {
+            t.contains("net: ready")
+        });
+    src
+}
+
+/// A destination hopvm waiting on `uri`, with the same card on tap `tap`.
+fn spawn_net_destination(dir: &TempDir, tap: &str, mac: &str, uri: &str) -> Hopvm {
+    let net = format!("tap={tap},mac={mac}");
+    let args = ["--memory", "64M", "--incoming", uri, "--net", &net];
+    Hopvm::spawn(&dir.0, "dst", &args)
+}
+
 /// Brings tap `name` up, without IPv6 chatter.
 fn tap_up(name: &str) {
     let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1");
@@ -360,44 +397,18 @@ fn live_migration_announces_the_guest_on_the_new_tap() {
     use serde_json::json;
     let long = Duration::from_secs(60);
     let dir = TempDir::new("virtio-net-mig");
-    let (tap_a, tap_b) = (
-        format!("hva{}", std::process::id() % 100_000),
-        format!("hvb{}", std::process::id() % 100_000),
-    );
+    let (tap_a, tap_b) = tap_pair('v');
     let seed = std::process::id() ^ 0x77;
     let mac = "02:00:00:11:22:33";
     let mac_bytes = [2, 0, 0, 0x11, 0x22, 0x33];
-    let kernel = guest_tests::image_path("virtio-net").display().to_string();
-    let cmdline = format!("seed={seed} mac={mac} announce=1");
-    let mut src = Hopvm::spawn(
-        &dir.0,
-        "src",
-        &[
-            "--kernel",
-            &kernel,
-            "--memory",
-            "64M",
-            "--cmdline",
-            &cmdline,
-            "--net",
-            &format!("tap={tap_a},mac={mac}"),
-        ],
+    let mut src = spawn_net_guest(
+        &dir,
+        &tap_a,
+        mac,
+        &format!("seed={seed} mac={mac} announce=1"),
     );
-    src.out
-        .wait_for(long, "the guest's driver", |t| t.contains("net: ready"));
     let uri = format!("unix:{}", dir.join("mig.sock").display());
-    let mut dst = Hopvm::spawn(
-        &dir.0,
-        "dst",
-        &[
-            "--memory",
-            "64M",
-            "--incoming",
-            &uri,
-            "--net",
-            &format!("tap={tap_b},mac={mac}"),
-        ],
-    );
+    let mut dst = spawn_net_destination(&dir, &tap_b, mac, &uri);
     dst.cmd(
         "migrate-set-parameters",
         json!({"announce-initial": 40, "announce-max": 150, "announce-rounds": 4, "announce-step": 30}),
@@ -533,31 +544,11 @@ fn live_migration_with_packets_in_flight() {
     use std::sync::{Arc, Mutex};
     let long = Duration::from_secs(60);
     let dir = TempDir::new("virtio-net-rpc");
-    let (tap_a, tap_b) = (
-        format!("hra{}", std::process::id() % 100_000),
-        format!("hrb{}", std::process::id() % 100_000),
-    );
+    let (tap_a, tap_b) = tap_pair('r');
     let seed = std::process::id() ^ 0x4242;
     let mac = "02:00:00:44:55:66";
     let mac_bytes = [2, 0, 0, 0x44, 0x55, 0x66];
-    let kernel = guest_tests::image_path("virtio-net").display().to_string();
-    let cmdline = format!("seed={seed} mac={mac} rpc=1");
-    let mut src = Hopvm::spawn(
-        &dir.0,
-        "src",
-        &[
-            "--kernel",
-            &kernel,
-            "--memory",
-            "64M",
-            "--cmdline",
-            &cmdline,
-            "--net",
-            &format!("tap={tap_a},mac={mac}"),
-        ],
-    );
-    src.out
-        .wait_for(long, "the guest's driver", |t| t.contains("net: ready"));
+    let mut src = spawn_net_guest(&dir, &tap_a, mac, &format!("seed={seed} mac={mac} rpc=1"));
     let state = Arc::new(Mutex::new(Responder::default()));
     let quit = Arc::new(AtomicBool::new(false));
     tap_up(&tap_a);
@@ -569,18 +560,7 @@ fn live_migration_with_packets_in_flight() {
         t.contains("net: rpc 32")
     });
     let uri = format!("unix:{}", dir.join("mig.sock").display());
-    let mut dst = Hopvm::spawn(
-        &dir.0,
-        "dst",
-        &[
-            "--memory",
-            "64M",
-            "--incoming",
-            &uri,
-            "--net",
-            &format!("tap={tap_b},mac={mac}"),
-        ],
-    );
+    let mut dst = spawn_net_destination(&dir, &tap_b, mac, &uri);
     tap_up(&tap_b);
     let sock_b = PacketSocket::open(&tap_b);
     let (st, q) = (state.clone(), quit.clone());
@@ -1053,44 +1033,13 @@ fn a_frame_waiting_on_the_destinations_tap_is_received_after_the_switchover() {
     use serde_json::json;
     let long = Duration::from_secs(60);
     let dir = TempDir::new("virtio-net-early");
-    let (tap_a, tap_b) = (
-        format!("hea{}", std::process::id() % 100_000),
-        format!("heb{}", std::process::id() % 100_000),
-    );
+    let (tap_a, tap_b) = tap_pair('e');
     let seed = std::process::id() ^ 0x1e1e;
     let mac = "02:00:00:77:88:99";
     let mac_bytes = [2, 0, 0, 0x77, 0x88, 0x99];
-    let kernel = guest_tests::image_path("virtio-net").display().to_string();
-    let cmdline = format!("seed={seed} mac={mac}");
-    let mut src = Hopvm::spawn(
-        &dir.0,
-        "src",
-        &[
-            "--kernel",
-            &kernel,
-            "--memory",
-            "64M",
-            "--cmdline",
-            &cmdline,
-            "--net",
-            &format!("tap={tap_a},mac={mac}"),
-        ],
-    );
-    src.out
-        .wait_for(long, "the guest's driver", |t| t.contains("net: ready"));
+    let mut src = spawn_net_guest(&dir, &tap_a, mac, &format!("seed={seed} mac={mac}"));
     let uri = format!("unix:{}", dir.join("mig.sock").display());
-    let mut dst = Hopvm::spawn(
-        &dir.0,
-        "dst",
-        &[
-            "--memory",
-            "64M",
-            "--incoming",
-            &uri,
-            "--net",
-            &format!("tap={tap_b},mac={mac}"),
-        ],
-    );
+    let mut dst = spawn_net_destination(&dir, &tap_b, mac, &uri);
     tap_up(&tap_b);
     // The pong waits in the destination's tap; nothing answers the guest there afterwards.
     let sock = PacketSocket::open(&tap_b);
