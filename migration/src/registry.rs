@@ -84,6 +84,8 @@ struct Entry {
     instance: u32,
     version: u32,
     handler: Handler,
+    /// Source: a live section this migration carries ([`LiveSection::is_active`] at begin).
+    active: bool,
 }
 
 /// Wraps a section's error with the section's name.
@@ -146,6 +148,7 @@ impl Registry {
             instance,
             version,
             handler,
+            active: true,
         });
     }
 
@@ -187,8 +190,10 @@ impl Registry {
         self.entries
             .iter_mut()
             .filter_map(|e| match &mut e.handler {
-                Handler::Live(h) => Some((e.section_id, h, e.idstr.as_str(), e.instance)),
-                Handler::Snapshot(_) => None,
+                Handler::Live(h) if e.active => {
+                    Some((e.section_id, h, e.idstr.as_str(), e.instance))
+                }
+                _ => None,
             })
     }
 
@@ -203,6 +208,10 @@ impl Registry {
         }
         for e in &mut self.entries {
             if let Handler::Live(h) = &mut e.handler {
+                e.active = h.is_active();
+                if !e.active {
+                    continue;
+                }
                 w.section_start(e.section_id, &e.idstr, e.instance, e.version)?;
                 let result = h.begin(w);
                 result.map_err(section_err(&e.idstr, e.instance))?;
@@ -241,6 +250,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         for e in &mut self.entries {
             match &mut e.handler {
+                Handler::Live(_) if !e.active => {}
                 Handler::Live(h) => {
                     w.section_end(e.section_id)?;
                     let result = h.complete(w);
@@ -270,6 +280,11 @@ impl Registry {
     /// Source: the migration ended without completing.
     pub fn cancel(&mut self) {
         self.live().for_each(|(_, h, _, _)| h.cancel());
+    }
+
+    /// Source: the migration completed.
+    pub fn finished(&mut self) {
+        self.live().for_each(|(_, h, _, _)| h.finished());
     }
 
     /// Destination: every live section's `prepare_load`, before the stream arrives.
@@ -456,7 +471,9 @@ impl Registry {
             .entries
             .iter()
             .zip(&load.seen)
-            .filter(|(_, seen)| !**seen)
+            .filter(|(e, seen)| {
+                !**seen && !matches!(&e.handler, Handler::Live(h) if !h.required_on_load())
+            })
             .map(|(e, _)| format!("{} {}", e.idstr, e.instance))
             .collect();
         if !missing.is_empty() {

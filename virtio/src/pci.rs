@@ -804,6 +804,15 @@ impl VirtioPci {
         }
         // Everything checked: apply.
         core.queues = queues;
+        // A request the guest queued just before the source paused was only remembered there
+        // (the notification never travels): look at every ready queue when the guest resumes
+        // here, so it is served on this side — once, as the used index says what was done.
+        core.pending = core
+            .queues
+            .iter()
+            .enumerate()
+            .filter(|(_, q)| q.queue.ready())
+            .fold(0, |m, (i, _)| m | 1 << i.min(63));
         core.device_features_select = state.device_features_select;
         core.driver_features_select = state.driver_features_select;
         core.driver_features = state.driver_features;

@@ -393,6 +393,9 @@ pub struct Devices {
     pub virtio_net: Vec<Arc<Mutex<virtio::VirtioPci>>>,
     /// The virtio-rng entropy source, if any.
     pub virtio_rng: Option<Arc<Mutex<virtio::VirtioPci>>>,
+    /// The disks as block migration sees them (`virtio0`, … in `--disk` order), until the
+    /// `block` section takes them.
+    pub block_disks: Vec<migration::block::BlockDisk>,
 }
 
 /// The kernel and initrd, kept so that a reset can load them again.
@@ -679,8 +682,10 @@ impl Vm {
         let router = Arc::new(MsiRouter::new(fd.clone()));
         let ioevents: Arc<dyn virtio::IoEventRegistrar> = Arc::new(KvmIoEvents(fd.clone()));
         let mut wanted: Vec<(Option<u8>, Box<dyn virtio::VirtioBackend>)> = Vec::new();
-        for disk in &config.disks {
+        let mut block_disks = Vec::new();
+        for (i, disk) in config.disks.iter().enumerate() {
             let backend = virtio::Block::open(&disk.path, disk.readonly, &disk.serial)?;
+            block_disks.push(backend.migration_disk(&format!("virtio{i}"))?);
             wanted.push((disk.slot, Box::new(backend)));
         }
         for (i, net) in config.nets.iter().enumerate() {
@@ -847,6 +852,7 @@ impl Vm {
                 virtio_blk,
                 virtio_net,
                 virtio_rng,
+                block_disks,
             },
             format: boot.as_ref().map(|b| b.format),
             boot,

@@ -37,6 +37,15 @@ pub struct MigrateArgs {
     /// (repeatable).
     #[arg(long, value_name = "FILE.svg|FILE.json", value_parser = report::parse_target)]
     pub report: Vec<ReportTarget>,
+    /// Block migration: copy every disk's whole image in the stream (QMP `migrate`'s `blk`,
+    /// HMP's `migrate -b`), for a destination without shared storage started on empty images
+    /// of the same size.
+    #[arg(short = 'b', long)]
+    pub blk: bool,
+    /// Incremental block migration: copy only the allocated extents of sparse images (`inc`,
+    /// HMP's `migrate -i`); the destination's images must read as zeros.
+    #[arg(short = 'i', long)]
+    pub inc: bool,
     /// Where to send the VM: tcp:HOST:PORT, unix:PATH, exec:COMMAND or fd:N; the destination
     /// must be waiting (`hopvm run --incoming URI`).
     #[arg(value_name = "URI")]
@@ -420,21 +429,40 @@ pub struct Finished {
 
 /// Sends `migrate` to `uri`.
 pub fn start_migration(client: &mut QmpClient, uri: &str) -> Result<(), MigrateError> {
+    start_migration_with(client, uri, false, false)
+}
+
+/// Sends `migrate` to `uri`, with block migration (`blk`) or its incremental form (`inc`).
+pub fn start_migration_with(
+    client: &mut QmpClient,
+    uri: &str,
+    blk: bool,
+    inc: bool,
+) -> Result<(), MigrateError> {
     client.take_events();
+    let mut args = json!({ "uri": uri });
+    if blk {
+        args["blk"] = json!(true);
+    }
+    if inc {
+        args["inc"] = json!(true);
+    }
     client
-        .execute("migrate", Some(json!({ "uri": uri })))
+        .execute("migrate", Some(args))
         .map_err(MigrateError::Start)?;
     Ok(())
 }
 
-/// Starts `migrate` to `uri` and follows it to its end: see [`follow_migration`].
+/// Starts `migrate` to `uri` (with `blk` / `inc`) and follows it to its end: see
+/// [`follow_migration`].
 pub fn run_migration(
     client: &mut QmpClient,
     uri: &str,
+    (blk, inc): (bool, bool),
     view: &mut ProgressView,
     on_tick: &mut dyn FnMut(&ProgressView),
 ) -> Result<Finished, MigrateError> {
-    start_migration(client, uri)?;
+    start_migration_with(client, uri, blk, inc)?;
     follow_migration(client, view, on_tick)
 }
 
@@ -520,6 +548,18 @@ pub fn summary(info: &Value, passes: u64) -> String {
             super::count(transferred)
         ),
     ));
+    if info["disk"].is_object() {
+        let disk = &info["disk"];
+        rows.push((
+            "disks",
+            format!(
+                "{}: {} sent ({} remaining)",
+                super::bytes(u(&disk["total"])),
+                super::bytes(u(&disk["transferred"])),
+                super::bytes(u(&disk["remaining"]))
+            ),
+        ));
+    }
     let normal = u(&ram["normal"]);
     rows.push((
         "guest RAM",
@@ -612,7 +652,13 @@ pub fn command(args: &MigrateArgs) -> i32 {
     };
     let result = apply_settings(&mut client, &args.params.settings()).and_then(|_| {
         let mut view = ProgressView::new(super::interactive());
-        run_migration(&mut client, &args.uri, &mut view, &mut |_| {})
+        run_migration(
+            &mut client,
+            &args.uri,
+            (args.blk, args.inc),
+            &mut view,
+            &mut |_| {},
+        )
     });
     let finished = match result {
         Ok(f) => f,
