@@ -820,6 +820,70 @@ mod tests {
         assert!(r.restore_snapshots(&[], &|_| true).is_err());
     }
 
+    /// A live section that is in the stream only when switched on (as `block`).
+    struct Optional(bool);
+
+    impl LiveSection for Optional {
+        fn is_active(&self) -> bool {
+            self.0
+        }
+        fn required_on_load(&self) -> bool {
+            false
+        }
+        fn begin(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
+            Ok(out.write_all(&[0x41])?)
+        }
+        fn complete(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
+            Ok(out.write_all(&[0x43])?)
+        }
+        fn iterate(
+            &mut self,
+            out: &mut dyn SectionOutput,
+            _budget: u64,
+        ) -> Result<bool, SectionError> {
+            out.write_all(&[0x42])?;
+            Ok(true)
+        }
+        fn load(&mut self, input: &mut dyn Read, _version: u32) -> Result<(), SectionError> {
+            // One byte in every part.
+            let mut b = [0u8; 1];
+            input.read_exact(&mut b)?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_inactive_section_leaves_the_stream_unchanged() {
+        let plain = stream();
+        let with = |on: bool| {
+            let (mut src, blob, _) = pair();
+            src.register_live("optional", 0, 1, Box::new(Optional(on)));
+            *blob.lock().unwrap() = vec![1, 2, 3];
+            let mut w = StreamWriter::new(Vec::new());
+            src.begin(&mut w).unwrap();
+            while !src.iterate(&mut w, 1).unwrap() {}
+            src.complete(&mut w).unwrap();
+            w.into_inner()
+        };
+        assert_eq!(with(false), plain, "byte for byte");
+        // A destination with the optional section loads a stream without it...
+        let (mut dst, blob, _) = pair();
+        dst.register_live("optional", 0, 1, Box::new(Optional(false)));
+        dst.load(&mut StreamReader::new(&plain[..])).unwrap();
+        assert_eq!(*blob.lock().unwrap(), vec![1, 2, 3]);
+        // ... and with it; one without it refuses a stream that has it.
+        let active = with(true);
+        assert_ne!(active, plain);
+        let (mut dst, _, _) = pair();
+        dst.register_live("optional", 0, 1, Box::new(Optional(false)));
+        dst.load(&mut StreamReader::new(&active[..])).unwrap();
+        let (mut dst, _, _) = pair();
+        assert!(matches!(
+            dst.load(&mut StreamReader::new(&active[..])),
+            Err(RegistryError::UnknownSection { .. })
+        ));
+    }
+
     #[test]
     fn blockers() {
         let mut r = Registry::new();

@@ -201,18 +201,6 @@ impl Instance {
                 .with_multifd(migration.multifd.clone()),
             ),
         );
-        // Block migration (QEMU's `block` section): in the stream only when a migration copies
-        // the disks (`blk`, `inc`, the `block` capability); a destination takes it when it
-        // comes.
-        registry.register_live(
-            migration::block::SECTION,
-            0,
-            migration::block::SECTION_VERSION,
-            Box::new(migration::block::BlockSection::new(
-                std::mem::take(&mut vm.devices.block_disks),
-                migration.block.clone(),
-            )),
-        );
         let vcpus = vm.control().vcpus();
         let msrs = Arc::new(
             SavedMsrs::probe(vm.kvm(), &vm.fd, &lock(&vcpus[0])).map_err(VmError::KvmState)?,
@@ -369,6 +357,19 @@ impl Instance {
                 )),
             );
         }
+        // Block migration (QEMU's `block` section): in the stream only when a migration copies
+        // the disks (`blk`, `inc`, the `block` capability); a destination takes it when it
+        // comes. Registered last, so that the other sections keep their ids and a stream
+        // without it is byte for byte what it was before block migration existed.
+        registry.register_live(
+            migration::block::SECTION,
+            0,
+            migration::block::SECTION_VERSION,
+            Box::new(migration::block::BlockSection::new(
+                std::mem::take(&mut vm.devices.block_disks),
+                migration.block.clone(),
+            )),
+        );
         // The power-on state of every non-RAM section, taken before any vCPU ran: a reset
         // restores it.
         let power_on = registry.save_snapshots().map_err(VmError::Sections)?;
