@@ -348,6 +348,13 @@ impl BlockSection {
             .sum()
     }
 
+    fn bulk_complete(&self) -> bool {
+        self.disks
+            .iter()
+            .zip(&self.cursors)
+            .all(|(d, c)| c.bulk >= Self::chunks(d))
+    }
+
     fn remaining(&self) -> u64 {
         let bulk = self.total() - self.bulk_done_bytes();
         let dirty: u64 = self.disks.iter().map(|d| d.dirty.count()).sum();
@@ -615,12 +622,19 @@ impl LiveSection for BlockSection {
         Ok(())
     }
 
-    fn pending(&mut self, _max_size: u64) -> u64 {
+    fn pending(&mut self, max_size: u64) -> u64 {
         if !self.running {
             return 0;
         }
         self.update_remaining();
-        self.remaining()
+        let remaining = self.remaining();
+        if self.bulk_complete() {
+            remaining
+        } else {
+            // As QEMU: never converge during the bulk pass (the stop-and-copy would carry
+            // the rest of it), only once the dirty chunks left fit in the downtime.
+            remaining.max(max_size.saturating_add(CHUNK_SIZE))
+        }
     }
 
     fn iterate(&mut self, out: &mut dyn SectionOutput, budget: u64) -> Result<bool, SectionError> {
