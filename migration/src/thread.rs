@@ -476,7 +476,7 @@ struct Inner {
     pause_before_switchover: bool,
     /// `migrate-continue` arrived for the current `pre-switchover` pause.
     continued: bool,
-    /// `late-block-activate` (destination; hopvm has no block devices to activate).
+    /// `late-block-activate` (destination; hopvm's disks are plain files: nothing to activate).
     late_block_activate: bool,
     throttle_params: ThrottleParameters,
     throttle_pct: u32,
@@ -688,7 +688,7 @@ impl Migration {
     }
 
     /// Whether the `late-block-activate` capability is on. It is recorded and reported only:
-    /// hopvm has no block devices, so there is nothing to activate late.
+    /// hopvm's disks are plain files, so there is nothing to activate late.
     pub fn late_block_activate_enabled(&self) -> bool {
         lock(&self.inner).late_block_activate
     }

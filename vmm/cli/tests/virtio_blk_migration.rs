@@ -318,3 +318,32 @@ fn bad_block_migrations_fail_cleanly_and_the_source_runs_on() {
     assert!(!src.out.text().contains("FAIL"), "{}", src.out.text());
     assert!(!src.err.text().contains("panicked"), "{}", src.err.text());
 }
+
+/// `hopvm migrate -i`: the tool asks for `inc`, shows the disks, and the copy is whole.
+#[test]
+fn the_migrate_tool_copies_the_disks_with_i() {
+    let dir = TempDir::new("blkmig-tool");
+    let (a, b) = (dir.join("src.img"), dir.join("dst.img"));
+    let size = 4 * MIB;
+    sparse(&a, size);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+        f.write_all_at(&vec![0x33u8; 70_000], MIB + 512).unwrap();
+    }
+    sparse(&b, size);
+    // An idle guest (span=0 writes nothing).
+    let _src = source(&dir, &a, size, 0);
+    let uri = format!("unix:{}", dir.join("mig.sock").display());
+    let d = b.display().to_string();
+    let mut dst = destination(&dir, "dst", &uri, &["--disk", &d]);
+    let qmp = format!("unix:{}", dir.join("src.sock").display());
+    let (code, out, err) = common::tools::run(&["migrate", "--qmp", &qmp, "-i", &uri], LONG);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("disks        4 MiB: 4 MiB sent"), "{out}");
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+        "the images differ"
+    );
+    verify_on(&mut dst);
+}
