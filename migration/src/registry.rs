@@ -226,16 +226,21 @@ impl Registry {
         self.live().map(|(_, h, _, _)| h.pending(max_size)).sum()
     }
 
-    /// Source: one PART of every live section; true when all have nothing left this round.
+    /// Source: one PART of every live section, sharing `budget` bytes; true when all have
+    /// nothing left this round.
     pub fn iterate<W: SectionOutput>(
         &mut self,
         w: &mut StreamWriter<W>,
         budget: u64,
     ) -> Result<bool, RegistryError> {
         let mut all_done = true;
+        // One budget for all of them (RAM and disks share the bandwidth limit); each still
+        // sends at least one item.
+        let start = w.bytes_written();
         for (id, h, idstr, instance) in self.live() {
             w.section_part(id)?;
-            let done = h.iterate(w, budget).map_err(section_err(idstr, instance))?;
+            let left = budget.saturating_sub(w.bytes_written() - start).max(1);
+            let done = h.iterate(w, left).map_err(section_err(idstr, instance))?;
             w.footer(id)?;
             all_done &= done;
         }
