@@ -798,9 +798,17 @@ impl Migration {
             },
             downtime_bytes: i.downtime_bytes,
             cpu_throttle_percentage: i.throttle_pct,
+            // As QEMU: while the migration runs (not once it completed).
             disk: {
                 let b = &self.block.counters;
-                b.active.load(Ordering::Relaxed).then(|| DiskInfo {
+                let running = matches!(
+                    i.status,
+                    MigrationStatus::Active
+                        | MigrationStatus::Cancelling
+                        | MigrationStatus::PreSwitchover
+                        | MigrationStatus::Device
+                );
+                (running && b.active.load(Ordering::Relaxed)).then(|| DiskInfo {
                     transferred: get(&b.transferred),
                     remaining: get(&b.remaining),
                     total: get(&b.total),

@@ -69,8 +69,9 @@ fn writes(text: &str) -> usize {
 /// Migrates `src` to `uri` with `args` (`blk` / `inc`) while the guest writes: the migration
 /// cannot converge (64 KiB/s, 1 ms downtime limit: any page the running guest dirties is too
 /// much) until the guest has written at least 32 more blocks after it became active; then
-/// it may.
-fn migrate_while_writing(src: &mut Hopvm, uri: &str, extra: Value) {
+/// it may. Returns `query-migrate`'s reply from while it was held (QEMU, and hopvm, show
+/// `disk` only while the migration runs).
+fn migrate_while_writing(src: &mut Hopvm, uri: &str, extra: Value) -> Value {
     src.cmd(
         "migrate-set-parameters",
         json!({"downtime-limit": 1, "max-bandwidth": 65536}),
@@ -85,11 +86,16 @@ fn migrate_while_writing(src: &mut Hopvm, uri: &str, extra: Value) {
     src.out.wait_for(LONG, "writes during the migration", |t| {
         writes(t) >= before + 2
     });
+    let during = src.cmd("query-migrate", Value::Null);
+    assert_eq!(during["status"], "active", "{during}");
     src.cmd(
         "migrate-set-parameters",
         json!({"downtime-limit": 10_000, "max-bandwidth": 0}),
     );
     src.wait_migration("completed", LONG);
+    let after = src.cmd("query-migrate", Value::Null);
+    assert!(after["disk"].is_null(), "no disk once completed: {after}");
+    during
 }
 
 /// Resumes the destination's guest, sends it the key and checks its verdict.
@@ -150,9 +156,9 @@ fn shared_storage_live_migration_with_writes_in_flight() {
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let d = disk.display().to_string();
     let mut dst = destination(&dir, "dst", &uri, &["--disk", &d]);
-    migrate_while_writing(&mut src, &uri, json!({}));
+    let during = migrate_while_writing(&mut src, &uri, json!({}));
     // Shared storage: no `disk` statistics, no block section.
-    assert!(src.cmd("query-migrate", Value::Null)["disk"].is_null());
+    assert!(during["disk"].is_null(), "{during}");
     verify_on(&mut dst);
 }
 
@@ -174,13 +180,14 @@ fn block_migration_into_an_empty_image() {
     let uri = format!("unix:{}", dir.join("mig.sock").display());
     let d = b.display().to_string();
     let mut dst = destination(&dir, "dst", &uri, &["--disk", &d]);
-    migrate_while_writing(&mut src, &uri, json!({"blk": true}));
-    let info = src.cmd("query-migrate", Value::Null);
+    let info = migrate_while_writing(&mut src, &uri, json!({"blk": true}));
     let disk = &info["disk"];
     assert_eq!(disk["total"], json!(size), "{info}");
-    assert_eq!(disk["remaining"], json!(0), "{info}");
-    assert!(disk["transferred"].as_u64().unwrap() >= size, "{info}");
-    eprintln!("block migration: {disk}");
+    assert!(
+        disk["transferred"].as_u64().unwrap() + disk["remaining"].as_u64().unwrap() >= size,
+        "{info}"
+    );
+    eprintln!("block migration, while held: {disk}");
     // The source's guest is stopped for good: both images are final.
     assert!(
         std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
@@ -233,9 +240,8 @@ fn incremental_block_migration_keeps_holes() {
     src.cmd("migrate-set-parameters", json!({"block-incremental": true}));
     let d = b.display().to_string();
     let mut dst = destination(&dir, "dst", &uri, &["--disk", &d]);
-    migrate_while_writing(&mut src, &uri, json!({}));
-    let info = src.cmd("query-migrate", Value::Null);
-    eprintln!("incremental block migration: {}", info["disk"]);
+    let info = migrate_while_writing(&mut src, &uri, json!({}));
+    eprintln!("incremental block migration, while held: {}", info["disk"]);
     assert_eq!(info["disk"]["total"], json!(size), "{info}");
     let (x, y) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
     let diff: Vec<usize> = (0..x.len()).filter(|&i| x[i] != y[i]).collect();
@@ -340,7 +346,7 @@ fn the_migrate_tool_copies_the_disks_with_i() {
     let qmp = format!("unix:{}", dir.join("src.sock").display());
     let (code, out, err) = common::tools::run(&["migrate", "--qmp", &qmp, "-i", &uri], LONG);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("disks        4 MiB: 4 MiB sent"), "{out}");
+    assert!(out.contains("Migration completed"), "{out}");
     assert!(
         std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
         "the images differ"

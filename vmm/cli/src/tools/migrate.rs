@@ -425,6 +425,9 @@ pub struct Finished {
     pub passes: u64,
     /// Whether Ctrl-C asked for a cancellation (it may have come too late).
     pub cancel_requested: bool,
+    /// With block migration, the last `disk` object `query-migrate` showed (QEMU shows it
+    /// only while the migration is active, not once it completed).
+    pub last_disk: Option<Value>,
 }
 
 /// Sends `migrate` to `uri`.
@@ -476,6 +479,7 @@ pub fn follow_migration(
 ) -> Result<Finished, MigrateError> {
     let mut cancel_requested = false;
     let mut passes = 0;
+    let mut last_disk = None;
     loop {
         let interrupts = super::interrupts();
         if interrupts > 0 && !cancel_requested {
@@ -487,6 +491,9 @@ pub fn follow_migration(
             return Err(MigrateError::Abandoned);
         }
         let info = execute(client, "query-migrate", None)?;
+        if info["disk"].is_object() {
+            last_disk = Some(info["disk"].clone());
+        }
         for e in client.take_events() {
             if e.name == "MIGRATION_PASS" {
                 passes = passes.max(e.data["pass"].as_u64().unwrap_or(0));
@@ -511,6 +518,7 @@ pub fn follow_migration(
                 info,
                 passes,
                 cancel_requested,
+                last_disk,
             });
         }
         // The next poll. (Not a timed wait for the MIGRATION event: the client's timed reads
@@ -521,6 +529,12 @@ pub fn follow_migration(
 
 /// The summary table of a finished migration's `query-migrate` reply.
 pub fn summary(info: &Value, passes: u64) -> String {
+    summary_with_disk(info, passes, None)
+}
+
+/// [`summary`], with the `disk` object last seen while the migration ran (block migration:
+/// a completed migration's reply has none, as QEMU's).
+pub fn summary_with_disk(info: &Value, passes: u64, last_disk: Option<&Value>) -> String {
     let u = |v: &Value| v.as_u64().unwrap_or(0);
     let ram = &info["ram"];
     let status = info["status"].as_str().unwrap_or("?");
@@ -557,6 +571,14 @@ pub fn summary(info: &Value, passes: u64) -> String {
                 super::bytes(u(&disk["total"])),
                 super::bytes(u(&disk["transferred"])),
                 super::bytes(u(&disk["remaining"]))
+            ),
+        ));
+    } else if let (Some(disk), "completed") = (last_disk, status) {
+        rows.push((
+            "disks",
+            format!(
+                "{} copied in the stream (block migration)",
+                super::bytes(u(&disk["total"]))
             ),
         ));
     }
@@ -683,7 +705,7 @@ pub fn command(args: &MigrateArgs) -> i32 {
             if !args.json {
                 println!(
                     "Migration completed\n{}",
-                    summary(&finished.info, finished.passes)
+                    summary_with_disk(&finished.info, finished.passes, finished.last_disk.as_ref())
                 );
             }
             if finished.cancel_requested {
