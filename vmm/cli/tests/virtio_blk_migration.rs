@@ -57,9 +57,15 @@ fn source(dir: &TempDir, disk: &Path, size: u64, span: u64) -> Hopvm {
 fn destination(dir: &TempDir, name: &str, uri: &str, disk_args: &[&str]) -> Hopvm {
     let mut args = vec!["--memory", "64M", "--paused", "--incoming", uri];
     args.extend_from_slice(disk_args);
-    Hopvm::spawn_with(&dir.0, name, &args, |c| {
+    let mut dst = Hopvm::spawn_with(&dir.0, name, &args, |c| {
         c.stdin(Stdio::piped());
-    })
+    });
+    // Its MIGRATION events (the stream starts only when the source is told to migrate).
+    dst.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    dst
 }
 
 fn writes(text: &str) -> usize {
@@ -98,9 +104,14 @@ fn migrate_while_writing(src: &mut Hopvm, uri: &str, extra: Value) -> Value {
     during
 }
 
-/// Resumes the destination's guest, sends it the key and checks its verdict.
+/// Waits until the destination has loaded the stream (its images written): it stays paused.
+fn loaded(dst: &mut Hopvm) {
+    dst.wait_migration("completed", LONG);
+    assert_eq!(dst.status(), "paused");
+}
+
+/// Resumes the loaded destination's guest, sends it the key and checks its verdict.
 fn verify_on(dst: &mut Hopvm) -> String {
-    dst.wait_loaded();
     dst.cmd("cont", Value::Null);
     let mut stdin = dst.child.stdin.take().expect("piped stdin");
     stdin.write_all(b"\n").unwrap();
@@ -119,29 +130,6 @@ fn verify_on(dst: &mut Hopvm) -> String {
     text
 }
 
-trait Loaded {
-    fn wait_loaded(&mut self);
-}
-
-impl Loaded for Hopvm {
-    /// Waits until the destination has loaded the stream (paused, `postmigrate` / `paused`).
-    fn wait_loaded(&mut self) {
-        let deadline = std::time::Instant::now() + LONG;
-        loop {
-            let s = self.status();
-            if s == "paused" {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "destination still {s}: {}",
-                self.err.text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
 fn sparse(path: &Path, size: u64) {
     let f = std::fs::File::create(path).unwrap();
     f.set_len(size).unwrap();
@@ -157,6 +145,7 @@ fn shared_storage_live_migration_with_writes_in_flight() {
     let d = disk.display().to_string();
     let mut dst = destination(&dir, "dst", &uri, &["--disk", &d]);
     let during = migrate_while_writing(&mut src, &uri, json!({}));
+    loaded(&mut dst);
     // Shared storage: no `disk` statistics, no block section.
     assert!(during["disk"].is_null(), "{during}");
     verify_on(&mut dst);
@@ -181,6 +170,7 @@ fn block_migration_into_an_empty_image() {
     let d = b.display().to_string();
     let mut dst = destination(&dir, "dst", &uri, &["--disk", &d]);
     let info = migrate_while_writing(&mut src, &uri, json!({"blk": true}));
+    loaded(&mut dst);
     let disk = &info["disk"];
     assert_eq!(disk["total"], json!(size), "{info}");
     assert!(
@@ -241,6 +231,7 @@ fn incremental_block_migration_keeps_holes() {
     let d = b.display().to_string();
     let mut dst = destination(&dir, "dst", &uri, &["--disk", &d]);
     let info = migrate_while_writing(&mut src, &uri, json!({}));
+    loaded(&mut dst);
     eprintln!("incremental block migration, while held: {}", info["disk"]);
     assert_eq!(info["disk"]["total"], json!(size), "{info}");
     let (x, y) = (std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
@@ -347,6 +338,7 @@ fn the_migrate_tool_copies_the_disks_with_i() {
     let (code, out, err) = common::tools::run(&["migrate", "--qmp", &qmp, "-i", &uri], LONG);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("Migration completed"), "{out}");
+    loaded(&mut dst);
     assert!(
         std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
         "the images differ"
