@@ -29,8 +29,18 @@
  * with the ACPI PM timer (port 0x608, 3.579545 MHz, as on QEMU's pc) and
  * printed as "BENCH: <what>: <ns> ns/request" lines (used by the virtio_blk
  * benchmark); the checks then run as usual.
+ * With writer: instead of the whole-disk checks, the guest keeps writing whole
+ * 512-byte blocks in a pseudo-random order over the first span=SIZE bytes (default:
+ * the whole disk, at most 4 MiB), each block's content naming the block and its
+ * generation (how many times it was written), printing "writer: N writes" every 16
+ * writes, until a
+ * byte arrives on COM1 (after "Now migrate the VM, then press a key to
+ * continue..."; the host migrates it meanwhile, writes in flight); then it reads
+ * back every block it wrote and checks it holds its last generation — a write
+ * lost, or an old one done again, shows. With span=0 it writes nothing and only
+ * waits for the key (an idle guest with a disk of any size).
  * Command line: seed=N (pattern seed), disk=SIZE (expected capacity, bytes),
- * readonly, migrate, bench=N.
+ * readonly, migrate, bench=N, writer, span=SIZE.
  */
 #include "lib/lib.h"
 #include "lib/virtio.h"
@@ -105,6 +115,87 @@ static void bench(const char *what, u32 type, u32 len, u64 n, u64 capacity)
 }
 
 static u32 pattern(u64 off, u32 seed) { return (u32)(off * 2654435761u) ^ seed; }
+
+#define WBLOCK 512
+#define WMAX_BLOCKS 8192
+static u32 gens[WMAX_BLOCKS];
+
+/* Word i of block b at generation g. */
+static u32 wpattern(u64 b, u32 g, u64 i, u32 seed)
+{
+	return ((u32)(b << 16 | (g & 0xffff)) * 2654435761u + (u32)i * 0x9e3779b1u) ^ seed ^ g;
+}
+
+static int writer(u64 disk, u32 seed)
+{
+	u64 span = get_arg_size("span", 1, disk);
+	u64 nblk = (span < disk ? span : disk) / WBLOCK;
+	if (nblk > WMAX_BLOCKS)
+		nblk = WMAX_BLOCKS;
+	u32 *w = (u32 *)buf;
+	u32 x = seed | 1;
+	u64 writes = 0;
+	int bad = 0;
+	printf("writer: %lu blocks of %u bytes\n", nblk, WBLOCK);
+	printf("Now migrate the VM, then press a key to continue...\n");
+	u8 last = cmos_read(0);
+	for (int left = 300; !(inb(0x3fd) & 1) && left > 0 && !bad;) {
+		if (!nblk) {
+			/* span=0: an idle guest with a disk (the block migration benchmark). */
+			u8 now = cmos_read(0);
+			if (now != last) {
+				last = now;
+				left--;
+			}
+			cpu_relax();
+			continue;
+		}
+		x = x * 1103515245u + 12345u;
+		u64 b = (x >> 8) % nblk;
+		u32 g = gens[b] + 1;
+		for (u64 i = 0; i < WBLOCK / 4; i++)
+			w[i] = wpattern(b, g, i, seed);
+		int st = request(1, b * (WBLOCK / 512), buf, WBLOCK, false);
+		if (st != 0) {
+			printf("write of block %lu: status %d\n", b, st);
+			bad = 1;
+			break;
+		}
+		gens[b] = g;
+		if (++writes % 16 == 0)
+			printf("writer: %lu writes\n", writes);
+		u8 now = cmos_read(0);
+		if (now != last) {
+			last = now;
+			left--;
+		}
+	}
+	report(!bad, "%lu writes of %u bytes, none failed", writes, WBLOCK);
+	if (!(inb(0x3fd) & 1))
+		report_abort("no key on COM1 within 300 s (was the VM migrated and a key sent?)");
+	printf("key 0x%02x received\n", inb(0x3f8));
+	u64 written = 0, wrong = 0;
+	for (u64 b = 0; b < nblk; b++) {
+		if (!gens[b])
+			continue;
+		written++;
+		memset(buf, 0, WBLOCK);
+		int st = request(0, b * (WBLOCK / 512), buf, WBLOCK, true);
+		u64 i = 0;
+		while (st == 0 && i < WBLOCK / 4 && w[i] == wpattern(b, gens[b], i, seed))
+			i++;
+		if (st != 0 || i < WBLOCK / 4) {
+			if (wrong < 8)
+				printf("block %lu (generation %u): status %d, word %lu is %08x\n", b,
+				       gens[b], st, i, i < WBLOCK / 4 ? w[i] : 0);
+			wrong++;
+		}
+	}
+	report((written > 0 || !nblk) && wrong == 0, "writer: verified %lu blocks (%lu writes), %lu wrong", written,
+	       writes, wrong);
+	report(request(4, 0, 0, 0, false) == 0, "flush");
+	return report_summary();
+}
 
 int main(int argc, char **argv)
 {
@@ -213,6 +304,9 @@ int main(int argc, char **argv)
 		printf("BENCH: flush: %llu ns/request\n",
 		       (u64)((pm_timer() - t0) & 0xffffff) * 1000000000ull / 3579545);
 	}
+
+	if (get_arg("writer"))
+		return writer(disk, seed);
 
 	/* The whole disk: write, then read back. */
 	u64 chunks = disk / CHUNK;

@@ -12,6 +12,7 @@
 
 use std::io::{self, Read, Write};
 
+pub mod block;
 pub mod integrity;
 pub mod multifd;
 mod pagemap;
@@ -136,6 +137,22 @@ impl SectionOutput for Vec<u8> {}
 /// A component sent in rounds while the guest runs (QEMU's `SaveVMHandlers` with the
 /// `save_live_*` hooks). Every method has a no-op default.
 pub trait LiveSection: Send {
+    /// Source: whether this migration carries the section (QEMU's `is_active`; asked once, before
+    /// [`begin`](Self::begin): an inactive section is left out of the stream entirely).
+    fn is_active(&self) -> bool {
+        true
+    }
+
+    /// Destination: whether a stream without this section is refused (QEMU's destination never
+    /// insists on a section; hopvm's does on all but optional ones such as `block`).
+    fn required_on_load(&self) -> bool {
+        true
+    }
+
+    /// Source: the migration completed (the destination runs the guest): undo what `begin`
+    /// set up, as [`cancel`](Self::cancel) does after a failure.
+    fn finished(&mut self) {}
+
     /// Starts the migration: switch on dirty tracking, write the section's set-up data.
     fn begin(&mut self, _out: &mut dyn SectionOutput) -> Result<(), SectionError> {
         Ok(())

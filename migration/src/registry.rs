@@ -84,6 +84,8 @@ struct Entry {
     instance: u32,
     version: u32,
     handler: Handler,
+    /// Source: a live section this migration carries ([`LiveSection::is_active`] at begin).
+    active: bool,
 }
 
 /// Wraps a section's error with the section's name.
@@ -146,6 +148,7 @@ impl Registry {
             instance,
             version,
             handler,
+            active: true,
         });
     }
 
@@ -187,8 +190,10 @@ impl Registry {
         self.entries
             .iter_mut()
             .filter_map(|e| match &mut e.handler {
-                Handler::Live(h) => Some((e.section_id, h, e.idstr.as_str(), e.instance)),
-                Handler::Snapshot(_) => None,
+                Handler::Live(h) if e.active => {
+                    Some((e.section_id, h, e.idstr.as_str(), e.instance))
+                }
+                _ => None,
             })
     }
 
@@ -203,6 +208,10 @@ impl Registry {
         }
         for e in &mut self.entries {
             if let Handler::Live(h) = &mut e.handler {
+                e.active = h.is_active();
+                if !e.active {
+                    continue;
+                }
                 w.section_start(e.section_id, &e.idstr, e.instance, e.version)?;
                 let result = h.begin(w);
                 result.map_err(section_err(&e.idstr, e.instance))?;
@@ -217,16 +226,21 @@ impl Registry {
         self.live().map(|(_, h, _, _)| h.pending(max_size)).sum()
     }
 
-    /// Source: one PART of every live section; true when all have nothing left this round.
+    /// Source: one PART of every live section, sharing `budget` bytes; true when all have
+    /// nothing left this round.
     pub fn iterate<W: SectionOutput>(
         &mut self,
         w: &mut StreamWriter<W>,
         budget: u64,
     ) -> Result<bool, RegistryError> {
         let mut all_done = true;
+        // One budget for all of them (RAM and disks share the bandwidth limit); each still
+        // sends at least one item.
+        let start = w.bytes_written();
         for (id, h, idstr, instance) in self.live() {
             w.section_part(id)?;
-            let done = h.iterate(w, budget).map_err(section_err(idstr, instance))?;
+            let left = budget.saturating_sub(w.bytes_written() - start).max(1);
+            let done = h.iterate(w, left).map_err(section_err(idstr, instance))?;
             w.footer(id)?;
             all_done &= done;
         }
@@ -241,6 +255,7 @@ impl Registry {
     ) -> Result<(), RegistryError> {
         for e in &mut self.entries {
             match &mut e.handler {
+                Handler::Live(_) if !e.active => {}
                 Handler::Live(h) => {
                     w.section_end(e.section_id)?;
                     let result = h.complete(w);
@@ -270,6 +285,11 @@ impl Registry {
     /// Source: the migration ended without completing.
     pub fn cancel(&mut self) {
         self.live().for_each(|(_, h, _, _)| h.cancel());
+    }
+
+    /// Source: the migration completed.
+    pub fn finished(&mut self) {
+        self.live().for_each(|(_, h, _, _)| h.finished());
     }
 
     /// Destination: every live section's `prepare_load`, before the stream arrives.
@@ -456,7 +476,9 @@ impl Registry {
             .entries
             .iter()
             .zip(&load.seen)
-            .filter(|(_, seen)| !**seen)
+            .filter(|(e, seen)| {
+                !**seen && !matches!(&e.handler, Handler::Live(h) if !h.required_on_load())
+            })
             .map(|(e, _)| format!("{} {}", e.idstr, e.instance))
             .collect();
         if !missing.is_empty() {
@@ -801,6 +823,70 @@ mod tests {
         r.restore_snapshots(&saved, &|name| name != "blob").unwrap();
         assert_eq!(*blob.lock().unwrap(), vec![9]);
         assert!(r.restore_snapshots(&[], &|_| true).is_err());
+    }
+
+    /// A live section that is in the stream only when switched on (as `block`).
+    struct Optional(bool);
+
+    impl LiveSection for Optional {
+        fn is_active(&self) -> bool {
+            self.0
+        }
+        fn required_on_load(&self) -> bool {
+            false
+        }
+        fn begin(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
+            Ok(out.write_all(&[0x41])?)
+        }
+        fn complete(&mut self, out: &mut dyn SectionOutput) -> Result<(), SectionError> {
+            Ok(out.write_all(&[0x43])?)
+        }
+        fn iterate(
+            &mut self,
+            out: &mut dyn SectionOutput,
+            _budget: u64,
+        ) -> Result<bool, SectionError> {
+            out.write_all(&[0x42])?;
+            Ok(true)
+        }
+        fn load(&mut self, input: &mut dyn Read, _version: u32) -> Result<(), SectionError> {
+            // One byte in every part.
+            let mut b = [0u8; 1];
+            input.read_exact(&mut b)?;
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_inactive_section_leaves_the_stream_unchanged() {
+        let plain = stream();
+        let with = |on: bool| {
+            let (mut src, blob, _) = pair();
+            src.register_live("optional", 0, 1, Box::new(Optional(on)));
+            *blob.lock().unwrap() = vec![1, 2, 3];
+            let mut w = StreamWriter::new(Vec::new());
+            src.begin(&mut w).unwrap();
+            while !src.iterate(&mut w, 1).unwrap() {}
+            src.complete(&mut w).unwrap();
+            w.into_inner()
+        };
+        assert_eq!(with(false), plain, "byte for byte");
+        // A destination with the optional section loads a stream without it...
+        let (mut dst, blob, _) = pair();
+        dst.register_live("optional", 0, 1, Box::new(Optional(false)));
+        dst.load(&mut StreamReader::new(&plain[..])).unwrap();
+        assert_eq!(*blob.lock().unwrap(), vec![1, 2, 3]);
+        // ... and with it; one without it refuses a stream that has it.
+        let active = with(true);
+        assert_ne!(active, plain);
+        let (mut dst, _, _) = pair();
+        dst.register_live("optional", 0, 1, Box::new(Optional(false)));
+        dst.load(&mut StreamReader::new(&active[..])).unwrap();
+        let (mut dst, _, _) = pair();
+        assert!(matches!(
+            dst.load(&mut StreamReader::new(&active[..])),
+            Err(RegistryError::UnknownSection { .. })
+        ));
     }
 
     #[test]

@@ -476,8 +476,22 @@ pub struct MigrationInfo {
     pub downtime_bytes: u64,
     /// `auto-converge`'s current throttle, % (0: not throttled).
     pub cpu_throttle_percentage: u32,
+    /// With block migration (`blk`, `inc`, the `block` capability): the disks' progress.
+    pub disk: Option<DiskInfo>,
     /// Why it failed.
     pub error: Option<String>,
+}
+
+/// `query-migrate`'s `disk`: block migration's progress.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Bytes of disk sent (chunks written during the migration count again; holes skipped
+    /// with `inc` count as sent).
+    pub transferred: u64,
+    /// Bytes still to send: the rest of the bulk pass and the chunks written since they went.
+    pub remaining: u64,
+    /// Every disk's size.
+    pub total: u64,
 }
 
 type Notifier = Box<dyn Fn(&MigrationEvent) + Send + Sync>;
@@ -504,7 +518,7 @@ struct Inner {
     pause_before_switchover: bool,
     /// `migrate-continue` arrived for the current `pre-switchover` pause.
     continued: bool,
-    /// `late-block-activate` (destination; hopvm has no block devices to activate).
+    /// `late-block-activate` (destination; hopvm's disks are plain files: nothing to activate).
     late_block_activate: bool,
     throttle_params: ThrottleParameters,
     announce_params: AnnounceParameters,
@@ -537,6 +551,9 @@ pub struct Migration {
     pause: Condvar,
     /// TLS credentials objects and the `tls-creds` / `tls-hostname` parameters.
     pub tls: crate::transport::tls::MigrationTls,
+    /// Block migration's settings (`block`, `block-incremental`, `blk`, `inc`) and counters,
+    /// shared with the `block` section.
+    pub block: Arc<crate::block::BlockMigration>,
 }
 
 use vmm_sync::lock;
@@ -593,6 +610,7 @@ impl Migration {
             notifiers: Mutex::new(Vec::new()),
             pause: Condvar::new(),
             tls: Default::default(),
+            block: Arc::default(),
         }
     }
 
@@ -714,7 +732,7 @@ impl Migration {
     }
 
     /// Whether the `late-block-activate` capability is on. It is recorded and reported only:
-    /// hopvm has no block devices, so there is nothing to activate late.
+    /// hopvm's disks are plain files, so there is nothing to activate late.
     pub fn late_block_activate_enabled(&self) -> bool {
         lock(&self.inner).late_block_activate
     }
@@ -834,6 +852,22 @@ impl Migration {
             },
             downtime_bytes: i.downtime_bytes,
             cpu_throttle_percentage: i.throttle_pct,
+            // As QEMU: while the migration runs (not once it completed).
+            disk: {
+                let b = &self.block.counters;
+                let running = matches!(
+                    i.status,
+                    MigrationStatus::Active
+                        | MigrationStatus::Cancelling
+                        | MigrationStatus::PreSwitchover
+                        | MigrationStatus::Device
+                );
+                (running && b.active.load(Ordering::Relaxed)).then(|| DiskInfo {
+                    transferred: get(&b.transferred),
+                    remaining: get(&b.remaining),
+                    total: get(&b.total),
+                })
+            },
             error: i.error.clone(),
         }
     }
@@ -899,9 +933,13 @@ impl Migration {
                 &self.ram.xbzrle_cache_miss,
                 &self.ram.xbzrle_overflow,
                 &self.multifd.bytes,
+                &self.block.counters.transferred,
+                &self.block.counters.remaining,
+                &self.block.counters.total,
             ] {
                 a.store(0, Ordering::Relaxed);
             }
+            self.block.counters.active.store(false, Ordering::Relaxed);
             i.start = Some(Instant::now());
             i.setup_time = Duration::ZERO;
             i.total_time = Duration::ZERO;
@@ -1383,7 +1421,11 @@ impl Migration {
                     };
                     match outcome {
                         Switchover::Done => {
-                            host.completed(&mut lock(host.big_lock()));
+                            {
+                                let mut g = lock(host.big_lock());
+                                lock(host.registry()).finished();
+                                host.completed(&mut g);
+                            }
                             let mut i = lock(&self.inner);
                             i.downtime = stop.elapsed();
                             i.precopy_bytes = precopy_bytes;
@@ -1409,7 +1451,11 @@ impl Migration {
                         Switchover::Resume(e) => self.abort(host.as_ref(), was_running, rp, e),
                         Switchover::Unknown => {
                             // Never resume a guest the destination may be running.
-                            host.completed(&mut lock(host.big_lock()));
+                            {
+                                let mut g = lock(host.big_lock());
+                                lock(host.registry()).finished();
+                                host.completed(&mut g);
+                            }
                             self.ended(
                                 MigrationStatus::Failed,
                                 Some(MigrationRunError::OutcomeUnknown),
@@ -1436,8 +1482,9 @@ impl Migration {
             let now = Instant::now();
             if limiter.slot_over(now) {
                 // What the sections still hold now, not before this slot's batches went out.
-                let pending =
-                    self.ram.remaining_pages.load(Ordering::Relaxed) * crate::ram::PAGE_SIZE;
+                let pending = self.ram.remaining_pages.load(Ordering::Relaxed)
+                    * crate::ram::PAGE_SIZE
+                    + self.block.counters.remaining.load(Ordering::Relaxed);
                 let elapsed = now.duration_since(limiter.slot_start()).as_secs_f64();
                 limiter.new_slot(now);
                 let bandwidth = slot_bytes as f64 / elapsed.max(1e-6);

@@ -7,12 +7,19 @@
 //! VIRTIO_BLK_S_UNSUPP. A read-only disk offers VIRTIO_BLK_F_RO and fails writes with
 //! VIRTIO_BLK_S_IOERR. Requests are served on the `virtio-io` thread, synchronously and whole,
 //! so none is ever in flight when the device's state is saved.
+//!
+//! For block migration, every write, write-zeroes and discard marks the chunks it touched in
+//! the disk's [`DirtyBitmap`] once it has reached the image (a no-op unless a migration
+//! tracks them): see [`migration::block`].
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use migration::block::{BlockDisk, DirtyBitmap};
 
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_WRITE_ZEROES,
@@ -60,6 +67,7 @@ pub struct Block {
     capacity: u64,
     readonly: bool,
     serial: Vec<u8>,
+    dirty: Arc<DirtyBitmap>,
 }
 
 impl Block {
@@ -90,12 +98,27 @@ impl Block {
         }
         let mut serial = serial.as_bytes().to_vec();
         serial.truncate(VIRTIO_BLK_ID_BYTES as usize);
+        let capacity = size / SECTOR_SIZE;
         Ok(Self {
             path: path.to_path_buf(),
             file,
-            capacity: size / SECTOR_SIZE,
+            capacity,
             readonly,
             serial,
+            dirty: Arc::new(DirtyBitmap::new(capacity * SECTOR_SIZE)),
+        })
+    }
+
+    /// The disk as block migration sees it, named `name`: a second descriptor of the image
+    /// and the bitmap this back-end marks.
+    pub fn migration_disk(&self, name: &str) -> Result<BlockDisk, BlockError> {
+        let name_err = |e| BlockError::Open(self.path.display().to_string(), e);
+        Ok(BlockDisk {
+            name: name.to_string(),
+            path: self.path.clone(),
+            file: self.file.try_clone().map_err(name_err)?,
+            size: self.capacity * SECTOR_SIZE,
+            dirty: self.dirty.clone(),
         })
     }
 
@@ -184,7 +207,8 @@ impl Block {
                     return VIRTIO_BLK_S_IOERR;
                 };
                 let mut buf = vec![0u8; CHUNK.min(reader.available_bytes())];
-                ok((|| {
+                let start = pos;
+                let result = (|| {
                     while reader.available_bytes() > 0 {
                         let n = buf.len().min(reader.available_bytes());
                         reader.read_exact(&mut buf[..n])?;
@@ -192,7 +216,11 @@ impl Block {
                         pos += n as u64;
                     }
                     Ok(())
-                })())
+                })();
+                // After the data reached the image (even part of it): a migration that
+                // read the chunk before sends it again.
+                self.dirty.mark(start, pos - start);
+                ok(result)
             }
             VIRTIO_BLK_T_FLUSH => {
                 if self.readonly {
@@ -223,7 +251,7 @@ impl Block {
                 {
                     return VIRTIO_BLK_S_UNSUPP;
                 }
-                if kind == VIRTIO_BLK_T_DISCARD {
+                let status = if kind == VIRTIO_BLK_T_DISCARD {
                     // Advisory: where the file system cannot punch holes, the data stays.
                     let _ = self.fallocate(
                         libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
@@ -233,7 +261,9 @@ impl Block {
                     VIRTIO_BLK_S_OK
                 } else {
                     ok(self.write_zeroes(start, len))
-                }
+                };
+                self.dirty.mark(start, len);
+                status
             }
             VIRTIO_BLK_T_GET_ID => {
                 let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];

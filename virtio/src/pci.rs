@@ -1560,6 +1560,41 @@ mod tests {
         assert_eq!(r.dev.notify[0].read().unwrap(), 1, "every queue looked at");
     }
 
+    /// A request queued just before the source paused (its notification only remembered there)
+    /// is served by the destination when the guest resumes: once, not lost.
+    #[test]
+    fn a_request_queued_before_the_save_is_served_after_the_restore() {
+        let mut r = rig("inflight", false, 8);
+        r.init(1);
+        let q = r.dev.quiesce();
+        q.pause();
+        r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+        r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+        r.desc(0, HDR, 16, 1, 1);
+        r.desc(1, STATUS, 1, 2, 0);
+        r.mem.write_obj(4u32, GuestAddress(HDR)).unwrap();
+        lock(&r.dev.core).process(0);
+        let state = r.dev.state();
+        // The destination: same RAM (as migrated), a device restored from the state, paused
+        // until the guest resumes.
+        let mut other = rig_with("inflight2", false, 8, Some(r.mem.clone()));
+        let q2 = other.dev.quiesce();
+        q2.pause();
+        other.dev.restore(&state).unwrap();
+        q2.resume();
+        assert_eq!(
+            other.dev.notify[0].read().unwrap(),
+            1,
+            "the ready queue is looked at"
+        );
+        lock(&other.dev.core).process(0);
+        let used: u16 = r.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used, 1, "served once");
+        lock(&other.dev.core).process(0);
+        let used: u16 = r.mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(used, 1, "not twice");
+    }
+
     #[test]
     fn rng_fills_every_buffer() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();

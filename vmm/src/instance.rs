@@ -181,7 +181,7 @@ impl Instance {
     /// Builds the VM for `config` and registers its migration sections. The vCPUs are not
     /// started: see [`Instance::cont`].
     pub fn new(config: &VmConfig, serial_out: SharedWriter) -> Result<Arc<Self>, VmError> {
-        let vm = Vm::build(config, serial_out)?;
+        let mut vm = Vm::build(config, serial_out)?;
         let migration = Arc::new(Migration::new());
         let mut registry = Registry::new();
         registry.register_live(
@@ -360,7 +360,8 @@ impl Instance {
         );
         // virtio-blk: the transport's state (every request completed: they are served whole
         // under the device's core lock, and the back-end is paused with the vCPUs). The disk's
-        // contents are not in the stream: both sides open the same image (shared storage).
+        // contents are in the stream only with block migration (the `block` section above);
+        // otherwise both sides open the same image (shared storage).
         for (i, dev) in d.virtio_blk.iter().enumerate() {
             registry.register(
                 "virtio-blk",
@@ -400,6 +401,19 @@ impl Instance {
                 )),
             );
         }
+        // Block migration (QEMU's `block` section): in the stream only when a migration copies
+        // the disks (`blk`, `inc`, the `block` capability); a destination takes it when it
+        // comes. Registered last, so that the other sections keep their ids and a stream
+        // without it is byte for byte what it was before block migration existed.
+        registry.register_live(
+            migration::block::SECTION,
+            0,
+            migration::block::SECTION_VERSION,
+            Box::new(migration::block::BlockSection::new(
+                std::mem::take(&mut vm.devices.block_disks),
+                migration.block.clone(),
+            )),
+        );
         // The power-on state of every non-RAM section, taken before any vCPU ran: a reset
         // restores it.
         let power_on = registry.save_snapshots().map_err(VmError::Sections)?;

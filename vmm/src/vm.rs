@@ -488,6 +488,9 @@ pub struct Devices {
     pub intel_iommu: Option<Arc<Mutex<devices::intel_iommu::IntelIommu>>>,
     /// QEMU's edu devices.
     pub edu: Vec<Arc<Mutex<devices::edu::Edu>>>,
+    /// The disks as block migration sees them (`virtio0`, … in `--disk` order), until the
+    /// `block` section takes them.
+    pub block_disks: Vec<migration::block::BlockDisk>,
 }
 
 /// The kernel and initrd, kept so that a reset can load them again.
@@ -845,8 +848,10 @@ impl Vm {
         let mut quiesce = Vec::new();
         let ioevents: Arc<dyn virtio::IoEventRegistrar> = Arc::new(KvmIoEvents(fd.clone()));
         let mut wanted: Vec<(Option<u8>, Box<dyn virtio::VirtioBackend>)> = Vec::new();
-        for disk in &config.disks {
+        let mut block_disks = Vec::new();
+        for (i, disk) in config.disks.iter().enumerate() {
             let backend = virtio::Block::open(&disk.path, disk.readonly, &disk.serial)?;
+            block_disks.push(backend.migration_disk(&format!("virtio{i}"))?);
             wanted.push((disk.slot, Box::new(backend)));
         }
         for (i, net) in config.nets.iter().enumerate() {
@@ -1065,6 +1070,7 @@ impl Vm {
                 ioapic,
                 intel_iommu,
                 edu,
+                block_disks,
             },
             format: boot.as_ref().map(|b| b.format),
             boot,

@@ -91,7 +91,8 @@ fn migration_parameters_and_errors() {
         json!({"max-bandwidth": 32 << 20, "downtime-limit": 30, "xbzrle-cache-size": 64 << 20,
             "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "cpu-throttle-tailslow": false, "max-cpu-throttle": 99,
             "multifd-channels": 2, "tls-creds": "", "tls-hostname": "", "tls-authz": "",
-            "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100})
+            "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100,
+            "block-incremental": false})
     );
     assert_eq!(vm.cmd("query-migrate", Value::Null), json!({}));
     assert_eq!(
@@ -104,7 +105,8 @@ fn migration_parameters_and_errors() {
             {"state": false, "capability": "auto-converge"},
             {"state": false, "capability": "pause-before-switchover"},
             {"state": false, "capability": "late-block-activate"},
-            {"state": false, "capability": "multifd"}
+            {"state": false, "capability": "multifd"},
+            {"state": false, "capability": "block"}
         ])
     );
     // The 2013 commands and the modern one change the same settings.
@@ -120,7 +122,8 @@ fn migration_parameters_and_errors() {
         json!({"max-bandwidth": 1000, "downtime-limit": 250, "xbzrle-cache-size": 1 << 20,
             "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "cpu-throttle-tailslow": false, "max-cpu-throttle": 99,
             "multifd-channels": 2, "tls-creds": "", "tls-hostname": "", "tls-authz": "",
-            "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100})
+            "announce-initial": 50, "announce-max": 550, "announce-rounds": 5, "announce-step": 100,
+            "block-incremental": false})
     );
     vm.cmd(
         "migrate-set-parameters",
@@ -208,9 +211,9 @@ fn migration_parameters_and_errors() {
         error_of(
             &mut vm,
             "migrate",
-            json!({"uri": "tcp:127.0.0.1:1", "blk": true})
+            json!({"uri": "tcp:127.0.0.1:1", "blk": "yes"})
         ),
-        "GenericError: not supported: hopvm has no block migration yet (blk and inc must be false; disks need shared storage)"
+        "GenericError: Invalid parameter type for 'blk', expected: boolean"
     );
     assert_eq!(
         error_of(&mut vm, "migrate", json!({"uri": "bogus:x"})),

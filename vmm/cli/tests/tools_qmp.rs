@@ -68,7 +68,8 @@ fn one_shot_commands_print_pretty_replies() {
             {"state": false, "capability": "auto-converge"},
             {"state": false, "capability": "pause-before-switchover"},
             {"state": false, "capability": "late-block-activate"},
-            {"state": false, "capability": "multifd"}
+            {"state": false, "capability": "multifd"},
+            {"state": false, "capability": "block"}
         ])
     );
 

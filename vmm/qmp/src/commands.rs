@@ -58,6 +58,7 @@ const CAPABILITIES: &[&str] = &[
     "pause-before-switchover",
     "late-block-activate",
     "multifd",
+    "block",
 ];
 /// QEMU's other capabilities: known, refused with a clear error.
 const QEMU_CAPABILITIES: &[&str] = &[
@@ -67,7 +68,6 @@ const QEMU_CAPABILITIES: &[&str] = &[
     "postcopy-ram",
     "x-colo",
     "release-ram",
-    "block",
     "dirty-bitmaps",
     "postcopy-blocktime",
     "x-ignore-shared",
@@ -84,7 +84,6 @@ const QEMU_PARAMETERS: &[&str] = &[
     "compress-wait-thread",
     "decompress-threads",
     "x-checkpoint-delay",
-    "block-incremental",
     "multifd-compression",
     "multifd-zlib-level",
     "multifd-zstd-level",
@@ -225,20 +224,32 @@ impl Commands {
         let _detach = a.optional_bool("detach")?;
         let resume = a.optional_bool("resume")?.unwrap_or(false);
         a.finish()?;
-        if blk || inc {
-            return Err(QmpError::generic(
-                "not supported: hopvm has no block migration yet (blk and inc must be false; disks need shared storage)",
-            ));
-        }
         if resume {
             return Err(QmpError::generic(
                 "not supported: hopvm has no postcopy to resume",
             ));
         }
+        let m = &self.instance.migration;
+        if blk || inc {
+            // As QEMU: for this migration only (the `block` section forgets them at its end).
+            if m.status().is_running() {
+                return Err(QmpError::generic("There's a migration process in progress"));
+            }
+            let mut s = lock(&m.block.settings);
+            s.blk = blk;
+            s.inc = inc;
+        }
         self.instance
             .migrate_with(uri, Some(fds as &dyn NamedFds))
             .map(|_| Value::Null)
-            .map_err(|e| QmpError::generic(e.to_string()))
+            .map_err(|e| {
+                if blk || inc {
+                    let mut s = lock(&m.block.settings);
+                    s.blk = false;
+                    s.inc = false;
+                }
+                QmpError::generic(e.to_string())
+            })
     }
 
     fn migrate_incoming(
@@ -324,6 +335,7 @@ impl Commands {
                 "pause-before-switchover" => m.set_pause_before_switchover_enabled(state),
                 "late-block-activate" => m.set_late_block_activate_enabled(state),
                 "multifd" => m.multifd.set_enabled(state),
+                "block" => lock(&m.block.settings).capability = state,
                 _ => m.set_events_enabled(state),
             }
         }
@@ -368,6 +380,7 @@ impl Commands {
             99,
         )?;
         let tailslow = a.optional_bool("cpu-throttle-tailslow")?;
+        let block_incremental = a.optional_bool("block-incremental")?;
         let channels = match a.optional_u64("multifd-channels")? {
             Some(v) if !(1..=255).contains(&v) => {
                 return Err(QmpError::invalid_parameter_value(
@@ -438,6 +451,9 @@ impl Commands {
         }
         if let Some(n) = channels {
             m.multifd.set_channels(n);
+        }
+        if let Some(b) = block_incremental {
+            lock(&m.block.settings).incremental = b;
         }
         Ok(Value::Null)
     }
@@ -569,6 +585,7 @@ pub(crate) fn capabilities_json(m: &Migration) -> Value {
         {"state": m.pause_before_switchover_enabled(), "capability": "pause-before-switchover"},
         {"state": m.late_block_activate_enabled(), "capability": "late-block-activate"},
         {"state": m.multifd.settings().enabled, "capability": "multifd"},
+        {"state": lock(&m.block.settings).capability, "capability": "block"},
     ])
 }
 
@@ -647,6 +664,7 @@ pub(crate) fn parameters_json(m: &Migration) -> Value {
         "tls-creds": m.tls.creds(),
         "tls-hostname": m.tls.hostname(),
         "tls-authz": "",
+        "block-incremental": lock(&m.block.settings).incremental,
     })
 }
 
@@ -701,6 +719,32 @@ pub fn migrate_info_json(i: &MigrationInfo) -> Value {
             "dirty-sync-missed-zero-copy": 0,
         }),
     );
+    if let Some(d) = &i.disk {
+        // QEMU's `disk` is a MigrationStats whose only filled fields are these three.
+        v.insert(
+            "disk".into(),
+            json!({
+                "transferred": d.transferred,
+                "remaining": d.remaining,
+                "total": d.total,
+                "duplicate": 0,
+                "skipped": 0,
+                "normal": 0,
+                "normal-bytes": 0,
+                "dirty-pages-rate": 0,
+                "mbps": 0.0,
+                "dirty-sync-count": 0,
+                "page-size": 0,
+                "pages-per-second": 0,
+                "precopy-bytes": 0,
+                "downtime-bytes": 0,
+                "postcopy-bytes": 0,
+                "postcopy-requests": 0,
+                "multifd-bytes": 0,
+                "dirty-sync-missed-zero-copy": 0,
+            }),
+        );
+    }
     if i.cpu_throttle_percentage > 0 {
         v.insert(
             "cpu-throttle-percentage".into(),

@@ -148,6 +148,7 @@ static MIGRATION_CAPABILITY: EnumDef = EnumDef {
         "pause-before-switchover",
         "late-block-activate",
         "multifd",
+        "block",
     ],
 };
 static SYS_EMU_TARGET: EnumDef = EnumDef {
@@ -254,6 +255,7 @@ static MIGRATION_INFO: ObjectDef = ObjectDef {
     members: &[
         opt("status", Ty::Enum(&MIGRATION_STATUS)),
         opt("ram", Ty::Object(&MIGRATION_STATS)),
+        opt("disk", Ty::Object(&MIGRATION_STATS)),
         opt("xbzrle-cache", Ty::Object(&XBZRLE_CACHE_STATS)),
         opt("total-time", Ty::Int),
         opt("expected-downtime", Ty::Int),
@@ -288,6 +290,7 @@ pub(crate) static MIGRATION_PARAMETER_MEMBERS: &[Member] = &[
     opt("tls-creds", Ty::Str),
     opt("tls-hostname", Ty::Str),
     opt("tls-authz", Ty::Str),
+    opt("block-incremental", Ty::Bool),
 ];
 static MIGRATION_PARAMETERS: ObjectDef = ObjectDef {
     name: "MigrationParameters",

@@ -37,6 +37,15 @@ pub struct MigrateArgs {
     /// (repeatable).
     #[arg(long, value_name = "FILE.svg|FILE.json", value_parser = report::parse_target)]
     pub report: Vec<ReportTarget>,
+    /// Block migration: copy every disk's whole image in the stream (QMP `migrate`'s `blk`,
+    /// HMP's `migrate -b`), for a destination without shared storage started on empty images
+    /// of the same size.
+    #[arg(short = 'b', long)]
+    pub blk: bool,
+    /// Incremental block migration: copy only the allocated extents of sparse images (`inc`,
+    /// HMP's `migrate -i`); the destination's images must read as zeros.
+    #[arg(short = 'i', long)]
+    pub inc: bool,
     /// Where to send the VM: tcp:HOST:PORT, unix:PATH, exec:COMMAND or fd:N; the destination
     /// must be waiting (`hopvm run --incoming URI`).
     #[arg(value_name = "URI")]
@@ -416,25 +425,47 @@ pub struct Finished {
     pub passes: u64,
     /// Whether Ctrl-C asked for a cancellation (it may have come too late).
     pub cancel_requested: bool,
+    /// With block migration, the last `disk` object `query-migrate` showed (QEMU shows it
+    /// only while the migration is active, not once it completed).
+    pub last_disk: Option<Value>,
 }
 
 /// Sends `migrate` to `uri`.
 pub fn start_migration(client: &mut QmpClient, uri: &str) -> Result<(), MigrateError> {
+    start_migration_with(client, uri, false, false)
+}
+
+/// Sends `migrate` to `uri`, with block migration (`blk`) or its incremental form (`inc`).
+pub fn start_migration_with(
+    client: &mut QmpClient,
+    uri: &str,
+    blk: bool,
+    inc: bool,
+) -> Result<(), MigrateError> {
     client.take_events();
+    let mut args = json!({ "uri": uri });
+    if blk {
+        args["blk"] = json!(true);
+    }
+    if inc {
+        args["inc"] = json!(true);
+    }
     client
-        .execute("migrate", Some(json!({ "uri": uri })))
+        .execute("migrate", Some(args))
         .map_err(MigrateError::Start)?;
     Ok(())
 }
 
-/// Starts `migrate` to `uri` and follows it to its end: see [`follow_migration`].
+/// Starts `migrate` to `uri` (with `blk` / `inc`) and follows it to its end: see
+/// [`follow_migration`].
 pub fn run_migration(
     client: &mut QmpClient,
     uri: &str,
+    (blk, inc): (bool, bool),
     view: &mut ProgressView,
     on_tick: &mut dyn FnMut(&ProgressView),
 ) -> Result<Finished, MigrateError> {
-    start_migration(client, uri)?;
+    start_migration_with(client, uri, blk, inc)?;
     follow_migration(client, view, on_tick)
 }
 
@@ -448,6 +479,7 @@ pub fn follow_migration(
 ) -> Result<Finished, MigrateError> {
     let mut cancel_requested = false;
     let mut passes = 0;
+    let mut last_disk = None;
     loop {
         let interrupts = super::interrupts();
         if interrupts > 0 && !cancel_requested {
@@ -459,6 +491,9 @@ pub fn follow_migration(
             return Err(MigrateError::Abandoned);
         }
         let info = execute(client, "query-migrate", None)?;
+        if info["disk"].is_object() {
+            last_disk = Some(info["disk"].clone());
+        }
         for e in client.take_events() {
             if e.name == "MIGRATION_PASS" {
                 passes = passes.max(e.data["pass"].as_u64().unwrap_or(0));
@@ -483,6 +518,7 @@ pub fn follow_migration(
                 info,
                 passes,
                 cancel_requested,
+                last_disk,
             });
         }
         // The next poll. (Not a timed wait for the MIGRATION event: the client's timed reads
@@ -493,6 +529,12 @@ pub fn follow_migration(
 
 /// The summary table of a finished migration's `query-migrate` reply.
 pub fn summary(info: &Value, passes: u64) -> String {
+    summary_with_disk(info, passes, None)
+}
+
+/// [`summary`], with the `disk` object last seen while the migration ran (block migration:
+/// a completed migration's reply has none, as QEMU's).
+pub fn summary_with_disk(info: &Value, passes: u64, last_disk: Option<&Value>) -> String {
     let u = |v: &Value| v.as_u64().unwrap_or(0);
     let ram = &info["ram"];
     let status = info["status"].as_str().unwrap_or("?");
@@ -520,6 +562,26 @@ pub fn summary(info: &Value, passes: u64) -> String {
             super::count(transferred)
         ),
     ));
+    if info["disk"].is_object() {
+        let disk = &info["disk"];
+        rows.push((
+            "disks",
+            format!(
+                "{}: {} sent ({} remaining)",
+                super::bytes(u(&disk["total"])),
+                super::bytes(u(&disk["transferred"])),
+                super::bytes(u(&disk["remaining"]))
+            ),
+        ));
+    } else if let (Some(disk), "completed") = (last_disk, status) {
+        rows.push((
+            "disks",
+            format!(
+                "{} copied in the stream (block migration)",
+                super::bytes(u(&disk["total"]))
+            ),
+        ));
+    }
     let normal = u(&ram["normal"]);
     rows.push((
         "guest RAM",
@@ -612,7 +674,13 @@ pub fn command(args: &MigrateArgs) -> i32 {
     };
     let result = apply_settings(&mut client, &args.params.settings()).and_then(|_| {
         let mut view = ProgressView::new(super::interactive());
-        run_migration(&mut client, &args.uri, &mut view, &mut |_| {})
+        run_migration(
+            &mut client,
+            &args.uri,
+            (args.blk, args.inc),
+            &mut view,
+            &mut |_| {},
+        )
     });
     let finished = match result {
         Ok(f) => f,
@@ -637,7 +705,7 @@ pub fn command(args: &MigrateArgs) -> i32 {
             if !args.json {
                 println!(
                     "Migration completed\n{}",
-                    summary(&finished.info, finished.passes)
+                    summary_with_disk(&finished.info, finished.passes, finished.last_disk.as_ref())
                 );
             }
             if finished.cancel_requested {
