@@ -31,6 +31,8 @@
 //! | [`intel_iommu::IntelIommu`] (VT-d) | mmio | 0xfed9_0000 | 0x1000 | fault / invalidation events (MSI) |
 //! | [`q35::PciEcam`] (`q35` only) | mmio | 0xb000_0000 | 0x1000_0000 | — |
 //! | [`edu::Edu`] (a PCI function) | BAR 0 | assigned | 1 MiB | INTA#, one MSI |
+//! | [`pci::PciIoWindow`] (I/O BARs of [`pci::PciBus`]) | pio | 0xc000 | the ports assigned | — |
+//! | [`pci_testdev::PciTestdev`] (a PCI function) | BAR 0, BAR 1 (I/O) | assigned | 4 KiB, 256 ports | — |
 //! | [`Port92`] (System Control Port A) | pio | 0x92 | 1 | — |
 
 use std::sync::Arc;
@@ -46,6 +48,7 @@ pub mod ioapic;
 pub mod pc_testdev;
 pub mod pci;
 pub mod pci_host;
+pub mod pci_testdev;
 pub mod pm_timer;
 pub mod q35;
 pub mod reset_ports;
@@ -77,6 +80,35 @@ pub trait BusDevice: Send {
 
     /// Writes `data` at `offset`; the device may ask something of the VM in return.
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest>;
+}
+
+/// The address space of an [`IoEvent`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoSpace {
+    /// Guest-physical memory.
+    Mmio,
+    /// I/O ports.
+    Pio,
+}
+
+/// A guest write the hypervisor should swallow and turn into an eventfd signal (KVM's
+/// ioeventfd) instead of an exit to the VMM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoEvent {
+    /// Which bus.
+    pub space: IoSpace,
+    /// The address or port.
+    pub addr: u64,
+    /// `Some(v)`: only 1-byte writes of `v`; `None`: writes of any length and value.
+    pub datamatch: Option<u8>,
+}
+
+/// Registers [`IoEvent`]s with the hypervisor (the VMM owns the eventfds behind them).
+pub trait IoEventFds: Send + Sync {
+    /// Starts swallowing the writes `event` describes.
+    fn add(&self, event: IoEvent) -> std::io::Result<()>;
+    /// Stops it.
+    fn remove(&self, event: IoEvent) -> std::io::Result<()>;
 }
 
 /// Something a device asks of the whole VM.

@@ -29,6 +29,10 @@ use crate::{BusDevice, VmRequest};
 pub const PCI_MMIO_BASE: u64 = 0xe000_0000;
 /// Where the window ends (the IOAPIC).
 pub const PCI_MMIO_END: u64 = 0xfec0_0000;
+/// Where I/O BARs are pre-assigned from (SeaBIOS's choice).
+pub const PCI_IO_BASE: u64 = 0xc000;
+/// The end of I/O space.
+pub const PCI_IO_END: u64 = 0x1_0000;
 
 /// Configuration space size of a conventional PCI function.
 pub const CONFIG_SIZE: usize = 256;
@@ -87,6 +91,8 @@ pub enum BarKind {
     Memory32,
     /// 64-bit memory BAR (takes the next BAR register as its upper half).
     Memory64,
+    /// I/O space BAR.
+    Io,
 }
 
 /// A BAR's size and kind.
@@ -172,6 +178,19 @@ impl PciConfig {
         }
     }
 
+    /// Declares BAR `index` as an I/O BAR of `size` ports (a power of two ≥ 4).
+    pub fn add_io_bar(&mut self, index: usize, size: u64) {
+        assert!(size.is_power_of_two() && (4..=0x1_0000).contains(&size) && index < 6);
+        let reg = BAR0 + 4 * index;
+        self.bars[index] = Bar {
+            kind: BarKind::Io,
+            size,
+        };
+        self.set_u32(reg, 0x1);
+        let mask = !(size as u32 - 1) & 0xffff_fffc;
+        self.wmask[reg..reg + 4].copy_from_slice(&mask.to_le_bytes());
+    }
+
     /// Appends a capability (`body` starts with its ID byte; the next-pointer byte is filled
     /// in) whose bytes are writable as `wmask` says; returns its offset.
     pub fn add_capability(&mut self, body: &[u8], wmask: &[u8]) -> usize {
@@ -242,16 +261,22 @@ impl PciConfig {
         self.u16(COMMAND)
     }
 
-    /// The address BAR `index` is programmed to, if it is a memory BAR.
+    /// The address BAR `index` is programmed to (a port number for an I/O BAR).
     pub fn bar_address(&self, index: usize) -> Option<u64> {
         let bar = self.bars.get(index)?;
         let reg = BAR0 + 4 * index;
         let low = u64::from(self.u32(reg) & !0xf);
         match bar.kind {
             BarKind::None => None,
+            BarKind::Io => Some(u64::from(self.u32(reg) & !0x3)),
             BarKind::Memory32 => Some(low),
             BarKind::Memory64 => Some(low | u64::from(self.u32(reg + 4)) << 32),
         }
+    }
+
+    /// The kind of BAR `index`.
+    pub fn bar_kind(&self, index: usize) -> BarKind {
+        self.bars.get(index).map_or(BarKind::None, |b| b.kind)
     }
 
     /// The size of BAR `index` (0 if none).
@@ -266,9 +291,11 @@ impl PciConfig {
             return;
         };
         let reg = BAR0 + 4 * index;
-        let addr = addr & !(bar.size.max(16) - 1);
+        let align = if bar.kind == BarKind::Io { 4 } else { 16 };
+        let addr = addr & !(bar.size.max(align) - 1);
         match bar.kind {
             BarKind::None => {}
+            BarKind::Io => self.set_u32(reg, (addr as u32) | 0x1),
             BarKind::Memory32 => self.set_u32(reg, addr as u32),
             BarKind::Memory64 => {
                 self.set_u32(reg, (addr as u32) | 0x4);
@@ -280,10 +307,35 @@ impl PciConfig {
     /// The memory BAR (index, offset in it) that decodes `[addr, addr + len)`, if memory
     /// decode is on.
     pub fn decode(&self, addr: u64, len: u64) -> Option<(usize, u64)> {
-        if self.command() & COMMAND_MEMORY == 0 {
+        self.decode_in(false, addr, len)
+    }
+
+    /// The I/O BAR (index, offset in it) that decodes ports `[port, port + len)`, if I/O
+    /// decode is on.
+    pub fn decode_io(&self, port: u64, len: u64) -> Option<(usize, u64)> {
+        self.decode_in(true, port, len)
+    }
+
+    /// Whether BAR `index` is decoded now (its space enabled, an address programmed): its
+    /// address if so.
+    pub fn bar_decoded(&self, index: usize) -> Option<u64> {
+        let io = self.bar_kind(index) == BarKind::Io;
+        let enable = if io { COMMAND_IO } else { COMMAND_MEMORY };
+        if self.command() & enable == 0 || self.bar_size(index) == 0 {
+            return None;
+        }
+        self.bar_address(index).filter(|&a| a != 0)
+    }
+
+    fn decode_in(&self, io: bool, addr: u64, len: u64) -> Option<(usize, u64)> {
+        let enable = if io { COMMAND_IO } else { COMMAND_MEMORY };
+        if self.command() & enable == 0 {
             return None;
         }
         (0..6).find_map(|i| {
+            if (self.bar_kind(i) == BarKind::Io) != io {
+                return None;
+            }
             let size = self.bar_size(i);
             let base = self.bar_address(i)?;
             if size == 0 || base == 0 {
@@ -336,12 +388,12 @@ pub trait PciDevice: Send {
     /// command register, capability registers).
     fn config_written(&mut self, _offset: usize, _len: usize) {}
 
-    /// Reads from memory BAR `bar` at `offset`.
+    /// Reads from BAR `bar` (memory or I/O) at `offset`.
     fn bar_read(&mut self, _bar: usize, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
 
-    /// Writes to memory BAR `bar` at `offset`.
+    /// Writes to BAR `bar` (memory or I/O) at `offset`.
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
 }
 
@@ -435,6 +487,30 @@ impl PciBus {
         false
     }
 
+    /// An I/O read at port `port`; false if no I/O BAR decodes it.
+    pub fn io_read(&self, port: u64, data: &mut [u8]) -> bool {
+        for (_, d) in &self.slots {
+            let mut d = lock(d);
+            if let Some((bar, off)) = d.config().decode_io(port, data.len() as u64) {
+                d.bar_read(bar, off, data);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// An I/O write at port `port`; false if no I/O BAR decodes it.
+    pub fn io_write(&self, port: u64, data: &[u8]) -> bool {
+        for (_, d) in &self.slots {
+            let mut d = lock(d);
+            if let Some((bar, off)) = d.config().decode_io(port, data.len() as u64) {
+                d.bar_write(bar, off, data);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Every function's INTx wiring: (device number, pin, ISA IRQ), for the firmware tables.
     pub fn intx_routes(&self) -> Vec<(u8, u8, u8)> {
         self.slots
@@ -447,10 +523,12 @@ impl PciBus {
     }
 
     /// Firmware-style set-up, as SeaBIOS does on `pc`: memory BARs placed upwards from
-    /// [`PCI_MMIO_BASE`] (each aligned to its size), memory and I/O decode on, and the
-    /// interrupt line of each function with an INTx pin set to its ISA IRQ.
-    pub fn assign_resources(&self) {
+    /// [`PCI_MMIO_BASE`] and I/O BARs from [`PCI_IO_BASE`] (each aligned to its size),
+    /// memory and I/O decode on, and the interrupt line of each function with an INTx pin set
+    /// to its ISA IRQ. Returns the end of the I/O ports assigned (`PCI_IO_BASE` if none).
+    pub fn assign_resources(&self) -> u64 {
         let mut next = PCI_MMIO_BASE;
+        let mut next_io = PCI_IO_BASE;
         for (slot, d) in &self.slots {
             let mut d = lock(d);
             let c = d.config_mut();
@@ -460,13 +538,18 @@ impl PciBus {
                 if size == 0 {
                     continue;
                 }
-                let base = (next + size - 1) & !(size - 1);
-                if base + size > PCI_MMIO_END {
+                let (cursor, end) = if c.bar_kind(i) == BarKind::Io {
+                    (&mut next_io, PCI_IO_END)
+                } else {
+                    (&mut next, PCI_MMIO_END)
+                };
+                let base = (*cursor + size - 1) & !(size - 1);
+                if base + size > end {
                     log::warn!("pci 00:{slot:02x}.0: no room for bar {i} of {size:#x} bytes");
                     continue;
                 }
                 c.set_bar_address(i, base);
-                next = base + size;
+                *cursor = base + size;
                 any = true;
             }
             if any {
@@ -479,6 +562,7 @@ impl PciBus {
             }
             d.config_written(0, CONFIG_SIZE);
         }
+        next_io
     }
 }
 
@@ -554,6 +638,33 @@ impl BusDevice for PciMmioWindow {
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
         lock(&self.bus).mmio_write(PCI_MMIO_BASE + offset, data);
+        None
+    }
+}
+
+/// The I/O ports of the PCI BARs: register at [`PCI_IO_BASE`] over the ports
+/// [`PciBus::assign_resources`] used; accesses go to the I/O BAR that decodes them, or read as
+/// all ones.
+pub struct PciIoWindow {
+    bus: Arc<Mutex<PciBus>>,
+}
+
+impl PciIoWindow {
+    /// A window onto `bus`.
+    pub fn new(bus: Arc<Mutex<PciBus>>) -> Self {
+        Self { bus }
+    }
+}
+
+impl BusDevice for PciIoWindow {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if !lock(&self.bus).io_read(PCI_IO_BASE + offset, data) {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
+        lock(&self.bus).io_write(PCI_IO_BASE + offset, data);
         None
     }
 }
