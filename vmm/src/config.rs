@@ -375,6 +375,8 @@ pub struct VmConfig {
     pub intel_iommu: Option<IommuConfig>,
     /// How many of QEMU's edu devices (`-device edu`).
     pub edu: u8,
+    /// How many of QEMU's PCI test devices (`-device pci-testdev`).
+    pub pci_testdev: u8,
 }
 
 /// The machine type.
@@ -426,6 +428,7 @@ impl VmConfig {
             irqchip: IrqchipMode::Kernel,
             intel_iommu: None,
             edu: 0,
+            pci_testdev: 0,
         }
     }
 }

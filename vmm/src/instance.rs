@@ -280,6 +280,19 @@ impl Instance {
                 )),
             );
         }
+        for (i, t) in d.pci_testdev.iter().enumerate() {
+            registry.register(
+                "pci-testdev",
+                i as u32,
+                DEVICE_STATE_VERSION,
+                Box::new(DeviceSection::new(
+                    "pci-testdev",
+                    t.clone(),
+                    devices::pci_testdev::PciTestdev::state,
+                    devices::pci_testdev::PciTestdev::restore,
+                )),
+            );
+        }
         use devices::{cmos, fw_cfg, i8042, pc_testdev, pci_host, pm_timer, reset_ports, serial};
         device(
             &mut registry,

@@ -411,6 +411,60 @@ impl virtio::IoEventRegistrar for KvmIoEvents {
     }
 }
 
+/// pci-testdev's ioeventfds: KVM swallows the writes they describe (the eventfds are never
+/// read; they exist because KVM needs one to signal). The list is a leaf lock, taken under the
+/// device's.
+struct KvmDeviceIoEvents {
+    fd: Arc<VmFd>,
+    live: Mutex<Vec<(devices::IoEvent, vmm_sys_util::eventfd::EventFd)>>,
+}
+
+impl KvmDeviceIoEvents {
+    fn address(e: &devices::IoEvent) -> kvm_ioctls::IoEventAddress {
+        match e.space {
+            devices::IoSpace::Mmio => kvm_ioctls::IoEventAddress::Mmio(e.addr),
+            devices::IoSpace::Pio => kvm_ioctls::IoEventAddress::Pio(e.addr),
+        }
+    }
+
+    fn ioctl(
+        &self,
+        e: &devices::IoEvent,
+        fd: &vmm_sys_util::eventfd::EventFd,
+        add: bool,
+    ) -> std::io::Result<()> {
+        let addr = Self::address(e);
+        // Length 0 without a datamatch (any write), length 1 with one.
+        let r = match (add, e.datamatch) {
+            (true, None) => self.fd.register_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
+            (true, Some(v)) => self.fd.register_ioevent(fd, &addr, v),
+            (false, None) => self
+                .fd
+                .unregister_ioevent(fd, &addr, kvm_ioctls::NoDatamatch),
+            (false, Some(v)) => self.fd.unregister_ioevent(fd, &addr, v),
+        };
+        r.map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+impl devices::IoEventFds for KvmDeviceIoEvents {
+    fn add(&self, event: devices::IoEvent) -> std::io::Result<()> {
+        let fd = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)?;
+        self.ioctl(&event, &fd, true)?;
+        lock(&self.live).push((event, fd));
+        Ok(())
+    }
+
+    fn remove(&self, event: devices::IoEvent) -> std::io::Result<()> {
+        let mut live = lock(&self.live);
+        let Some(i) = live.iter().position(|(e, _)| *e == event) else {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOENT));
+        };
+        let (_, fd) = live.remove(i);
+        self.ioctl(&event, &fd, false)
+    }
+}
+
 /// A clonable output sink shared by the serial ports of successive VM incarnations (reset
 /// rebuilds the VM but keeps writing to the same terminal or file).
 #[derive(Clone)]
@@ -488,6 +542,8 @@ pub struct Devices {
     pub intel_iommu: Option<Arc<Mutex<devices::intel_iommu::IntelIommu>>>,
     /// QEMU's edu devices.
     pub edu: Vec<Arc<Mutex<devices::edu::Edu>>>,
+    /// QEMU's PCI test devices.
+    pub pci_testdev: Vec<Arc<Mutex<devices::pci_testdev::PciTestdev>>>,
     /// The disks as block migration sees them (`virtio0`, … in `--disk` order), until the
     /// `block` section takes them.
     pub block_disks: Vec<migration::block::BlockDisk>,
@@ -937,13 +993,38 @@ impl Vm {
             }
             edu.push(dev);
         }
+        let mut pci_testdev = Vec::new();
+        let device_ioevents: Arc<dyn devices::IoEventFds> = Arc::new(KvmDeviceIoEvents {
+            fd: fd.clone(),
+            live: Mutex::new(Vec::new()),
+        });
+        for _ in 0..config.pci_testdev {
+            let slot = (1..32u8)
+                .find(|n| !taken.contains(n))
+                .ok_or(VmError::PciSlots)?;
+            taken.push(slot);
+            let dev = Arc::new(Mutex::new(devices::pci_testdev::PciTestdev::new(Some(
+                device_ioevents.clone(),
+            ))));
+            if !lock(&pci_bus).insert(slot, dev.clone()) {
+                return Err(VmError::PciSlot(slot));
+            }
+            pci_testdev.push(dev);
+        }
         let virtio_io = if subscribers.is_empty() {
             None
         } else {
             Some(virtio::EventLoop::spawn(subscribers)?)
         };
         // Firmware's job on a PC: place the BARs in the PCI hole and set the interrupt lines.
-        lock(&pci_bus).assign_resources();
+        let io_end = lock(&pci_bus).assign_resources();
+        if io_end > devices::pci::PCI_IO_BASE {
+            pio.insert(
+                devices::pci::PCI_IO_BASE,
+                io_end - devices::pci::PCI_IO_BASE,
+                Arc::new(Mutex::new(devices::pci::PciIoWindow::new(pci_bus.clone()))),
+            )?;
+        }
         mmio.insert(
             devices::pci::PCI_MMIO_BASE,
             devices::pci::PCI_MMIO_END - devices::pci::PCI_MMIO_BASE,
@@ -1070,6 +1151,7 @@ impl Vm {
                 ioapic,
                 intel_iommu,
                 edu,
+                pci_testdev,
                 block_disks,
             },
             format: boot.as_ref().map(|b| b.format),

@@ -108,6 +108,10 @@ pub struct RunArgs {
     /// A virtio-rng device fed by the host's getrandom (QEMU's -device virtio-rng-pci).
     #[arg(long)]
     pub rng: bool,
+    /// QEMU's PCI test device (-device pci-testdev, 1b36:0005), as kvm-unit-tests' pci and
+    /// vmexit tests use it.
+    #[arg(long)]
+    pub pci_testdev: bool,
     /// Create an object, as QEMU's -object: TLS credentials for migration and the monitor,
     /// tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]. Repeatable.
     #[arg(long, value_name = "tls-creds-x509,id=ID,dir=DIR,endpoint=…")]
@@ -145,6 +149,7 @@ impl From<RunArgs> for VmConfig {
             disks: a.disk,
             nets: a.net,
             rng: a.rng.then(config::RngConfig::default),
+            pci_testdev: u8::from(a.pci_testdev),
             ..VmConfig::new("")
         }
     }

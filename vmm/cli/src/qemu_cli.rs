@@ -590,9 +590,17 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                     "?" | "help" => {
                         return Ok((QemuAction::Print(DEVICE_LIST.to_string()), launch, domain))
                     }
-                    // Always present in hopvm; pci-testdev is accepted but not emulated,
-                    // as if its slot were empty.
-                    "pc-testdev" | "pci-testdev" => {}
+                    // Always present in hopvm.
+                    "pc-testdev" => {}
+                    "pci-testdev" => {
+                        // Placed in the first free slot; QEMU's `membar` is not provided.
+                        for (key, val) in &p {
+                            if !matches!((*key, *val), ("id", _) | ("bus", "pcie.0" | "pci.0")) {
+                                return Err(invalid(&v, format!("{key}={val}")));
+                            }
+                        }
+                        config.pci_testdev = config.pci_testdev.saturating_add(1);
+                    }
                     // QEMU's Hyper-V test device drives SynIC interrupt routes; hopvm gives
                     // no guest a SynIC (see `-cpu hv-*`), so no guest can use it: accepted,
                     // as QEMU accepts it on a host without KVM Hyper-V support.
@@ -974,6 +982,15 @@ mod tests {
         assert!(c.no_reboot);
         assert_eq!(c.debug_exit, DebugExitConfig::default());
         assert_eq!(c.initrd, Some(PathBuf::from("env")));
+        assert_eq!(c.pci_testdev, 1);
+        let c = run("-kernel k -device pci-testdev,id=t,bus=pci.0 -device pci-testdev");
+        assert_eq!(c.pci_testdev, 2);
+        for bad in [
+            "-device pci-testdev,membar=1M",
+            "-device pci-testdev,addr=0x5",
+        ] {
+            assert!(parse(&args(&format!("-kernel k {bad}"))).is_err(), "{bad}");
+        }
     }
 
     #[test]
