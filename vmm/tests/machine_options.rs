@@ -3,11 +3,11 @@
 
 mod common;
 
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
-use common::{passes, Capture};
-use migration::thread::{MigrationEvent, MigrationStatus};
+use common::{migrate, passes, Capture};
+use migration::thread::MigrationStatus;
 use vmm::config::{SerialConfig, VmConfig};
 use vmm::instance::Instance;
 use vmm::runstate::RunState;
@@ -33,22 +33,6 @@ fn unix_uri(name: &str) -> String {
     let dir = std::env::temp_dir().join(format!("hopvm-mo-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     format!("unix:{}", dir.join("sock").display())
-}
-
-/// Migrates a running guest of `src` into `dst`; returns how the migration ended.
-fn migrate(src: &Arc<Instance>, dst: &Arc<Instance>, uri: &str) -> MigrationStatus {
-    let (tx, rx) = mpsc::channel();
-    src.migration.add_notifier(move |e| {
-        if let MigrationEvent::Status(s) = e {
-            if !s.is_running() {
-                let _ = tx.send(*s);
-            }
-        }
-    });
-    dst.incoming(uri).unwrap();
-    src.migrate(uri).unwrap();
-    rx.recv_timeout(Duration::from_secs(120))
-        .expect("migration ends")
 }
 
 #[test]

@@ -3,12 +3,11 @@
 
 mod common;
 
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{passes, Capture};
-use migration::thread::{MigrationEvent, MigrationStatus};
+use migration::thread::MigrationStatus;
 use vmm::config::{SerialConfig, VmConfig};
 use vmm::instance::Instance;
 use vmm::runstate::RunState;
@@ -47,19 +46,7 @@ fn migrate_over(uri: &str, xbzrle: bool) -> migration::thread::MigrationInfo {
         src.migration.xbzrle.lock().unwrap().enabled = true;
     }
     src.migration.set_max_bandwidth(0);
-    let (tx, rx) = mpsc::channel();
-    src.migration.add_notifier(move |e| {
-        if let MigrationEvent::Status(s) = e {
-            if !s.is_running() {
-                let _ = tx.send(*s);
-            }
-        }
-    });
-    dst.incoming(uri).unwrap();
-    src.migrate(uri).unwrap();
-    let status = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("migration ends");
+    let status = common::migrate(&src, &dst, uri);
     let info = src.migration.info();
     assert_eq!(status, MigrationStatus::Completed, "{info:?}");
     assert_eq!(src.runstate(), RunState::Postmigrate);

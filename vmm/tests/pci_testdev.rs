@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{passes, Capture};
@@ -12,7 +12,7 @@ use devices::pci::PciDevice;
 use devices::pci_testdev::PciTestdev;
 use devices::{IoEvent, IoSpace};
 use kvm_ioctls::IoEventAddress;
-use migration::thread::{MigrationEvent, MigrationStatus};
+use migration::thread::MigrationStatus;
 use vmm::config::{SerialConfig, VmConfig};
 use vmm::instance::Instance;
 use vmm::vm::SharedWriter;
@@ -97,19 +97,7 @@ fn pci_testdev_ioeventfds_migrate_live_and_reset() {
     let dir = std::env::temp_dir().join(format!("hopvm-pci-testdev-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let uri = format!("unix:{}", dir.join("sock").display());
-    let (tx, rx) = mpsc::channel();
-    src.migration.add_notifier(move |e| {
-        if let MigrationEvent::Status(s) = e {
-            if !s.is_running() {
-                let _ = tx.send(*s);
-            }
-        }
-    });
-    dst.incoming(&uri).unwrap();
-    src.migrate(&uri).unwrap();
-    let status = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("migration ends");
+    let status = common::migrate(&src, &dst, &uri);
     assert_eq!(
         status,
         MigrationStatus::Completed,

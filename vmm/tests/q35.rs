@@ -4,13 +4,13 @@
 
 mod common;
 
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{passes, Capture};
 use devices::pci::PciDevice;
 use devices::BusDevice;
-use migration::thread::{MigrationEvent, MigrationStatus};
+use migration::thread::MigrationStatus;
 use vmm::config::{IommuConfig, IrqchipMode, MachineType, SerialConfig, VmConfig};
 use vmm::instance::Instance;
 use vmm::runstate::RunState;
@@ -83,19 +83,7 @@ fn a_q35_split_guest_with_an_iommu_and_edu_migrates_live() {
     let dir = std::env::temp_dir().join(format!("hopvm-q35-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let uri = format!("unix:{}", dir.join("sock").display());
-    let (tx, rx) = mpsc::channel();
-    src.migration.add_notifier(move |e| {
-        if let MigrationEvent::Status(s) = e {
-            if !s.is_running() {
-                let _ = tx.send(*s);
-            }
-        }
-    });
-    dst.incoming(&uri).unwrap();
-    src.migrate(&uri).unwrap();
-    let status = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("migration ends");
+    let status = common::migrate(&src, &dst, &uri);
     assert_eq!(
         status,
         MigrationStatus::Completed,

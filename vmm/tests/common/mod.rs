@@ -5,7 +5,9 @@
 
 use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex};
+
 use std::time::{Duration, Instant};
+use vmm::instance::Instance;
 
 /// Serial output captured in memory, with a condition variable signalled on every write so a
 /// test can wait for the guest to print something without sleeping.
@@ -48,4 +50,26 @@ impl Capture {
 /// Lines the dirty guest prints after each verified pass.
 pub fn passes(text: &str) -> usize {
     text.lines().filter(|l| l.starts_with("pass ")).count()
+}
+
+/// Migrates the running guest of `src` into `dst` within this process (`dst` listens on `uri`
+/// first) and returns how the migration ended (at most 120 s).
+pub fn migrate(
+    src: &Arc<Instance>,
+    dst: &Arc<Instance>,
+    uri: &str,
+) -> migration::thread::MigrationStatus {
+    use migration::thread::MigrationEvent;
+    let (tx, rx) = std::sync::mpsc::channel();
+    src.migration.add_notifier(move |e| {
+        if let MigrationEvent::Status(s) = e {
+            if !s.is_running() {
+                let _ = tx.send(*s);
+            }
+        }
+    });
+    dst.incoming(uri).unwrap();
+    src.migrate(uri).unwrap();
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("migration ends")
 }
