@@ -496,8 +496,18 @@ pub struct VcpuState {
     pub tsc_khz: Option<u32>,
 }
 
-/// Decodes a JSON state of at most `max` bytes.
-fn decode<T: DeserializeOwned>(data: &[u8], max: usize) -> Result<T> {
+/// Decodes the JSON state of section `section` (at most `max` bytes), whose stream says it is
+/// of section version `version`: only `expected` is known.
+fn decode<T: DeserializeOwned>(
+    section: &'static str,
+    data: &[u8],
+    version: u32,
+    expected: u32,
+    max: usize,
+) -> Result<T> {
+    if version != expected {
+        return Err(KvmStateError::Version { section, version });
+    }
     if data.len() > max {
         return Err(KvmStateError::TooLarge {
             len: data.len(),
@@ -515,13 +525,13 @@ impl VcpuState {
 
     /// Decodes a state of section version `version`; any damage is an error.
     pub fn from_bytes(data: &[u8], version: u32) -> Result<Self> {
-        if version != VCPU_STATE_VERSION {
-            return Err(KvmStateError::Version {
-                section: "vcpu",
-                version,
-            });
-        }
-        let state: Self = decode(data, MAX_VCPU_STATE_BYTES)?;
+        let state: Self = decode(
+            "vcpu",
+            data,
+            version,
+            VCPU_STATE_VERSION,
+            MAX_VCPU_STATE_BYTES,
+        )?;
         state.validate()?;
         Ok(state)
     }
@@ -911,13 +921,7 @@ impl VmState {
 
     /// Decodes a state of section version `version`; any damage is an error.
     pub fn from_bytes(data: &[u8], version: u32) -> Result<Self> {
-        if version != VM_STATE_VERSION {
-            return Err(KvmStateError::Version {
-                section: "vm",
-                version,
-            });
-        }
-        decode(data, MAX_VM_STATE_BYTES)
+        decode("vm", data, version, VM_STATE_VERSION, MAX_VM_STATE_BYTES)
     }
 }
 
@@ -1034,13 +1038,7 @@ impl SplitVmState {
 
     /// Decodes a state of section version `version`; any damage is an error.
     pub fn from_bytes(data: &[u8], version: u32) -> Result<Self> {
-        if version != VM_STATE_VERSION {
-            return Err(KvmStateError::Version {
-                section: "vm",
-                version,
-            });
-        }
-        decode(data, MAX_VM_STATE_BYTES)
+        decode("vm", data, version, VM_STATE_VERSION, MAX_VM_STATE_BYTES)
     }
 }
 
