@@ -1181,6 +1181,15 @@ mod tests {
             self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
             self.mem.write_obj(next, GuestAddress(d + 14)).unwrap();
         }
+        /// Makes one flush request (header, status) available in queue 0's first slot,
+        /// without notifying the device.
+        fn queue_flush(&self) {
+            self.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
+            self.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
+            self.desc(0, HDR, 16, 1, 1);
+            self.desc(1, STATUS, 1, 2, 0);
+            self.mem.write_obj(4u32, GuestAddress(HDR)).unwrap();
+        }
         /// One request: header, `len` data bytes (device-writable for reads), status.
         fn request(&mut self, kind: u32, sector: u64, len: u32) -> (u8, u32) {
             self.mem.write_obj(kind, GuestAddress(HDR)).unwrap();
@@ -1516,11 +1525,7 @@ mod tests {
         r.init(1);
         let q = r.dev.quiesce();
         q.pause();
-        r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-        r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
-        r.desc(0, HDR, 16, 1, 1);
-        r.desc(1, STATUS, 1, 2, 0);
-        r.mem.write_obj(4u32, GuestAddress(HDR)).unwrap();
+        r.queue_flush();
         lock(&r.dev.core).process(0);
         let used: u16 = r.mem.read_obj(GuestAddress(USED + 2)).unwrap();
         assert_eq!(used, 0, "nothing served while paused");
@@ -1542,11 +1547,7 @@ mod tests {
     fn pause_serves_a_pending_notification_and_restore_rearms() {
         let mut r = rig("pause-pending", false, 8);
         r.init(1);
-        r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-        r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
-        r.desc(0, HDR, 16, 1, 1);
-        r.desc(1, STATUS, 1, 2, 0);
-        r.mem.write_obj(4u32, GuestAddress(HDR)).unwrap();
+        r.queue_flush();
         // The guest's notification, not yet served by the event loop.
         r.w(NOTIFY_OFFSET, 0, 2);
         let q = r.dev.quiesce();
@@ -1568,11 +1569,7 @@ mod tests {
         r.init(1);
         let q = r.dev.quiesce();
         q.pause();
-        r.mem.write_obj(0u16, GuestAddress(AVAIL + 4)).unwrap();
-        r.mem.write_obj(1u16, GuestAddress(AVAIL + 2)).unwrap();
-        r.desc(0, HDR, 16, 1, 1);
-        r.desc(1, STATUS, 1, 2, 0);
-        r.mem.write_obj(4u32, GuestAddress(HDR)).unwrap();
+        r.queue_flush();
         lock(&r.dev.core).process(0);
         let state = r.dev.state();
         // The destination: same RAM (as migrated), a device restored from the state, paused
