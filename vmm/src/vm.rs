@@ -317,15 +317,20 @@ impl virtio::MsiSender for KvmMsiVectors {
                 return;
             }
         }
-        let msi = kvm_bindings::kvm_msi {
-            address_lo: address as u32,
-            address_hi: (address >> 32) as u32,
-            data,
-            ..Default::default()
-        };
-        if let Err(e) = self.vm.signal_msi(msi) {
-            log::warn!("cannot signal msi {address:#x}/{data:#x}: {e}");
-        }
+        signal_msi(&self.vm, address, data);
+    }
+}
+
+/// Sends one message to the in-kernel LAPICs (`KVM_SIGNAL_MSI`); a refusal is logged.
+fn signal_msi(vm: &VmFd, address: u64, data: u32) {
+    let msi = kvm_bindings::kvm_msi {
+        address_lo: address as u32,
+        address_hi: (address >> 32) as u32,
+        data,
+        ..Default::default()
+    };
+    if let Err(e) = vm.signal_msi(msi) {
+        log::warn!("cannot signal msi {address:#x}/{data:#x}: {e}");
     }
 }
 
@@ -342,15 +347,7 @@ impl devices::MsiTarget for KvmMsi {
     }
 
     fn send(&self, address: u64, data: u32) {
-        let msi = kvm_bindings::kvm_msi {
-            address_lo: address as u32,
-            address_hi: (address >> 32) as u32,
-            data,
-            ..Default::default()
-        };
-        if let Err(e) = self.vm.signal_msi(msi) {
-            log::warn!("cannot signal msi {address:#x}/{data:#x}: {e}");
-        }
+        signal_msi(&self.vm, address, data);
     }
 
     fn set_ioapic_route(&self, pin: u8, msi: Option<(u64, u32)>) {
