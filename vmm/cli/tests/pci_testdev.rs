@@ -35,10 +35,7 @@ fn run(program: &str, prefix: &[&str], machine: &str) -> (Option<i32>, String) {
 
 #[test]
 fn pci_testdev_runs_every_test_as_qemu_does() {
-    let qemu = Command::new("qemu-system-x86_64")
-        .arg("-version")
-        .output()
-        .is_ok();
+    let qemu = common::tools::qemu_installed();
     for machine in ["pc", "q35"] {
         let (code, text) = run(env!("CARGO_BIN_EXE_hopvm"), &["qemu"], machine);
         assert!(

@@ -173,11 +173,7 @@ fn bad_disks_are_clear_errors() {
 /// the device's behaviour. Does nothing when qemu-system-x86_64 is not installed.
 #[test]
 fn same_guest_under_qemu() {
-    if Command::new("qemu-system-x86_64")
-        .arg("-version")
-        .output()
-        .is_err()
-    {
+    if !common::tools::qemu_installed() {
         eprintln!("qemu-system-x86_64 not installed: skipped");
         return;
     }
@@ -257,11 +253,7 @@ fn blockdev_and_device_as_libvirt_writes_them() {
         env!("CARGO_BIN_EXE_hopvm").to_string(),
         vec![String::from("qemu")],
     )];
-    if Command::new("qemu-system-x86_64")
-        .arg("-version")
-        .output()
-        .is_ok()
-    {
+    if common::tools::qemu_installed() {
         vmms.push((String::from("qemu-system-x86_64"), Vec::new()));
     }
     for (program, prefix) in vmms {

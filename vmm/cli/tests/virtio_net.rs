@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::proc::{pump, Hopvm, TempDir};
-use common::tools::qemu_guest_args;
+use common::tools::{on_hopvm_and_qemu, qemu_guest_args};
 use common::Capture;
 
 const ETHERTYPE: u16 = 0x88b5;
@@ -285,23 +285,10 @@ fn qemu_netdev_and_device() {
         .iter()
         .map(|s| s.to_string()),
     );
-    let mut hopvm_args = vec![String::from("qemu")];
-    hopvm_args.extend(args.iter().cloned());
     let mac_bytes = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-    exchange(
-        env!("CARGO_BIN_EXE_hopvm"),
-        &hopvm_args,
-        &tap,
-        mac_bytes,
-        seed,
-    );
-    if Command::new("qemu-system-x86_64")
-        .arg("-version")
-        .output()
-        .is_ok()
-    {
-        exchange("qemu-system-x86_64", &args, &tap, mac_bytes, seed);
-    }
+    on_hopvm_and_qemu(&args, |program, args| {
+        exchange(program, args, &tap, mac_bytes, seed);
+    });
 }
 
 /// libvirt's way: the tap is opened by the caller (here, this test) and handed over as an
@@ -878,33 +865,10 @@ fn announce_self_sends_rounds_and_asks_the_guest() {
         String::from("-qmp"),
         format!("unix:{},server=on,wait=off", qmp.display()),
     ]);
-    let mut hopvm_args = vec![String::from("qemu")];
-    hopvm_args.extend(args.iter().cloned());
-    announce_self_on(
-        env!("CARGO_BIN_EXE_hopvm"),
-        &hopvm_args,
-        &qmp,
-        &tap,
-        mac_bytes,
-        seed,
-        Some("nic0"),
-    );
-    if Command::new("qemu-system-x86_64")
-        .arg("-version")
-        .output()
-        .is_ok()
-    {
+    on_hopvm_and_qemu(&args, |program, args| {
         let _ = std::fs::remove_file(&qmp);
-        announce_self_on(
-            "qemu-system-x86_64",
-            &args,
-            &qmp,
-            &tap,
-            mac_bytes,
-            seed,
-            Some("nic0"),
-        );
-    }
+        announce_self_on(program, args, &qmp, &tap, mac_bytes, seed, Some("nic0"));
+    });
 }
 
 /// A guest that programs nonsense into the transmit queue (a buffer beyond RAM, an absurd
@@ -928,16 +892,9 @@ fn a_hostile_driver_gets_dropped_chains_or_needs_reset() {
         String::from("virtio-net-pci,netdev=n0"),
     ]);
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-    let mut hopvm_args = vec![String::from("qemu")];
-    hopvm_args.extend(args.iter().cloned());
-    exchange(env!("CARGO_BIN_EXE_hopvm"), &hopvm_args, &tap, mac, seed);
-    if Command::new("qemu-system-x86_64")
-        .arg("-version")
-        .output()
-        .is_ok()
-    {
-        exchange("qemu-system-x86_64", &args, &tap, mac, seed);
-    }
+    on_hopvm_and_qemu(&args, |program, args| {
+        exchange(program, args, &tap, mac, seed);
+    });
 }
 
 /// VIRTIO_NET_F_MRG_RXBUF: a guest with 128-byte receive buffers gets a 1000-byte frame in as
@@ -956,23 +913,9 @@ fn mergeable_receive_buffers_carry_a_frame_in_several() {
         String::from("virtio-net-pci,netdev=n0"),
     ]);
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-    let mut hopvm_args = vec![String::from("qemu")];
-    hopvm_args.extend(args.iter().cloned());
-    exchange_sized(
-        env!("CARGO_BIN_EXE_hopvm"),
-        &hopvm_args,
-        &tap,
-        mac,
-        seed,
-        1000,
-    );
-    if Command::new("qemu-system-x86_64")
-        .arg("-version")
-        .output()
-        .is_ok()
-    {
-        exchange_sized("qemu-system-x86_64", &args, &tap, mac, seed, 1000);
-    }
+    on_hopvm_and_qemu(&args, |program, args| {
+        exchange_sized(program, args, &tap, mac, seed, 1000);
+    });
 }
 
 /// QEMU's `-netdev` / `-device virtio-net-pci` front end: malformed or unsupported options and

@@ -170,3 +170,22 @@ pub fn qemu_guest_args(kernel: &str, append: &str) -> Vec<String> {
 pub fn strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
+
+/// Whether QEMU (`qemu-system-x86_64`) can be run here.
+pub fn qemu_installed() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("-version")
+        .output()
+        .is_ok()
+}
+
+/// Runs `run(program, args)` with QEMU's command line `args` under hopvm's QEMU front end
+/// (`hopvm qemu ARGS`), then under QEMU 7.2 when it is installed.
+pub fn on_hopvm_and_qemu(args: &[String], mut run: impl FnMut(&str, &[String])) {
+    let mut hopvm_args = vec![String::from("qemu")];
+    hopvm_args.extend(args.iter().cloned());
+    run(env!("CARGO_BIN_EXE_hopvm"), &hopvm_args);
+    if qemu_installed() {
+        run("qemu-system-x86_64", args);
+    }
+}
