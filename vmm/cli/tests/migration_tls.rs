@@ -114,6 +114,18 @@ impl Certs {
     fn path(&self, p: &str) -> PathBuf {
         self.dir.join(p)
     }
+
+    /// A source directory `other-ca` whose client certificate comes from another CA, beside
+    /// the right CA certificate (so that this source trusts the destination, and only the
+    /// destination can refuse).
+    fn other_ca_client(&self) {
+        Ca::new("another CA").client_dir(&self.path("other-ca"), false);
+        std::fs::copy(
+            self.path("src").join("ca-cert.pem"),
+            self.path("other-ca").join("ca-cert.pem"),
+        )
+        .unwrap();
+    }
 }
 
 #[test]
@@ -145,14 +157,7 @@ fn tls_migration_over_tcp() {
 fn tls_refusals_leave_the_source_running() {
     let dir = TempDir::new("tls-refuse");
     let certs = Certs::new(&dir, &["localhost"]);
-    // A client certificate from another CA, beside the right CA certificate (so that this
-    // source trusts the destination, and only the destination can refuse).
-    Ca::new("another CA").client_dir(&certs.path("other-ca"), false);
-    std::fs::copy(
-        certs.path("src").join("ca-cert.pem"),
-        certs.path("other-ca").join("ca-cert.pem"),
-    )
-    .unwrap();
+    certs.other_ca_client();
     certs.ca.client_dir(&certs.path("expired"), true);
     let port = free_tcp_port();
     let uri = json!({"uri": format!("tcp:localhost:{port}")});
@@ -378,12 +383,7 @@ fn tls_qmp_monitor() {
     use std::io::{BufRead, Write};
     let dir = TempDir::new("tls-qmp");
     let certs = Certs::new(&dir, &["localhost"]);
-    Ca::new("another CA").client_dir(&certs.path("other-ca"), false);
-    std::fs::copy(
-        certs.path("src").join("ca-cert.pem"),
-        certs.path("other-ca").join("ca-cert.pem"),
-    )
-    .unwrap();
+    certs.other_ca_client();
     let port = free_tcp_port();
     let mut args = vec![
         String::from("--memory"),
