@@ -1708,6 +1708,14 @@ mod tests {
             fn path(&self, p: &str) -> PathBuf {
                 self.root.join(p)
             }
+            /// A CA with a destination directory `dst` for `names` and a source directory
+            /// `src` signed by it.
+            fn credentials(&self, names: &[&str]) -> Ca {
+                let ca = Ca::new("ca");
+                ca.server_dir(&self.path("dst"), names, false);
+                ca.client_dir(&self.path("src"), false);
+                ca
+            }
         }
 
         impl Drop for Dirs {
@@ -1771,9 +1779,7 @@ mod tests {
         #[test]
         fn tls_round_trip_with_return_path() {
             let d = Dirs::new("rt");
-            let ca = Ca::new("ca");
-            ca.server_dir(&d.path("dst"), &["localhost", "127.0.0.1"], false);
-            ca.client_dir(&d.path("src"), false);
+            d.credentials(&["localhost", "127.0.0.1"]);
             let payload: Vec<u8> = (0..8u32 << 20)
                 .map(|i| (i * 31 + (i >> 13)) as u8)
                 .collect();
@@ -1816,9 +1822,7 @@ mod tests {
 
         /// A destination that refuses one connection keeps listening for the right one.
         fn refused_then_accepted(d: &Dirs, bad: impl FnOnce(&Ca, u16) -> String, expect: &str) {
-            let ca = Ca::new("ca");
-            ca.server_dir(&d.path("dst"), &["localhost"], false);
-            ca.client_dir(&d.path("src"), false);
+            let ca = d.credentials(&["localhost"]);
             let (port, dst) = destination(server(&d.path("dst")), 17);
             let err = bad(&ca, port);
             assert!(err.contains(expect), "{err}");
@@ -1941,9 +1945,7 @@ mod tests {
         #[test]
         fn tls_shutdown_and_peer_death() {
             let d = Dirs::new("shutdown");
-            let ca = Ca::new("ca");
-            ca.server_dir(&d.path("dst"), &["localhost"], false);
-            ca.client_dir(&d.path("src"), false);
+            d.credentials(&["localhost"]);
             let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
             let port = l.local_addr().unwrap().port();
             let srv = server(&d.path("dst"));
@@ -2100,9 +2102,7 @@ mod tests {
         #[test]
         fn tls_extra_channels_handshake_and_peek() {
             let d = Dirs::new("channels");
-            let ca = Ca::new("ca");
-            ca.server_dir(&d.path("dst"), &["localhost"], false);
-            ca.client_dir(&d.path("src"), false);
+            d.credentials(&["localhost"]);
             let l = listen_incoming(&uri("tcp:127.0.0.1:0")).unwrap();
             let port = l.local_addr().unwrap().port();
             let srv = server(&d.path("dst"));
