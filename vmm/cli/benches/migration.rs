@@ -418,10 +418,7 @@ impl Proc {
 
 /// Highest `pass N ok` the guest printed.
 fn last_pass(text: &str) -> u64 {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("pass ")?.strip_suffix(" ok")?.parse().ok())
-        .max()
-        .unwrap_or(0)
+    common::pass_numbers(text).max().unwrap_or(0)
 }
 
 /// What one migration measured.

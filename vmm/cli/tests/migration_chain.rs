@@ -10,6 +10,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::last_pass;
 use common::proc::{Hopvm, TempDir};
 use common::tools::{free_tcp_port, Tool};
 use serde_json::{json, Value};
@@ -19,13 +20,6 @@ const MEMORY: &str = "16M";
 const HOPS: usize = 20;
 /// The hop that is cancelled once before it is retried.
 const CANCELLED_HOP: usize = 7;
-
-/// The number of the last `pass N ok` line the dirty guest printed.
-fn last_pass(text: &str) -> Option<u64> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("pass ")?.strip_suffix(" ok")?.parse().ok())
-        .next_back()
-}
 
 /// A fresh destination listening on tcp (even hops) or unix (odd hops), with the events
 /// capability and a bandwidth parameter set *before* the incoming migration arrives.

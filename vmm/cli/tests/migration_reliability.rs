@@ -251,12 +251,9 @@ fn queued(fd: &std::os::fd::OwnedFd) -> usize {
     n as usize
 }
 
-/// The last `pass N ok` number in `text`.
+/// The last `pass N ok` number in `text`, 0 before the first.
 fn last_pass(text: &str) -> u64 {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("pass ")?.strip_suffix(" ok")?.parse().ok())
-        .next_back()
-        .unwrap_or(0)
+    common::last_pass(text).unwrap_or(0)
 }
 
 #[test]

@@ -47,9 +47,27 @@ impl Capture {
     }
 }
 
-/// Lines the dirty guest prints after each verified pass.
+/// Numbers of the dirty guest's `pass N ok` lines, in order. The guest ends each line with
+/// `\r\n`, and a capture may hold a line whose `\r` came but not yet its `\n`: that line counts
+/// the same before and after.
+pub fn pass_numbers(text: &str) -> impl DoubleEndedIterator<Item = u64> + '_ {
+    text.lines().filter_map(|l| {
+        l.trim_end_matches('\r')
+            .strip_prefix("pass ")?
+            .strip_suffix(" ok")?
+            .parse()
+            .ok()
+    })
+}
+
+/// How many passes the dirty guest has verified.
 pub fn passes(text: &str) -> usize {
-    text.lines().filter(|l| l.starts_with("pass ")).count()
+    pass_numbers(text).count()
+}
+
+/// The number of the last `pass N ok` line, if any.
+pub fn last_pass(text: &str) -> Option<u64> {
+    pass_numbers(text).next_back()
 }
 
 /// Migrates the running guest of `src` into `dst` within this process (`dst` listens on `uri`
