@@ -66,7 +66,11 @@ use rustls::{
 };
 use vmm_sync::lock;
 
+pub mod authz;
+pub mod dn;
 mod record;
+
+use authz::{AuthzError, AuthzObject};
 
 use record::{
     alert_content, key_update_content, Alert, Keys, PostHandshake, RecordError, ALERT,
@@ -155,6 +159,36 @@ pub enum TlsError {
     /// The socket's timeouts could not be set.
     #[error("cannot set the socket timeout: {0}")]
     Timeout(#[source] io::Error),
+    /// An authorization object (`-object authz-…`, `object-add`) that cannot be created.
+    #[error("{0}")]
+    Authz(#[source] AuthzError),
+    /// An object of a type hopvm does not have.
+    #[error("invalid object type: {0} (hopvm has tls-creds-x509, authz-simple, authz-list and authz-list-file)")]
+    ObjectType(String),
+    /// `tls-authz` names no object (QEMU's wording).
+    #[error("Cannot find QAuthZ object ID {0}")]
+    NoAuthz(String),
+    /// `tls-authz` names an object that is not an authorization object (QEMU's wording).
+    #[error("Object '{0}' is not a QAuthZ subclass")]
+    NotAuthz(String),
+    /// The client presented no certificate to check (QEMU's wording).
+    #[error("No certificate peers")]
+    NoPeerCertificate,
+    /// The client certificate's subject cannot be read (QEMU's wording).
+    #[error("Cannot get client distinguished name: {0}")]
+    PeerName(#[source] dn::DnError),
+    /// The authorization object denies the client (QEMU's wording).
+    #[error("TLS x509 authz check for {0} is denied")]
+    AuthzDenied(String),
+    /// The authorization object could not decide (an `authz-list-file` that cannot be read).
+    #[error("TLS x509 authz check for {identity} failed: {source}")]
+    AuthzFailed {
+        /// The client's distinguished name.
+        identity: String,
+        /// Why.
+        #[source]
+        source: AuthzError,
+    },
 }
 
 /// Which side of a TLS session a credentials object is for.
@@ -425,7 +459,10 @@ impl TlsCredsX509 {
     pub fn server(&self) -> Result<ServerTls, TlsError> {
         self.server
             .clone()
-            .map(|config| ServerTls { config })
+            .map(|config| ServerTls {
+                config,
+                authz: None,
+            })
             .ok_or(TlsError::WrongEndpoint(Endpoint::Server))
     }
 
@@ -448,18 +485,86 @@ impl TlsCredsX509 {
     }
 }
 
-/// The VM's `tls-creds-x509` objects and the migration's `tls-creds` / `tls-hostname`
-/// parameters (QEMU's `migrate-set-parameters`), under one leaf lock.
+/// An object of the table: TLS credentials or an authorization object (one namespace of ids,
+/// as QEMU's `/objects`).
+#[derive(Debug, Clone)]
+pub enum TlsObject {
+    /// `tls-creds-x509`.
+    Creds(Arc<TlsCredsX509>),
+    /// `authz-simple`, `authz-list`, `authz-list-file`.
+    Authz(Arc<AuthzObject>),
+}
+
+impl From<TlsCredsX509> for TlsObject {
+    fn from(c: TlsCredsX509) -> Self {
+        Self::Creds(Arc::new(c))
+    }
+}
+
+impl From<AuthzObject> for TlsObject {
+    fn from(a: AuthzObject) -> Self {
+        Self::Authz(Arc::new(a))
+    }
+}
+
+impl TlsObject {
+    /// The object's id.
+    pub fn id(&self) -> &str {
+        match self {
+            Self::Creds(c) => c.id(),
+            Self::Authz(a) => a.id(),
+        }
+    }
+
+    /// Creates an object from a command line's `key=value` items (`qom-type` and `id` among
+    /// them; the caller has split the `-object` value, QEMU's `,,` escapes undone).
+    pub fn from_keyval<'a>(
+        items: impl IntoIterator<Item = (&'a str, &'a str)> + Clone,
+    ) -> Result<Self, TlsError> {
+        let ty = items
+            .clone()
+            .into_iter()
+            .find(|(k, _)| *k == "qom-type")
+            .map(|(_, v)| v)
+            .unwrap_or("");
+        if ty == "tls-creds-x509" {
+            return TlsCredsX509::from_props(items.into_iter().filter(|(k, _)| *k != "qom-type"))
+                .map(Self::from);
+        }
+        if !authz::is_authz_type(ty) {
+            return Err(TlsError::ObjectType(ty.to_owned()));
+        }
+        AuthzObject::from_keyval(items)
+            .map(Self::from)
+            .map_err(TlsError::Authz)
+    }
+
+    /// Creates an authorization object from QMP `object-add`'s arguments or a JSON `-object`
+    /// (`tls-creds-x509` from JSON is QMP's own business: its properties are typed there).
+    pub fn authz_from_json(
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self, TlsError> {
+        AuthzObject::from_json(args)
+            .map(Self::from)
+            .map_err(TlsError::Authz)
+    }
+}
+
+/// The VM's `tls-creds-x509` and authorization objects and the migration's `tls-creds` /
+/// `tls-hostname` / `tls-authz` parameters (QEMU's `migrate-set-parameters`), under one leaf
+/// lock. The table is shared with the [`ServerTls`] it makes, which look `tls-authz` up in
+/// it at each check, as QEMU does.
 #[derive(Debug, Default)]
 pub struct MigrationTls {
-    inner: Mutex<TlsState>,
+    inner: Arc<Mutex<TlsState>>,
 }
 
 #[derive(Debug, Default)]
 struct TlsState {
     creds: String,
     hostname: String,
-    objects: std::collections::BTreeMap<String, Arc<TlsCredsX509>>,
+    authz: String,
+    objects: std::collections::BTreeMap<String, TlsObject>,
 }
 
 /// Errors of the object table.
@@ -471,38 +576,81 @@ pub enum TlsObjectError {
     /// `object-del` of an unknown id (QEMU's wording).
     #[error("object '{0}' not found")]
     NotFound(String),
-    /// `object-del` of the credentials the migration is set to use.
-    #[error("object '{0}' is in use by the migration parameter tls-creds")]
-    InUse(String),
+    /// `object-del` of the object a migration parameter names.
+    #[error("object '{0}' is in use by the migration parameter {1}")]
+    InUse(String, &'static str),
+}
+
+/// `tls-authz` on a server session: the object's id, looked up in the table at each check.
+#[derive(Clone)]
+struct AuthzRef {
+    id: String,
+    table: Arc<Mutex<TlsState>>,
+}
+
+impl AuthzRef {
+    /// Checks the client's end-entity certificate (QEMU's
+    /// `qcrypto_tls_session_check_certificate`, its authz part).
+    fn check(&self, peer: Option<&CertificateDer<'_>>) -> Result<(), TlsError> {
+        let object = lock(&self.table).objects.get(&self.id).cloned();
+        let authz = match object {
+            None => return Err(TlsError::NoAuthz(self.id.clone())),
+            Some(TlsObject::Creds(_)) => return Err(TlsError::NotAuthz(self.id.clone())),
+            Some(TlsObject::Authz(a)) => a,
+        };
+        let cert = peer.ok_or(TlsError::NoPeerCertificate)?;
+        let identity = dn::distinguished_name(cert).map_err(TlsError::PeerName)?;
+        // Outside the table's lock: an authz-list-file reads its file.
+        match authz.is_allowed(&identity) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(TlsError::AuthzDenied(identity)),
+            Err(source) => Err(TlsError::AuthzFailed { identity, source }),
+        }
+    }
 }
 
 impl MigrationTls {
-    /// Adds a credentials object (`--object`, `-object`, QMP `object-add`).
-    pub fn add_object(&self, creds: TlsCredsX509) -> Result<(), TlsObjectError> {
+    /// Adds a credentials or authorization object (`--object`, `-object`, QMP `object-add`).
+    pub fn add_object(&self, object: impl Into<TlsObject>) -> Result<(), TlsObjectError> {
+        let object = object.into();
         let mut s = lock(&self.inner);
-        if s.objects.contains_key(creds.id()) {
-            return Err(TlsObjectError::Duplicate(creds.id().to_owned()));
+        if s.objects.contains_key(object.id()) {
+            return Err(TlsObjectError::Duplicate(object.id().to_owned()));
         }
-        s.objects.insert(creds.id().to_owned(), Arc::new(creds));
+        s.objects.insert(object.id().to_owned(), object);
         Ok(())
     }
 
-    /// Removes one (QMP `object-del`).
+    /// Removes one (QMP `object-del`); not one that `tls-creds` or `tls-authz` names.
     pub fn remove_object(&self, id: &str) -> Result<(), TlsObjectError> {
         let mut s = lock(&self.inner);
         if !s.objects.contains_key(id) {
             return Err(TlsObjectError::NotFound(id.to_owned()));
         }
         if s.creds == id {
-            return Err(TlsObjectError::InUse(id.to_owned()));
+            return Err(TlsObjectError::InUse(id.to_owned(), "tls-creds"));
+        }
+        if s.authz == id {
+            return Err(TlsObjectError::InUse(id.to_owned(), "tls-authz"));
         }
         s.objects.remove(id);
         Ok(())
     }
 
-    /// The object with this id.
+    /// The credentials object with this id.
     pub fn object(&self, id: &str) -> Option<Arc<TlsCredsX509>> {
-        lock(&self.inner).objects.get(id).cloned()
+        match lock(&self.inner).objects.get(id) {
+            Some(TlsObject::Creds(c)) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// The authorization object with this id.
+    pub fn authz_object(&self, id: &str) -> Option<Arc<AuthzObject>> {
+        match lock(&self.inner).objects.get(id) {
+            Some(TlsObject::Authz(a)) => Some(a.clone()),
+            _ => None,
+        }
     }
 
     /// `tls-creds` ("" = no TLS).
@@ -515,6 +663,11 @@ impl MigrationTls {
         lock(&self.inner).hostname.clone()
     }
 
+    /// `tls-authz` ("" = any client the CA signed).
+    pub fn authz(&self) -> String {
+        lock(&self.inner).authz.clone()
+    }
+
     /// Sets `tls-creds`; checked when a channel opens, as in QEMU.
     pub fn set_creds(&self, id: &str) {
         lock(&self.inner).creds = id.to_owned();
@@ -525,16 +678,20 @@ impl MigrationTls {
         lock(&self.inner).hostname = name.to_owned();
     }
 
+    /// Sets `tls-authz`; looked up when a source's certificate is checked, as in QEMU.
+    pub fn set_authz(&self, id: &str) {
+        lock(&self.inner).authz = id.to_owned();
+    }
+
     fn named(&self) -> Result<Option<Arc<TlsCredsX509>>, TlsError> {
         let s = lock(&self.inner);
         if s.creds.is_empty() {
             return Ok(None);
         }
-        s.objects
-            .get(&s.creds)
-            .cloned()
-            .map(Some)
-            .ok_or_else(|| TlsError::NoCreds(s.creds.clone()))
+        match s.objects.get(&s.creds) {
+            Some(TlsObject::Creds(c)) => Ok(Some(c.clone())),
+            _ => Err(TlsError::NoCreds(s.creds.clone())),
+        }
     }
 
     /// The source's TLS for a channel to `uri_host`, or `None` without `tls-creds`.
@@ -552,12 +709,54 @@ impl MigrationTls {
         creds.client(host).map(Some)
     }
 
-    /// The destination's TLS, or `None` without `tls-creds`.
+    /// The destination's TLS, or `None` without `tls-creds`; with `tls-authz`, each client's
+    /// certificate is checked against that object after the handshake.
     pub fn server(&self) -> Result<Option<ServerTls>, TlsError> {
         match self.named()? {
             None => Ok(None),
-            Some(creds) => creds.server().map(Some),
+            Some(creds) => {
+                let authz = self.authz();
+                self.with_authz(&creds, Some(authz.as_str())).map(Some)
+            }
         }
+    }
+
+    /// A server session of credentials `creds_id` whose clients `authz_id` (when given)
+    /// must allow: the TLS QMP monitor's `tls-creds` / `tls-authz`.
+    pub fn server_for(
+        &self,
+        creds_id: &str,
+        authz_id: Option<&str>,
+    ) -> Result<ServerTls, TlsError> {
+        let creds = self
+            .object(creds_id)
+            .ok_or_else(|| TlsError::NoCreds(creds_id.to_owned()))?;
+        self.with_authz(&creds, authz_id)
+    }
+
+    fn with_authz(
+        &self,
+        creds: &TlsCredsX509,
+        authz_id: Option<&str>,
+    ) -> Result<ServerTls, TlsError> {
+        let mut server = creds.server()?;
+        let Some(id) = authz_id.filter(|id| !id.is_empty()) else {
+            return Ok(server);
+        };
+        if !creds.verify_peer() {
+            // As QEMU: without verify-peer no client certificate is asked for or checked,
+            // so there is no identity to authorize.
+            log::warn!(
+                "tls-authz '{id}' is not checked: TLS credentials '{}' have verify-peer=off",
+                creds.id()
+            );
+            return Ok(server);
+        }
+        server.authz = Some(AuthzRef {
+            id: id.to_owned(),
+            table: self.inner.clone(),
+        });
+        Ok(server)
     }
 }
 
@@ -642,7 +841,7 @@ impl ClientTls {
     ) -> Result<Arc<TlsChannel>, TlsError> {
         let conn = UnbufferedClientConnection::new(self.config.clone(), self.name.clone())
             .map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
-        TlsChannel::handshake(sock, conn, cancelled)
+        TlsChannel::handshake(sock, conn, cancelled).map(|(channel, _)| channel)
     }
 }
 
@@ -650,21 +849,39 @@ impl ClientTls {
 #[derive(Clone)]
 pub struct ServerTls {
     config: Arc<ServerConfig>,
+    /// `tls-authz`: the object that must allow each client's certificate.
+    authz: Option<AuthzRef>,
 }
 
 impl fmt::Debug for ServerTls {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ServerTls")
+        f.debug_struct("ServerTls")
+            .field("authz", &self.authz.as_ref().map(|a| &a.id))
+            .finish()
     }
 }
 
 impl ServerTls {
     /// Runs the handshake on an accepted socket (verifying the client's certificate when the
-    /// credentials say so) and returns the channel.
+    /// credentials say so) and returns the channel. With `tls-authz`, the certificate's
+    /// distinguished name must then be allowed by that object: a client it refuses gets a
+    /// fatal `access_denied` alert (`internal_error` when the object cannot decide) and
+    /// the connection is closed.
     pub fn accept(&self, sock: OwnedFd) -> Result<Arc<TlsChannel>, TlsError> {
         let conn = UnbufferedServerConnection::new(self.config.clone())
             .map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
-        TlsChannel::handshake(sock, conn, &|| false)
+        let (channel, peer) = TlsChannel::handshake(sock, conn, &|| false)?;
+        if let Some(authz) = &self.authz {
+            if let Err(e) = authz.check(peer.as_ref()) {
+                let alert = match e {
+                    TlsError::AuthzDenied(_) => AlertDescription::AccessDenied,
+                    _ => AlertDescription::InternalError,
+                };
+                channel.refuse(alert);
+                return Err(e);
+            }
+        }
+        Ok(channel)
     }
 }
 
@@ -677,6 +894,8 @@ trait Handshake {
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
     fn handshaking(&self) -> bool;
+    /// The peer's end-entity certificate, once the handshake verified it.
+    fn peer_certificate(&self) -> Option<CertificateDer<'static>>;
     fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error>;
 }
 
@@ -690,6 +909,9 @@ impl Handshake for UnbufferedClientConnection {
     }
     fn handshaking(&self) -> bool {
         self.is_handshaking()
+    }
+    fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
+        self.peer_certificates()?.first().cloned()
     }
     fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
         let (secrets, k) = self.dangerous_into_kernel_connection()?;
@@ -707,6 +929,9 @@ impl Handshake for UnbufferedServerConnection {
     }
     fn handshaking(&self) -> bool {
         self.is_handshaking()
+    }
+    fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
+        self.peer_certificates()?.first().cloned()
     }
     fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), rustls::Error> {
         let (secrets, k) = self.dangerous_into_kernel_connection()?;
@@ -994,11 +1219,12 @@ fn encode<D>(s: &mut rustls::unbuffered::EncodeTlsData<'_, D>, out: &mut Vec<u8>
 }
 
 impl TlsChannel {
+    /// Runs the handshake; returns the channel and the peer's end-entity certificate.
     fn handshake<C: Handshake>(
         sock: OwnedFd,
         mut conn: C,
         cancelled: &dyn Fn() -> bool,
-    ) -> Result<Arc<Self>, TlsError> {
+    ) -> Result<(Arc<Self>, Option<CertificateDer<'static>>), TlsError> {
         let sock = File::from(sock);
         // Socket I/O in short slices, to look at the cancel and the deadline between them.
         set_timeouts(&sock, Some(CANCEL_POLL))?;
@@ -1086,6 +1312,7 @@ impl TlsChannel {
         if !out.is_empty() {
             handshake_write(&sock, &out, deadline, cancelled)?;
         }
+        let peer = conn.peer_certificate();
         let (secrets, kernel) = conn
             .into_kernel()
             .map_err(|e| TlsError::Handshake(io::Error::other(e)))?;
@@ -1097,7 +1324,7 @@ impl TlsChannel {
         // What came after the handshake in the last read is the first records.
         let mut buf = vec![0u8; RECV_BUF.max(inlen + MAX_RECORD)].into_boxed_slice();
         buf[..inlen].copy_from_slice(&inbuf[..inlen]);
-        Ok(Arc::new(Self {
+        let channel = Arc::new(Self {
             sock,
             suite: suite.suite(),
             kernel: Mutex::new(kernel),
@@ -1124,7 +1351,15 @@ impl TlsChannel {
             key_update_owed: AtomicBool::new(false),
             failure: Mutex::new(Failure::default()),
             failed: Condvar::new(),
-        }))
+        });
+        Ok((channel, peer))
+    }
+
+    /// Refuses the peer after the handshake (`tls-authz`): a fatal alert, then the end of
+    /// this side's stream (the alert is not followed by a reset while the peer reads it).
+    fn refuse(&self, desc: AlertDescription) {
+        self.send_alert(desc);
+        let _ = socket2::SockRef::from(&self.sock).shutdown(std::net::Shutdown::Write);
     }
 
     /// The socket's descriptor (to shut it down, poll it).
@@ -1984,6 +2219,85 @@ mod tests {
         assert!(got == data);
         drop(ch);
         peer.join().unwrap();
+    }
+
+    /// `tls-authz` on the destination: after the handshake the source's certificate
+    /// (`CN=source`) must be allowed by the object the parameter names, looked up at each
+    /// connection; a refused source reads the destination's alert.
+    #[test]
+    fn tls_authz_allows_refuses_and_names_the_identity() {
+        use authz::AuthzObject;
+        let certs = Certs::new("authz");
+        let table = MigrationTls::default();
+        table.add_object(certs.server()).unwrap();
+        let simple = |id: &str, who: &str| {
+            AuthzObject::from_keyval([("qom-type", "authz-simple"), ("id", id), ("identity", who)])
+                .unwrap()
+        };
+        table.add_object(simple("ok", "CN=source")).unwrap();
+        table.add_object(simple("no", "CN=other")).unwrap();
+        table.set_creds("s");
+        // One connection: the destination's result, and what the source then reads.
+        let connect = |certs: &Certs| {
+            let server = table.server().unwrap().unwrap();
+            let (a, b) = UnixStream::pair().unwrap();
+            let client = certs.client().client(Some("localhost")).unwrap();
+            let src = thread::spawn(move || {
+                let ch = client.connect(a.into()).unwrap();
+                let _ = TlsWriter(ch.clone()).write_all(b"stream");
+                let mut buf = [0u8; 2];
+                TlsReader(ch).read_exact(&mut buf).map(|()| buf)
+            });
+            let dst = server.accept(b.into()).map(|ch| {
+                let mut got = [0u8; 6];
+                TlsReader(ch.clone()).read_exact(&mut got).unwrap();
+                TlsWriter(ch).write_all(b"ok").unwrap();
+                got
+            });
+            (dst, src.join().unwrap())
+        };
+        table.set_authz("ok");
+        let (dst, src) = connect(&certs);
+        assert_eq!(&dst.unwrap(), b"stream");
+        assert_eq!(&src.unwrap(), b"ok");
+        let cases = [
+            (
+                "no",
+                "TLS x509 authz check for CN=source is denied",
+                "AccessDenied",
+            ),
+            ("nope", "Cannot find QAuthZ object ID nope", "InternalError"),
+            ("s", "Object 's' is not a QAuthZ subclass", "InternalError"),
+        ];
+        for (id, dst_error, alert) in cases {
+            table.set_authz(id);
+            let (dst, src) = connect(&certs);
+            assert_eq!(dst.unwrap_err().to_string(), dst_error);
+            let src = src.unwrap_err().to_string();
+            assert!(
+                src.contains(&format!("received fatal alert: {alert}")),
+                "{src}"
+            );
+        }
+        // The object in use cannot go; another can.
+        table.set_authz("no");
+        assert!(table
+            .remove_object("no")
+            .unwrap_err()
+            .to_string()
+            .contains("tls-authz"));
+        table.set_authz("");
+        table.remove_object("no").unwrap();
+        // verify-peer=off: no client certificate, nothing to authorize (QEMU skips the check).
+        let lax = MigrationTls::default();
+        lax.add_object(
+            TlsCredsX509::load("s", &certs.dir.join("dst"), Endpoint::Server, false).unwrap(),
+        )
+        .unwrap();
+        lax.add_object(simple("no", "CN=other")).unwrap();
+        lax.set_creds("s");
+        lax.set_authz("no");
+        assert!(lax.server().unwrap().unwrap().authz.is_none());
     }
 
     #[test]
