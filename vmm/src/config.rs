@@ -356,7 +356,9 @@ pub struct VmConfig {
     /// Give the guest ACPI tables (RSDP, FADT, MADT, DSDT…); off is QEMU's `-no-acpi`: the
     /// guest finds its CPUs and interrupt routing in the MP table only.
     pub acpi: bool,
-    /// Objects to create at start (`--object` / `-object`): `tls-creds-x509,id=…,dir=…,…`.
+    /// Objects to create at start (`--object` / `-object`): `tls-creds-x509,id=…,dir=…,…`,
+    /// `authz-simple` / `authz-list` / `authz-list-file` (key=value or JSON, see
+    /// [`crate::objects`]).
     pub objects: Vec<String>,
     /// How KVM's dirty pages are collected for migration: the dirty bitmap or the dirty ring
     /// (`--dirty-ring`, QEMU's `-accel kvm,dirty-ring-size=N`).

@@ -20,6 +20,7 @@ pub mod instance;
 pub mod kvm_state;
 pub mod loader;
 pub mod memory;
+pub mod objects;
 pub mod qemu_opts;
 pub mod runstate;
 pub mod sections;

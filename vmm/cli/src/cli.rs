@@ -113,8 +113,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub pci_testdev: bool,
     /// Create an object, as QEMU's -object: TLS credentials for migration and the monitor,
-    /// tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]. Repeatable.
-    #[arg(long, value_name = "tls-creds-x509,id=ID,dir=DIR,endpoint=…")]
+    /// tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]; who may
+    /// connect (tls-authz): authz-simple,id=ID,identity=DN (commas in the DN doubled),
+    /// authz-list,id=ID,policy=allow|deny,rules.N.match=…,rules.N.policy=…[,rules.N.format=glob]
+    /// or authz-list-file,id=ID,filename=FILE[,refresh=on|off]; or QEMU's JSON form of any of
+    /// them. Repeatable.
+    #[arg(long, value_name = "TYPE,id=ID,…")]
     pub object: Vec<String>,
     /// How migration learns which pages the guest wrote: off (KVM's dirty bitmap), auto (KVM's
     /// dirty ring where the host offers it and keeps its limit — not kvm_pvm, which overruns

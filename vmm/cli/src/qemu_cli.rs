@@ -457,7 +457,9 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                 (id, QemuObject::MemoryBackendRam(size)) => {
                     backends.insert(id, size);
                 }
-                (_, QemuObject::TlsCredsX509(spec)) => config.objects.push(spec),
+                (_, QemuObject::TlsCredsX509(spec) | QemuObject::Authz(spec)) => {
+                    config.objects.push(spec)
+                }
                 (id, QemuObject::Rng) => {
                     rng_objects.push(id);
                 }
@@ -699,6 +701,9 @@ pub fn parse_full(args: &[String]) -> Result<(QemuAction, Launch, DomainSetup), 
                         }
                         if let Some(creds) = p.get("tls-creds") {
                             spec.push_str(&format!(",tls-creds={creds}"));
+                        }
+                        if let Some(authz) = p.get("tls-authz") {
+                            spec.push_str(&format!(",tls-authz={authz}"));
                         }
                         chardevs.insert((*id).to_string(), Chardev::Socket(spec));
                     }
@@ -1162,6 +1167,46 @@ mod tests {
         let bad = "-kernel k -object tls-creds-x509,id=t,dir=/nonexistent,endpoint=server";
         let err = parse_full(&args(bad)).unwrap_err().to_string();
         assert!(err.contains("Unable to access credentials"), "{err}");
+        // Authorization objects (key=value with dotted rules, or JSON) and the monitor's
+        // tls-authz.
+        let mut argv = args(&format!(
+            "-kernel k -object tls-creds-x509,id=tls0,dir={},endpoint=server \
+             -object authz-list,id=az0,policy=deny,rules.0.match=CN=*,rules.0.policy=allow,\
+             rules.0.format=glob \
+             -chardev socket,id=mon0,host=127.0.0.1,port=4444,server=on,tls-creds=tls0,\
+             tls-authz=az0 -mon chardev=mon0,mode=control -object",
+            dir.display()
+        ));
+        let json = r#"{"qom-type": "authz-list", "id": "az1", "rules": [{"match": "CN=a", "policy": "allow"}]}"#;
+        argv.push(json.into());
+        let (action, _, _) = parse_full(&argv).unwrap();
+        let QemuAction::Run(c) = action else {
+            panic!("{action:?}")
+        };
+        assert_eq!(c.objects.len(), 3);
+        assert!(c.objects[1].starts_with("authz-list,id=az0,"));
+        assert_eq!(c.objects[2], json);
+        assert_eq!(
+            c.qmp.as_deref(),
+            Some("tcp:127.0.0.1:4444,server=on,tls-creds=tls0,tls-authz=az0")
+        );
+        for (bad, want) in [
+            (
+                "-kernel k -object authz-pam,id=p,service=x",
+                "authz-pam is not supported",
+            ),
+            (
+                "-kernel k -object authz-simple,id=s",
+                "Parameter 'identity' is missing",
+            ),
+            (
+                "-kernel k -object authz-list-file,id=f,filename=/nonexistent/acl",
+                "Unable to read '/nonexistent/acl'",
+            ),
+        ] {
+            let err = parse_full(&args(bad)).unwrap_err().to_string();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

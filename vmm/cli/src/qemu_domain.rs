@@ -182,6 +182,9 @@ pub enum QemuObject {
     /// `tls-creds-x509`, checked (its files read); the canonical `-object` value to create
     /// it from at start.
     TlsCredsX509(String),
+    /// `authz-simple`, `authz-list`, `authz-list-file` (`tls-authz`), checked; the `-object`
+    /// value (key=value or JSON) to create it from at start.
+    Authz(String),
     /// `rng-random` (on `/dev/urandom` or `/dev/random`) or `rng-builtin`: an entropy backend
     /// for `virtio-rng-pci`, which hopvm feeds from `getrandom(2)` either way.
     Rng,
@@ -190,6 +193,14 @@ pub enum QemuObject {
 /// Parses one `-object`; returns its id and what it is.
 pub fn parse_object(value: &str) -> Result<(String, QemuObject), QemuCliError> {
     let opt = "-object";
+    // Authorization objects have nested properties (an authz-list's rules): their own parser.
+    if vmm::objects::object_type(value)
+        .is_some_and(|ty| migration::transport::tls::authz::is_authz_type(&ty))
+    {
+        let object = vmm::objects::parse_object(value)
+            .map_err(|e| QemuCliError::Invalid(format!("{opt} {value}"), e.to_string()))?;
+        return Ok((object.id().to_owned(), QemuObject::Authz(value.to_owned())));
+    }
     let mut k = Keys::new(opt, option_map(opt, value, "qom-type")?);
     let ty = k.required("qom-type")?;
     let id = k.required("id")?;

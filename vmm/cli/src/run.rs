@@ -173,12 +173,11 @@ pub fn run_with(config: &VmConfig, mut options: RunOptions) -> Result<i32, RunEr
     };
     let instance = Instance::new(config, out.clone())?;
     for spec in &config.objects {
-        let creds = migration::transport::tls::TlsCredsX509::parse_object(spec)
-            .map_err(RunError::Object)?;
+        let object = vmm::objects::parse_object(spec).map_err(RunError::Object)?;
         instance
             .migration
             .tls
-            .add_object(creds)
+            .add_object(object)
             .map_err(RunError::ObjectTable)?;
     }
     if options.no_dump_guest_core {
@@ -302,7 +301,7 @@ pub enum RunError {
     Instance(#[from] vmm::instance::InstanceError),
     /// An `--object` could not be created.
     #[error("-object: {0}")]
-    Object(#[source] migration::transport::tls::TlsError),
+    Object(#[source] vmm::objects::ObjectError),
     /// Two `--object`s with one id.
     #[error("-object: {0}")]
     ObjectTable(#[source] migration::transport::tls::TlsObjectError),

@@ -135,9 +135,7 @@ pub fn start_monitor_with(
                     instance
                         .migration
                         .tls
-                        .object(id)
-                        .ok_or_else(|| migration::transport::tls::TlsError::NoCreds(id.clone()))
-                        .and_then(|creds| creds.server())
+                        .server_for(id, spec.tls_authz.as_deref())
                         .map_err(QmpServerError::Tls)?,
                 ),
             };
@@ -392,20 +390,13 @@ impl Commands {
         };
         let max_throttle = a.optional_u64("max-cpu-throttle")?;
         let announce = announce_parameters(&mut a, m.announce_parameters())?;
-        // TLS: the credentials object's id ("" = plain) and the name the destination's
-        // certificate must carry ("" = the URI's host). hopvm has no authz objects: the
-        // empty string (what libvirt sets for a migration without one) is all tls-authz
-        // takes.
+        // TLS: the credentials object's id ("" = plain), the name the destination's
+        // certificate must carry ("" = the URI's host) and the authorization object the
+        // source's certificate must satisfy on the destination ("" = any the CA signed). As
+        // in QEMU, the ids are looked up when a channel opens, not here.
         let tls_creds = a.optional_str("tls-creds")?;
         let tls_hostname = a.optional_str("tls-hostname")?;
-        if let Some(v) = a.optional_str("tls-authz")? {
-            if !v.is_empty() {
-                return Err(QmpError::generic(
-                    "hopvm does not support tls-authz (authorization objects); the \
-                     destination's verify-peer=on checks the source's certificate against the CA",
-                ));
-            }
-        }
+        let tls_authz = a.optional_str("tls-authz")?;
         a.finish()?;
         throttle.trigger_threshold = threshold.unwrap_or(throttle.trigger_threshold);
         throttle.initial = initial.unwrap_or(throttle.initial);
@@ -439,6 +430,9 @@ impl Commands {
         }
         if let Some(v) = tls_hostname {
             m.tls.set_hostname(v);
+        }
+        if let Some(v) = tls_authz {
+            m.tls.set_authz(v);
         }
         if let Some(b) = bandwidth {
             m.set_max_bandwidth(b);
@@ -504,17 +498,30 @@ impl Commands {
     }
 }
 
-/// QEMU's `object-add`, for the one object type hopvm has: `tls-creds-x509` (id, dir,
-/// endpoint, verify-peer), loaded at once as QEMU does.
+/// QEMU's `object-add`, for the object types hopvm has: `tls-creds-x509` (id, dir,
+/// endpoint, verify-peer), loaded at once as QEMU does, and the authorization objects
+/// `authz-simple` (identity), `authz-list` (policy, rules) and `authz-list-file` (filename,
+/// refresh); `authz-pam` is refused.
 fn object_add(inst: &Instance, args: &Map<String, Value>) -> Result<Value, QmpError> {
-    use migration::transport::tls::TlsCredsX509;
+    use migration::transport::tls::{authz, TlsCredsX509, TlsObject};
     let mut a = Args::new(args);
     let ty = a.required_str("qom-type")?;
+    if authz::is_authz_type(ty) {
+        let object =
+            TlsObject::authz_from_json(args).map_err(|e| QmpError::generic(e.to_string()))?;
+        return inst
+            .migration
+            .tls
+            .add_object(object)
+            .map(|()| Value::Null)
+            .map_err(|e| QmpError::generic(e.to_string()));
+    }
     let id = a.required_str("id")?;
     if ty != "tls-creds-x509" {
         return Err(QmpError::invalid_parameter_value(
             "qom-type",
-            "tls-creds-x509 (the only object type hopvm creates at run time)",
+            "tls-creds-x509, authz-simple, authz-list or authz-list-file (the object types \
+             hopvm creates)",
         ));
     }
     let dir = a.required_str("dir")?;
@@ -663,7 +670,7 @@ pub(crate) fn parameters_json(m: &Migration) -> Value {
         "multifd-channels": m.multifd.settings().channels,
         "tls-creds": m.tls.creds(),
         "tls-hostname": m.tls.hostname(),
-        "tls-authz": "",
+        "tls-authz": m.tls.authz(),
         "block-incremental": lock(&m.block.settings).incremental,
     })
 }

@@ -500,7 +500,8 @@ pub static COMMAND_DEFS: &[CommandDef] = &[
     ),
     cmd("getfd", &[m("fdname", Ty::Str)], None),
     cmd("closefd", &[m("fdname", Ty::Str)], None),
-    // QEMU's object-add is a union on qom-type; hopvm creates tls-creds-x509 only. Its
+    // QEMU's object-add is a union on qom-type; hopvm creates tls-creds-x509 and the authz
+    // objects (an authz-list's `rules`, an array of objects, is not described here). Its
     // qom-type member is left out on purpose: libvirt takes `object-add/arg-type/qom-type`
     // as the sign that -object accepts JSON, which hopvm's QEMU front end does not parse.
     cmd(
@@ -510,6 +511,10 @@ pub static COMMAND_DEFS: &[CommandDef] = &[
             opt("dir", Ty::Str),
             opt("endpoint", Ty::Str),
             opt("verify-peer", Ty::Bool),
+            opt("identity", Ty::Str),
+            opt("policy", Ty::Str),
+            opt("filename", Ty::Str),
+            opt("refresh", Ty::Bool),
         ],
         None,
     ),

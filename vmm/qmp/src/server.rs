@@ -120,6 +120,9 @@ pub struct QmpListenSpec {
     pub wait: bool,
     /// `tls-creds=ID`: clients must complete a TLS handshake with these credentials.
     pub tls_creds: Option<String>,
+    /// `tls-authz=ID`: and their certificate's distinguished name must be allowed by this
+    /// authorization object (looked up at each connection, as QEMU does).
+    pub tls_authz: Option<String>,
 }
 
 impl QmpListenSpec {
@@ -129,6 +132,7 @@ impl QmpListenSpec {
             address: QmpAddress::Unix(path.into()),
             wait: false,
             tls_creds: None,
+            tls_authz: None,
         }
     }
 
@@ -146,6 +150,7 @@ impl QmpListenSpec {
         let mut server = None;
         let mut wait = None;
         let mut tls_creds = None;
+        let mut tls_authz = None;
         for option in parts {
             let bad = || QmpServerError::InvalidOption {
                 spec: spec.to_string(),
@@ -160,16 +165,24 @@ impl QmpListenSpec {
                 ("wait", value) => wait = Some(parse_flag(value).ok_or_else(bad)?),
                 ("nowait", None) => wait = Some(false),
                 ("tls-creds", Some(id)) if !id.is_empty() => tls_creds = Some(id.to_string()),
+                ("tls-authz", Some(id)) if !id.is_empty() => tls_authz = Some(id.to_string()),
                 _ => return Err(bad()),
             }
         }
         if server == Some(false) {
             return Err(QmpServerError::ClientMode(spec.to_string()));
         }
+        if tls_authz.is_some() && tls_creds.is_none() {
+            return Err(QmpServerError::InvalidOption {
+                spec: spec.to_string(),
+                option: String::from("tls-authz (needs tls-creds)"),
+            });
+        }
         Ok(Self {
             address,
             wait: wait.unwrap_or(server.is_some()),
             tls_creds,
+            tls_authz,
         })
     }
 }
@@ -1220,6 +1233,7 @@ mod tests {
             address: QmpAddress::Unix(path.into()),
             wait,
             tls_creds: None,
+            tls_authz: None,
         };
         assert_eq!(
             QmpListenSpec::parse("unix:/tmp/q.sock").unwrap(),
@@ -1250,8 +1264,14 @@ mod tests {
                 },
                 wait: false,
                 tls_creds: None,
+                tls_authz: None,
             }
         );
+        let with_authz =
+            QmpListenSpec::parse("tcp:127.0.0.1:4444,server=on,tls-creds=tls0,tls-authz=az0")
+                .unwrap();
+        assert_eq!(with_authz.tls_authz.as_deref(), Some("az0"));
+        assert!(QmpListenSpec::parse("tcp:127.0.0.1:4444,server=on,tls-authz=az0").is_err());
         assert_eq!(
             QmpListenSpec::parse("tcp:127.0.0.1:4444,server=on,wait=off,tls-creds=tls0")
                 .unwrap()
