@@ -746,8 +746,9 @@ impl MigrationTls {
         if !creds.verify_peer() {
             // As QEMU: without verify-peer no client certificate is asked for or checked,
             // so there is no identity to authorize.
-            log::warn!(
-                "tls-authz '{id}' is not checked: TLS credentials '{}' have verify-peer=off",
+            eprintln!(
+                "hopvm: warning: tls-authz '{id}' is not checked: TLS credentials '{}' have \
+                 verify-peer=off (no client certificate, as in QEMU)",
                 creds.id()
             );
             return Ok(server);
@@ -1924,11 +1925,40 @@ pub mod test_certs {
 
         /// A leaf certificate for `names`; `expired` makes one whose validity ended.
         pub fn leaf(&self, names: &[&str], expired: bool) -> (String, String) {
+            let cn = names.first().copied().unwrap_or("x");
+            self.leaf_dn(names, &[("CN", cn)], expired)
+        }
+
+        /// A leaf certificate for `names` whose subject is `dn`, attributes in that order
+        /// (`C`, `ST`, `L`, `O`, `OU`, `CN`; one of each).
+        pub fn leaf_dn(
+            &self,
+            names: &[&str],
+            dn: &[(&str, &str)],
+            expired: bool,
+        ) -> (String, String) {
             let mut p =
                 CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                     .unwrap();
-            p.distinguished_name
-                .push(DnType::CommonName, names.first().copied().unwrap_or("x"));
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            for (ty, value) in dn {
+                let ty = match *ty {
+                    "C" => DnType::CountryName,
+                    "ST" => DnType::StateOrProvinceName,
+                    "L" => DnType::LocalityName,
+                    "O" => DnType::OrganizationName,
+                    "OU" => DnType::OrganizationalUnitName,
+                    "CN" => DnType::CommonName,
+                    other => panic!("no attribute {other} in test certificates"),
+                };
+                // X.520: a country is a PrintableString, the rest UTF-8 (as openssl makes them).
+                let value = if ty == DnType::CountryName {
+                    rcgen::DnValue::PrintableString((*value).try_into().unwrap())
+                } else {
+                    rcgen::DnValue::Utf8String((*value).into())
+                };
+                p.distinguished_name.push(ty, value);
+            }
             if expired {
                 p.not_before = rcgen::date_time_ymd(2000, 1, 1);
                 p.not_after = rcgen::date_time_ymd(2001, 1, 1);
@@ -1947,10 +1977,16 @@ pub mod test_certs {
             std::fs::write(dir.join("server-key.pem"), k).unwrap();
         }
 
-        /// Writes a source's directory (CA + client cert).
+        /// Writes a source's directory (CA + client cert, subject `CN=source`).
         pub fn client_dir(&self, dir: &Path, expired: bool) {
+            self.client_dir_dn(dir, &[("CN", "source")], expired);
+        }
+
+        /// Writes a source's directory whose client certificate's subject is `dn` (see
+        /// [`leaf_dn`](Self::leaf_dn)).
+        pub fn client_dir_dn(&self, dir: &Path, dn: &[(&str, &str)], expired: bool) {
             std::fs::create_dir_all(dir).unwrap();
-            let (c, k) = self.leaf(&["source"], expired);
+            let (c, k) = self.leaf_dn(&["source"], dn, expired);
             std::fs::write(dir.join("ca-cert.pem"), self.cert.pem()).unwrap();
             std::fs::write(dir.join("client-cert.pem"), c).unwrap();
             std::fs::write(dir.join("client-key.pem"), k).unwrap();

@@ -1044,9 +1044,14 @@ fn accept_loop(listener: &Listener, wake: &EventFd, shared: &Arc<Shared>) {
 /// holds up no one, and gives up after the handshake timeout), then starts its threads; a
 /// client that fails the handshake (plaintext, a certificate the CA did not sign) is closed.
 fn secure_client(conn: Conn, tls: ServerTls, shared: &Arc<Shared>) {
-    let sock: OwnedFd = match conn {
-        Conn::Unix(s) => s.into(),
-        Conn::Tcp(s) => s.into(),
+    let (sock, peer): (OwnedFd, String) = match conn {
+        Conn::Unix(s) => (s.into(), String::from("a local client")),
+        Conn::Tcp(s) => {
+            let peer = s
+                .peer_addr()
+                .map_or_else(|_| String::from("a TCP client"), |a| a.to_string());
+            (s.into(), peer)
+        }
         Conn::Tls(_) => return,
     };
     let shared = Arc::clone(shared);
@@ -1054,7 +1059,9 @@ fn secure_client(conn: Conn, tls: ServerTls, shared: &Arc<Shared>) {
         .name("qmp-tls".into())
         .spawn(move || match tls.accept(sock) {
             Ok(channel) => add_client(Conn::Tls(channel), &shared),
-            Err(e) => log::warn!("qmp: refused a client: {e}"),
+            // On standard error, as the migration's refusals: who was refused, and why
+            // (a failed handshake, a tls-authz denial naming the certificate's DN).
+            Err(e) => eprintln!("hopvm: qmp: refused a connection from {peer}: {e}"),
         });
     if let Err(e) = spawned {
         log::warn!("qmp: cannot start a client's TLS handshake: {e}");
