@@ -868,3 +868,46 @@ fn tls_authz_on_the_qmp_monitor() {
         err.text()
     );
 }
+
+/// `tls-authz` with `multifd`: every connection of the migration is checked. A source whose
+/// certificate the CA signed but the object does not allow is refused (its guest runs on);
+/// the allowed source then moves the busy guest over 2 TLS multifd channels.
+#[test]
+fn tls_authz_with_multifd() {
+    let dir = TempDir::new("tls-authz-mfd");
+    let certs = Certs::new(&dir, &["localhost"]);
+    certs
+        .ca
+        .client_dir_dn(&certs.path("src"), &SOURCE_DN, false);
+    certs
+        .ca
+        .client_dir_dn(&certs.path("intruder"), &[("CN", "intruder")], false);
+    let uri = format!("tcp:localhost:{}", free_tcp_port());
+    let mut dst = multifd_destination(&certs, &dir, "dst", &uri, 2);
+    dst.cmd(
+        "object-add",
+        json!({"qom-type": "authz-simple", "id": "only-src", "identity": SOURCE_ID}),
+    );
+    dst.cmd("migrate-set-parameters", json!({"tls-authz": "only-src"}));
+
+    let mut intruder = source(
+        &dir.0,
+        "intruder",
+        &object("tls0", &certs.path("intruder"), "client"),
+    );
+    multifd_on(&mut intruder, 2);
+    intruder.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
+    intruder.cmd("migrate", json!({ "uri": uri }));
+    let error = check_refused(&mut intruder);
+    assert!(error.contains("AccessDenied"), "{error}");
+    dst.err.wait_for(LONG, "the destination's refusal", |t| {
+        t.contains("TLS x509 authz check for CN=intruder is denied")
+    });
+    assert_eq!(dst.status(), "inmigrate");
+
+    let mut src = multifd_source(&certs, &dir, "src", 2);
+    src.cmd("migrate", json!({ "uri": uri }));
+    check_moved(&mut src, &mut dst);
+    assert!(multifd_bytes(&mut src) > 0);
+    assert_eq!(intruder.status(), "running");
+}
