@@ -133,6 +133,32 @@ fn migration_parameters_and_errors() {
         vm.cmd("query-migrate-parameters", Value::Null)["xbzrle-cache-size"],
         4 << 20
     );
+    // The TLS parameters are QEMU's StrOrNull: ids taken as they are (looked up when a
+    // channel opens), null resets them to "", anything else is the wrong type.
+    vm.cmd(
+        "migrate-set-parameters",
+        json!({"tls-authz": "auth0", "tls-hostname": "hostB"}),
+    );
+    let p = vm.cmd("query-migrate-parameters", Value::Null);
+    assert_eq!(
+        (&p["tls-authz"], &p["tls-hostname"]),
+        (&json!("auth0"), &json!("hostB"))
+    );
+    vm.cmd(
+        "migrate-set-parameters",
+        json!({"tls-authz": null, "tls-hostname": null}),
+    );
+    let p = vm.cmd("query-migrate-parameters", Value::Null);
+    assert_eq!(
+        (&p["tls-authz"], &p["tls-hostname"]),
+        (&json!(""), &json!(""))
+    );
+    let err = vm
+        .qmp
+        .execute("migrate-set-parameters", Some(json!({"tls-authz": 5})))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tls-authz"), "{err}");
     // auto-converge's parameters, with QEMU's bounds and texts.
     vm.cmd(
         "migrate-set-parameters",

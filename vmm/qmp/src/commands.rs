@@ -394,9 +394,9 @@ impl Commands {
         // certificate must carry ("" = the URI's host) and the authorization object the
         // source's certificate must satisfy on the destination ("" = any the CA signed). As
         // in QEMU, the ids are looked up when a channel opens, not here.
-        let tls_creds = a.optional_str("tls-creds")?;
-        let tls_hostname = a.optional_str("tls-hostname")?;
-        let tls_authz = a.optional_str("tls-authz")?;
+        let tls_creds = str_or_null(&mut a, "tls-creds")?;
+        let tls_hostname = str_or_null(&mut a, "tls-hostname")?;
+        let tls_authz = str_or_null(&mut a, "tls-authz")?;
         a.finish()?;
         throttle.trigger_threshold = threshold.unwrap_or(throttle.trigger_threshold);
         throttle.initial = initial.unwrap_or(throttle.initial);
@@ -495,6 +495,19 @@ impl Commands {
         check_cache_size(value)?;
         lock(&self.instance.migration.xbzrle).cache_size = value;
         Ok(Value::Null)
+    }
+}
+
+/// A `StrOrNull` migration parameter (`tls-creds`, `tls-hostname`, `tls-authz`): JSON null
+/// resets it to "", as in QEMU.
+fn str_or_null<'a>(a: &mut Args<'a>, name: &str) -> Result<Option<&'a str>, QmpError> {
+    match a.optional_value(name) {
+        None => Ok(None),
+        Some(Value::Null) => Ok(Some("")),
+        Some(v) => v
+            .as_str()
+            .map(Some)
+            .ok_or_else(|| QmpError::invalid_parameter_type(name, "string")),
     }
 }
 
