@@ -911,3 +911,105 @@ fn tls_authz_with_multifd() {
     assert!(multifd_bytes(&mut src) > 0);
     assert_eq!(intruder.status(), "running");
 }
+
+/// The identity `tls-authz` checks is the one QEMU 7.2 checks: the same destination command
+/// line (QEMU's) under hopvm's QEMU front end and, when installed, under QEMU 7.2, with an
+/// `authz-simple` that allows nobody; a TLS client with the source's certificate connects;
+/// each prints the identity it refused, and both print [`SOURCE_ID`] (the certificate's
+/// order, the comma in `O` escaped — not the RFC 4514 order QEMU's docs show).
+#[test]
+fn tls_authz_identity_as_qemu_7_2_names_it() {
+    use common::proc::pump;
+    use common::Capture;
+    use migration::transport::tls::{Endpoint, TlsCredsX509, TlsReader, TlsWriter};
+    use std::io::{Read, Write};
+    use std::process::{Command, Stdio};
+    let dir = TempDir::new("tls-authz-qemu");
+    let certs = Certs::new(&dir, &["localhost"]);
+    certs
+        .ca
+        .client_dir_dn(&certs.path("src"), &SOURCE_DN, false);
+    let sock = dir.join("mon.sock");
+    let args: Vec<String> = [
+        "-M",
+        "pc",
+        "-cpu",
+        "qemu64",
+        "-enable-kvm",
+        "-m",
+        "32",
+        "-display",
+        "none",
+        "-nodefaults",
+        "-object",
+        &format!(
+            "tls-creds-x509,id=tls0,dir={},endpoint=server",
+            certs.path("dst").display()
+        ),
+        "-object",
+        "authz-simple,id=az,identity=nobody",
+        "-incoming",
+        "defer",
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", sock.display()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut seen = Vec::new();
+    common::tools::on_hopvm_and_qemu(&args, |program, args| {
+        let _ = std::fs::remove_file(&sock);
+        let mut child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = Capture::default();
+        pump(child.stderr.take().unwrap(), err.clone());
+        let mut qmp = qmp::client::QmpClient::connect_retry(&sock, LONG)
+            .unwrap_or_else(|e| panic!("{program}: {e}; {}", err.text()));
+        let port = free_tcp_port();
+        for (cmd, a) in [
+            (
+                "migrate-set-parameters",
+                json!({"tls-creds": "tls0", "tls-authz": "az"}),
+            ),
+            (
+                "migrate-incoming",
+                json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+            ),
+        ] {
+            qmp.execute(cmd, Some(a))
+                .unwrap_or_else(|e| panic!("{program} {cmd}: {e}"));
+        }
+        let client = TlsCredsX509::load("c", &certs.path("src"), Endpoint::Client, true)
+            .unwrap()
+            .client(Some("localhost"))
+            .unwrap();
+        let t = client.connect(connect_retry(port).into()).unwrap();
+        let _ = TlsWriter(t.clone()).write_all(b"QEVM");
+        // The destination hangs up (QEMU without a word, hopvm with its alert).
+        let read = TlsReader(t).read(&mut [0u8; 1]);
+        assert!(
+            !matches!(read, Ok(n) if n > 0),
+            "{program} answered: {read:?}"
+        );
+        err.wait_for(LONG, "the refusal", |t| t.contains(" is denied"));
+        let text = err.text();
+        let id = text
+            .split("TLS x509 authz check for ")
+            .nth(1)
+            .and_then(|rest| rest.split(" is denied").next())
+            .unwrap()
+            .to_string();
+        seen.push((program.to_string(), id));
+        let _ = child.kill();
+        let _ = child.wait();
+    });
+    assert_eq!(seen.len(), 1 + usize::from(common::tools::qemu_installed()));
+    for (program, id) in &seen {
+        assert_eq!(id, SOURCE_ID, "{program}");
+    }
+}
