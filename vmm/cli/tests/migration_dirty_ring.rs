@@ -110,7 +110,7 @@ fn migrate_and_verify(src: &mut Hopvm, dst: &mut Hopvm, uri: &str) {
         info["ram"]["dirty-sync-count"].as_u64().unwrap() >= 2,
         "{info}"
     );
-    src.err.wait_for(LONG, "the source's profile", |t| {
+    src.err.wait_for_lines(LONG, "the source's profile", |t| {
         t.contains("migration profile (source")
     });
     let full = ring_full_exits(&src.err.text());

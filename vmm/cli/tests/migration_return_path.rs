@@ -239,9 +239,10 @@ fn verdict_lost_the_source_resumes_and_the_destination_stays_paused() {
     );
     runs_on(&mut src);
     // The destination loaded everything but was never told to go: it must not run.
-    dst.err.wait_for(LONG, "the destination's reason", |t| {
-        t.contains("did not send its go-ahead")
-    });
+    dst.err
+        .wait_for_lines(LONG, "the destination's reason", |t| {
+            t.contains("did not send its go-ahead")
+        });
     assert_eq!(dst.status(), "paused");
     follow_up_migration_completes(&dir, &mut src);
 }
@@ -269,9 +270,10 @@ fn go_ahead_lost_neither_side_runs_and_both_say_why() {
     let dir = TempDir::new("rp-lose-go");
     let (mut src, mut dst, proxy) = through_proxy(&dir, Policy::LoseGoAhead);
     // The destination sees its connection end without a go-ahead.
-    dst.err.wait_for(LONG, "the destination's reason", |t| {
-        t.contains("did not send its go-ahead")
-    });
+    dst.err
+        .wait_for_lines(LONG, "the destination's reason", |t| {
+            t.contains("did not send its go-ahead")
+        });
     assert_eq!(dst.status(), "paused");
     // The source sent the go-ahead into a silent connection and cannot know.
     src.wait_migration("failed", LONG);
