@@ -151,6 +151,18 @@ impl Hopvm {
         }
     }
 
+    /// The guest is running here and goes on verifying its memory: two more `pass N ok`
+    /// lines (at most `timeout`), and never `CORRUPT`.
+    pub fn runs_intact(&mut self, timeout: Duration) {
+        assert_eq!(self.status(), "running", "stderr: {}", self.err.text());
+        let before = super::passes(&self.out.text());
+        self.out.wait_for(timeout, "two more verified passes", |t| {
+            super::passes(t) >= before + 2 || t.contains("CORRUPT")
+        });
+        let text = self.out.text();
+        assert!(!text.contains("CORRUPT"), "{text}");
+    }
+
     /// Saves the guest to `file` with `exec:cat > file`, unthrottled, and waits for the
     /// migration to complete (the `events` capability must be on).
     pub fn save_to_file(&mut self, file: &Path, timeout: Duration) {
