@@ -51,6 +51,7 @@ pub mod pci;
 pub mod pci_host;
 pub mod pci_testdev;
 pub mod piix3;
+pub mod pirq;
 pub mod pm_timer;
 pub mod q35;
 pub mod reset_ports;

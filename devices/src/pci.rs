@@ -13,8 +13,8 @@
 //! * 00.0 is the i440FX host bridge (8086:1237) and 01.0 the PIIX3 ISA bridge (8086:7000), as on
 //!   QEMU's `pc` machine. PCI INTx lines are swizzled onto the PIIX3's four PIRQ lines and those
 //!   are wired to ISA IRQs 10, 10, 11, 11 — what SeaBIOS programs into the PIIX3 and what
-//!   [`intx_irq`] computes; the routing registers read back that wiring (hopvm does not reroute
-//!   when a guest rewrites them).
+//!   [`intx_irq`] computes at boot; a guest that rewrites the routing registers reroutes them
+//!   ([`crate::pirq`]).
 //!
 //! Lock order: `PciHost` / `PciMmioWindow` (a bus device) → `PciBus` → one function.
 
@@ -411,8 +411,13 @@ pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 ///
 /// The swizzle is QEMU's PIIX3's: PIRQ = (device − 1 + pin − 1) mod 4.
 pub fn intx_irq(slot: u8, pin: u8) -> u8 {
-    let pirq = (usize::from(slot) + 3 + usize::from(pin.saturating_sub(1))) & 3;
-    PIRQ_IRQS[pirq]
+    PIRQ_IRQS[intx_pirq(slot, pin)]
+}
+
+/// The PIRQ line (0 = PIRQA) INTx pin `pin` (1 = INTA#) of device `slot` is swizzled onto:
+/// (device − 1 + pin − 1) mod 4, QEMU's PIIX3 rule.
+pub fn intx_pirq(slot: u8, pin: u8) -> usize {
+    (usize::from(slot) + 3 + usize::from(pin.saturating_sub(1))) & 3
 }
 
 /// Bus 0: up to 32 single-function devices.
@@ -424,18 +429,20 @@ pub struct PciBus {
 impl PciBus {
     /// The bus of QEMU's `pc`: the i440FX host bridge at 00.0 and the PIIX3 at 01.0.
     pub fn new_pc() -> Self {
-        Self::pc_chipset().0
+        Self::pc_chipset(None).0
     }
 
     /// The bus of QEMU's `pc` with typed handles to its host bridge and PIIX3 (their
-    /// migration sections).
-    pub fn pc_chipset() -> (
+    /// migration sections); the PIIX3's route registers drive `router`, if any.
+    pub fn pc_chipset(
+        router: Option<Arc<crate::pirq::PirqRouter>>,
+    ) -> (
         Self,
         Arc<Mutex<crate::i440fx::I440fx>>,
         Arc<Mutex<crate::piix3::Piix3>>,
     ) {
         let host = Arc::new(Mutex::new(crate::i440fx::I440fx::new()));
-        let isa = Arc::new(Mutex::new(crate::piix3::Piix3::new()));
+        let isa = Arc::new(Mutex::new(crate::piix3::Piix3::with_router(router)));
         let mut bus = Self::default();
         bus.insert(0, host.clone());
         bus.insert(1, isa.clone());

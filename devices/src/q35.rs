@@ -9,7 +9,7 @@
 //! (0x60) reads back the fixed window (enabled, 256 buses) and ignores writes: the guest cannot
 //! move or resize it. INTx is wired as on hopvm's `pc` (the PIRQ swizzle onto ISA IRQs 10 and
 //! 11, which are also the IOAPIC pins); the ICH9's PIRQ routing registers start with that
-//! wiring and read back what the guest writes, without rerouting. The MCH's and the LPC
+//! wiring, and a guest that rewrites PIRQA–D reroutes ([`crate::pirq`]). The MCH's and the LPC
 //! bridge's configuration spaces migrate in QEMU's `mch` and `ICH9LPC` sections.
 
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use vmm_sync::lock;
 
 use crate::pci::{PciBus, PciConfig, PciConfigError, PciConfigState, PciDevice, PIRQ_IRQS};
+use crate::pirq::PirqRouter;
 use crate::{fill_le, le_value, BusDevice, VmRequest};
 
 /// Where QEMU's q35 puts the ECAM window.
@@ -109,11 +110,12 @@ pub struct Ich9LpcState {
 }
 
 /// The ICH9 LPC/ISA bridge (1f.0): its device-specific registers are writable as on QEMU —
-/// the PIRQ routes (0x60–0x63, 0x68–0x6b) among them, read back but not rerouting hopvm's
-/// fixed INTx wiring — but for PMBASE / ACPI control (0x40–0x47) and RCBA (0xf0–0xf3), which
+/// the PIRQ routes (0x60–0x63, 0x68–0x6b) among them; PIRQA–D drive the machine's
+/// [`PirqRouter`] (INTx is swizzled onto those four only) — but for PMBASE / ACPI control (0x40–0x47) and RCBA (0xf0–0xf3), which
 /// would move blocks hopvm keeps in place.
 pub struct Ich9Lpc {
     config: PciConfig,
+    router: Option<Arc<PirqRouter>>,
 }
 
 impl Default for Ich9Lpc {
@@ -123,8 +125,13 @@ impl Default for Ich9Lpc {
 }
 
 impl Ich9Lpc {
-    /// The bridge at power-on, with SeaBIOS's PIRQ routes.
+    /// The bridge at power-on, with SeaBIOS's PIRQ routes, routing nothing.
     pub fn new() -> Self {
+        Self::with_router(None)
+    }
+
+    /// The bridge at power-on, its PIRQA–D route registers driving `router`.
+    pub fn with_router(router: Option<Arc<PirqRouter>>) -> Self {
         let mut config = PciConfig::new(0x8086, 0x2918, 0x06_01_00, 0x02);
         config.set_header_type(0x80);
         config.set_subsystem(0x1af4, 0x1100);
@@ -135,7 +142,16 @@ impl Ich9Lpc {
             config.write_readonly(PIRQA_ROUT + i, *irq);
             config.write_readonly(PIRQE_ROUT + i, *irq);
         }
-        Self { config }
+        let lpc = Self { config, router };
+        lpc.apply_routes();
+        lpc
+    }
+
+    /// Hands the PIRQA–D route registers to the router (INTx is swizzled onto A–D only).
+    fn apply_routes(&self) {
+        if let Some(r) = &self.router {
+            r.set_routes(self.config.u32(PIRQA_ROUT).to_le_bytes());
+        }
     }
 
     /// A snapshot of the configuration space.
@@ -145,10 +161,13 @@ impl Ich9Lpc {
         }
     }
 
-    /// Applies a saved state; a space of the wrong size or with a read-only byte the device
-    /// does not have (IDs, PMBASE, RCBA) is refused and nothing changes.
+    /// Applies a saved state, and the PIRQ routes in it; a space of the wrong size or with a
+    /// read-only byte the device does not have (IDs, PMBASE, RCBA) is refused and nothing
+    /// changes.
     pub fn restore(&mut self, state: &Ich9LpcState) -> Result<(), PciConfigError> {
-        self.config.restore(&state.config)
+        self.config.restore(&state.config)?;
+        self.apply_routes();
+        Ok(())
     }
 }
 
@@ -159,18 +178,25 @@ impl PciDevice for Ich9Lpc {
     fn config_mut(&mut self) -> &mut PciConfig {
         &mut self.config
     }
+    fn config_written(&mut self, offset: usize, len: usize) {
+        if offset < PIRQA_ROUT + 4 && offset + len > PIRQA_ROUT {
+            self.apply_routes();
+        }
+    }
 }
 
 /// Bus 0 of `q35`: the MCH at 00.0 and the LPC bridge at 1f.0.
 pub fn new_bus() -> PciBus {
-    new_chipset().0
+    new_chipset(None).0
 }
 
 /// Bus 0 of `q35` with typed handles to the MCH and the LPC bridge (their migration
-/// sections).
-pub fn new_chipset() -> (PciBus, Arc<Mutex<Mch>>, Arc<Mutex<Ich9Lpc>>) {
+/// sections); the LPC bridge's route registers drive `router`, if any.
+pub fn new_chipset(
+    router: Option<Arc<PirqRouter>>,
+) -> (PciBus, Arc<Mutex<Mch>>, Arc<Mutex<Ich9Lpc>>) {
     let mch = Arc::new(Mutex::new(Mch::new()));
-    let lpc = Arc::new(Mutex::new(Ich9Lpc::new()));
+    let lpc = Arc::new(Mutex::new(Ich9Lpc::with_router(router)));
     let mut bus = PciBus::default();
     bus.insert(0, mch.clone());
     bus.insert(LPC_SLOT, lpc.clone());
@@ -233,7 +259,7 @@ mod tests {
 
     #[test]
     fn writable_registers_and_fixed_ones() {
-        let (bus, mch, lpc) = new_chipset();
+        let (bus, mch, lpc) = new_chipset(None);
         // PAM and SMRAM on the MCH, PIRQ routes on the LPC bridge: written and read back.
         bus.config_write(0, 0, 0x90, &[0x30, 0x33]);
         bus.config_write(0, 0, 0x9d, &[0x0a]);
@@ -254,14 +280,14 @@ mod tests {
 
     #[test]
     fn save_restore_round_trip_and_rejections() {
-        let (bus, mch, lpc) = new_chipset();
+        let (bus, mch, lpc) = new_chipset(None);
         bus.config_write(0, 0, 0x04, &[0x06]);
         bus.config_write(0, 0, 0x90, &[0x10, 0x11, 0x33]);
         bus.config_write(LPC_SLOT, 0, PIRQA_ROUT, &[0x05, 0x80, 0x0e, 0x09]);
         bus.config_write(LPC_SLOT, 0, 0xa0, &[0x42]);
         let mch_json = serde_json::to_string(&lock(&mch).state()).unwrap();
         let lpc_json = serde_json::to_string(&lock(&lpc).state()).unwrap();
-        let (bus2, mch2, lpc2) = new_chipset();
+        let (bus2, mch2, lpc2) = new_chipset(None);
         let ms: MchState = serde_json::from_str(&mch_json).unwrap();
         let ls: Ich9LpcState = serde_json::from_str(&lpc_json).unwrap();
         lock(&mch2).restore(&ms).unwrap();
@@ -275,7 +301,7 @@ mod tests {
         assert_eq!(bus2.config_read(0x1f, 0, 0x18), 0x090e_8005);
         // A moved ECAM window, another device's IDs, PMBASE, a short space: refused.
         let fresh = (Mch::new().state(), Ich9Lpc::new().state());
-        let (_, m3, l3) = new_chipset();
+        let (_, m3, l3) = new_chipset(None);
         let mut bad = ms.clone();
         bad.config.bytes[PCIEXBAR + 3] = 0xc0;
         assert_eq!(
@@ -295,6 +321,32 @@ mod tests {
             Err(PciConfigError::ReadOnly(LPC_PMBASE))
         );
         assert_eq!((lock(&m3).state(), lock(&l3).state()), fresh);
+    }
+
+    #[test]
+    fn lpc_route_writes_and_restores_reroute() {
+        use crate::pirq::{RouteFormat, ISA_IRQS};
+        use crate::testutil::RecordingIrq;
+        let irqs: Vec<_> = (0..ISA_IRQS).map(|_| RecordingIrq::new()).collect();
+        let router = PirqRouter::new(
+            RouteFormat::Ich9,
+            irqs.iter().map(|(_, s)| s.clone()).collect(),
+        );
+        let (bus, _, lpc) = new_chipset(Some(router.clone()));
+        let line = router.line(crate::pci::intx_pirq(2, 1));
+        line.set_level(true);
+        assert!(irqs[10].0.level());
+        // IRQEN set: PIRQB goes nowhere; then to IRQ 3.
+        bus.config_write(LPC_SLOT, 0, PIRQA_ROUT + 1, &[0x8a]);
+        assert!(!irqs[10].0.level());
+        bus.config_write(LPC_SLOT, 0, PIRQA_ROUT + 1, &[0x03]);
+        assert!(irqs[3].0.level());
+        // PIRQE–H are stored but no INTx is swizzled onto them.
+        bus.config_write(LPC_SLOT, 0, PIRQE_ROUT, &[0x05; 4]);
+        assert!(irqs[3].0.level() && !irqs[5].0.level());
+        let state = Ich9Lpc::new().state();
+        lock(&lpc).restore(&state).unwrap();
+        assert!(irqs[10].0.level() && !irqs[3].0.level());
     }
 
     #[test]

@@ -873,11 +873,21 @@ impl Vm {
         pio.insert(0x60, 5, i8042.clone())?;
         pio.insert(0x70, 2, cmos.clone())?;
         pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
+        // PCI INTx: each function's pin is a line of the ISA bridge's PIRQ router, which
+        // drives the ISA IRQ its route register names (10, 10, 11, 11 at boot).
+        let pirq = devices::pirq::PirqRouter::new(
+            if q35 {
+                devices::pirq::RouteFormat::Ich9
+            } else {
+                devices::pirq::RouteFormat::Piix
+            },
+            (0..devices::pirq::ISA_IRQS as u32).map(irq).collect(),
+        );
         let (pci_bus, chipset) = if q35 {
-            let (bus, mch, lpc) = devices::q35::new_chipset();
+            let (bus, mch, lpc) = devices::q35::new_chipset(Some(pirq.clone()));
             (bus, Chipset::Q35 { mch, lpc })
         } else {
-            let (bus, i440fx, piix3) = devices::pci::PciBus::pc_chipset();
+            let (bus, i440fx, piix3) = devices::pci::PciBus::pc_chipset(Some(pirq.clone()));
             (bus, Chipset::Pc { i440fx, piix3 })
         };
         let pci_bus = Arc::new(Mutex::new(pci_bus));
@@ -971,14 +981,13 @@ impl Vm {
             .zip(pci_slots.into_iter().flatten())
             .enumerate()
         {
-            let gsi = u32::from(devices::pci::intx_irq(slot, 1));
             // One MSI-X vector per queue and one for configuration changes.
             let vectors = backend.queue_max_sizes().len() + 1;
             let msi = Arc::new(KvmMsiVectors::new(fd.clone(), router.clone(), vectors));
             let dev = virtio::VirtioPci::new(
                 backend,
                 memory.clone(),
-                irq(gsi),
+                pirq.line(devices::pci::intx_pirq(slot, 1)),
                 msi,
                 Some(ioevents.clone()),
             )?;
@@ -1004,7 +1013,7 @@ impl Vm {
             taken.push(slot);
             let dev = Arc::new(Mutex::new(devices::edu::Edu::new(
                 u16::from(slot) << 3,
-                irq(u32::from(devices::pci::intx_irq(slot, 1))),
+                pirq.line(devices::pci::intx_pirq(slot, 1)),
                 msi_target.clone(),
                 devices::intel_iommu::DmaSpace::new(ram.clone(), intel_iommu.clone()),
             )));
