@@ -30,6 +30,10 @@ pub const LPC_SLOT: u8 = 0x1f;
 
 /// The MCH's PCIEXBAR register (the ECAM window's base, size and enable).
 pub const PCIEXBAR: usize = 0x60;
+/// The MCH's SMRAM control register.
+const MCH_SMRAM: usize = 0x9d;
+/// The MCH's extended SMRAM control register.
+const MCH_ESMRAMC: usize = 0x9e;
 /// The LPC bridge's PIRQA–D route control registers; PIRQE–H are at [`PIRQE_ROUT`].
 pub const PIRQA_ROUT: usize = 0x60;
 /// PIRQE–H route control.
@@ -71,9 +75,12 @@ impl Mch {
         config.set_wmask(PCIEXBAR, 8, 0);
         // PCIEXBAR: base | length 256 MiB (0) | enable.
         config.set_u32(PCIEXBAR, (ECAM_BASE as u32) | 1);
-        // SMRAM and ESMRAMC at QEMU's reset values.
-        config.write_readonly(0x9d, 0x02);
-        config.write_readonly(0x9e, 0x38);
+        // SMRAM and ESMRAMC at QEMU's reset values, writable where QEMU's are (D_OPEN, D_CLS,
+        // D_LCK, G_SMRAME; H_SMRAME, TSEG_SZ, T_EN). Neither changes decoding on hopvm.
+        config.write_readonly(MCH_SMRAM, 0x02);
+        config.write_readonly(MCH_ESMRAMC, 0x38);
+        config.set_wmask(MCH_SMRAM, 1, 0x78);
+        config.set_wmask(MCH_ESMRAMC, 1, 0x87);
         Self { config }
     }
 
@@ -262,9 +269,10 @@ mod tests {
         let (bus, mch, lpc) = new_chipset(None);
         // PAM and SMRAM on the MCH, PIRQ routes on the LPC bridge: written and read back.
         bus.config_write(0, 0, 0x90, &[0x30, 0x33]);
-        bus.config_write(0, 0, 0x9d, &[0x0a]);
+        bus.config_write(0, 0, MCH_SMRAM, &[0xff, 0xff]);
         assert_eq!(bus.config_read(0, 0, 0x90 / 4) & 0xffff, 0x3330);
-        assert_eq!(bus.config_read(0, 0, 0x9c / 4) >> 8 & 0xffff, 0x380a);
+        // SMRAM keeps its C_BASE_SEG (0x02) and reserved bits, ESMRAMC its fixed 0x38.
+        assert_eq!(bus.config_read(0, 0, 0x9c / 4) >> 8 & 0xffff, 0xbf7a);
         bus.config_write(LPC_SLOT, 0, PIRQE_ROUT, &0x8005_0b0au32.to_le_bytes());
         assert_eq!(bus.config_read(LPC_SLOT, 0, PIRQE_ROUT / 4), 0x8005_0b0a);
         // PCIEXBAR, PMBASE and RCBA stay.
@@ -307,6 +315,13 @@ mod tests {
         assert_eq!(
             lock(&m3).restore(&bad),
             Err(PciConfigError::ReadOnly(PCIEXBAR + 3))
+        );
+        // An SMRAM with a C_BASE_SEG the MCH cannot hold.
+        let mut bad = ms.clone();
+        bad.config.bytes[MCH_SMRAM] = 0x03;
+        assert_eq!(
+            lock(&m3).restore(&bad),
+            Err(PciConfigError::ReadOnly(MCH_SMRAM))
         );
         let mut bad = ms;
         bad.config.bytes.truncate(255);
