@@ -21,7 +21,7 @@
 //! | [`Cmos`] (RTC + CMOS RAM) | pio | 0x70 | 2 | IRQ 8 |
 //! | [`DebugExit`] | pio | VMM's choice (0xf4) | VMM's choice (4) | — |
 //! | [`PciHost`] (+ 0xcf9 reset control) | pio | 0xcf8 | 8 | — |
-//! | [`pci::PciMmioWindow`] (BARs of [`pci::PciBus`]) | mmio | 0xe000_0000 | up to 0xfec0_0000 | PCI INTx → IRQ 10, 11 |
+//! | [`pci::PciMmioWindow`] (memory BARs of [`pci::PciBus`]) | mmio | wherever the guest puts them (below the fixed devices) | — | PCI INTx → IRQ 10, 11 |
 //! | [`FwCfg`] | pio | 0x510 | 2 | — |
 //! | [`PcTestdevPorts`] | pio | 0xe0 | 12 | — |
 //! | [`PcTestdevIrq`] | pio | 0x2000 | 24 | lines 0–23 |
@@ -31,7 +31,7 @@
 //! | [`intel_iommu::IntelIommu`] (VT-d) | mmio | 0xfed9_0000 | 0x1000 | fault / invalidation events (MSI) |
 //! | [`q35::PciEcam`] (`q35` only) | mmio | 0xb000_0000 | 0x1000_0000 | — |
 //! | [`edu::Edu`] (a PCI function) | BAR 0 | assigned | 1 MiB | INTA#, one MSI |
-//! | [`pci::PciIoWindow`] (I/O BARs of [`pci::PciBus`]) | pio | 0xc000 | the ports assigned | — |
+//! | [`pci::PciIoWindow`] (I/O BARs of [`pci::PciBus`]) | pio | wherever the guest puts them, 0xc000 on from boot (above the fixed ports) | — | — |
 //! | [`pci_testdev::PciTestdev`] (a PCI function) | BAR 0, BAR 1 (I/O) | assigned | 4 KiB, 256 ports | — |
 //! | [`Port92`] (System Control Port A) | pio | 0x92 | 1 | — |
 
@@ -42,6 +42,7 @@ pub mod cmos;
 pub mod debug_exit;
 pub mod edu;
 pub mod fw_cfg;
+pub mod i440fx;
 pub mod i8042;
 pub mod intel_iommu;
 pub mod ioapic;
@@ -49,6 +50,8 @@ pub mod pc_testdev;
 pub mod pci;
 pub mod pci_host;
 pub mod pci_testdev;
+pub mod piix3;
+pub mod pirq;
 pub mod pm_timer;
 pub mod q35;
 pub mod reset_ports;
@@ -80,6 +83,18 @@ pub trait BusDevice: Send {
 
     /// Writes `data` at `offset`; the device may ask something of the VM in return.
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest>;
+}
+
+/// A window onto a PCI bus's BARs in one address space (ports or memory): the VMM's bus asks
+/// it about an access at an absolute address beside its fixed devices
+/// ([`pci::PciIoWindow`] before them, [`pci::PciMmioWindow`] after them).
+pub trait BarWindow: Send {
+    /// Reads at `addr` if a BAR decodes `[addr, addr + data.len())`; false (and `data`
+    /// untouched) if none does.
+    fn bar_read(&mut self, addr: u64, data: &mut [u8]) -> bool;
+
+    /// Writes at `addr` if a BAR decodes it; false if none does.
+    fn bar_write(&mut self, addr: u64, data: &[u8]) -> bool;
 }
 
 /// The address space of an [`IoEvent`].

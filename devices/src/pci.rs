@@ -8,13 +8,13 @@
 //!   its BARs.
 //! * [`PciBus`] holds the functions of bus 0 by device number. [`crate::PciHost`] (ports
 //!   0xcf8–0xcff, configuration mechanism #1) reaches their configuration space and
-//!   [`PciMmioWindow`] (registered on the MMIO bus over [`PCI_MMIO_BASE`]…[`PCI_MMIO_END`])
-//!   dispatches accesses to whichever memory BAR is decoded there.
+//!   [`PciMmioWindow`] and [`PciIoWindow`] ([`BarWindow`]s the VMM's MMIO and port buses
+//!   consult) dispatch accesses to whichever BAR decodes them, wherever the guest put it.
 //! * 00.0 is the i440FX host bridge (8086:1237) and 01.0 the PIIX3 ISA bridge (8086:7000), as on
 //!   QEMU's `pc` machine. PCI INTx lines are swizzled onto the PIIX3's four PIRQ lines and those
 //!   are wired to ISA IRQs 10, 10, 11, 11 — what SeaBIOS programs into the PIIX3 and what
-//!   [`intx_irq`] computes; the routing registers read back that wiring (hopvm does not reroute
-//!   when a guest rewrites them).
+//!   [`intx_irq`] computes at boot; a guest that rewrites the routing registers reroutes them
+//!   ([`crate::pirq`]).
 //!
 //! Lock order: `PciHost` / `PciMmioWindow` (a bus device) → `PciBus` → one function.
 
@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use vmm_sync::lock;
 
-use crate::{BusDevice, VmRequest};
+use crate::BarWindow;
 
 /// Where the MMIO window of the PCI hole starts (BARs are pre-assigned from here).
 pub const PCI_MMIO_BASE: u64 = 0xe000_0000;
@@ -241,6 +241,12 @@ impl PciConfig {
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 
+    /// Makes bytes `[offset, offset + len)` writable by the guest as `mask` says (device
+    /// side, at build time).
+    pub fn set_wmask(&mut self, offset: usize, len: usize, mask: u8) {
+        self.wmask[offset..offset + len].fill(mask);
+    }
+
     /// Sets byte `offset`, whatever the mask (device side).
     pub fn write_readonly(&mut self, offset: usize, v: u8) {
         self.bytes[offset] = v;
@@ -405,8 +411,13 @@ pub type SharedPciDevice = Arc<Mutex<dyn PciDevice>>;
 ///
 /// The swizzle is QEMU's PIIX3's: PIRQ = (device − 1 + pin − 1) mod 4.
 pub fn intx_irq(slot: u8, pin: u8) -> u8 {
-    let pirq = (usize::from(slot) + 3 + usize::from(pin.saturating_sub(1))) & 3;
-    PIRQ_IRQS[pirq]
+    PIRQ_IRQS[intx_pirq(slot, pin)]
+}
+
+/// The PIRQ line (0 = PIRQA) INTx pin `pin` (1 = INTA#) of device `slot` is swizzled onto:
+/// (device − 1 + pin − 1) mod 4, QEMU's PIIX3 rule.
+pub fn intx_pirq(slot: u8, pin: u8) -> usize {
+    (usize::from(slot) + 3 + usize::from(pin.saturating_sub(1))) & 3
 }
 
 /// Bus 0: up to 32 single-function devices.
@@ -418,14 +429,24 @@ pub struct PciBus {
 impl PciBus {
     /// The bus of QEMU's `pc`: the i440FX host bridge at 00.0 and the PIIX3 at 01.0.
     pub fn new_pc() -> Self {
+        Self::pc_chipset(None).0
+    }
+
+    /// The bus of QEMU's `pc` with typed handles to its host bridge and PIIX3 (their
+    /// migration sections); the PIIX3's route registers drive `router`, if any.
+    pub fn pc_chipset(
+        router: Option<Arc<crate::pirq::PirqRouter>>,
+    ) -> (
+        Self,
+        Arc<Mutex<crate::i440fx::I440fx>>,
+        Arc<Mutex<crate::piix3::Piix3>>,
+    ) {
+        let host = Arc::new(Mutex::new(crate::i440fx::I440fx::new()));
+        let isa = Arc::new(Mutex::new(crate::piix3::Piix3::with_router(router)));
         let mut bus = Self::default();
-        bus.slots.push((
-            0,
-            Arc::new(Mutex::new(HostBridge::new())) as SharedPciDevice,
-        ));
-        bus.slots
-            .push((1, Arc::new(Mutex::new(Piix3::new())) as SharedPciDevice));
-        bus
+        bus.insert(0, host.clone());
+        bus.insert(1, isa.clone());
+        (bus, host, isa)
     }
 
     /// The first free device number (from 2 on), if any.
@@ -566,58 +587,10 @@ impl PciBus {
     }
 }
 
-/// The i440FX host bridge (00.0): a header and nothing else.
-struct HostBridge {
-    config: PciConfig,
-}
-
-impl HostBridge {
-    fn new() -> Self {
-        Self {
-            config: PciConfig::new(0x8086, 0x1237, 0x06_00_00, 0x02),
-        }
-    }
-}
-
-impl PciDevice for HostBridge {
-    fn config(&self) -> &PciConfig {
-        &self.config
-    }
-    fn config_mut(&mut self) -> &mut PciConfig {
-        &mut self.config
-    }
-}
-
-/// The PIIX3 PCI-to-ISA bridge (01.0), with its PIRQ route control registers (0x60–0x63)
-/// reading back hopvm's fixed wiring.
-struct Piix3 {
-    config: PciConfig,
-}
-
-impl Piix3 {
-    fn new() -> Self {
-        let mut config = PciConfig::new(0x8086, 0x7000, 0x06_01_00, 0x00);
-        config.set_header_type(0x80);
-        config.set_subsystem(0x1af4, 0x1100);
-        for (i, irq) in PIRQ_IRQS.iter().enumerate() {
-            config.bytes[0x60 + i] = *irq;
-        }
-        Self { config }
-    }
-}
-
-impl PciDevice for Piix3 {
-    fn config(&self) -> &PciConfig {
-        &self.config
-    }
-    fn config_mut(&mut self) -> &mut PciConfig {
-        &mut self.config
-    }
-}
-
-/// The PCI hole's MMIO window: register at [`PCI_MMIO_BASE`] with length
-/// `PCI_MMIO_END - PCI_MMIO_BASE`; accesses go to the BAR that decodes them, or read as all
-/// ones.
+/// The PCI memory space as the VMM's MMIO bus sees it: consulted for an address no fixed
+/// device claims (RAM, the IOAPIC, the ECAM window, the IOMMU and pc-testdev's MMIO area
+/// win, as QEMU maps its PCI address space below system memory, priority −1), it goes to
+/// whichever memory BAR decodes it — wherever the guest placed it.
 pub struct PciMmioWindow {
     bus: Arc<Mutex<PciBus>>,
 }
@@ -629,22 +602,21 @@ impl PciMmioWindow {
     }
 }
 
-impl BusDevice for PciMmioWindow {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if !lock(&self.bus).mmio_read(PCI_MMIO_BASE + offset, data) {
-            data.fill(0xff);
-        }
+impl BarWindow for PciMmioWindow {
+    fn bar_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
+        lock(&self.bus).mmio_read(addr, data)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
-        lock(&self.bus).mmio_write(PCI_MMIO_BASE + offset, data);
-        None
+    fn bar_write(&mut self, addr: u64, data: &[u8]) -> bool {
+        lock(&self.bus).mmio_write(addr, data)
     }
 }
 
-/// The I/O ports of the PCI BARs: register at [`PCI_IO_BASE`] over the ports
-/// [`PciBus::assign_resources`] used; accesses go to the I/O BAR that decodes them, or read as
-/// all ones.
+/// The PCI I/O space as the VMM's port bus sees it: consulted *before* the fixed legacy
+/// ports, so an I/O BAR decodes wherever the guest programs it in the PC's 64 KiB of ports,
+/// and wins over a legacy port it overlaps — QEMU's rule (its BARs are mapped into the I/O
+/// space at priority 1, ISA devices and the configuration ports at 0). A port no BAR
+/// decodes goes on to the fixed devices.
 pub struct PciIoWindow {
     bus: Arc<Mutex<PciBus>>,
 }
@@ -656,16 +628,13 @@ impl PciIoWindow {
     }
 }
 
-impl BusDevice for PciIoWindow {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        if !lock(&self.bus).io_read(PCI_IO_BASE + offset, data) {
-            data.fill(0xff);
-        }
+impl BarWindow for PciIoWindow {
+    fn bar_read(&mut self, port: u64, data: &mut [u8]) -> bool {
+        port < PCI_IO_END && lock(&self.bus).io_read(port, data)
     }
 
-    fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmRequest> {
-        lock(&self.bus).io_write(PCI_IO_BASE + offset, data);
-        None
+    fn bar_write(&mut self, port: u64, data: &[u8]) -> bool {
+        port < PCI_IO_END && lock(&self.bus).io_write(port, data)
     }
 }
 
@@ -778,6 +747,89 @@ mod tests {
         for off in [0usize, 0x3f, 0xfe, 0xff, 0x100, usize::MAX] {
             bus.config_write(3, 0, off, &[0xff; 8]);
         }
+    }
+
+    /// A function with a 64-port I/O BAR (BAR 1) and a 4 KiB memory BAR (BAR 0) over the same
+    /// scratch bytes.
+    fn io_dummy() -> Arc<Mutex<Dummy>> {
+        let mut config = PciConfig::new(0x1b36, 0x0005, 0xff_00_00, 0);
+        config.add_memory_bar(0, 0x1000, false);
+        config.add_io_bar(1, 0x40);
+        Arc::new(Mutex::new(Dummy {
+            config,
+            mem: vec![0; 0x1000],
+            written: Vec::new(),
+        }))
+    }
+
+    #[test]
+    fn io_bar_decodes_wherever_it_is_moved() {
+        let mut bus = PciBus::new_pc();
+        let d = io_dummy();
+        assert!(bus.insert(3, d.clone()));
+        assert_eq!(bus.assign_resources(), PCI_IO_BASE + 0x40);
+        let bus = Arc::new(Mutex::new(bus));
+        let mut io = PciIoWindow::new(bus.clone());
+        let mut b = [0u8; 2];
+        assert!(io.bar_write(PCI_IO_BASE + 2, &[0x5a, 0xa5]));
+        for base in [0xd000u32, 0x1000, 0xffc0] {
+            lock(&bus).config_write(3, 0, 0x14, &base.to_le_bytes());
+            let base = u64::from(base);
+            assert!(io.bar_read(base + 2, &mut b), "{base:#x}");
+            assert_eq!(b, [0x5a, 0xa5]);
+            assert!(io.bar_write(base + 0x3e, &[1, 2]));
+            assert!(!io.bar_read(base + 0x3f, &mut b), "straddles the end");
+            assert!(!io.bar_read(PCI_IO_BASE + 2, &mut b), "moved away");
+        }
+        // I/O decode off in the command register, then on again.
+        lock(&bus).config_write(3, 0, COMMAND, &[COMMAND_MEMORY as u8]);
+        assert!(!io.bar_read(0xffc0, &mut b));
+        let mut m = [0u8; 2];
+        assert!(
+            lock(&bus).mmio_read(PCI_MMIO_BASE + 2, &mut m),
+            "memory still on"
+        );
+        lock(&bus).config_write(3, 0, COMMAND, &[(COMMAND_IO | COMMAND_MEMORY) as u8]);
+        assert!(io.bar_read(0xffc0, &mut b));
+        // Port 0 (unprogrammed) and a BAR above the 64 KiB of ports: never decoded.
+        lock(&bus).config_write(3, 0, 0x14, &0u32.to_le_bytes());
+        assert!(!io.bar_read(0, &mut b));
+        lock(&bus).config_write(3, 0, 0x14, &0x1_0000u32.to_le_bytes());
+        assert_eq!(lock(&d).config().bar_address(1), Some(0x1_0000));
+        assert!(!io.bar_read(0x1_0000, &mut b));
+        assert!(!io.bar_read(0, &mut b));
+        // A memory BAR moved out of the old window (below it, in the 32-bit hole) decodes.
+        lock(&bus).config_write(3, 0, 0x10, &0xc000_0000u32.to_le_bytes());
+        let mut mmio = PciMmioWindow::new(bus.clone());
+        assert!(mmio.bar_read(0xc000_0002, &mut m));
+        assert_eq!(m, [0x5a, 0xa5]);
+        assert!(!mmio.bar_read(PCI_MMIO_BASE + 2, &mut m));
+    }
+
+    #[test]
+    fn restored_config_space_decodes_its_bars() {
+        let src = io_dummy();
+        lock(&src)
+            .config_mut()
+            .write(0x14, &0x1000u32.to_le_bytes());
+        lock(&src)
+            .config_mut()
+            .write(0x10, &0xd000_0000u32.to_le_bytes());
+        lock(&src).config_mut().write(COMMAND, &[0x03]);
+        let state = lock(&src).config().state();
+        let mut bus = PciBus::new_pc();
+        let d = io_dummy();
+        assert!(bus.insert(5, d.clone()));
+        bus.assign_resources();
+        lock(&d).mem[4] = 0x77;
+        lock(&d).config_mut().restore(&state).unwrap();
+        let bus = Arc::new(Mutex::new(bus));
+        let mut b = [0u8; 1];
+        assert!(PciIoWindow::new(bus.clone()).bar_read(0x1004, &mut b));
+        assert_eq!(b, [0x77]);
+        assert!(!PciIoWindow::new(bus.clone()).bar_read(PCI_IO_BASE + 4, &mut b));
+        assert!(PciMmioWindow::new(bus.clone()).bar_read(0xd000_0004, &mut b));
+        assert!(!PciMmioWindow::new(bus).bar_read(PCI_MMIO_BASE + 4, &mut b));
     }
 
     #[test]

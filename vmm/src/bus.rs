@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use devices::{BusDevice, VmRequest};
+use devices::{BarWindow, BusDevice, VmRequest};
 
 /// Errors building a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,10 +42,23 @@ struct Entry {
 /// How many distinct unclaimed addresses are logged before the bus stays quiet.
 const MAX_LOGGED_UNCLAIMED: usize = 64;
 
+/// Whether a bus's [`BarWindow`] is asked before or after its fixed devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowPriority {
+    /// Before: a BAR wins over a fixed device it overlaps (QEMU's PCI I/O BARs, priority 1).
+    Above,
+    /// After: only what no fixed device claims (QEMU's PCI memory space, priority −1).
+    Below,
+}
+
+/// A shared BAR window.
+pub type SharedWindow = Arc<Mutex<dyn BarWindow>>;
+
 /// One address space (port I/O or MMIO).
 pub struct Bus {
     name: &'static str,
     entries: BTreeMap<u64, Entry>,
+    window: Option<(SharedWindow, WindowPriority)>,
     logged: HashSet<u64>,
 }
 
@@ -55,8 +68,24 @@ impl Bus {
         Self {
             name,
             entries: BTreeMap::new(),
+            window: None,
             logged: HashSet::new(),
         }
+    }
+
+    /// Dispatches to `window` too (the PCI bus's BARs), before or after the fixed devices.
+    /// Lock order: the window (then its PCI bus and a function) is taken under the big lock
+    /// and released before a fixed device's lock.
+    pub fn set_window(&mut self, window: SharedWindow, priority: WindowPriority) {
+        self.window = Some((window, priority));
+    }
+
+    fn window_read(&self, priority: WindowPriority, addr: u64, data: &mut [u8]) -> bool {
+        matches!(&self.window, Some((w, p)) if *p == priority && lock(w).bar_read(addr, data))
+    }
+
+    fn window_write(&self, priority: WindowPriority, addr: u64, data: &[u8]) -> bool {
+        matches!(&self.window, Some((w, p)) if *p == priority && lock(w).bar_write(addr, data))
     }
 
     /// Registers `device` for `[base, base + len)`.
@@ -90,8 +119,12 @@ impl Bus {
 
     /// Reads from the device at `addr`; unclaimed addresses read as all ones.
     pub fn read(&mut self, addr: u64, data: &mut [u8]) {
+        if self.window_read(WindowPriority::Above, addr, data) {
+            return;
+        }
         match self.find(addr, data.len()) {
             Some((offset, device)) => lock(device).read(offset, data),
+            None if self.window_read(WindowPriority::Below, addr, data) => {}
             None => {
                 data.fill(0xff);
                 self.log_unclaimed("read", addr, data.len());
@@ -101,8 +134,12 @@ impl Bus {
 
     /// Writes to the device at `addr`; unclaimed writes are dropped.
     pub fn write(&mut self, addr: u64, data: &[u8]) -> Option<VmRequest> {
+        if self.window_write(WindowPriority::Above, addr, data) {
+            return None;
+        }
         match self.find(addr, data.len()) {
             Some((offset, device)) => lock(device).write(offset, data),
+            None if self.window_write(WindowPriority::Below, addr, data) => None,
             None => {
                 self.log_unclaimed("write", addr, data.len());
                 None
@@ -166,6 +203,63 @@ mod tests {
         assert_eq!(d, [0xff; 4]);
         assert_eq!(bus.write(0x10, &[0xee]), Some(VmRequest::Reset));
         assert_eq!(bus.write(0x100, &[0xee]), None);
+    }
+
+    /// A window decoding `[base, base + 4)` as a scratch register.
+    struct Window(u64, Vec<u8>);
+
+    impl BarWindow for Window {
+        fn bar_read(&mut self, addr: u64, data: &mut [u8]) -> bool {
+            let Some(o) = addr
+                .checked_sub(self.0)
+                .filter(|o| o + data.len() as u64 <= 4)
+            else {
+                return false;
+            };
+            data.copy_from_slice(&self.1[o as usize..o as usize + data.len()]);
+            true
+        }
+        fn bar_write(&mut self, addr: u64, data: &[u8]) -> bool {
+            let Some(o) = addr
+                .checked_sub(self.0)
+                .filter(|o| o + data.len() as u64 <= 4)
+            else {
+                return false;
+            };
+            self.1[o as usize..o as usize + data.len()].copy_from_slice(data);
+            true
+        }
+    }
+
+    #[test]
+    fn window_above_and_below_the_fixed_devices() {
+        for priority in [WindowPriority::Above, WindowPriority::Below] {
+            let mut bus = Bus::new("pio");
+            bus.insert(0x10, 4, scratch(4)).unwrap();
+            bus.write(0x10, &[1, 2, 3, 4]);
+            // The window overlaps the device's upper half and the two ports after it.
+            bus.set_window(Arc::new(Mutex::new(Window(0x12, vec![9; 4]))), priority);
+            let mut d = [0u8; 2];
+            bus.read(0x12, &mut d);
+            let want = if priority == WindowPriority::Above {
+                [9, 9]
+            } else {
+                [3, 4]
+            };
+            assert_eq!(d, want, "{priority:?}: who wins on overlap");
+            // Where no device is, the window answers either way.
+            bus.read(0x14, &mut d);
+            assert_eq!(d, [9, 9], "{priority:?}");
+            assert_eq!(bus.write(0x14, &[0xee, 5]), None);
+            bus.read(0x14, &mut d);
+            assert_eq!(d, [0xee, 5]);
+            // Outside both: unclaimed.
+            bus.read(0x40, &mut d);
+            assert_eq!(d, [0xff; 2]);
+            // The fixed device below the window still gets what the window does not decode.
+            bus.read(0x10, &mut d);
+            assert_eq!(d, [1, 2]);
+        }
     }
 
     #[test]

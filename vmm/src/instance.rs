@@ -249,6 +249,34 @@ impl Instance {
                 Box::new(crate::sections::KvmSplitVmSection::new(vm.fd.clone())),
             );
         }
+        // The chipset's configuration spaces (PAM, SMRAM, PIRQ routes, command registers …),
+        // in QEMU's sections, loaded before the devices: their restores drive their INTx
+        // lines through the PIRQ routes already restored, so no IRQ the guest did not route
+        // is raised on the way (QEMU's piix_post_load avoids the same).
+        match &d.chipset {
+            crate::vm::Chipset::Pc { i440fx, piix3 } => {
+                use devices::{i440fx::I440fx, piix3::Piix3};
+                device(
+                    &mut registry,
+                    "I440FX",
+                    i440fx,
+                    I440fx::state,
+                    I440fx::restore,
+                );
+                device(&mut registry, "PIIX3", piix3, Piix3::state, Piix3::restore);
+            }
+            crate::vm::Chipset::Q35 { mch, lpc } => {
+                use devices::q35::{Ich9Lpc, Mch};
+                device(&mut registry, "mch", mch, Mch::state, Mch::restore);
+                device(
+                    &mut registry,
+                    "ICH9LPC",
+                    lpc,
+                    Ich9Lpc::state,
+                    Ich9Lpc::restore,
+                );
+            }
+        }
         if let Some(ioapic) = &d.ioapic {
             device(
                 &mut registry,

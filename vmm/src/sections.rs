@@ -6,6 +6,7 @@
 //! | `cpu` | vCPU index | registers, LAPIC, MSRs, events ([`crate::kvm_state::VcpuState`]) | full |
 //! | `kvm-vm` | 0 | PIT, PIC, IOAPIC, kvmclock ([`crate::kvm_state::VmState`]) | full |
 //! | `serial`, `i8042`, `mc146818rtc`, `pci-host`, `fw_cfg`, `pc-testdev`, `pc-testdev-irq`, `pc-testdev-mmio`, `acpi-pm`, `acpi-pm-timer`, `port92` | 0 | each device's `…State` | full |
+//! | `I440FX`, `PIIX3` (`pc`) or `mch`, `ICH9LPC` (`q35`) | 0 | the chipset's configuration spaces (QEMU's names); the PIRQ routes are re-applied on restore | full |
 //!
 //! Device and vCPU states travel as the JSON encoding of their plain state structs, so a
 //! section's format is its state type. On load every section checks its version first, then

@@ -24,7 +24,7 @@ use crate::arch::cpuid::{vcpu_cpuid, CpuidOptions};
 use crate::arch::mptable::{self, isa_irq_to_ioapic_pin, IOAPIC_PINS};
 use crate::arch::regs;
 use crate::arch::{acpi, bios, cpu_model};
-use crate::bus::{lock, Bus, Sink};
+use crate::bus::{lock, Bus, Sink, WindowPriority};
 use crate::config::{IrqchipMode, MachineType, VmConfig};
 use crate::dirty_ring::{self, DirtyRings};
 use crate::loader::{self, BootRequest, KernelFormat};
@@ -498,6 +498,24 @@ impl Write for SharedWriter {
     }
 }
 
+/// The machine's host bridge and ISA / LPC bridge (functions on [`Devices::pci_bus`]).
+pub enum Chipset {
+    /// `pc`: the i440FX at 00.0 and the PIIX3 at 01.0.
+    Pc {
+        /// The host bridge.
+        i440fx: Arc<Mutex<devices::i440fx::I440fx>>,
+        /// The ISA bridge.
+        piix3: Arc<Mutex<devices::piix3::Piix3>>,
+    },
+    /// `q35`: the MCH at 00.0 and the ICH9 LPC bridge at 1f.0.
+    Q35 {
+        /// The host bridge.
+        mch: Arc<Mutex<devices::q35::Mch>>,
+        /// The LPC bridge.
+        lpc: Arc<Mutex<devices::q35::Ich9Lpc>>,
+    },
+}
+
 /// Typed handles to the devices whose state the VMM needs to reach directly.
 pub struct Devices {
     /// COM1.
@@ -510,6 +528,8 @@ pub struct Devices {
     pub pci_host: Arc<Mutex<devices::pci_host::PciHost>>,
     /// PCI bus 0 (host bridge, PIIX3, virtio devices).
     pub pci_bus: Arc<Mutex<devices::pci::PciBus>>,
+    /// The host bridge and the ISA / LPC bridge on it.
+    pub chipset: Chipset,
     /// QEMU's firmware configuration interface.
     pub fw_cfg: Arc<Mutex<devices::fw_cfg::FwCfg>>,
     /// pc-testdev's scratch and flush ports.
@@ -853,11 +873,24 @@ impl Vm {
         pio.insert(0x60, 5, i8042.clone())?;
         pio.insert(0x70, 2, cmos.clone())?;
         pio.insert(0x80, 1, Arc::new(Mutex::new(Sink)))?;
-        let pci_bus = Arc::new(Mutex::new(if q35 {
-            devices::q35::new_bus()
+        // PCI INTx: each function's pin is a line of the ISA bridge's PIRQ router, which
+        // drives the ISA IRQ its route register names (10, 10, 11, 11 at boot).
+        let pirq = devices::pirq::PirqRouter::new(
+            if q35 {
+                devices::pirq::RouteFormat::Ich9
+            } else {
+                devices::pirq::RouteFormat::Piix
+            },
+            (0..devices::pirq::ISA_IRQS as u32).map(irq).collect(),
+        );
+        let (pci_bus, chipset) = if q35 {
+            let (bus, mch, lpc) = devices::q35::new_chipset(Some(pirq.clone()));
+            (bus, Chipset::Q35 { mch, lpc })
         } else {
-            devices::pci::PciBus::new_pc()
-        }));
+            let (bus, i440fx, piix3) = devices::pci::PciBus::pc_chipset(Some(pirq.clone()));
+            (bus, Chipset::Pc { i440fx, piix3 })
+        };
+        let pci_bus = Arc::new(Mutex::new(pci_bus));
         let pci_host = Arc::new(Mutex::new(devices::pci_host::PciHost::with_bus(
             pci_bus.clone(),
         )));
@@ -948,14 +981,13 @@ impl Vm {
             .zip(pci_slots.into_iter().flatten())
             .enumerate()
         {
-            let gsi = u32::from(devices::pci::intx_irq(slot, 1));
             // One MSI-X vector per queue and one for configuration changes.
             let vectors = backend.queue_max_sizes().len() + 1;
             let msi = Arc::new(KvmMsiVectors::new(fd.clone(), router.clone(), vectors));
             let dev = virtio::VirtioPci::new(
                 backend,
                 memory.clone(),
-                irq(gsi),
+                pirq.line(devices::pci::intx_pirq(slot, 1)),
                 msi,
                 Some(ioevents.clone()),
             )?;
@@ -981,7 +1013,7 @@ impl Vm {
             taken.push(slot);
             let dev = Arc::new(Mutex::new(devices::edu::Edu::new(
                 u16::from(slot) << 3,
-                irq(u32::from(devices::pci::intx_irq(slot, 1))),
+                pirq.line(devices::pci::intx_pirq(slot, 1)),
                 msi_target.clone(),
                 devices::intel_iommu::DmaSpace::new(ram.clone(), intel_iommu.clone()),
             )));
@@ -1014,21 +1046,19 @@ impl Vm {
             Some(virtio::EventLoop::spawn(subscribers)?)
         };
         // Firmware's job on a PC: place the BARs in the PCI hole and set the interrupt lines.
-        let io_end = lock(&pci_bus).assign_resources();
-        if io_end > devices::pci::PCI_IO_BASE {
-            pio.insert(
-                devices::pci::PCI_IO_BASE,
-                io_end - devices::pci::PCI_IO_BASE,
-                Arc::new(Mutex::new(devices::pci::PciIoWindow::new(pci_bus.clone()))),
-            )?;
-        }
-        mmio.insert(
-            devices::pci::PCI_MMIO_BASE,
-            devices::pci::PCI_MMIO_END - devices::pci::PCI_MMIO_BASE,
+        lock(&pci_bus).assign_resources();
+        // The BARs wherever the guest moves them: I/O BARs before the fixed ports (QEMU's
+        // priority), memory BARs where no fixed device or RAM is.
+        pio.set_window(
+            Arc::new(Mutex::new(devices::pci::PciIoWindow::new(pci_bus.clone()))),
+            WindowPriority::Above,
+        );
+        mmio.set_window(
             Arc::new(Mutex::new(devices::pci::PciMmioWindow::new(
                 pci_bus.clone(),
             ))),
-        )?;
+            WindowPriority::Below,
+        );
         if q35 {
             mmio.insert(
                 devices::q35::ECAM_BASE,
@@ -1129,6 +1159,7 @@ impl Vm {
                 cmos,
                 pci_host,
                 pci_bus,
+                chipset,
                 fw_cfg,
                 testdev_ports,
                 testdev_irq,

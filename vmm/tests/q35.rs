@@ -155,3 +155,72 @@ fn unsupported_combinations_are_refused() {
         .to_string();
     assert!(e.contains("virtio"), "{e}");
 }
+
+/// The IOAPIC pins whose input is high.
+fn ioapic_lines(i: &Instance) -> u32 {
+    let _big = lock(&i.vm.machine);
+    lock(i.vm.devices.ioapic.as_ref().unwrap()).state().lines
+}
+
+/// edu's slot and PIRQ route register (the LPC bridge's 0x60 + PIRQ).
+fn edu_route(i: &Instance) -> (u8, usize) {
+    let bus = lock(&i.vm.devices.pci_bus);
+    let slot = (0..32u8)
+        .find(|&s| bus.config_read(s, 0, 0) == 0x11e8_1234)
+        .expect("edu on the bus");
+    (slot, 0x60 + devices::pci::intx_pirq(slot, 1))
+}
+
+/// Raises (0x60) or acknowledges (0x64) edu's interrupt 1, as the guest's driver would.
+fn edu_irq(i: &Instance, reg: u64) {
+    let _big = lock(&i.vm.machine);
+    lock(&i.vm.devices.edu[0]).bar_write(0, reg, &1u32.to_le_bytes());
+}
+
+#[test]
+fn a_rerouted_pirq_stays_rerouted_after_live_migration() {
+    let (src, src_out) = instance(&config()).unwrap();
+    src.cont().unwrap();
+    src_out.wait_for(Duration::from_secs(120), "a first pass", |t| passes(t) >= 1);
+    let (slot, route) = edu_route(&src);
+    let boot_irq = devices::pci::intx_irq(slot, 1);
+    // edu's INTx on the IRQ SeaBIOS would route its PIRQ to.
+    edu_irq(&src, 0x60);
+    assert_eq!(ioapic_lines(&src) & (1 << boot_irq | 1 << 5), 1 << boot_irq);
+    // The guest routes the PIRQ to IRQ 5 (ICH9: bit 7 clear, IRQ in the low nibble): the
+    // asserted level moves there.
+    {
+        let _big = lock(&src.vm.machine);
+        lock(&src.vm.devices.pci_bus).config_write(0x1f, 0, route, &[0x05]);
+    }
+    assert_eq!(ioapic_lines(&src) & (1 << boot_irq | 1 << 5), 1 << 5);
+
+    let mut c = config();
+    c.kernel = None;
+    let (dst, dst_out) = instance(&c).unwrap();
+    let dir = std::env::temp_dir().join(format!("hopvm-q35-pirq-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let uri = format!("unix:{}", dir.join("sock").display());
+    let status = common::migrate(&src, &dst, &uri);
+    assert_eq!(
+        status,
+        MigrationStatus::Completed,
+        "{:?}",
+        src.migration.info()
+    );
+    dst_out.wait_for(Duration::from_secs(120), "passes on the destination", |t| {
+        passes(t) >= 1
+    });
+    assert_eq!(
+        lock(&dst.vm.devices.pci_bus).config_read(0x1f, 0, route / 4) >> (8 * (route % 4)) & 0xff,
+        5
+    );
+    assert_eq!(ioapic_lines(&dst) & (1 << boot_irq | 1 << 5), 1 << 5);
+    // The destination's router knows the route: the acknowledgement lowers IRQ 5 (with the
+    // power-on route it would lower IRQ 10/11 and leave 5 stuck), and a new interrupt raises it.
+    edu_irq(&dst, 0x64);
+    assert_eq!(ioapic_lines(&dst) & (1 << boot_irq | 1 << 5), 0);
+    edu_irq(&dst, 0x60);
+    assert_eq!(ioapic_lines(&dst) & (1 << boot_irq | 1 << 5), 1 << 5);
+    let _ = std::fs::remove_dir_all(dir);
+}

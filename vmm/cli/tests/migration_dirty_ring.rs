@@ -44,10 +44,17 @@ fn events_on(vm: &mut Hopvm) {
     );
 }
 
-fn source_args(cpus: &str) -> Vec<String> {
-    [
+/// The dirty guest on `cpus` vCPUs with the small ring, once it has verified a first pass;
+/// `None` (the test is skipped) where this host has no ring hopvm can trust.
+fn ring_source(dir: &TempDir, cpus: &str) -> Option<Hopvm> {
+    if !host_has_ring() {
+        eprintln!("skipped: this host's kvm has no dirty ring hopvm can trust");
+        return None;
+    }
+    let kernel = guest_tests::image_path("dirty").display().to_string();
+    let args = [
         "--kernel",
-        &guest_tests::image_path("dirty").display().to_string(),
+        &kernel,
         "--memory",
         MEMORY,
         "--cmdline",
@@ -56,9 +63,11 @@ fn source_args(cpus: &str) -> Vec<String> {
         cpus,
         "--dirty-ring",
         SMALL_RING,
-    ]
-    .map(String::from)
-    .to_vec()
+    ];
+    let src = spawn(dir, "src", &args);
+    src.out
+        .wait_for(LONG, "the first pass on the source", |t| passes(t) >= 1);
+    Some(src)
 }
 
 fn destination(dir: &TempDir, name: &str, cpus: &str) -> (Hopvm, String) {
@@ -110,7 +119,7 @@ fn migrate_and_verify(src: &mut Hopvm, dst: &mut Hopvm, uri: &str) {
         info["ram"]["dirty-sync-count"].as_u64().unwrap() >= 2,
         "{info}"
     );
-    src.err.wait_for(LONG, "the source's profile", |t| {
+    src.err.wait_for_lines(LONG, "the source's profile", |t| {
         t.contains("migration profile (source")
     });
     let full = ring_full_exits(&src.err.text());
@@ -130,19 +139,10 @@ fn migrate_and_verify(src: &mut Hopvm, dst: &mut Hopvm, uri: &str) {
 /// completes, then a second hop from the destination (whose own ring starts logging then).
 #[test]
 fn small_ring_cancel_remigrate_and_second_hop() {
-    if !host_has_ring() {
-        eprintln!("skipped: this host's kvm has no dirty ring hopvm can trust");
-        return;
-    }
     let dir = TempDir::new("dirty-ring-hops");
-    let args = source_args("1");
-    let mut src = spawn(
-        &dir,
-        "src",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    src.out
-        .wait_for(LONG, "the first pass on the source", |t| passes(t) >= 1);
+    let Some(mut src) = ring_source(&dir, "1") else {
+        return;
+    };
 
     // Throttled so that it cannot finish, then cancelled.
     let (dst0, uri0) = destination(&dir, "dst0", "1");
@@ -175,19 +175,10 @@ fn small_ring_cancel_remigrate_and_second_hop() {
 /// Two vCPUs (each with its own ring) and XBZRLE.
 #[test]
 fn small_ring_two_vcpus_xbzrle() {
-    if !host_has_ring() {
-        eprintln!("skipped: this host's kvm has no dirty ring hopvm can trust");
-        return;
-    }
     let dir = TempDir::new("dirty-ring-smp");
-    let args = source_args("2");
-    let mut src = spawn(
-        &dir,
-        "src",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    src.out
-        .wait_for(LONG, "the first pass on the source", |t| passes(t) >= 1);
+    let Some(mut src) = ring_source(&dir, "2") else {
+        return;
+    };
     src.cmd(
         "migrate-set-capabilities",
         json!({"capabilities": [{"capability": "xbzrle", "state": true}]}),
@@ -202,19 +193,10 @@ fn small_ring_two_vcpus_xbzrle() {
 /// every page; resumed on the destination, the guest verifies them.
 #[test]
 fn small_ring_paused_source() {
-    if !host_has_ring() {
-        eprintln!("skipped: this host's kvm has no dirty ring hopvm can trust");
-        return;
-    }
     let dir = TempDir::new("dirty-ring-paused");
-    let args = source_args("1");
-    let mut src = spawn(
-        &dir,
-        "src",
-        &args.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    src.out
-        .wait_for(LONG, "the first pass on the source", |t| passes(t) >= 1);
+    let Some(mut src) = ring_source(&dir, "1") else {
+        return;
+    };
     src.cmd("stop", Value::Null);
     src.cmd("cont", Value::Null);
     let before = passes(&src.out.text());

@@ -50,11 +50,7 @@ fn destination(dir: &TempDir, name: &str, uri: &str, multifd: bool, channels: u8
 }
 
 fn runs_on(vm: &mut Hopvm) {
-    assert_eq!(vm.status(), "running", "stderr: {}", vm.err.text());
-    let before = passes(&vm.out.text());
-    vm.out
-        .wait_for(LONG, "more verified passes", |t| passes(t) >= before + 2);
-    assert!(!vm.out.text().contains("CORRUPT"), "{}", vm.out.text());
+    vm.runs_intact(LONG);
 }
 
 fn migrate_info(vm: &mut Hopvm) -> Value {

@@ -62,15 +62,21 @@ fn runs_on(vm: &mut Hopvm) {
             panic!("no RESUME: {e}; stderr: {}", vm.err.text());
         }
     }
-    assert_eq!(vm.status(), "running", "stderr: {}", vm.err.text());
-    let before = passes(&vm.out.text());
-    vm.out
-        .wait_for(LONG, "more verified passes", |t| passes(t) >= before + 2);
-    assert!(!vm.out.text().contains("CORRUPT"), "{}", vm.out.text());
+    vm.runs_intact(LONG);
 }
 
 fn migrate_info(vm: &mut Hopvm) -> Value {
     vm.cmd("query-migrate", Value::Null)
+}
+
+/// Waits for `vm`'s migration to fail and checks that its `error-desc` says each of `why`.
+fn failed_saying(vm: &mut Hopvm, why: &[&str]) {
+    vm.wait_migration("failed", LONG);
+    let info = migrate_info(vm);
+    let desc = info["error-desc"].as_str().unwrap_or_default();
+    for w in why {
+        assert!(desc.contains(w), "{w:?} not said: {info}");
+    }
 }
 
 /// After a failed or cancelled migration the guest still migrates: to a fresh destination,
@@ -156,13 +162,12 @@ fn a_destination_that_refuses_the_stream_tells_the_source_why() {
         "migrate",
         json!({"uri": format!("unix:{}", sock.display())}),
     );
-    src.wait_migration("failed", LONG);
-    let info = migrate_info(&mut src);
-    let why = info["error-desc"].as_str().unwrap_or_default();
-    assert!(
-        why.contains("the destination failed to load")
-            && why.contains("unknown section cpu (instance 1)"),
-        "{info}"
+    failed_saying(
+        &mut src,
+        &[
+            "the destination failed to load",
+            "unknown section cpu (instance 1)",
+        ],
     );
     assert_eq!(dst.wait_exit(LONG), Some(1), "{}", dst.err.text());
     assert!(
@@ -228,20 +233,13 @@ fn through_proxy(dir: &TempDir, policy: Policy) -> (Hopvm, Hopvm, Proxy) {
 fn verdict_lost_the_source_resumes_and_the_destination_stays_paused() {
     let dir = TempDir::new("rp-cut-verdict");
     let (mut src, mut dst, _proxy) = through_proxy(&dir, Policy::CutAtVerdict);
-    src.wait_migration("failed", LONG);
-    let info = migrate_info(&mut src);
-    assert!(
-        info["error-desc"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("gave no verdict"),
-        "{info}"
-    );
+    failed_saying(&mut src, &["gave no verdict"]);
     runs_on(&mut src);
     // The destination loaded everything but was never told to go: it must not run.
-    dst.err.wait_for(LONG, "the destination's reason", |t| {
-        t.contains("did not send its go-ahead")
-    });
+    dst.err
+        .wait_for_lines(LONG, "the destination's reason", |t| {
+            t.contains("did not send its go-ahead")
+        });
     assert_eq!(dst.status(), "paused");
     follow_up_migration_completes(&dir, &mut src);
 }
@@ -250,15 +248,7 @@ fn verdict_lost_the_source_resumes_and_the_destination_stays_paused() {
 fn started_lost_the_destination_runs_and_the_source_stays_paused() {
     let dir = TempDir::new("rp-cut-started");
     let (mut src, mut dst, _proxy) = through_proxy(&dir, Policy::CutAtStarted);
-    src.wait_migration("failed", LONG);
-    let info = migrate_info(&mut src);
-    assert!(
-        info["error-desc"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("may be running the guest"),
-        "{info}"
-    );
+    failed_saying(&mut src, &["may be running the guest"]);
     // The go-ahead reached the destination: it runs, and the source must not.
     runs_on(&mut dst);
     assert_eq!(src.status(), "postmigrate");
@@ -269,20 +259,13 @@ fn go_ahead_lost_neither_side_runs_and_both_say_why() {
     let dir = TempDir::new("rp-lose-go");
     let (mut src, mut dst, proxy) = through_proxy(&dir, Policy::LoseGoAhead);
     // The destination sees its connection end without a go-ahead.
-    dst.err.wait_for(LONG, "the destination's reason", |t| {
-        t.contains("did not send its go-ahead")
-    });
+    dst.err
+        .wait_for_lines(LONG, "the destination's reason", |t| {
+            t.contains("did not send its go-ahead")
+        });
     assert_eq!(dst.status(), "paused");
     // The source sent the go-ahead into a silent connection and cannot know.
-    src.wait_migration("failed", LONG);
-    let info = migrate_info(&mut src);
-    assert!(
-        info["error-desc"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("may be running the guest"),
-        "{info}"
-    );
+    failed_saying(&mut src, &["may be running the guest"]);
     assert_eq!(src.status(), "postmigrate");
     drop(proxy);
     // An operator who knows the destination is stopped resumes the source, intact.

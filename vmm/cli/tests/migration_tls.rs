@@ -174,9 +174,10 @@ fn tls_refusals_leave_the_source_running() {
     src.cmd("migrate", uri.clone());
     let error = check_refused(&mut src);
     assert!(!error.is_empty());
-    dst.err.wait_for(LONG, "the destination's refusal", |t| {
-        t.contains("refused a connection") && t.contains("TLS handshake failed")
-    });
+    dst.err
+        .wait_for_lines(LONG, "the destination's refusal", |t| {
+            t.contains("refused a connection") && t.contains("TLS handshake failed")
+        });
 
     // Credentials made at run time (object-add), from another CA: refused by the
     // destination, which says why in its alert; the source names it.
@@ -527,18 +528,20 @@ fn tls_multifd_refuses_a_plaintext_source_and_waits_on() {
     // A peer that connects and hangs up at once: refused, the destination waits on.
     let port: u16 = uri.rsplit(':').next().unwrap().parse().unwrap();
     drop(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
-    dst.err.wait_for(LONG, "the refused empty connection", |t| {
-        t.contains("refused a connection") && t.contains("the peer closed the connection")
-    });
+    dst.err
+        .wait_for_lines(LONG, "the refused empty connection", |t| {
+            t.contains("refused a connection") && t.contains("the peer closed the connection")
+        });
     // A plaintext multifd source: every one of its connections is refused at the handshake.
     let mut plain = source(&dir.0, "plain", &[]);
     multifd_on(&mut plain, 2);
     plain.cmd("migrate", json!({ "uri": uri }));
     let error = check_refused(&mut plain);
     assert!(!error.is_empty());
-    dst.err.wait_for(LONG, "the destination's refusal", |t| {
-        t.contains("refused a connection") && t.contains("TLS handshake failed")
-    });
+    dst.err
+        .wait_for_lines(LONG, "the destination's refusal", |t| {
+            t.contains("refused a connection") && t.contains("TLS handshake failed")
+        });
     assert_eq!(dst.status(), "inmigrate");
     // The destination still waits: a TLS multifd source gets through.
     let mut src = multifd_source(&certs, &dir, "src", 2);

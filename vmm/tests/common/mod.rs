@@ -10,13 +10,20 @@ use std::time::{Duration, Instant};
 use vmm::instance::Instance;
 
 /// Serial output captured in memory, with a condition variable signalled on every write so a
-/// test can wait for the guest to print something without sleeping.
+/// test can wait for the guest to print something without sleeping. Whoever feeds it from a
+/// pipe [closes](Capture::close) it at the pipe's end.
 #[derive(Clone, Default)]
-pub struct Capture(Arc<(Mutex<Vec<u8>>, Condvar)>);
+pub struct Capture(Arc<(Mutex<Captured>, Condvar)>);
+
+#[derive(Default)]
+struct Captured {
+    bytes: Vec<u8>,
+    closed: bool,
+}
 
 impl Write for Capture {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0 .0.lock().unwrap().extend_from_slice(buf);
+        self.0 .0.lock().unwrap().bytes.extend_from_slice(buf);
         self.0 .1.notify_all();
         Ok(buf.len())
     }
@@ -25,25 +32,57 @@ impl Write for Capture {
     }
 }
 
+/// `text` up to and including its last newline: the lines a writer has finished (a process
+/// may write one line in several pieces).
+fn complete_lines(text: &str) -> &str {
+    text.rfind('\n').map_or("", |i| &text[..=i])
+}
+
 impl Capture {
     /// Everything captured so far.
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0 .0.lock().unwrap()).into_owned()
+        String::from_utf8_lossy(&self.0 .0.lock().unwrap().bytes).into_owned()
+    }
+
+    /// Marks the end of the output (the pipe feeding it has closed).
+    pub fn close(&self) {
+        self.0 .0.lock().unwrap().closed = true;
+        self.0 .1.notify_all();
     }
 
     /// Waits until `pred` holds for the output, or panics after `timeout`.
     pub fn wait_for(&self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) {
         let deadline = Instant::now() + timeout;
         let mut out = self.0 .0.lock().unwrap();
-        while !pred(&String::from_utf8_lossy(&out)) {
+        while !pred(&String::from_utf8_lossy(&out.bytes)) {
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
                 !left.is_zero(),
                 "timed out waiting for {what}; output:\n{}",
-                String::from_utf8_lossy(&out)
+                String::from_utf8_lossy(&out.bytes)
             );
             out = self.0 .1.wait_timeout(out, left).unwrap().0;
         }
+    }
+
+    /// Like [`Capture::wait_for`], with `pred` seeing only complete lines: what it found is
+    /// whole when this returns.
+    pub fn wait_for_lines(&self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) {
+        self.wait_for(timeout, what, |t| pred(complete_lines(t)));
+    }
+
+    /// Waits until the output has ended (see [`Capture::close`]); false after `timeout`.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut out = self.0 .0.lock().unwrap();
+        while !out.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            out = self.0 .1.wait_timeout(out, left).unwrap().0;
+        }
+        true
     }
 }
 

@@ -48,8 +48,8 @@ pub struct Hopvm {
     pub qmp_path: PathBuf,
 }
 
-/// Copies `from` into `to` on a thread until it ends.
-pub fn pump(mut from: impl Read + Send + 'static, mut to: Capture) {
+/// Copies `from` into `to` on a thread until it ends, then closes `to`.
+pub fn pump(mut from: impl Read + Send + 'static, mut to: Capture) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = from.read(&mut buf) {
@@ -58,7 +58,8 @@ pub fn pump(mut from: impl Read + Send + 'static, mut to: Capture) {
             }
             std::io::Write::write_all(&mut to, &buf[..n]).unwrap();
         }
-    });
+        to.close();
+    })
 }
 
 /// Starts `hopvm run ARGS --serial stdio` without a monitor; returns the process and its
@@ -150,6 +151,18 @@ impl Hopvm {
         }
     }
 
+    /// The guest is running here and goes on verifying its memory: two more `pass N ok`
+    /// lines (at most `timeout`), and never `CORRUPT`.
+    pub fn runs_intact(&mut self, timeout: Duration) {
+        assert_eq!(self.status(), "running", "stderr: {}", self.err.text());
+        let before = super::passes(&self.out.text());
+        self.out.wait_for(timeout, "two more verified passes", |t| {
+            super::passes(t) >= before + 2 || t.contains("CORRUPT")
+        });
+        let text = self.out.text();
+        assert!(!text.contains("CORRUPT"), "{text}");
+    }
+
     /// Saves the guest to `file` with `exec:cat > file`, unthrottled, and waits for the
     /// migration to complete (the `events` capability must be on).
     pub fn save_to_file(&mut self, file: &Path, timeout: Duration) {
@@ -161,11 +174,15 @@ impl Hopvm {
         self.wait_migration("completed", timeout);
     }
 
-    /// Waits for the process to end and returns its exit code.
+    /// Waits for the process to end and returns its exit code; its output is then complete
+    /// (unless a child it started still holds the pipes when `timeout` runs out).
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                self.out.wait_closed(left);
+                self.err.wait_closed(left);
                 return s.code();
             }
             if std::time::Instant::now() > deadline {

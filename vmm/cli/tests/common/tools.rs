@@ -1,10 +1,11 @@
 //! Running hopvm's tools (`hopvm demo`, `hopvm migrate`, `hopvm qmp`) the way a user does — as
 //! separate processes with their output captured — for the tools tests.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::proc::pump;
 use super::Capture;
 
 /// A running `hopvm` tool process; killed on drop.
@@ -16,18 +17,6 @@ pub struct Tool {
     /// Its stderr.
     pub err: Capture,
     pumps: Vec<std::thread::JoinHandle<()>>,
-}
-
-fn pump(mut from: impl Read + Send + 'static, mut to: Capture) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = from.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            to.write_all(&buf[..n]).unwrap();
-        }
-    })
 }
 
 impl Tool {
