@@ -697,9 +697,10 @@ fn tls_authz_refuses_then_allows_the_source() {
             error.contains(&format!("received fatal alert: {alert}")),
             "{authz}: {error}"
         );
-        dst.err.wait_for(LONG, "the destination's refusal", |t| {
-            t.matches(&dst_says).count() > before
-        });
+        dst.err
+            .wait_for_lines(LONG, "the destination's refusal", |t| {
+                t.matches(&dst_says).count() > before
+            });
         assert!(dst.err.text().contains("refused a connection from"));
         assert_eq!(dst.status(), "inmigrate");
     }
@@ -798,7 +799,7 @@ fn tls_authz_list_file_edited_between_migrations() {
     assert!(error.contains("AccessDenied"), "{error}");
     let denied = format!("TLS x509 authz check for {SOURCE_ID} is denied");
     dst.err
-        .wait_for(LONG, "the destination's refusal", |t| t.contains(&denied));
+        .wait_for_lines(LONG, "the destination's refusal", |t| t.contains(&denied));
 
     // The same object, the file edited: now the source is let in.
     write_acl(json!({"policy": "deny",
@@ -903,9 +904,10 @@ fn tls_authz_with_multifd() {
     intruder.cmd("migrate", json!({ "uri": uri }));
     let error = check_refused(&mut intruder);
     assert!(error.contains("AccessDenied"), "{error}");
-    dst.err.wait_for(LONG, "the destination's refusal", |t| {
-        t.contains("TLS x509 authz check for CN=intruder is denied")
-    });
+    dst.err
+        .wait_for_lines(LONG, "the destination's refusal", |t| {
+            t.contains("TLS x509 authz check for CN=intruder is denied")
+        });
     assert_eq!(dst.status(), "inmigrate");
 
     let mut src = multifd_source(&certs, &dir, "src", 2);
@@ -999,7 +1001,7 @@ fn tls_authz_identity_as_qemu_7_2_names_it() {
             !matches!(read, Ok(n) if n > 0),
             "{program} answered: {read:?}"
         );
-        err.wait_for(LONG, "the refusal", |t| t.contains(" is denied"));
+        err.wait_for_lines(LONG, "the refusal", |t| t.contains(" is denied"));
         let text = err.text();
         let id = text
             .split("TLS x509 authz check for ")
