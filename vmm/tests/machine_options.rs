@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{migrate, passes, Capture};
+use common::{migrate, migrate_and_verify, passes, unix_uri, Capture};
 use migration::thread::MigrationStatus;
 use vmm::config::{SerialConfig, VmConfig};
 use vmm::instance::Instance;
@@ -29,12 +29,6 @@ fn instance(kernel: bool, pit: bool, cpu_pm: bool) -> (Arc<Instance>, Capture) {
     (i, capture)
 }
 
-fn unix_uri(name: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("hopvm-mo-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    format!("unix:{}", dir.join("sock").display())
-}
-
 #[test]
 fn a_guest_without_a_pit_runs_and_migrates_to_a_vm_without_one() {
     let (src, src_out) = instance(true, false, true);
@@ -42,18 +36,7 @@ fn a_guest_without_a_pit_runs_and_migrates_to_a_vm_without_one() {
     src_out.wait_for(Duration::from_secs(120), "a first pass", |t| passes(t) >= 1);
 
     let (dst, dst_out) = instance(false, false, false);
-    let status = migrate(&src, &dst, &unix_uri("nopit"));
-    assert_eq!(
-        status,
-        MigrationStatus::Completed,
-        "{:?}",
-        src.migration.info()
-    );
-    dst_out.wait_for(Duration::from_secs(120), "passes on the destination", |t| {
-        passes(t) >= 2
-    });
-    assert_eq!(dst.runstate(), RunState::Running);
-    assert!(!dst_out.text().contains("CORRUPT"), "{}", dst_out.text());
+    migrate_and_verify(&src, &dst, &dst_out, "mo-nopit", 2);
 }
 
 #[test]
@@ -64,7 +47,7 @@ fn a_vm_with_a_pit_refuses_the_state_of_one_without() {
     let (dst, _) = instance(false, true, false);
     // The source has sent everything; the destination fails loading the machine state and
     // ends (hopvm exits with status 1) without running the guest.
-    migrate(&src, &dst, &unix_uri("pit"));
+    migrate(&src, &dst, &unix_uri("mo-pit"));
     let event = dst.vm.wait_event_timeout(Duration::from_secs(60));
     assert!(matches!(event, Some(VmEvent::Exit(1))), "{event:?}");
     assert_ne!(dst.incoming_status(), Some(MigrationStatus::Completed));

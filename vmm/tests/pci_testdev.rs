@@ -12,7 +12,6 @@ use devices::pci::PciDevice;
 use devices::pci_testdev::PciTestdev;
 use devices::{IoEvent, IoSpace};
 use kvm_ioctls::IoEventAddress;
-use migration::thread::MigrationStatus;
 use vmm::config::{SerialConfig, VmConfig};
 use vmm::instance::Instance;
 use vmm::vm::SharedWriter;
@@ -94,20 +93,7 @@ fn pci_testdev_ioeventfds_migrate_live_and_reset() {
     c.kernel = None;
     let (dst, dst_out) = instance(&c);
     assert!(!kvm_has(&dst, event));
-    let dir = std::env::temp_dir().join(format!("hopvm-pci-testdev-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let uri = format!("unix:{}", dir.join("sock").display());
-    let status = common::migrate(&src, &dst, &uri);
-    assert_eq!(
-        status,
-        MigrationStatus::Completed,
-        "{:?}",
-        src.migration.info()
-    );
-    dst_out.wait_for(Duration::from_secs(120), "passes on the destination", |t| {
-        passes(t) >= 1
-    });
-    let _ = std::fs::remove_dir_all(dir);
+    common::migrate_and_verify(&src, &dst, &dst_out, "pci-testdev", 1);
     assert_eq!(with_dev(&dst, |d| d.state()), with_dev(&src, |d| d.state()));
     assert_eq!(with_dev(&dst, |d| d.registered()), Some(event));
     assert!(

@@ -10,7 +10,6 @@ use std::time::Duration;
 use common::{passes, Capture};
 use devices::pci::PciDevice;
 use devices::BusDevice;
-use migration::thread::MigrationStatus;
 use vmm::config::{IommuConfig, IrqchipMode, MachineType, SerialConfig, VmConfig};
 use vmm::instance::Instance;
 use vmm::runstate::RunState;
@@ -80,25 +79,12 @@ fn a_q35_split_guest_with_an_iommu_and_edu_migrates_live() {
     let (dst, dst_out) = instance(&c).unwrap();
     assert_ne!(device_states(&src), device_states(&dst));
 
-    let dir = std::env::temp_dir().join(format!("hopvm-q35-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let uri = format!("unix:{}", dir.join("sock").display());
-    let status = common::migrate(&src, &dst, &uri);
-    assert_eq!(
-        status,
-        MigrationStatus::Completed,
-        "{:?}",
-        src.migration.info()
-    );
-    dst_out.wait_for(Duration::from_secs(120), "passes on the destination", |t| {
-        passes(t) >= 2
-    });
+    common::migrate_and_verify(&src, &dst, &dst_out, "q35", 2);
     assert_eq!(dst.runstate(), RunState::Running);
     assert!(!dst_out.text().contains("CORRUPT"), "{}", dst_out.text());
     // The source is paused since the switchover: its device state is what the destination
     // loaded.
     assert_eq!(device_states(&src), device_states(&dst));
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -198,19 +184,7 @@ fn a_rerouted_pirq_stays_rerouted_after_live_migration() {
     let mut c = config();
     c.kernel = None;
     let (dst, dst_out) = instance(&c).unwrap();
-    let dir = std::env::temp_dir().join(format!("hopvm-q35-pirq-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let uri = format!("unix:{}", dir.join("sock").display());
-    let status = common::migrate(&src, &dst, &uri);
-    assert_eq!(
-        status,
-        MigrationStatus::Completed,
-        "{:?}",
-        src.migration.info()
-    );
-    dst_out.wait_for(Duration::from_secs(120), "passes on the destination", |t| {
-        passes(t) >= 1
-    });
+    common::migrate_and_verify(&src, &dst, &dst_out, "q35-pirq", 1);
     assert_eq!(
         lock(&dst.vm.devices.pci_bus).config_read(0x1f, 0, route / 4) >> (8 * (route % 4)) & 0xff,
         5
@@ -222,5 +196,4 @@ fn a_rerouted_pirq_stays_rerouted_after_live_migration() {
     assert_eq!(ioapic_lines(&dst) & (1 << boot_irq | 1 << 5), 0);
     edu_irq(&dst, 0x60);
     assert_eq!(ioapic_lines(&dst) & (1 << boot_irq | 1 << 5), 1 << 5);
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -130,3 +130,43 @@ pub fn migrate(
     rx.recv_timeout(Duration::from_secs(120))
         .expect("migration ends")
 }
+
+/// A `unix:` URI for a socket in a fresh directory of its own under the temporary directory
+/// (named after `name` and this process), so that tests running at once never share one.
+pub fn unix_uri(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("hopvm-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    format!("unix:{}", dir.join("sock").display())
+}
+
+/// Migrates the running guest of `src` into `dst` over [`unix_uri`]`(name)`, requires the
+/// migration to complete, and waits until the guest has verified `want` passes on the
+/// destination (`dst_out`), running and intact.
+pub fn migrate_and_verify(
+    src: &Arc<Instance>,
+    dst: &Arc<Instance>,
+    dst_out: &Capture,
+    name: &str,
+    want: usize,
+) {
+    let uri = unix_uri(name);
+    let status = migrate(src, dst, &uri);
+    if let Some(dir) = uri
+        .strip_prefix("unix:")
+        .and_then(|p| std::path::Path::new(p).parent())
+    {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    assert_eq!(
+        status,
+        migration::thread::MigrationStatus::Completed,
+        "{:?}",
+        src.migration.info()
+    );
+    dst_out.wait_for(Duration::from_secs(120), "passes on the destination", |t| {
+        passes(t) >= want || t.contains("CORRUPT")
+    });
+    let text = dst_out.text();
+    assert!(!text.contains("CORRUPT"), "{text}");
+    assert_eq!(dst.runstate(), vmm::runstate::RunState::Running);
+}
