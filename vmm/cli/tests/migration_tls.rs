@@ -632,6 +632,16 @@ const SOURCE_DN: [(&str, &str); 4] = [
 ];
 const SOURCE_ID: &str = r"C=GB,L=London,O=Example\, Org,CN=source.example.com";
 
+/// Certificates for `localhost`, with the source's client certificate made out to
+/// [`SOURCE_DN`].
+fn authz_certs(dir: &TempDir) -> Certs {
+    let certs = Certs::new(dir, &["localhost"]);
+    certs
+        .ca
+        .client_dir_dn(&certs.path("src"), &SOURCE_DN, false);
+    certs
+}
+
 /// A QMP command that must fail; its error text.
 fn refused_cmd(vm: &mut Hopvm, command: &str, args: Value) -> String {
     match vm.qmp.execute(command, Some(args)) {
@@ -650,10 +660,7 @@ fn refused_cmd(vm: &mut Hopvm, command: &str, args: Value) -> String {
 #[test]
 fn tls_authz_refuses_then_allows_the_source() {
     let dir = TempDir::new("tls-authz");
-    let certs = Certs::new(&dir, &["localhost"]);
-    certs
-        .ca
-        .client_dir_dn(&certs.path("src"), &SOURCE_DN, false);
+    let certs = authz_certs(&dir);
     let port = free_tcp_port();
     let uri = json!({"uri": format!("tcp:localhost:{port}")});
     let mut objects = object("tls0", &certs.path("dst"), "server").to_vec();
@@ -725,10 +732,7 @@ fn tls_authz_refuses_then_allows_the_source() {
 #[test]
 fn tls_authz_list_file_edited_between_migrations() {
     let dir = TempDir::new("tls-authz-file");
-    let certs = Certs::new(&dir, &["localhost"]);
-    certs
-        .ca
-        .client_dir_dn(&certs.path("src"), &SOURCE_DN, false);
+    let certs = authz_certs(&dir);
     let acl = certs.path("acl.json");
     let write_acl = |v: Value| std::fs::write(&acl, v.to_string()).unwrap();
     write_acl(json!({"policy": "allow",
@@ -879,10 +883,7 @@ fn tls_authz_on_the_qmp_monitor() {
 #[test]
 fn tls_authz_with_multifd() {
     let dir = TempDir::new("tls-authz-mfd");
-    let certs = Certs::new(&dir, &["localhost"]);
-    certs
-        .ca
-        .client_dir_dn(&certs.path("src"), &SOURCE_DN, false);
+    let certs = authz_certs(&dir);
     certs
         .ca
         .client_dir_dn(&certs.path("intruder"), &[("CN", "intruder")], false);
@@ -930,10 +931,7 @@ fn tls_authz_identity_as_qemu_7_2_names_it() {
     use std::io::{Read, Write};
     use std::process::{Command, Stdio};
     let dir = TempDir::new("tls-authz-qemu");
-    let certs = Certs::new(&dir, &["localhost"]);
-    certs
-        .ca
-        .client_dir_dn(&certs.path("src"), &SOURCE_DN, false);
+    let certs = authz_certs(&dir);
     let sock = dir.join("mon.sock");
     let args: Vec<String> = [
         "-M",
