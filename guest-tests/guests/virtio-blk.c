@@ -72,13 +72,22 @@ static void msi_handler(struct ex_regs *r)
 	irqs++;
 }
 
-/* INTx is level-triggered: reading the ISR lowers the line before the handler's EOI. */
-static volatile u32 intx_irqs, intx_isr;
+/*
+ * INTx is level-triggered: reading the ISR lowers the line before the handler's EOI. An
+ * interrupt whose ISR reads 0 is not this device's (a shared line's spurious delivery, which a
+ * driver must tolerate, as Linux's vp_interrupt does): counted apart, so that the test still
+ * fails on a second signal (ISR set again) or a line left high (a storm of them).
+ */
+static volatile u32 intx_irqs, intx_isr, intx_spurious;
 static void intx_handler(struct ex_regs *r)
 {
 	(void)r;
-	intx_isr |= r8(vp.isr);
-	intx_irqs++;
+	u8 isr = r8(vp.isr);
+	intx_isr |= isr;
+	if (isr)
+		intx_irqs++;
+	else
+		intx_spurious++;
 }
 
 /* Queues one request (header, optional data, status) and waits for it; returns the status. */
@@ -450,8 +459,9 @@ int main(int argc, char **argv)
 	while (intx_irqs == 0 && !deadline_passed())
 		cpu_relax();
 	cli();
-	report(st == 0 && intx_irqs == 1 && intx_isr == 1,
-	       "INTx: %u interrupt(s) on IOAPIC pin %u, ISR %x", intx_irqs, line, intx_isr);
+	report(st == 0 && intx_irqs == 1 && intx_isr == 1 && intx_spurious <= 1,
+	       "INTx: %u interrupt(s) on IOAPIC pin %u, ISR %x (%u with ISR 0)", intx_irqs, line,
+	       intx_isr, intx_spurious);
 	ioapic_write(IOAPIC_DEFAULT_BASE, 0x10 + 2 * line, 1u << 16);
 	w8(vp.common + C_STATUS, 0);
 
