@@ -285,10 +285,9 @@ pub fn run_migration(
 
     let (src_out, src_err) = src.finish();
     let (dst_out, dst_err) = dst.finish();
+    // One serial console across the switchover: the destination's output goes on exactly
+    // where the source's stopped, mid-line if the guest was printing one when it moved.
     let mut stdout = src_out;
-    if !stdout.is_empty() && !stdout.ends_with('\n') {
-        stdout.push('\n');
-    }
     stdout.push_str(&dst_out);
     let mut stderr = src_err;
     for n in &notes {
