@@ -2027,6 +2027,15 @@ mod tests {
             TlsCredsX509::load("c", &self.dir.join("src"), Endpoint::Client, true).unwrap()
         }
 
+        /// hopvm's client channel to `localhost` over `sock`, its handshake done.
+        fn connect(&self, sock: impl Into<OwnedFd>) -> Arc<TlsChannel> {
+            self.client()
+                .client(Some("localhost"))
+                .unwrap()
+                .connect(sock.into())
+                .unwrap()
+        }
+
         /// A rustls client with rustls' own defaults (AES-256-GCM offered first).
         #[allow(deprecated)]
         fn rustls_client(&self) -> Arc<ClientConfig> {
@@ -2084,12 +2093,7 @@ mod tests {
             s.flush().unwrap();
             got
         });
-        let ch = certs
-            .client()
-            .client(Some("localhost"))
-            .unwrap()
-            .connect(a.into())
-            .unwrap();
+        let ch = certs.connect(a);
         assert_eq!(
             ch.cipher_suite(),
             rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
@@ -2204,12 +2208,7 @@ mod tests {
             drop(ch);
             r
         });
-        let ch = certs
-            .client()
-            .client(Some("localhost"))
-            .unwrap()
-            .connect(src.into())
-            .unwrap();
+        let ch = certs.connect(src);
         // The source's write may fail once the destination gave up: what counts is what the
         // destination read.
         let _ = TlsWriter(ch.clone()).write_all(&pattern(256 << 10, 3));
@@ -2376,12 +2375,7 @@ mod tests {
             TlsWriter(ch.clone()).write_all(b"verdict").unwrap();
             got
         });
-        let ch = certs
-            .client()
-            .client(Some("localhost"))
-            .unwrap()
-            .connect(a.into())
-            .unwrap();
+        let ch = certs.connect(a);
         ch.set_key_update_interval(7);
         let data = pattern(total, 4);
         for part in data.chunks(300_000) {
@@ -2438,12 +2432,7 @@ mod tests {
                 Err(e) => panic!("gnutls-serv does not listen: {e}"),
             }
         };
-        let ch = certs
-            .client()
-            .client(Some("localhost"))
-            .unwrap()
-            .connect(sock.into())
-            .unwrap();
+        let ch = certs.connect(sock);
         eprintln!("gnutls chose {:?}", ch.cipher_suite());
         ch.set_key_update_interval(3);
         // gnutls-serv echoes lines.
