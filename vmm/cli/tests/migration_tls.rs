@@ -378,6 +378,30 @@ fn read_some(r: &mut dyn std::io::Read) -> String {
     }
 }
 
+/// A VM waiting for `migrate-incoming` whose QMP monitor listens on TLS at `port` with the
+/// destination's credentials (`mon`) and `qmp_opts` after them, and `extra` arguments.
+fn tls_monitor(
+    certs: &Certs,
+    port: u16,
+    qmp_opts: &str,
+    extra: &[&str],
+) -> (std::process::Child, common::Capture, common::Capture) {
+    let qmp = format!("tcp:127.0.0.1:{port},tls-creds=mon{qmp_opts}");
+    let mon = object("mon", &certs.path("dst"), "server");
+    let mut args = vec![
+        "--memory",
+        MEMORY,
+        "--incoming",
+        "defer",
+        "--qmp",
+        &qmp,
+        &mon[0],
+        &mon[1],
+    ];
+    args.extend_from_slice(extra);
+    common::proc::spawn_plain(&args)
+}
+
 #[test]
 fn tls_qmp_monitor() {
     use migration::transport::tls::{Endpoint, TlsCredsX509, TlsReader, TlsWriter};
@@ -386,16 +410,7 @@ fn tls_qmp_monitor() {
     let certs = Certs::new(&dir, &["localhost"]);
     certs.other_ca_client();
     let port = free_tcp_port();
-    let mut args = vec![
-        String::from("--memory"),
-        String::from(MEMORY),
-        String::from("--incoming"),
-        String::from("defer"),
-        String::from("--qmp"),
-        format!("tcp:127.0.0.1:{port},tls-creds=mon"),
-    ];
-    args.extend(object("mon", &certs.path("dst"), "server"));
-    let (mut child, _out, err) = common::proc::spawn_plain(&strs(&args));
+    let (mut child, _out, err) = tls_monitor(&certs, port, "", &[]);
     let client = |sub: &str| {
         TlsCredsX509::load("c", &certs.path(sub), Endpoint::Client, true)
             .unwrap()
@@ -827,21 +842,16 @@ fn tls_authz_on_the_qmp_monitor() {
         false,
     );
     let port = free_tcp_port();
-    let mut args = vec![
-        String::from("--memory"),
-        String::from(MEMORY),
-        String::from("--incoming"),
-        String::from("defer"),
-        String::from("--qmp"),
-        format!("tcp:127.0.0.1:{port},tls-creds=mon,tls-authz=ops"),
-        String::from("--object"),
-        String::from(
+    let (mut child, _out, err) = tls_monitor(
+        &certs,
+        port,
+        ",tls-authz=ops",
+        &[
+            "--object",
             "authz-list,id=ops,rules.0.match=O=Ops,,CN=*,rules.0.policy=allow,\
              rules.0.format=glob",
-        ),
-    ];
-    args.extend(object("mon", &certs.path("dst"), "server"));
-    let (mut child, _out, err) = common::proc::spawn_plain(&strs(&args));
+        ],
+    );
     let greeting = |sub: &str| {
         let sock = connect_retry(port);
         sock.set_read_timeout(Some(Duration::from_secs(30)))
