@@ -235,6 +235,20 @@ fn guest_args(seed: u32, mac: &str) -> Vec<String> {
     qemu_guest_args(&kernel, &format!("seed={seed} mac={mac}"))
 }
 
+/// QEMU's command line for the virtio-net guest given `cmdline`, with `-netdev tap` on `tap`
+/// (id `n0`) and `-device` `device`.
+fn tap_guest_args(tap: &str, cmdline: &str, device: &str) -> Vec<String> {
+    let kernel = guest_tests::image_path("virtio-net").display().to_string();
+    let mut args = qemu_guest_args(&kernel, cmdline);
+    args.extend([
+        String::from("-netdev"),
+        format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
+        String::from("-device"),
+        String::from(device),
+    ]);
+    args
+}
+
 #[test]
 fn guest_and_host_exchange_frames_through_the_tap() {
     let tap = format!("hvn{}", std::process::id() % 100_000);
@@ -273,17 +287,10 @@ fn guest_and_host_exchange_frames_through_the_tap() {
 fn qemu_netdev_and_device() {
     let tap = format!("hvq{}", std::process::id() % 100_000);
     let seed = std::process::id() ^ 0x5a5a;
-    let mac = "52:54:00:12:34:56";
-    let mut args = guest_args(seed, mac);
-    args.extend(
-        [
-            "-netdev",
-            &format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-            "-device",
-            "virtio-net-pci,netdev=n0,addr=0x4",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
+    let args = tap_guest_args(
+        &tap,
+        &format!("seed={seed} mac=52:54:00:12:34:56"),
+        "virtio-net-pci,netdev=n0,addr=0x4",
     );
     let mac_bytes = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
     on_hopvm_and_qemu(&args, |program, args| {
@@ -854,14 +861,13 @@ fn announce_self_sends_rounds_and_asks_the_guest() {
     let seed = std::process::id() ^ 0x3c3c;
     let mac = "52:54:00:12:34:56";
     let mac_bytes = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
-    let kernel = guest_tests::image_path("virtio-net").display().to_string();
-    let mut args = qemu_guest_args(&kernel, &format!("seed={seed} mac={mac} announce=1"));
+    let mut args = tap_guest_args(
+        &tap,
+        &format!("seed={seed} mac={mac} announce=1"),
+        "virtio-net-pci,netdev=n0,id=nic0",
+    );
     let qmp = dir.join("qmp.sock");
     args.extend([
-        String::from("-netdev"),
-        format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-        String::from("-device"),
-        String::from("virtio-net-pci,netdev=n0,id=nic0"),
         String::from("-qmp"),
         format!("unix:{},server=on,wait=off", qmp.display()),
     ]);
@@ -880,17 +886,11 @@ fn announce_self_sends_rounds_and_asks_the_guest() {
 fn a_hostile_driver_gets_dropped_chains_or_needs_reset() {
     let tap = format!("hvh{}", std::process::id() % 100_000);
     let seed = std::process::id() ^ 0x0f0f;
-    let kernel = guest_tests::image_path("virtio-net").display().to_string();
-    let mut args = qemu_guest_args(
-        &kernel,
+    let args = tap_guest_args(
+        &tap,
         &format!("seed={seed} mac=52:54:00:12:34:56 hostile=1"),
+        "virtio-net-pci,netdev=n0",
     );
-    args.extend([
-        String::from("-netdev"),
-        format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-        String::from("-device"),
-        String::from("virtio-net-pci,netdev=n0"),
-    ]);
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
     on_hopvm_and_qemu(&args, |program, args| {
         exchange(program, args, &tap, mac, seed);
@@ -904,14 +904,11 @@ fn a_hostile_driver_gets_dropped_chains_or_needs_reset() {
 fn mergeable_receive_buffers_carry_a_frame_in_several() {
     let tap = format!("hvm{}", std::process::id() % 100_000);
     let seed = std::process::id() ^ 0x6d6d;
-    let kernel = guest_tests::image_path("virtio-net").display().to_string();
-    let mut args = qemu_guest_args(&kernel, &format!("seed={seed} mac=52:54:00:12:34:56 mrg=1"));
-    args.extend([
-        String::from("-netdev"),
-        format!("tap,id=n0,ifname={tap},script=no,downscript=no"),
-        String::from("-device"),
-        String::from("virtio-net-pci,netdev=n0"),
-    ]);
+    let args = tap_guest_args(
+        &tap,
+        &format!("seed={seed} mac=52:54:00:12:34:56 mrg=1"),
+        "virtio-net-pci,netdev=n0",
+    );
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
     on_hopvm_and_qemu(&args, |program, args| {
         exchange_sized(program, args, &tap, mac, seed, 1000);
