@@ -65,6 +65,19 @@ fn destination(dir: &Path, name: &str, incoming: &str, extra: &[String]) -> Hopv
     dst
 }
 
+/// A destination with the server credentials `tls0`, listening on a free TCP port; the
+/// `migrate` arguments that reach it by the name its certificate carries (`localhost`).
+fn tls_destination(dir: &TempDir, certs: &Certs) -> (Hopvm, Value) {
+    let port = free_tcp_port();
+    let dst = destination(
+        &dir.0,
+        "dst",
+        &format!("tcp:127.0.0.1:{port}"),
+        &object("tls0", &certs.path("dst"), "server"),
+    );
+    (dst, json!({"uri": format!("tcp:localhost:{port}")}))
+}
+
 /// The migration completed, the guest verifies on the destination, the source is done.
 fn check_moved(src: &mut Hopvm, dst: &mut Hopvm) {
     src.wait_migration("completed", LONG);
@@ -159,14 +172,7 @@ fn tls_refusals_leave_the_source_running() {
     let certs = Certs::new(&dir, &["localhost"]);
     certs.other_ca_client();
     certs.ca.client_dir(&certs.path("expired"), true);
-    let port = free_tcp_port();
-    let uri = json!({"uri": format!("tcp:localhost:{port}")});
-    let mut dst = destination(
-        &dir.0,
-        "dst",
-        &format!("tcp:127.0.0.1:{port}"),
-        &object("tls0", &certs.path("dst"), "server"),
-    );
+    let (mut dst, uri) = tls_destination(&dir, &certs);
     dst.cmd("migrate-set-parameters", json!({"tls-creds": "tls0"}));
     let mut src = source(&dir.0, "src", &[]);
 
@@ -753,14 +759,7 @@ fn tls_authz_list_file_edited_between_migrations() {
     write_acl(json!({"policy": "allow",
                      "rules": [{"match": "*,O=Example\\, Org,*", "policy": "deny",
                                 "format": "glob"}]}));
-    let port = free_tcp_port();
-    let uri = json!({"uri": format!("tcp:localhost:{port}")});
-    let mut dst = destination(
-        &dir.0,
-        "dst",
-        &format!("tcp:127.0.0.1:{port}"),
-        &object("tls0", &certs.path("dst"), "server"),
-    );
+    let (mut dst, uri) = tls_destination(&dir, &certs);
 
     // Bad objects: clear errors, nothing added.
     let missing = certs.path("no-such-acl.json");
