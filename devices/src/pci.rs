@@ -484,52 +484,57 @@ impl PciBus {
         }
     }
 
-    /// An MMIO read at guest-physical `addr`; false if no BAR decodes it.
-    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+    /// Runs `f` with the function whose BAR (an I/O BAR if `io`, else a memory BAR) decodes
+    /// `[addr, addr + len)`, that BAR's index and the offset in it; false if none does.
+    fn on_bar(
+        &self,
+        io: bool,
+        addr: u64,
+        len: usize,
+        f: impl FnOnce(&mut dyn PciDevice, usize, u64),
+    ) -> bool {
         for (_, d) in &self.slots {
             let mut d = lock(d);
-            if let Some((bar, off)) = d.config().decode(addr, data.len() as u64) {
-                d.bar_read(bar, off, data);
+            let config = d.config();
+            let hit = if io {
+                config.decode_io(addr, len as u64)
+            } else {
+                config.decode(addr, len as u64)
+            };
+            if let Some((bar, off)) = hit {
+                f(&mut *d, bar, off);
                 return true;
             }
         }
         false
+    }
+
+    /// An MMIO read at guest-physical `addr`; false if no BAR decodes it.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.on_bar(false, addr, data.len(), |d, bar, off| {
+            d.bar_read(bar, off, data)
+        })
     }
 
     /// An MMIO write at guest-physical `addr`; false if no BAR decodes it.
     pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
-        for (_, d) in &self.slots {
-            let mut d = lock(d);
-            if let Some((bar, off)) = d.config().decode(addr, data.len() as u64) {
-                d.bar_write(bar, off, data);
-                return true;
-            }
-        }
-        false
+        self.on_bar(false, addr, data.len(), |d, bar, off| {
+            d.bar_write(bar, off, data)
+        })
     }
 
     /// An I/O read at port `port`; false if no I/O BAR decodes it.
     pub fn io_read(&self, port: u64, data: &mut [u8]) -> bool {
-        for (_, d) in &self.slots {
-            let mut d = lock(d);
-            if let Some((bar, off)) = d.config().decode_io(port, data.len() as u64) {
-                d.bar_read(bar, off, data);
-                return true;
-            }
-        }
-        false
+        self.on_bar(true, port, data.len(), |d, bar, off| {
+            d.bar_read(bar, off, data)
+        })
     }
 
     /// An I/O write at port `port`; false if no I/O BAR decodes it.
     pub fn io_write(&self, port: u64, data: &[u8]) -> bool {
-        for (_, d) in &self.slots {
-            let mut d = lock(d);
-            if let Some((bar, off)) = d.config().decode_io(port, data.len() as u64) {
-                d.bar_write(bar, off, data);
-                return true;
-            }
-        }
-        false
+        self.on_bar(true, port, data.len(), |d, bar, off| {
+            d.bar_write(bar, off, data)
+        })
     }
 
     /// Every function's INTx wiring: (device number, pin, ISA IRQ), for the firmware tables.
