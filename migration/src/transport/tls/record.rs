@@ -205,12 +205,7 @@ impl Keys {
             .key
             .open_in_place(nonce, Aad::from(&*header), body)
             .map_err(|_| RecordError::BadRecordMac)?;
-        // The content type is the last non-zero byte; zeros after it are padding.
-        let end = plain
-            .iter()
-            .rposition(|&b| b != 0)
-            .ok_or(RecordError::NoContentType)?;
-        Ok((plain[end], end))
+        inner_content_type(plain)
     }
 }
 
@@ -238,12 +233,18 @@ impl Keys {
                 src + HEADER_LEN - dst..,
             )
             .map_err(|_| RecordError::BadRecordMac)?;
-        let end = plain
-            .iter()
-            .rposition(|&b| b != 0)
-            .ok_or(RecordError::NoContentType)?;
-        Ok((plain[end], end))
+        inner_content_type(plain)
     }
+}
+
+/// A decrypted TLS 1.3 record's content type and content length: the type is its last
+/// non-zero byte, the zeros after it padding.
+fn inner_content_type(plain: &[u8]) -> Result<(u8, usize), RecordError> {
+    let end = plain
+        .iter()
+        .rposition(|&b| b != 0)
+        .ok_or(RecordError::NoContentType)?;
+    Ok((plain[end], end))
 }
 
 /// The length of the record at the start of `buf`, header included, once its header is
